@@ -1,0 +1,364 @@
+//! The lock-free dirty log: one bit per page of an IOVA range, marked concurrently by any
+//! number of DMA writers and read-and-cleared into an [`IovaBitmap`] at any page size.
+//!
+//! Layout: `words` holds a bit per page (64 pages per word); `summary` holds a bit per
+//! word, set whenever that word may be non-zero, so a report walks only the summary plus the
+//! words that hold dirty pages: a sparse report costs in proportion to its dirty words.
+//!
+//! # The no-lost-dirty-page protocol (SPEC 3.4)
+//! Writer, per word touched: `W0` load the word; if it already holds the bits, make sure the
+//! summary bit is set (load, and RMW only if clear) and stop. Otherwise `W1` fetch_or the
+//! bits (Release) then `W2` fetch_or the summary bit (Release), unconditionally.
+//! Reader, per summary word: `R1` fetch_and the summary bits off (AcqRel), then for each
+//! word that was flagged `R2` swap the word to 0 (AcqRel) - or, for a word only partly inside
+//! the report, fetch_and its reported bits off and `R3` put the summary bit back if bits
+//! remain.
+//!
+//! Why nothing is lost: `W2` and `R1` are read-modify-writes of the same summary word, so
+//! one comes first. If `W2` comes first, `R1` reads from `W2`'s release sequence, so `W1`
+//! happens-before `R2`, and `R2` (an RMW that sees every earlier write) takes the bits.
+//! If `R1` comes first, the summary bit is set again by `W2` after the reader cleared it,
+//! so the bits are either taken by `R2` now or found through the summary by the next
+//! report. A writer that finds its bits already set (`W0`) relies on the writer that set
+//! them; that writer's `W2` is either before `R1` (reported now) or after it (next report),
+//! and the writer's own summary check covers the window where that other writer has set the
+//! word but not yet the summary. The loom model in `tests/loom_dirty_log.rs` checks this.
+//!
+//! Data ordering: the page data must be in memory before the bit can be seen, or a report
+//! could clear the bit before a consumer copies stale data. The RMW path orders the data
+//! store before `W1` (Release). The no-RMW path orders nothing by itself, so
+//! [`DirtyLog::record_write`] issues one SeqCst fence between the data copy and the mark:
+//! it is the hot-path entry point for DMA writes (one fence per write, not per page).
+
+use crate::bits::{for_each_run, or_groups, replicate_bits};
+use crate::error::{LogError, LogResult};
+use crate::iova_bitmap::IovaBitmap;
+use crate::sync::{fence, AtomicU64, Ordering};
+
+/// A concurrent dirty bitmap over one IOVA range at one page size.
+pub struct DirtyLog {
+    base_iova: u64,
+    length: u64,
+    page_shift: u32,
+    npages: u64,
+    words: Box<[AtomicU64]>,
+    summary: Box<[AtomicU64]>,
+}
+
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLog")
+            .field("base_iova", &format_args!("{:#x}", self.base_iova))
+            .field("length", &format_args!("{:#x}", self.length))
+            .field("page_size", &self.page_size())
+            .finish()
+    }
+}
+
+fn zeroed_atomics(count: u64, what: &'static str) -> LogResult<Box<[AtomicU64]>> {
+    let count = usize::try_from(count).map_err(|_| LogError::OutOfMemory(what))?;
+    let mut words = Vec::new();
+    words.try_reserve_exact(count).map_err(|_| LogError::OutOfMemory(what))?;
+    words.extend((0..count).map(|_| AtomicU64::new(0)));
+    Ok(words.into_boxed_slice())
+}
+
+/// The mask of bits `[lo, hi]` (inclusive) of a word.
+#[inline]
+fn bit_span(lo: u64, hi: u64) -> u64 {
+    (u64::MAX >> (63 - hi)) & (u64::MAX << lo)
+}
+
+/// How dirty log pages become report bits; chosen once per report.
+#[derive(Clone, Copy)]
+enum Conversion {
+    /// Report pages are `2^k` log pages, aligned to them (k = 0: same size). `shift` is
+    /// the report-relative index of log page 0 in log pages.
+    Group { k: u32, shift: i128 },
+    /// Log pages are `2^f` report pages, aligned to them. `shift` is the report bit of the
+    /// start of log page 0.
+    Replicate { f: u32, shift: i128 },
+    /// Grids not aligned to each other: each run of dirty pages is set by address.
+    ByAddress,
+}
+
+impl DirtyLog {
+    /// A clean log covering `[iova, iova+length)` rounded out to whole pages of
+    /// `page_size` (a power of two).
+    pub fn new(iova: u64, length: u64, page_size: u64) -> LogResult<Self> {
+        if page_size == 0 || !page_size.is_power_of_two() {
+            return Err(LogError::Invalid("page size is not a power of two"));
+        }
+        if length == 0 {
+            return Err(LogError::Invalid("zero-length range"));
+        }
+        let end = iova.checked_add(length).ok_or(LogError::Overflow { iova, length })?;
+        let mask = page_size - 1;
+        let base_iova = iova & !mask;
+        let end = end.checked_add(mask).ok_or(LogError::Overflow { iova, length })? & !mask;
+        let page_shift = page_size.trailing_zeros();
+        let npages = (end - base_iova) >> page_shift;
+        let nwords = npages.div_ceil(64);
+        Ok(DirtyLog {
+            base_iova,
+            length: end - base_iova,
+            page_shift,
+            npages,
+            words: zeroed_atomics(nwords, "dirty log words")?,
+            summary: zeroed_atomics(nwords.div_ceil(64), "dirty log summary")?,
+        })
+    }
+
+    /// First IOVA covered (aligned to the page size).
+    pub fn base_iova(&self) -> u64 {
+        self.base_iova
+    }
+
+    /// Bytes covered (a multiple of the page size).
+    pub fn length(&self) -> u64 {
+        self.length
+    }
+
+    /// Log page size in bytes.
+    pub fn page_size(&self) -> u64 {
+        1u64 << self.page_shift
+    }
+
+    /// Pages covered.
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// Bytes of memory the log itself uses (words plus summary).
+    pub fn footprint_bytes(&self) -> u64 {
+        ((self.words.len() + self.summary.len()) * 8) as u64
+    }
+
+    /// Pages `[first, last]` of the log that `[iova, iova+len)` touches, if any.
+    #[inline]
+    fn page_span(&self, iova: u64, len: u64) -> Option<(u64, u64)> {
+        if len == 0 {
+            return None;
+        }
+        let start = iova.max(self.base_iova);
+        let end = iova.saturating_add(len).min(self.base_iova + self.length);
+        if start >= end {
+            return None;
+        }
+        Some(((start - self.base_iova) >> self.page_shift, (end - 1 - self.base_iova) >> self.page_shift))
+    }
+
+    /// Records a DMA write of `[iova, iova+len)` whose data is already in memory: one
+    /// SeqCst fence (so the data cannot be seen after the bit; see the module comment),
+    /// then [`DirtyLog::mark`]. The entry point for device write paths.
+    #[inline]
+    pub fn record_write(&self, iova: u64, len: u64) {
+        fence(Ordering::SeqCst);
+        self.mark(iova, len);
+    }
+
+    /// Marks every page `[iova, iova+len)` touches as dirty; the parts outside the log are
+    /// ignored. At most one atomic RMW per 64-page word (plus one on the summary the first
+    /// time a word turns dirty), and none when the word already holds the bits.
+    #[inline]
+    pub fn mark(&self, iova: u64, len: u64) {
+        let Some((first, last)) = self.page_span(iova, len) else { return };
+        let (first_word, last_word) = (first / 64, last / 64);
+        if first_word == last_word {
+            self.mark_word(first_word as usize, bit_span(first % 64, last % 64));
+            return;
+        }
+        self.mark_word(first_word as usize, bit_span(first % 64, 63));
+        for word in first_word + 1..last_word {
+            self.mark_word(word as usize, u64::MAX);
+        }
+        self.mark_word(last_word as usize, bit_span(0, last % 64));
+    }
+
+    #[inline]
+    fn mark_word(&self, word_index: usize, mask: u64) {
+        let summary = &self.summary[word_index / 64];
+        let summary_bit = 1u64 << (word_index % 64);
+        let word = &self.words[word_index];
+        if word.load(Ordering::Relaxed) & mask == mask {
+            // W0: already dirty. The writer that set these bits may not have reached its
+            // summary update yet; make sure the summary points here before returning.
+            if summary.load(Ordering::Relaxed) & summary_bit == 0 {
+                summary.fetch_or(summary_bit, Ordering::Release);
+            }
+            return;
+        }
+        word.fetch_or(mask, Ordering::Release); // W1
+        summary.fetch_or(summary_bit, Ordering::Release); // W2
+    }
+
+    /// Whether any page of `[iova, iova+len)` is dirty (a read; clears nothing).
+    pub fn is_dirty(&self, iova: u64, len: u64) -> bool {
+        let Some((first, last)) = self.page_span(iova, len) else { return false };
+        (first / 64..=last / 64).any(|w| {
+            let lo = if w == first / 64 { first % 64 } else { 0 };
+            let hi = if w == last / 64 { last % 64 } else { 63 };
+            self.words[w as usize].load(Ordering::Acquire) & bit_span(lo, hi) != 0
+        })
+    }
+
+    fn conversion(&self, bitmap: &IovaBitmap<'_>) -> Conversion {
+        let log_shift = self.page_shift;
+        let report_shift = bitmap.page_shift();
+        let delta = self.base_iova as i128 - bitmap.iova() as i128;
+        if report_shift >= log_shift {
+            if delta & ((1i128 << log_shift) - 1) == 0 {
+                return Conversion::Group { k: report_shift - log_shift, shift: delta >> log_shift };
+            }
+        } else if delta & ((1i128 << report_shift) - 1) == 0 {
+            return Conversion::Replicate { f: log_shift - report_shift, shift: delta >> report_shift };
+        }
+        Conversion::ByAddress
+    }
+
+    /// Sets the report bits of the dirty log pages `value` (log word `word_index`) holds.
+    #[inline]
+    fn emit(&self, conversion: Conversion, word_index: u64, value: u64, bitmap: &mut IovaBitmap<'_>) {
+        match conversion {
+            Conversion::Group { k, shift } => {
+                let first = 64 * word_index as i128 + shift;
+                let (word, offset) = (first.div_euclid(64), first.rem_euclid(64) as u32);
+                Self::emit_grouped(k, word, value << offset, bitmap);
+                if offset != 0 {
+                    Self::emit_grouped(k, word + 1, value >> (64 - offset), bitmap);
+                }
+            }
+            Conversion::Replicate { f, shift } => {
+                let first_bit = shift + ((64 * word_index as i128) << f);
+                if f <= 5 {
+                    let per_chunk = 64u32 >> f;
+                    for chunk in 0..(1u32 << f) {
+                        let bits = (value >> (chunk * per_chunk)) & ((1u128 << per_chunk) - 1) as u64;
+                        if bits != 0 {
+                            bitmap.or_bits(first_bit + 64 * chunk as i128, replicate_bits(bits, f));
+                        }
+                    }
+                } else {
+                    for_each_run(value, |a, b| {
+                        let lo = first_bit + ((a as i128) << f);
+                        let hi = first_bit + ((b as i128) << f);
+                        bitmap.set_bits(lo.max(0) as u64, hi.clamp(0, u64::MAX as i128) as u64);
+                    });
+                }
+            }
+            Conversion::ByAddress => {
+                let page0 = self.base_iova + ((64 * word_index) << self.page_shift);
+                for_each_run(value, |a, b| {
+                    bitmap.set(page0 + ((a as u64) << self.page_shift), ((b - a) as u64) << self.page_shift);
+                });
+            }
+        }
+    }
+
+    /// ORs the pages of one report-aligned group of 64 log pages (`value`, at report-
+    /// relative log word `word`) into the bitmap, `2^k` log pages per report bit.
+    #[inline]
+    fn emit_grouped(k: u32, word: i128, value: u64, bitmap: &mut IovaBitmap<'_>) {
+        if value == 0 {
+            return;
+        }
+        match k {
+            0 => bitmap.or_bits(word * 64, value),
+            1..=5 => bitmap.or_bits(word * (64 >> k), or_groups(value, k)),
+            _ => bitmap.or_bits((word * 64) >> k, 1),
+        }
+    }
+
+    /// Reports and clears the dirty pages of `[iova, iova+len)` into `bitmap`, converting
+    /// to its page size: a report page is set when any dirty log page overlaps it. Log pages
+    /// overlapping the range are cleared; others are untouched. Bits are only ORed into the
+    /// bitmap, never cleared. Cost: one summary load per 4096 log pages of the range plus
+    /// one RMW per dirty word.
+    pub fn read_and_clear(&self, iova: u64, len: u64, bitmap: &mut IovaBitmap<'_>) {
+        let Some((first, last)) = self.page_span(iova, len) else { return };
+        let conversion = self.conversion(bitmap);
+        let (first_word, last_word) = (first / 64, last / 64);
+        for summary_index in first_word / 64..=last_word / 64 {
+            let lo_word = first_word.max(summary_index * 64);
+            let hi_word = last_word.min(summary_index * 64 + 63);
+            let summary_mask = bit_span(lo_word % 64, hi_word % 64);
+            let summary = &self.summary[summary_index as usize];
+            if summary.load(Ordering::Relaxed) & summary_mask == 0 {
+                continue;
+            }
+            let mut flagged = summary.fetch_and(!summary_mask, Ordering::AcqRel) & summary_mask; // R1
+            while flagged != 0 {
+                let word_index = summary_index * 64 + flagged.trailing_zeros() as u64;
+                flagged &= flagged - 1;
+                let lo = if word_index == first_word { first % 64 } else { 0 };
+                let hi = if word_index == last_word { last % 64 } else { 63 };
+                let page_mask = bit_span(lo, hi);
+                let word = &self.words[word_index as usize];
+                let value = if page_mask == u64::MAX {
+                    word.swap(0, Ordering::AcqRel) // R2
+                } else {
+                    let old = word.fetch_and(!page_mask, Ordering::AcqRel); // R2, partial word
+                    if old & !page_mask != 0 {
+                        summary.fetch_or(1u64 << (word_index % 64), Ordering::Release); // R3
+                    }
+                    old & page_mask
+                };
+                if value != 0 {
+                    self.emit(conversion, word_index, value, bitmap);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    fn report(log: &DirtyLog, iova: u64, len: u64, page: u64) -> Vec<u64> {
+        let bytes = crate::iova_bitmap::report_bytes(len, page).unwrap() as usize;
+        let mut buf = vec![0u8; bytes];
+        let mut bm = IovaBitmap::new(iova, len, page, &mut buf).unwrap();
+        log.read_and_clear(iova, len, &mut bm);
+        (0..bytes as u64 * 8).filter(|k| buf[(k / 8) as usize] >> (k % 8) & 1 == 1).collect()
+    }
+
+    #[test]
+    fn mark_and_report_same_page_size() {
+        let log = DirtyLog::new(0x100000, 1 << 30, 4096).unwrap();
+        log.mark(0x100000, 1);
+        log.mark(0x100000 + 70 * 4096 + 5, 4096);
+        assert_eq!(report(&log, 0x100000, 1 << 20, 4096), vec![0, 70, 71]);
+        assert!(report(&log, 0x100000, 1 << 20, 4096).is_empty(), "a report clears");
+    }
+
+    #[test]
+    fn unaligned_start_with_respect_to_words() {
+        let log = DirtyLog::new(0, 1 << 24, 4096).unwrap();
+        for page in [3u64, 64, 65, 130, 200] {
+            log.mark(page * 4096, 4096);
+        }
+        // Report starting at page 3: bit k = page 3 + k.
+        assert_eq!(report(&log, 3 * 4096, 1 << 20, 4096), vec![0, 61, 62, 127, 197]);
+    }
+
+    #[test]
+    fn partial_word_report_keeps_the_rest_reachable() {
+        let log = DirtyLog::new(0, 1 << 20, 4096).unwrap();
+        log.mark(0, 64 * 4096);
+        assert_eq!(report(&log, 4096, 4096, 4096), vec![0]);
+        // The other 63 pages are still found through the summary.
+        assert_eq!(report(&log, 0, 64 * 4096, 4096).len(), 63);
+    }
+
+    #[test]
+    fn conversions_both_ways() {
+        let log = DirtyLog::new(0, 1 << 30, 4096).unwrap();
+        log.mark(5 << 20, 1); // page in the third 2 MiB block
+        assert_eq!(report(&log, 0, 1 << 30, 2 << 20), vec![2]);
+        let coarse = DirtyLog::new(0, 1 << 30, 2 << 20).unwrap();
+        coarse.mark(5 << 20, 1);
+        let bits = report(&coarse, 0, 8 << 20, 4096);
+        assert_eq!(bits, (1024..1536).collect::<Vec<_>>());
+    }
+}

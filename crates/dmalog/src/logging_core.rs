@@ -1,0 +1,418 @@
+//! The logging core: validates DEVICE_FEATURE requests for DMA logging in either dialect
+//! and drives a [`LogDriver`] (the kernel's `vfio_main.c` part), exactly per SPEC 3.1-3.4.
+
+use crate::driver::LogDriver;
+use crate::error::{LogError, LogResult};
+use crate::iova_bitmap::{report_bytes, IovaBitmap};
+use crate::ranges::{merge_ranges, validate_ranges, IovaRange, DEFAULT_MAX_RANGES};
+use crate::uapi::{
+    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl, UserLoggingReport,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
+    FEATURE_HEADER_BYTES, FEATURE_RESERVED_MASK, FEATURE_SET, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES,
+    RANGE_BYTES, USER_CONTROL_BYTES, USER_REPORT_BYTES,
+};
+use tracing::{debug, warn};
+
+/// Which form a request arrives in; the rules differ in a few rows of SPEC 3.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// The kernel ioctl payload (pointers to ranges and bitmap; byte-exact bitmaps; report
+    /// pages of at least 4 KiB; START needs at least one range).
+    Kernel,
+    /// The vfio-user payload (inline ranges and bitmap; u64-word bitmaps; START with no
+    /// ranges logs all DMA-mapped space; an identical second START succeeds).
+    VfioUser {
+        /// The negotiated `max_data_xfer_size`, bounding a REPORT reply.
+        max_data_xfer_size: u64,
+    },
+}
+
+/// Smallest report page size of the kernel dialect.
+pub const KERNEL_MIN_REPORT_PAGE: u64 = 4096;
+
+#[derive(Debug, Clone)]
+struct Started {
+    page_size_hint: u64,
+    requested: Vec<LoggingRange>,
+    chosen_page_size: u64,
+    log_all: bool,
+}
+
+/// The DMA logging state of one device and the driver that tracks it.
+pub struct LoggingCore<D> {
+    driver: Option<D>,
+    max_ranges: u32,
+    started: Option<Started>,
+    dma_mappings: Vec<IovaRange>,
+}
+
+impl<D> std::fmt::Debug for LoggingCore<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoggingCore")
+            .field("supported", &self.driver.is_some())
+            .field("max_ranges", &self.max_ranges)
+            .field("started", &self.started)
+            .finish()
+    }
+}
+
+/// Checks the 8-byte feature header (SPEC 3.1 steps 1-3) shared by every feature.
+///
+/// `request` is the whole feature (header then payload). In the vfio-user dialect `argsz` is
+/// the largest reply the client accepts, so a SET or PROBE (answered by an echo) needs
+/// `argsz >= request.len()`.
+pub fn check_feature_header(request: &[u8], dialect: Dialect) -> LogResult<FeatureHeader> {
+    let header = FeatureHeader::decode(request).map_err(|_| LogError::Invalid("shorter than the feature header"))?;
+    if (header.argsz as usize) < FEATURE_HEADER_BYTES {
+        return Err(LogError::Invalid("argsz below the feature header"));
+    }
+    if matches!(dialect, Dialect::VfioUser { .. })
+        && (header.is_set() || header.is_probe())
+        && (header.argsz as usize) < request.len()
+    {
+        return Err(LogError::Invalid("argsz below the size of the echoed reply"));
+    }
+    if header.flags & FEATURE_RESERVED_MASK != 0 {
+        return Err(LogError::Invalid("reserved flag bits set"));
+    }
+    if header.is_get() && header.is_set() && !header.is_probe() {
+        return Err(LogError::Invalid("GET and SET together without PROBE"));
+    }
+    Ok(header)
+}
+
+/// The logging features' access rules (SPEC 3.1 steps 6-8): `Ok(true)` when the request is a
+/// PROBE that succeeded, `Ok(false)` when it should be carried out.
+fn check_access(header: &FeatureHeader, supported: u32) -> LogResult<bool> {
+    if header.flags & (FEATURE_GET | FEATURE_SET) & !supported != 0 {
+        return Err(LogError::Invalid("access not supported by this feature"));
+    }
+    if header.is_probe() {
+        return Ok(true);
+    }
+    if !header.is_get() && !header.is_set() {
+        return Err(LogError::Invalid("neither GET nor SET"));
+    }
+    Ok(false)
+}
+
+impl<D: LogDriver> LoggingCore<D> {
+    /// A core for a device whose DMA writes `driver` tracks.
+    pub fn new(driver: D) -> Self {
+        LoggingCore { driver: Some(driver), max_ranges: DEFAULT_MAX_RANGES, started: None, dma_mappings: Vec::new() }
+    }
+
+    /// A core for a device without DMA logging: every logging feature is ENOTTY.
+    pub fn unsupported() -> Self {
+        LoggingCore { driver: None, max_ranges: DEFAULT_MAX_RANGES, started: None, dma_mappings: Vec::new() }
+    }
+
+    /// Sets the START range limit (E2BIG above it); values below 256 are raised to 256.
+    pub fn with_max_ranges(mut self, max_ranges: u32) -> Self {
+        self.max_ranges = max_ranges.max(DEFAULT_MAX_RANGES);
+        self
+    }
+
+    /// The START range limit.
+    pub fn max_ranges(&self) -> u32 {
+        self.max_ranges
+    }
+
+    /// Whether the device supports DMA logging (what PROBE answers).
+    pub fn is_supported(&self) -> bool {
+        self.driver.is_some()
+    }
+
+    /// The chosen page size while started.
+    pub fn started_page_size(&self) -> Option<u64> {
+        self.started.as_ref().map(|s| s.chosen_page_size)
+    }
+
+    /// The driver, for its owner (fault injection, statistics).
+    pub fn driver(&self) -> Option<&D> {
+        self.driver.as_ref()
+    }
+
+    /// The driver, mutably.
+    pub fn driver_mut(&mut self) -> Option<&mut D> {
+        self.driver.as_mut()
+    }
+
+    fn driver_or_enotty(&mut self) -> LogResult<&mut D> {
+        self.driver.as_mut().ok_or(LogError::NotSupported("device has no DMA logging"))
+    }
+
+    /// Records a new DMA mapping. While logging all DMA-mapped space, the driver is asked
+    /// to cover it too; a driver that cannot (fixed ranges) leaves it untracked, with a
+    /// warning.
+    pub fn dma_mapped(&mut self, range: IovaRange) {
+        self.dma_mappings.push(range);
+        if self.started.as_ref().is_some_and(|s| s.log_all) {
+            if let Some(driver) = self.driver.as_mut() {
+                if let Err(err) = driver.add_range(range) {
+                    warn!(iova = range.iova(), length = range.length(), %err, "DMA mapping added after START is not tracked");
+                }
+            }
+        }
+    }
+
+    /// Forgets a DMA mapping. Logged writes of its IOVA stay in the log (the log is indexed
+    /// by IOVA, not by mapping).
+    pub fn dma_unmapped(&mut self, range: IovaRange) {
+        self.dma_mappings.retain(|mapped| *mapped != range);
+    }
+
+    /// Forgets every DMA mapping.
+    pub fn dma_unmapped_all(&mut self) {
+        self.dma_mappings.clear();
+    }
+
+    /// START with typed arguments: validates per SPEC 3.2 and starts the driver. Returns
+    /// the chosen page size.
+    pub fn start(&mut self, dialect: Dialect, page_size_hint: u64, ranges: &[LoggingRange]) -> LogResult<u64> {
+        self.driver_or_enotty()?;
+        if ranges.is_empty() && dialect == Dialect::Kernel {
+            return Err(LogError::Invalid("no ranges"));
+        }
+        if ranges.len() as u64 > u64::from(self.max_ranges) {
+            return Err(LogError::TooManyRanges { num_ranges: ranges.len() as u64, limit: u64::from(self.max_ranges) });
+        }
+        let validated = validate_ranges(ranges.iter().copied(), page_size_hint)?;
+        self.start_validated(dialect, page_size_hint, ranges, validated)
+    }
+
+    fn start_validated(
+        &mut self,
+        dialect: Dialect,
+        page_size_hint: u64,
+        requested: &[LoggingRange],
+        validated: Vec<IovaRange>,
+    ) -> LogResult<u64> {
+        if let Some(started) = &self.started {
+            if matches!(dialect, Dialect::VfioUser { .. })
+                && started.page_size_hint == page_size_hint
+                && started.requested == requested
+            {
+                return Ok(started.chosen_page_size);
+            }
+            return Err(LogError::Invalid("logging already started"));
+        }
+        let log_all = validated.is_empty();
+        let mut targets = if log_all {
+            let mut mapped = self.dma_mappings.clone();
+            mapped.sort_unstable();
+            mapped
+        } else {
+            validated
+        };
+        let driver = self.driver.as_mut().ok_or(LogError::NotSupported("device has no DMA logging"))?;
+        if targets.len() > driver.max_ranges() {
+            targets = merge_ranges(&targets, driver.max_ranges());
+        }
+        let mut page_size = page_size_hint;
+        driver.start(&targets, &mut page_size)?;
+        debug!(ranges = targets.len(), page_size, log_all, "DMA logging started");
+        self.started =
+            Some(Started { page_size_hint, requested: requested.to_vec(), chosen_page_size: page_size, log_all });
+        Ok(page_size)
+    }
+
+    /// STOP: always succeeds (also when not started); frees the log.
+    pub fn stop(&mut self) -> LogResult<()> {
+        let driver = self.driver_or_enotty()?;
+        driver.stop();
+        if self.started.take().is_some() {
+            debug!("DMA logging stopped");
+        }
+        Ok(())
+    }
+
+    /// REPORT with typed arguments into `bitmap` bytes (at least `ceil(bits/8)`; only those
+    /// are touched): validates per SPEC 3.4, then ORs the dirty pages in and clears them.
+    pub fn report(&mut self, dialect: Dialect, iova: u64, length: u64, page_size: u64, bitmap: &mut [u8]) -> LogResult<()> {
+        self.driver_or_enotty()?;
+        Self::check_report(dialect, iova, length, page_size)?;
+        self.report_checked(iova, length, page_size, bitmap)
+    }
+
+    fn check_report(dialect: Dialect, iova: u64, length: u64, page_size: u64) -> LogResult<()> {
+        let min_page = if dialect == Dialect::Kernel { KERNEL_MIN_REPORT_PAGE } else { 1 };
+        if !page_size.is_power_of_two() || page_size < min_page {
+            return Err(LogError::Invalid("report page size is not a supported power of two"));
+        }
+        iova.checked_add(length).ok_or(LogError::Overflow { iova, length })?;
+        if length == 0 {
+            return Err(LogError::Invalid("zero-length report"));
+        }
+        Ok(())
+    }
+
+    fn report_checked(&mut self, iova: u64, length: u64, page_size: u64, bitmap: &mut [u8]) -> LogResult<()> {
+        if self.started.is_none() {
+            return Err(LogError::Invalid("logging not started"));
+        }
+        let mut bitmap = IovaBitmap::new(iova, length, page_size, bitmap)?;
+        let driver = self.driver.as_mut().ok_or(LogError::NotSupported("device has no DMA logging"))?;
+        driver.read_and_clear(iova, length, &mut bitmap)
+    }
+
+    /// Handles a DMA logging DEVICE_FEATURE in the vfio-user dialect.
+    ///
+    /// `request` is the feature payload of the message (argsz, flags, data). On success
+    /// `reply` holds the reply's feature payload: the request echoed for SET and PROBE (with
+    /// START's chosen page size written in), or for REPORT the 24-byte request followed by
+    /// the bitmap as whole u64 words, with `argsz` set to the full size. `reply` is cleared
+    /// first and may be reused across calls (no allocation once it is large enough).
+    pub fn handle_vfio_user(&mut self, request: &[u8], max_data_xfer_size: u64, reply: &mut Vec<u8>) -> LogResult<()> {
+        reply.clear();
+        let dialect = Dialect::VfioUser { max_data_xfer_size };
+        let header = check_feature_header(request, dialect)?;
+        let data = &request[FEATURE_HEADER_BYTES..];
+        let supported = self.check_logging_feature(&header)?;
+        if check_access(&header, supported)? {
+            reply.extend_from_slice(request);
+            return Ok(());
+        }
+        match header.index() {
+            FEATURE_DMA_LOGGING_START => {
+                if data.len() < USER_CONTROL_BYTES {
+                    return Err(LogError::Invalid("START payload shorter than 16 bytes"));
+                }
+                let control = UserLoggingControl::decode(data)
+                    .map_err(|_| LogError::Invalid("START payload shorter than its ranges"))?;
+                if u64::from(control.num_ranges) > u64::from(self.max_ranges) {
+                    return Err(LogError::TooManyRanges {
+                        num_ranges: u64::from(control.num_ranges),
+                        limit: u64::from(self.max_ranges),
+                    });
+                }
+                let requested: Vec<LoggingRange> = control.ranges().collect();
+                let validated = validate_ranges(requested.iter().copied(), control.page_size)?;
+                let chosen = self.start_validated(dialect, control.page_size, &requested, validated)?;
+                reply.extend_from_slice(request);
+                reply[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8].copy_from_slice(&chosen.to_le_bytes());
+                Ok(())
+            }
+            FEATURE_DMA_LOGGING_STOP => {
+                self.stop()?;
+                reply.extend_from_slice(request);
+                Ok(())
+            }
+            _ => {
+                let report = UserLoggingReport::decode(data).map_err(|_| LogError::Invalid("REPORT payload shorter than 24 bytes"))?;
+                Self::check_report(dialect, report.iova, report.length, report.page_size)?;
+                let bitmap_bytes = report_bytes(report.length, report.page_size)?.div_ceil(8) * 8;
+                let reply_bytes = (FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64 + bitmap_bytes;
+                if u64::from(header.argsz) < reply_bytes {
+                    return Err(LogError::Invalid("argsz smaller than the report reply"));
+                }
+                if self.started.is_none() {
+                    return Err(LogError::Invalid("logging not started"));
+                }
+                if reply_bytes > max_data_xfer_size || reply_bytes > usize::MAX as u64 {
+                    return Err(LogError::ReplyTooLarge { reply_bytes, max_bytes: max_data_xfer_size });
+                }
+                let reply_len = reply_bytes as usize;
+                reply.try_reserve(reply_len).map_err(|_| LogError::OutOfMemory("report reply"))?;
+                let header = FeatureHeader { argsz: reply_len as u32, flags: header.flags };
+                reply.extend_from_slice(&header.encode());
+                reply.extend_from_slice(&report.encode());
+                reply.resize(reply_len, 0);
+                let result = self.report_checked(
+                    report.iova,
+                    report.length,
+                    report.page_size,
+                    &mut reply[FEATURE_HEADER_BYTES + USER_REPORT_BYTES..],
+                );
+                if result.is_err() {
+                    reply.clear();
+                }
+                result
+            }
+        }
+    }
+
+    /// Handles a DMA logging DEVICE_FEATURE in the kernel dialect.
+    ///
+    /// `request` is the user's `struct vfio_device_feature` (header then payload, `argsz`
+    /// bytes as the ioctl copies them); START's chosen page size is written back into it.
+    /// The ranges and the bitmap are reached through `user` (EFAULT when not there).
+    pub fn handle_kernel(&mut self, request: &mut [u8], user: &mut dyn crate::user_memory::UserMemory) -> LogResult<()> {
+        let header = check_feature_header(request, Dialect::Kernel)?;
+        let supported = self.check_logging_feature(&header)?;
+        if check_access(&header, supported)? {
+            return Ok(());
+        }
+        let payload_len = header.argsz as usize - FEATURE_HEADER_BYTES;
+        let available = request.len() - FEATURE_HEADER_BYTES;
+        let fault = |len: usize| LogError::Fault { addr: 0, len: len as u64 };
+        match header.index() {
+            FEATURE_DMA_LOGGING_START => {
+                if payload_len < KERNEL_CONTROL_BYTES {
+                    return Err(LogError::Invalid("START payload shorter than 24 bytes"));
+                }
+                if available < KERNEL_CONTROL_BYTES {
+                    return Err(fault(KERNEL_CONTROL_BYTES));
+                }
+                let data = &request[FEATURE_HEADER_BYTES..];
+                let control = KernelLoggingControl::decode(data).map_err(|_| fault(KERNEL_CONTROL_BYTES))?;
+                if control.num_ranges == 0 {
+                    return Err(LogError::Invalid("no ranges"));
+                }
+                if control.num_ranges > self.max_ranges {
+                    return Err(LogError::TooManyRanges {
+                        num_ranges: u64::from(control.num_ranges),
+                        limit: u64::from(self.max_ranges),
+                    });
+                }
+                let mut requested = Vec::with_capacity(control.num_ranges as usize);
+                let mut raw = [0u8; RANGE_BYTES];
+                for index in 0..u64::from(control.num_ranges) {
+                    let addr = control
+                        .ranges_addr
+                        .checked_add(index * RANGE_BYTES as u64)
+                        .ok_or(LogError::Fault { addr: control.ranges_addr, len: RANGE_BYTES as u64 })?;
+                    user.read(addr, &mut raw)?;
+                    requested.push(LoggingRange::decode_at(&raw, 0).map_err(|_| fault(RANGE_BYTES))?);
+                }
+                let validated = validate_ranges(requested.iter().copied(), control.page_size)?;
+                let chosen = self.start_validated(Dialect::Kernel, control.page_size, &requested, validated)?;
+                request[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8].copy_from_slice(&chosen.to_le_bytes());
+                Ok(())
+            }
+            FEATURE_DMA_LOGGING_STOP => self.stop(),
+            _ => {
+                if payload_len < KERNEL_REPORT_BYTES {
+                    return Err(LogError::Invalid("REPORT payload shorter than 32 bytes"));
+                }
+                let report = KernelLoggingReport::decode(&request[FEATURE_HEADER_BYTES..])
+                    .map_err(|_| fault(KERNEL_REPORT_BYTES))?;
+                Self::check_report(Dialect::Kernel, report.iova, report.length, report.page_size)?;
+                if self.started.is_none() {
+                    return Err(LogError::Invalid("logging not started"));
+                }
+                let bytes = report_bytes(report.length, report.page_size)?;
+                let bitmap = user.bytes_mut(report.bitmap_addr, bytes)?;
+                self.report_checked(report.iova, report.length, report.page_size, bitmap)
+            }
+        }
+    }
+
+    /// SPEC 3.1 steps 4-5 for the logging features: the supported accesses of the index.
+    fn check_logging_feature(&self, header: &FeatureHeader) -> LogResult<u32> {
+        let supported = match header.index() {
+            FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP => FEATURE_SET,
+            FEATURE_DMA_LOGGING_REPORT => FEATURE_GET,
+            _ => return Err(LogError::NotSupported("not a DMA logging feature")),
+        };
+        if self.driver.is_none() {
+            return Err(LogError::NotSupported("device has no DMA logging"));
+        }
+        Ok(supported)
+    }
+}
+
+/// Whether a feature index is one of the three DMA logging features this core handles.
+pub fn is_logging_feature(index: u32) -> bool {
+    matches!(index, FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP | FEATURE_DMA_LOGGING_REPORT)
+}

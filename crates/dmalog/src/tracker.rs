@@ -1,0 +1,121 @@
+//! The consumer side (SPEC 7): one trait for every dirty source a VMM pulls reports from,
+//! and its in-process backend over the logging core.
+
+use crate::driver::LogDriver;
+use crate::error::LogError;
+use crate::iova_bitmap::report_bits;
+use crate::logging_core::{Dialect, LoggingCore};
+use crate::ranges::IovaRange;
+use crate::uapi::LoggingRange;
+
+/// Why a dirty source failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    /// The device (or the logging core) refused the request; carries the errno's meaning.
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// The caller's bitmap is shorter than the report.
+    #[error("bitmap of {have_words} words is shorter than the {need_words} words the report needs")]
+    BufferTooSmall {
+        /// u64 words the report needs.
+        need_words: u64,
+        /// u64 words supplied.
+        have_words: u64,
+    },
+    /// The channel to the device failed (socket, ioctl); the log must be treated as lost.
+    #[error("transport: {0}")]
+    Transport(#[source] std::io::Error),
+}
+
+impl TrackerError {
+    /// The errno this error stands for (EIO for transport failures).
+    pub fn errno(&self) -> i32 {
+        match self {
+            TrackerError::Log(err) => err.errno(),
+            TrackerError::BufferTooSmall { .. } => libc::EINVAL,
+            TrackerError::Transport(err) => err.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+}
+
+/// A source of dirty pages: a device tracker reached in-process, over vfio-user, through a
+/// kernel ioctl, or the VMM's own CPU-write log.
+///
+/// Reports OR into a buffer the caller owns and reuses: no allocation per report. Any
+/// report error means the log is corrupt: the caller treats the whole range as dirty and
+/// restarts tracking (stop, start).
+pub trait DirtyTracker {
+    /// Whether the source supports DMA logging.
+    fn probe(&mut self) -> Result<bool, TrackerError>;
+
+    /// Starts logging `ranges` with a page size hint; returns the chosen page size.
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError>;
+
+    /// ORs the dirty pages of `[iova, iova+length)` at `page_size` into `bitmap` (bit `k` of
+    /// the range is bit `k % 64` of word `k / 64`) and clears them from the log.
+    fn report(&mut self, iova: u64, length: u64, page_size: u64, bitmap: &mut [u64]) -> Result<(), TrackerError>;
+
+    /// Stops logging. Succeeds when not started.
+    fn stop(&mut self) -> Result<(), TrackerError>;
+}
+
+/// u64 words a report of `length` bytes at `page_size` needs.
+pub fn report_words(length: u64, page_size: u64) -> Result<u64, LogError> {
+    Ok(report_bits(length, page_size)?.div_ceil(64))
+}
+
+/// A [`DirtyTracker`] over a logging core in the same process: a VMM using a soft (or
+/// modelled hardware) tracker directly, with every request checked by the core's rules
+/// (kernel dialect: at least one range, report pages of at least 4 KiB).
+#[derive(Debug)]
+pub struct InProcessTracker<D> {
+    core: LoggingCore<D>,
+    ranges: Vec<LoggingRange>,
+}
+
+impl<D: LogDriver> InProcessTracker<D> {
+    /// A tracker over `driver`.
+    pub fn new(driver: D) -> Self {
+        InProcessTracker { core: LoggingCore::new(driver), ranges: Vec::new() }
+    }
+
+    /// A tracker over an existing core.
+    pub fn from_core(core: LoggingCore<D>) -> Self {
+        InProcessTracker { core, ranges: Vec::new() }
+    }
+
+    /// The logging core.
+    pub fn core(&self) -> &LoggingCore<D> {
+        &self.core
+    }
+
+    /// The logging core, mutably (fault injection, DMA mapping events).
+    pub fn core_mut(&mut self) -> &mut LoggingCore<D> {
+        &mut self.core
+    }
+}
+
+impl<D: LogDriver> DirtyTracker for InProcessTracker<D> {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        Ok(self.core.is_supported())
+    }
+
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.ranges.clear();
+        self.ranges.extend(ranges.iter().map(|r| LoggingRange::from(*r)));
+        Ok(self.core.start(Dialect::Kernel, page_size, &self.ranges)?)
+    }
+
+    fn report(&mut self, iova: u64, length: u64, page_size: u64, bitmap: &mut [u64]) -> Result<(), TrackerError> {
+        let need_words = report_words(length, page_size)?;
+        if (bitmap.len() as u64) < need_words {
+            return Err(TrackerError::BufferTooSmall { need_words, have_words: bitmap.len() as u64 });
+        }
+        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut bitmap[..need_words as usize]);
+        Ok(self.core.report(Dialect::Kernel, iova, length, page_size, bytes)?)
+    }
+
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        Ok(self.core.stop()?)
+    }
+}
