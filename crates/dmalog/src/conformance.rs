@@ -523,10 +523,15 @@ enum Op {
 }
 
 fn op_strategy() -> impl Strategy<Value = Op> {
+    // Addresses at byte, 1 KiB, 4 KiB, 64 KiB and 2 MiB granularity, so that every
+    // conversion path (aligned grids and misaligned ones) is exercised.
+    let aligned = |max: u64| {
+        (0u64..max, prop::sample::select(vec![0u32, 10, 12, 12, 16, 21])).prop_map(move |(n, shift)| (n >> shift) << shift)
+    };
     prop_oneof![
-        3 => (0u64..(48 << 20), prop_oneof![1u64..8192, 1u64..(3 << 20)]).prop_map(|(iova, len)| Op::Write { iova, len }),
-        1 => (0u64..(48 << 20), 1u64..(20 << 20), 10u32..23, any::<bool>())
-            .prop_map(|(iova, len, page_shift, kernel)| Op::Report { iova, len, page_shift, kernel }),
+        3 => (aligned(48 << 20), prop_oneof![1u64..8192, 1u64..(3 << 20)]).prop_map(|(iova, len)| Op::Write { iova, len }),
+        1 => (aligned(48 << 20), aligned(20 << 20), 10u32..23, any::<bool>())
+            .prop_map(|(iova, len, page_shift, kernel)| Op::Report { iova, len: len.max(1), page_shift, kernel }),
     ]
 }
 
