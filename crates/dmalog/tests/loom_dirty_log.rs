@@ -85,7 +85,7 @@ fn partial_word_reports_keep_the_rest() {
 }
 
 /// When a report sees a freshly dirtied page, it also sees the data written before the
-/// mark (Release on the word, Acquire on the report's swap).
+/// mark (the writer's Release RMWs, the report's AcqRel RMWs on summary and word).
 #[test]
 fn a_reported_page_has_its_data_visible() {
     loom::model(|| {
