@@ -1,0 +1,361 @@
+//! The measured workloads and the quick run.
+
+use std::hint::black_box;
+use std::num::NonZeroUsize;
+use std::time::Instant;
+
+use dmalog::{DirtyLog, IovaBitmap};
+use vm_memory::bitmap::AtomicBitmap;
+
+use crate::baselines::{ByteAtomicLog, NaiveBitLog};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+const TIB: u64 = 1024 * GIB;
+const PAGE: u64 = 4096;
+
+/// One line of the benchmark report: ours against one baseline.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    /// What is measured.
+    pub measurement: String,
+    /// Ours, nanoseconds per operation.
+    pub ours_ns: f64,
+    /// The baseline's name.
+    pub baseline: String,
+    /// The baseline, nanoseconds per operation.
+    pub baseline_ns: f64,
+    /// `baseline_ns / ours_ns` (above 1: ours is faster).
+    pub speedup: f64,
+    /// The target, in words ("speedup >= 30"), or "-" for an informational row.
+    pub target: String,
+    /// Whether the target is met (None: informational).
+    pub met: Option<bool>,
+}
+
+impl Row {
+    fn new(measurement: &str, ours_ns: f64, baseline: &str, baseline_ns: f64, min_speedup: Option<f64>) -> Row {
+        let speedup = baseline_ns / ours_ns;
+        Row {
+            measurement: measurement.to_string(),
+            ours_ns,
+            baseline: baseline.to_string(),
+            baseline_ns,
+            speedup,
+            target: min_speedup.map_or("-".to_string(), |s| format!("speedup >= {s}")),
+            met: min_speedup.map(|s| speedup >= s),
+        }
+    }
+}
+
+/// xorshift64*, deterministic.
+pub fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+}
+
+/// Median nanoseconds per op over `batches` batches of `ops` calls of `op`, each batch after
+/// an untimed `prepare`.
+pub fn median_ns<S>(
+    batches: usize,
+    ops: u64,
+    state: &mut S,
+    mut prepare: impl FnMut(&mut S),
+    mut op: impl FnMut(&mut S),
+) -> f64 {
+    let mut samples: Vec<f64> = (0..batches)
+        .map(|_| {
+            prepare(state);
+            let start = Instant::now();
+            for _ in 0..ops {
+                op(state);
+            }
+            start.elapsed().as_nanos() as f64 / ops as f64
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}
+
+/// Marking writes of `write_bytes` at random page-aligned offsets in 1 GiB, on every log.
+pub struct MarkRandom {
+    /// Bytes per write.
+    pub write_bytes: u64,
+    /// Ours.
+    pub ours: DirtyLog,
+    /// vm-memory.
+    pub vm_memory: AtomicBitmap,
+    /// libvfio-user-like.
+    pub byte_atomic: ByteAtomicLog,
+    /// Per-bit loop.
+    pub naive: NaiveBitLog,
+    offsets: Vec<u64>,
+    cursor: usize,
+}
+
+impl MarkRandom {
+    /// The workload for writes of `write_bytes`.
+    pub fn new(write_bytes: u64) -> Self {
+        let span = GIB;
+        let mut rng = 0x1234_5678u64;
+        let offsets = (0..1 << 16).map(|_| (next_random(&mut rng) % ((span - write_bytes) / PAGE)) * PAGE).collect();
+        MarkRandom {
+            write_bytes,
+            ours: DirtyLog::new(0, span, PAGE).expect("1 GiB log"),
+            vm_memory: AtomicBitmap::new(span as usize, NonZeroUsize::new(PAGE as usize).expect("page")),
+            byte_atomic: ByteAtomicLog::new(span, PAGE),
+            naive: NaiveBitLog::new(span, PAGE),
+            offsets,
+            cursor: 0,
+        }
+    }
+
+    #[inline]
+    fn next_offset(&mut self) -> u64 {
+        self.cursor = (self.cursor + 1) & (self.offsets.len() - 1);
+        self.offsets[self.cursor]
+    }
+
+    /// One mark on ours.
+    #[inline]
+    pub fn ours(&mut self) {
+        let iova = self.next_offset();
+        self.ours.mark(black_box(iova), self.write_bytes);
+    }
+
+    /// One DMA-write record on ours (fence plus mark).
+    #[inline]
+    pub fn ours_record_write(&mut self) {
+        let iova = self.next_offset();
+        self.ours.record_write(black_box(iova), self.write_bytes);
+    }
+
+    /// One mark on vm-memory.
+    #[inline]
+    pub fn vm_memory(&mut self) {
+        let iova = self.next_offset();
+        self.vm_memory.set_addr_range(black_box(iova) as usize, self.write_bytes as usize);
+    }
+
+    /// One mark on the byte-atomic log.
+    #[inline]
+    pub fn byte_atomic(&mut self) {
+        let iova = self.next_offset();
+        self.byte_atomic.mark(black_box(iova), self.write_bytes);
+    }
+
+    /// One mark on the per-bit loop.
+    #[inline]
+    pub fn naive(&mut self) {
+        let iova = self.next_offset();
+        self.naive.mark(black_box(iova), self.write_bytes);
+    }
+}
+
+/// A sparse report: 1 TiB tracked at 4 KiB, `dirty_pages` dirty pages spread over it.
+pub struct SparseReport {
+    /// Ours.
+    pub ours: DirtyLog,
+    /// vm-memory.
+    pub vm_memory: AtomicBitmap,
+    pages: Vec<u64>,
+    output: Vec<u8>,
+}
+
+impl SparseReport {
+    /// The workload.
+    pub fn new(dirty_pages: usize) -> Self {
+        let span = TIB;
+        let npages = span / PAGE;
+        let mut rng = 99u64;
+        let pages = (0..dirty_pages).map(|_| next_random(&mut rng) % npages).collect();
+        SparseReport {
+            ours: DirtyLog::new(0, span, PAGE).expect("1 TiB log"),
+            vm_memory: AtomicBitmap::new(span as usize, NonZeroUsize::new(PAGE as usize).expect("page")),
+            pages,
+            output: vec![0u8; (npages / 8) as usize],
+        }
+    }
+
+    /// Dirties the pages on both logs and clears the output bytes the last report set (as a
+    /// consumer does with the words it has consumed). Untimed.
+    pub fn prepare(&mut self) {
+        for &page in &self.pages {
+            self.output[(page / 8) as usize] = 0;
+            self.ours.mark(page * PAGE, 1);
+            self.vm_memory.set_addr_range((page * PAGE) as usize, 1);
+        }
+    }
+
+    /// Our report of the whole 1 TiB into the reused output.
+    pub fn ours(&mut self) {
+        let mut bitmap = IovaBitmap::new(0, TIB, PAGE, &mut self.output).expect("bitmap");
+        self.ours.read_and_clear(0, TIB, &mut bitmap);
+    }
+
+    /// vm-memory's `get_and_reset` of the whole bitmap.
+    pub fn vm_memory(&mut self) {
+        black_box(self.vm_memory.get_and_reset());
+    }
+
+    /// Dirty pages found in the output (checks the workload is real).
+    pub fn reported_pages(&self) -> u64 {
+        self.output.iter().map(|b| u64::from(b.count_ones())).sum()
+    }
+}
+
+/// Dense reports over `span` bytes, every page dirty.
+pub struct DenseReport {
+    /// Bytes tracked.
+    pub span: u64,
+    /// Ours at 4 KiB.
+    pub ours: DirtyLog,
+    /// Ours at 2 MiB (for the conversion to 4 KiB reports).
+    pub ours_2m: DirtyLog,
+    /// vm-memory.
+    pub vm_memory: AtomicBitmap,
+    /// libvfio-user-like.
+    pub byte_atomic: ByteAtomicLog,
+    /// Per-bit loop.
+    pub naive: NaiveBitLog,
+    /// Output of a 4 KiB report.
+    pub output: Vec<u8>,
+    /// Output of a 2 MiB report.
+    pub output_2m: Vec<u8>,
+    source: Vec<u8>,
+}
+
+impl DenseReport {
+    /// The workload (64 GiB in the target; smaller for quick checks).
+    pub fn new(span: u64) -> Self {
+        let bytes = (span / PAGE / 8) as usize;
+        DenseReport {
+            span,
+            ours: DirtyLog::new(0, span, PAGE).expect("log"),
+            ours_2m: DirtyLog::new(0, span, 2 * MIB).expect("log"),
+            vm_memory: AtomicBitmap::new(span as usize, NonZeroUsize::new(PAGE as usize).expect("page")),
+            byte_atomic: ByteAtomicLog::new(span, PAGE),
+            naive: NaiveBitLog::new(span, PAGE),
+            output: vec![0u8; bytes],
+            output_2m: vec![0u8; bytes.div_ceil(512).max(8)],
+            source: vec![0x5au8; bytes],
+        }
+    }
+
+    /// Dirties every page of ours (4 KiB and 2 MiB logs). Untimed.
+    pub fn prepare_ours(&mut self) {
+        self.ours.mark(0, self.span);
+        self.ours_2m.mark(0, self.span);
+    }
+
+    /// Dirties every page of vm-memory (one `fetch_or` per page: slow). Untimed.
+    pub fn prepare_vm_memory(&mut self) {
+        self.vm_memory.set_addr_range(0, self.span as usize);
+    }
+
+    /// Dirties every page of the byte-atomic and per-bit logs. Untimed.
+    pub fn prepare_baselines(&mut self) {
+        self.byte_atomic.mark(0, self.span);
+        self.naive.mark(0, self.span);
+    }
+
+    /// Our report at `page_size` from the 4 KiB log.
+    pub fn ours_at(&mut self, page_size: u64) {
+        let output = if page_size == PAGE { &mut self.output } else { &mut self.output_2m };
+        let mut bitmap = IovaBitmap::new(0, self.span, page_size, output).expect("bitmap");
+        self.ours.read_and_clear(0, self.span, &mut bitmap);
+    }
+
+    /// Our 4 KiB report from the 2 MiB log (each bit replicated 512 times).
+    pub fn ours_2m_at_4k(&mut self) {
+        let mut bitmap = IovaBitmap::new(0, self.span, PAGE, &mut self.output).expect("bitmap");
+        self.ours_2m.read_and_clear(0, self.span, &mut bitmap);
+    }
+
+    /// vm-memory's `get_and_reset`.
+    pub fn vm_memory(&mut self) {
+        black_box(self.vm_memory.get_and_reset());
+    }
+
+    /// The byte-atomic log's report.
+    pub fn byte_atomic(&mut self) {
+        self.byte_atomic.get_and_clear(&mut self.output);
+    }
+
+    /// The per-bit loop's report.
+    pub fn naive(&mut self) {
+        self.naive.get_and_clear(&mut self.output);
+    }
+
+    /// memcpy of as many bytes as the 4 KiB bitmap (the physical limit of a report).
+    pub fn memcpy(&mut self) {
+        self.output.copy_from_slice(black_box(&self.source));
+    }
+
+    /// memset of the 4 KiB output bitmap.
+    pub fn memset(&mut self) {
+        black_box(&mut self.output).fill(0xff);
+    }
+}
+
+/// The quick subset behind `dmalog bench`: every target row plus informational baselines.
+/// `progress` is told the name of each measurement as it starts. Runs in well under a
+/// minute on 2 cores.
+pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let batches = 7;
+
+    progress("mark 64 KiB writes at random offsets in 1 GiB");
+    let mut w = MarkRandom::new(64 * KIB);
+    let ops = 1 << 16;
+    let ours = median_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
+    let fenced = median_ns(batches, ops, &mut w, |_| {}, |w| w.ours_record_write());
+    let vmm = median_ns(batches, ops, &mut w, |_| {}, |w| w.vm_memory());
+    let bytes = median_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
+    let naive = median_ns(batches, ops, &mut w, |_| {}, |w| w.naive());
+    rows.push(Row::new("mark 64 KiB (16 pages), random, 1 GiB", ours, "vm-memory set_addr_range", vmm, Some(30.0)));
+    rows.push(Row::new("mark 64 KiB (16 pages), random, 1 GiB", ours, "byte-atomic (libvfio-user)", bytes, None));
+    rows.push(Row::new("mark 64 KiB (16 pages), random, 1 GiB", ours, "per-bit loop", naive, None));
+    rows.push(Row::new("record_write 64 KiB (fence + mark)", fenced, "vm-memory set_addr_range", vmm, None));
+
+    progress("mark single 4 KiB pages at random offsets in 1 GiB");
+    let mut w = MarkRandom::new(PAGE);
+    let ours = median_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
+    let fenced = median_ns(batches, ops, &mut w, |_| {}, |w| w.ours_record_write());
+    let vmm = median_ns(batches, ops, &mut w, |_| {}, |w| w.vm_memory());
+    let bytes = median_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
+    rows.push(Row::new("mark 4 KiB (1 page), random, 1 GiB", ours, "vm-memory set_addr_range", vmm, Some(3.0)));
+    rows.push(Row::new("mark 4 KiB (1 page), random, 1 GiB", ours, "byte-atomic (libvfio-user)", bytes, None));
+    rows.push(Row::new("record_write 4 KiB (fence + mark)", fenced, "vm-memory set_addr_range", vmm, None));
+    drop(w);
+
+    progress("sparse report: 1 TiB at 4 KiB, 1000 dirty pages");
+    let mut w = SparseReport::new(1000);
+    let ours = median_ns(batches, 1, &mut w, |w| w.prepare(), |w| w.ours());
+    let found = w.reported_pages();
+    let vmm = median_ns(5, 1, &mut w, |w| w.prepare(), |w| w.vm_memory());
+    assert!(found > 990, "the sparse report found {found} pages");
+    rows.push(Row::new("sparse report 1 TiB @4 KiB, 1000 dirty", ours, "vm-memory get_and_reset", vmm, Some(100.0)));
+    drop(w);
+
+    progress("dense report: 64 GiB at 4 KiB, all dirty");
+    let mut w = DenseReport::new(64 * GIB);
+    let ours = median_ns(batches, 1, &mut w, |w| w.prepare_ours(), |w| w.ours_at(PAGE));
+    let vmm = median_ns(3, 1, &mut w, |w| w.prepare_vm_memory(), |w| w.vm_memory());
+    let bytes = median_ns(batches, 1, &mut w, |w| w.prepare_baselines(), |w| w.byte_atomic());
+    let memcpy = median_ns(batches, 1, &mut w, |_| {}, |w| w.memcpy());
+    rows.push(Row::new("dense report 64 GiB @4 KiB, all dirty", ours, "vm-memory get_and_reset", vmm, Some(1.0)));
+    rows.push(Row::new("dense report 64 GiB @4 KiB, all dirty", ours, "byte-atomic (libvfio-user)", bytes, None));
+    rows.push(Row::new("dense report 64 GiB @4 KiB, all dirty", ours, "memcpy of the bitmap (physical limit)", memcpy, None));
+
+    progress("page-size conversion");
+    let at_2m = median_ns(batches, 1, &mut w, |w| w.prepare_ours(), |w| w.ours_at(2 * MIB));
+    rows.push(Row::new("4 KiB log reported at 2 MiB, 64 GiB", at_2m, "same log reported at 4 KiB", ours, Some(1.0 / 3.0)));
+    let to_4k = median_ns(batches, 1, &mut w, |w| w.prepare_ours(), |w| w.ours_2m_at_4k());
+    let memset = median_ns(batches, 1, &mut w, |_| {}, |w| w.memset());
+    rows.push(Row::new("2 MiB log reported at 4 KiB, 64 GiB", to_4k, "memset of the output bitmap", memset, Some(1.0 / 3.0)));
+    rows
+}

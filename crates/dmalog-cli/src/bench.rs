@@ -1,0 +1,76 @@
+//! `dmalog bench`: the quick benchmark subset, as a table or JSON.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Options of `dmalog bench`.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Print one JSON object (`{"results": [...]}`) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Exit with status 1 when a target is not met.
+    #[arg(long)]
+    strict: bool,
+}
+
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    tool: &'static str,
+    version: &'static str,
+    results: &'a [dmalog_bench::Row],
+    all_targets_met: bool,
+}
+
+/// Runs the quick subset and prints it.
+pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    let spinner = ProgressBar::new_spinner();
+    spinner.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let rows = dmalog_bench::quick_run(|step| spinner.set_message(step.to_string()));
+    spinner.finish_and_clear();
+    let all_targets_met = rows.iter().all(|row| row.met != Some(false));
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let report = Report { tool: "dmalog bench", version: env!("CARGO_PKG_VERSION"), results: &rows, all_targets_met };
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        writeln!(
+            out,
+            "{:<42} {:>12} {:<40} {:>12} {:>9} {:<16} {}",
+            "measurement", "ours", "baseline", "baseline", "speedup", "target", "met"
+        )?;
+        for row in &rows {
+            let met = match row.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            };
+            writeln!(
+                out,
+                "{:<42} {:>12} {:<40} {:>12} {:>8.2}x {:<16} {}",
+                row.measurement,
+                format_ns(row.ours_ns),
+                row.baseline,
+                format_ns(row.baseline_ns),
+                row.speedup,
+                row.target,
+                met
+            )?;
+        }
+    }
+    Ok(if args.strict && !all_targets_met { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+fn format_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} us", ns / 1e3)
+    } else {
+        format!("{ns:.2} ns")
+    }
+}
