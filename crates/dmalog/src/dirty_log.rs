@@ -137,6 +137,11 @@ impl DirtyLog {
     /// Pages `[first, last]` of the log that `[iova, iova+len)` touches, if any.
     #[inline]
     fn page_span(&self, iova: u64, len: u64) -> Option<(u64, u64)> {
+        // Common case: wholly inside the log (no clipping).
+        let offset = iova.wrapping_sub(self.base_iova);
+        if offset < self.length && len.wrapping_sub(1) < self.length - offset {
+            return Some((offset >> self.page_shift, (offset + len - 1) >> self.page_shift));
+        }
         if len == 0 {
             return None;
         }
@@ -165,7 +170,8 @@ impl DirtyLog {
         let Some((first, last)) = self.page_span(iova, len) else { return };
         let (first_word, last_word) = (first / 64, last / 64);
         if first_word == last_word {
-            self.mark_word(first_word as usize, bit_span(first % 64, last % 64));
+            let mask = if first == last { 1u64 << (first % 64) } else { bit_span(first % 64, last % 64) };
+            self.mark_word(first_word as usize, mask);
             return;
         }
         self.mark_word(first_word as usize, bit_span(first % 64, 63));
