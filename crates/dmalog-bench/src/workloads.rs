@@ -35,7 +35,13 @@ pub struct Row {
 }
 
 impl Row {
-    fn new(measurement: &str, ours_ns: f64, baseline: &str, baseline_ns: f64, min_speedup: Option<f64>) -> Row {
+    fn new(
+        measurement: &str,
+        ours_ns: f64,
+        baseline: &str,
+        baseline_ns: f64,
+        min_speedup: Option<f64>,
+    ) -> Row {
         let speedup = baseline_ns / ours_ns;
         Row {
             measurement: measurement.to_string(),
@@ -102,11 +108,16 @@ impl MarkRandom {
     pub fn new(write_bytes: u64) -> Self {
         let span = GIB;
         let mut rng = 0x1234_5678u64;
-        let offsets = (0..1 << 16).map(|_| (next_random(&mut rng) % ((span - write_bytes) / PAGE)) * PAGE).collect();
+        let offsets = (0..1 << 16)
+            .map(|_| (next_random(&mut rng) % ((span - write_bytes) / PAGE)) * PAGE)
+            .collect();
         MarkRandom {
             write_bytes,
             ours: DirtyLog::new(0, span, PAGE).expect("1 GiB log"),
-            vm_memory: AtomicBitmap::new(span as usize, NonZeroUsize::new(PAGE as usize).expect("page")),
+            vm_memory: AtomicBitmap::new(
+                span as usize,
+                NonZeroUsize::new(PAGE as usize).expect("page"),
+            ),
             byte_atomic: ByteAtomicLog::new(span, PAGE),
             naive: NaiveBitLog::new(span, PAGE),
             offsets,
@@ -124,35 +135,36 @@ impl MarkRandom {
     #[inline]
     pub fn ours(&mut self) {
         let iova = self.next_offset();
-        self.ours.mark(black_box(iova), self.write_bytes);
+        self.ours.mark(iova, self.write_bytes);
     }
 
     /// One DMA-write record on ours (fence plus mark).
     #[inline]
     pub fn ours_record_write(&mut self) {
         let iova = self.next_offset();
-        self.ours.record_write(black_box(iova), self.write_bytes);
+        self.ours.record_write(iova, self.write_bytes);
     }
 
     /// One mark on vm-memory.
     #[inline]
     pub fn vm_memory(&mut self) {
         let iova = self.next_offset();
-        self.vm_memory.set_addr_range(black_box(iova) as usize, self.write_bytes as usize);
+        self.vm_memory
+            .set_addr_range(iova as usize, self.write_bytes as usize);
     }
 
     /// One mark on the byte-atomic log.
     #[inline]
     pub fn byte_atomic(&mut self) {
         let iova = self.next_offset();
-        self.byte_atomic.mark(black_box(iova), self.write_bytes);
+        self.byte_atomic.mark(iova, self.write_bytes);
     }
 
     /// One mark on the per-bit loop.
     #[inline]
     pub fn naive(&mut self) {
         let iova = self.next_offset();
-        self.naive.mark(black_box(iova), self.write_bytes);
+        self.naive.mark(iova, self.write_bytes);
     }
 }
 
@@ -172,10 +184,15 @@ impl SparseReport {
         let span = TIB;
         let npages = span / PAGE;
         let mut rng = 99u64;
-        let pages = (0..dirty_pages).map(|_| next_random(&mut rng) % npages).collect();
+        let pages = (0..dirty_pages)
+            .map(|_| next_random(&mut rng) % npages)
+            .collect();
         SparseReport {
             ours: DirtyLog::new(0, span, PAGE).expect("1 TiB log"),
-            vm_memory: AtomicBitmap::new(span as usize, NonZeroUsize::new(PAGE as usize).expect("page")),
+            vm_memory: AtomicBitmap::new(
+                span as usize,
+                NonZeroUsize::new(PAGE as usize).expect("page"),
+            ),
             pages,
             output: vec![0u8; (npages / 8) as usize],
         }
@@ -237,7 +254,10 @@ impl DenseReport {
             span,
             ours: DirtyLog::new(0, span, PAGE).expect("log"),
             ours_2m: DirtyLog::new(0, span, 2 * MIB).expect("log"),
-            vm_memory: AtomicBitmap::new(span as usize, NonZeroUsize::new(PAGE as usize).expect("page")),
+            vm_memory: AtomicBitmap::new(
+                span as usize,
+                NonZeroUsize::new(PAGE as usize).expect("page"),
+            ),
             byte_atomic: ByteAtomicLog::new(span, PAGE),
             naive: NaiveBitLog::new(span, PAGE),
             output: vec![0u8; bytes],
@@ -265,7 +285,11 @@ impl DenseReport {
 
     /// Our report at `page_size` from the 4 KiB log.
     pub fn ours_at(&mut self, page_size: u64) {
-        let output = if page_size == PAGE { &mut self.output } else { &mut self.output_2m };
+        let output = if page_size == PAGE {
+            &mut self.output
+        } else {
+            &mut self.output_2m
+        };
         let mut bitmap = IovaBitmap::new(0, self.span, page_size, output).expect("bitmap");
         self.ours.read_and_clear(0, self.span, &mut bitmap);
     }
@@ -317,10 +341,34 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     let vmm = best_ns(batches, ops, &mut w, |_| {}, |w| w.vm_memory());
     let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
     let naive = best_ns(batches, ops, &mut w, |_| {}, |w| w.naive());
-    rows.push(Row::new("mark 64 KiB (16 pages), random, 1 GiB", ours, "vm-memory set_addr_range", vmm, Some(30.0)));
-    rows.push(Row::new("mark 64 KiB (16 pages), random, 1 GiB", ours, "byte-atomic (libvfio-user)", bytes, None));
-    rows.push(Row::new("mark 64 KiB (16 pages), random, 1 GiB", ours, "per-bit loop", naive, None));
-    rows.push(Row::new("record_write 64 KiB (fence + mark)", fenced, "vm-memory set_addr_range", vmm, None));
+    rows.push(Row::new(
+        "mark 64 KiB (16 pages), random, 1 GiB",
+        ours,
+        "vm-memory set_addr_range",
+        vmm,
+        Some(30.0),
+    ));
+    rows.push(Row::new(
+        "mark 64 KiB (16 pages), random, 1 GiB",
+        ours,
+        "byte-atomic (libvfio-user)",
+        bytes,
+        None,
+    ));
+    rows.push(Row::new(
+        "mark 64 KiB (16 pages), random, 1 GiB",
+        ours,
+        "per-bit loop",
+        naive,
+        None,
+    ));
+    rows.push(Row::new(
+        "record_write 64 KiB (fence + mark)",
+        fenced,
+        "vm-memory set_addr_range",
+        vmm,
+        None,
+    ));
 
     progress("mark single 4 KiB pages at random offsets in 1 GiB");
     let mut w = MarkRandom::new(PAGE);
@@ -328,9 +376,27 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     let fenced = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours_record_write());
     let vmm = best_ns(batches, ops, &mut w, |_| {}, |w| w.vm_memory());
     let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
-    rows.push(Row::new("mark 4 KiB (1 page), random, 1 GiB", ours, "vm-memory set_addr_range", vmm, Some(3.0)));
-    rows.push(Row::new("mark 4 KiB (1 page), random, 1 GiB", ours, "byte-atomic (libvfio-user)", bytes, None));
-    rows.push(Row::new("record_write 4 KiB (fence + mark)", fenced, "vm-memory set_addr_range", vmm, None));
+    rows.push(Row::new(
+        "mark 4 KiB (1 page), random, 1 GiB",
+        ours,
+        "vm-memory set_addr_range",
+        vmm,
+        Some(3.0),
+    ));
+    rows.push(Row::new(
+        "mark 4 KiB (1 page), random, 1 GiB",
+        ours,
+        "byte-atomic (libvfio-user)",
+        bytes,
+        None,
+    ));
+    rows.push(Row::new(
+        "record_write 4 KiB (fence + mark)",
+        fenced,
+        "vm-memory set_addr_range",
+        vmm,
+        None,
+    ));
     drop(w);
 
     progress("sparse report: 1 TiB at 4 KiB, 1000 dirty pages");
@@ -339,24 +405,84 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     let found = w.reported_pages();
     let vmm = best_ns(5, 1, &mut w, |w| w.prepare(), |w| w.vm_memory());
     assert!(found > 990, "the sparse report found {found} pages");
-    rows.push(Row::new("sparse report 1 TiB @4 KiB, 1000 dirty", ours, "vm-memory get_and_reset", vmm, Some(100.0)));
+    rows.push(Row::new(
+        "sparse report 1 TiB @4 KiB, 1000 dirty",
+        ours,
+        "vm-memory get_and_reset",
+        vmm,
+        Some(100.0),
+    ));
     drop(w);
 
     progress("dense report: 64 GiB at 4 KiB, all dirty");
     let mut w = DenseReport::new(64 * GIB);
-    let ours = best_ns(batches, 1, &mut w, |w| w.prepare_ours(), |w| w.ours_at(PAGE));
+    let ours = best_ns(
+        batches,
+        1,
+        &mut w,
+        |w| w.prepare_ours(),
+        |w| w.ours_at(PAGE),
+    );
     let vmm = best_ns(3, 1, &mut w, |w| w.prepare_vm_memory(), |w| w.vm_memory());
-    let bytes = best_ns(batches, 1, &mut w, |w| w.prepare_baselines(), |w| w.byte_atomic());
+    let bytes = best_ns(
+        batches,
+        1,
+        &mut w,
+        |w| w.prepare_baselines(),
+        |w| w.byte_atomic(),
+    );
     let memcpy = best_ns(batches, 1, &mut w, |_| {}, |w| w.memcpy());
-    rows.push(Row::new("dense report 64 GiB @4 KiB, all dirty", ours, "vm-memory get_and_reset", vmm, Some(1.0)));
-    rows.push(Row::new("dense report 64 GiB @4 KiB, all dirty", ours, "byte-atomic (libvfio-user)", bytes, None));
-    rows.push(Row::new("dense report 64 GiB @4 KiB, all dirty", ours, "memcpy of the bitmap (physical limit)", memcpy, None));
+    rows.push(Row::new(
+        "dense report 64 GiB @4 KiB, all dirty",
+        ours,
+        "vm-memory get_and_reset",
+        vmm,
+        Some(1.0),
+    ));
+    rows.push(Row::new(
+        "dense report 64 GiB @4 KiB, all dirty",
+        ours,
+        "byte-atomic (libvfio-user)",
+        bytes,
+        None,
+    ));
+    rows.push(Row::new(
+        "dense report 64 GiB @4 KiB, all dirty",
+        ours,
+        "memcpy of the bitmap (physical limit)",
+        memcpy,
+        None,
+    ));
 
     progress("page-size conversion");
-    let at_2m = best_ns(batches, 1, &mut w, |w| w.prepare_ours(), |w| w.ours_at(2 * MIB));
-    rows.push(Row::new("4 KiB log reported at 2 MiB, 64 GiB", at_2m, "same log reported at 4 KiB", ours, Some(1.0 / 3.0)));
-    let to_4k = best_ns(batches, 1, &mut w, |w| w.prepare_ours(), |w| w.ours_2m_at_4k());
+    let at_2m = best_ns(
+        batches,
+        1,
+        &mut w,
+        |w| w.prepare_ours(),
+        |w| w.ours_at(2 * MIB),
+    );
+    rows.push(Row::new(
+        "4 KiB log reported at 2 MiB, 64 GiB",
+        at_2m,
+        "same log reported at 4 KiB",
+        ours,
+        Some(1.0 / 3.0),
+    ));
+    let to_4k = best_ns(
+        batches,
+        1,
+        &mut w,
+        |w| w.prepare_ours(),
+        |w| w.ours_2m_at_4k(),
+    );
     let memset = best_ns(batches, 1, &mut w, |_| {}, |w| w.memset());
-    rows.push(Row::new("2 MiB log reported at 4 KiB, 64 GiB", to_4k, "memset of the output bitmap", memset, Some(1.0 / 3.0)));
+    rows.push(Row::new(
+        "2 MiB log reported at 4 KiB, 64 GiB",
+        to_4k,
+        "memset of the output bitmap",
+        memset,
+        Some(1.0 / 3.0),
+    ));
     rows
 }

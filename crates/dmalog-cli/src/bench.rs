@@ -34,7 +34,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let all_targets_met = rows.iter().all(|row| row.met != Some(false));
     let mut out = std::io::stdout().lock();
     if args.json {
-        let report = Report { tool: "dmalog bench", version: env!("CARGO_PKG_VERSION"), results: &rows, all_targets_met };
+        let report = Report {
+            tool: "dmalog bench",
+            version: env!("CARGO_PKG_VERSION"),
+            results: &rows,
+            all_targets_met,
+        };
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
     } else {
@@ -62,7 +67,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             )?;
         }
     }
-    Ok(if args.strict && !all_targets_met { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+    Ok(if args.strict && !all_targets_met {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn format_ns(ns: f64) -> String {

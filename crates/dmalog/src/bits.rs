@@ -70,12 +70,24 @@ mod tests {
 
     fn or_groups_model(x: u64, k: u32) -> u64 {
         let g = 1u32 << k;
-        (0..64 / g).fold(0, |acc, i| if (x >> (i * g)) & ((1u128 << g) - 1) as u64 != 0 { acc | 1 << i } else { acc })
+        (0..64 / g).fold(0, |acc, i| {
+            if (x >> (i * g)) & ((1u128 << g) - 1) as u64 != 0 {
+                acc | 1 << i
+            } else {
+                acc
+            }
+        })
     }
 
     fn replicate_model(x: u64, f: u32) -> u64 {
         let g = 1u32 << f;
-        (0..64 / g).fold(0u64, |acc, i| if x >> i & 1 == 1 { acc | ((((1u128 << g) - 1) as u64) << (i * g)) } else { acc })
+        (0..64 / g).fold(0u64, |acc, i| {
+            if x >> i & 1 == 1 {
+                acc | ((((1u128 << g) - 1) as u64) << (i * g))
+            } else {
+                acc
+            }
+        })
     }
 
     proptest! {

@@ -33,7 +33,7 @@
 use crate::bits::{for_each_run, or_groups, replicate_bits};
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::IovaBitmap;
-use crate::sync::{fence, AtomicU64, Ordering};
+use crate::sync::{fence, AtomicBool, AtomicU64, Ordering};
 
 /// A concurrent dirty bitmap over one IOVA range at one page size.
 pub struct DirtyLog {
@@ -43,6 +43,8 @@ pub struct DirtyLog {
     npages: u64,
     words: Box<[AtomicU64]>,
     summary: Box<[AtomicU64]>,
+    /// Set while a report runs; a report that finds it clear may use plain stores.
+    reporting: AtomicBool,
 }
 
 impl std::fmt::Debug for DirtyLog {
@@ -58,7 +60,9 @@ impl std::fmt::Debug for DirtyLog {
 fn zeroed_atomics(count: u64, what: &'static str) -> LogResult<Box<[AtomicU64]>> {
     let count = usize::try_from(count).map_err(|_| LogError::OutOfMemory(what))?;
     let mut words = Vec::new();
-    words.try_reserve_exact(count).map_err(|_| LogError::OutOfMemory(what))?;
+    words
+        .try_reserve_exact(count)
+        .map_err(|_| LogError::OutOfMemory(what))?;
     words.extend((0..count).map(|_| AtomicU64::new(0)));
     Ok(words.into_boxed_slice())
 }
@@ -72,6 +76,9 @@ fn bit_span(lo: u64, hi: u64) -> u64 {
 /// How dirty log pages become report bits; chosen once per report.
 #[derive(Clone, Copy)]
 enum Conversion {
+    /// Same page size, and log words line up with report words: log word `w` is report
+    /// word `w + word_shift`.
+    Words { word_shift: i128 },
     /// Report pages are `2^k` log pages, aligned to them (k = 0: same size). `shift` is
     /// the report-relative index of log page 0 in log pages.
     Group { k: u32, shift: i128 },
@@ -92,10 +99,15 @@ impl DirtyLog {
         if length == 0 {
             return Err(LogError::Invalid("zero-length range"));
         }
-        let end = iova.checked_add(length).ok_or(LogError::Overflow { iova, length })?;
+        let end = iova
+            .checked_add(length)
+            .ok_or(LogError::Overflow { iova, length })?;
         let mask = page_size - 1;
         let base_iova = iova & !mask;
-        let end = end.checked_add(mask).ok_or(LogError::Overflow { iova, length })? & !mask;
+        let end = end
+            .checked_add(mask)
+            .ok_or(LogError::Overflow { iova, length })?
+            & !mask;
         let page_shift = page_size.trailing_zeros();
         let npages = (end - base_iova) >> page_shift;
         let nwords = npages.div_ceil(64);
@@ -106,6 +118,7 @@ impl DirtyLog {
             npages,
             words: zeroed_atomics(nwords, "dirty log words")?,
             summary: zeroed_atomics(nwords.div_ceil(64), "dirty log summary")?,
+            reporting: AtomicBool::new(false),
         })
     }
 
@@ -140,7 +153,10 @@ impl DirtyLog {
         // Common case: wholly inside the log (no clipping).
         let offset = iova.wrapping_sub(self.base_iova);
         if offset < self.length && len.wrapping_sub(1) < self.length - offset {
-            return Some((offset >> self.page_shift, (offset + len - 1) >> self.page_shift));
+            return Some((
+                offset >> self.page_shift,
+                (offset + len - 1) >> self.page_shift,
+            ));
         }
         if len == 0 {
             return None;
@@ -150,7 +166,10 @@ impl DirtyLog {
         if start >= end {
             return None;
         }
-        Some(((start - self.base_iova) >> self.page_shift, (end - 1 - self.base_iova) >> self.page_shift))
+        Some((
+            (start - self.base_iova) >> self.page_shift,
+            (end - 1 - self.base_iova) >> self.page_shift,
+        ))
     }
 
     /// Records a DMA write of `[iova, iova+len)` whose data is already in memory: one
@@ -167,10 +186,16 @@ impl DirtyLog {
     /// time a word turns dirty), and none when the word already holds the bits.
     #[inline]
     pub fn mark(&self, iova: u64, len: u64) {
-        let Some((first, last)) = self.page_span(iova, len) else { return };
+        let Some((first, last)) = self.page_span(iova, len) else {
+            return;
+        };
         let (first_word, last_word) = (first / 64, last / 64);
         if first_word == last_word {
-            let mask = if first == last { 1u64 << (first % 64) } else { bit_span(first % 64, last % 64) };
+            let mask = if first == last {
+                1u64 << (first % 64)
+            } else {
+                bit_span(first % 64, last % 64)
+            };
             self.mark_word(first_word as usize, mask);
             return;
         }
@@ -200,7 +225,9 @@ impl DirtyLog {
 
     /// Whether any page of `[iova, iova+len)` is dirty (a read; clears nothing).
     pub fn is_dirty(&self, iova: u64, len: u64) -> bool {
-        let Some((first, last)) = self.page_span(iova, len) else { return false };
+        let Some((first, last)) = self.page_span(iova, len) else {
+            return false;
+        };
         (first / 64..=last / 64).any(|w| {
             let lo = if w == first / 64 { first % 64 } else { 0 };
             let hi = if w == last / 64 { last % 64 } else { 63 };
@@ -213,51 +240,39 @@ impl DirtyLog {
         let report_shift = bitmap.page_shift();
         let delta = self.base_iova as i128 - bitmap.iova() as i128;
         if report_shift >= log_shift {
+            if report_shift == log_shift && delta & ((64i128 << log_shift) - 1) == 0 {
+                return Conversion::Words {
+                    word_shift: delta >> (log_shift + 6),
+                };
+            }
             if delta & ((1i128 << log_shift) - 1) == 0 {
-                return Conversion::Group { k: report_shift - log_shift, shift: delta >> log_shift };
+                return Conversion::Group {
+                    k: report_shift - log_shift,
+                    shift: delta >> log_shift,
+                };
             }
         } else if delta & ((1i128 << report_shift) - 1) == 0 {
-            return Conversion::Replicate { f: log_shift - report_shift, shift: delta >> report_shift };
+            return Conversion::Replicate {
+                f: log_shift - report_shift,
+                shift: delta >> report_shift,
+            };
         }
         Conversion::ByAddress
     }
 
-    /// Sets the report bits of the dirty log pages `value` (log word `word_index`) holds.
-    #[inline]
-    fn emit(&self, conversion: Conversion, word_index: u64, value: u64, bitmap: &mut IovaBitmap<'_>) {
-        match conversion {
-            Conversion::Group { k, shift } => {
-                let first = 64 * word_index as i128 + shift;
-                let (word, offset) = (first.div_euclid(64), first.rem_euclid(64) as u32);
-                Self::emit_grouped(k, word, value << offset, bitmap);
-                if offset != 0 {
-                    Self::emit_grouped(k, word + 1, value >> (64 - offset), bitmap);
-                }
-            }
-            Conversion::Replicate { f, shift } => {
-                let first_bit = shift + ((64 * word_index as i128) << f);
-                if f <= 5 {
-                    let per_chunk = 64u32 >> f;
-                    for chunk in 0..(1u32 << f) {
-                        let bits = (value >> (chunk * per_chunk)) & ((1u128 << per_chunk) - 1) as u64;
-                        if bits != 0 {
-                            bitmap.or_bits(first_bit + 64 * chunk as i128, replicate_bits(bits, f));
-                        }
-                    }
-                } else {
-                    for_each_run(value, |a, b| {
-                        let lo = first_bit + ((a as i128) << f);
-                        let hi = first_bit + ((b as i128) << f);
-                        bitmap.set_bits(lo.max(0) as u64, hi.clamp(0, u64::MAX as i128) as u64);
-                    });
-                }
-            }
-            Conversion::ByAddress => {
-                let page0 = self.base_iova + ((64 * word_index) << self.page_shift);
-                for_each_run(value, |a, b| {
-                    bitmap.set(page0 + ((a as u64) << self.page_shift), ((b - a) as u64) << self.page_shift);
-                });
-            }
+    /// A log word spanning two report bits of `2^k` log pages each: split at the boundary.
+    fn emit_grouped_split(
+        k: u32,
+        shift: i128,
+        word_index: u64,
+        value: u64,
+        bitmap: &mut IovaBitmap<'_>,
+    ) {
+        let first = 64 * word_index as i128 + shift;
+        let (word, offset) = (first >> 6, (first & 63) as u32);
+        DirtyLog::emit_grouped(k, word, value << offset, bitmap);
+        if offset != 0 {
+            DirtyLog::emit_grouped(k, word + 1, value >> (64 - offset), bitmap);
         }
     }
 
@@ -275,14 +290,41 @@ impl DirtyLog {
         }
     }
 
+    /// Takes every bit of a word (R2); `None` when it is clean.
+    #[inline]
+    fn take_whole_word(word: &AtomicU64, exclusive: bool) -> Option<u64> {
+        match word.load(Ordering::Acquire) {
+            // A writer that sets bits after this load also sets the summary bit after R1
+            // (or R1 would have synchronised with it): the next report finds them.
+            0 => None,
+            // An all-ones word cannot change under writers (every mark of it is a no-op), so
+            // the sole reporter may clear it with a plain store: no locked instruction on
+            // dense reports.
+            u64::MAX if exclusive => {
+                word.store(0, Ordering::Release);
+                Some(u64::MAX)
+            }
+            _ => Some(word.swap(0, Ordering::AcqRel)),
+        }
+    }
+
     /// Reports and clears the dirty pages of `[iova, iova+len)` into `bitmap`, converting
     /// to its page size: a report page is set when any dirty log page overlaps it. Log pages
     /// overlapping the range are cleared; others are untouched. Bits are only ORed into the
     /// bitmap, never cleared. Cost: one summary load per 4096 log pages of the range plus
     /// one RMW per dirty word.
     pub fn read_and_clear(&self, iova: u64, len: u64, bitmap: &mut IovaBitmap<'_>) {
-        let Some((first, last)) = self.page_span(iova, len) else { return };
+        let Some((first, last)) = self.page_span(iova, len) else {
+            return;
+        };
         let conversion = self.conversion(bitmap);
+        // Reports normally run one at a time (the logging core serialises them); if two
+        // overlap, the second uses only read-modify-writes.
+        let exclusive = !self.reporting.swap(true, Ordering::Acquire);
+        let mut emitter = Emitter {
+            conversion,
+            pending_bit: NO_PENDING_BIT,
+        };
         let (first_word, last_word) = (first / 64, last / 64);
         for summary_index in first_word / 64..=last_word / 64 {
             let lo_word = first_word.max(summary_index * 64);
@@ -293,26 +335,192 @@ impl DirtyLog {
                 continue;
             }
             let mut flagged = summary.fetch_and(!summary_mask, Ordering::AcqRel) & summary_mask; // R1
+            let group_first_word = summary_index * 64;
+            // Dense fast path: a group of 64 whole log words that maps onto 64 whole report
+            // words inside the bitmap: one bounds check for the group.
+            if let Conversion::Words { word_shift } = conversion {
+                if group_first_word > first_word && group_first_word + 63 < last_word {
+                    if let Some(out) =
+                        bitmap.aligned_words_mut(group_first_word as i128 + word_shift, 64)
+                    {
+                        while flagged != 0 {
+                            let slot = flagged.trailing_zeros() as usize;
+                            flagged &= flagged - 1;
+                            let word = &self.words[group_first_word as usize + slot];
+                            if let Some(value) = Self::take_whole_word(word, exclusive) {
+                                let dst = &mut out[8 * slot..8 * slot + 8];
+                                let mut current = [0u8; 8];
+                                current.copy_from_slice(dst);
+                                dst.copy_from_slice(
+                                    &(u64::from_le_bytes(current) | value).to_le_bytes(),
+                                );
+                            }
+                        }
+                        continue;
+                    }
+                }
+            }
+            if group_first_word > first_word && group_first_word + 63 < last_word {
+                // Interior group: only whole words.
+                if let Conversion::Group { k, shift } = conversion {
+                    if k >= 6 {
+                        while flagged != 0 {
+                            let word_index = group_first_word + flagged.trailing_zeros() as u64;
+                            flagged &= flagged - 1;
+                            if let Some(value) =
+                                Self::take_whole_word(&self.words[word_index as usize], exclusive)
+                            {
+                                emitter.emit_coarse(k, shift, word_index, value, bitmap);
+                            }
+                        }
+                        continue;
+                    }
+                }
+                while flagged != 0 {
+                    let word_index = group_first_word + flagged.trailing_zeros() as u64;
+                    flagged &= flagged - 1;
+                    if let Some(value) =
+                        Self::take_whole_word(&self.words[word_index as usize], exclusive)
+                    {
+                        emitter.emit(self, word_index, value, bitmap);
+                    }
+                }
+                continue;
+            }
             while flagged != 0 {
-                let word_index = summary_index * 64 + flagged.trailing_zeros() as u64;
+                let word_index = group_first_word + flagged.trailing_zeros() as u64;
                 flagged &= flagged - 1;
-                let lo = if word_index == first_word { first % 64 } else { 0 };
-                let hi = if word_index == last_word { last % 64 } else { 63 };
+                let lo = if word_index == first_word {
+                    first % 64
+                } else {
+                    0
+                };
+                let hi = if word_index == last_word {
+                    last % 64
+                } else {
+                    63
+                };
                 let page_mask = bit_span(lo, hi);
                 let word = &self.words[word_index as usize];
                 let value = if page_mask == u64::MAX {
-                    word.swap(0, Ordering::AcqRel) // R2
+                    match Self::take_whole_word(word, exclusive) {
+                        Some(value) => value,
+                        None => continue,
+                    }
                 } else {
                     let old = word.fetch_and(!page_mask, Ordering::AcqRel); // R2, partial word
                     if old & !page_mask != 0 {
-                        summary.fetch_or(1u64 << (word_index % 64), Ordering::Release); // R3
+                        summary.fetch_or(1u64 << (word_index % 64), Ordering::Release);
+                        // R3
                     }
                     old & page_mask
                 };
                 if value != 0 {
-                    self.emit(conversion, word_index, value, bitmap);
+                    emitter.emit(self, word_index, value, bitmap);
                 }
             }
+        }
+        emitter.finish(bitmap);
+        if exclusive {
+            self.reporting.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Turns dirty log words into report bits for one report.
+struct Emitter {
+    conversion: Conversion,
+    /// For report pages of 64 or more log pages: the report bit being collected, or
+    /// [`NO_PENDING_BIT`].
+    pending_bit: i64,
+}
+
+const NO_PENDING_BIT: i64 = i64::MIN;
+
+impl Emitter {
+    /// Sets the report bits of the dirty log pages `value` (log word `word_index`) holds.
+    #[inline]
+    fn emit(&mut self, log: &DirtyLog, word_index: u64, value: u64, bitmap: &mut IovaBitmap<'_>) {
+        match self.conversion {
+            Conversion::Words { word_shift } => {
+                bitmap.or_word(word_index as i128 + word_shift, value)
+            }
+            Conversion::Group { k, shift } if k >= 6 => {
+                self.emit_coarse(k, shift, word_index, value, bitmap)
+            }
+            Conversion::Group { k, shift } => {
+                let first = 64 * word_index as i128 + shift;
+                // Arithmetic shift and mask: floor division by 64, also for negative values.
+                let (word, offset) = (first >> 6, (first & 63) as u32);
+                DirtyLog::emit_grouped(k, word, value << offset, bitmap);
+                if offset != 0 {
+                    DirtyLog::emit_grouped(k, word + 1, value >> (64 - offset), bitmap);
+                }
+            }
+            Conversion::Replicate { f, shift } => {
+                let first_bit = shift + ((64 * word_index as i128) << f);
+                if f <= 5 {
+                    let per_chunk = 64u32 >> f;
+                    for chunk in 0..(1u32 << f) {
+                        let bits =
+                            (value >> (chunk * per_chunk)) & ((1u128 << per_chunk) - 1) as u64;
+                        if bits != 0 {
+                            bitmap.or_bits(first_bit + 64 * chunk as i128, replicate_bits(bits, f));
+                        }
+                    }
+                } else {
+                    for_each_run(value, |a, b| {
+                        let lo = first_bit + ((a as i128) << f);
+                        let hi = first_bit + ((b as i128) << f);
+                        bitmap.set_bits(lo.max(0) as u64, hi.clamp(0, u64::MAX as i128) as u64);
+                    });
+                }
+            }
+            Conversion::ByAddress => {
+                let page0 = log.base_iova + ((64 * word_index) << log.page_shift);
+                for_each_run(value, |a, b| {
+                    bitmap.set(
+                        page0 + ((a as u64) << log.page_shift),
+                        ((b - a) as u64) << log.page_shift,
+                    );
+                });
+            }
+        }
+    }
+
+    /// One dirty log word when a report page holds `2^k >= 64` log pages.
+    #[inline]
+    fn emit_coarse(
+        &mut self,
+        k: u32,
+        shift: i128,
+        word_index: u64,
+        value: u64,
+        bitmap: &mut IovaBitmap<'_>,
+    ) {
+        // Several log words per report bit: set each bit once, when the words move
+        // on to the next one (words arrive in increasing order). The report-relative
+        // page index fits i64: |shift| < 2^52 (IOVA / 4 KiB), word_index < 2^58.
+        let first_page = 64 * word_index as i64 + shift as i64;
+        let bit = first_page >> k;
+        if bit != (first_page + 63) >> k {
+            // The word straddles two report bits (log base not aligned to 64 pages).
+            DirtyLog::emit_grouped_split(k, shift, word_index, value, bitmap);
+            return;
+        }
+        if self.pending_bit != bit {
+            if self.pending_bit != NO_PENDING_BIT {
+                bitmap.or_bits(i128::from(self.pending_bit), 1);
+            }
+            self.pending_bit = bit;
+        }
+    }
+
+    /// Sets the report bit still being collected.
+    fn finish(&mut self, bitmap: &mut IovaBitmap<'_>) {
+        if self.pending_bit != NO_PENDING_BIT {
+            bitmap.or_bits(i128::from(self.pending_bit), 1);
+            self.pending_bit = NO_PENDING_BIT;
         }
     }
 }
@@ -326,7 +534,9 @@ mod tests {
         let mut buf = vec![0u8; bytes];
         let mut bm = IovaBitmap::new(iova, len, page, &mut buf).unwrap();
         log.read_and_clear(iova, len, &mut bm);
-        (0..bytes as u64 * 8).filter(|k| buf[(k / 8) as usize] >> (k % 8) & 1 == 1).collect()
+        (0..bytes as u64 * 8)
+            .filter(|k| buf[(k / 8) as usize] >> (k % 8) & 1 == 1)
+            .collect()
     }
 
     #[test]
@@ -335,7 +545,10 @@ mod tests {
         log.mark(0x100000, 1);
         log.mark(0x100000 + 70 * 4096 + 5, 4096);
         assert_eq!(report(&log, 0x100000, 1 << 20, 4096), vec![0, 70, 71]);
-        assert!(report(&log, 0x100000, 1 << 20, 4096).is_empty(), "a report clears");
+        assert!(
+            report(&log, 0x100000, 1 << 20, 4096).is_empty(),
+            "a report clears"
+        );
     }
 
     #[test]
@@ -345,7 +558,10 @@ mod tests {
             log.mark(page * 4096, 4096);
         }
         // Report starting at page 3: bit k = page 3 + k.
-        assert_eq!(report(&log, 3 * 4096, 1 << 20, 4096), vec![0, 61, 62, 127, 197]);
+        assert_eq!(
+            report(&log, 3 * 4096, 1 << 20, 4096),
+            vec![0, 61, 62, 127, 197]
+        );
     }
 
     #[test]

@@ -22,7 +22,12 @@ pub trait LogDriver: Send {
 
     /// Reports the dirty pages of `[iova, iova+length)` into `bitmap` (OR) and clears them
     /// from the log. Any IOVA range may be asked for; untracked IOVA reports nothing.
-    fn read_and_clear(&mut self, iova: u64, length: u64, bitmap: &mut IovaBitmap<'_>) -> LogResult<()>;
+    fn read_and_clear(
+        &mut self,
+        iova: u64,
+        length: u64,
+        bitmap: &mut IovaBitmap<'_>,
+    ) -> LogResult<()>;
 
     /// The most ranges the driver tracks; the core merges longer lists down to it.
     fn max_ranges(&self) -> usize {
@@ -34,7 +39,9 @@ pub trait LogDriver: Send {
     /// warns that the new mapping is not tracked.
     fn add_range(&mut self, range: IovaRange) -> LogResult<()> {
         let _ = range;
-        Err(crate::error::LogError::Unsupported("ranges are fixed at START"))
+        Err(crate::error::LogError::Unsupported(
+            "ranges are fixed at START",
+        ))
     }
 }
 
@@ -55,7 +62,9 @@ pub struct LiveLog {
 
 impl std::fmt::Debug for LiveLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LiveLog").field("generation", &self.generation.load(StdOrdering::Relaxed)).finish()
+        f.debug_struct("LiveLog")
+            .field("generation", &self.generation.load(StdOrdering::Relaxed))
+            .finish()
     }
 }
 
@@ -68,7 +77,10 @@ impl LiveLog {
     /// Publishes `marker` (or retracts the current one with `None`). Writers switch at their
     /// next write.
     pub fn publish(&self, marker: Option<Arc<dyn DirtyMarker>>) {
-        let mut current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         *current = marker;
         // SeqCst pairs with the fence in `record_write`: a write either sees the new
         // generation or its data was in memory before this publish returned.
@@ -77,11 +89,18 @@ impl LiveLog {
 
     /// A recorder for one writer thread.
     pub fn recorder(self: &Arc<Self>) -> WriteRecorder {
-        WriteRecorder { live: Arc::clone(self), generation: u64::MAX, cached: None }
+        WriteRecorder {
+            live: Arc::clone(self),
+            generation: u64::MAX,
+            cached: None,
+        }
     }
 
     fn snapshot(&self) -> (u64, Option<Arc<dyn DirtyMarker>>) {
-        let current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         (self.generation.load(StdOrdering::SeqCst), current.clone())
     }
 }
@@ -101,7 +120,10 @@ pub struct WriteRecorder {
 
 impl std::fmt::Debug for WriteRecorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteRecorder").field("generation", &self.generation).field("logging", &self.cached.is_some()).finish()
+        f.debug_struct("WriteRecorder")
+            .field("generation", &self.generation)
+            .field("logging", &self.cached.is_some())
+            .finish()
     }
 }
 

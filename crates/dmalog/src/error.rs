@@ -80,7 +80,10 @@ impl LogError {
     /// error reply, an ioctl's return). Errnos dmalog never sends map to `Invalid`.
     pub fn from_errno(errno: i32) -> LogError {
         match errno {
-            libc::E2BIG => LogError::TooManyRanges { num_ranges: 0, limit: 0 },
+            libc::E2BIG => LogError::TooManyRanges {
+                num_ranges: 0,
+                limit: 0,
+            },
             libc::EOVERFLOW => LogError::Overflow { iova: 0, length: 0 },
             libc::ENOTTY => LogError::NotSupported("reported by the device"),
             libc::EOPNOTSUPP => LogError::Unsupported("reported by the device"),

@@ -45,7 +45,9 @@ pub fn report_bytes(length: u64, page_size: u64) -> LogResult<u64> {
 }
 
 fn check_range(iova: u64, length: u64) -> LogResult<()> {
-    iova.checked_add(length).map(|_| ()).ok_or(LogError::Overflow { iova, length })
+    iova.checked_add(length)
+        .map(|_| ())
+        .ok_or(LogError::Overflow { iova, length })
 }
 
 impl<'a> IovaBitmap<'a> {
@@ -59,7 +61,9 @@ impl<'a> IovaBitmap<'a> {
         check_range(iova, length)?;
         let need = total_bits.div_ceil(8);
         if (bytes.len() as u64) < need {
-            return Err(LogError::Invalid("bitmap buffer shorter than ceil(bits/8) bytes"));
+            return Err(LogError::Invalid(
+                "bitmap buffer shorter than ceil(bits/8) bytes",
+            ));
         }
         let bytes = &mut bytes[..need as usize];
         Ok(IovaBitmap {
@@ -103,7 +107,11 @@ impl<'a> IovaBitmap<'a> {
     pub fn window_range(&self) -> (u64, u64) {
         let start = self.iova + (self.window_first_bit << self.page_shift);
         let end_bit = self.window_first_bit + self.window_bits;
-        let end = if end_bit >= self.total_bits { self.iova + self.length } else { self.iova + (end_bit << self.page_shift) };
+        let end = if end_bit >= self.total_bits {
+            self.iova + self.length
+        } else {
+            self.iova + (end_bit << self.page_shift)
+        };
         (start, end - start)
     }
 
@@ -159,6 +167,38 @@ impl<'a> IovaBitmap<'a> {
         }
     }
 
+    /// The bytes of report words `[word, word+count)` when they lie wholly inside the current
+    /// window at a byte boundary (for callers that OR many whole words).
+    #[inline]
+    pub fn aligned_words_mut(&mut self, word: i128, count: usize) -> Option<&mut [u8]> {
+        let rel_bit = 64 * word - self.window_first_bit as i128;
+        if rel_bit < 0
+            || rel_bit % 8 != 0
+            || rel_bit + 64 * count as i128 > self.window_bits as i128
+        {
+            return None;
+        }
+        let byte = (rel_bit / 8) as usize;
+        self.bytes.get_mut(byte..byte + 8 * count)
+    }
+
+    /// ORs `value` into report word `word` (bits `[64*word, 64*word+64)`; `word` may be
+    /// negative or past the end: parts outside are dropped).
+    #[inline]
+    pub fn or_word(&mut self, word: i128, value: u64) {
+        let rel_bit = 64 * word - self.window_first_bit as i128;
+        if rel_bit >= 0 && rel_bit % 8 == 0 && rel_bit + 64 <= self.window_bits as i128 {
+            let byte = (rel_bit / 8) as usize;
+            if let Some(dst) = self.bytes.get_mut(byte..byte + 8) {
+                let mut current = [0u8; 8];
+                current.copy_from_slice(dst);
+                dst.copy_from_slice(&(u64::from_le_bytes(current) | value).to_le_bytes());
+                return;
+            }
+        }
+        self.or_bits(64 * word, value);
+    }
+
     /// ORs the 64 bits of `value` into report bits `[bit, bit+64)`; `bit` may be negative
     /// and the run may hang over either end: the parts outside the report are dropped.
     #[inline]
@@ -181,7 +221,11 @@ impl<'a> IovaBitmap<'a> {
         let window_bits = self.window_bits as i128;
         let avail = window_bits - rel;
         if avail < 64 {
-            let beyond = if avail <= 0 { value } else { value >> avail as u32 };
+            let beyond = if avail <= 0 {
+                value
+            } else {
+                value >> avail as u32
+            };
             if beyond != 0 {
                 let window_end = self.window_first_bit + self.window_bits;
                 let carry_start = if avail <= 0 { rel - window_bits } else { 0 } as u64;
@@ -274,7 +318,9 @@ mod tests {
     use super::*;
 
     fn bits_of(bytes: &[u8]) -> Vec<u64> {
-        (0..bytes.len() as u64 * 8).filter(|k| bytes[(k / 8) as usize] >> (k % 8) & 1 == 1).collect()
+        (0..bytes.len() as u64 * 8)
+            .filter(|k| bytes[(k / 8) as usize] >> (k % 8) & 1 == 1)
+            .collect()
     }
 
     #[test]
@@ -301,7 +347,10 @@ mod tests {
                 bm.set(0, nbits * 4096);
                 bm.or_bits(nbits as i128 - 3, u64::MAX);
                 assert!(buf[..offset].iter().all(|&b| b == 0xa5));
-                assert!(buf[offset + need..].iter().all(|&b| b == 0xa5), "nbits {nbits} offset {offset}");
+                assert!(
+                    buf[offset + need..].iter().all(|&b| b == 0xa5),
+                    "nbits {nbits} offset {offset}"
+                );
                 let set = bits_of(&buf[offset..offset + need]);
                 assert_eq!(set.len() as u64, nbits);
             }
@@ -322,7 +371,10 @@ mod tests {
         let mut buf = [0u8; 8];
         assert!(IovaBitmap::new(0, 0, 4096, &mut buf).is_err());
         assert!(IovaBitmap::new(0, 4096, 3000, &mut buf).is_err());
-        assert!(matches!(IovaBitmap::new(u64::MAX, 2, 1, &mut buf), Err(LogError::Overflow { .. })));
+        assert!(matches!(
+            IovaBitmap::new(u64::MAX, 2, 1, &mut buf),
+            Err(LogError::Overflow { .. })
+        ));
         // A huge length with a small buffer is an error, not an out-of-bounds write.
         assert!(IovaBitmap::new(0, u64::MAX, 4096, &mut buf).is_err());
     }

@@ -6,10 +6,11 @@ use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::{report_bytes, IovaBitmap};
 use crate::ranges::{merge_ranges, validate_ranges, IovaRange, DEFAULT_MAX_RANGES};
 use crate::uapi::{
-    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl, UserLoggingReport,
-    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
-    FEATURE_HEADER_BYTES, FEATURE_RESERVED_MASK, FEATURE_SET, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES,
-    RANGE_BYTES, USER_CONTROL_BYTES, USER_REPORT_BYTES,
+    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl,
+    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_RESERVED_MASK,
+    FEATURE_SET, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES, RANGE_BYTES, USER_CONTROL_BYTES,
+    USER_REPORT_BYTES,
 };
 use tracing::{debug, warn};
 
@@ -62,7 +63,8 @@ impl<D> std::fmt::Debug for LoggingCore<D> {
 /// the largest reply the client accepts, so a SET or PROBE (answered by an echo) needs
 /// `argsz >= request.len()`.
 pub fn check_feature_header(request: &[u8], dialect: Dialect) -> LogResult<FeatureHeader> {
-    let header = FeatureHeader::decode(request).map_err(|_| LogError::Invalid("shorter than the feature header"))?;
+    let header = FeatureHeader::decode(request)
+        .map_err(|_| LogError::Invalid("shorter than the feature header"))?;
     if (header.argsz as usize) < FEATURE_HEADER_BYTES {
         return Err(LogError::Invalid("argsz below the feature header"));
     }
@@ -70,7 +72,9 @@ pub fn check_feature_header(request: &[u8], dialect: Dialect) -> LogResult<Featu
         && (header.is_set() || header.is_probe())
         && (header.argsz as usize) < request.len()
     {
-        return Err(LogError::Invalid("argsz below the size of the echoed reply"));
+        return Err(LogError::Invalid(
+            "argsz below the size of the echoed reply",
+        ));
     }
     if header.flags & FEATURE_RESERVED_MASK != 0 {
         return Err(LogError::Invalid("reserved flag bits set"));
@@ -99,12 +103,22 @@ fn check_access(header: &FeatureHeader, supported: u32) -> LogResult<bool> {
 impl<D: LogDriver> LoggingCore<D> {
     /// A core for a device whose DMA writes `driver` tracks.
     pub fn new(driver: D) -> Self {
-        LoggingCore { driver: Some(driver), max_ranges: DEFAULT_MAX_RANGES, started: None, dma_mappings: Vec::new() }
+        LoggingCore {
+            driver: Some(driver),
+            max_ranges: DEFAULT_MAX_RANGES,
+            started: None,
+            dma_mappings: Vec::new(),
+        }
     }
 
     /// A core for a device without DMA logging: every logging feature is ENOTTY.
     pub fn unsupported() -> Self {
-        LoggingCore { driver: None, max_ranges: DEFAULT_MAX_RANGES, started: None, dma_mappings: Vec::new() }
+        LoggingCore {
+            driver: None,
+            max_ranges: DEFAULT_MAX_RANGES,
+            started: None,
+            dma_mappings: Vec::new(),
+        }
     }
 
     /// Sets the START range limit (E2BIG above it); values below 256 are raised to 256.
@@ -139,7 +153,9 @@ impl<D: LogDriver> LoggingCore<D> {
     }
 
     fn driver_or_enotty(&mut self) -> LogResult<&mut D> {
-        self.driver.as_mut().ok_or(LogError::NotSupported("device has no DMA logging"))
+        self.driver
+            .as_mut()
+            .ok_or(LogError::NotSupported("device has no DMA logging"))
     }
 
     /// Records a new DMA mapping. While logging all DMA-mapped space, the driver is asked
@@ -169,13 +185,21 @@ impl<D: LogDriver> LoggingCore<D> {
 
     /// START with typed arguments: validates per SPEC 3.2 and starts the driver. Returns
     /// the chosen page size.
-    pub fn start(&mut self, dialect: Dialect, page_size_hint: u64, ranges: &[LoggingRange]) -> LogResult<u64> {
+    pub fn start(
+        &mut self,
+        dialect: Dialect,
+        page_size_hint: u64,
+        ranges: &[LoggingRange],
+    ) -> LogResult<u64> {
         self.driver_or_enotty()?;
         if ranges.is_empty() && dialect == Dialect::Kernel {
             return Err(LogError::Invalid("no ranges"));
         }
         if ranges.len() as u64 > u64::from(self.max_ranges) {
-            return Err(LogError::TooManyRanges { num_ranges: ranges.len() as u64, limit: u64::from(self.max_ranges) });
+            return Err(LogError::TooManyRanges {
+                num_ranges: ranges.len() as u64,
+                limit: u64::from(self.max_ranges),
+            });
         }
         let validated = validate_ranges(ranges.iter().copied(), page_size_hint)?;
         self.start_validated(dialect, page_size_hint, ranges, validated)
@@ -205,15 +229,25 @@ impl<D: LogDriver> LoggingCore<D> {
         } else {
             validated
         };
-        let driver = self.driver.as_mut().ok_or(LogError::NotSupported("device has no DMA logging"))?;
+        let driver = self
+            .driver
+            .as_mut()
+            .ok_or(LogError::NotSupported("device has no DMA logging"))?;
         if targets.len() > driver.max_ranges() {
             targets = merge_ranges(&targets, driver.max_ranges());
         }
         let mut page_size = page_size_hint;
         driver.start(&targets, &mut page_size)?;
-        debug!(ranges = targets.len(), page_size, log_all, "DMA logging started");
-        self.started =
-            Some(Started { page_size_hint, requested: requested.to_vec(), chosen_page_size: page_size, log_all });
+        debug!(
+            ranges = targets.len(),
+            page_size, log_all, "DMA logging started"
+        );
+        self.started = Some(Started {
+            page_size_hint,
+            requested: requested.to_vec(),
+            chosen_page_size: page_size,
+            log_all,
+        });
         Ok(page_size)
     }
 
@@ -229,30 +263,53 @@ impl<D: LogDriver> LoggingCore<D> {
 
     /// REPORT with typed arguments into `bitmap` bytes (at least `ceil(bits/8)`; only those
     /// are touched): validates per SPEC 3.4, then ORs the dirty pages in and clears them.
-    pub fn report(&mut self, dialect: Dialect, iova: u64, length: u64, page_size: u64, bitmap: &mut [u8]) -> LogResult<()> {
+    pub fn report(
+        &mut self,
+        dialect: Dialect,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> LogResult<()> {
         self.driver_or_enotty()?;
         Self::check_report(dialect, iova, length, page_size)?;
         self.report_checked(iova, length, page_size, bitmap)
     }
 
     fn check_report(dialect: Dialect, iova: u64, length: u64, page_size: u64) -> LogResult<()> {
-        let min_page = if dialect == Dialect::Kernel { KERNEL_MIN_REPORT_PAGE } else { 1 };
+        let min_page = if dialect == Dialect::Kernel {
+            KERNEL_MIN_REPORT_PAGE
+        } else {
+            1
+        };
         if !page_size.is_power_of_two() || page_size < min_page {
-            return Err(LogError::Invalid("report page size is not a supported power of two"));
+            return Err(LogError::Invalid(
+                "report page size is not a supported power of two",
+            ));
         }
-        iova.checked_add(length).ok_or(LogError::Overflow { iova, length })?;
+        iova.checked_add(length)
+            .ok_or(LogError::Overflow { iova, length })?;
         if length == 0 {
             return Err(LogError::Invalid("zero-length report"));
         }
         Ok(())
     }
 
-    fn report_checked(&mut self, iova: u64, length: u64, page_size: u64, bitmap: &mut [u8]) -> LogResult<()> {
+    fn report_checked(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> LogResult<()> {
         if self.started.is_none() {
             return Err(LogError::Invalid("logging not started"));
         }
         let mut bitmap = IovaBitmap::new(iova, length, page_size, bitmap)?;
-        let driver = self.driver.as_mut().ok_or(LogError::NotSupported("device has no DMA logging"))?;
+        let driver = self
+            .driver
+            .as_mut()
+            .ok_or(LogError::NotSupported("device has no DMA logging"))?;
         driver.read_and_clear(iova, length, &mut bitmap)
     }
 
@@ -263,7 +320,12 @@ impl<D: LogDriver> LoggingCore<D> {
     /// START's chosen page size written in), or for REPORT the 24-byte request followed by
     /// the bitmap as whole u64 words, with `argsz` set to the full size. `reply` is cleared
     /// first and may be reused across calls (no allocation once it is large enough).
-    pub fn handle_vfio_user(&mut self, request: &[u8], max_data_xfer_size: u64, reply: &mut Vec<u8>) -> LogResult<()> {
+    pub fn handle_vfio_user(
+        &mut self,
+        request: &[u8],
+        max_data_xfer_size: u64,
+        reply: &mut Vec<u8>,
+    ) -> LogResult<()> {
         reply.clear();
         let dialect = Dialect::VfioUser { max_data_xfer_size };
         let header = check_feature_header(request, dialect)?;
@@ -288,9 +350,11 @@ impl<D: LogDriver> LoggingCore<D> {
                 }
                 let requested: Vec<LoggingRange> = control.ranges().collect();
                 let validated = validate_ranges(requested.iter().copied(), control.page_size)?;
-                let chosen = self.start_validated(dialect, control.page_size, &requested, validated)?;
+                let chosen =
+                    self.start_validated(dialect, control.page_size, &requested, validated)?;
                 reply.extend_from_slice(request);
-                reply[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8].copy_from_slice(&chosen.to_le_bytes());
+                reply[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8]
+                    .copy_from_slice(&chosen.to_le_bytes());
                 Ok(())
             }
             FEATURE_DMA_LOGGING_STOP => {
@@ -299,7 +363,8 @@ impl<D: LogDriver> LoggingCore<D> {
                 Ok(())
             }
             _ => {
-                let report = UserLoggingReport::decode(data).map_err(|_| LogError::Invalid("REPORT payload shorter than 24 bytes"))?;
+                let report = UserLoggingReport::decode(data)
+                    .map_err(|_| LogError::Invalid("REPORT payload shorter than 24 bytes"))?;
                 Self::check_report(dialect, report.iova, report.length, report.page_size)?;
                 let bitmap_bytes = report_bytes(report.length, report.page_size)?.div_ceil(8) * 8;
                 let reply_bytes = (FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64 + bitmap_bytes;
@@ -310,11 +375,19 @@ impl<D: LogDriver> LoggingCore<D> {
                     return Err(LogError::Invalid("logging not started"));
                 }
                 if reply_bytes > max_data_xfer_size || reply_bytes > usize::MAX as u64 {
-                    return Err(LogError::ReplyTooLarge { reply_bytes, max_bytes: max_data_xfer_size });
+                    return Err(LogError::ReplyTooLarge {
+                        reply_bytes,
+                        max_bytes: max_data_xfer_size,
+                    });
                 }
                 let reply_len = reply_bytes as usize;
-                reply.try_reserve(reply_len).map_err(|_| LogError::OutOfMemory("report reply"))?;
-                let header = FeatureHeader { argsz: reply_len as u32, flags: header.flags };
+                reply
+                    .try_reserve(reply_len)
+                    .map_err(|_| LogError::OutOfMemory("report reply"))?;
+                let header = FeatureHeader {
+                    argsz: reply_len as u32,
+                    flags: header.flags,
+                };
                 reply.extend_from_slice(&header.encode());
                 reply.extend_from_slice(&report.encode());
                 reply.resize(reply_len, 0);
@@ -337,7 +410,11 @@ impl<D: LogDriver> LoggingCore<D> {
     /// `request` is the user's `struct vfio_device_feature` (header then payload, `argsz`
     /// bytes as the ioctl copies them); START's chosen page size is written back into it.
     /// The ranges and the bitmap are reached through `user` (EFAULT when not there).
-    pub fn handle_kernel(&mut self, request: &mut [u8], user: &mut dyn crate::user_memory::UserMemory) -> LogResult<()> {
+    pub fn handle_kernel(
+        &mut self,
+        request: &mut [u8],
+        user: &mut dyn crate::user_memory::UserMemory,
+    ) -> LogResult<()> {
         let header = check_feature_header(request, Dialect::Kernel)?;
         let supported = self.check_logging_feature(&header)?;
         if check_access(&header, supported)? {
@@ -345,7 +422,10 @@ impl<D: LogDriver> LoggingCore<D> {
         }
         let payload_len = header.argsz as usize - FEATURE_HEADER_BYTES;
         let available = request.len() - FEATURE_HEADER_BYTES;
-        let fault = |len: usize| LogError::Fault { addr: 0, len: len as u64 };
+        let fault = |len: usize| LogError::Fault {
+            addr: 0,
+            len: len as u64,
+        };
         match header.index() {
             FEATURE_DMA_LOGGING_START => {
                 if payload_len < KERNEL_CONTROL_BYTES {
@@ -355,7 +435,8 @@ impl<D: LogDriver> LoggingCore<D> {
                     return Err(fault(KERNEL_CONTROL_BYTES));
                 }
                 let data = &request[FEATURE_HEADER_BYTES..];
-                let control = KernelLoggingControl::decode(data).map_err(|_| fault(KERNEL_CONTROL_BYTES))?;
+                let control =
+                    KernelLoggingControl::decode(data).map_err(|_| fault(KERNEL_CONTROL_BYTES))?;
                 if control.num_ranges == 0 {
                     return Err(LogError::Invalid("no ranges"));
                 }
@@ -371,13 +452,23 @@ impl<D: LogDriver> LoggingCore<D> {
                     let addr = control
                         .ranges_addr
                         .checked_add(index * RANGE_BYTES as u64)
-                        .ok_or(LogError::Fault { addr: control.ranges_addr, len: RANGE_BYTES as u64 })?;
+                        .ok_or(LogError::Fault {
+                            addr: control.ranges_addr,
+                            len: RANGE_BYTES as u64,
+                        })?;
                     user.read(addr, &mut raw)?;
-                    requested.push(LoggingRange::decode_at(&raw, 0).map_err(|_| fault(RANGE_BYTES))?);
+                    requested
+                        .push(LoggingRange::decode_at(&raw, 0).map_err(|_| fault(RANGE_BYTES))?);
                 }
                 let validated = validate_ranges(requested.iter().copied(), control.page_size)?;
-                let chosen = self.start_validated(Dialect::Kernel, control.page_size, &requested, validated)?;
-                request[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8].copy_from_slice(&chosen.to_le_bytes());
+                let chosen = self.start_validated(
+                    Dialect::Kernel,
+                    control.page_size,
+                    &requested,
+                    validated,
+                )?;
+                request[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8]
+                    .copy_from_slice(&chosen.to_le_bytes());
                 Ok(())
             }
             FEATURE_DMA_LOGGING_STOP => self.stop(),
@@ -387,7 +478,12 @@ impl<D: LogDriver> LoggingCore<D> {
                 }
                 let report = KernelLoggingReport::decode(&request[FEATURE_HEADER_BYTES..])
                     .map_err(|_| fault(KERNEL_REPORT_BYTES))?;
-                Self::check_report(Dialect::Kernel, report.iova, report.length, report.page_size)?;
+                Self::check_report(
+                    Dialect::Kernel,
+                    report.iova,
+                    report.length,
+                    report.page_size,
+                )?;
                 if self.started.is_none() {
                     return Err(LogError::Invalid("logging not started"));
                 }
@@ -414,5 +510,8 @@ impl<D: LogDriver> LoggingCore<D> {
 
 /// Whether a feature index is one of the three DMA logging features this core handles.
 pub fn is_logging_feature(index: u32) -> bool {
-    matches!(index, FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP | FEATURE_DMA_LOGGING_REPORT)
+    matches!(
+        index,
+        FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP | FEATURE_DMA_LOGGING_REPORT
+    )
 }

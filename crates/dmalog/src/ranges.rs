@@ -19,7 +19,8 @@ impl IovaRange {
         if length == 0 {
             return Err(LogError::Invalid("zero-length range"));
         }
-        iova.checked_add(length).ok_or(LogError::Overflow { iova, length })?;
+        iova.checked_add(length)
+            .ok_or(LogError::Overflow { iova, length })?;
         Ok(IovaRange { iova, length })
     }
 
@@ -51,7 +52,10 @@ impl IovaRange {
 
 impl From<IovaRange> for LoggingRange {
     fn from(range: IovaRange) -> Self {
-        LoggingRange { iova: range.iova, length: range.length }
+        LoggingRange {
+            iova: range.iova,
+            length: range.length,
+        }
     }
 }
 
@@ -66,7 +70,10 @@ pub const DEFAULT_MAX_RANGES: u32 = 256;
 /// (`Invalid`), `iova + length` wrapping (`Overflow`), overlap with an earlier range
 /// (`Invalid`; adjacent is fine). `page_size` must be a non-zero power of two. The list
 /// length is checked by the caller (it differs between dialects). O(n log n).
-pub fn validate_ranges(ranges: impl IntoIterator<Item = LoggingRange>, page_size: u64) -> LogResult<Vec<IovaRange>> {
+pub fn validate_ranges(
+    ranges: impl IntoIterator<Item = LoggingRange>,
+    page_size: u64,
+) -> LogResult<Vec<IovaRange>> {
     if page_size == 0 || !page_size.is_power_of_two() {
         return Err(LogError::Invalid("page size is not a power of two"));
     }
@@ -104,8 +111,11 @@ pub fn merge_ranges(sorted: &[IovaRange], max_ranges: usize) -> Vec<IovaRange> {
     if sorted.len() <= max_ranges {
         return sorted.to_vec();
     }
-    let mut gaps: Vec<(u64, usize)> =
-        sorted.windows(2).enumerate().map(|(i, pair)| (pair[1].iova - pair[0].end(), i)).collect();
+    let mut gaps: Vec<(u64, usize)> = sorted
+        .windows(2)
+        .enumerate()
+        .map(|(i, pair)| (pair[1].iova - pair[0].end(), i))
+        .collect();
     gaps.sort_unstable();
     let mut closed = vec![false; sorted.len() - 1];
     for &(_, i) in &gaps[..sorted.len() - max_ranges] {
@@ -115,7 +125,10 @@ pub fn merge_ranges(sorted: &[IovaRange], max_ranges: usize) -> Vec<IovaRange> {
     let mut current = sorted[0];
     for (i, next) in sorted[1..].iter().enumerate() {
         if closed[i] {
-            current = IovaRange { iova: current.iova, length: next.end() - current.iova };
+            current = IovaRange {
+                iova: current.iova,
+                length: next.end() - current.iova,
+            };
         } else {
             out.push(current);
             current = *next;
@@ -137,22 +150,50 @@ mod tests {
     #[test]
     fn validation_order_and_errnos() {
         let ps = 4096;
-        assert!(validate_ranges([r(0, 4096), r(4096, 4096)], ps).is_ok(), "adjacent is fine");
-        assert_eq!(validate_ranges([r(0, 8192), r(4096, 4096)], ps).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(validate_ranges([r(1, 4096)], ps).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(validate_ranges([r(0, 0)], ps).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(validate_ranges([r(u64::MAX - 4095, 4096)], ps).unwrap_err().errno(), libc::EOVERFLOW);
+        assert!(
+            validate_ranges([r(0, 4096), r(4096, 4096)], ps).is_ok(),
+            "adjacent is fine"
+        );
+        assert_eq!(
+            validate_ranges([r(0, 8192), r(4096, 4096)], ps)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            validate_ranges([r(1, 4096)], ps).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            validate_ranges([r(0, 0)], ps).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            validate_ranges([r(u64::MAX - 4095, 4096)], ps)
+                .unwrap_err()
+                .errno(),
+            libc::EOVERFLOW
+        );
         // First bad range decides: the overlap (2nd) comes before the overflow (3rd).
-        let err = validate_ranges([r(0, 8192), r(0, 4096), r(u64::MAX - 4095, 8192)], ps).unwrap_err();
+        let err =
+            validate_ranges([r(0, 8192), r(0, 4096), r(u64::MAX - 4095, 8192)], ps).unwrap_err();
         assert_eq!(err.errno(), libc::EINVAL);
-        assert_eq!(validate_ranges([r(0, 4096)], 3).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(validate_ranges([r(0, 4096)], 0).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(
+            validate_ranges([r(0, 4096)], 3).unwrap_err().errno(),
+            libc::EINVAL
+        );
+        assert_eq!(
+            validate_ranges([r(0, 4096)], 0).unwrap_err().errno(),
+            libc::EINVAL
+        );
     }
 
     #[test]
     fn merge_smallest_gaps_first_ties_lowest() {
-        let ranges: Vec<IovaRange> =
-            [(0, 10), (12, 1), (20, 5), (27, 3), (100, 1)].iter().map(|&(a, l)| IovaRange::new(a, l).unwrap()).collect();
+        let ranges: Vec<IovaRange> = [(0, 10), (12, 1), (20, 5), (27, 3), (100, 1)]
+            .iter()
+            .map(|&(a, l)| IovaRange::new(a, l).unwrap())
+            .collect();
         // gaps: 2, 7, 2, 70 -> two smallest (ties lowest): gap 0 and gap 2
         let merged = merge_ranges(&ranges, 3);
         let spans: Vec<(u64, u64)> = merged.iter().map(|m| (m.iova(), m.end())).collect();
@@ -167,7 +208,9 @@ mod tests {
             return vec![(ranges[0].0, ranges.last().unwrap().1)];
         }
         while ranges.len() > max {
-            let i = (1..ranges.len()).min_by_key(|&i| (ranges[i].0 - ranges[i - 1].1, i)).unwrap();
+            let i = (1..ranges.len())
+                .min_by_key(|&i| (ranges[i].0 - ranges[i - 1].1, i))
+                .unwrap();
             ranges[i - 1].1 = ranges[i].1;
             ranges.remove(i);
         }

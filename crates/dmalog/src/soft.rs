@@ -31,7 +31,10 @@ pub struct SoftLog {
 
 impl std::fmt::Debug for SoftLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SoftLog").field("ranges", &self.ranges).field("added", &self.added_len.load(Ordering::Relaxed)).finish()
+        f.debug_struct("SoftLog")
+            .field("ranges", &self.ranges)
+            .field("added", &self.added_len.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
@@ -45,7 +48,9 @@ impl SoftLog {
     #[inline]
     fn for_each_overlapping(&self, iova: u64, len: u64, mut f: impl FnMut(&DirtyLog)) {
         let end = iova.saturating_add(len);
-        let first = self.ranges.partition_point(|log| log.base_iova() + log.length() <= iova);
+        let first = self
+            .ranges
+            .partition_point(|log| log.base_iova() + log.length() <= iova);
         for log in &self.ranges[first..] {
             if log.base_iova() >= end {
                 break;
@@ -98,7 +103,13 @@ impl SoftDriver {
 
     /// A stopped soft tracker publishing into `live` (shared with the device's writers).
     pub fn with_live_log(live: Arc<LiveLog>) -> Self {
-        SoftDriver { live, log: None, page_size: 0, used_bytes: 0, max_log_bytes: SOFT_DEFAULT_MAX_LOG_BYTES }
+        SoftDriver {
+            live,
+            log: None,
+            page_size: 0,
+            used_bytes: 0,
+            max_log_bytes: SOFT_DEFAULT_MAX_LOG_BYTES,
+        }
     }
 
     /// Caps the memory a started log may use (START fails with ENOMEM above it).
@@ -124,7 +135,10 @@ impl SoftDriver {
 
     fn new_range_log(&mut self, range: IovaRange, page_size: u64) -> LogResult<DirtyLog> {
         let pages = range.length().div_ceil(page_size).saturating_add(1);
-        let estimate = pages.div_ceil(64).saturating_mul(8).saturating_add(pages.div_ceil(4096) * 8);
+        let estimate = pages
+            .div_ceil(64)
+            .saturating_mul(8)
+            .saturating_add(pages.div_ceil(4096) * 8);
         if self.used_bytes.saturating_add(estimate) > self.max_log_bytes {
             return Err(LogError::OutOfMemory("soft log above its memory cap"));
         }
@@ -139,7 +153,9 @@ impl LogDriver for SoftDriver {
         if self.log.is_some() {
             return Err(LogError::Invalid("logging already started"));
         }
-        let chosen = (*page_size).clamp(SOFT_MIN_PAGE_SIZE, SOFT_MAX_PAGE_SIZE).next_power_of_two();
+        let chosen = (*page_size)
+            .clamp(SOFT_MIN_PAGE_SIZE, SOFT_MAX_PAGE_SIZE)
+            .next_power_of_two();
         self.used_bytes = 0;
         let mut logs = Vec::with_capacity(ranges.len());
         for range in ranges {
@@ -153,10 +169,13 @@ impl LogDriver for SoftDriver {
         }
         let log = Arc::new(SoftLog {
             ranges: logs,
-            added: (0..SOFT_MAX_ADDED_RANGES).map(|_| OnceLock::new()).collect(),
+            added: (0..SOFT_MAX_ADDED_RANGES)
+                .map(|_| OnceLock::new())
+                .collect(),
             added_len: AtomicUsize::new(0),
         });
-        self.live.publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
+        self.live
+            .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
         self.log = Some(log);
         self.page_size = chosen;
         *page_size = chosen;
@@ -170,15 +189,25 @@ impl LogDriver for SoftDriver {
         self.used_bytes = 0;
     }
 
-    fn read_and_clear(&mut self, iova: u64, length: u64, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
-        let log = self.log.as_ref().ok_or(LogError::Invalid("logging not started"))?;
+    fn read_and_clear(
+        &mut self,
+        iova: u64,
+        length: u64,
+        bitmap: &mut IovaBitmap<'_>,
+    ) -> LogResult<()> {
+        let log = self
+            .log
+            .as_ref()
+            .ok_or(LogError::Invalid("logging not started"))?;
         log.read_and_clear(iova, length, bitmap);
         Ok(())
     }
 
     fn add_range(&mut self, range: IovaRange) -> LogResult<()> {
         let page_size = self.page_size;
-        let Some(log) = self.log.clone() else { return Err(LogError::Invalid("logging not started")) };
+        let Some(log) = self.log.clone() else {
+            return Err(LogError::Invalid("logging not started"));
+        };
         let index = log.added_len.load(Ordering::Relaxed);
         if index >= log.added.len() {
             return Err(LogError::Unsupported("too many ranges added after START"));

@@ -15,7 +15,9 @@ pub enum TrackerError {
     #[error(transparent)]
     Log(#[from] LogError),
     /// The caller's bitmap is shorter than the report.
-    #[error("bitmap of {have_words} words is shorter than the {need_words} words the report needs")]
+    #[error(
+        "bitmap of {have_words} words is shorter than the {need_words} words the report needs"
+    )]
     BufferTooSmall {
         /// u64 words the report needs.
         need_words: u64,
@@ -53,7 +55,13 @@ pub trait DirtyTracker {
 
     /// ORs the dirty pages of `[iova, iova+length)` at `page_size` into `bitmap` (bit `k` of
     /// the range is bit `k % 64` of word `k / 64`) and clears them from the log.
-    fn report(&mut self, iova: u64, length: u64, page_size: u64, bitmap: &mut [u64]) -> Result<(), TrackerError>;
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError>;
 
     /// Stops logging. Succeeds when not started.
     fn stop(&mut self) -> Result<(), TrackerError>;
@@ -76,12 +84,18 @@ pub struct InProcessTracker<D> {
 impl<D: LogDriver> InProcessTracker<D> {
     /// A tracker over `driver`.
     pub fn new(driver: D) -> Self {
-        InProcessTracker { core: LoggingCore::new(driver), ranges: Vec::new() }
+        InProcessTracker {
+            core: LoggingCore::new(driver),
+            ranges: Vec::new(),
+        }
     }
 
     /// A tracker over an existing core.
     pub fn from_core(core: LoggingCore<D>) -> Self {
-        InProcessTracker { core, ranges: Vec::new() }
+        InProcessTracker {
+            core,
+            ranges: Vec::new(),
+        }
     }
 
     /// The logging core.
@@ -102,17 +116,29 @@ impl<D: LogDriver> DirtyTracker for InProcessTracker<D> {
 
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
         self.ranges.clear();
-        self.ranges.extend(ranges.iter().map(|r| LoggingRange::from(*r)));
+        self.ranges
+            .extend(ranges.iter().map(|r| LoggingRange::from(*r)));
         Ok(self.core.start(Dialect::Kernel, page_size, &self.ranges)?)
     }
 
-    fn report(&mut self, iova: u64, length: u64, page_size: u64, bitmap: &mut [u64]) -> Result<(), TrackerError> {
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
         let need_words = report_words(length, page_size)?;
         if (bitmap.len() as u64) < need_words {
-            return Err(TrackerError::BufferTooSmall { need_words, have_words: bitmap.len() as u64 });
+            return Err(TrackerError::BufferTooSmall {
+                need_words,
+                have_words: bitmap.len() as u64,
+            });
         }
         let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut bitmap[..need_words as usize]);
-        Ok(self.core.report(Dialect::Kernel, iova, length, page_size, bytes)?)
+        Ok(self
+            .core
+            .report(Dialect::Kernel, iova, length, page_size, bytes)?)
     }
 
     fn stop(&mut self) -> Result<(), TrackerError> {

@@ -73,31 +73,48 @@ pub enum DecodeError {
 
 /// Reads a little-endian u32 at `offset`, any alignment.
 pub fn read_u32(bytes: &[u8], offset: usize) -> Result<u32, DecodeError> {
-    let end = offset.checked_add(4).ok_or(DecodeError::Truncated { need: usize::MAX, have: bytes.len() })?;
+    let end = offset.checked_add(4).ok_or(DecodeError::Truncated {
+        need: usize::MAX,
+        have: bytes.len(),
+    })?;
     match bytes.get(offset..end) {
         Some(b) => Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        None => Err(DecodeError::Truncated { need: end, have: bytes.len() }),
+        None => Err(DecodeError::Truncated {
+            need: end,
+            have: bytes.len(),
+        }),
     }
 }
 
 /// Reads a little-endian u64 at `offset`, any alignment.
 pub fn read_u64(bytes: &[u8], offset: usize) -> Result<u64, DecodeError> {
-    let end = offset.checked_add(8).ok_or(DecodeError::Truncated { need: usize::MAX, have: bytes.len() })?;
+    let end = offset.checked_add(8).ok_or(DecodeError::Truncated {
+        need: usize::MAX,
+        have: bytes.len(),
+    })?;
     match bytes.get(offset..end) {
         Some(b) => {
             let mut word = [0u8; 8];
             word.copy_from_slice(b);
             Ok(u64::from_le_bytes(word))
         }
-        None => Err(DecodeError::Truncated { need: end, have: bytes.len() }),
+        None => Err(DecodeError::Truncated {
+            need: end,
+            have: bytes.len(),
+        }),
     }
 }
 
 /// Writes a little-endian u32 at `offset`; a slice too short is an error.
 pub fn write_u32(bytes: &mut [u8], offset: usize, value: u32) -> Result<(), DecodeError> {
     let have = bytes.len();
-    let end = offset.checked_add(4).ok_or(DecodeError::Truncated { need: usize::MAX, have })?;
-    let dst = bytes.get_mut(offset..end).ok_or(DecodeError::Truncated { need: end, have })?;
+    let end = offset.checked_add(4).ok_or(DecodeError::Truncated {
+        need: usize::MAX,
+        have,
+    })?;
+    let dst = bytes
+        .get_mut(offset..end)
+        .ok_or(DecodeError::Truncated { need: end, have })?;
     dst.copy_from_slice(&value.to_le_bytes());
     Ok(())
 }
@@ -105,8 +122,13 @@ pub fn write_u32(bytes: &mut [u8], offset: usize, value: u32) -> Result<(), Deco
 /// Writes a little-endian u64 at `offset`; a slice too short is an error.
 pub fn write_u64(bytes: &mut [u8], offset: usize, value: u64) -> Result<(), DecodeError> {
     let have = bytes.len();
-    let end = offset.checked_add(8).ok_or(DecodeError::Truncated { need: usize::MAX, have })?;
-    let dst = bytes.get_mut(offset..end).ok_or(DecodeError::Truncated { need: end, have })?;
+    let end = offset.checked_add(8).ok_or(DecodeError::Truncated {
+        need: usize::MAX,
+        have,
+    })?;
+    let dst = bytes
+        .get_mut(offset..end)
+        .ok_or(DecodeError::Truncated { need: end, have })?;
     dst.copy_from_slice(&value.to_le_bytes());
     Ok(())
 }
@@ -123,7 +145,10 @@ pub struct FeatureHeader {
 impl FeatureHeader {
     /// Decodes the header from the first 8 bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Ok(FeatureHeader { argsz: read_u32(bytes, 0)?, flags: read_u32(bytes, 4)? })
+        Ok(FeatureHeader {
+            argsz: read_u32(bytes, 0)?,
+            flags: read_u32(bytes, 4)?,
+        })
     }
 
     /// Encodes the header into 8 bytes.
@@ -167,7 +192,10 @@ pub struct LoggingRange {
 impl LoggingRange {
     /// Decodes a range from 16 bytes at `offset`.
     pub fn decode_at(bytes: &[u8], offset: usize) -> Result<Self, DecodeError> {
-        Ok(LoggingRange { iova: read_u64(bytes, offset)?, length: read_u64(bytes, offset.saturating_add(8))? })
+        Ok(LoggingRange {
+            iova: read_u64(bytes, offset)?,
+            length: read_u64(bytes, offset.saturating_add(8))?,
+        })
     }
 
     /// Encodes the range into 16 bytes.
@@ -273,10 +301,22 @@ impl<'a> UserLoggingControl<'a> {
         let need = (num_ranges as usize)
             .checked_mul(RANGE_BYTES)
             .and_then(|n| n.checked_add(USER_CONTROL_BYTES))
-            .ok_or(DecodeError::Truncated { need: usize::MAX, have: bytes.len() })?;
-        let ranges_bytes =
-            bytes.get(USER_CONTROL_BYTES..need).ok_or(DecodeError::Truncated { need, have: bytes.len() })?;
-        Ok(UserLoggingControl { page_size, num_ranges, reserved, ranges_bytes })
+            .ok_or(DecodeError::Truncated {
+                need: usize::MAX,
+                have: bytes.len(),
+            })?;
+        let ranges_bytes = bytes
+            .get(USER_CONTROL_BYTES..need)
+            .ok_or(DecodeError::Truncated {
+                need,
+                have: bytes.len(),
+            })?;
+        Ok(UserLoggingControl {
+            page_size,
+            num_ranges,
+            reserved,
+            ranges_bytes,
+        })
     }
 
     /// The inline ranges, in request order.
@@ -316,7 +356,11 @@ pub struct UserLoggingReport {
 impl UserLoggingReport {
     /// Decodes the request from the first 24 bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Ok(UserLoggingReport { iova: read_u64(bytes, 0)?, length: read_u64(bytes, 8)?, page_size: read_u64(bytes, 16)? })
+        Ok(UserLoggingReport {
+            iova: read_u64(bytes, 0)?,
+            length: read_u64(bytes, 8)?,
+            page_size: read_u64(bytes, 16)?,
+        })
     }
 
     /// Encodes the request into 24 bytes.
@@ -380,7 +424,10 @@ pub struct MigDeviceStatePayload {
 impl MigDeviceStatePayload {
     /// Decodes the payload from the first 8 bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        Ok(MigDeviceStatePayload { device_state: read_u32(bytes, 0)?, data_fd: read_u32(bytes, 4)? as i32 })
+        Ok(MigDeviceStatePayload {
+            device_state: read_u32(bytes, 0)?,
+            data_fd: read_u32(bytes, 4)? as i32,
+        })
     }
 
     /// Encodes the payload into 8 bytes.
@@ -406,10 +453,18 @@ mod tests {
 
     #[test]
     fn decoders_reject_every_short_slice_and_accept_any_alignment() {
-        let report = KernelLoggingReport { iova: 0x1000, length: 0x2000, page_size: 4096, bitmap_addr: 0xdead_b000 };
+        let report = KernelLoggingReport {
+            iova: 0x1000,
+            length: 0x2000,
+            page_size: 4096,
+            bitmap_addr: 0xdead_b000,
+        };
         let bytes = report.encode();
         for len in 0..bytes.len() {
-            assert!(KernelLoggingReport::decode(&bytes[..len]).is_err(), "len {len}");
+            assert!(
+                KernelLoggingReport::decode(&bytes[..len]).is_err(),
+                "len {len}"
+            );
         }
         // Misaligned copy: same value.
         let mut shifted = vec![0u8; 1 + bytes.len()];
@@ -419,7 +474,16 @@ mod tests {
 
     #[test]
     fn user_control_borrows_exactly_its_ranges() {
-        let ranges = [LoggingRange { iova: 0, length: 4096 }, LoggingRange { iova: 8192, length: 4096 }];
+        let ranges = [
+            LoggingRange {
+                iova: 0,
+                length: 4096,
+            },
+            LoggingRange {
+                iova: 8192,
+                length: 4096,
+            },
+        ];
         let bytes = UserLoggingControl::encode(4096, &ranges);
         let control = UserLoggingControl::decode(&bytes).unwrap();
         assert_eq!(control.ranges().collect::<Vec<_>>(), ranges);
@@ -427,7 +491,10 @@ mod tests {
         // A huge num_ranges is a clean error, not an overflow.
         let mut huge = bytes.clone();
         huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(UserLoggingControl::decode(&huge), Err(DecodeError::Truncated { .. })));
+        assert!(matches!(
+            UserLoggingControl::decode(&huge),
+            Err(DecodeError::Truncated { .. })
+        ));
     }
 
     #[test]

@@ -37,7 +37,10 @@ impl SegmentedUserMemory {
 
     /// The segment at `addr`.
     pub fn segment(&self, addr: u64) -> Option<&[u8]> {
-        self.segments.iter().find(|(at, _)| *at == addr).map(|(_, bytes)| bytes.as_slice())
+        self.segments
+            .iter()
+            .find(|(at, _)| *at == addr)
+            .map(|(_, bytes)| bytes.as_slice())
     }
 
     fn locate(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]> {

@@ -10,7 +10,10 @@ fn make(variant: Variant) -> Box<dyn ConformanceTarget> {
             let recorder = driver.recorder();
             Box::new(CoreTarget::new(LoggingCore::new(driver), Some(recorder)))
         }
-        Variant::NoLogging => Box::new(CoreTarget::new(LoggingCore::<SoftDriver>::unsupported(), None)),
+        Variant::NoLogging => Box::new(CoreTarget::new(
+            LoggingCore::<SoftDriver>::unsupported(),
+            None,
+        )),
     }
 }
 

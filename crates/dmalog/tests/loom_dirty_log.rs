@@ -45,7 +45,10 @@ fn concurrent_marks_are_never_lost() {
                 })
             })
             .collect();
-        let finished_before = [done[0].load(Ordering::Acquire), done[1].load(Ordering::Acquire)];
+        let finished_before = [
+            done[0].load(Ordering::Acquire),
+            done[1].load(Ordering::Acquire),
+        ];
         let first = report(&log, 0, LEN);
         for writer in writers {
             writer.join().unwrap();
@@ -54,11 +57,23 @@ fn concurrent_marks_are_never_lost() {
         let expected = [page_bit(3) | page_bit(70), page_bit(63) | page_bit(64)];
         for (i, pages) in expected.iter().enumerate() {
             if finished_before[i] {
-                assert_eq!(first & pages, *pages, "writer {i} finished before the report began");
+                assert_eq!(
+                    first & pages,
+                    *pages,
+                    "writer {i} finished before the report began"
+                );
             }
-            assert_eq!((first | second) & pages, *pages, "writer {i}'s pages were lost");
+            assert_eq!(
+                (first | second) & pages,
+                *pages,
+                "writer {i}'s pages were lost"
+            );
         }
-        assert_eq!((first | second) & page_bit(70), page_bit(70), "the pre-dirtied page");
+        assert_eq!(
+            (first | second) & page_bit(70),
+            page_bit(70),
+            "the pre-dirtied page"
+        );
     });
 }
 
@@ -78,9 +93,17 @@ fn partial_word_reports_keep_the_rest() {
         let first = report(&log, 0, PAGE); // page 0 only
         writer.join().unwrap();
         let second = report(&log, 0, LEN);
-        assert_eq!(first & !page_bit(0), 0, "a report of page 0 reports nothing else");
+        assert_eq!(
+            first & !page_bit(0),
+            0,
+            "a report of page 0 reports nothing else"
+        );
         assert_eq!((first | second) & 0b11, 0b11);
-        assert_eq!(second & page_bit(1), page_bit(1), "page 1 was never in a report of page 0");
+        assert_eq!(
+            second & page_bit(1),
+            page_bit(1),
+            "page 1 was never in a report of page 0"
+        );
     });
 }
 
@@ -100,7 +123,11 @@ fn a_reported_page_has_its_data_visible() {
         };
         let seen = report(&log, 0, LEN);
         if seen & page_bit(5) != 0 {
-            assert_eq!(data.load(Ordering::Relaxed), 42, "bit visible before the data");
+            assert_eq!(
+                data.load(Ordering::Relaxed),
+                42,
+                "bit visible before the data"
+            );
         }
         writer.join().unwrap();
     });

@@ -17,7 +17,10 @@ const BASE: u64 = 1 << 32;
 const PAGES: u64 = 1 << 16; // 256 MiB
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 struct Write {
@@ -49,7 +52,9 @@ fn every_completed_write_is_reported() {
     let driver = SoftDriver::new();
     let recorders: Vec<_> = (0..writers).map(|_| driver.recorder()).collect();
     let mut tracker = InProcessTracker::new(driver);
-    tracker.start(&[IovaRange::new(BASE, PAGES * PAGE).unwrap()], PAGE).unwrap();
+    tracker
+        .start(&[IovaRange::new(BASE, PAGES * PAGE).unwrap()], PAGE)
+        .unwrap();
     let clock = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let log = Arc::new(Mutex::new(Vec::new()));
@@ -67,7 +72,11 @@ fn every_completed_write_is_reported() {
                     // Hot pages (a small set) and cold pages (spread out), to hit both the
                     // already-dirty path and fresh words.
                     let r = next(&mut rng);
-                    let page = if r % 4 == 0 { r % 256 } else { (r >> 8) % PAGES };
+                    let page = if r % 4 == 0 {
+                        r % 256
+                    } else {
+                        (r >> 8) % PAGES
+                    };
                     let begin = clock.fetch_add(1, Ordering::SeqCst);
                     recorder.record_write(BASE + page * PAGE + (r >> 40) % PAGE, 1);
                     let end = clock.fetch_add(1, Ordering::SeqCst);
@@ -94,13 +103,19 @@ fn every_completed_write_is_reported() {
                     (0, PAGES, 12)
                 } else {
                     let from = (r >> 8) % PAGES;
-                    (from, 1 + (r >> 24) % (PAGES - from), 12 + (r >> 50) as u32 % 4)
+                    (
+                        from,
+                        1 + (r >> 24) % (PAGES - from),
+                        12 + (r >> 50) as u32 % 4,
+                    )
                 };
                 let length = pages * PAGE;
                 let words = report_words(length, 1 << shift).unwrap() as usize;
                 bitmap[..words].fill(0);
                 let begin = clock.fetch_add(1, Ordering::SeqCst);
-                tracker.report(BASE + from * PAGE, length, 1 << shift, &mut bitmap[..words]).unwrap();
+                tracker
+                    .report(BASE + from * PAGE, length, 1 << shift, &mut bitmap[..words])
+                    .unwrap();
                 let end = clock.fetch_add(1, Ordering::SeqCst);
                 let per_bit = 1u64 << (shift - 12);
                 let mut pages_seen = Vec::new();
@@ -117,7 +132,13 @@ fn every_completed_write_is_reported() {
                         }
                     }
                 }
-                reports.push(Report { first_page: from, end_page: from + pages, begin, end, pages: pages_seen });
+                reports.push(Report {
+                    first_page: from,
+                    end_page: from + pages,
+                    begin,
+                    end,
+                    pages: pages_seen,
+                });
                 if last {
                     break;
                 }
@@ -148,13 +169,24 @@ fn every_completed_write_is_reported() {
             .find(|&i| (reports[i].first_page..reports[i].end_page).contains(&write.page))
             .expect("the final full report began after every write");
         let hit = seen.get(&write.page).is_some_and(|list| {
-            list.iter().any(|&i| i <= deadline && reports[i].end > write.begin)
+            list.iter()
+                .any(|&i| i <= deadline && reports[i].end > write.begin)
         });
-        assert!(hit, "write of page {} (clock {}..{}) not reported by report {deadline}", write.page, write.begin, write.end);
+        assert!(
+            hit,
+            "write of page {} (clock {}..{}) not reported by report {deadline}",
+            write.page, write.begin, write.end
+        );
         checked_deadline += 1;
     }
     let last_write_end = writes.iter().map(|w| w.end).max().unwrap_or(0);
     let concurrent = reports.iter().filter(|r| r.begin < last_write_end).count();
-    assert!(concurrent >= 2, "the reporter ran concurrently with the writers ({concurrent} reports)");
-    eprintln!("{checked_deadline} writes checked against {} reports ({concurrent} during the writes)", reports.len());
+    assert!(
+        concurrent >= 2,
+        "the reporter ran concurrently with the writers ({concurrent} reports)"
+    );
+    eprintln!(
+        "{checked_deadline} writes checked against {} reports ({concurrent} during the writes)",
+        reports.len()
+    );
 }

@@ -17,59 +17,164 @@ fn constants_match_vfio_bindings() {
     assert_eq!(FEATURE_SET, vb::VFIO_DEVICE_FEATURE_SET);
     assert_eq!(FEATURE_PROBE, vb::VFIO_DEVICE_FEATURE_PROBE);
     assert_eq!(FEATURE_MIGRATION, vb::VFIO_DEVICE_FEATURE_MIGRATION);
-    assert_eq!(FEATURE_MIG_DEVICE_STATE, vb::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE);
-    assert_eq!(FEATURE_DMA_LOGGING_START, vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_START);
-    assert_eq!(FEATURE_DMA_LOGGING_STOP, vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP);
-    assert_eq!(FEATURE_DMA_LOGGING_REPORT, vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT);
+    assert_eq!(
+        FEATURE_MIG_DEVICE_STATE,
+        vb::VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE
+    );
+    assert_eq!(
+        FEATURE_DMA_LOGGING_START,
+        vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_START
+    );
+    assert_eq!(
+        FEATURE_DMA_LOGGING_STOP,
+        vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP
+    );
+    assert_eq!(
+        FEATURE_DMA_LOGGING_REPORT,
+        vb::VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT
+    );
     assert_eq!(FEATURE_MIG_DATA_SIZE, vb::VFIO_DEVICE_FEATURE_MIG_DATA_SIZE);
-    assert_eq!(FEATURE_MIG_PRECOPY_INFO_V2, vb::VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2);
+    assert_eq!(
+        FEATURE_MIG_PRECOPY_INFO_V2,
+        vb::VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2
+    );
     assert_eq!(MIGRATION_STOP_COPY, u64::from(vb::VFIO_MIGRATION_STOP_COPY));
     assert_eq!(MIGRATION_P2P, u64::from(vb::VFIO_MIGRATION_P2P));
     assert_eq!(MIGRATION_PRE_COPY, u64::from(vb::VFIO_MIGRATION_PRE_COPY));
     let states = [
-        (DeviceState::Error, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR),
-        (DeviceState::Stop, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP),
-        (DeviceState::Running, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING),
-        (DeviceState::StopCopy, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY),
-        (DeviceState::Resuming, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING),
-        (DeviceState::RunningP2p, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P),
-        (DeviceState::PreCopy, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY),
-        (DeviceState::PreCopyP2p, vb::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P),
+        (
+            DeviceState::Error,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_ERROR,
+        ),
+        (
+            DeviceState::Stop,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP,
+        ),
+        (
+            DeviceState::Running,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING,
+        ),
+        (
+            DeviceState::StopCopy,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_STOP_COPY,
+        ),
+        (
+            DeviceState::Resuming,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RESUMING,
+        ),
+        (
+            DeviceState::RunningP2p,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_RUNNING_P2P,
+        ),
+        (
+            DeviceState::PreCopy,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY,
+        ),
+        (
+            DeviceState::PreCopyP2p,
+            vb::vfio_device_mig_state_VFIO_DEVICE_STATE_PRE_COPY_P2P,
+        ),
     ];
     for (ours, theirs) in states {
         assert_eq!(ours as u32, theirs);
         assert_eq!(DeviceState::from_u32(theirs), Some(ours));
     }
-    assert_eq!(DeviceState::from_u32(vb::vfio_device_mig_state_VFIO_DEVICE_STATE_NR), None);
+    assert_eq!(
+        DeviceState::from_u32(vb::vfio_device_mig_state_VFIO_DEVICE_STATE_NR),
+        None
+    );
 }
 
 #[test]
 fn sizes_and_offsets_match_vfio_bindings() {
     assert_eq!(FEATURE_HEADER_BYTES, size_of::<vb::vfio_device_feature>());
     assert_eq!(offset_of!(vb::vfio_device_feature, flags), 4);
-    assert_eq!(KERNEL_CONTROL_BYTES, size_of::<vb::vfio_device_feature_dma_logging_control>());
-    assert_eq!(RANGE_BYTES, size_of::<vb::vfio_device_feature_dma_logging_range>());
-    assert_eq!(KERNEL_REPORT_BYTES, size_of::<vb::vfio_device_feature_dma_logging_report>());
+    assert_eq!(
+        KERNEL_CONTROL_BYTES,
+        size_of::<vb::vfio_device_feature_dma_logging_control>()
+    );
+    assert_eq!(
+        RANGE_BYTES,
+        size_of::<vb::vfio_device_feature_dma_logging_range>()
+    );
+    assert_eq!(
+        KERNEL_REPORT_BYTES,
+        size_of::<vb::vfio_device_feature_dma_logging_report>()
+    );
     assert_eq!(8, size_of::<vb::vfio_device_feature_mig_state>());
     // Field offsets: encode a value with distinct bytes per field and check where each lands.
-    let control = KernelLoggingControl { page_size: 0x11, num_ranges: 0x22, reserved: 0x33, ranges_addr: 0x44 };
+    let control = KernelLoggingControl {
+        page_size: 0x11,
+        num_ranges: 0x22,
+        reserved: 0x33,
+        ranges_addr: 0x44,
+    };
     let bytes = control.encode();
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, page_size)], 0x11);
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, num_ranges)], 0x22);
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, __reserved)], 0x33);
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, ranges)], 0x44);
-    let report = KernelLoggingReport { iova: 0x11, length: 0x22, page_size: 0x33, bitmap_addr: 0x44 };
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, page_size)],
+        0x11
+    );
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, num_ranges)],
+        0x22
+    );
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, __reserved)],
+        0x33
+    );
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_control, ranges)],
+        0x44
+    );
+    let report = KernelLoggingReport {
+        iova: 0x11,
+        length: 0x22,
+        page_size: 0x33,
+        bitmap_addr: 0x44,
+    };
     let bytes = report.encode();
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, iova)], 0x11);
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, length)], 0x22);
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, page_size)], 0x33);
-    assert_eq!(bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, bitmap)], 0x44);
-    let range = LoggingRange { iova: 0x11, length: 0x22 }.encode();
-    assert_eq!(range[offset_of!(vb::vfio_device_feature_dma_logging_range, iova)], 0x11);
-    assert_eq!(range[offset_of!(vb::vfio_device_feature_dma_logging_range, length)], 0x22);
-    let state = MigDeviceStatePayload { device_state: 0x11, data_fd: 0x22 }.encode();
-    assert_eq!(state[offset_of!(vb::vfio_device_feature_mig_state, device_state)], 0x11);
-    assert_eq!(state[offset_of!(vb::vfio_device_feature_mig_state, data_fd)], 0x22);
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, iova)],
+        0x11
+    );
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, length)],
+        0x22
+    );
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, page_size)],
+        0x33
+    );
+    assert_eq!(
+        bytes[offset_of!(vb::vfio_device_feature_dma_logging_report, bitmap)],
+        0x44
+    );
+    let range = LoggingRange {
+        iova: 0x11,
+        length: 0x22,
+    }
+    .encode();
+    assert_eq!(
+        range[offset_of!(vb::vfio_device_feature_dma_logging_range, iova)],
+        0x11
+    );
+    assert_eq!(
+        range[offset_of!(vb::vfio_device_feature_dma_logging_range, length)],
+        0x22
+    );
+    let state = MigDeviceStatePayload {
+        device_state: 0x11,
+        data_fd: 0x22,
+    }
+    .encode();
+    assert_eq!(
+        state[offset_of!(vb::vfio_device_feature_mig_state, device_state)],
+        0x11
+    );
+    assert_eq!(
+        state[offset_of!(vb::vfio_device_feature_mig_state, data_fd)],
+        0x22
+    );
 }
 
 const C_PROGRAM: &str = r#"
@@ -127,8 +232,17 @@ fn layouts_match_the_system_header() {
     let source = dir.join("layout.c");
     let binary = dir.join("layout");
     std::fs::write(&source, C_PROGRAM).unwrap();
-    let compiled = Command::new(&cc).arg("-o").arg(&binary).arg(&source).output().unwrap();
-    assert!(compiled.status.success(), "cc failed: {}", String::from_utf8_lossy(&compiled.stderr));
+    let compiled = Command::new(&cc)
+        .arg("-o")
+        .arg(&binary)
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(
+        compiled.status.success(),
+        "cc failed: {}",
+        String::from_utf8_lossy(&compiled.stderr)
+    );
     let output = Command::new(&binary).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let text = String::from_utf8(output.stdout).unwrap();
@@ -166,11 +280,19 @@ fn layouts_match_the_system_header() {
         ("STATE_RESUMING", DeviceState::Resuming as u64),
     ];
     for (name, value) in expected {
-        assert_eq!(printed.get(name), Some(&value), "{name}: header says {:?}", printed.get(name));
+        assert_eq!(
+            printed.get(name),
+            Some(&value),
+            "{name}: header says {:?}",
+            printed.get(name)
+        );
     }
     // Headers older than Linux 6.2 lack PRE_COPY; newer ones must agree.
     if let Some(pre_copy) = printed.get("PRE_COPY") {
         assert_eq!(*pre_copy, MIGRATION_PRE_COPY);
-        assert_eq!(printed.get("STATE_PRE_COPY_P2P"), Some(&(DeviceState::PreCopyP2p as u64)));
+        assert_eq!(
+            printed.get("STATE_PRE_COPY_P2P"),
+            Some(&(DeviceState::PreCopyP2p as u64))
+        );
     }
 }
