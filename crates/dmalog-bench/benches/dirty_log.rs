@@ -2,6 +2,9 @@
 //! libvfio-user-like byte-atomic log, a per-bit loop and memcpy/memset, side by side.
 //! `dmalog bench --json` runs a quick subset of the same workloads.
 
+// criterion's macros generate undocumented functions.
+#![allow(missing_docs)]
+
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};

@@ -43,10 +43,19 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
         serde_json::to_writer_pretty(&mut out, &report)?;
         writeln!(out)?;
     } else {
+        let header = [
+            "measurement",
+            "ours",
+            "baseline",
+            "baseline",
+            "speedup",
+            "target",
+            "met",
+        ];
         writeln!(
             out,
             "{:<42} {:>12} {:<40} {:>12} {:>9} {:<16} {}",
-            "measurement", "ours", "baseline", "baseline", "speedup", "target", "met"
+            header[0], header[1], header[2], header[3], header[4], header[5], header[6]
         )?;
         for row in &rows {
             let met = match row.met {

@@ -67,6 +67,29 @@ fn zeroed_atomics(count: u64, what: &'static str) -> LogResult<Box<[AtomicU64]>>
     Ok(words.into_boxed_slice())
 }
 
+/// Counts of the read-modify-writes `mark` issues (unit tests only), to check that an
+/// already-dirty page costs none.
+#[cfg(all(test, not(loom)))]
+mod rmw_count {
+    use std::cell::Cell;
+    thread_local! {
+        pub static WORD: Cell<u64> = const { Cell::new(0) };
+        pub static SUMMARY: Cell<u64> = const { Cell::new(0) };
+    }
+}
+
+#[inline(always)]
+fn counted_word_rmw() {
+    #[cfg(all(test, not(loom)))]
+    rmw_count::WORD.with(|c| c.set(c.get() + 1));
+}
+
+#[inline(always)]
+fn counted_summary_rmw() {
+    #[cfg(all(test, not(loom)))]
+    rmw_count::SUMMARY.with(|c| c.set(c.get() + 1));
+}
+
 /// The mask of bits `[lo, hi]` (inclusive) of a word.
 #[inline]
 fn bit_span(lo: u64, hi: u64) -> u64 {
@@ -215,11 +238,14 @@ impl DirtyLog {
             // W0: already dirty. The writer that set these bits may not have reached its
             // summary update yet; make sure the summary points here before returning.
             if summary.load(Ordering::Relaxed) & summary_bit == 0 {
+                counted_summary_rmw();
                 summary.fetch_or(summary_bit, Ordering::Release);
             }
             return;
         }
+        counted_word_rmw();
         word.fetch_or(mask, Ordering::Release); // W1
+        counted_summary_rmw();
         summary.fetch_or(summary_bit, Ordering::Release); // W2
     }
 
@@ -573,6 +599,29 @@ mod tests {
         assert_eq!(report(&log, 0, 64 * 4096, 4096).len(), 63);
     }
 
+    fn rmws() -> (u64, u64) {
+        (
+            rmw_count::WORD.with(|c| c.get()),
+            rmw_count::SUMMARY.with(|c| c.get()),
+        )
+    }
+
+    #[test]
+    fn marking_dirty_pages_costs_no_rmw() {
+        let log = DirtyLog::new(0, 1 << 30, 4096).unwrap();
+        let (w0, s0) = rmws();
+        log.mark(10 * 4096, 16 * 4096); // 16 fresh pages in one word
+        assert_eq!(rmws(), (w0 + 1, s0 + 1), "one word RMW and one summary RMW");
+        log.mark(10 * 4096, 16 * 4096);
+        log.mark(12 * 4096, 1);
+        assert_eq!(rmws(), (w0 + 1, s0 + 1), "already dirty: no RMW at all");
+        log.mark(60 * 4096, 200 * 4096); // pages 60..260: words 0..=4
+        assert_eq!(rmws().0, w0 + 1 + 5, "at most one RMW per 64-page word");
+        let (w1, s1) = rmws();
+        log.mark(60 * 4096, 200 * 4096);
+        assert_eq!(rmws(), (w1, s1));
+    }
+
     #[test]
     fn conversions_both_ways() {
         let log = DirtyLog::new(0, 1 << 30, 4096).unwrap();
@@ -582,5 +631,63 @@ mod tests {
         coarse.mark(5 << 20, 1);
         let bits = report(&coarse, 0, 8 << 20, 4096);
         assert_eq!(bits, (1024..1536).collect::<Vec<_>>());
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod window_tests {
+    use super::*;
+    use crate::iova_bitmap::{for_each_window, report_bytes};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A report produced in small windows equals the one-shot report, for any grids
+        /// (aligned or not) and page sizes, including log pages that straddle window edges.
+        #[test]
+        fn windowed_report_equals_one_shot(
+            log_shift in 12u32..=21,
+            report_shift in 10u32..=22,
+            base_pages in 0u64..64,
+            report_offset in 0u64..(1 << 22),
+            report_len in 1u64..(64 << 20),
+            window_bytes in 1usize..64,
+            marks in prop::collection::vec((0u64..(64 << 20), 1u64..(1 << 20)), 1..30),
+        ) {
+            let page = 1u64 << log_shift;
+            let base = base_pages * page;
+            let make = || {
+                let log = DirtyLog::new(base, 64 << 20, page).unwrap();
+                for &(at, len) in &marks {
+                    log.mark(base + at, len);
+                }
+                log
+            };
+            let (iova, report_page) = (base + report_offset, 1u64 << report_shift);
+            let bytes = report_bytes(report_len, report_page).unwrap() as usize;
+            let mut whole = vec![0u8; bytes];
+            let one_shot = make();
+            let mut bitmap = IovaBitmap::new(iova, report_len, report_page, &mut whole).unwrap();
+            one_shot.read_and_clear(iova, report_len, &mut bitmap);
+            let windowed_log = make();
+            let mut streamed = vec![0u8; bytes];
+            let mut window = vec![0u8; window_bytes];
+            for_each_window::<LogError>(
+                iova,
+                report_len,
+                report_page,
+                &mut window,
+                |bm| {
+                    let (start, len) = bm.window_range();
+                    windowed_log.read_and_clear(start, len, bm);
+                    Ok(())
+                },
+                |offset, chunk| {
+                    streamed[offset as usize..offset as usize + chunk.len()].copy_from_slice(chunk);
+                    Ok(())
+                },
+            )
+            .unwrap();
+            prop_assert_eq!(streamed, whole);
+        }
     }
 }
