@@ -505,3 +505,78 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     ));
     rows
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ours and every baseline do the same work: the same pages come out.
+    #[test]
+    fn dense_workload_outputs_agree() {
+        let span = 64 * MIB;
+        let mut w = DenseReport::new(span);
+        w.prepare_ours();
+        w.ours_at(PAGE);
+        assert!(w.output.iter().all(|&b| b == 0xff), "ours at 4 KiB");
+        w.prepare_ours();
+        w.ours_at(2 * MIB);
+        assert!(
+            w.output_2m[..(span / (2 * MIB) / 8) as usize]
+                .iter()
+                .all(|&b| b == 0xff),
+            "ours at 2 MiB"
+        );
+        w.output.fill(0);
+        w.ours_2m_at_4k();
+        assert!(w.output.iter().all(|&b| b == 0xff), "2 MiB log at 4 KiB");
+        w.prepare_vm_memory();
+        assert!(
+            w.vm_memory
+                .get_and_reset()
+                .iter()
+                .all(|&word| word == u64::MAX),
+            "vm-memory"
+        );
+        w.prepare_baselines();
+        w.output.fill(0);
+        w.byte_atomic();
+        assert!(w.output.iter().all(|&b| b == 0xff), "byte-atomic");
+        w.output.fill(0);
+        w.naive();
+        assert!(w.output.iter().all(|&b| b == 0xff), "per-bit loop");
+    }
+
+    #[test]
+    fn sparse_workload_reports_its_pages() {
+        let mut w = SparseReport::new(100);
+        w.prepare();
+        w.ours();
+        assert!(w.reported_pages() >= 99 && w.reported_pages() <= 100);
+        let words = w.vm_memory.get_and_reset();
+        let ones: u32 = words.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(u64::from(ones), w.reported_pages());
+    }
+
+    #[test]
+    fn mark_workloads_mark_the_same_pages() {
+        let mut w = MarkRandom::new(64 * KIB);
+        let mut v = MarkRandom::new(64 * KIB);
+        for _ in 0..100 {
+            w.ours();
+            v.vm_memory();
+        }
+        let vm: Vec<u64> = v.vm_memory.get_and_reset();
+        let mut ours = vec![0u8; (GIB / PAGE / 8) as usize];
+        let mut bitmap = IovaBitmap::new(0, GIB, PAGE, &mut ours).unwrap();
+        w.ours.read_and_clear(0, GIB, &mut bitmap);
+        let ours_words: Vec<u64> = ours
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert!(
+            ours_words == vm,
+            "ours and vm-memory marked different pages"
+        );
+        assert!(vm.iter().any(|&w| w != 0));
+    }
+}
