@@ -35,3 +35,7 @@ pub use logging_core::{Dialect, LoggingCore};
 pub use ranges::IovaRange;
 pub use soft::SoftDriver;
 pub use tracker::{DirtyTracker, InProcessTracker, TrackerError};
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
