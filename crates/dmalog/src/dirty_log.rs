@@ -340,17 +340,31 @@ impl DirtyLog {
     /// bitmap, never cleared. Cost: one summary load per 4096 log pages of the range plus
     /// one RMW per dirty word.
     pub fn read_and_clear(&self, iova: u64, len: u64, bitmap: &mut IovaBitmap<'_>) {
+        let emitter = Emitter {
+            conversion: self.conversion(bitmap),
+            pending_bit: NO_PENDING_BIT,
+        };
+        let mut sink = BitmapSink { emitter, bitmap };
+        self.clear_walk(iova, len, &mut sink);
+        sink.emitter.finish(sink.bitmap);
+    }
+
+    /// Clears the dirty pages of `[iova, iova+len)` and calls `page(iova)` with the first
+    /// IOVA of each, in increasing order: how a hardware tracker walks its log to send
+    /// page addresses. `page` may block (a full receive ring): the walk simply waits.
+    pub fn drain_pages(&self, iova: u64, len: u64, page: impl FnMut(u64)) {
+        self.clear_walk(iova, len, &mut PageSink { page });
+    }
+
+    /// The clearing walk shared by every kind of report: summary words, then the flagged
+    /// words, whole or (at the range edges) partial, handed to `sink`.
+    fn clear_walk(&self, iova: u64, len: u64, sink: &mut impl WordSink) {
         let Some((first, last)) = self.page_span(iova, len) else {
             return;
         };
-        let conversion = self.conversion(bitmap);
         // Reports normally run one at a time (the logging core serialises them); if two
         // overlap, the second uses only read-modify-writes.
         let exclusive = !self.reporting.swap(true, Ordering::Acquire);
-        let mut emitter = Emitter {
-            conversion,
-            pending_bit: NO_PENDING_BIT,
-        };
         let (first_word, last_word) = (first / 64, last / 64);
         for summary_index in first_word / 64..=last_word / 64 {
             let lo_word = first_word.max(summary_index * 64);
@@ -362,45 +376,10 @@ impl DirtyLog {
             }
             let mut flagged = summary.fetch_and(!summary_mask, Ordering::AcqRel) & summary_mask; // R1
             let group_first_word = summary_index * 64;
-            // Dense fast path: a group of 64 whole log words that maps onto 64 whole report
-            // words inside the bitmap: one bounds check for the group.
-            if let Conversion::Words { word_shift } = conversion {
-                if group_first_word > first_word && group_first_word + 63 < last_word {
-                    if let Some(out) =
-                        bitmap.aligned_words_mut(group_first_word as i128 + word_shift, 64)
-                    {
-                        while flagged != 0 {
-                            let slot = flagged.trailing_zeros() as usize;
-                            flagged &= flagged - 1;
-                            let word = &self.words[group_first_word as usize + slot];
-                            if let Some(value) = Self::take_whole_word(word, exclusive) {
-                                let dst = &mut out[8 * slot..8 * slot + 8];
-                                let mut current = [0u8; 8];
-                                current.copy_from_slice(dst);
-                                dst.copy_from_slice(
-                                    &(u64::from_le_bytes(current) | value).to_le_bytes(),
-                                );
-                            }
-                        }
-                        continue;
-                    }
-                }
-            }
             if group_first_word > first_word && group_first_word + 63 < last_word {
                 // Interior group: only whole words.
-                if let Conversion::Group { k, shift } = conversion {
-                    if k >= 6 {
-                        while flagged != 0 {
-                            let word_index = group_first_word + flagged.trailing_zeros() as u64;
-                            flagged &= flagged - 1;
-                            if let Some(value) =
-                                Self::take_whole_word(&self.words[word_index as usize], exclusive)
-                            {
-                                emitter.emit_coarse(k, shift, word_index, value, bitmap);
-                            }
-                        }
-                        continue;
-                    }
+                if sink.interior_group(self, group_first_word, flagged, exclusive) {
+                    continue;
                 }
                 while flagged != 0 {
                     let word_index = group_first_word + flagged.trailing_zeros() as u64;
@@ -408,7 +387,7 @@ impl DirtyLog {
                     if let Some(value) =
                         Self::take_whole_word(&self.words[word_index as usize], exclusive)
                     {
-                        emitter.emit(self, word_index, value, bitmap);
+                        sink.word(self, word_index, value);
                     }
                 }
                 continue;
@@ -442,13 +421,108 @@ impl DirtyLog {
                     old & page_mask
                 };
                 if value != 0 {
-                    emitter.emit(self, word_index, value, bitmap);
+                    sink.word(self, word_index, value);
                 }
             }
         }
-        emitter.finish(bitmap);
         if exclusive {
             self.reporting.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// Receives the dirty words a clearing walk takes.
+trait WordSink {
+    /// A whole interior group of 64 words (`flagged` says which may be dirty). A sink with a
+    /// faster way to take them all returns true after taking them with
+    /// [`DirtyLog::take_whole_word`]; false leaves them to [`WordSink::word`].
+    fn interior_group(
+        &mut self,
+        log: &DirtyLog,
+        group_first_word: u64,
+        flagged: u64,
+        exclusive: bool,
+    ) -> bool {
+        let _ = (log, group_first_word, flagged, exclusive);
+        false
+    }
+
+    /// The dirty pages `value` of log word `word_index`, already cleared from the log.
+    fn word(&mut self, log: &DirtyLog, word_index: u64, value: u64);
+}
+
+/// Reports into an [`IovaBitmap`], converting page sizes.
+struct BitmapSink<'b, 'a> {
+    emitter: Emitter,
+    bitmap: &'b mut IovaBitmap<'a>,
+}
+
+impl WordSink for BitmapSink<'_, '_> {
+    fn interior_group(
+        &mut self,
+        log: &DirtyLog,
+        group_first_word: u64,
+        mut flagged: u64,
+        exclusive: bool,
+    ) -> bool {
+        match self.emitter.conversion {
+            // Dense fast path: 64 whole log words onto 64 whole report words inside the
+            // bitmap: one bounds check for the group.
+            Conversion::Words { word_shift } => {
+                let Some(out) = self
+                    .bitmap
+                    .aligned_words_mut(group_first_word as i128 + word_shift, 64)
+                else {
+                    return false;
+                };
+                while flagged != 0 {
+                    let slot = flagged.trailing_zeros() as usize;
+                    flagged &= flagged - 1;
+                    let word = &log.words[group_first_word as usize + slot];
+                    if let Some(value) = DirtyLog::take_whole_word(word, exclusive) {
+                        let dst = &mut out[8 * slot..8 * slot + 8];
+                        let mut current = [0u8; 8];
+                        current.copy_from_slice(dst);
+                        dst.copy_from_slice(&(u64::from_le_bytes(current) | value).to_le_bytes());
+                    }
+                }
+                true
+            }
+            Conversion::Group { k, shift } if k >= 6 => {
+                while flagged != 0 {
+                    let word_index = group_first_word + flagged.trailing_zeros() as u64;
+                    flagged &= flagged - 1;
+                    if let Some(value) =
+                        DirtyLog::take_whole_word(&log.words[word_index as usize], exclusive)
+                    {
+                        self.emitter
+                            .emit_coarse(k, shift, word_index, value, self.bitmap);
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    #[inline]
+    fn word(&mut self, log: &DirtyLog, word_index: u64, value: u64) {
+        self.emitter.emit(log, word_index, value, self.bitmap);
+    }
+}
+
+/// Hands each dirty page's IOVA to a closure.
+struct PageSink<F> {
+    page: F,
+}
+
+impl<F: FnMut(u64)> WordSink for PageSink<F> {
+    fn word(&mut self, log: &DirtyLog, word_index: u64, mut value: u64) {
+        let first_page = log.base_iova + ((64 * word_index) << log.page_shift);
+        while value != 0 {
+            let bit = u64::from(value.trailing_zeros());
+            value &= value - 1;
+            (self.page)(first_page + (bit << log.page_shift));
         }
     }
 }
