@@ -6,6 +6,7 @@
 //! - [`ranges`]: START range validation and the smallest-gap merge.
 //! - [`logging_core`]: DEVICE_FEATURE validation per SPEC 3, driving a [`driver::LogDriver`].
 //! - [`soft`]: the software tracker (SPEC 5.1).
+//! - [`mlx5`]: a model of the mlx5 hardware tracker, device and driver halves (SPEC 5.2).
 //! - [`tracker`]: the consumer trait [`tracker::DirtyTracker`] and its in-process backend.
 //! - [`conformance`] (feature `conformance`): the suite every driver runs.
 
@@ -20,6 +21,7 @@ pub mod driver;
 pub mod error;
 pub mod iova_bitmap;
 pub mod logging_core;
+pub mod mlx5;
 pub mod ranges;
 pub mod soft;
 mod sync;
@@ -32,6 +34,7 @@ pub use driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 pub use error::{LogError, LogResult};
 pub use iova_bitmap::IovaBitmap;
 pub use logging_core::{Dialect, LoggingCore};
+pub use mlx5::{Mlx5Caps, Mlx5Driver, Mlx5Fault};
 pub use ranges::IovaRange;
 pub use soft::SoftDriver;
 pub use tracker::{DirtyTracker, InProcessTracker, TrackerError};

@@ -39,6 +39,21 @@ impl std::fmt::Debug for SoftLog {
 }
 
 impl SoftLog {
+    /// A log over fixed ranges (no later additions).
+    pub(crate) fn fixed(ranges: Vec<DirtyLog>) -> SoftLog {
+        SoftLog {
+            ranges,
+            added: Box::new([]),
+            added_len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Clears the dirty pages of `[iova, iova+length)` and calls `page` with each one's
+    /// IOVA (range by range, increasing within a range).
+    pub fn drain_pages(&self, iova: u64, length: u64, mut page: impl FnMut(u64)) {
+        self.for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
+    }
+
     fn added(&self) -> impl Iterator<Item = &DirtyLog> {
         let len = self.added_len.load(Ordering::Acquire);
         self.added[..len].iter().filter_map(OnceLock::get)
