@@ -4,7 +4,7 @@ use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
-use dmalog::{DirtyLog, IovaBitmap};
+use dmalog::{DirtyLog, IovaBitmap, IovaRange, LogDriver, Mlx5Caps, Mlx5Driver, SoftDriver};
 use vm_memory::bitmap::AtomicBitmap;
 
 use crate::baselines::{ByteAtomicLog, NaiveBitLog};
@@ -345,6 +345,78 @@ impl DenseReport {
     }
 }
 
+/// The same dirty pages reported through the mlx5 model (device half to driver half to
+/// IovaBitmap) and through the soft driver.
+pub struct TrackerReports {
+    /// Bytes tracked (one range from 0).
+    pub span: u64,
+    /// The mlx5 model (cx7 capabilities).
+    pub mlx5: Mlx5Driver,
+    /// The soft driver.
+    pub soft: SoftDriver,
+    output: Vec<u8>,
+}
+
+impl TrackerReports {
+    /// Both trackers started over `[0, span)` at 4 KiB.
+    pub fn new(span: u64) -> Self {
+        let range = [IovaRange::new(0, span).expect("range")];
+        let mut mlx5 = Mlx5Driver::new(Mlx5Caps::cx7());
+        let mut soft = SoftDriver::new();
+        let (mut page_a, mut page_b) = (PAGE, PAGE);
+        mlx5.start(&range, &mut page_a).expect("mlx5 start");
+        soft.start(&range, &mut page_b).expect("soft start");
+        TrackerReports {
+            span,
+            mlx5,
+            soft,
+            output: vec![0u8; (span / PAGE / 8) as usize],
+        }
+    }
+
+    /// Dirties `pages` pages spread evenly over the span on both trackers. Untimed.
+    pub fn dirty(&mut self, pages: u64) {
+        use dmalog::DirtyMarker;
+        let stride = (self.span / PAGE / pages.max(1)).max(1) * PAGE;
+        let (mlx5, soft) = (
+            self.mlx5.log().expect("started"),
+            self.soft.log().expect("started"),
+        );
+        let mut at = 0;
+        while at < self.span {
+            mlx5.mark(at, 1);
+            soft.mark(at, 1);
+            at += stride;
+        }
+    }
+
+    /// A report of the whole span through the mlx5 model.
+    pub fn mlx5(&mut self) {
+        let mut bitmap = IovaBitmap::new(0, self.span, PAGE, &mut self.output).expect("bitmap");
+        self.mlx5
+            .read_and_clear(0, self.span, &mut bitmap)
+            .expect("mlx5 report");
+    }
+
+    /// A report of the whole span through the soft driver.
+    pub fn soft(&mut self) {
+        let mut bitmap = IovaBitmap::new(0, self.span, PAGE, &mut self.output).expect("bitmap");
+        self.soft
+            .read_and_clear(0, self.span, &mut bitmap)
+            .expect("soft report");
+    }
+
+    /// Pages set in the output.
+    pub fn reported_pages(&self) -> u64 {
+        self.output.iter().map(|b| u64::from(b.count_ones())).sum()
+    }
+
+    /// Clears the output. Untimed.
+    pub fn clear_output(&mut self) {
+        self.output.fill(0);
+    }
+}
+
 /// The quick subset behind `dmalog bench`: every target row plus informational baselines.
 /// `progress` is told the name of each measurement as it starts. Runs in well under a
 /// minute on 2 cores.
@@ -502,6 +574,56 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
         "memset of the output bitmap",
         memset,
         Target::Within(3.0),
+    ));
+    drop(w);
+
+    progress("mlx5 model: report pipeline");
+    let entries = 1u64 << 20;
+    let mut w = TrackerReports::new(entries * PAGE);
+    let mlx5 = best_ns(
+        batches,
+        1,
+        &mut w,
+        |w| {
+            w.clear_output();
+            w.dirty(entries)
+        },
+        |w| w.mlx5(),
+    );
+    assert_eq!(
+        w.reported_pages(),
+        entries,
+        "the mlx5 pipeline reported every page"
+    );
+    let soft = best_ns(batches, 1, &mut w, |w| w.dirty(entries), |w| w.soft());
+    // The target is a rate: 50 M entries/s is this many ns for the batch.
+    let target_ns = entries as f64 / 50e6 * 1e9;
+    rows.push(Row::new(
+        "mlx5 report pipeline, 1 Mi dirty entries",
+        mlx5,
+        "the 50 M entries/s target",
+        target_ns,
+        Target::Faster(1.0),
+    ));
+    rows.push(Row::new(
+        "mlx5 report pipeline, 1 Mi dirty entries",
+        mlx5,
+        "soft driver, same pages",
+        soft,
+        Target::None,
+    ));
+    drop(w);
+
+    progress("mlx5 model: empty report over 2^42 bytes");
+    let mut w = TrackerReports::new(1 << 42);
+    let mlx5 = best_ns(batches, 1, &mut w, |_| {}, |w| w.mlx5());
+    let soft = best_ns(batches, 1, &mut w, |_| {}, |w| w.soft());
+    rows.push(Row::new(
+        "mlx5 empty report, 2^42 bytes at 4 KiB",
+        mlx5,
+        "soft driver, same report",
+        soft,
+        Target::Within(2.0),
     ));
     rows
 }

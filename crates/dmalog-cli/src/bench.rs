@@ -65,12 +65,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
             };
             writeln!(
                 out,
-                "{:<42} {:>12} {:<40} {:>12} {:>8.2}x {:<16} {}",
+                "{:<42} {:>12} {:<40} {:>12} {:>8}x {:<16} {}",
                 row.measurement,
                 format_ns(row.ours_ns),
                 row.baseline,
                 format_ns(row.baseline_ns),
-                row.speedup,
+                format_ratio(row.speedup),
                 row.target,
                 met
             )?;
@@ -81,6 +81,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Three significant digits: 256, 13.8, 2.09, 0.00437.
+fn format_ratio(ratio: f64) -> String {
+    let digits = if ratio >= 100.0 {
+        0
+    } else if ratio >= 10.0 {
+        1
+    } else if ratio >= 1.0 {
+        2
+    } else {
+        (2.0 - ratio.log10().floor()) as usize
+    };
+    format!("{ratio:.digits$}")
 }
 
 fn format_ns(ns: f64) -> String {
