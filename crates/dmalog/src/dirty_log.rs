@@ -349,6 +349,39 @@ impl DirtyLog {
         sink.emitter.finish(sink.bitmap);
     }
 
+    /// Reports the dirty pages of `[iova, iova+len)` into `bitmap` like
+    /// [`DirtyLog::read_and_clear`], but leaves the log as it is (the iommufd NO_CLEAR read).
+    pub fn read(&self, iova: u64, len: u64, bitmap: &mut IovaBitmap<'_>) {
+        let Some((first, last)) = self.page_span(iova, len) else {
+            return;
+        };
+        let mut emitter = Emitter {
+            conversion: self.conversion(bitmap),
+            pending_bit: NO_PENDING_BIT,
+        };
+        for word_index in first / 64..=last / 64 {
+            let summary = self.summary[(word_index / 64) as usize].load(Ordering::Acquire);
+            if summary & (1u64 << (word_index % 64)) == 0 {
+                continue;
+            }
+            let lo = if word_index == first / 64 {
+                first % 64
+            } else {
+                0
+            };
+            let hi = if word_index == last / 64 {
+                last % 64
+            } else {
+                63
+            };
+            let value = self.words[word_index as usize].load(Ordering::Acquire) & bit_span(lo, hi);
+            if value != 0 {
+                emitter.emit(self, word_index, value, bitmap);
+            }
+        }
+        emitter.finish(bitmap);
+    }
+
     /// Clears the dirty pages of `[iova, iova+len)` and calls `page(iova)` with the first
     /// IOVA of each, in increasing order: how a hardware tracker walks its log to send
     /// page addresses. `page` may block (a full receive ring): the walk simply waits.

@@ -37,7 +37,7 @@ pub use logging_core::{Dialect, LoggingCore};
 pub use mlx5::{Mlx5Caps, Mlx5Driver, Mlx5Fault};
 pub use ranges::IovaRange;
 pub use soft::SoftDriver;
-pub use tracker::{DirtyTracker, InProcessTracker, TrackerError};
+pub use tracker::{DirtyTracker, InProcessTracker, MigrationDevice, PendingBytes, TrackerError};
 
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

@@ -85,9 +85,10 @@ pub fn check_feature_header(request: &[u8], dialect: Dialect) -> LogResult<Featu
     Ok(header)
 }
 
-/// The logging features' access rules (SPEC 3.1 steps 6-8): `Ok(true)` when the request is a
-/// PROBE that succeeded, `Ok(false)` when it should be carried out.
-fn check_access(header: &FeatureHeader, supported: u32) -> LogResult<bool> {
+/// A feature's access rules (SPEC 3.1 steps 6-8) given the accesses it `supported`
+/// (`FEATURE_GET`, `FEATURE_SET` or both): `Ok(true)` when the request is a PROBE that
+/// succeeded, `Ok(false)` when it should be carried out.
+pub fn check_access(header: &FeatureHeader, supported: u32) -> LogResult<bool> {
     if header.flags & (FEATURE_GET | FEATURE_SET) & !supported != 0 {
         return Err(LogError::Invalid("access not supported by this feature"));
     }

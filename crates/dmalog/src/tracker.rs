@@ -6,7 +6,7 @@ use crate::error::LogError;
 use crate::iova_bitmap::report_bits;
 use crate::logging_core::{Dialect, LoggingCore};
 use crate::ranges::IovaRange;
-use crate::uapi::LoggingRange;
+use crate::uapi::{DeviceState, LoggingRange};
 
 /// Why a dirty source failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +65,44 @@ pub trait DirtyTracker {
 
     /// Stops logging. Succeeds when not started.
     fn stop(&mut self) -> Result<(), TrackerError>;
+}
+
+/// Migration data the device still holds, as the device estimates it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PendingBytes {
+    /// PRE_COPY: initial data not yet read (must be read before STOP_COPY pays off).
+    pub initial_bytes: u64,
+    /// PRE_COPY: data that changed since it was read; STOP_COPY: all that is left.
+    pub dirty_bytes: u64,
+}
+
+/// A device whose state migrates (VFIO migration v2), however it is reached: a vfio-user
+/// server or a kernel VFIO device. What a migration engine needs besides [`DirtyTracker`].
+pub trait MigrationDevice {
+    /// The MIGRATION feature flags (`MIGRATION_STOP_COPY`, `_P2P`, `_PRE_COPY`).
+    fn migration_flags(&mut self) -> Result<u64, TrackerError>;
+
+    /// The current migration state.
+    fn device_state(&mut self) -> Result<DeviceState, TrackerError>;
+
+    /// Moves the device to `state` (through the shortest path of allowed arcs).
+    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError>;
+
+    /// Reads migration data in PRE_COPY or STOP_COPY into `buf`. `Ok(0)` means "nothing
+    /// more now" in PRE_COPY and "end of the device state" in STOP_COPY.
+    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError>;
+
+    /// Writes all of `data` in RESUMING.
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError>;
+
+    /// What the device still holds, if it can say (PRE_COPY info, STOP_COPY data size).
+    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError>;
+}
+
+/// The bytes of u64 bitmap words: on a little-endian host, bit `k` of word `k / 64` is bit
+/// `k % 8` of byte `k / 8`, the byte layout reports use.
+pub fn words_as_bytes(words: &mut [u64]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(words)
 }
 
 /// u64 words a report of `length` bytes at `page_size` needs.
@@ -135,7 +173,7 @@ impl<D: LogDriver> DirtyTracker for InProcessTracker<D> {
                 have_words: bitmap.len() as u64,
             });
         }
-        let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut bitmap[..need_words as usize]);
+        let bytes = words_as_bytes(&mut bitmap[..need_words as usize]);
         Ok(self
             .core
             .report(Dialect::Kernel, iova, length, page_size, bytes)?)

@@ -1,0 +1,433 @@
+//! Test implementations of the ioctl seam: a VFIO device and an iommufd HWPT served from
+//! dmalog's own kernel-dialect logic, in this process.
+//!
+//! - [`FakeVfioDevice`]: DMA logging features go to a [`LoggingCore`] in the kernel dialect
+//!   (pointers resolved inside the buffers the request lends, so every byte the consumer puts
+//!   in a request is checked by the kernel's rules); migration v2 with a real data fd (a
+//!   memfd), PRE_COPY info and MIG_DATA_SIZE, following the kernel's state arcs.
+//! - [`FakeIommu`]: `IOMMU_HWPT_SET_DIRTY_TRACKING` and `IOMMU_HWPT_GET_DIRTY_BITMAP` with
+//!   the kernel's checks, in order, over a [`DirtyLog`].
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::IntoRawFd;
+
+use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
+use dmalog::uapi::{
+    DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
+    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
+};
+use dmalog::{Dialect, DirtyLog, IovaBitmap, LogDriver, LoggingCore};
+
+use crate::seam::{BorrowedUserMemory, Errno, IoctlTarget, VfioIoctl};
+use crate::uapi::{
+    GetDirtyBitmap, PrecopyInfo, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES,
+    IOMMU_HWPT_DIRTY_TRACKING_ENABLE, IOMMU_HWPT_GET_DIRTY_BITMAP,
+    IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, IOMMU_HWPT_SET_DIRTY_TRACKING, PRECOPY_INFO_BYTES,
+    SET_DIRTY_TRACKING_BYTES, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO,
+};
+
+fn errno(err: dmalog::LogError) -> Errno {
+    Errno(err.errno())
+}
+
+/// The migration side of a fake device: a state machine with the kernel's arcs and a device
+/// state made of `initial` (sent in PRE_COPY) and `final_part` (sent in STOP_COPY).
+#[derive(Debug)]
+pub struct FakeMigration {
+    state: DeviceState,
+    flags: u64,
+    initial: Vec<u8>,
+    final_part: Vec<u8>,
+    file: Option<File>,
+    /// What a RESUMING device received, once it moved on to STOP.
+    pub loaded: Option<Vec<u8>>,
+    /// The arcs taken, in order (for tests of shortest paths).
+    pub arcs: Vec<(DeviceState, DeviceState)>,
+}
+
+impl FakeMigration {
+    /// A RUNNING device with MIGRATION `flags` whose state is `initial` then `final_part`.
+    pub fn new(flags: u64, initial: Vec<u8>, final_part: Vec<u8>) -> Self {
+        FakeMigration {
+            state: DeviceState::Running,
+            flags,
+            initial,
+            final_part,
+            file: None,
+            loaded: None,
+            arcs: Vec::new(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> DeviceState {
+        self.state
+    }
+
+    /// The whole device state a destination must receive.
+    pub fn image(&self) -> Vec<u8> {
+        [self.initial.as_slice(), self.final_part.as_slice()].concat()
+    }
+
+    fn arcs_from(state: DeviceState) -> &'static [DeviceState] {
+        use DeviceState::*;
+        match state {
+            Running => &[Stop, PreCopy],
+            Stop => &[Running, StopCopy, Resuming],
+            StopCopy => &[Stop],
+            Resuming => &[Stop],
+            PreCopy => &[Running, StopCopy],
+            _ => &[],
+        }
+    }
+
+    /// The shortest path of arcs to `target` with no saving state in its interior.
+    fn path(&self, target: DeviceState) -> Option<Vec<DeviceState>> {
+        let saving = |s: DeviceState| matches!(s, DeviceState::PreCopy | DeviceState::StopCopy);
+        let mut previous: Vec<(DeviceState, DeviceState)> = Vec::new();
+        let mut queue = VecDeque::from([self.state]);
+        let mut seen = vec![self.state];
+        while let Some(at) = queue.pop_front() {
+            if at == target {
+                let mut path = vec![at];
+                let mut cursor = at;
+                while let Some(&(_, from)) = previous.iter().find(|(to, _)| *to == cursor) {
+                    path.push(from);
+                    cursor = from;
+                }
+                path.reverse();
+                return Some(path);
+            }
+            if at != self.state && saving(at) {
+                continue; // a saving state may end a path, not pass through one
+            }
+            for &next in Self::arcs_from(at) {
+                if !seen.contains(&next) {
+                    seen.push(next);
+                    previous.push((next, at));
+                    queue.push_back(next);
+                }
+            }
+        }
+        None
+    }
+
+    fn new_data_file(&mut self, contents: &[u8]) -> Result<i32, Errno> {
+        let fd = rustix::fs::memfd_create("dmalog-fake-migration", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| Errno(e.raw_os_error()))?;
+        let mut file = File::from(fd);
+        file.write_all(contents).map_err(|_| Errno(libc::EIO))?;
+        file.seek(SeekFrom::Start(0))
+            .map_err(|_| Errno(libc::EIO))?;
+        let for_user = file.try_clone().map_err(|_| Errno(libc::EMFILE))?;
+        self.file = Some(file);
+        Ok(for_user.into_raw_fd())
+    }
+
+    /// Carries out one arc; returns a new data fd for the user when the arc creates one.
+    fn step(&mut self, from: DeviceState, to: DeviceState) -> Result<Option<i32>, Errno> {
+        use DeviceState::*;
+        let fd = match (from, to) {
+            (Running, PreCopy) => Some(self.new_data_file(&self.initial.clone())?),
+            (Stop, StopCopy) => Some(self.new_data_file(&self.image())?),
+            (Stop, Resuming) => Some(self.new_data_file(&[])?),
+            (PreCopy, StopCopy) => {
+                let file = self.file.as_mut().ok_or(Errno(libc::EIO))?;
+                let at = file.stream_position().map_err(|_| Errno(libc::EIO))?;
+                file.seek(SeekFrom::End(0)).map_err(|_| Errno(libc::EIO))?;
+                file.write_all(&self.final_part)
+                    .map_err(|_| Errno(libc::EIO))?;
+                file.seek(SeekFrom::Start(at))
+                    .map_err(|_| Errno(libc::EIO))?;
+                None
+            }
+            (Resuming, Stop) => {
+                let mut file = self.file.take().ok_or(Errno(libc::EIO))?;
+                let mut loaded = Vec::new();
+                file.seek(SeekFrom::Start(0))
+                    .map_err(|_| Errno(libc::EIO))?;
+                file.read_to_end(&mut loaded)
+                    .map_err(|_| Errno(libc::EIO))?;
+                let complete = loaded == self.image();
+                self.loaded = Some(loaded);
+                if !complete {
+                    return Err(Errno(libc::EINVAL)); // invalid or incomplete state data
+                }
+                None
+            }
+            (StopCopy, Stop) | (PreCopy, Running) => {
+                self.file = None;
+                None
+            }
+            _ => None,
+        };
+        self.arcs.push((from, to));
+        self.state = to;
+        Ok(fd)
+    }
+
+    fn transition(&mut self, target: u32) -> Result<i32, Errno> {
+        let target = DeviceState::from_u32(target).ok_or(Errno(libc::EINVAL))?;
+        if target == self.state {
+            return Ok(-1);
+        }
+        if self.state == DeviceState::Error
+            || (self.state == DeviceState::StopCopy && target == DeviceState::PreCopy)
+            || (self.flags & dmalog::uapi::MIGRATION_PRE_COPY == 0
+                && target == DeviceState::PreCopy)
+        {
+            return Err(Errno(libc::EINVAL));
+        }
+        let path = self.path(target).ok_or(Errno(libc::EINVAL))?;
+        let mut data_fd = -1;
+        for pair in path.windows(2) {
+            if let Some(fd) = self.step(pair[0], pair[1])? {
+                data_fd = fd;
+            }
+        }
+        Ok(data_fd)
+    }
+
+    fn remaining_bytes(&mut self) -> u64 {
+        let read = self
+            .file
+            .as_mut()
+            .and_then(|f| f.stream_position().ok())
+            .unwrap_or(0);
+        (self.initial.len() + self.final_part.len()) as u64
+            - read.min((self.initial.len() + self.final_part.len()) as u64)
+    }
+}
+
+/// A VFIO device served in process: DMA logging through a kernel-dialect [`LoggingCore`],
+/// migration through an optional [`FakeMigration`].
+pub struct FakeVfioDevice<D> {
+    /// The logging core (kernel dialect).
+    pub core: LoggingCore<D>,
+    /// Migration support (None: the migration features are ENOTTY).
+    pub migration: Option<FakeMigration>,
+}
+
+impl<D: LogDriver> FakeVfioDevice<D> {
+    /// A fake device over `core`, with or without migration.
+    pub fn new(core: LoggingCore<D>, migration: Option<FakeMigration>) -> Self {
+        FakeVfioDevice { core, migration }
+    }
+
+    fn feature(&mut self, arg: &mut [u8], referenced: &mut [&mut [u8]]) -> Result<i32, Errno> {
+        let header = check_feature_header(arg, Dialect::Kernel).map_err(errno)?;
+        if is_logging_feature(header.index()) {
+            let mut user = BorrowedUserMemory::new(referenced);
+            return self
+                .core
+                .handle_kernel(arg, &mut user)
+                .map(|()| 0)
+                .map_err(errno);
+        }
+        let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
+        let payload_len = header.argsz as usize - FEATURE_HEADER_BYTES;
+        let payload = arg
+            .get_mut(FEATURE_HEADER_BYTES..)
+            .ok_or(Errno(libc::EFAULT))?;
+        let (supported, minimum) = match header.index() {
+            FEATURE_MIGRATION => (FEATURE_GET, 8),
+            FEATURE_MIG_DEVICE_STATE => (FEATURE_GET | FEATURE_SET, 8),
+            FEATURE_MIG_DATA_SIZE => (FEATURE_GET, 8),
+            _ => return Err(Errno(libc::ENOTTY)),
+        };
+        if check_access(&header, supported).map_err(errno)? {
+            return Ok(0);
+        }
+        if payload_len < minimum || payload.len() < minimum {
+            return Err(Errno(libc::EINVAL));
+        }
+        match (header.index(), FeatureHeader::is_set(&header)) {
+            (FEATURE_MIGRATION, _) => payload[..8].copy_from_slice(&migration.flags.to_le_bytes()),
+            (FEATURE_MIG_DATA_SIZE, _) => {
+                payload[..8].copy_from_slice(&migration.remaining_bytes().to_le_bytes())
+            }
+            (_, false) => {
+                let reply = MigDeviceStatePayload {
+                    device_state: migration.state as u32,
+                    data_fd: -1,
+                };
+                payload[..8].copy_from_slice(&reply.encode());
+            }
+            (_, true) => {
+                let request =
+                    MigDeviceStatePayload::decode(payload).map_err(|_| Errno(libc::EINVAL))?;
+                let data_fd = migration.transition(request.device_state)?;
+                let reply = MigDeviceStatePayload {
+                    device_state: migration.state as u32,
+                    data_fd,
+                };
+                payload[..8].copy_from_slice(&reply.encode());
+            }
+        }
+        Ok(0)
+    }
+}
+
+impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
+    fn ioctl(
+        &mut self,
+        target: IoctlTarget,
+        request: u32,
+        arg: &mut [u8],
+        referenced: &mut [&mut [u8]],
+    ) -> Result<i32, Errno> {
+        match (target, request) {
+            (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(arg, referenced),
+            (IoctlTarget::DataFd(_), VFIO_MIG_GET_PRECOPY_INFO) => {
+                let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
+                if arg.len() < PRECOPY_INFO_BYTES || migration.state != DeviceState::PreCopy {
+                    return Err(Errno(libc::EINVAL));
+                }
+                let read = migration
+                    .file
+                    .as_mut()
+                    .and_then(|f| f.stream_position().ok())
+                    .unwrap_or(0);
+                let info = PrecopyInfo {
+                    initial_bytes: (migration.initial.len() as u64).saturating_sub(read),
+                    dirty_bytes: 0,
+                };
+                arg[..PRECOPY_INFO_BYTES].copy_from_slice(&info.encode());
+                Ok(0)
+            }
+            _ => Err(Errno(libc::ENOTTY)),
+        }
+    }
+}
+
+/// An iommufd HWPT with dirty tracking over one IO address space, at 4 KiB IOMMU pages.
+pub struct FakeIommu {
+    hwpt_id: u32,
+    dirty_capable: bool,
+    tracking: bool,
+    log: DirtyLog,
+}
+
+/// The IOMMU page (and IOVA alignment) of [`FakeIommu`].
+pub const FAKE_IOMMU_PAGE: u64 = 4096;
+
+impl FakeIommu {
+    /// HWPT `hwpt_id` over `[iova, iova+length)`; `dirty_capable == false` models an IOMMU
+    /// without dirty tracking (EOPNOTSUPP).
+    pub fn new(hwpt_id: u32, iova: u64, length: u64, dirty_capable: bool) -> Self {
+        let log = DirtyLog::new(iova, length, FAKE_IOMMU_PAGE).expect("fake IOAS geometry");
+        FakeIommu {
+            hwpt_id,
+            dirty_capable,
+            tracking: false,
+            log,
+        }
+    }
+
+    /// A DMA write by an attached device: the IOMMU marks it while tracking is on.
+    pub fn dma_write(&self, iova: u64, len: u64) {
+        if self.tracking {
+            self.log.record_write(iova, len);
+        }
+    }
+
+    /// Whether tracking is on.
+    pub fn tracking(&self) -> bool {
+        self.tracking
+    }
+
+    fn set_dirty_tracking(&mut self, arg: &[u8]) -> Result<i32, Errno> {
+        let (size, request, reserved) =
+            SetDirtyTracking::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
+        if (size as usize) < SET_DIRTY_TRACKING_BYTES {
+            return Err(Errno(libc::EINVAL));
+        }
+        if request.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 || reserved != 0 {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        if request.hwpt_id != self.hwpt_id {
+            return Err(Errno(libc::ENOENT));
+        }
+        if !self.dirty_capable {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        let enable = request.flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0;
+        if enable {
+            // A clean snapshot: enabling clears every stale dirty bit first.
+            self.log
+                .drain_pages(self.log.base_iova(), self.log.length(), |_| {});
+        }
+        self.tracking = enable;
+        Ok(0)
+    }
+
+    fn get_dirty_bitmap(&mut self, arg: &[u8], referenced: &mut [&mut [u8]]) -> Result<i32, Errno> {
+        let (size, request) = GetDirtyBitmap::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
+        if (size as usize) < GET_DIRTY_BITMAP_BYTES {
+            return Err(Errno(libc::EINVAL));
+        }
+        if request.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || request.reserved != 0 {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        if request.hwpt_id != self.hwpt_id {
+            return Err(Errno(libc::ENOENT));
+        }
+        if !self.dirty_capable {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        // iommufd_check_iova_range, in order.
+        let last = request
+            .iova
+            .checked_add(request.length.wrapping_sub(1))
+            .filter(|_| request.length != 0);
+        let last = match last {
+            Some(last) => last,
+            None if request.length == 0 => return Err(Errno(libc::EINVAL)),
+            None => return Err(Errno(libc::EOVERFLOW)),
+        };
+        let end = last.wrapping_add(1);
+        if request.iova % FAKE_IOMMU_PAGE != 0 || end % FAKE_IOMMU_PAGE != 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        if request.page_size == 0 || !request.page_size.is_power_of_two() {
+            return Err(Errno(libc::EINVAL));
+        }
+        if request.iova % request.page_size != 0 || end % request.page_size != 0 {
+            return Err(Errno(libc::EINVAL));
+        }
+        let bytes =
+            dmalog::iova_bitmap::report_bytes(request.length, request.page_size).map_err(errno)?;
+        let mut user = BorrowedUserMemory::new(referenced);
+        let buffer = dmalog::user_memory::UserMemory::bytes_mut(&mut user, request.data, bytes)
+            .map_err(errno)?;
+        let mut bitmap = IovaBitmap::new(request.iova, request.length, request.page_size, buffer)
+            .map_err(errno)?;
+        if request.flags & IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 {
+            self.log.read(request.iova, request.length, &mut bitmap);
+        } else {
+            self.log
+                .read_and_clear(request.iova, request.length, &mut bitmap);
+        }
+        Ok(0)
+    }
+}
+
+impl VfioIoctl for FakeIommu {
+    fn ioctl(
+        &mut self,
+        target: IoctlTarget,
+        request: u32,
+        arg: &mut [u8],
+        referenced: &mut [&mut [u8]],
+    ) -> Result<i32, Errno> {
+        match (target, request) {
+            (IoctlTarget::Device, IOMMU_HWPT_SET_DIRTY_TRACKING) => self.set_dirty_tracking(arg),
+            (IoctlTarget::Device, IOMMU_HWPT_GET_DIRTY_BITMAP) => {
+                self.get_dirty_bitmap(arg, referenced)
+            }
+            _ => Err(Errno(libc::ENOTTY)),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! iommufd HWPT dirty tracking as a [`DirtyTracker`]: the system IOMMU records DMA writes
+//! of every device attached to a hardware page table (`IOMMU_HWPT_SET_DIRTY_TRACKING`,
+//! `IOMMU_HWPT_GET_DIRTY_BITMAP`), for devices without their own tracker.
+//!
+//! The IOMMU tracks the whole IO address space of the HWPT: START ranges are not sent to
+//! the kernel (they only bound what the caller reports). Enabling clears stale dirty bits.
+
+use dmalog::error::LogError;
+use dmalog::tracker::{report_words, words_as_bytes};
+use dmalog::{DirtyTracker, IovaRange, TrackerError};
+
+use crate::seam::{Errno, IoctlTarget, VfioIoctl};
+use crate::uapi::{
+    GetDirtyBitmap, SetDirtyTracking, IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
+    IOMMU_HWPT_GET_DIRTY_BITMAP, IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
+    IOMMU_HWPT_SET_DIRTY_TRACKING,
+};
+
+/// Smallest report page size accepted (the IOMMU's base page).
+pub const IOMMU_MIN_PAGE_SIZE: u64 = 4096;
+
+/// Dirty tracking of one iommufd HWPT, through an ioctl seam on the iommufd.
+#[derive(Debug)]
+pub struct IommufdDirtyTracker<I: VfioIoctl> {
+    ioctl: I,
+    hwpt_id: u32,
+    enabled: bool,
+}
+
+fn kernel_error(errno: Errno) -> TrackerError {
+    match errno.0 {
+        libc::EOPNOTSUPP => LogError::NotSupported("this HWPT has no dirty tracking").into(),
+        other => LogError::from_errno(other).into(),
+    }
+}
+
+impl<I: VfioIoctl> IommufdDirtyTracker<I> {
+    /// Dirty tracking of HWPT `hwpt_id` (allocated with `IOMMU_HWPT_ALLOC_DIRTY_TRACKING`).
+    pub fn new(ioctl: I, hwpt_id: u32) -> Self {
+        IommufdDirtyTracker {
+            ioctl,
+            hwpt_id,
+            enabled: false,
+        }
+    }
+
+    /// The seam.
+    pub fn ioctl(&self) -> &I {
+        &self.ioctl
+    }
+
+    /// The seam, mutably.
+    pub fn ioctl_mut(&mut self) -> &mut I {
+        &mut self.ioctl
+    }
+
+    fn set_tracking(&mut self, enable: bool) -> Result<(), Errno> {
+        let flags = if enable {
+            IOMMU_HWPT_DIRTY_TRACKING_ENABLE
+        } else {
+            0
+        };
+        let mut arg = SetDirtyTracking {
+            flags,
+            hwpt_id: self.hwpt_id,
+        }
+        .encode();
+        self.ioctl
+            .ioctl(
+                IoctlTarget::Device,
+                IOMMU_HWPT_SET_DIRTY_TRACKING,
+                &mut arg,
+                &mut [],
+            )
+            .map(|_| ())
+    }
+
+    /// GET_DIRTY_BITMAP into `bitmap` bytes (`ceil(bits/8)` of them are written); with
+    /// `clear == false` the IOMMU keeps the dirty bits (read before an unmap).
+    pub fn report_bytes(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+        clear: bool,
+    ) -> Result<(), TrackerError> {
+        let request = GetDirtyBitmap {
+            hwpt_id: self.hwpt_id,
+            flags: if clear {
+                0
+            } else {
+                IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR
+            },
+            reserved: 0,
+            iova,
+            length,
+            page_size,
+            data: bitmap.as_mut_ptr() as u64,
+        };
+        let mut arg = request.encode();
+        self.ioctl
+            .ioctl(
+                IoctlTarget::Device,
+                IOMMU_HWPT_GET_DIRTY_BITMAP,
+                &mut arg,
+                &mut [bitmap],
+            )
+            .map_err(kernel_error)?;
+        Ok(())
+    }
+
+    /// Like [`DirtyTracker::report`] but leaves the bits in the IOMMU.
+    pub fn report_no_clear(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
+        self.report_words(iova, length, page_size, bitmap, false)
+    }
+
+    fn report_words(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+        clear: bool,
+    ) -> Result<(), TrackerError> {
+        let need_words = report_words(length, page_size)?;
+        if (bitmap.len() as u64) < need_words {
+            return Err(TrackerError::BufferTooSmall {
+                need_words,
+                have_words: bitmap.len() as u64,
+            });
+        }
+        let bytes = dmalog::iova_bitmap::report_bytes(length, page_size)? as usize;
+        self.report_bytes(
+            iova,
+            length,
+            page_size,
+            &mut words_as_bytes(bitmap)[..bytes],
+            clear,
+        )
+    }
+}
+
+impl<I: VfioIoctl> DirtyTracker for IommufdDirtyTracker<I> {
+    /// Whether the HWPT supports dirty tracking: disabling it (harmless when off) is refused
+    /// with EOPNOTSUPP by an IOMMU without dirty support. Call before `start`.
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        if self.enabled {
+            return Ok(true);
+        }
+        match self.set_tracking(false) {
+            Ok(()) => Ok(true),
+            Err(Errno(libc::EOPNOTSUPP)) => Ok(false),
+            Err(errno) => Err(kernel_error(errno)),
+        }
+    }
+
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        if self.enabled {
+            return Err(LogError::Invalid("dirty tracking already enabled").into());
+        }
+        if ranges.is_empty() {
+            return Err(LogError::Invalid("no ranges").into());
+        }
+        if !page_size.is_power_of_two() {
+            return Err(LogError::Invalid("page size is not a power of two").into());
+        }
+        self.set_tracking(true).map_err(kernel_error)?;
+        self.enabled = true;
+        Ok(page_size.max(IOMMU_MIN_PAGE_SIZE))
+    }
+
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
+        if !self.enabled {
+            return Err(LogError::Invalid("dirty tracking not enabled").into());
+        }
+        self.report_words(iova, length, page_size, bitmap, true)
+    }
+
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.enabled = false;
+        self.set_tracking(false).map_err(kernel_error)
+    }
+}

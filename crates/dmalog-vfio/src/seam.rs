@@ -1,0 +1,140 @@
+//! The ioctl seam: every kernel call of the consumers goes through [`VfioIoctl`]. The real
+//! implementation ([`KernelIoctl`]) calls the kernel; the test implementations in
+//! [`crate::fake`] serve the same requests from the logging core in the kernel dialect.
+//!
+//! A request is the struct the kernel would copy in (`arg`), plus the buffers its embedded
+//! pointers point into (`referenced`): START's range array, REPORT's bitmap. The kernel
+//! reads and writes those through the pointers; a test implementation resolves each pointer
+//! inside `referenced` only, so a consumer that computes a wrong pointer or size gets
+//! EFAULT, as from the kernel, instead of touching memory it did not lend.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use dmalog::error::{LogError, LogResult};
+use dmalog::user_memory::UserMemory;
+
+/// Which file descriptor an ioctl goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoctlTarget {
+    /// The VFIO device fd (or the iommufd, for an iommufd seam).
+    Device,
+    /// A migration data fd returned by MIG_DEVICE_STATE.
+    DataFd(RawFd),
+}
+
+/// An ioctl failed with this errno.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("errno {0} ({msg})", msg = std::io::Error::from_raw_os_error(*.0))]
+pub struct Errno(pub i32);
+
+/// Issues ioctls. See the module documentation for `arg` and `referenced`.
+pub trait VfioIoctl: Send {
+    /// Issues `request` on `target`; returns the ioctl's non-negative return value.
+    fn ioctl(
+        &mut self,
+        target: IoctlTarget,
+        request: u32,
+        arg: &mut [u8],
+        referenced: &mut [&mut [u8]],
+    ) -> Result<i32, Errno>;
+}
+
+/// The real kernel, through an open device (or iommufd) file descriptor.
+#[derive(Debug)]
+pub struct KernelIoctl {
+    fd: OwnedFd,
+}
+
+impl KernelIoctl {
+    /// Takes ownership of a device or iommufd file descriptor.
+    pub fn new(fd: OwnedFd) -> Self {
+        KernelIoctl { fd }
+    }
+
+    /// Opens a device path read-write (`/dev/vfio/devices/vfioN`, `/dev/iommu`).
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        Ok(KernelIoctl { fd: file.into() })
+    }
+
+    /// The raw fd (to pass to `VFIO_DEVICE_BIND_IOMMUFD`).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl VfioIoctl for KernelIoctl {
+    fn ioctl(
+        &mut self,
+        target: IoctlTarget,
+        request: u32,
+        arg: &mut [u8],
+        referenced: &mut [&mut [u8]],
+    ) -> Result<i32, Errno> {
+        let fd = match target {
+            IoctlTarget::Device => self.fd.as_raw_fd(),
+            IoctlTarget::DataFd(fd) => fd,
+        };
+        // The kernel dereferences the pointers inside `arg`; they point into `referenced`,
+        // which stays mutably borrowed (alive, unaliased) until the call returns.
+        let _ = referenced;
+        // SAFETY: `arg` is a live, writable buffer holding the whole structure the ioctl
+        // expects (its argsz/size field equals `arg.len()` or less), and every pointer stored
+        // in it refers to a slice of `referenced`, mutably borrowed for this call, so the
+        // kernel reads and writes only memory we own for the call's duration.
+        let ret = unsafe { libc::ioctl(fd, request as libc::c_ulong, arg.as_mut_ptr()) };
+        if ret < 0 {
+            Err(Errno(
+                std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            ))
+        } else {
+            Ok(ret)
+        }
+    }
+}
+
+/// [`UserMemory`] over the buffers a request lends: a user address resolves only inside one
+/// of them, at its real address in this process.
+pub struct BorrowedUserMemory<'r, 'b> {
+    buffers: &'r mut [&'b mut [u8]],
+}
+
+impl<'r, 'b> BorrowedUserMemory<'r, 'b> {
+    /// Memory made of `buffers`.
+    pub fn new(buffers: &'r mut [&'b mut [u8]]) -> Self {
+        BorrowedUserMemory { buffers }
+    }
+
+    fn locate(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]> {
+        for buffer in self.buffers.iter_mut() {
+            let base = buffer.as_ptr() as u64;
+            if addr >= base {
+                let offset = addr - base;
+                if offset
+                    .checked_add(len)
+                    .is_some_and(|end| end <= buffer.len() as u64)
+                {
+                    return Ok(&mut buffer[offset as usize..(offset + len) as usize]);
+                }
+            }
+        }
+        Err(LogError::Fault { addr, len })
+    }
+}
+
+impl UserMemory for BorrowedUserMemory<'_, '_> {
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> LogResult<()> {
+        let src = self.locate(addr, out.len() as u64)?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn bytes_mut(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]> {
+        self.locate(addr, len)
+    }
+}
