@@ -1,7 +1,9 @@
 //! The `dmalog` command.
 //!
-//! `dmalog bench [--json]` runs the quick benchmark subset (dirty log against vm-memory's
-//! `AtomicBitmap` and the other baselines) and prints a table or one JSON object.
+//! - `dmalog bench [--json]`: the quick benchmark subset (dirty log against vm-memory's
+//!   `AtomicBitmap` and the other baselines), as a table or one JSON object.
+//! - `dmalog probe [DEVICE] [--try-start IOVA:LENGTH] [--json]`: what a kernel VFIO device
+//!   supports.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -10,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod probe;
 
 /// Device DMA dirty-page logging for VFIO live migration.
 #[derive(Parser, Debug)]
@@ -24,6 +27,9 @@ enum Command {
     /// Run the quick benchmark subset (under a minute) and print ratios against baselines
     /// measured in the same run.
     Bench(bench::BenchArgs),
+    /// Report what a kernel VFIO device supports: DMA logging, migration, PRE_COPY (exit 2
+    /// on a machine without VFIO).
+    Probe(probe::ProbeArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +43,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args).context("dmalog bench"),
+        Command::Probe(args) => probe::run(&args).context("dmalog probe"),
     };
     match result {
         Ok(code) => code,
