@@ -8,7 +8,6 @@
 //! - [`FakeIommu`]: `IOMMU_HWPT_SET_DIRTY_TRACKING` and `IOMMU_HWPT_GET_DIRTY_BITMAP` with
 //!   the kernel's checks, in order, over a [`DirtyLog`].
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::IntoRawFd;
@@ -71,49 +70,6 @@ impl FakeMigration {
         [self.initial.as_slice(), self.final_part.as_slice()].concat()
     }
 
-    fn arcs_from(state: DeviceState) -> &'static [DeviceState] {
-        use DeviceState::*;
-        match state {
-            Running => &[Stop, PreCopy],
-            Stop => &[Running, StopCopy, Resuming],
-            StopCopy => &[Stop],
-            Resuming => &[Stop],
-            PreCopy => &[Running, StopCopy],
-            _ => &[],
-        }
-    }
-
-    /// The shortest path of arcs to `target` with no saving state in its interior.
-    fn path(&self, target: DeviceState) -> Option<Vec<DeviceState>> {
-        let saving = |s: DeviceState| matches!(s, DeviceState::PreCopy | DeviceState::StopCopy);
-        let mut previous: Vec<(DeviceState, DeviceState)> = Vec::new();
-        let mut queue = VecDeque::from([self.state]);
-        let mut seen = vec![self.state];
-        while let Some(at) = queue.pop_front() {
-            if at == target {
-                let mut path = vec![at];
-                let mut cursor = at;
-                while let Some(&(_, from)) = previous.iter().find(|(to, _)| *to == cursor) {
-                    path.push(from);
-                    cursor = from;
-                }
-                path.reverse();
-                return Some(path);
-            }
-            if at != self.state && saving(at) {
-                continue; // a saving state may end a path, not pass through one
-            }
-            for &next in Self::arcs_from(at) {
-                if !seen.contains(&next) {
-                    seen.push(next);
-                    previous.push((next, at));
-                    queue.push_back(next);
-                }
-            }
-        }
-        None
-    }
-
     fn new_data_file(&mut self, contents: &[u8]) -> Result<i32, Errno> {
         let fd = rustix::fs::memfd_create("dmalog-fake-migration", rustix::fs::MemfdFlags::CLOEXEC)
             .map_err(|e| Errno(e.raw_os_error()))?;
@@ -170,17 +126,10 @@ impl FakeMigration {
 
     fn transition(&mut self, target: u32) -> Result<i32, Errno> {
         let target = DeviceState::from_u32(target).ok_or(Errno(libc::EINVAL))?;
-        if target == self.state {
-            return Ok(-1);
-        }
-        if self.state == DeviceState::Error
-            || (self.state == DeviceState::StopCopy && target == DeviceState::PreCopy)
-            || (self.flags & dmalog::uapi::MIGRATION_PRE_COPY == 0
-                && target == DeviceState::PreCopy)
-        {
+        if self.flags & dmalog::uapi::MIGRATION_PRE_COPY == 0 && target == DeviceState::PreCopy {
             return Err(Errno(libc::EINVAL));
         }
-        let path = self.path(target).ok_or(Errno(libc::EINVAL))?;
+        let path = dmalog::migration::migration_path(self.state, target).map_err(errno)?;
         let mut data_fd = -1;
         for pair in path.windows(2) {
             if let Some(fd) = self.step(pair[0], pair[1])? {

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod error;
 pub mod iova_bitmap;
 pub mod logging_core;
+pub mod migration;
 pub mod mlx5;
 pub mod ranges;
 pub mod soft;

@@ -1,0 +1,2 @@
+//! dmalog device side (in progress).
+pub mod shared_memory;

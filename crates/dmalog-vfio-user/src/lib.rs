@@ -1,0 +1,1 @@
+//! vfio-user for dmalog (in progress).
