@@ -1,2 +1,13 @@
-//! dmalog device side (in progress).
+//! dmalog's device side: the DMA space a device writes guest memory through (bounds-checked,
+//! every write logged on the live tracker), the [`Device`] trait a vfio-user server adapts
+//! to the wire, the migration state machine, and the emulated devices.
+
+pub mod device;
+pub mod dma_engine;
+pub mod dma_space;
 pub mod shared_memory;
+
+pub use device::{Device, DeviceError, IrqInfo, MigrationMachine, RegionInfo};
+pub use dma_engine::DmaEngine;
+pub use dma_space::{DmaAccessor, DmaBacking, DmaFault, DmaRegion, DmaSpace, MapError};
+pub use shared_memory::SharedMapping;
