@@ -4,6 +4,8 @@
 //!   `AtomicBitmap` and the other baselines), as a table or one JSON object.
 //! - `dmalog probe [DEVICE] [--try-start IOVA:LENGTH] [--json]`: what a kernel VFIO device
 //!   supports.
+//! - `dmalog serve --socket PATH [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
+//!   vfio-user device server.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -13,6 +15,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod probe;
+mod serve;
 
 /// Device DMA dirty-page logging for VFIO live migration.
 #[derive(Parser, Debug)]
@@ -30,6 +33,8 @@ enum Command {
     /// Report what a kernel VFIO device supports: DMA logging, migration, PRE_COPY (exit 2
     /// on a machine without VFIO).
     Probe(probe::ProbeArgs),
+    /// Serve an emulated device over vfio-user (DMA logging and migration v2).
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +49,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench::run(&args).context("dmalog bench"),
         Command::Probe(args) => probe::run(&args).context("dmalog probe"),
+        Command::Serve(args) => serve::run(&args).context("dmalog serve"),
     };
     match result {
         Ok(code) => code,

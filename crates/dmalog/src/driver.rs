@@ -45,6 +45,33 @@ pub trait LogDriver: Send {
     }
 }
 
+impl<T: LogDriver + ?Sized> LogDriver for Box<T> {
+    fn start(&mut self, ranges: &[IovaRange], page_size: &mut u64) -> LogResult<()> {
+        (**self).start(ranges, page_size)
+    }
+
+    fn stop(&mut self) {
+        (**self).stop()
+    }
+
+    fn read_and_clear(
+        &mut self,
+        iova: u64,
+        length: u64,
+        bitmap: &mut IovaBitmap<'_>,
+    ) -> LogResult<()> {
+        (**self).read_and_clear(iova, length, bitmap)
+    }
+
+    fn max_ranges(&self) -> usize {
+        (**self).max_ranges()
+    }
+
+    fn add_range(&mut self, range: IovaRange) -> LogResult<()> {
+        (**self).add_range(range)
+    }
+}
+
 /// The part of a live log that DMA writers touch: mark pages dirty, lock-free.
 pub trait DirtyMarker: Send + Sync {
     /// Marks every page `[iova, iova+len)` touches; IOVA outside the log is ignored. The

@@ -1,0 +1,55 @@
+//! `dmalog serve`: a vfio-user device server on a UNIX socket.
+
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+
+use anyhow::Context;
+use dmalog_device::DmaEngine;
+use dmalog_vfio_user::{Server, ServerConfig, TrackerKind};
+
+/// Options of `dmalog serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The UNIX socket to listen on (created mode 0600; a stale one is replaced).
+    #[arg(long)]
+    socket: PathBuf,
+    /// The emulated device.
+    #[arg(long, default_value = "dma-engine", value_parser = ["dma-engine"])]
+    device: String,
+    /// The DMA tracker: soft, none, mlx5, or mlx5:PRESET[,field=value...] (presets cx7,
+    /// tiny, unlimited).
+    #[arg(long, default_value = "soft")]
+    tracker: String,
+    /// Largest data payload per message, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_data_xfer_size: u32,
+}
+
+/// Runs the server until killed.
+pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let tracker: TrackerKind = args
+        .tracker
+        .parse()
+        .with_context(|| format!("--tracker {}", args.tracker))?;
+    if args.socket.exists() {
+        std::fs::remove_file(&args.socket)
+            .with_context(|| format!("removing stale {}", args.socket.display()))?;
+    }
+    let listener = UnixListener::bind(&args.socket)
+        .with_context(|| format!("binding {}", args.socket.display()))?;
+    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", args.socket.display()))?;
+    let config = ServerConfig {
+        tracker,
+        max_data_xfer_size: args.max_data_xfer_size,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(config, |space| Box::new(DmaEngine::new(space)));
+    tracing::info!(socket = %args.socket.display(), device = %args.device, tracker = %args.tracker, "serving");
+    let stop = AtomicBool::new(false);
+    server.run(&listener, &stop).context("accepting clients")?;
+    Ok(ExitCode::SUCCESS)
+}

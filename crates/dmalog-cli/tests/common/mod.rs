@@ -1,0 +1,137 @@
+//! Helpers for tests across processes: a `dmalog serve` child and guest memory.
+
+#![allow(dead_code)]
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dmalog_vfio_user::Client;
+
+/// A `dmalog serve` child process, killed on drop.
+pub struct ServerProcess {
+    child: Child,
+    pub socket: PathBuf,
+    _dir: TempDir,
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("dmalog-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl ServerProcess {
+    /// Starts `dmalog serve --tracker TRACKER` and waits until it accepts connections.
+    pub fn start(tracker: &str) -> Self {
+        Self::start_with(tracker, &[])
+    }
+
+    pub fn start_with(tracker: &str, extra: &[&str]) -> Self {
+        let dir = TempDir::new("serve");
+        let socket = dir.0.join("sock");
+        let child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .args(["--tracker", tracker])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn dmalog serve");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "dmalog serve did not create its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ServerProcess {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(&self.socket).expect("connect")
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Guest memory: a memfd of `size` bytes.
+pub fn guest_memory(size: u64) -> OwnedFd {
+    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    fd
+}
+
+/// Reads `len` bytes of the memfd at `offset`.
+pub fn read_guest(fd: &OwnedFd, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    let n = rustix::io::pread(fd, &mut out, offset).unwrap();
+    assert_eq!(n, len);
+    out
+}
+
+/// dma-engine registers.
+pub mod reg {
+    pub const MAGIC: u64 = 0x000;
+    pub const DST: u64 = 0x008;
+    pub const SRC: u64 = 0x010;
+    pub const LEN: u64 = 0x018;
+    pub const PATTERN: u64 = 0x020;
+    pub const OP: u64 = 0x028;
+    pub const DOORBELL: u64 = 0x030;
+    pub const STATUS: u64 = 0x038;
+    pub const RESULT: u64 = 0x040;
+    pub const BYTES_WRITTEN: u64 = 0x048;
+    pub const OPS_DONE: u64 = 0x050;
+    pub const WL_BASE: u64 = 0x080;
+    pub const WL_SPAN: u64 = 0x088;
+    pub const WL_SIZE: u64 = 0x090;
+    pub const WL_RATE: u64 = 0x098;
+    pub const WL_SEED: u64 = 0x0A0;
+    pub const WL_CTRL: u64 = 0x0A8;
+    pub const WL_WRITES: u64 = 0x0B0;
+}
+
+/// Runs one dma-engine op and returns STATUS.
+pub fn engine_op(client: &mut Client, op: u64, dst: u64, src: u64, len: u64, pattern: u64) -> u64 {
+    for (offset, value) in [
+        (reg::DST, dst),
+        (reg::SRC, src),
+        (reg::LEN, len),
+        (reg::PATTERN, pattern),
+        (reg::OP, op),
+    ] {
+        client.write_u64(0, offset, value).unwrap();
+    }
+    client.write_u64(0, reg::DOORBELL, 1).unwrap();
+    client.read_u64(0, reg::STATUS).unwrap()
+}

@@ -1,0 +1,569 @@
+//! The vfio-user client: a VMM's handle on a device server. It negotiates, maps guest
+//! memory with fds, reads regions and IRQ info, and is both a [`DirtyTracker`] (DMA logging
+//! with REPORTs larger than one message split transparently into the caller's buffer) and a
+//! [`MigrationDevice`].
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use dmalog::error::LogError;
+use dmalog::tracker::report_words;
+use dmalog::uapi::{
+    feature_request, DeviceState, LoggingRange, MigDeviceStatePayload, UserLoggingControl,
+    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_MIGRATION,
+    FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET, USER_REPORT_BYTES,
+};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
+
+use crate::transport::{Message, RecvError, Transport};
+use crate::wire::*;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The socket failed or closed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The server answered with an error.
+    #[error("command {cmd} refused: {}", std::io::Error::from_raw_os_error(*errno))]
+    Refused {
+        /// The command.
+        cmd: u16,
+        /// The errno.
+        errno: i32,
+    },
+    /// The server answered something that does not fit the protocol.
+    #[error("protocol: {0}")]
+    Protocol(&'static str),
+}
+
+impl ClientError {
+    /// The errno this error stands for.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ClientError::Io(err) => err.raw_os_error().unwrap_or(libc::EIO),
+            ClientError::Refused { errno, .. } => *errno,
+            ClientError::Protocol(_) => libc::EPROTO,
+        }
+    }
+}
+
+impl From<RecvError> for ClientError {
+    fn from(err: RecvError) -> Self {
+        match err {
+            RecvError::Io(err) => ClientError::Io(err),
+            RecvError::Closed => {
+                ClientError::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof))
+            }
+            _ => ClientError::Protocol("oversized or malformed reply"),
+        }
+    }
+}
+
+impl From<ClientError> for TrackerError {
+    fn from(err: ClientError) -> Self {
+        match err {
+            ClientError::Io(err) => TrackerError::Transport(err),
+            ClientError::Refused { errno, .. } => LogError::from_errno(errno).into(),
+            ClientError::Protocol(why) => LogError::TrackerError(why).into(),
+        }
+    }
+}
+
+/// A region as the server describes it.
+#[derive(Debug)]
+pub struct Region {
+    /// The fixed part of the info.
+    pub info: RegionInfoWire,
+    /// Sparse mmap areas.
+    pub sparse_mmap: Vec<(u64, u64)>,
+    /// The fd to mmap, if the region is mappable.
+    pub fd: Option<OwnedFd>,
+}
+
+/// A connection to a vfio-user server.
+#[derive(Debug)]
+pub struct Client {
+    transport: Transport,
+    next_id: u16,
+    server_version: Version,
+    max_data_xfer_size: u32,
+    logging_page_size: Option<u64>,
+}
+
+/// The client's own limit on data per message.
+pub const CLIENT_MAX_DATA_XFER: u32 = 1 << 20;
+
+impl Client {
+    /// Connects to the server at `path` and negotiates.
+    pub fn connect(path: &Path) -> Result<Self, ClientError> {
+        Self::with_stream(UnixStream::connect(path)?, CLIENT_MAX_DATA_XFER)
+    }
+
+    /// Negotiates over a connected stream, proposing `max_data_xfer_size`.
+    pub fn with_stream(stream: UnixStream, max_data_xfer_size: u32) -> Result<Self, ClientError> {
+        let mut client = Client {
+            transport: Transport::new(stream, max_data_xfer_size as usize + 4096),
+            next_id: 0,
+            server_version: Version {
+                major: 0,
+                minor: 0,
+                json: None,
+            },
+            max_data_xfer_size,
+            logging_page_size: None,
+        };
+        let ours = Version {
+            major: 0,
+            minor: 2,
+            json: Some(
+                serde_json::json!({"capabilities": {"max_msg_fds": 8, "max_data_xfer_size": max_data_xfer_size}}),
+            ),
+        };
+        let (reply, _) = client.request(cmd::VERSION, &ours.encode(), &[])?;
+        let version =
+            Version::decode(&reply).map_err(|_| ClientError::Protocol("bad VERSION reply"))?;
+        if version.major != 0 {
+            return Err(ClientError::Protocol("server speaks another major version"));
+        }
+        if let Some(xfer) = version.capability("max_data_xfer_size") {
+            client.max_data_xfer_size = client.max_data_xfer_size.min(xfer.max(64) as u32);
+        }
+        client
+            .transport
+            .set_max_message_bytes(client.max_data_xfer_size as usize + 4096);
+        client.server_version = version;
+        Ok(client)
+    }
+
+    /// The server's VERSION reply (capabilities).
+    pub fn server_version(&self) -> &Version {
+        &self.server_version
+    }
+
+    /// The negotiated data size per message.
+    pub fn max_data_xfer_size(&self) -> u32 {
+        self.max_data_xfer_size
+    }
+
+    /// Sends a command and waits for its reply: `(payload, fds)` or the server's errno.
+    pub fn request(
+        &mut self,
+        command: u16,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), ClientError> {
+        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id;
+        let header = Header {
+            msg_id: id,
+            cmd: command,
+            msg_size: 0,
+            flags: TYPE_COMMAND,
+            error_no: 0,
+        };
+        self.transport.send(header, payload, fds)?;
+        loop {
+            let Message {
+                header,
+                payload,
+                fds,
+            } = self.transport.recv()?;
+            if header.kind() == TYPE_COMMAND {
+                // Server-to-client DMA is not offered by this client's mappings (all have fds).
+                let reply = Header {
+                    msg_id: header.msg_id,
+                    cmd: header.cmd,
+                    msg_size: 0,
+                    flags: TYPE_REPLY | FLAG_ERROR,
+                    error_no: libc::ENOTSUP as u32,
+                };
+                self.transport.send(reply, &[], &[])?;
+                continue;
+            }
+            if header.msg_id != id || header.cmd != command {
+                return Err(ClientError::Protocol("reply to another command"));
+            }
+            if header.flags & FLAG_ERROR != 0 {
+                return Err(ClientError::Refused {
+                    cmd: command,
+                    errno: header.error_no as i32,
+                });
+            }
+            return Ok((payload, fds));
+        }
+    }
+
+    /// DMA_MAP `[iova, iova+size)` from `fd` at `offset` (None: message-only).
+    pub fn dma_map(
+        &mut self,
+        iova: u64,
+        size: u64,
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        writable: bool,
+    ) -> Result<(), ClientError> {
+        let flags = DMA_FLAG_READ | if writable { DMA_FLAG_WRITE } else { 0 };
+        let request = DmaMap {
+            argsz: DmaMap::BYTES as u32,
+            flags,
+            offset,
+            addr: iova,
+            size,
+        };
+        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        self.request(cmd::DMA_MAP, &request.encode(), &fds)
+            .map(|_| ())
+    }
+
+    /// DMA_UNMAP of exactly `[iova, iova+size)`.
+    pub fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), ClientError> {
+        let request = DmaUnmap {
+            argsz: DmaUnmap::BYTES as u32,
+            flags: 0,
+            addr: iova,
+            size,
+        };
+        self.request(cmd::DMA_UNMAP, &request.encode(), &[])
+            .map(|_| ())
+    }
+
+    /// DMA_UNMAP of everything.
+    pub fn dma_unmap_all(&mut self) -> Result<(), ClientError> {
+        let request = DmaUnmap {
+            argsz: DmaUnmap::BYTES as u32,
+            flags: DMA_UNMAP_FLAG_ALL,
+            addr: 0,
+            size: 0,
+        };
+        self.request(cmd::DMA_UNMAP, &request.encode(), &[])
+            .map(|_| ())
+    }
+
+    /// DEVICE_GET_INFO.
+    pub fn device_info(&mut self) -> Result<DeviceInfo, ClientError> {
+        let request = DeviceInfo {
+            argsz: DeviceInfo::BYTES as u32,
+            ..DeviceInfo::default()
+        };
+        let (reply, _) = self.request(cmd::DEVICE_GET_INFO, &request.encode(), &[])?;
+        DeviceInfo::decode(&reply).map_err(|_| ClientError::Protocol("short GET_INFO reply"))
+    }
+
+    /// DEVICE_GET_REGION_INFO, retrying with room for the capabilities.
+    pub fn region_info(&mut self, index: u32) -> Result<Region, ClientError> {
+        let mut argsz = RegionInfoWire::BYTES as u32;
+        loop {
+            let request = RegionInfoWire {
+                argsz,
+                index,
+                ..RegionInfoWire::default()
+            };
+            let (reply, mut fds) =
+                self.request(cmd::DEVICE_GET_REGION_INFO, &request.encode(), &[])?;
+            let info = RegionInfoWire::decode(&reply)
+                .map_err(|_| ClientError::Protocol("short region info"))?;
+            if info.argsz > argsz && argsz == RegionInfoWire::BYTES as u32 {
+                argsz = info.argsz;
+                continue;
+            }
+            let sparse_mmap = if info.cap_offset != 0 {
+                decode_sparse_mmap(&reply, info.cap_offset as usize)
+                    .map_err(|_| ClientError::Protocol("bad capability"))?
+            } else {
+                Vec::new()
+            };
+            return Ok(Region {
+                info,
+                sparse_mmap,
+                fd: fds.pop(),
+            });
+        }
+    }
+
+    /// DEVICE_GET_IRQ_INFO.
+    pub fn irq_info(&mut self, index: u32) -> Result<IrqInfoWire, ClientError> {
+        let request = IrqInfoWire {
+            argsz: IrqInfoWire::BYTES as u32,
+            index,
+            ..IrqInfoWire::default()
+        };
+        let (reply, _) = self.request(cmd::DEVICE_GET_IRQ_INFO, &request.encode(), &[])?;
+        IrqInfoWire::decode(&reply).map_err(|_| ClientError::Protocol("short IRQ info"))
+    }
+
+    /// DEVICE_SET_IRQS with eventfds for vectors `[start, start + fds.len())` of `index`.
+    pub fn set_irq_eventfds(
+        &mut self,
+        index: u32,
+        start: u32,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<(), ClientError> {
+        let request = SetIrqs {
+            argsz: SetIrqs::BYTES as u32,
+            flags: IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+            index,
+            start,
+            count: fds.len() as u32,
+        };
+        self.request(cmd::DEVICE_SET_IRQS, &request.encode(), fds)
+            .map(|_| ())
+    }
+
+    /// REGION_READ into `out`.
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<(), ClientError> {
+        let request = RegionAccess {
+            offset,
+            region,
+            count: out.len() as u32,
+        };
+        let (reply, _) = self.request(cmd::REGION_READ, &request.encode(), &[])?;
+        let data = reply
+            .get(RegionAccess::BYTES..)
+            .filter(|d| d.len() == out.len())
+            .ok_or(ClientError::Protocol("short REGION_READ reply"))?;
+        out.copy_from_slice(data);
+        Ok(())
+    }
+
+    /// REGION_WRITE of `data`.
+    pub fn region_write(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let mut payload = RegionAccess {
+            offset,
+            region,
+            count: data.len() as u32,
+        }
+        .encode();
+        payload.extend_from_slice(data);
+        self.request(cmd::REGION_WRITE, &payload, &[]).map(|_| ())
+    }
+
+    /// Reads a 64-bit register of region `region`.
+    pub fn read_u64(&mut self, region: u32, offset: u64) -> Result<u64, ClientError> {
+        let mut out = [0u8; 8];
+        self.region_read(region, offset, &mut out)?;
+        Ok(u64::from_le_bytes(out))
+    }
+
+    /// Writes a 64-bit register of region `region`.
+    pub fn write_u64(&mut self, region: u32, offset: u64, value: u64) -> Result<(), ClientError> {
+        self.region_write(region, offset, &value.to_le_bytes())
+    }
+
+    /// DEVICE_RESET.
+    pub fn reset(&mut self) -> Result<(), ClientError> {
+        self.request(cmd::DEVICE_RESET, &[], &[]).map(|_| ())
+    }
+
+    /// DEVICE_FEATURE with a raw feature payload (argsz, flags, data); returns the reply's.
+    pub fn device_feature(&mut self, request: &[u8]) -> Result<Vec<u8>, ClientError> {
+        self.request(cmd::DEVICE_FEATURE, request, &[])
+            .map(|(reply, _)| reply)
+    }
+
+    /// Whether the device supports DMA logging.
+    pub fn probe_dma_logging(&mut self) -> Result<bool, ClientError> {
+        match self.device_feature(&feature_request(
+            8,
+            FEATURE_DMA_LOGGING_START | FEATURE_SET | FEATURE_PROBE,
+            &[],
+        )) {
+            Ok(_) => Ok(true),
+            Err(ClientError::Refused {
+                errno: libc::ENOTTY,
+                ..
+            }) => Ok(false),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// START with raw ranges (empty: log all DMA-mapped space); returns the chosen page size.
+    pub fn start_logging(
+        &mut self,
+        ranges: &[LoggingRange],
+        page_size: u64,
+    ) -> Result<u64, ClientError> {
+        let payload = UserLoggingControl::encode(page_size, ranges);
+        let request = feature_request(
+            (FEATURE_HEADER_BYTES + payload.len()) as u32,
+            FEATURE_DMA_LOGGING_START | FEATURE_SET,
+            &payload,
+        );
+        let reply = self.device_feature(&request)?;
+        let chosen = dmalog::uapi::read_u64(&reply, FEATURE_HEADER_BYTES)
+            .map_err(|_| ClientError::Protocol("short START reply"))?;
+        self.logging_page_size = Some(chosen);
+        Ok(chosen)
+    }
+
+    /// One REPORT message: ORs the bitmap of `[iova, iova+length)` into `words`.
+    fn report_once(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        words: &mut [u64],
+    ) -> Result<(), ClientError> {
+        let bitmap_bytes = words.len() * 8;
+        let argsz = (FEATURE_HEADER_BYTES + USER_REPORT_BYTES + bitmap_bytes) as u32;
+        let request = feature_request(
+            argsz,
+            FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
+            &UserLoggingReport {
+                iova,
+                length,
+                page_size,
+            }
+            .encode(),
+        );
+        let reply = self.device_feature(&request)?;
+        let bitmap = reply
+            .get(FEATURE_HEADER_BYTES + USER_REPORT_BYTES..)
+            .ok_or(ClientError::Protocol("short REPORT reply"))?;
+        if bitmap.len() != bitmap_bytes {
+            return Err(ClientError::Protocol("REPORT bitmap of the wrong size"));
+        }
+        for (word, bytes) in words.iter_mut().zip(bitmap.chunks_exact(8)) {
+            *word |= u64::from_le_bytes(bytes.try_into().unwrap_or_default());
+        }
+        Ok(())
+    }
+}
+
+impl DirtyTracker for Client {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        Ok(self.probe_dma_logging()?)
+    }
+
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        let raw: Vec<LoggingRange> = ranges.iter().map(|r| LoggingRange::from(*r)).collect();
+        Ok(self.start_logging(&raw, page_size)?)
+    }
+
+    /// Splits reports whose reply would exceed `max_data_xfer_size` at 64-page boundaries.
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
+        let need_words = report_words(length, page_size)?;
+        if (bitmap.len() as u64) < need_words {
+            return Err(TrackerError::BufferTooSmall {
+                need_words,
+                have_words: bitmap.len() as u64,
+            });
+        }
+        let room_words = (self.max_data_xfer_size as u64)
+            .saturating_sub((FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64)
+            / 8;
+        let chunk_pages = room_words.max(1).saturating_mul(64);
+        let chunk_bytes = chunk_pages.saturating_mul(page_size);
+        let mut done = 0u64;
+        while done < length {
+            let part = chunk_bytes.min(length - done);
+            let first_word = (done / page_size / 64) as usize;
+            let words = report_words(part, page_size)? as usize;
+            self.report_once(
+                iova + done,
+                part,
+                page_size,
+                &mut bitmap[first_word..first_word + words],
+            )?;
+            done += part;
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        self.logging_page_size = None;
+        self.device_feature(&feature_request(
+            8,
+            FEATURE_DMA_LOGGING_STOP | FEATURE_SET,
+            &[],
+        ))?;
+        Ok(())
+    }
+}
+
+impl MigrationDevice for Client {
+    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
+        let reply =
+            self.device_feature(&feature_request(16, FEATURE_MIGRATION | FEATURE_GET, &[]))?;
+        Ok(dmalog::uapi::read_u64(&reply, FEATURE_HEADER_BYTES)
+            .map_err(|_| ClientError::Protocol("short MIGRATION reply"))?)
+    }
+
+    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
+        let reply = self.device_feature(&feature_request(
+            16,
+            FEATURE_MIG_DEVICE_STATE | FEATURE_GET,
+            &[],
+        ))?;
+        let state = MigDeviceStatePayload::decode(&reply[FEATURE_HEADER_BYTES.min(reply.len())..])
+            .map_err(|_| ClientError::Protocol("short state reply"))?;
+        Ok(DeviceState::from_u32(state.device_state)
+            .ok_or(ClientError::Protocol("unknown state"))?)
+    }
+
+    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
+        let payload = MigDeviceStatePayload {
+            device_state: state as u32,
+            data_fd: -1,
+        }
+        .encode();
+        self.device_feature(&feature_request(
+            16,
+            FEATURE_MIG_DEVICE_STATE | FEATURE_SET,
+            &payload,
+        ))?;
+        Ok(())
+    }
+
+    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
+        let size = buf.len().min(self.max_data_xfer_size as usize) as u32;
+        let request = MigData {
+            argsz: MigData::BYTES as u32 + size,
+            size,
+        };
+        let (reply, _) = self.request(cmd::MIG_DATA_READ, &request.encode(), &[])?;
+        let header = MigData::decode(&reply)
+            .map_err(|_| ClientError::Protocol("short MIG_DATA_READ reply"))?;
+        let data = &reply[MigData::BYTES..];
+        if header.size as usize != data.len() || data.len() > buf.len() {
+            return Err(ClientError::Protocol("MIG_DATA_READ size mismatch").into());
+        }
+        buf[..data.len()].copy_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
+        for chunk in data.chunks(self.max_data_xfer_size as usize) {
+            let mut payload = MigData {
+                argsz: (MigData::BYTES + chunk.len()) as u32,
+                size: chunk.len() as u32,
+            }
+            .encode();
+            payload.extend_from_slice(chunk);
+            self.request(cmd::MIG_DATA_WRITE, &payload, &[])?;
+        }
+        Ok(())
+    }
+
+    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
+        Ok(None) // vfio-user has no PRECOPY_INFO or MIG_DATA_SIZE
+    }
+}

@@ -1,0 +1,654 @@
+//! The vfio-user server: adapts any [`Device`] to the wire, with DMA mappings from fds, DMA
+//! logging through the logging core (vfio-user dialect), and migration v2.
+//!
+//! One client at a time; when it disconnects, logging stops, every mapping goes, IRQ
+//! eventfds are dropped, and the server waits for the next client. The device itself (and
+//! its migration state) lives on.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
+use dmalog::mlx5::{CapsError, Mlx5Faults};
+use dmalog::uapi::{
+    DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
+    FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
+};
+use dmalog::{
+    Dialect, IovaRange, LiveLog, LogDriver, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver,
+};
+use dmalog_device::{
+    Device, DeviceError, DmaBacking, DmaRegion, DmaSpace, MigrationMachine, SharedMapping,
+};
+use tracing::{debug, info, warn};
+
+use crate::transport::{Message, RecvError, Transport};
+use crate::wire::*;
+
+/// Which tracker logs the device's DMA writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackerKind {
+    /// No DMA logging (the logging features are ENOTTY).
+    None,
+    /// The software tracker.
+    Soft,
+    /// The mlx5 model with these capabilities.
+    Mlx5(Mlx5Caps),
+}
+
+impl std::str::FromStr for TrackerKind {
+    type Err = CapsError;
+
+    /// `soft`, `none`, `mlx5`, or `mlx5:PRESET[,field=value...]`.
+    fn from_str(text: &str) -> Result<Self, CapsError> {
+        match text {
+            "soft" => Ok(TrackerKind::Soft),
+            "none" => Ok(TrackerKind::None),
+            "mlx5" => Ok(TrackerKind::Mlx5(Mlx5Caps::cx7())),
+            other => match other.strip_prefix("mlx5:") {
+                Some(spec) => Ok(TrackerKind::Mlx5(Mlx5Caps::parse(spec)?)),
+                None => Err(CapsError::UnknownPreset(other.to_string())),
+            },
+        }
+    }
+}
+
+/// Server limits and choices.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// The tracker.
+    pub tracker: TrackerKind,
+    /// Largest data payload of one message (REGION_READ data, REPORT bitmaps, MIG_DATA).
+    pub max_data_xfer_size: u32,
+    /// Most fds per message.
+    pub max_msg_fds: u32,
+    /// Most DMA mappings.
+    pub max_dma_maps: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tracker: TrackerKind::Soft,
+            max_data_xfer_size: 1 << 20,
+            max_msg_fds: 8,
+            max_dma_maps: 65535,
+        }
+    }
+}
+
+/// What a command handler answers.
+struct Reply {
+    payload: Vec<u8>,
+    fds: Vec<Arc<OwnedFd>>,
+}
+
+impl Reply {
+    fn payload(payload: Vec<u8>) -> Result<Reply, i32> {
+        Ok(Reply {
+            payload,
+            fds: Vec::new(),
+        })
+    }
+}
+
+fn dev_err(err: DeviceError) -> i32 {
+    err.errno()
+}
+
+/// A vfio-user server for one device.
+pub struct Server {
+    config: ServerConfig,
+    device: Box<dyn Device>,
+    space: DmaSpace,
+    core: LoggingCore<Box<dyn LogDriver>>,
+    machine: MigrationMachine,
+    faults: Option<Mlx5Faults>,
+    negotiated_xfer: u32,
+    versioned: bool,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("device", &self.device.name())
+            .field("tracker", &self.config.tracker)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A server whose device `make_device` builds over the server's DMA space.
+    pub fn new(
+        config: ServerConfig,
+        make_device: impl FnOnce(&DmaSpace) -> Box<dyn Device>,
+    ) -> Self {
+        let live = LiveLog::new();
+        let (core, faults): (LoggingCore<Box<dyn LogDriver>>, _) = match &config.tracker {
+            TrackerKind::None => (LoggingCore::unsupported(), None),
+            TrackerKind::Soft => (
+                LoggingCore::new(Box::new(SoftDriver::with_live_log(Arc::clone(&live)))),
+                None,
+            ),
+            TrackerKind::Mlx5(caps) => {
+                let driver = Mlx5Driver::with_live_log(*caps, Arc::clone(&live));
+                let faults = driver.faults();
+                (LoggingCore::new(Box::new(driver)), Some(faults))
+            }
+        };
+        let space = DmaSpace::with_max_maps(live, config.max_dma_maps as usize);
+        let device = make_device(&space);
+        let negotiated_xfer = config.max_data_xfer_size;
+        Server {
+            config,
+            device,
+            space,
+            core,
+            machine: MigrationMachine::default(),
+            faults,
+            negotiated_xfer,
+            versioned: false,
+        }
+    }
+
+    /// The mlx5 fault-injection handle, when the tracker is the mlx5 model.
+    pub fn mlx5_faults(&self) -> Option<&Mlx5Faults> {
+        self.faults.as_ref()
+    }
+
+    /// Serves clients one after the other until `stop` is set (checked between clients).
+    pub fn run(&mut self, listener: &UnixListener, stop: &AtomicBool) -> std::io::Result<()> {
+        while !stop.load(Ordering::SeqCst) {
+            let (stream, _) = listener.accept()?;
+            info!(device = self.device.name(), "client connected");
+            self.serve(stream);
+            info!("client disconnected; logging stopped, mappings removed");
+        }
+        Ok(())
+    }
+
+    fn max_message_bytes(&self) -> usize {
+        self.config.max_data_xfer_size as usize + 4096
+    }
+
+    /// Serves one client until it disconnects, then cleans up.
+    pub fn serve(&mut self, stream: UnixStream) {
+        let mut transport = Transport::new(stream, self.max_message_bytes());
+        loop {
+            let message = match transport.recv() {
+                Ok(message) => message,
+                Err(RecvError::Closed) => break,
+                Err(RecvError::Io(err)) => {
+                    warn!(%err, "socket error");
+                    break;
+                }
+                Err(RecvError::TooLarge { header, .. }) => {
+                    self.reply_error(&mut transport, &header, libc::E2BIG);
+                    continue;
+                }
+                Err(RecvError::BadSize { header }) => {
+                    self.reply_error(&mut transport, &header, libc::EINVAL);
+                    continue;
+                }
+            };
+            let header = message.header;
+            if header.kind() != TYPE_COMMAND {
+                self.reply_error(&mut transport, &header, libc::EINVAL);
+                continue;
+            }
+            let result = self.handle(message);
+            if header.flags & FLAG_NO_REPLY != 0 {
+                continue;
+            }
+            let sent = match result {
+                Ok(reply) => {
+                    let fds: Vec<BorrowedFd<'_>> = reply.fds.iter().map(|fd| fd.as_fd()).collect();
+                    let header = Header {
+                        msg_id: header.msg_id,
+                        cmd: header.cmd,
+                        msg_size: 0,
+                        flags: TYPE_REPLY,
+                        error_no: 0,
+                    };
+                    transport.send(header, &reply.payload, &fds)
+                }
+                Err(errno) => {
+                    debug!(cmd = header.cmd, errno, "command refused");
+                    let reply = Header {
+                        msg_id: header.msg_id,
+                        cmd: header.cmd,
+                        msg_size: 0,
+                        flags: TYPE_REPLY | FLAG_ERROR,
+                        error_no: errno as u32,
+                    };
+                    transport.send(reply, &[], &[])
+                }
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        self.disconnect();
+    }
+
+    fn reply_error(&self, transport: &mut Transport, header: &Header, errno: i32) {
+        let reply = Header {
+            msg_id: header.msg_id,
+            cmd: header.cmd,
+            msg_size: 0,
+            flags: TYPE_REPLY | FLAG_ERROR,
+            error_no: errno as u32,
+        };
+        let _ = transport.send(reply, &[], &[]);
+    }
+
+    fn disconnect(&mut self) {
+        let _ = self.core.stop();
+        self.core.dma_unmapped_all();
+        self.space.unmap_all();
+        for index in 0..self.device.num_irqs() {
+            if let Some(info) = self.device.irq_info(index) {
+                let _ =
+                    self.device
+                        .set_irq_eventfds(index, 0, (0..info.count).map(|_| None).collect());
+            }
+        }
+        self.versioned = false;
+        self.negotiated_xfer = self.config.max_data_xfer_size;
+    }
+
+    fn handle(&mut self, message: Message) -> Result<Reply, i32> {
+        let Message {
+            header,
+            payload,
+            fds,
+        } = message;
+        let takes_fds = matches!(header.cmd, cmd::DMA_MAP | cmd::DEVICE_SET_IRQS);
+        if !fds.is_empty() && !takes_fds {
+            return Err(libc::EINVAL); // the fds are closed as `fds` drops
+        }
+        if fds.len() > self.config.max_msg_fds as usize {
+            return Err(libc::EINVAL);
+        }
+        if header.cmd != cmd::VERSION && !self.versioned {
+            return Err(libc::EINVAL); // VERSION comes first
+        }
+        match header.cmd {
+            cmd::VERSION => self.version(&payload),
+            cmd::DMA_MAP => self.dma_map(&payload, fds),
+            cmd::DMA_UNMAP => self.dma_unmap(&payload),
+            cmd::DEVICE_GET_INFO => self.device_info(&payload),
+            cmd::DEVICE_GET_REGION_INFO => self.region_info(&payload),
+            cmd::DEVICE_GET_IRQ_INFO => self.irq_info(&payload),
+            cmd::DEVICE_SET_IRQS => self.set_irqs(&payload, fds),
+            cmd::REGION_READ => self.region_read(&payload),
+            cmd::REGION_WRITE => self.region_write(&payload),
+            cmd::REGION_WRITE_MULTI => self.region_write_multi(&payload),
+            cmd::DEVICE_RESET => self
+                .device
+                .reset()
+                .map(|()| Reply {
+                    payload: Vec::new(),
+                    fds: Vec::new(),
+                })
+                .map_err(dev_err),
+            cmd::DEVICE_FEATURE => self.device_feature(&payload),
+            cmd::MIG_DATA_READ => self.mig_data_read(&payload),
+            cmd::MIG_DATA_WRITE => self.mig_data_write(&payload),
+            cmd::DIRTY_PAGES | cmd::DEVICE_GET_REGION_IO_FDS => Err(libc::ENOTSUP),
+            _ => Err(libc::ENOSYS),
+        }
+    }
+
+    fn version(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        if self.versioned {
+            return Err(libc::EINVAL);
+        }
+        let version = Version::decode(payload).map_err(|_| libc::EINVAL)?;
+        if version.major != 0 {
+            return Err(libc::ENOTSUP);
+        }
+        if let Some(xfer) = version.capability("max_data_xfer_size") {
+            self.negotiated_xfer = self
+                .config
+                .max_data_xfer_size
+                .min(xfer.clamp(4096, u64::from(u32::MAX)) as u32);
+        }
+        let caps = serde_json::json!({
+            "capabilities": {
+                "max_msg_fds": self.config.max_msg_fds,
+                "max_data_xfer_size": self.negotiated_xfer,
+                "max_dma_maps": self.config.max_dma_maps,
+                "pgsizes": 4096,
+                "write_multiple": true,
+            }
+        });
+        self.versioned = true;
+        Reply::payload(
+            Version {
+                major: 0,
+                minor: version.minor.min(2),
+                json: Some(caps),
+            }
+            .encode(),
+        )
+    }
+
+    fn dma_map(&mut self, payload: &[u8], mut fds: Vec<OwnedFd>) -> Result<Reply, i32> {
+        let request = DmaMap::decode(payload).map_err(|_| libc::EINVAL)?;
+        if (request.argsz as usize) < DmaMap::BYTES || fds.len() > 1 {
+            return Err(libc::EINVAL);
+        }
+        let range = IovaRange::new(request.addr, request.size).map_err(|_| libc::EINVAL)?;
+        let backing = match fds.pop() {
+            Some(fd) => {
+                let len = usize::try_from(request.size).map_err(|_| libc::EINVAL)?;
+                let writable = request.flags & DMA_FLAG_WRITE != 0;
+                let mapping = SharedMapping::map(&fd, request.offset, len, writable)
+                    .map_err(|err| err.raw_os_error().unwrap_or(libc::EINVAL))?;
+                DmaBacking::Mapped(Arc::new(mapping))
+            }
+            None => DmaBacking::MessageOnly,
+        };
+        let region = DmaRegion {
+            iova: request.addr,
+            size: request.size,
+            readable: request.flags & DMA_FLAG_READ != 0,
+            writable: request.flags & DMA_FLAG_WRITE != 0,
+            backing,
+        };
+        self.space.map(region).map_err(|err| err.errno())?;
+        self.core.dma_mapped(range);
+        Reply::payload(Vec::new())
+    }
+
+    fn dma_unmap(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let request = DmaUnmap::decode(payload).map_err(|_| libc::EINVAL)?;
+        if (request.argsz as usize) < DmaUnmap::BYTES
+            || request.flags & !(DMA_UNMAP_FLAG_ALL | DMA_UNMAP_FLAG_GET_DIRTY_BITMAP) != 0
+        {
+            return Err(libc::EINVAL);
+        }
+        if request.flags & DMA_UNMAP_FLAG_GET_DIRTY_BITMAP != 0 {
+            return Err(libc::ENOTSUP); // the legacy bitmap: use DMA logging REPORT
+        }
+        if request.flags & DMA_UNMAP_FLAG_ALL != 0 {
+            if request.addr != 0 || request.size != 0 {
+                return Err(libc::EINVAL);
+            }
+            self.space.unmap_all();
+            self.core.dma_unmapped_all();
+        } else {
+            self.space
+                .unmap(request.addr, request.size)
+                .map_err(|err| err.errno())?;
+            if let Ok(range) = IovaRange::new(request.addr, request.size) {
+                self.core.dma_unmapped(range);
+            }
+        }
+        Reply::payload(request.encode())
+    }
+
+    fn device_info(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let argsz = dmalog::uapi::read_u32(payload, 0).map_err(|_| libc::EINVAL)?;
+        if (argsz as usize) < DeviceInfo::BYTES {
+            return Err(libc::EINVAL);
+        }
+        let info = DeviceInfo {
+            argsz: DeviceInfo::BYTES as u32,
+            flags: self.device.flags(),
+            num_regions: self.device.num_regions(),
+            num_irqs: self.device.num_irqs(),
+        };
+        Reply::payload(info.encode())
+    }
+
+    fn region_info(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let request = RegionInfoWire::decode(payload).map_err(|_| libc::EINVAL)?;
+        if (request.argsz as usize) < RegionInfoWire::BYTES {
+            return Err(libc::EINVAL);
+        }
+        let info = self.device.region_info(request.index).ok_or(libc::EINVAL)?;
+        let caps = if info.sparse_mmap.is_empty() {
+            Vec::new()
+        } else {
+            sparse_mmap_cap(&info.sparse_mmap)
+        };
+        let full = RegionInfoWire::BYTES + caps.len();
+        let room = request.argsz as usize >= full;
+        let mut flags = info.flags;
+        if !caps.is_empty() {
+            flags |= dmalog_device::device::REGION_CAPS;
+        }
+        let reply = RegionInfoWire {
+            argsz: full as u32,
+            flags,
+            index: request.index,
+            cap_offset: if caps.is_empty() || !room {
+                0
+            } else {
+                RegionInfoWire::BYTES as u32
+            },
+            size: info.size,
+            offset: 0,
+        };
+        let mut bytes = reply.encode();
+        if room {
+            bytes.extend_from_slice(&caps);
+        }
+        let fds = info.mmap_fd.into_iter().collect();
+        Ok(Reply {
+            payload: bytes,
+            fds,
+        })
+    }
+
+    fn irq_info(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let request = IrqInfoWire::decode(payload).map_err(|_| libc::EINVAL)?;
+        if (request.argsz as usize) < IrqInfoWire::BYTES {
+            return Err(libc::EINVAL);
+        }
+        let info = self.device.irq_info(request.index).ok_or(libc::EINVAL)?;
+        Reply::payload(
+            IrqInfoWire {
+                argsz: IrqInfoWire::BYTES as u32,
+                flags: info.flags,
+                index: request.index,
+                count: info.count,
+            }
+            .encode(),
+        )
+    }
+
+    fn set_irqs(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Result<Reply, i32> {
+        let request = SetIrqs::decode(payload).map_err(|_| libc::EINVAL)?;
+        if (request.argsz as usize) < SetIrqs::BYTES {
+            return Err(libc::EINVAL);
+        }
+        let data = request.flags & (IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL | IRQ_SET_DATA_EVENTFD);
+        let info = self.device.irq_info(request.index).ok_or(libc::EINVAL)?;
+        match data {
+            IRQ_SET_DATA_EVENTFD => {
+                if fds.len() != request.count as usize {
+                    return Err(libc::EINVAL);
+                }
+                let fds = fds.into_iter().map(Some).collect();
+                self.device
+                    .set_irq_eventfds(request.index, request.start, fds)
+                    .map_err(dev_err)?;
+            }
+            IRQ_SET_DATA_NONE if request.count == 0 => {
+                if !fds.is_empty() {
+                    return Err(libc::EINVAL);
+                }
+                let none = (0..info.count).map(|_| None).collect();
+                self.device
+                    .set_irq_eventfds(request.index, 0, none)
+                    .map_err(dev_err)?;
+            }
+            IRQ_SET_DATA_NONE | IRQ_SET_DATA_BOOL if fds.is_empty() => {
+                let end = request
+                    .start
+                    .checked_add(request.count)
+                    .ok_or(libc::EINVAL)?;
+                if end > info.count {
+                    return Err(libc::EINVAL);
+                }
+            }
+            _ => return Err(libc::EINVAL),
+        }
+        Reply::payload(Vec::new())
+    }
+
+    fn region_read(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let request = RegionAccess::decode(payload).map_err(|_| libc::EINVAL)?;
+        if payload.len() != RegionAccess::BYTES || request.count > self.negotiated_xfer {
+            return Err(libc::EINVAL);
+        }
+        let mut reply = request.encode();
+        reply.resize(RegionAccess::BYTES + request.count as usize, 0);
+        self.device
+            .region_read(
+                request.region,
+                request.offset,
+                &mut reply[RegionAccess::BYTES..],
+            )
+            .map_err(dev_err)?;
+        Reply::payload(reply)
+    }
+
+    fn region_write(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let request = RegionAccess::decode(payload).map_err(|_| libc::EINVAL)?;
+        let data = &payload[RegionAccess::BYTES..];
+        if data.len() != request.count as usize {
+            return Err(libc::EINVAL);
+        }
+        self.device
+            .region_write(request.region, request.offset, data)
+            .map_err(dev_err)?;
+        Reply::payload(request.encode())
+    }
+
+    fn region_write_multi(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let count = dmalog::uapi::read_u64(payload, 0).map_err(|_| libc::EINVAL)?;
+        if count == 0
+            || count > WRITE_MULTI_MAX_ENTRIES
+            || payload.len() != 8 + count as usize * WRITE_MULTI_ENTRY_BYTES
+        {
+            return Err(libc::EINVAL);
+        }
+        for entry in payload[8..].chunks_exact(WRITE_MULTI_ENTRY_BYTES) {
+            let access = RegionAccess::decode(entry).map_err(|_| libc::EINVAL)?;
+            if access.count == 0 || access.count > 8 {
+                return Err(libc::EINVAL);
+            }
+            self.device
+                .region_write(
+                    access.region,
+                    access.offset,
+                    &entry[16..16 + access.count as usize],
+                )
+                .map_err(dev_err)?;
+        }
+        Reply::payload(payload[..8].to_vec())
+    }
+
+    fn device_feature(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let dialect = Dialect::VfioUser {
+            max_data_xfer_size: u64::from(self.negotiated_xfer),
+        };
+        let header = check_feature_header(payload, dialect).map_err(|e| e.errno())?;
+        if is_logging_feature(header.index()) {
+            let mut reply = Vec::new();
+            self.core
+                .handle_vfio_user(payload, u64::from(self.negotiated_xfer), &mut reply)
+                .map_err(|e| e.errno())?;
+            return Reply::payload(reply);
+        }
+        let data = &payload[FEATURE_HEADER_BYTES..];
+        let supported = match header.index() {
+            FEATURE_MIGRATION => FEATURE_GET,
+            FEATURE_MIG_DEVICE_STATE => FEATURE_GET | FEATURE_SET,
+            _ => return Err(libc::ENOTTY),
+        };
+        if check_access(&header, supported).map_err(|e| e.errno())? {
+            return Reply::payload(payload.to_vec());
+        }
+        let reply_header = |argsz: u32| {
+            FeatureHeader {
+                argsz,
+                flags: header.flags,
+            }
+            .encode()
+        };
+        match (header.index(), header.is_set()) {
+            (FEATURE_MIGRATION, _) => {
+                if (header.argsz as usize) < FEATURE_HEADER_BYTES + 8 {
+                    return Err(libc::EINVAL);
+                }
+                let mut reply = reply_header((FEATURE_HEADER_BYTES + 8) as u32).to_vec();
+                reply.extend_from_slice(&self.device.migration_flags().to_le_bytes());
+                Reply::payload(reply)
+            }
+            (_, false) => {
+                if (header.argsz as usize) < FEATURE_HEADER_BYTES + 8 {
+                    return Err(libc::EINVAL);
+                }
+                let mut reply = reply_header((FEATURE_HEADER_BYTES + 8) as u32).to_vec();
+                reply.extend_from_slice(
+                    &MigDeviceStatePayload {
+                        device_state: self.machine.state() as u32,
+                        data_fd: -1,
+                    }
+                    .encode(),
+                );
+                Reply::payload(reply)
+            }
+            (_, true) => {
+                let request = MigDeviceStatePayload::decode(data).map_err(|_| libc::EINVAL)?;
+                let target = DeviceState::from_u32(request.device_state).ok_or(libc::EINVAL)?;
+                self.machine
+                    .set_state(self.device.as_mut(), target)
+                    .map_err(dev_err)?;
+                debug!(?target, "migration state");
+                Reply::payload(payload.to_vec())
+            }
+        }
+    }
+
+    fn mig_data_read(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let request = MigData::decode(payload).map_err(|_| libc::EINVAL)?;
+        if request.size > self.negotiated_xfer
+            || (request.argsz as usize) < MigData::BYTES + request.size as usize
+        {
+            return Err(libc::EINVAL);
+        }
+        let mut reply = vec![0u8; MigData::BYTES + request.size as usize];
+        let n = self
+            .machine
+            .read_data(self.device.as_mut(), &mut reply[MigData::BYTES..])
+            .map_err(dev_err)?;
+        reply.truncate(MigData::BYTES + n);
+        let head = MigData {
+            argsz: (MigData::BYTES + n) as u32,
+            size: n as u32,
+        }
+        .encode();
+        reply[..MigData::BYTES].copy_from_slice(&head);
+        Reply::payload(reply)
+    }
+
+    fn mig_data_write(&mut self, payload: &[u8]) -> Result<Reply, i32> {
+        let request = MigData::decode(payload).map_err(|_| libc::EINVAL)?;
+        let data = &payload[MigData::BYTES..];
+        if data.len() != request.size as usize || request.size > self.negotiated_xfer {
+            return Err(libc::EINVAL);
+        }
+        self.machine
+            .write_data(self.device.as_mut(), data)
+            .map_err(dev_err)?;
+        Reply::payload(Vec::new())
+    }
+}

@@ -1,0 +1,205 @@
+//! Messages over a UNIX stream socket, with file descriptors passed as SCM_RIGHTS.
+//!
+//! A received message is read whole (`msg_size` bytes) even when it is refused, so the
+//! stream stays in step: an oversized message is read and dropped, and the caller answers
+//! it with an error.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+
+use rustix::net::{
+    recvmsg, sendmsg, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
+
+use crate::wire::{Header, HEADER_BYTES};
+
+/// Most fds accepted with one message (more are closed on arrival).
+pub const MAX_FDS_PER_MESSAGE: usize = 16;
+
+/// A received message.
+#[derive(Debug)]
+pub struct Message {
+    /// Its header.
+    pub header: Header,
+    /// `msg_size - 16` bytes.
+    pub payload: Vec<u8>,
+    /// The fds that came with it.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Why no (usable) message was received.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The peer closed the connection (at a message boundary or in the middle of one).
+    #[error("connection closed")]
+    Closed,
+    /// A socket error.
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The message was larger than allowed; its bytes were read and dropped.
+    #[error("message of {} bytes exceeds the limit of {limit}", header.msg_size)]
+    TooLarge {
+        /// Its header (to answer it).
+        header: Header,
+        /// The limit.
+        limit: usize,
+    },
+    /// `msg_size` smaller than the header.
+    #[error("message size {} is smaller than the header", header.msg_size)]
+    BadSize {
+        /// Its header (to answer it).
+        header: Header,
+    },
+}
+
+/// One end of a vfio-user connection.
+#[derive(Debug)]
+pub struct Transport {
+    stream: UnixStream,
+    max_message_bytes: usize,
+}
+
+impl Transport {
+    /// Wraps a connected stream; messages larger than `max_message_bytes` are refused.
+    pub fn new(stream: UnixStream, max_message_bytes: usize) -> Self {
+        Transport {
+            stream,
+            max_message_bytes,
+        }
+    }
+
+    /// Changes the size limit (after negotiation).
+    pub fn set_max_message_bytes(&mut self, bytes: usize) {
+        self.max_message_bytes = bytes;
+    }
+
+    /// The socket.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Sends `header` (its `msg_size` set here) and `payload`, with `fds`.
+    pub fn send(
+        &mut self,
+        mut header: Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> std::io::Result<()> {
+        header.msg_size = u32::try_from(HEADER_BYTES + payload.len())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::E2BIG))?;
+        let head = header.encode();
+        let total = head.len() + payload.len();
+        let mut sent = 0usize;
+        let mut space =
+            [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !fds.is_empty()
+            && (fds.len() > MAX_FDS_PER_MESSAGE
+                || !control.push(SendAncillaryMessage::ScmRights(fds)))
+        {
+            return Err(std::io::Error::from_raw_os_error(libc::E2BIG));
+        }
+        while sent < total {
+            let (a, b) = if sent < head.len() {
+                (&head[sent..], payload)
+            } else {
+                (&[][..], &payload[sent - head.len()..])
+            };
+            let iov = [IoSlice::new(a), IoSlice::new(b)];
+            let n = if sent == 0 {
+                sendmsg(self.stream.as_fd(), &iov, &mut control, SendFlags::NOSIGNAL)
+            } else {
+                sendmsg(
+                    self.stream.as_fd(),
+                    &iov,
+                    &mut SendAncillaryBuffer::default(),
+                    SendFlags::NOSIGNAL,
+                )
+            }?;
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+            }
+            sent += n;
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `buf.len()` bytes, collecting fds; Ok(false) on EOF before any byte.
+    fn read_exact_with_fds(
+        &mut self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+    ) -> Result<bool, RecvError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let mut space =
+                [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+            let mut control = RecvAncillaryBuffer::new(&mut space);
+            let mut iov = [IoSliceMut::new(&mut buf[done..])];
+            let got = recvmsg(
+                self.stream.as_fd(),
+                &mut iov,
+                &mut control,
+                RecvFlags::CMSG_CLOEXEC,
+            )
+            .map_err(std::io::Error::from)?;
+            for message in control.drain() {
+                if let RecvAncillaryMessage::ScmRights(received) = message {
+                    fds.extend(received);
+                }
+            }
+            if got.bytes == 0 {
+                return if done == 0 {
+                    Ok(false)
+                } else {
+                    Err(RecvError::Closed)
+                };
+            }
+            done += got.bytes;
+        }
+        Ok(true)
+    }
+
+    /// Receives one whole message.
+    pub fn recv(&mut self) -> Result<Message, RecvError> {
+        let mut fds = Vec::new();
+        let mut head = [0u8; HEADER_BYTES];
+        if !self.read_exact_with_fds(&mut head, &mut fds)? {
+            return Err(RecvError::Closed);
+        }
+        let header = Header::decode(&head).map_err(|_| RecvError::Closed)?;
+        let size = header.msg_size as usize;
+        if size < HEADER_BYTES {
+            return Err(RecvError::BadSize { header });
+        }
+        let payload_len = size - HEADER_BYTES;
+        if size > self.max_message_bytes {
+            // Read and drop it, so the next message starts where it should.
+            let mut left = payload_len;
+            let mut sink = vec![0u8; 64 << 10];
+            while left > 0 {
+                let n = left.min(sink.len());
+                if !self.read_exact_with_fds(&mut sink[..n], &mut fds)? {
+                    return Err(RecvError::Closed);
+                }
+                left -= n;
+            }
+            return Err(RecvError::TooLarge {
+                header,
+                limit: self.max_message_bytes,
+            });
+        }
+        let mut payload = vec![0u8; payload_len];
+        if payload_len > 0 && !self.read_exact_with_fds(&mut payload, &mut fds)? {
+            return Err(RecvError::Closed);
+        }
+        Ok(Message {
+            header,
+            payload,
+            fds,
+        })
+    }
+}
