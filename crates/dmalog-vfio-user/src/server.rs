@@ -345,6 +345,17 @@ impl Server {
         let backing = match fds.pop() {
             Some(fd) => {
                 let len = usize::try_from(request.size).map_err(|_| libc::EINVAL)?;
+                // Pages past the end of the file would SIGBUS on access: refuse them now.
+                let file_size = rustix::fs::fstat(&fd)
+                    .map_err(|e| e.raw_os_error())?
+                    .st_size as u64;
+                if request
+                    .offset
+                    .checked_add(request.size)
+                    .is_none_or(|end| end > file_size)
+                {
+                    return Err(libc::EINVAL);
+                }
                 let writable = request.flags & DMA_FLAG_WRITE != 0;
                 let mapping = SharedMapping::map(&fd, request.offset, len, writable)
                     .map_err(|err| err.raw_os_error().unwrap_or(libc::EINVAL))?;
