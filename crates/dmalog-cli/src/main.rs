@@ -6,6 +6,7 @@
 //!   supports.
 //! - `dmalog serve --socket PATH [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
 //!   vfio-user device server.
+//! - `dmalog inspect --socket PATH [--log-check] [--json]`: what a vfio-user server offers.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod inspect;
 mod probe;
 mod serve;
 
@@ -35,6 +37,8 @@ enum Command {
     Probe(probe::ProbeArgs),
     /// Serve an emulated device over vfio-user (DMA logging and migration v2).
     Serve(serve::ServeArgs),
+    /// Connect to any vfio-user server and print what it offers (add --log-check, --json).
+    Inspect(inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(&args).context("dmalog bench"),
         Command::Probe(args) => probe::run(&args).context("dmalog probe"),
         Command::Serve(args) => serve::run(&args).context("dmalog serve"),
+        Command::Inspect(args) => inspect::run(&args).context("dmalog inspect"),
     };
     match result {
         Ok(code) => code,

@@ -274,3 +274,34 @@ fn migration_between_two_server_processes() {
         "STOP_COPY -> PRE_COPY"
     );
 }
+
+#[test]
+fn inspect_reports_what_the_server_offers() {
+    let server = ServerProcess::start("mlx5:tiny");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args(["inspect", "--json", "--log-check", "--socket"])
+        .arg(&server.socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["num_regions"], 9);
+    assert_eq!(json["regions"][0]["size"], 4096);
+    assert_eq!(json["migration"]["pre_copy"], true);
+    assert_eq!(json["dma_logging"], true);
+    assert_eq!(json["log_check"]["page_size"], 4096);
+    assert_eq!(json["log_check"]["dirty_pages"], 0);
+    assert!(json["log_check"]["error"].is_null());
+    let none = ServerProcess::start("none");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args(["inspect", "--json", "--socket"])
+        .arg(&none.socket)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["dma_logging"], false);
+}

@@ -3,6 +3,7 @@
 //! client that is a [`dmalog::DirtyTracker`] and a [`dmalog::MigrationDevice`].
 
 pub mod client;
+pub mod fuzzing;
 pub mod server;
 pub mod transport;
 pub mod wire;
