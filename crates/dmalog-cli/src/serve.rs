@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
-use dmalog_device::DmaEngine;
+use dmalog_device::{DmaEngine, LvuSample};
 use dmalog_vfio_user::{Server, ServerConfig, TrackerKind};
 
 /// Options of `dmalog serve`.
@@ -17,7 +17,7 @@ pub struct ServeArgs {
     #[arg(long)]
     socket: PathBuf,
     /// The emulated device.
-    #[arg(long, default_value = "dma-engine", value_parser = ["dma-engine"])]
+    #[arg(long, default_value = "dma-engine", value_parser = ["dma-engine", "lvu-sample"])]
     device: String,
     /// The DMA tracker: soft, none, mlx5, or mlx5:PRESET[,field=value...] (presets cx7,
     /// tiny, unlimited).
@@ -47,7 +47,16 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         max_data_xfer_size: args.max_data_xfer_size,
         ..ServerConfig::default()
     };
-    let mut server = Server::new(config, |space| Box::new(DmaEngine::new(space)));
+    let mut server = Server::try_new(
+        config,
+        |space| -> std::io::Result<Box<dyn dmalog_device::Device>> {
+            Ok(match args.device.as_str() {
+                "lvu-sample" => Box::new(LvuSample::new(space)?),
+                _ => Box::new(DmaEngine::new(space)),
+            })
+        },
+    )
+    .context("creating the device")?;
     tracing::info!(socket = %args.socket.display(), device = %args.device, tracker = %args.tracker, "serving");
     let stop = AtomicBool::new(false);
     server.run(&listener, &stop).context("accepting clients")?;

@@ -80,6 +80,15 @@ impl DeviceError {
     }
 }
 
+/// DMA the server carries out with messages on the connection (DMA_READ/DMA_WRITE to the
+/// client), for memory the device cannot (or chooses not to) reach directly.
+pub trait MessageDma {
+    /// Reads client memory at `iova`.
+    fn dma_read(&mut self, iova: u64, out: &mut [u8]) -> Result<(), DeviceError>;
+    /// Writes client memory at `iova` (the client records the pages as dirty).
+    fn dma_write(&mut self, iova: u64, data: &[u8]) -> Result<(), DeviceError>;
+}
+
 /// An emulated device behind a vfio-user server. DMA goes through the device's own
 /// [`crate::DmaSpace`] accessors; migration arcs are driven by [`MigrationMachine`].
 pub trait Device: Send {
@@ -122,6 +131,16 @@ pub trait Device: Send {
     /// Bytes of migration data the device still holds for the current state, if known.
     fn pending_data_bytes(&self) -> Option<u64> {
         None
+    }
+
+    /// When the device next wants to act on its own (a timer), if ever.
+    fn next_event(&self) -> Option<std::time::Instant> {
+        None
+    }
+
+    /// Acts on the event that fell due, with message DMA through the connection.
+    fn run_event(&mut self, dma: &mut dyn MessageDma) {
+        let _ = dma;
     }
 }
 

@@ -83,6 +83,17 @@ pub struct Region {
     pub fd: Option<OwnedFd>,
 }
 
+/// Guest memory the client lent the server, kept to serve the server's DMA_READ/DMA_WRITE
+/// and to log the pages those writes dirty (they are the client's to track).
+#[derive(Debug)]
+struct ClientMapping {
+    iova: u64,
+    size: u64,
+    fd: Option<OwnedFd>,
+    offset: u64,
+    writes: dmalog::DirtyLog,
+}
+
 /// A connection to a vfio-user server.
 #[derive(Debug)]
 pub struct Client {
@@ -91,6 +102,8 @@ pub struct Client {
     server_version: Version,
     max_data_xfer_size: u32,
     logging_page_size: Option<u64>,
+    mappings: Vec<ClientMapping>,
+    served_dma: u64,
 }
 
 /// The client's own limit on data per message.
@@ -114,6 +127,8 @@ impl Client {
             },
             max_data_xfer_size,
             logging_page_size: None,
+            mappings: Vec::new(),
+            served_dma: 0,
         };
         let ours = Version {
             major: 0,
@@ -172,15 +187,7 @@ impl Client {
                 fds,
             } = self.transport.recv()?;
             if header.kind() == TYPE_COMMAND {
-                // Server-to-client DMA is not offered by this client's mappings (all have fds).
-                let reply = Header {
-                    msg_id: header.msg_id,
-                    cmd: header.cmd,
-                    msg_size: 0,
-                    flags: TYPE_REPLY | FLAG_ERROR,
-                    error_no: libc::ENOTSUP as u32,
-                };
-                self.transport.send(reply, &[], &[])?;
+                self.serve_server_command(header, &payload)?;
                 continue;
             }
             if header.msg_id != id || header.cmd != command {
@@ -196,7 +203,8 @@ impl Client {
         }
     }
 
-    /// DMA_MAP `[iova, iova+size)` from `fd` at `offset` (None: message-only).
+    /// DMA_MAP `[iova, iova+size)` from `fd` at `offset`. With `fd` the server maps the
+    /// memory; the client keeps a duplicate to serve the server's DMA_READ/DMA_WRITE.
     pub fn dma_map(
         &mut self,
         iova: u64,
@@ -204,6 +212,31 @@ impl Client {
         fd: Option<BorrowedFd<'_>>,
         offset: u64,
         writable: bool,
+    ) -> Result<(), ClientError> {
+        self.dma_map_as(iova, size, fd, offset, writable, true)
+    }
+
+    /// DMA_MAP where the server gets no fd ("message-only": every device access to it is a
+    /// DMA_READ/DMA_WRITE message the client serves from `fd`).
+    pub fn dma_map_message_only(
+        &mut self,
+        iova: u64,
+        size: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        writable: bool,
+    ) -> Result<(), ClientError> {
+        self.dma_map_as(iova, size, Some(fd), offset, writable, false)
+    }
+
+    fn dma_map_as(
+        &mut self,
+        iova: u64,
+        size: u64,
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+        writable: bool,
+        send_fd: bool,
     ) -> Result<(), ClientError> {
         let flags = DMA_FLAG_READ | if writable { DMA_FLAG_WRITE } else { 0 };
         let request = DmaMap {
@@ -213,9 +246,108 @@ impl Client {
             addr: iova,
             size,
         };
-        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
-        self.request(cmd::DMA_MAP, &request.encode(), &fds)
-            .map(|_| ())
+        let fds: Vec<BorrowedFd<'_>> = if send_fd {
+            fd.into_iter().collect()
+        } else {
+            Vec::new()
+        };
+        self.request(cmd::DMA_MAP, &request.encode(), &fds)?;
+        let writes = dmalog::DirtyLog::new(iova, size, 4096)
+            .map_err(|_| ClientError::Protocol("mapping too large to log"))?;
+        let fd = fd.map(|fd| fd.try_clone_to_owned()).transpose()?;
+        self.mappings.push(ClientMapping {
+            iova,
+            size,
+            fd,
+            offset,
+            writes,
+        });
+        Ok(())
+    }
+
+    /// Answers one server command (DMA_READ/DMA_WRITE from the lent memory).
+    fn serve_server_command(&mut self, header: Header, payload: &[u8]) -> Result<(), ClientError> {
+        let result = self.serve_dma(header.cmd, payload);
+        self.served_dma += 1;
+        let reply_header = |flags, errno: i32| Header {
+            msg_id: header.msg_id,
+            cmd: header.cmd,
+            msg_size: 0,
+            flags,
+            error_no: errno as u32,
+        };
+        match result {
+            Ok(reply) => self
+                .transport
+                .send(reply_header(TYPE_REPLY, 0), &reply, &[])?,
+            Err(errno) => {
+                self.transport
+                    .send(reply_header(TYPE_REPLY | FLAG_ERROR, errno), &[], &[])?
+            }
+        }
+        Ok(())
+    }
+
+    fn serve_dma(&mut self, command: u16, payload: &[u8]) -> Result<Vec<u8>, i32> {
+        let access = DmaAccess::decode(payload).map_err(|_| libc::EINVAL)?;
+        let count = usize::try_from(access.count).map_err(|_| libc::EINVAL)?;
+        if count > self.max_data_xfer_size as usize {
+            return Err(libc::E2BIG);
+        }
+        let end = access.addr.checked_add(access.count).ok_or(libc::EFAULT)?;
+        let mapping = self
+            .mappings
+            .iter()
+            .find(|m| access.addr >= m.iova && end <= m.iova + m.size)
+            .ok_or(libc::EFAULT)?;
+        let fd = mapping.fd.as_ref().ok_or(libc::EFAULT)?;
+        let at = mapping.offset + (access.addr - mapping.iova);
+        match command {
+            cmd::DMA_WRITE => {
+                let data = &payload[DmaAccess::BYTES.min(payload.len())..];
+                if data.len() != count {
+                    return Err(libc::EINVAL);
+                }
+                let written = rustix::io::pwrite(fd, data, at).map_err(|e| e.raw_os_error())?;
+                if written != count {
+                    return Err(libc::EIO);
+                }
+                mapping.writes.record_write(access.addr, access.count);
+                Ok(access.encode())
+            }
+            cmd::DMA_READ => {
+                let mut reply = access.encode();
+                reply.resize(DmaAccess::BYTES + count, 0);
+                let read = rustix::io::pread(fd, &mut reply[DmaAccess::BYTES..], at)
+                    .map_err(|e| e.raw_os_error())?;
+                if read != count {
+                    return Err(libc::EIO);
+                }
+                Ok(reply)
+            }
+            _ => Err(libc::ENOSYS),
+        }
+    }
+
+    /// Serves the server's DMA requests until none arrives for `idle`; returns how many.
+    /// (Requests that arrive while a command waits for its reply are served there too.)
+    pub fn serve_requests(&mut self, idle: std::time::Duration) -> Result<u64, ClientError> {
+        let before = self.served_dma;
+        while wait_readable(self.transport.stream(), idle)? {
+            let Message {
+                header, payload, ..
+            } = self.transport.recv()?;
+            if header.kind() != TYPE_COMMAND {
+                return Err(ClientError::Protocol("a reply nobody asked for"));
+            }
+            self.serve_server_command(header, &payload)?;
+        }
+        Ok(self.served_dma - before)
+    }
+
+    /// Server DMA requests served so far.
+    pub fn served_dma_requests(&self) -> u64 {
+        self.served_dma
     }
 
     /// DMA_UNMAP of exactly `[iova, iova+size)`.
@@ -226,8 +358,10 @@ impl Client {
             addr: iova,
             size,
         };
-        self.request(cmd::DMA_UNMAP, &request.encode(), &[])
-            .map(|_| ())
+        self.request(cmd::DMA_UNMAP, &request.encode(), &[])?;
+        self.mappings
+            .retain(|m| !(m.iova == iova && m.size == size));
+        Ok(())
     }
 
     /// DMA_UNMAP of everything.
@@ -238,8 +372,9 @@ impl Client {
             addr: 0,
             size: 0,
         };
-        self.request(cmd::DMA_UNMAP, &request.encode(), &[])
-            .map(|_| ())
+        self.request(cmd::DMA_UNMAP, &request.encode(), &[])?;
+        self.mappings.clear();
+        Ok(())
     }
 
     /// DEVICE_GET_INFO.
@@ -484,6 +619,12 @@ impl DirtyTracker for Client {
                 &mut bitmap[first_word..first_word + words],
             )?;
             done += part;
+        }
+        // Pages this client wrote for the server (DMA_WRITE messages) are dirty too.
+        let bytes = dmalog::tracker::words_as_bytes(&mut bitmap[..need_words as usize]);
+        let mut merged = dmalog::IovaBitmap::new(iova, length, page_size, bytes)?;
+        for mapping in &self.mappings {
+            mapping.writes.read_and_clear(iova, length, &mut merged);
         }
         Ok(())
     }

@@ -5,10 +5,12 @@
 //! eventfds are dropped, and the server waits for the next client. The device itself (and
 //! its migration state) lives on.
 
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
 use dmalog::mlx5::{CapsError, Mlx5Faults};
@@ -20,7 +22,8 @@ use dmalog::{
     Dialect, IovaRange, LiveLog, LogDriver, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver,
 };
 use dmalog_device::{
-    Device, DeviceError, DmaBacking, DmaRegion, DmaSpace, MigrationMachine, SharedMapping,
+    Device, DeviceError, DmaBacking, DmaRegion, DmaSpace, MessageDma, MigrationMachine,
+    SharedMapping,
 };
 use tracing::{debug, info, warn};
 
@@ -98,6 +101,98 @@ fn dev_err(err: DeviceError) -> i32 {
     err.errno()
 }
 
+/// Server-to-client DMA over the connection: DMA_READ/DMA_WRITE commands, split at the
+/// negotiated transfer size. Client commands that arrive meanwhile are kept for later.
+struct ConnectionDma<'a> {
+    transport: &'a mut Transport,
+    deferred: &'a mut VecDeque<Message>,
+    next_id: u16,
+    max_xfer: u32,
+    broken: bool,
+}
+
+impl ConnectionDma<'_> {
+    fn exchange(&mut self, command: u16, payload: &[u8]) -> Result<Vec<u8>, DeviceError> {
+        if self.broken {
+            return Err(DeviceError::Io("connection lost"));
+        }
+        self.next_id = self.next_id.wrapping_add(1);
+        let id = self.next_id;
+        let header = Header {
+            msg_id: id,
+            cmd: command,
+            msg_size: 0,
+            flags: TYPE_COMMAND,
+            error_no: 0,
+        };
+        if self.transport.send(header, payload, &[]).is_err() {
+            self.broken = true;
+            return Err(DeviceError::Io("connection lost"));
+        }
+        loop {
+            let message = match self.transport.recv() {
+                Ok(message) => message,
+                Err(_) => {
+                    self.broken = true;
+                    return Err(DeviceError::Io("connection lost"));
+                }
+            };
+            if message.header.kind() == TYPE_REPLY
+                && message.header.msg_id == id
+                && message.header.cmd == command
+            {
+                if message.header.flags & FLAG_ERROR != 0 {
+                    return Err(DeviceError::Io("the client refused the DMA"));
+                }
+                return Ok(message.payload);
+            }
+            self.deferred.push_back(message);
+        }
+    }
+}
+
+impl MessageDma for ConnectionDma<'_> {
+    fn dma_read(&mut self, iova: u64, out: &mut [u8]) -> Result<(), DeviceError> {
+        let chunk = self.max_xfer.max(1) as usize;
+        for (i, piece) in out.chunks_mut(chunk).enumerate() {
+            let addr = iova
+                .checked_add((i * chunk) as u64)
+                .ok_or(DeviceError::Invalid("IOVA wraps"))?;
+            let reply = self.exchange(
+                cmd::DMA_READ,
+                &DmaAccess {
+                    addr,
+                    count: piece.len() as u64,
+                }
+                .encode(),
+            )?;
+            let data = reply
+                .get(DmaAccess::BYTES..)
+                .filter(|d| d.len() == piece.len())
+                .ok_or(DeviceError::Io("short DMA_READ reply"))?;
+            piece.copy_from_slice(data);
+        }
+        Ok(())
+    }
+
+    fn dma_write(&mut self, iova: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let chunk = self.max_xfer.max(1) as usize;
+        for (i, piece) in data.chunks(chunk).enumerate() {
+            let addr = iova
+                .checked_add((i * chunk) as u64)
+                .ok_or(DeviceError::Invalid("IOVA wraps"))?;
+            let mut payload = DmaAccess {
+                addr,
+                count: piece.len() as u64,
+            }
+            .encode();
+            payload.extend_from_slice(piece);
+            self.exchange(cmd::DMA_WRITE, &payload)?;
+        }
+        Ok(())
+    }
+}
+
 /// A vfio-user server for one device.
 pub struct Server {
     config: ServerConfig,
@@ -125,6 +220,19 @@ impl Server {
         config: ServerConfig,
         make_device: impl FnOnce(&DmaSpace) -> Box<dyn Device>,
     ) -> Self {
+        match Self::try_new(config, |space| {
+            Ok::<_, std::convert::Infallible>(make_device(space))
+        }) {
+            Ok(server) => server,
+            Err(never) => match never {},
+        }
+    }
+
+    /// As [`Server::new`] with a device constructor that can fail.
+    pub fn try_new<E>(
+        config: ServerConfig,
+        make_device: impl FnOnce(&DmaSpace) -> Result<Box<dyn Device>, E>,
+    ) -> Result<Self, E> {
         let live = LiveLog::new();
         let (core, faults): (LoggingCore<Box<dyn LogDriver>>, _) = match &config.tracker {
             TrackerKind::None => (LoggingCore::unsupported(), None),
@@ -139,9 +247,9 @@ impl Server {
             }
         };
         let space = DmaSpace::with_max_maps(live, config.max_dma_maps as usize);
-        let device = make_device(&space);
+        let device = make_device(&space)?;
         let negotiated_xfer = config.max_data_xfer_size;
-        Server {
+        Ok(Server {
             config,
             device,
             space,
@@ -150,7 +258,7 @@ impl Server {
             faults,
             negotiated_xfer,
             versioned: false,
-        }
+        })
     }
 
     /// The mlx5 fault-injection handle, when the tracker is the mlx5 model.
@@ -173,10 +281,45 @@ impl Server {
         self.config.max_data_xfer_size as usize + 4096
     }
 
+    /// Runs the device's due event with message DMA over this connection.
+    fn run_device_event(
+        &mut self,
+        transport: &mut Transport,
+        deferred: &mut VecDeque<Message>,
+    ) -> bool {
+        let mut dma = ConnectionDma {
+            transport,
+            deferred,
+            next_id: 0x8000,
+            max_xfer: self.negotiated_xfer,
+            broken: false,
+        };
+        self.device.run_event(&mut dma);
+        !dma.broken
+    }
+
     /// Serves one client until it disconnects, then cleans up.
     pub fn serve(&mut self, stream: UnixStream) {
         let mut transport = Transport::new(stream, self.max_message_bytes());
+        let mut deferred: VecDeque<Message> = VecDeque::new();
         loop {
+            if let Some(message) = deferred.pop_front() {
+                if !self.dispatch(&mut transport, message) {
+                    break;
+                }
+                continue;
+            }
+            if let Some(deadline) = self.device.next_event() {
+                let now = Instant::now();
+                let readable = deadline > now
+                    && matches!(wait_readable(transport.stream(), deadline - now), Ok(true));
+                if !readable {
+                    if !self.run_device_event(&mut transport, &mut deferred) {
+                        break;
+                    }
+                    continue;
+                }
+            }
             let message = match transport.recv() {
                 Ok(message) => message,
                 Err(RecvError::Closed) => break,
@@ -193,14 +336,24 @@ impl Server {
                     continue;
                 }
             };
+            if !self.dispatch(&mut transport, message) {
+                break;
+            }
+        }
+        self.disconnect();
+    }
+
+    /// Handles one message and sends its reply; false when the connection broke.
+    fn dispatch(&mut self, transport: &mut Transport, message: Message) -> bool {
+        {
             let header = message.header;
             if header.kind() != TYPE_COMMAND {
-                self.reply_error(&mut transport, &header, libc::EINVAL);
-                continue;
+                self.reply_error(transport, &header, libc::EINVAL);
+                return true;
             }
             let result = self.handle(message);
             if header.flags & FLAG_NO_REPLY != 0 {
-                continue;
+                return true;
             }
             let sent = match result {
                 Ok(reply) => {
@@ -226,11 +379,8 @@ impl Server {
                     transport.send(reply, &[], &[])
                 }
             };
-            if sent.is_err() {
-                break;
-            }
+            sent.is_ok()
         }
-        self.disconnect();
     }
 
     fn reply_error(&self, transport: &mut Transport, header: &Header, errno: i32) {

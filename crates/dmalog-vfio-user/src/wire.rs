@@ -451,6 +451,52 @@ impl RegionAccess {
     }
 }
 
+/// DMA_READ/DMA_WRITE header (server to client, 16 bytes); data follows. `count` is a u64,
+/// as libvfio-user sends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DmaAccess {
+    /// IOVA.
+    pub addr: u64,
+    /// Bytes.
+    pub count: u64,
+}
+
+impl DmaAccess {
+    /// Bytes on the wire.
+    pub const BYTES: usize = 16;
+    /// Decodes.
+    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+        Ok(DmaAccess {
+            addr: read_u64(b, 0)?,
+            count: read_u64(b, 8)?,
+        })
+    }
+    /// Encodes.
+    pub fn encode(&self) -> Vec<u8> {
+        Payload::default().u64(self.addr).u64(self.count).0
+    }
+}
+
+/// Waits until `fd` is readable or `timeout` passes; Ok(true) when readable.
+pub fn wait_readable(
+    fd: impl std::os::fd::AsFd,
+    timeout: std::time::Duration,
+) -> std::io::Result<bool> {
+    let mut fds = [rustix::event::PollFd::new(
+        &fd,
+        rustix::event::PollFlags::IN,
+    )];
+    let timeout = rustix::event::Timespec {
+        tv_sec: timeout.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: i64::from(timeout.subsec_nanos()),
+    };
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(n) => Ok(n > 0),
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// One entry of REGION_WRITE_MULTI: offset, region, count (at most 8), 8 data bytes.
 pub const WRITE_MULTI_ENTRY_BYTES: usize = 24;
 /// Most entries in one REGION_WRITE_MULTI.
