@@ -278,6 +278,7 @@ fn migration_between_two_server_processes() {
 #[test]
 fn inspect_reports_what_the_server_offers() {
     let server = ServerProcess::start("mlx5:tiny");
+    server.wait_listening();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmalog"))
         .args(["inspect", "--json", "--log-check", "--socket"])
         .arg(&server.socket)
@@ -297,6 +298,7 @@ fn inspect_reports_what_the_server_offers() {
     assert_eq!(json["log_check"]["dirty_pages"], 0);
     assert!(json["log_check"]["error"].is_null());
     let none = ServerProcess::start("none");
+    none.wait_listening();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmalog"))
         .args(["inspect", "--json", "--socket"])
         .arg(&none.socket)

@@ -15,7 +15,10 @@ use dmalog::{DirtyTracker, MigrationDevice};
 const PAGE: u64 = 4096;
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 #[test]
@@ -24,8 +27,16 @@ fn the_sample_client_sequence() {
     let mut client = server.connect();
     let mut config = [0u8; 0x30];
     client.region_read(7, 0, &mut config).unwrap();
-    assert_eq!(&config[0..4], &[0xad, 0xde, 0xef, 0xbe], "vendor 0xdead, device 0xbeef");
-    assert_eq!(&config[0x2c..0x30], &[0xfe, 0xca, 0xbe, 0xba], "subsystem 0xcafe:0xbabe");
+    assert_eq!(
+        &config[0..4],
+        &[0xad, 0xde, 0xef, 0xbe],
+        "vendor 0xdead, device 0xbeef"
+    );
+    assert_eq!(
+        &config[0x2c..0x30],
+        &[0xfe, 0xca, 0xbe, 0xba],
+        "subsystem 0xcafe:0xbabe"
+    );
     let bar1 = client.region_info(1).unwrap();
     assert_eq!(bar1.info.size, 0x4000);
     assert_eq!(bar1.sparse_mmap, vec![(0, 0x1000), (0x2000, 0x1000)]);
@@ -34,11 +45,19 @@ fn the_sample_client_sequence() {
 
     // Two one-page regions from one file.
     let memory = guest_memory(2 * PAGE);
-    client.dma_map(0x10000, PAGE, Some(memory.as_fd()), 0, true).unwrap();
-    client.dma_map(0x20000, PAGE, Some(memory.as_fd()), PAGE, true).unwrap();
+    client
+        .dma_map(0x10000, PAGE, Some(memory.as_fd()), 0, true)
+        .unwrap();
+    client
+        .dma_map(0x20000, PAGE, Some(memory.as_fd()), PAGE, true)
+        .unwrap();
     let eventfd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
     client.set_irq_eventfds(0, 0, &[eventfd.as_fd()]).unwrap();
-    assert_eq!(client.start_logging(&[], PAGE).unwrap(), PAGE, "num_ranges 0: every mapped region");
+    assert_eq!(
+        client.start_logging(&[], PAGE).unwrap(),
+        PAGE,
+        "num_ranges 0: every mapped region"
+    );
 
     // Arm the timer for now: it fires at once; serve the device's DMA messages.
     client.write_u64(0, 0, now() as u64).unwrap();
@@ -47,8 +66,16 @@ fn the_sample_client_sequence() {
     let mut count = [0u8; 8];
     rustix::io::read(&eventfd, &mut count).unwrap();
     assert_eq!(u64::from_ne_bytes(count), 1, "INTx");
-    assert_eq!(read_guest(&memory, 0, 1), vec![0xb0], "DMA_WRITE landed in region 0");
-    assert_eq!(read_guest(&memory, PAGE + 3 * 1024, 1), vec![0xa3], "direct write landed in region 1");
+    assert_eq!(
+        read_guest(&memory, 0, 1),
+        vec![0xb0],
+        "DMA_WRITE landed in region 0"
+    );
+    assert_eq!(
+        read_guest(&memory, PAGE + 3 * 1024, 1),
+        vec![0xa3],
+        "direct write landed in region 1"
+    );
 
     // Both regions are dirty: region 0 by the client (it served DMA_WRITE), region 1 by the
     // server's direct writes.
@@ -101,6 +128,9 @@ fn the_sample_client_sequence() {
     dst.region_read(1, 0x2000, &mut bar1[0x2000..]).unwrap();
     assert_eq!(bar1, pattern, "BAR1 moved");
     dst.set_device_state(DeviceState::Running).unwrap();
-    assert!((dst.read_u64(0, 0).unwrap() as i64) < 0, "BAR0's deadline moved (an hour ahead)");
+    assert!(
+        (dst.read_u64(0, 0).unwrap() as i64) < 0,
+        "BAR0's deadline moved (an hour ahead)"
+    );
     client.dma_unmap_all().unwrap();
 }

@@ -18,6 +18,7 @@ struct Raw {
 
 impl Raw {
     fn connect(server: &ServerProcess) -> Self {
+        server.wait_listening();
         Raw {
             transport: Transport::new(UnixStream::connect(&server.socket).unwrap(), 2 << 20),
             id: 0,
@@ -476,6 +477,7 @@ fn every_malformed_message_gets_its_errno_and_the_server_keeps_serving() {
     drop(raw);
 
     // msg_size below the header, written by hand: an error reply, then a clean close.
+    server.wait_listening();
     let mut stream = UnixStream::connect(&server.socket).unwrap();
     let header = Header {
         msg_id: 1,

@@ -68,8 +68,23 @@ impl ServerProcess {
         }
     }
 
+    /// Connects, retrying while the server is between bind() and listen().
     pub fn connect(&self) -> Client {
-        Client::connect(&self.socket).expect("connect")
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Client::connect(&self.socket) {
+                Ok(client) => return client,
+                Err(err) if Instant::now() < deadline && err.errno() == libc::ECONNREFUSED => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(err) => panic!("connect: {err:?}"),
+            }
+        }
+    }
+
+    /// Waits until the server accepts connections (for tests that connect raw sockets).
+    pub fn wait_listening(&self) {
+        drop(self.connect());
     }
 
     pub fn is_running(&mut self) -> bool {
