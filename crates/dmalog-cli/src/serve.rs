@@ -23,6 +23,10 @@ pub struct ServeArgs {
     /// tiny, unlimited).
     #[arg(long, default_value = "soft")]
     tracker: String,
+    /// lvu-sample's BAR1 size in bytes (16 KiB; libvfio-user clients before its BAR-size
+    /// fix expect 12288).
+    #[arg(long, default_value_t = 0x4000)]
+    lvu_bar1_size: u64,
     /// Largest data payload per message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_data_xfer_size: u32,
@@ -51,7 +55,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         config,
         |space| -> std::io::Result<Box<dyn dmalog_device::Device>> {
             Ok(match args.device.as_str() {
-                "lvu-sample" => Box::new(LvuSample::new(space)?),
+                "lvu-sample" => Box::new(LvuSample::with_bar1_size(space, args.lvu_bar1_size)?),
                 _ => Box::new(DmaEngine::new(space)),
             })
         },

@@ -21,7 +21,7 @@ use crate::device::{
 use crate::dma_space::{DmaAccessor, DmaBacking, DmaSpace};
 use crate::shared_memory::SharedMapping;
 
-/// Bytes of BAR1.
+/// Bytes of BAR1 (SPEC 6.2; libvfio-user's sample after its BAR-size fix).
 pub const BAR1_SIZE: u64 = 0x4000;
 /// The sparse mmap areas of BAR1.
 pub const BAR1_SPARSE: [(u64, u64); 2] = [(0, 0x1000), (0x2000, 0x1000)];
@@ -52,6 +52,7 @@ pub struct LvuSample {
     bar0: i64,
     bar1_fd: Arc<OwnedFd>,
     bar1: SharedMapping,
+    bar1_size: u64,
     dma: DmaAccessor,
     space: DmaSpace,
     irqs: IrqTable,
@@ -74,11 +75,20 @@ impl std::fmt::Debug for LvuSample {
 }
 
 impl LvuSample {
-    /// A RUNNING device doing DMA in `space`; BAR1 lives in a memfd.
+    /// A RUNNING device doing DMA in `space`; BAR1 (16 KiB) lives in a memfd.
     pub fn new(space: &DmaSpace) -> std::io::Result<Self> {
+        Self::with_bar1_size(space, BAR1_SIZE)
+    }
+
+    /// As [`LvuSample::new`] with another BAR1 size (older libvfio-user sample clients expect
+    /// 0x3000); it must hold both sparse areas.
+    pub fn with_bar1_size(space: &DmaSpace, bar1_size: u64) -> std::io::Result<Self> {
+        if !(0x3000..=1 << 30).contains(&bar1_size) || bar1_size % 4096 != 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let fd = rustix::fs::memfd_create("lvu-sample-bar1", rustix::fs::MemfdFlags::CLOEXEC)?;
-        rustix::fs::ftruncate(&fd, BAR1_SIZE)?;
-        let bar1 = SharedMapping::map(&fd, 0, BAR1_SIZE as usize, true)?;
+        rustix::fs::ftruncate(&fd, bar1_size)?;
+        let bar1 = SharedMapping::map(&fd, 0, bar1_size as usize, true)?;
         let mut config = [0u8; 256];
         config[0..2].copy_from_slice(&0xdeadu16.to_le_bytes());
         config[2..4].copy_from_slice(&0xbeefu16.to_le_bytes());
@@ -89,6 +99,7 @@ impl LvuSample {
             bar0: 0,
             bar1_fd: Arc::new(fd),
             bar1,
+            bar1_size,
             dma: space.accessor(),
             space: space.clone(),
             irqs: IrqTable::new(&[1, 0, 0, 0, 0]),
@@ -111,7 +122,7 @@ impl LvuSample {
     }
 
     fn bar1_bytes(&self) -> Vec<u8> {
-        let mut out = vec![0u8; BAR1_SIZE as usize];
+        let mut out = vec![0u8; self.bar1_size as usize];
         self.bar1.read(0, &mut out);
         out
     }
@@ -134,7 +145,7 @@ impl Device for LvuSample {
                 ..RegionInfo::default()
             }),
             1 => Some(RegionInfo {
-                size: BAR1_SIZE,
+                size: self.bar1_size,
                 flags: REGION_READ | REGION_WRITE | REGION_MMAP,
                 sparse_mmap: BAR1_SPARSE.to_vec(),
                 mmap_fd: Some(Arc::clone(&self.bar1_fd)),
@@ -251,25 +262,22 @@ impl Device for LvuSample {
                 self.save_cursor = 0;
             }
             (PreCopy, StopCopy) | (Stop, StopCopy) => {
-                if from == Stop {
-                    self.save_stream.clear();
-                    self.save_cursor = 0;
-                }
-                let mut tail = self.bar1_bytes();
-                tail.extend_from_slice(&self.bar0.to_le_bytes());
-                self.save_stream.extend_from_slice(&tail);
+                // As the reference: STOP_COPY's data is BAR1 then BAR0, afresh.
+                self.save_stream = self.bar1_bytes();
+                self.save_stream.extend_from_slice(&self.bar0.to_le_bytes());
+                self.save_cursor = 0;
             }
             (Stop, Resuming) => self.load_buffer.clear(),
             (Resuming, Stop) => {
-                let need = BAR1_SIZE as usize + 8;
+                let need = self.bar1_size as usize + 8;
                 let buffer = std::mem::take(&mut self.load_buffer);
                 if buffer.len() < need {
                     return Err(DeviceError::Invalid("incomplete lvu-sample state"));
                 }
                 let last = &buffer[buffer.len() - need..];
-                self.bar1.write(0, &last[..BAR1_SIZE as usize]);
+                self.bar1.write(0, &last[..self.bar1_size as usize]);
                 self.bar0 = i64::from_le_bytes(
-                    last[BAR1_SIZE as usize..]
+                    last[self.bar1_size as usize..]
                         .try_into()
                         .map_err(|_| DeviceError::Invalid("BAR0"))?,
                 );
@@ -294,7 +302,7 @@ impl Device for LvuSample {
     }
 
     fn load_data(&mut self, data: &[u8]) -> Result<(), DeviceError> {
-        if self.load_buffer.len() + data.len() > 4 * (BAR1_SIZE as usize + 8) {
+        if self.load_buffer.len() + data.len() > 4 * (self.bar1_size as usize + 8) {
             return Err(DeviceError::Invalid(
                 "more migration data than an lvu-sample has",
             ));

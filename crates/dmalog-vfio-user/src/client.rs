@@ -683,10 +683,11 @@ impl MigrationDevice for Client {
         let (reply, _) = self.request(cmd::MIG_DATA_READ, &request.encode(), &[])?;
         let header = MigData::decode(&reply)
             .map_err(|_| ClientError::Protocol("short MIG_DATA_READ reply"))?;
-        let data = &reply[MigData::BYTES..];
-        if header.size as usize != data.len() || data.len() > buf.len() {
-            return Err(ClientError::Protocol("MIG_DATA_READ size mismatch").into());
-        }
+        // `size` bytes of data; a server may pad the reply to the requested length.
+        let data = reply
+            .get(MigData::BYTES..MigData::BYTES + header.size as usize)
+            .filter(|data| data.len() <= buf.len())
+            .ok_or(ClientError::Protocol("MIG_DATA_READ size mismatch"))?;
         buf[..data.len()].copy_from_slice(data);
         Ok(data.len())
     }

@@ -63,7 +63,8 @@ impl std::str::FromStr for TrackerKind {
 pub struct ServerConfig {
     /// The tracker.
     pub tracker: TrackerKind,
-    /// Largest data payload of one message (REGION_READ data, REPORT bitmaps, MIG_DATA).
+    /// Largest data payload of one message the server accepts (REGION_READ/WRITE, MIG_DATA);
+    /// REPORT replies and server-to-client DMA also respect the client's limit.
     pub max_data_xfer_size: u32,
     /// Most fds per message.
     pub max_msg_fds: u32,
@@ -322,7 +323,10 @@ impl Server {
             }
             let message = match transport.recv() {
                 Ok(message) => message,
-                Err(RecvError::Closed) => break,
+                Err(RecvError::Closed) => {
+                    debug!("the client closed the connection");
+                    break;
+                }
                 Err(RecvError::Io(err)) => {
                     warn!(%err, "socket error");
                     break;
@@ -379,6 +383,9 @@ impl Server {
                     transport.send(reply, &[], &[])
                 }
             };
+            if let Err(err) = &sent {
+                warn!(%err, "cannot send a reply");
+            }
             sent.is_ok()
         }
     }
@@ -464,12 +471,12 @@ impl Server {
             self.negotiated_xfer = self
                 .config
                 .max_data_xfer_size
-                .min(xfer.clamp(4096, u64::from(u32::MAX)) as u32);
+                .min(xfer.clamp(8, u64::from(u32::MAX)) as u32);
         }
         let caps = serde_json::json!({
             "capabilities": {
                 "max_msg_fds": self.config.max_msg_fds,
-                "max_data_xfer_size": self.negotiated_xfer,
+                "max_data_xfer_size": self.config.max_data_xfer_size,
                 "max_dma_maps": self.config.max_dma_maps,
                 "pgsizes": 4096,
                 "write_multiple": true,
@@ -599,7 +606,13 @@ impl Server {
         if room {
             bytes.extend_from_slice(&caps);
         }
-        let fds = info.mmap_fd.into_iter().collect();
+        // The fd goes with the complete answer only: a client that asked with room for the
+        // fixed part alone is not ready to receive fds (libvfio-user's client is not).
+        let fds = if room {
+            info.mmap_fd.into_iter().collect()
+        } else {
+            Vec::new()
+        };
         Ok(Reply {
             payload: bytes,
             fds,
@@ -665,7 +678,7 @@ impl Server {
 
     fn region_read(&mut self, payload: &[u8]) -> Result<Reply, i32> {
         let request = RegionAccess::decode(payload).map_err(|_| libc::EINVAL)?;
-        if payload.len() != RegionAccess::BYTES || request.count > self.negotiated_xfer {
+        if payload.len() != RegionAccess::BYTES || request.count > self.config.max_data_xfer_size {
             return Err(libc::EINVAL);
         }
         let mut reply = request.encode();
@@ -781,7 +794,7 @@ impl Server {
 
     fn mig_data_read(&mut self, payload: &[u8]) -> Result<Reply, i32> {
         let request = MigData::decode(payload).map_err(|_| libc::EINVAL)?;
-        if request.size > self.negotiated_xfer
+        if request.size > self.config.max_data_xfer_size
             || (request.argsz as usize) < MigData::BYTES + request.size as usize
         {
             return Err(libc::EINVAL);
@@ -791,9 +804,10 @@ impl Server {
             .machine
             .read_data(self.device.as_mut(), &mut reply[MigData::BYTES..])
             .map_err(dev_err)?;
-        reply.truncate(MigData::BYTES + n);
+        // The reply keeps the requested length (zero-padded), with `size` saying how much is
+        // data: libvfio-user's client insists on receiving exactly what it asked room for.
         let head = MigData {
-            argsz: (MigData::BYTES + n) as u32,
+            argsz: reply.len() as u32,
             size: n as u32,
         }
         .encode();
@@ -804,7 +818,7 @@ impl Server {
     fn mig_data_write(&mut self, payload: &[u8]) -> Result<Reply, i32> {
         let request = MigData::decode(payload).map_err(|_| libc::EINVAL)?;
         let data = &payload[MigData::BYTES..];
-        if data.len() != request.size as usize || request.size > self.negotiated_xfer {
+        if data.len() != request.size as usize || request.size > self.config.max_data_xfer_size {
             return Err(libc::EINVAL);
         }
         self.machine
