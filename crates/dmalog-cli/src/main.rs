@@ -15,6 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod demo;
 mod inspect;
 mod probe;
 mod serve;
@@ -29,6 +30,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Live-migrate a running guest with a DMA-writing device between two device servers
+    /// on this machine, and verify every byte.
+    Demo(demo::DemoArgs),
     /// Run the quick benchmark subset (under a minute) and print ratios against baselines
     /// measured in the same run.
     Bench(bench::BenchArgs),
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(&args).context("dmalog demo"),
         Command::Bench(args) => bench::run(&args).context("dmalog bench"),
         Command::Probe(args) => probe::run(&args).context("dmalog probe"),
         Command::Serve(args) => serve::run(&args).context("dmalog serve"),

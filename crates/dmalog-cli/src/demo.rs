@@ -1,0 +1,327 @@
+//! `dmalog demo`: a live migration on one machine. Two `dmalog serve` children (dma-engine)
+//! are the source and destination devices; this process is the VMM on both sides: guest
+//! memory in memfds, a vCPU workload, the device workload, pre-copy over loopback TCP with a
+//! link cap, then verification of every byte.
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
+use dmalog_migrate::stream::{FrameReader, FrameWriter};
+use dmalog_migrate::{
+    default_layout, migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode,
+    SourceConfig, VcpuParams, VcpuWorkload,
+};
+use dmalog_vfio_user::Client;
+use indicatif::{ProgressBar, ProgressStyle};
+
+const MIB: u64 = 1 << 20;
+
+/// Options of `dmalog demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    /// Guest memory, MiB (3/4 at GPA 0, 1/4 at 4 GiB).
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    /// Device workload working set, MiB.
+    #[arg(long, default_value_t = 64)]
+    device_wss_mib: u64,
+    /// Device workload rate, MB/s.
+    #[arg(long, default_value_t = 200)]
+    device_rate_mbps: u64,
+    /// vCPU workload working set, MiB.
+    #[arg(long, default_value_t = 16)]
+    vcpu_wss_mib: u64,
+    /// vCPU workload rate, MB/s.
+    #[arg(long, default_value_t = 100)]
+    vcpu_rate_mbps: u64,
+    /// vCPU threads.
+    #[arg(long, default_value_t = 2)]
+    vcpus: usize,
+    /// Link bandwidth, MB/s.
+    #[arg(long, default_value_t = 1000)]
+    link_mbps: u64,
+    /// Maximum downtime, ms.
+    #[arg(long, default_value_t = 30)]
+    max_downtime_ms: u64,
+    /// Rounds before forcing the stop.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Device tracker of the source server: soft, mlx5, mlx5:PRESET.
+    #[arg(long, default_value = "soft")]
+    tracker: String,
+    /// pre-copy, stop-and-copy, or no-device-tracking.
+    #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
+    mode: String,
+    /// Print one JSON object with the whole report.
+    #[arg(long)]
+    json: bool,
+}
+
+struct ServerChild {
+    child: Child,
+    socket: std::path::PathBuf,
+}
+
+impl Drop for ServerChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn spawn_server(dir: &Path, name: &str, tracker: &str) -> anyhow::Result<ServerChild> {
+    let socket = dir.join(name);
+    let exe = std::env::current_exe().context("finding the dmalog binary")?;
+    let child = Command::new(exe)
+        .args([
+            "serve",
+            "--device",
+            "dma-engine",
+            "--tracker",
+            tracker,
+            "--socket",
+        ])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting dmalog serve")?;
+    Ok(ServerChild { child, socket })
+}
+
+fn connect(server: &ServerChild) -> anyhow::Result<Client> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Client::connect(&server.socket) {
+            Ok(client) => return Ok(client),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(err) => return Err(err).context("connecting to dmalog serve"),
+        }
+    }
+}
+
+fn map_all(client: &mut Client, memory: &GuestMemory) -> Result<(), String> {
+    for region in memory.regions() {
+        client
+            .dma_map(region.gpa, region.size, Some(region.fd()), 0, true)
+            .map_err(|e| format!("DMA_MAP: {e}"))?;
+    }
+    Ok(())
+}
+
+// dma-engine workload registers (SPEC 6.1).
+const WL_BASE: u64 = 0x80;
+const WL_SPAN: u64 = 0x88;
+const WL_SIZE: u64 = 0x90;
+const WL_RATE: u64 = 0x98;
+const WL_SEED: u64 = 0xa0;
+const WL_CTRL: u64 = 0xa8;
+const WL_WRITES: u64 = 0xb0;
+
+#[derive(serde::Serialize)]
+struct DemoOutput<'a> {
+    #[serde(flatten)]
+    report: &'a MigrationReport,
+    device_writes_after_resume: u64,
+    destination_pages: u64,
+}
+
+/// Runs the demo; exit code 1 unless VERIFIED.
+pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let mode = match args.mode.as_str() {
+        "stop-and-copy" => Mode::StopAndCopy,
+        "no-device-tracking" => Mode::NoDeviceTracking,
+        _ => Mode::PreCopy,
+    };
+    let guest_bytes = args.memory_mib * MIB;
+    if guest_bytes < 64 * MIB || args.device_wss_mib + args.vcpu_wss_mib > args.memory_mib / 2 {
+        bail!("the guest needs at least 64 MiB and twice the two working sets");
+    }
+    let dir = std::env::temp_dir().join(format!("dmalog-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let src_server = spawn_server(&dir, "src.sock", &args.tracker)?;
+    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker)?;
+    let layout = default_layout(guest_bytes);
+    let src_memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
+    let dst_memory = GuestMemory::new(&layout).context("destination guest memory")?;
+
+    // The source VM: device DMA-mapped with its workload running, vCPUs writing.
+    let mut src = connect(&src_server)?;
+    map_all(&mut src, &src_memory).map_err(anyhow::Error::msg)?;
+    let device_base = 256 * MIB;
+    for (offset, value) in [
+        (WL_BASE, device_base),
+        (WL_SPAN, args.device_wss_mib * MIB),
+        (WL_SIZE, 4096),
+        (WL_RATE, args.device_rate_mbps * 1_000_000),
+        (WL_SEED, 0x5eed),
+        (WL_CTRL, 1),
+    ] {
+        src.write_u64(0, offset, value)
+            .context("programming the device workload")?;
+    }
+    let cpu_driver = SoftDriver::new();
+    let recorder = cpu_driver.recorder();
+    let mut cpu = InProcessTracker::new(cpu_driver);
+    let vcpus = VcpuWorkload::start(
+        Arc::clone(&src_memory),
+        recorder,
+        VcpuParams {
+            threads: args.vcpus,
+            base: 0,
+            span: args.vcpu_wss_mib * MIB,
+            rate: args.vcpu_rate_mbps * 1_000_000,
+            seed: 7,
+        },
+    )?;
+    std::thread::sleep(Duration::from_millis(200)); // the guest is live
+
+    // The destination VMM: a thread serving one incoming migration.
+    let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
+    let address = listener.local_addr()?;
+    let mut dst = connect(&dst_server)?;
+    let destination = std::thread::spawn(move || -> anyhow::Result<(u64, u64)> {
+        let (stream, _) = listener.accept()?;
+        let mut input = FrameReader::new(stream.try_clone()?);
+        let mut out = FrameWriter::new(stream, None);
+        let report = migrate_destination(
+            &dst_memory,
+            &mut dst,
+            &mut |client, memory| map_all(client, memory),
+            &mut input,
+            &mut out,
+        );
+        let report = report.context("destination")?;
+        // The device goes on where it stopped.
+        let before = dst.read_u64(0, WL_WRITES)?;
+        std::thread::sleep(Duration::from_millis(100));
+        let after = dst.read_u64(0, WL_WRITES)?;
+        if !report.verified {
+            bail!("destination memory differs from the source");
+        }
+        Ok((after.saturating_sub(before), report.pages))
+    });
+
+    let progress = ProgressBar::new_spinner();
+    progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
+    progress.enable_steady_tick(Duration::from_millis(100));
+    progress.set_message("migrating: round 0 (all memory)");
+    let stream = TcpStream::connect(address).context("connecting to the destination")?;
+    stream.set_nodelay(true)?;
+    let mut replies = FrameReader::new(stream.try_clone()?);
+    let mut out = FrameWriter::new(stream, Some(args.link_mbps * 1_000_000));
+    let config = SourceConfig {
+        mode,
+        max_downtime: Duration::from_millis(args.max_downtime_ms),
+        max_rounds: args.max_rounds,
+    };
+    let report = migrate_source(
+        &config,
+        &src_memory,
+        &mut src,
+        &mut cpu as &mut dyn DirtyTracker,
+        Some(&vcpus),
+        &mut out,
+        &mut replies,
+        |round| {
+            progress.set_message(format!(
+                "round {} done: {} pages sent",
+                round.round, round.pages_sent
+            ));
+        },
+    );
+    progress.finish_and_clear();
+    let report = report.context("migration")?;
+    let (device_writes_after_resume, destination_pages) = destination
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination thread panicked"))??;
+    drop(vcpus);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let mut stdout = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(
+            &mut stdout,
+            &DemoOutput {
+                report: &report,
+                device_writes_after_resume,
+                destination_pages,
+            },
+        )?;
+        writeln!(stdout)?;
+    } else {
+        print_table(&mut stdout, &report, device_writes_after_resume)?;
+    }
+    Ok(if report.verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_table(
+    out: &mut impl Write,
+    report: &MigrationReport,
+    device_writes_after: u64,
+) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "mode {:?}, guest {} MiB, device tracking {}",
+        report.mode,
+        report.guest_bytes >> 20,
+        if report.device_tracking { "on" } else { "off" }
+    )?;
+    writeln!(
+        out,
+        "{:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
+        "round", "dev pages", "cpu pages", "both", "sent", "bytes", "round ms", "report ms"
+    )?;
+    for r in &report.rounds {
+        writeln!(
+            out,
+            "{:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10.1} {:>10.2}{}",
+            r.round,
+            r.pages_device,
+            r.pages_cpu,
+            r.pages_both,
+            r.pages_sent,
+            r.bytes_sent,
+            r.round_ms,
+            r.report_ms,
+            if r.final_round {
+                "  (guest stopped)"
+            } else {
+                ""
+            }
+        )?;
+    }
+    writeln!(
+        out,
+        "downtime {:.1} ms, total {:.0} ms, sent {} bytes ({:.2}x guest memory)",
+        report.downtime_ms,
+        report.total_ms,
+        report.bytes_sent,
+        report.bytes_sent as f64 / report.guest_bytes as f64
+    )?;
+    writeln!(
+        out,
+        "destination device workload after resume: {device_writes_after} writes in 100 ms"
+    )?;
+    writeln!(
+        out,
+        "{}",
+        if report.verified {
+            "VERIFIED"
+        } else {
+            "FAILED: destination memory differs"
+        }
+    )?;
+    Ok(())
+}

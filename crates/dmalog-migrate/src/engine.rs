@@ -1,0 +1,567 @@
+//! The pre-copy migration engine (SPEC 7): dirty sources through [`DirtyTracker`], device
+//! state through [`MigrationDevice`], guest pages and device data over the migration
+//! stream. The engine knows no transport beyond `Read`/`Write`.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use dmalog::tracker::report_words;
+use dmalog::uapi::DeviceState;
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, TrackerError};
+use tracing::{info, warn};
+
+use crate::guest::GuestMemory;
+use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError};
+use crate::vcpu::VcpuWorkload;
+
+/// Guest page size the engine migrates at.
+pub const PAGE: u64 = 4096;
+/// Pages per Pages frame at most.
+const PAGES_PER_FRAME: u64 = 256;
+
+/// How to migrate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Pre-copy rounds with device dirty tracking.
+    PreCopy,
+    /// Stop everything, then copy all memory and the device state.
+    StopAndCopy,
+    /// Pre-copy, but the device cannot track: its memory is dirty every round.
+    NoDeviceTracking,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceConfig {
+    /// The mode.
+    pub mode: Mode,
+    /// Stop the guest when the rest fits in this time at the measured bandwidth.
+    pub max_downtime: Duration,
+    /// Go to the final round after this many rounds even if not converged.
+    pub max_rounds: u32,
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RoundStats {
+    /// 0 is the full copy; the last one is the final (stopped) round.
+    pub round: u32,
+    /// Pages only the device dirtied.
+    pub pages_device: u64,
+    /// Pages only the vCPUs dirtied.
+    pub pages_cpu: u64,
+    /// Pages both dirtied (sent once).
+    pub pages_both: u64,
+    /// Pages sent.
+    pub pages_sent: u64,
+    /// Bytes sent in the round (pages, device data, framing).
+    pub bytes_sent: u64,
+    /// Device migration data bytes sent in the round.
+    pub device_bytes: u64,
+    /// Wall time of the round, ms.
+    pub round_ms: f64,
+    /// Time spent in REPORTs, ms.
+    pub report_ms: f64,
+    /// Whether this was the final round (guest stopped).
+    pub final_round: bool,
+    /// REPORT errors in this round (each: range treated as dirty, tracking restarted).
+    pub report_errors: u32,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MigrationReport {
+    /// The mode.
+    pub mode: Mode,
+    /// Whether the destination's memory hashes matched the source's.
+    pub verified: bool,
+    /// From pausing the vCPUs to the destination device RUNNING with all pages in place.
+    pub downtime_ms: f64,
+    /// The whole migration, ms (verification excluded).
+    pub total_ms: f64,
+    /// Bytes on the stream.
+    pub bytes_sent: u64,
+    /// Guest memory bytes.
+    pub guest_bytes: u64,
+    /// Rounds.
+    pub rounds: Vec<RoundStats>,
+    /// Whether device dirty tracking was used (false: fell back to "all dirty").
+    pub device_tracking: bool,
+}
+
+/// Why a migration failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The stream failed (connection lost, corrupt frame).
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The device failed.
+    #[error("device: {0}")]
+    Device(#[from] TrackerError),
+    /// The other side gave up or answered out of turn.
+    #[error("peer: {0}")]
+    Peer(String),
+    /// Guest memory access failed.
+    #[error("guest memory: {0}")]
+    Memory(&'static str),
+}
+
+impl From<std::io::Error> for MigrateError {
+    fn from(err: std::io::Error) -> Self {
+        MigrateError::Stream(StreamError::Io(err))
+    }
+}
+
+/// A migratable device that also tracks its DMA.
+pub trait SourceDevice: DirtyTracker + MigrationDevice {}
+impl<T: DirtyTracker + MigrationDevice> SourceDevice for T {}
+
+/// Per-region bitmaps, reused every round.
+struct Bitmaps {
+    words: Vec<Vec<u64>>,
+}
+
+impl Bitmaps {
+    fn new(memory: &GuestMemory) -> Result<Self, MigrateError> {
+        let words = memory
+            .regions()
+            .iter()
+            .map(|r| report_words(r.size, PAGE).map(|n| vec![0u64; n as usize]))
+            .collect::<Result<_, _>>()
+            .map_err(|_| MigrateError::Memory("region too large"))?;
+        Ok(Bitmaps { words })
+    }
+
+    fn clear(&mut self) {
+        for words in &mut self.words {
+            words.fill(0);
+        }
+    }
+
+    fn fill(&mut self, memory: &GuestMemory) {
+        for (words, region) in self.words.iter_mut().zip(memory.regions()) {
+            words.fill(u64::MAX);
+            let pages = region.size / PAGE;
+            if pages % 64 != 0 {
+                if let Some(last) = words.last_mut() {
+                    *last = (1u64 << (pages % 64)) - 1;
+                }
+            }
+        }
+    }
+}
+
+fn ranges_of(memory: &GuestMemory) -> Vec<IovaRange> {
+    memory.regions().iter().map(|r| r.range()).collect()
+}
+
+/// Reports one source over every region into `bitmaps`; on error the region is all dirty
+/// and tracking restarts (STOP, START). Returns the errors seen.
+fn report_source(
+    source: &mut dyn DirtyTracker,
+    memory: &GuestMemory,
+    bitmaps: &mut Bitmaps,
+) -> u32 {
+    let mut errors = 0;
+    for (index, region) in memory.regions().iter().enumerate() {
+        if let Err(err) = source.report(region.gpa, region.size, PAGE, &mut bitmaps.words[index]) {
+            warn!(%err, gpa = region.gpa, "REPORT failed: the region is sent whole, tracking restarts");
+            errors += 1;
+            bitmaps.words[index].fill(u64::MAX);
+            let pages = region.size / PAGE;
+            if pages % 64 != 0 {
+                if let Some(last) = bitmaps.words[index].last_mut() {
+                    *last = (1u64 << (pages % 64)) - 1;
+                }
+            }
+            let _ = source.stop();
+            if let Err(err) = source.start(&ranges_of(memory), PAGE) {
+                warn!(%err, "restarting dirty tracking failed");
+            }
+        }
+    }
+    errors
+}
+
+struct Sender<'a, W: Write> {
+    out: &'a mut FrameWriter<W>,
+    memory: &'a GuestMemory,
+    buffer: Vec<u8>,
+}
+
+impl<W: Write> Sender<'_, W> {
+    /// Sends every page whose bit is set in `bitmaps`, in runs.
+    fn send_dirty(&mut self, bitmaps: &Bitmaps) -> Result<u64, MigrateError> {
+        let mut sent = 0;
+        for (region, words) in self.memory.regions().iter().zip(&bitmaps.words) {
+            let pages = region.size / PAGE;
+            let mut page = 0u64;
+            while page < pages {
+                let word = words[(page / 64) as usize] >> (page % 64);
+                if word == 0 {
+                    page = (page / 64 + 1) * 64;
+                    continue;
+                }
+                page += u64::from(word.trailing_zeros());
+                let mut run = 0u64;
+                while page + run < pages
+                    && run < PAGES_PER_FRAME
+                    && words[((page + run) / 64) as usize] >> ((page + run) % 64) & 1 == 1
+                {
+                    run += 1;
+                }
+                self.send_pages(region.gpa + page * PAGE, run)?;
+                sent += run;
+                page += run;
+            }
+        }
+        Ok(sent)
+    }
+
+    fn send_pages(&mut self, gpa: u64, npages: u64) -> Result<(), MigrateError> {
+        self.buffer.resize((npages * PAGE) as usize, 0);
+        if !self.memory.read(gpa, &mut self.buffer) {
+            return Err(MigrateError::Memory("page outside guest memory"));
+        }
+        let mut head = [0u8; 12];
+        head[..8].copy_from_slice(&gpa.to_le_bytes());
+        head[8..].copy_from_slice(&(npages as u32).to_le_bytes());
+        self.out.write(Kind::Pages, &[&head, &self.buffer])?;
+        Ok(())
+    }
+
+    /// Sends the device's migration data until it has nothing more now.
+    fn send_device_data(&mut self, device: &mut dyn SourceDevice) -> Result<u64, MigrateError> {
+        let mut chunk = vec![0u8; 64 << 10];
+        let mut total = 0;
+        loop {
+            let n = device.read_migration_data(&mut chunk)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            self.out.write(Kind::DeviceData, &[&chunk[..n]])?;
+            total += n as u64;
+        }
+    }
+}
+
+fn count_dirty(device: &Bitmaps, cpu: &Bitmaps, merged: &mut Bitmaps, stats: &mut RoundStats) {
+    for ((d_words, c_words), m_words) in device.words.iter().zip(&cpu.words).zip(&mut merged.words)
+    {
+        for ((d, c), m) in d_words.iter().zip(c_words).zip(m_words.iter_mut()) {
+            *m = d | c;
+            stats.pages_device += u64::from((d & !c).count_ones());
+            stats.pages_cpu += u64::from((c & !d).count_ones());
+            stats.pages_both += u64::from((d & c).count_ones());
+        }
+    }
+}
+
+/// Runs the source side over `stream` (a connected, bidirectional transport): logging on
+/// every source, round 0, pre-copy rounds, the stop, the final round, device state, and
+/// verification. `vcpus` is paused for the final round and stays paused (the guest moved).
+pub fn migrate_source<S: Read + Write + Send>(
+    config: &SourceConfig,
+    memory: &GuestMemory,
+    device: &mut dyn SourceDevice,
+    cpu: &mut dyn DirtyTracker,
+    vcpus: Option<&VcpuWorkload>,
+    out: &mut FrameWriter<S>,
+    replies: &mut FrameReader<impl Read>,
+    mut on_round: impl FnMut(&RoundStats),
+) -> Result<MigrationReport, MigrateError> {
+    let started = Instant::now();
+    let ranges = ranges_of(memory);
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&(PAGE as u32).to_le_bytes());
+    hello.extend_from_slice(&(memory.regions().len() as u32).to_le_bytes());
+    for region in memory.regions() {
+        hello.extend_from_slice(&region.gpa.to_le_bytes());
+        hello.extend_from_slice(&region.size.to_le_bytes());
+    }
+    out.write(Kind::Hello, &[&hello])?;
+
+    // Dirty tracking on every source; a failure rolls back and falls back to "all dirty".
+    let mut device_tracking = config.mode == Mode::PreCopy;
+    cpu.start(&ranges, PAGE)?;
+    if device_tracking {
+        if let Err(err) = device.start(&ranges, PAGE) {
+            warn!(%err, "device dirty tracking unavailable: device memory is treated as dirty every round");
+            device_tracking = false;
+        }
+    }
+    let mut device_bitmaps = Bitmaps::new(memory)?;
+    let mut cpu_bitmaps = Bitmaps::new(memory)?;
+    let mut merged = Bitmaps::new(memory)?;
+    let mut rounds = Vec::new();
+    let mut sender = Sender {
+        out,
+        memory,
+        buffer: Vec::new(),
+    };
+
+    if config.mode != Mode::StopAndCopy {
+        device.set_device_state(DeviceState::PreCopy)?;
+        // Round 0: everything.
+        let round_start = Instant::now();
+        let bytes_before = sender.out.bytes();
+        merged.fill(memory);
+        let sent = sender.send_dirty(&merged)?;
+        let device_bytes = sender.send_device_data(device)?;
+        let stats = RoundStats {
+            round: 0,
+            pages_sent: sent,
+            bytes_sent: sender.out.bytes() - bytes_before,
+            device_bytes,
+            round_ms: round_start.elapsed().as_secs_f64() * 1e3,
+            ..RoundStats::default()
+        };
+        // Bytes per second, measured on the link (paced to its cap when there is one).
+        let mut bandwidth = stats.bytes_sent as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
+        on_round(&stats);
+        rounds.push(stats);
+        // Pre-copy rounds until the rest fits in the downtime.
+        loop {
+            let round = rounds.len() as u32;
+            let round_start = Instant::now();
+            let bytes_before = sender.out.bytes();
+            let mut stats = RoundStats {
+                round,
+                ..RoundStats::default()
+            };
+            let report_start = Instant::now();
+            device_bitmaps.clear();
+            cpu_bitmaps.clear();
+            if device_tracking {
+                stats.report_errors += report_source(device, memory, &mut device_bitmaps);
+            } else {
+                device_bitmaps.fill(memory);
+            }
+            stats.report_errors += report_source(cpu, memory, &mut cpu_bitmaps);
+            stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
+            count_dirty(&device_bitmaps, &cpu_bitmaps, &mut merged, &mut stats);
+            stats.pages_sent = sender.send_dirty(&merged)?;
+            stats.device_bytes = sender.send_device_data(device)?;
+            stats.bytes_sent = sender.out.bytes() - bytes_before;
+            let elapsed = round_start.elapsed().as_secs_f64();
+            stats.round_ms = elapsed * 1e3;
+            if stats.bytes_sent > (1 << 20) {
+                bandwidth = stats.bytes_sent as f64 / elapsed.max(1e-6);
+            }
+            let remaining = stats.pages_sent * PAGE;
+            on_round(&stats);
+            rounds.push(stats);
+            let fits = bandwidth > 0.0
+                && (remaining as f64 / bandwidth) <= config.max_downtime.as_secs_f64();
+            if fits || round >= config.max_rounds {
+                break;
+            }
+        }
+    }
+
+    // The stop: vCPUs paused, the device to STOP_COPY (no DMA after this), final REPORTs.
+    let pause = Instant::now();
+    if let Some(vcpus) = vcpus {
+        vcpus.pause();
+    }
+    device.set_device_state(DeviceState::StopCopy)?;
+    let round = rounds.len() as u32;
+    let bytes_before = sender.out.bytes();
+    let mut stats = RoundStats {
+        round,
+        final_round: true,
+        ..RoundStats::default()
+    };
+    if config.mode == Mode::StopAndCopy {
+        merged.fill(memory);
+        stats.pages_sent = sender.send_dirty(&merged)?;
+    } else {
+        let report_start = Instant::now();
+        device_bitmaps.clear();
+        cpu_bitmaps.clear();
+        if device_tracking {
+            stats.report_errors += report_source(device, memory, &mut device_bitmaps);
+        } else {
+            device_bitmaps.fill(memory);
+        }
+        stats.report_errors += report_source(cpu, memory, &mut cpu_bitmaps);
+        stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
+        count_dirty(&device_bitmaps, &cpu_bitmaps, &mut merged, &mut stats);
+        stats.pages_sent = sender.send_dirty(&merged)?;
+    }
+    stats.device_bytes = sender.send_device_data(device)?;
+    sender.out.write(Kind::End, &[])?;
+    sender.out.flush()?;
+    stats.bytes_sent = sender.out.bytes() - bytes_before;
+    let reply = replies.read()?;
+    let elapsed = pause.elapsed();
+    expect_kind(&reply, Kind::Resumed)?;
+    // The destination hashed its memory before resuming the device (so that the device's
+    // new writes do not enter the comparison); that time is not part of a real downtime.
+    let hash_ns = reply
+        .payload
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+        .unwrap_or(0);
+    let downtime = elapsed.saturating_sub(Duration::from_nanos(hash_ns));
+    stats.round_ms = downtime.as_secs_f64() * 1e3;
+    on_round(&stats);
+    rounds.push(stats);
+    let total = started
+        .elapsed()
+        .saturating_sub(Duration::from_nanos(hash_ns));
+    info!(
+        downtime_ms = downtime.as_secs_f64() * 1e3,
+        "destination resumed"
+    );
+
+    // Logging off (outside the downtime), then verification: our memory is frozen (vCPUs
+    // paused, device stopped), so its hashes are the state at stop time.
+    let _ = device.stop();
+    let _ = cpu.stop();
+    device.set_device_state(DeviceState::Stop)?;
+    let ours: Vec<u8> = memory
+        .region_hashes()
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    let verified = reply.payload.get(8..) == Some(ours.as_slice());
+    out_write(&mut sender, Kind::Verified, &[u8::from(verified)])?;
+    Ok(MigrationReport {
+        mode: config.mode,
+        verified,
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        total_ms: total.as_secs_f64() * 1e3,
+        bytes_sent: sender.out.bytes(),
+        guest_bytes: memory.total_bytes(),
+        rounds,
+        device_tracking,
+    })
+}
+
+fn out_write<W: Write>(
+    sender: &mut Sender<'_, W>,
+    kind: Kind,
+    payload: &[u8],
+) -> Result<(), MigrateError> {
+    sender.out.write(kind, &[payload])?;
+    sender.out.flush()?;
+    Ok(())
+}
+
+fn expect_kind(frame: &Frame, kind: Kind) -> Result<(), MigrateError> {
+    if frame.kind == Kind::Abort {
+        return Err(MigrateError::Peer(
+            String::from_utf8_lossy(&frame.payload).into_owned(),
+        ));
+    }
+    if frame.kind != kind {
+        return Err(MigrateError::Peer(format!(
+            "expected {kind:?}, got {:?}",
+            frame.kind
+        )));
+    }
+    Ok(())
+}
+
+/// What the destination saw.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DestinationReport {
+    /// Pages written.
+    pub pages: u64,
+    /// Device data bytes loaded.
+    pub device_bytes: u64,
+    /// Whether the source's hashes matched ours.
+    pub verified: bool,
+}
+
+/// Runs the destination side: writes pages into `memory`, loads the device state
+/// (RESUMING, data, STOP), maps DMA with `map_dma`, resumes the device (RUNNING), answers
+/// Resumed, then checks the source's hashes.
+pub fn migrate_destination<W: Write, D: MigrationDevice>(
+    memory: &GuestMemory,
+    device: &mut D,
+    map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
+    input: &mut FrameReader<impl Read>,
+    out: &mut FrameWriter<W>,
+) -> Result<DestinationReport, MigrateError> {
+    let mut report = DestinationReport::default();
+    let hello = input.read()?;
+    expect_kind(&hello, Kind::Hello)?;
+    let layout_ok =
+        {
+            let p = &hello.payload;
+            let word = |at: usize| {
+                p.get(at..at + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+            };
+            let count = p
+                .get(4..8)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
+            count == Some(memory.regions().len())
+                && memory.regions().iter().enumerate().all(|(i, r)| {
+                    word(8 + 16 * i) == Some(r.gpa) && word(16 + 16 * i) == Some(r.size)
+                })
+        };
+    if !layout_ok {
+        out.write(Kind::Abort, &[b"guest memory layout differs"])?;
+        return Err(MigrateError::Peer(
+            "the source's memory layout differs from ours".into(),
+        ));
+    }
+    device.set_device_state(DeviceState::Resuming)?;
+    loop {
+        let frame = input.read()?;
+        match frame.kind {
+            Kind::Pages => {
+                let gpa = frame
+                    .payload
+                    .get(..8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
+                let npages = frame
+                    .payload
+                    .get(8..12)
+                    .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as u64);
+                let data = frame.payload.get(12..).unwrap_or_default();
+                match (gpa, npages) {
+                    (Some(gpa), Some(n))
+                        if data.len() as u64 == n * PAGE && memory.write(gpa, data) =>
+                    {
+                        report.pages += n
+                    }
+                    _ => return Err(MigrateError::Stream(StreamError::Malformed(Kind::Pages))),
+                }
+            }
+            Kind::DeviceData => {
+                device.write_migration_data(&frame.payload)?;
+                report.device_bytes += frame.payload.len() as u64;
+            }
+            Kind::End => break,
+            Kind::Abort => {
+                return Err(MigrateError::Peer(
+                    String::from_utf8_lossy(&frame.payload).into_owned(),
+                ))
+            }
+            other => return Err(MigrateError::Peer(format!("unexpected {other:?} frame"))),
+        }
+    }
+    device.set_device_state(DeviceState::Stop)?;
+    // Hash before the device runs again and writes (the source subtracts this time from
+    // the downtime it measures).
+    let hash_start = Instant::now();
+    let hashes: Vec<u8> = memory
+        .region_hashes()
+        .iter()
+        .flat_map(|h| h.to_le_bytes())
+        .collect();
+    let hash_ns = hash_start.elapsed().as_nanos() as u64;
+    map_dma(device, memory).map_err(MigrateError::Peer)?;
+    device.set_device_state(DeviceState::Running)?;
+    out.write(Kind::Resumed, &[&hash_ns.to_le_bytes(), &hashes])?;
+    out.flush()?;
+    let verdict = input.read()?;
+    expect_kind(&verdict, Kind::Verified)?;
+    report.verified = verdict.payload.first() == Some(&1);
+    Ok(report)
+}

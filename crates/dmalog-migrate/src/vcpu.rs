@@ -1,0 +1,132 @@
+//! The "vCPU" workload: threads writing guest memory at a set rate over a working set, with
+//! every write recorded in the VMM's own dirty log (a soft tracker in this process), and a
+//! synchronous pause (no write after `pause` returns).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use dmalog::WriteRecorder;
+
+use crate::guest::GuestMemory;
+
+/// What the workload does.
+#[derive(Debug, Clone, Copy)]
+pub struct VcpuParams {
+    /// Threads.
+    pub threads: usize,
+    /// First GPA of the working set.
+    pub base: u64,
+    /// Bytes of the working set.
+    pub span: u64,
+    /// Bytes per second, all threads together (each write is one 4 KiB page).
+    pub rate: u64,
+    /// Seed of the page sequence.
+    pub seed: u64,
+}
+
+struct Shared {
+    paused: AtomicBool,
+    stop: AtomicBool,
+    active: AtomicUsize,
+    writes: AtomicU64,
+}
+
+/// Running vCPU threads.
+pub struct VcpuWorkload {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+const WRITE_BYTES: u64 = 4096;
+
+impl VcpuWorkload {
+    /// Starts `params.threads` threads writing `memory` and recording on `recorder` clones.
+    pub fn start(
+        memory: Arc<GuestMemory>,
+        recorder: WriteRecorder,
+        params: VcpuParams,
+    ) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            paused: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            writes: AtomicU64::new(0),
+        });
+        let pages = (params.span / WRITE_BYTES).max(1);
+        let per_thread_rate = params.rate / params.threads.max(1) as u64;
+        let threads = (0..params.threads.max(1))
+            .map(|t| {
+                let (shared, memory, mut recorder) =
+                    (Arc::clone(&shared), Arc::clone(&memory), recorder.clone());
+                std::thread::Builder::new()
+                    .name(format!("vcpu{t}"))
+                    .spawn(move || {
+                        let mut x =
+                            params.seed ^ (t as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                        let mut page = vec![0u8; WRITE_BYTES as usize];
+                        let started = Instant::now();
+                        let mut written = 0u64;
+                        while !shared.stop.load(Ordering::SeqCst) {
+                            // Announce the write before checking for a pause (see `pause`).
+                            shared.active.fetch_add(1, Ordering::SeqCst);
+                            if shared.paused.load(Ordering::SeqCst) {
+                                shared.active.fetch_sub(1, Ordering::SeqCst);
+                                std::thread::sleep(Duration::from_millis(1));
+                                continue;
+                            }
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            let gpa = params.base + (x % pages) * WRITE_BYTES;
+                            page[..8].copy_from_slice(&x.to_le_bytes());
+                            if memory.write(gpa, &page) {
+                                recorder.record_write(gpa, WRITE_BYTES);
+                            }
+                            shared.active.fetch_sub(1, Ordering::SeqCst);
+                            shared.writes.fetch_add(1, Ordering::Relaxed);
+                            written += WRITE_BYTES;
+                            if per_thread_rate > 0 {
+                                let due = Duration::from_secs_f64(
+                                    written as f64 / per_thread_rate as f64,
+                                );
+                                let elapsed = started.elapsed();
+                                if due > elapsed {
+                                    std::thread::sleep(due - elapsed);
+                                }
+                            }
+                        }
+                    })
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(VcpuWorkload { shared, threads })
+    }
+
+    /// Stops every vCPU: no write happens after this returns.
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::SeqCst);
+        while self.shared.active.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+    }
+
+    /// Writes so far.
+    pub fn writes(&self) -> u64 {
+        self.shared.writes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for VcpuWorkload {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+    }
+}
