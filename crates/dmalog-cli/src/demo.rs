@@ -222,21 +222,18 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         max_downtime: Duration::from_millis(args.max_downtime_ms),
         max_rounds: args.max_rounds,
     };
-    let report = migrate_source(
-        &config,
-        &src_memory,
-        &mut src,
-        &mut cpu as &mut dyn DirtyTracker,
-        Some(&vcpus),
-        &mut out,
-        &mut replies,
-        |round| {
-            progress.set_message(format!(
-                "round {} done: {} pages sent",
-                round.round, round.pages_sent
-            ));
-        },
-    );
+    let vm = SourceVm {
+        memory: &src_memory,
+        device: &mut src,
+        cpu: &mut cpu as &mut dyn DirtyTracker,
+        vcpus: Some(&vcpus),
+    };
+    let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
+        progress.set_message(format!(
+            "round {} done: {} pages sent",
+            round.round, round.pages_sent
+        ));
+    });
     progress.finish_and_clear();
     let report = report.context("migration")?;
     let (device_writes_after_resume, destination_pages) = destination

@@ -258,19 +258,34 @@ fn count_dirty(device: &Bitmaps, cpu: &Bitmaps, merged: &mut Bitmaps, stats: &mu
     }
 }
 
+/// The source VM as the engine sees it.
+pub struct SourceVm<'a> {
+    /// Guest memory.
+    pub memory: &'a GuestMemory,
+    /// The device: a dirty source and migration data.
+    pub device: &'a mut dyn SourceDevice,
+    /// The VMM's own dirty log (vCPU writes).
+    pub cpu: &'a mut dyn DirtyTracker,
+    /// The vCPUs, paused for the final round.
+    pub vcpus: Option<&'a VcpuWorkload>,
+}
+
 /// Runs the source side over `stream` (a connected, bidirectional transport): logging on
 /// every source, round 0, pre-copy rounds, the stop, the final round, device state, and
 /// verification. `vcpus` is paused for the final round and stays paused (the guest moved).
 pub fn migrate_source<S: Read + Write + Send>(
     config: &SourceConfig,
-    memory: &GuestMemory,
-    device: &mut dyn SourceDevice,
-    cpu: &mut dyn DirtyTracker,
-    vcpus: Option<&VcpuWorkload>,
+    vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
     replies: &mut FrameReader<impl Read>,
     mut on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
+    let SourceVm {
+        memory,
+        device,
+        cpu,
+        vcpus,
+    } = vm;
     let started = Instant::now();
     let ranges = ranges_of(memory);
     let mut hello = Vec::new();
