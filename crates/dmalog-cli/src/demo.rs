@@ -15,7 +15,7 @@ use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
     default_layout, migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode,
-    SourceConfig, VcpuParams, VcpuWorkload,
+    SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
 use dmalog_vfio_user::Client;
 use indicatif::{ProgressBar, ProgressStyle};
