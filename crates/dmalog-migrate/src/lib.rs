@@ -9,7 +9,7 @@ pub mod vcpu;
 
 pub use engine::{
     migrate_destination, migrate_source, DestinationReport, MigrateError, MigrationReport, Mode,
-    RoundStats, SourceConfig,
+    RoundStats, SourceConfig, SourceVm,
 };
 pub use guest::{default_layout, GuestMemory};
 pub use vcpu::{VcpuParams, VcpuWorkload};
