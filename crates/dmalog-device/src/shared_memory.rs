@@ -23,6 +23,27 @@ unsafe impl Sync for SharedMapping {}
 impl SharedMapping {
     /// Maps `len` bytes of `fd` at `offset`, shared, readable and (if `writable`) writable.
     pub fn map(fd: impl AsFd, offset: u64, len: usize, writable: bool) -> std::io::Result<Self> {
+        Self::map_with(fd, offset, len, writable, false)
+    }
+
+    /// As [`SharedMapping::map`], faulting every page in now (guest memory that is about to
+    /// be copied whole should not pay page faults on the way).
+    pub fn map_populated(
+        fd: impl AsFd,
+        offset: u64,
+        len: usize,
+        writable: bool,
+    ) -> std::io::Result<Self> {
+        Self::map_with(fd, offset, len, writable, true)
+    }
+
+    fn map_with(
+        fd: impl AsFd,
+        offset: u64,
+        len: usize,
+        writable: bool,
+        populate: bool,
+    ) -> std::io::Result<Self> {
         if len == 0 {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
@@ -31,18 +52,14 @@ impl SharedMapping {
         } else {
             rustix::mm::ProtFlags::READ
         };
+        let flags = if populate {
+            rustix::mm::MapFlags::SHARED | rustix::mm::MapFlags::POPULATE
+        } else {
+            rustix::mm::MapFlags::SHARED
+        };
         // SAFETY: a fresh mapping chosen by the kernel (null hint) overlaps no Rust object;
         // `len` is non-zero; the result is checked before use.
-        let ptr = unsafe {
-            rustix::mm::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                rustix::mm::MapFlags::SHARED,
-                fd,
-                offset,
-            )
-        }?;
+        let ptr = unsafe { rustix::mm::mmap(std::ptr::null_mut(), len, prot, flags, fd, offset) }?;
         let ptr = NonNull::new(ptr.cast::<u8>())
             .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
         Ok(SharedMapping { ptr, len, writable })

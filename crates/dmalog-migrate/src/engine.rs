@@ -367,8 +367,10 @@ pub fn migrate_source<S: Read + Write + Send>(
             let remaining = stats.pages_sent * PAGE;
             on_round(&stats);
             rounds.push(stats);
+            // The stop also pays fixed costs (device STOP_COPY, final REPORTs, device state,
+            // the destination's resume): aim the last transfer at half the budget.
             let fits = bandwidth > 0.0
-                && (remaining as f64 / bandwidth) <= config.max_downtime.as_secs_f64();
+                && (remaining as f64 / bandwidth) <= config.max_downtime.as_secs_f64() / 2.0;
             if fits || round >= config.max_rounds {
                 break;
             }

@@ -56,7 +56,7 @@ impl GuestMemory {
             }
             let fd = rustix::fs::memfd_create("dmalog-guest", rustix::fs::MemfdFlags::CLOEXEC)?;
             rustix::fs::ftruncate(&fd, size)?;
-            let map = SharedMapping::map(&fd, 0, size as usize, true)?;
+            let map = SharedMapping::map_populated(&fd, 0, size as usize, true)?;
             regions.push(GuestRegion { gpa, size, fd, map });
         }
         Ok(GuestMemory { regions })
