@@ -58,6 +58,9 @@ pub struct DemoArgs {
     /// pre-copy, stop-and-copy, or no-device-tracking.
     #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
     mode: String,
+    /// Inject an mlx5 tracker fault into the source server: FAULT@N (see `dmalog serve`).
+    #[arg(long, value_name = "FAULT@N")]
+    inject_fault: Option<String>,
     /// Print one JSON object with the whole report.
     #[arg(long)]
     json: bool,
@@ -76,10 +79,16 @@ impl Drop for ServerChild {
     }
 }
 
-fn spawn_server(dir: &Path, name: &str, tracker: &str) -> anyhow::Result<ServerChild> {
+fn spawn_server(
+    dir: &Path,
+    name: &str,
+    tracker: &str,
+    fault: Option<&str>,
+) -> anyhow::Result<ServerChild> {
     let socket = dir.join(name);
     let exe = std::env::current_exe().context("finding the dmalog binary")?;
-    let child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args([
             "serve",
             "--device",
@@ -88,7 +97,11 @@ fn spawn_server(dir: &Path, name: &str, tracker: &str) -> anyhow::Result<ServerC
             tracker,
             "--socket",
         ])
-        .arg(&socket)
+        .arg(&socket);
+    if let Some(fault) = fault {
+        command.args(["--inject-fault", fault]);
+    }
+    let child = command
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -146,8 +159,13 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let dir = std::env::temp_dir().join(format!("dmalog-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let src_server = spawn_server(&dir, "src.sock", &args.tracker)?;
-    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker)?;
+    let src_server = spawn_server(
+        &dir,
+        "src.sock",
+        &args.tracker,
+        args.inject_fault.as_deref(),
+    )?;
+    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None)?;
     let layout = default_layout(guest_bytes);
     let src_memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
     let dst_memory = GuestMemory::new(&layout).context("destination guest memory")?;

@@ -27,6 +27,11 @@ pub struct ServeArgs {
     /// fix expect 12288).
     #[arg(long, default_value_t = 0x4000)]
     lvu_bar1_size: u64,
+    /// mlx5 tracker: inject FAULT before the N-th REPORT of each logging session
+    /// (cq-error, catastrophic, object-changed-error, completion-error, malformed,
+    /// oversized, bad-opcode).
+    #[arg(long, value_name = "FAULT@N")]
+    inject_fault: Option<String>,
     /// Largest data payload per message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_data_xfer_size: u32,
@@ -46,9 +51,20 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("binding {}", args.socket.display()))?;
     std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", args.socket.display()))?;
+    let fault_plan = match &args.inject_fault {
+        Some(spec) => {
+            let (fault, at) = spec
+                .split_once('@')
+                .context("--inject-fault wants FAULT@N")?;
+            let fault: dmalog::Mlx5Fault = fault.parse().map_err(anyhow::Error::msg)?;
+            Some((at.parse::<u64>().context("--inject-fault N")?, fault))
+        }
+        None => None,
+    };
     let config = ServerConfig {
         tracker,
         max_data_xfer_size: args.max_data_xfer_size,
+        fault_plan,
         ..ServerConfig::default()
     };
     let mut server = Server::try_new(

@@ -156,32 +156,27 @@ fn ranges_of(memory: &GuestMemory) -> Vec<IovaRange> {
     memory.regions().iter().map(|r| r.range()).collect()
 }
 
-/// Reports one source over every region into `bitmaps`; on error the region is all dirty
-/// and tracking restarts (STOP, START). Returns the errors seen.
+/// Reports one source over every region into `bitmaps`. On an error the log is corrupt:
+/// every region is treated as dirty (restarting tracking drops the log of the regions
+/// already reported too, and writes made since their report would be lost) and tracking
+/// restarts (STOP, START). Returns the errors seen.
 fn report_source(
     source: &mut dyn DirtyTracker,
     memory: &GuestMemory,
     bitmaps: &mut Bitmaps,
 ) -> u32 {
-    let mut errors = 0;
     for (index, region) in memory.regions().iter().enumerate() {
         if let Err(err) = source.report(region.gpa, region.size, PAGE, &mut bitmaps.words[index]) {
-            warn!(%err, gpa = region.gpa, "REPORT failed: the region is sent whole, tracking restarts");
-            errors += 1;
-            bitmaps.words[index].fill(u64::MAX);
-            let pages = region.size / PAGE;
-            if pages % 64 != 0 {
-                if let Some(last) = bitmaps.words[index].last_mut() {
-                    *last = (1u64 << (pages % 64)) - 1;
-                }
-            }
+            warn!(%err, gpa = region.gpa, "REPORT failed: all guest memory is sent again, tracking restarts");
+            bitmaps.fill(memory);
             let _ = source.stop();
             if let Err(err) = source.start(&ranges_of(memory), PAGE) {
                 warn!(%err, "restarting dirty tracking failed");
             }
+            return 1;
         }
     }
-    errors
+    0
 }
 
 struct Sender<'a, W: Write> {
@@ -274,6 +269,41 @@ pub struct SourceVm<'a> {
 /// every source, round 0, pre-copy rounds, the stop, the final round, device state, and
 /// verification. `vcpus` is paused for the final round and stays paused (the guest moved).
 pub fn migrate_source<S: Read + Write + Send>(
+    config: &SourceConfig,
+    vm: SourceVm<'_>,
+    out: &mut FrameWriter<S>,
+    replies: &mut FrameReader<impl Read>,
+    on_round: impl FnMut(&RoundStats),
+) -> Result<MigrationReport, MigrateError> {
+    let SourceVm {
+        memory,
+        device,
+        cpu,
+        vcpus,
+    } = vm;
+    let vm = SourceVm {
+        memory,
+        device: &mut *device,
+        cpu: &mut *cpu,
+        vcpus,
+    };
+    let result = migrate_source_inner(config, vm, out, replies, on_round);
+    if let Err(err) = &result {
+        // The VM stays here: logging off, the device and the vCPUs running again.
+        warn!(%err, "migration failed; the source VM keeps running");
+        let _ = device.stop();
+        let _ = cpu.stop();
+        if let Err(err) = device.set_device_state(DeviceState::Running) {
+            warn!(%err, "could not return the device to RUNNING");
+        }
+        if let Some(vcpus) = vcpus {
+            vcpus.resume();
+        }
+    }
+    result
+}
+
+fn migrate_source_inner<S: Read + Write + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
@@ -437,14 +467,19 @@ pub fn migrate_source<S: Read + Write + Send>(
     // paused, device stopped), so its hashes are the state at stop time.
     let _ = device.stop();
     let _ = cpu.stop();
-    device.set_device_state(DeviceState::Stop)?;
+    // From here on the guest runs on the destination: nothing may fail the migration.
+    if let Err(err) = device.set_device_state(DeviceState::Stop) {
+        warn!(%err, "source device did not go to STOP after the migration");
+    }
     let ours: Vec<u8> = memory
         .region_hashes()
         .iter()
         .flat_map(|h| h.to_le_bytes())
         .collect();
     let verified = reply.payload.get(8..) == Some(ours.as_slice());
-    out_write(&mut sender, Kind::Verified, &[u8::from(verified)])?;
+    if let Err(err) = out_write(&mut sender, Kind::Verified, &[u8::from(verified)]) {
+        warn!(%err, "could not tell the destination the verification result");
+    }
     Ok(MigrationReport {
         mode: config.mode,
         verified,

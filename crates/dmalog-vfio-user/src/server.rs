@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub max_msg_fds: u32,
     /// Most DMA mappings.
     pub max_dma_maps: u32,
+    /// mlx5 tracker only: inject this fault before the n-th REPORT (1-based) the server
+    /// handles, once, for testing consumers' error paths.
+    pub fault_plan: Option<(u64, dmalog::Mlx5Fault)>,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +82,7 @@ impl Default for ServerConfig {
             max_data_xfer_size: 1 << 20,
             max_msg_fds: 8,
             max_dma_maps: 65535,
+            fault_plan: None,
         }
     }
 }
@@ -204,6 +208,7 @@ pub struct Server {
     faults: Option<Mlx5Faults>,
     negotiated_xfer: u32,
     versioned: bool,
+    reports_seen: u64,
 }
 
 impl std::fmt::Debug for Server {
@@ -259,6 +264,7 @@ impl Server {
             faults,
             negotiated_xfer,
             versioned: false,
+            reports_seen: 0,
         })
     }
 
@@ -735,6 +741,18 @@ impl Server {
         };
         let header = check_feature_header(payload, dialect).map_err(|e| e.errno())?;
         if is_logging_feature(header.index()) {
+            if header.index() == dmalog::uapi::FEATURE_DMA_LOGGING_REPORT
+                && header.is_get()
+                && !header.is_probe()
+            {
+                self.reports_seen += 1;
+                if let (Some((at, fault)), Some(faults)) = (self.config.fault_plan, &self.faults) {
+                    if at == self.reports_seen {
+                        warn!(?fault, report = at, "injecting an mlx5 fault");
+                        faults.inject(fault);
+                    }
+                }
+            }
             let mut reply = Vec::new();
             self.core
                 .handle_vfio_user(payload, u64::from(self.negotiated_xfer), &mut reply)

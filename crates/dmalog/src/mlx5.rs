@@ -213,6 +213,26 @@ pub enum Mlx5Fault {
     BadOpcode,
 }
 
+impl std::str::FromStr for Mlx5Fault {
+    type Err = String;
+
+    /// `cq-error`, `catastrophic`, `object-changed-error`, `object-changed`,
+    /// `completion-error`, `malformed`, `oversized`, `bad-opcode`.
+    fn from_str(name: &str) -> Result<Self, String> {
+        Ok(match name {
+            "cq-error" => Mlx5Fault::CompletionQueueError,
+            "catastrophic" => Mlx5Fault::Catastrophic,
+            "object-changed-error" => Mlx5Fault::ObjectChangedError,
+            "object-changed" => Mlx5Fault::ObjectChangedBenign,
+            "completion-error" => Mlx5Fault::CompletionError,
+            "malformed" => Mlx5Fault::MalformedMessage,
+            "oversized" => Mlx5Fault::OversizedMessage,
+            "bad-opcode" => Mlx5Fault::BadOpcode,
+            other => return Err(format!("unknown mlx5 fault {other:?}")),
+        })
+    }
+}
+
 /// Counters of the model, for tests and benchmarks.
 #[derive(Debug, Default)]
 pub struct Mlx5Stats {
