@@ -173,7 +173,17 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     // The source VM: device DMA-mapped with its workload running, vCPUs writing.
     let mut src = connect(&src_server)?;
     map_all(&mut src, &src_memory).map_err(anyhow::Error::msg)?;
-    let device_base = 256 * MIB;
+    // The device's working set sits a third of the way into the low region (256 MiB for
+    // the default 1 GiB guest), the vCPUs' at GPA 0.
+    let low_region = layout[0].1;
+    let device_base = (low_region / 3) & !0xfff;
+    if device_base + args.device_wss_mib * MIB > low_region || args.vcpu_wss_mib * MIB > device_base
+    {
+        bail!(
+            "the working sets do not fit the low memory region ({} MiB)",
+            low_region >> 20
+        );
+    }
     for (offset, value) in [
         (WL_BASE, device_base),
         (WL_SPAN, args.device_wss_mib * MIB),

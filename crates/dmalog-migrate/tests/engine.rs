@@ -1,0 +1,255 @@
+//! The engine in process with a fake device (soft-tracked DMA, migration data in memory):
+//! a migration over a socket pair verifies; a corrupt or truncated stream fails loudly on
+//! the destination; a destination that dies leaves the source running with logging off.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmalog::uapi::DeviceState;
+use dmalog::{
+    DirtyTracker, InProcessTracker, IovaRange, MigrationDevice, PendingBytes, SoftDriver,
+    TrackerError, WriteRecorder,
+};
+use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind};
+use dmalog_migrate::{
+    migrate_destination, migrate_source, GuestMemory, MigrateError, Mode, SourceConfig, SourceVm,
+};
+
+struct FakeDevice {
+    tracker: InProcessTracker<SoftDriver>,
+    state: DeviceState,
+    image: Vec<u8>,
+    cursor: usize,
+    loaded: Vec<u8>,
+    logging: bool,
+}
+
+impl FakeDevice {
+    fn new(image: Vec<u8>) -> (Self, WriteRecorder) {
+        let driver = SoftDriver::new();
+        let recorder = driver.recorder();
+        (
+            FakeDevice {
+                tracker: InProcessTracker::new(driver),
+                state: DeviceState::Running,
+                image,
+                cursor: 0,
+                loaded: Vec::new(),
+                logging: false,
+            },
+            recorder,
+        )
+    }
+}
+
+impl DirtyTracker for FakeDevice {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        Ok(true)
+    }
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.logging = true;
+        self.tracker.start(ranges, page_size)
+    }
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
+        self.tracker.report(iova, length, page_size, bitmap)
+    }
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        self.logging = false;
+        self.tracker.stop()
+    }
+}
+
+impl MigrationDevice for FakeDevice {
+    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
+        Ok(5)
+    }
+    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
+        Ok(self.state)
+    }
+    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
+        if state == DeviceState::StopCopy || state == DeviceState::PreCopy {
+            self.cursor = 0;
+        }
+        self.state = state;
+        Ok(())
+    }
+    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
+        let n = (self.image.len() - self.cursor).min(buf.len());
+        buf[..n].copy_from_slice(&self.image[self.cursor..self.cursor + n]);
+        self.cursor += n;
+        Ok(n)
+    }
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
+        self.loaded.extend_from_slice(data);
+        Ok(())
+    }
+    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
+        Ok(None)
+    }
+}
+
+const LAYOUT: [(u64, u64); 2] = [(0, 8 << 20), (1 << 32, 4 << 20)];
+
+fn config() -> SourceConfig {
+    SourceConfig {
+        mode: Mode::PreCopy,
+        max_downtime: Duration::from_millis(30),
+        max_rounds: 10,
+    }
+}
+
+#[test]
+fn a_migration_over_a_socket_pair_verifies() {
+    let src_memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    src_memory.write(4096, &[7u8; 100]);
+    let (mut device, mut dma) = FakeDevice::new(vec![3u8; 5000]);
+    let cpu_driver = SoftDriver::new();
+    let mut cpu = InProcessTracker::new(cpu_driver);
+    let (a, b) = UnixStream::pair().unwrap();
+    let destination = std::thread::spawn(move || {
+        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let (mut device, _) = FakeDevice::new(Vec::new());
+        let mut input = FrameReader::new(b.try_clone().unwrap());
+        let mut out = FrameWriter::new(b, None);
+        let report = migrate_destination(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut input,
+            &mut out,
+        )
+        .unwrap();
+        let mut page = [0u8; 100];
+        memory.read((1 << 32) + 8192, &mut page);
+        (report, device.loaded, device.state, page)
+    });
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(a, None);
+    // The device writes while the migration runs (logged through its recorder).
+    let writer_memory = Arc::clone(&src_memory);
+    let vm = SourceVm {
+        memory: &src_memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: None,
+    };
+    let mut rounds = 0;
+    let report = migrate_source(&config(), vm, &mut out, &mut replies, |round| {
+        if !round.final_round {
+            rounds += 1;
+            writer_memory.write((1 << 32) + 8192, &[rounds as u8; 100]);
+            dma.record_write((1 << 32) + 8192, 100);
+        }
+    })
+    .unwrap();
+    assert!(report.verified);
+    let (dst, loaded, state, page) = destination.join().unwrap();
+    assert!(dst.verified);
+    assert_eq!(loaded.len(), 5000 * 2, "PRE_COPY and STOP_COPY data");
+    assert_eq!(state, DeviceState::Running);
+    assert!(
+        page.iter().all(|&b| b == page[0] && b > 0),
+        "the last device write arrived"
+    );
+    assert_eq!(
+        device.state,
+        DeviceState::Stop,
+        "the source device stays stopped"
+    );
+    assert!(!device.logging);
+}
+
+#[test]
+fn a_corrupt_or_truncated_stream_fails_loudly() {
+    let memory = GuestMemory::new(&LAYOUT).unwrap();
+    let mut good = FrameWriter::new(Vec::new(), None);
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&4096u32.to_le_bytes());
+    hello.extend_from_slice(&2u32.to_le_bytes());
+    for (gpa, size) in LAYOUT {
+        hello.extend_from_slice(&gpa.to_le_bytes());
+        hello.extend_from_slice(&size.to_le_bytes());
+    }
+    good.write(Kind::Hello, &[&hello]).unwrap();
+    good.write(
+        Kind::Pages,
+        &[&0u64.to_le_bytes(), &1u32.to_le_bytes(), &[9u8; 4096]],
+    )
+    .unwrap();
+    let bytes = good.get_mut().clone();
+    let run = |stream: &[u8]| {
+        let (mut device, _) = FakeDevice::new(Vec::new());
+        let mut sink = FrameWriter::new(Vec::new(), None);
+        migrate_destination(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut FrameReader::new(stream),
+            &mut sink,
+        )
+    };
+    let mut corrupt = bytes.clone();
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    assert!(matches!(
+        run(&corrupt),
+        Err(MigrateError::Stream(
+            dmalog_migrate::stream::StreamError::Checksum { .. }
+        ))
+    ));
+    assert!(
+        matches!(
+            run(&bytes[..bytes.len() - 10]),
+            Err(MigrateError::Stream(_))
+        ),
+        "truncated"
+    );
+    assert!(
+        matches!(run(&bytes), Err(MigrateError::Stream(_))),
+        "ends before End"
+    );
+    // Pages outside guest memory are refused.
+    let mut outside = FrameWriter::new(Vec::new(), None);
+    outside.write(Kind::Hello, &[&hello]).unwrap();
+    outside
+        .write(
+            Kind::Pages,
+            &[
+                &(2u64 << 32).to_le_bytes(),
+                &1u32.to_le_bytes(),
+                &[9u8; 4096],
+            ],
+        )
+        .unwrap();
+    assert!(run(outside.get_mut()).is_err());
+}
+
+#[test]
+fn a_dead_destination_leaves_the_source_running_with_logging_off() {
+    let memory = GuestMemory::new(&LAYOUT).unwrap();
+    let (mut device, _) = FakeDevice::new(vec![1u8; 10]);
+    let mut cpu = InProcessTracker::new(SoftDriver::new());
+    let (a, b) = UnixStream::pair().unwrap();
+    drop(b); // the destination is gone
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(a, None);
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: None,
+    };
+    let err = migrate_source(&config(), vm, &mut out, &mut replies, |_| {}).unwrap_err();
+    assert!(matches!(err, MigrateError::Stream(_)), "{err}");
+    assert_eq!(device.state, DeviceState::Running);
+    assert!(!device.logging, "logging stopped");
+    let _ = std::io::stdout().flush();
+}
