@@ -22,9 +22,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 const MIB: u64 = 1 << 20;
 
-/// Options of `dmalog demo`.
-#[derive(clap::Args, Debug)]
-pub struct DemoArgs {
+/// The guest, its workloads and the migration settings (shared by `demo` and `migrate`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct VmArgs {
     /// Guest memory, MiB (3/4 at GPA 0, 1/4 at 4 GiB).
     #[arg(long, default_value_t = 1024)]
     memory_mib: u64,
@@ -52,18 +52,56 @@ pub struct DemoArgs {
     /// Rounds before forcing the stop.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
-    /// Device tracker of the source server: soft, mlx5, mlx5:PRESET.
-    #[arg(long, default_value = "soft")]
-    tracker: String,
     /// pre-copy, stop-and-copy, or no-device-tracking.
     #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
     mode: String,
-    /// Inject an mlx5 tracker fault into the source server: FAULT@N (see `dmalog serve`).
-    #[arg(long, value_name = "FAULT@N")]
-    inject_fault: Option<String>,
     /// Print one JSON object with the whole report.
     #[arg(long)]
     json: bool,
+}
+
+/// Options of `dmalog demo`.
+#[derive(clap::Args, Debug)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Device tracker of the source server: soft, mlx5, mlx5:PRESET.
+    #[arg(long, default_value = "soft")]
+    tracker: String,
+    /// Inject an mlx5 tracker fault into the source server: FAULT@N (see `dmalog serve`).
+    #[arg(long, value_name = "FAULT@N")]
+    inject_fault: Option<String>,
+}
+
+/// `dmalog migrate`: the two halves of the demo for two hosts.
+#[derive(clap::Subcommand, Debug)]
+pub enum MigrateCommand {
+    /// Run the source VM against a running `dmalog serve` and migrate it to a destination.
+    Source {
+        /// The source device server's socket.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// The destination's `HOST:PORT`.
+        #[arg(long)]
+        connect: String,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Receive one migration and resume the device on a running `dmalog serve`.
+    Destination {
+        /// The destination device server's socket.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Address to listen on, `HOST:PORT`.
+        #[arg(long)]
+        listen: String,
+        /// Guest memory, MiB (must match the source).
+        #[arg(long, default_value_t = 1024)]
+        memory_mib: u64,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 struct ServerChild {
@@ -109,10 +147,10 @@ fn spawn_server(
     Ok(ServerChild { child, socket })
 }
 
-fn connect(server: &ServerChild) -> anyhow::Result<Client> {
+fn connect(path: &Path) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match Client::connect(&server.socket) {
+        match Client::connect(path) {
             Ok(client) => return Ok(client),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Err(err) => return Err(err).context("connecting to dmalog serve"),
@@ -142,42 +180,39 @@ const WL_WRITES: u64 = 0xb0;
 struct DemoOutput<'a> {
     #[serde(flatten)]
     report: &'a MigrationReport,
-    device_writes_after_resume: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device_writes_after_resume: Option<u64>,
     destination_pages: u64,
 }
 
-/// Runs the demo; exit code 1 unless VERIFIED.
-pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
-    let mode = match args.mode.as_str() {
+fn mode_of(vm: &VmArgs) -> Mode {
+    match vm.mode.as_str() {
         "stop-and-copy" => Mode::StopAndCopy,
         "no-device-tracking" => Mode::NoDeviceTracking,
         _ => Mode::PreCopy,
-    };
-    let guest_bytes = args.memory_mib * MIB;
-    if guest_bytes < 64 * MIB || args.device_wss_mib + args.vcpu_wss_mib > args.memory_mib / 2 {
-        bail!("the guest needs at least 64 MiB and twice the two working sets");
     }
-    let dir = std::env::temp_dir().join(format!("dmalog-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let src_server = spawn_server(
-        &dir,
-        "src.sock",
-        &args.tracker,
-        args.inject_fault.as_deref(),
-    )?;
-    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None)?;
-    let layout = default_layout(guest_bytes);
-    let src_memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
-    let dst_memory = GuestMemory::new(&layout).context("destination guest memory")?;
+}
 
-    // The source VM: device DMA-mapped with its workload running, vCPUs writing.
-    let mut src = connect(&src_server)?;
-    map_all(&mut src, &src_memory).map_err(anyhow::Error::msg)?;
+/// The source half: guest memory DMA-mapped into the device at `src`, the device and vCPU
+/// workloads running, then the migration to `destination`.
+fn run_source(
+    vm_args: &VmArgs,
+    mut src: Client,
+    destination: &str,
+) -> anyhow::Result<MigrationReport> {
+    let guest_bytes = vm_args.memory_mib * MIB;
+    if guest_bytes < 64 * MIB {
+        bail!("the guest needs at least 64 MiB");
+    }
+    let layout = default_layout(guest_bytes);
+    let memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
+    map_all(&mut src, &memory).map_err(anyhow::Error::msg)?;
     // The device's working set sits a third of the way into the low region (256 MiB for
     // the default 1 GiB guest), the vCPUs' at GPA 0.
     let low_region = layout[0].1;
     let device_base = (low_region / 3) & !0xfff;
-    if device_base + args.device_wss_mib * MIB > low_region || args.vcpu_wss_mib * MIB > device_base
+    if device_base + vm_args.device_wss_mib * MIB > low_region
+        || vm_args.vcpu_wss_mib * MIB > device_base
     {
         bail!(
             "the working sets do not fit the low memory region ({} MiB)",
@@ -186,9 +221,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     }
     for (offset, value) in [
         (WL_BASE, device_base),
-        (WL_SPAN, args.device_wss_mib * MIB),
+        (WL_SPAN, vm_args.device_wss_mib * MIB),
         (WL_SIZE, 4096),
-        (WL_RATE, args.device_rate_mbps * 1_000_000),
+        (WL_RATE, vm_args.device_rate_mbps * 1_000_000),
         (WL_SEED, 0x5eed),
         (WL_CTRL, 1),
     ] {
@@ -199,59 +234,34 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let recorder = cpu_driver.recorder();
     let mut cpu = InProcessTracker::new(cpu_driver);
     let vcpus = VcpuWorkload::start(
-        Arc::clone(&src_memory),
+        Arc::clone(&memory),
         recorder,
         VcpuParams {
-            threads: args.vcpus,
+            threads: vm_args.vcpus,
             base: 0,
-            span: args.vcpu_wss_mib * MIB,
-            rate: args.vcpu_rate_mbps * 1_000_000,
+            span: vm_args.vcpu_wss_mib * MIB,
+            rate: vm_args.vcpu_rate_mbps * 1_000_000,
             seed: 7,
         },
     )?;
     std::thread::sleep(Duration::from_millis(200)); // the guest is live
 
-    // The destination VMM: a thread serving one incoming migration.
-    let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
-    let address = listener.local_addr()?;
-    let mut dst = connect(&dst_server)?;
-    let destination = std::thread::spawn(move || -> anyhow::Result<(u64, u64)> {
-        let (stream, _) = listener.accept()?;
-        let mut input = FrameReader::new(stream.try_clone()?);
-        let mut out = FrameWriter::new(stream, None);
-        let report = migrate_destination(
-            &dst_memory,
-            &mut dst,
-            &mut |client, memory| map_all(client, memory),
-            &mut input,
-            &mut out,
-        );
-        let report = report.context("destination")?;
-        // The device goes on where it stopped.
-        let before = dst.read_u64(0, WL_WRITES)?;
-        std::thread::sleep(Duration::from_millis(100));
-        let after = dst.read_u64(0, WL_WRITES)?;
-        if !report.verified {
-            bail!("destination memory differs from the source");
-        }
-        Ok((after.saturating_sub(before), report.pages))
-    });
-
     let progress = ProgressBar::new_spinner();
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
     progress.set_message("migrating: round 0 (all memory)");
-    let stream = TcpStream::connect(address).context("connecting to the destination")?;
+    let stream = TcpStream::connect(destination)
+        .with_context(|| format!("connecting to the destination {destination}"))?;
     stream.set_nodelay(true)?;
     let mut replies = FrameReader::new(stream.try_clone()?);
-    let mut out = FrameWriter::new(stream, Some(args.link_mbps * 1_000_000));
+    let mut out = FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000));
     let config = SourceConfig {
-        mode,
-        max_downtime: Duration::from_millis(args.max_downtime_ms),
-        max_rounds: args.max_rounds,
+        mode: mode_of(vm_args),
+        max_downtime: Duration::from_millis(vm_args.max_downtime_ms),
+        max_rounds: vm_args.max_rounds,
     };
     let vm = SourceVm {
-        memory: &src_memory,
+        memory: &memory,
         device: &mut src,
         cpu: &mut cpu as &mut dyn DirtyTracker,
         vcpus: Some(&vcpus),
@@ -263,26 +273,56 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         ));
     });
     progress.finish_and_clear();
-    let report = report.context("migration")?;
-    let (device_writes_after_resume, destination_pages) = destination
-        .join()
-        .map_err(|_| anyhow::anyhow!("destination thread panicked"))??;
-    drop(vcpus);
-    let _ = std::fs::remove_dir_all(&dir);
+    report.context("migration")
+}
 
+/// The destination half: one incoming migration on `listener`, resumed on the device at
+/// `dst`. Returns the device's workload writes in the 100 ms after resuming and the pages
+/// received.
+fn run_destination(
+    memory_mib: u64,
+    mut dst: Client,
+    listener: TcpListener,
+) -> anyhow::Result<(u64, u64, bool)> {
+    let memory =
+        GuestMemory::new(&default_layout(memory_mib * MIB)).context("destination guest memory")?;
+    let (stream, _) = listener.accept()?;
+    let mut input = FrameReader::new(stream.try_clone()?);
+    let mut out = FrameWriter::new(stream, None);
+    let report = migrate_destination(
+        &memory,
+        &mut dst,
+        &mut |client, memory| map_all(client, memory),
+        &mut input,
+        &mut out,
+    )
+    .context("destination")?;
+    // The device goes on where it stopped.
+    let before = dst.read_u64(0, WL_WRITES)?;
+    std::thread::sleep(Duration::from_millis(100));
+    let after = dst.read_u64(0, WL_WRITES)?;
+    Ok((after.saturating_sub(before), report.pages, report.verified))
+}
+
+fn print_report(
+    vm_args: &VmArgs,
+    report: &MigrationReport,
+    device_writes_after_resume: Option<u64>,
+    destination_pages: u64,
+) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
-    if args.json {
+    if vm_args.json {
         serde_json::to_writer_pretty(
             &mut stdout,
             &DemoOutput {
-                report: &report,
+                report,
                 device_writes_after_resume,
                 destination_pages,
             },
         )?;
         writeln!(stdout)?;
     } else {
-        print_table(&mut stdout, &report, device_writes_after_resume)?;
+        print_table(&mut stdout, report, device_writes_after_resume)?;
     }
     Ok(if report.verified {
         ExitCode::SUCCESS
@@ -291,10 +331,88 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+/// Runs the demo; exit code 1 unless VERIFIED.
+pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let vm = &args.vm;
+    if vm.device_wss_mib + vm.vcpu_wss_mib > vm.memory_mib / 2 {
+        bail!("the guest needs twice the two working sets");
+    }
+    let dir = std::env::temp_dir().join(format!("dmalog-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let src_server = spawn_server(
+        &dir,
+        "src.sock",
+        &args.tracker,
+        args.inject_fault.as_deref(),
+    )?;
+    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None)?;
+    let src = connect(&src_server.socket)?;
+    let dst = connect(&dst_server.socket)?;
+    let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
+    let address = listener.local_addr()?.to_string();
+    let memory_mib = vm.memory_mib;
+    let destination = std::thread::spawn(move || run_destination(memory_mib, dst, listener));
+    let report = run_source(vm, src, &address);
+    let destination = destination
+        .join()
+        .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = report?;
+    let (device_writes_after_resume, destination_pages, _) = destination?;
+    print_report(
+        vm,
+        &report,
+        Some(device_writes_after_resume),
+        destination_pages,
+    )
+}
+
+/// Runs `dmalog migrate source|destination`.
+pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        MigrateCommand::Source {
+            socket,
+            connect: destination,
+            vm,
+        } => {
+            let src = connect(socket)?;
+            let report = run_source(vm, src, destination)?;
+            print_report(vm, &report, None, 0)
+        }
+        MigrateCommand::Destination {
+            socket,
+            listen,
+            memory_mib,
+            json,
+        } => {
+            let dst = connect(socket)?;
+            let listener =
+                TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+            eprintln!("waiting for a migration on {}", listener.local_addr()?);
+            let (writes, pages, verified) = run_destination(*memory_mib, dst, listener)?;
+            let mut stdout = std::io::stdout().lock();
+            if *json {
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::json!({"verified": verified, "pages": pages, "device_writes_after_resume": writes})
+                )?;
+            } else {
+                writeln!(stdout, "received {pages} pages; device resumed ({writes} workload writes in 100 ms); {}", if verified { "VERIFIED" } else { "FAILED" })?;
+            }
+            Ok(if verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
 fn print_table(
     out: &mut impl Write,
     report: &MigrationReport,
-    device_writes_after: u64,
+    device_writes_after: Option<u64>,
 ) -> std::io::Result<()> {
     writeln!(
         out,
@@ -335,10 +453,12 @@ fn print_table(
         report.bytes_sent,
         report.bytes_sent as f64 / report.guest_bytes as f64
     )?;
-    writeln!(
-        out,
-        "destination device workload after resume: {device_writes_after} writes in 100 ms"
-    )?;
+    if let Some(writes) = device_writes_after {
+        writeln!(
+            out,
+            "destination device workload after resume: {writes} writes in 100 ms"
+        )?;
+    }
     writeln!(
         out,
         "{}",

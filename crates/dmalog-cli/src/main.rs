@@ -33,6 +33,9 @@ enum Command {
     /// Live-migrate a running guest with a DMA-writing device between two device servers
     /// on this machine, and verify every byte.
     Demo(demo::DemoArgs),
+    /// The two halves of a migration for two hosts (or two network namespaces).
+    #[command(subcommand)]
+    Migrate(demo::MigrateCommand),
     /// Run the quick benchmark subset (under a minute) and print ratios against baselines
     /// measured in the same run.
     Bench(bench::BenchArgs),
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(&args).context("dmalog demo"),
+        Command::Migrate(command) => demo::run_migrate(&command).context("dmalog migrate"),
         Command::Bench(args) => bench::run(&args).context("dmalog bench"),
         Command::Probe(args) => probe::run(&args).context("dmalog probe"),
         Command::Serve(args) => serve::run(&args).context("dmalog serve"),

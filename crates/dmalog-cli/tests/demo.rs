@@ -73,3 +73,77 @@ fn a_report_fault_resends_memory_and_still_verifies() {
         .sum();
     assert_eq!(errors, 1, "one REPORT failed");
 }
+
+#[test]
+fn migrate_source_and_destination_as_separate_processes() {
+    let dir = std::env::temp_dir().join(format!("dmalog-migrate-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = env!("CARGO_BIN_EXE_dmalog");
+    let mut servers: Vec<std::process::Child> = ["src.sock", "dst.sock"]
+        .iter()
+        .map(|name| {
+            Command::new(exe)
+                .args(["serve", "--socket"])
+                .arg(dir.join(name))
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let port = 40000 + (std::process::id() % 20000) as u16;
+    let address = format!("127.0.0.1:{port}");
+    let destination = Command::new(exe)
+        .args([
+            "migrate",
+            "destination",
+            "--json",
+            "--memory-mib",
+            "64",
+            "--listen",
+            &address,
+            "--socket",
+        ])
+        .arg(dir.join("dst.sock"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The destination listens once its device server answers; the source retries connecting.
+    let mut source = None;
+    for _ in 0..100 {
+        let out = Command::new(exe)
+            .args([
+                "migrate",
+                "source",
+                "--json",
+                "--memory-mib",
+                "64",
+                "--device-wss-mib",
+                "8",
+                "--vcpu-wss-mib",
+                "4",
+                "--connect",
+                &address,
+                "--socket",
+            ])
+            .arg(dir.join("src.sock"))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            source = Some(out);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let source = source.expect("the source migrated");
+    let report: serde_json::Value = serde_json::from_slice(&source.stdout).unwrap();
+    assert_eq!(report["verified"], true);
+    let destination = destination.wait_with_output().unwrap();
+    assert!(destination.status.success());
+    let dst: serde_json::Value = serde_json::from_slice(&destination.stdout).unwrap();
+    assert_eq!(dst["verified"], true);
+    assert!(dst["device_writes_after_resume"].as_u64().unwrap() > 0);
+    for server in &mut servers {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
