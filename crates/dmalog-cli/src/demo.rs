@@ -71,6 +71,9 @@ pub struct DemoArgs {
     /// Inject an mlx5 tracker fault into the source server: FAULT@N (see `dmalog serve`).
     #[arg(long, value_name = "FAULT@N")]
     inject_fault: Option<String>,
+    /// Write a convergence chart (dirty pages and MiB sent per round) to this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    chart: Option<std::path::PathBuf>,
 }
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
@@ -359,6 +362,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
     let report = report?;
     let (device_writes_after_resume, destination_pages, _) = destination?;
+    if let Some(path) = &args.chart {
+        crate::chart::write_svg(&report, path)
+            .with_context(|| format!("--chart {}", path.display()))?;
+    }
     print_report(
         vm,
         &report,

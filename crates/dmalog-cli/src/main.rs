@@ -15,6 +15,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod chart;
 mod demo;
 mod inspect;
 mod probe;

@@ -147,3 +147,31 @@ fn migrate_source_and_destination_as_separate_processes() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_chart_is_an_svg_with_the_rounds() {
+    let path = std::env::temp_dir().join(format!("dmalog-chart-{}.svg", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args([
+            "demo",
+            "--memory-mib",
+            "64",
+            "--device-wss-mib",
+            "8",
+            "--vcpu-wss-mib",
+            "4",
+            "--chart",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("VERIFIED"));
+    let svg = std::fs::read_to_string(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(svg.starts_with("<svg") && svg.contains("dirty pages") && svg.contains("MiB sent"));
+    assert!(
+        svg.matches("<polyline").count() >= 4,
+        "three dirty-page series and the bytes series"
+    );
+}
