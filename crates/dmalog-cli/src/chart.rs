@@ -8,7 +8,11 @@ use dmalog_migrate::MigrationReport;
 use plotters::prelude::*;
 
 /// A line of the dirty-pages plot: label, colour, and the count it shows.
-type Series = (&'static str, RGBColor, fn(&dmalog_migrate::RoundStats) -> u64);
+type Series = (
+    &'static str,
+    RGBColor,
+    fn(&dmalog_migrate::RoundStats) -> u64,
+);
 
 /// Draws `report` into an SVG file at `path`.
 pub fn write_svg(report: &MigrationReport, path: &Path) -> anyhow::Result<()> {

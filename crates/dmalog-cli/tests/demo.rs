@@ -175,3 +175,121 @@ fn the_chart_is_an_svg_with_the_rounds() {
         "three dirty-page series and the bytes series"
     );
 }
+
+/// A destination that reads `read_bytes` (None: everything) and hangs up; returns its
+/// address.
+fn dying_destination(read_bytes: Option<usize>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        if let Ok((mut stream, _)) = listener.accept() {
+            match read_bytes {
+                Some(n) => {
+                    let mut buf = vec![0u8; n];
+                    let _ = std::io::Read::read_exact(&mut stream, &mut buf);
+                }
+                None => {
+                    let _ = std::io::copy(&mut stream, &mut std::io::sink());
+                }
+            }
+        }
+    });
+    address
+}
+
+fn serve(dir: &std::path::Path, name: &str) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args(["serve", "--socket"])
+        .arg(dir.join(name))
+        .spawn()
+        .unwrap();
+    while !dir.join(name).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    child
+}
+
+#[test]
+fn a_dead_destination_fails_the_migration_and_the_source_device_runs_on() {
+    let dir = std::env::temp_dir().join(format!("dmalog-dead-dst-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = serve(&dir, "src.sock");
+    let address = dying_destination(Some(1 << 20));
+    let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args([
+            "migrate",
+            "source",
+            "--memory-mib",
+            "64",
+            "--device-wss-mib",
+            "8",
+            "--vcpu-wss-mib",
+            "4",
+            "--connect",
+            &address,
+            "--socket",
+        ])
+        .arg(dir.join("src.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("migration"), "{stderr}");
+    // The source device is RUNNING again (not left in PRE_COPY), with no logging.
+    let mut client = dmalog_vfio_user::Client::connect(&dir.join("src.sock")).unwrap();
+    assert_eq!(
+        dmalog::MigrationDevice::device_state(&mut client).unwrap(),
+        dmalog::uapi::DeviceState::Running
+    );
+    let mut bitmap = [0u64; 1];
+    assert_eq!(
+        dmalog::DirtyTracker::report(&mut client, 0, 4096, 4096, &mut bitmap)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_device_server_that_dies_fails_the_migration_with_a_clear_message() {
+    let dir = std::env::temp_dir().join(format!("dmalog-dead-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = serve(&dir, "src.sock");
+    let address = dying_destination(None);
+    let source = Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args([
+            "migrate",
+            "source",
+            "--memory-mib",
+            "128",
+            "--device-wss-mib",
+            "8",
+            "--vcpu-wss-mib",
+            "4",
+            "--link-mbps",
+            "100",
+            "--connect",
+            &address,
+            "--socket",
+        ])
+        .arg(dir.join("src.sock"))
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600)); // round 0 takes over a second
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = source.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("device") && stderr.contains("connection"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -98,13 +98,25 @@ pub enum MigrateError {
     Stream(#[from] StreamError),
     /// The device failed.
     #[error("device: {0}")]
-    Device(#[from] TrackerError),
+    Device(TrackerError),
+    /// The connection to the device (its server) failed: the device is gone.
+    #[error("lost the connection to the device server ({0}); the migration cannot go on")]
+    DeviceLost(#[source] std::io::Error),
     /// The other side gave up or answered out of turn.
     #[error("peer: {0}")]
     Peer(String),
     /// Guest memory access failed.
     #[error("guest memory: {0}")]
     Memory(&'static str),
+}
+
+impl From<TrackerError> for MigrateError {
+    fn from(err: TrackerError) -> Self {
+        match err {
+            TrackerError::Transport(io) => MigrateError::DeviceLost(io),
+            other => MigrateError::Device(other),
+        }
+    }
 }
 
 impl From<std::io::Error> for MigrateError {
