@@ -52,6 +52,9 @@ pub struct VmArgs {
     /// Rounds before forcing the stop.
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// START range planning: exact (one range per memory region) or qemu (at most 3).
+    #[arg(long, default_value = "exact", value_parser = ["exact", "qemu"])]
+    ranges: String,
     /// pre-copy, stop-and-copy, or no-device-tracking.
     #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
     mode: String,
@@ -259,6 +262,11 @@ fn run_source(
     let mut replies = FrameReader::new(stream.try_clone()?);
     let mut out = FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000));
     let config = SourceConfig {
+        ranges: if vm_args.ranges == "qemu" {
+            dmalog_migrate::RangePlan::Qemu
+        } else {
+            dmalog_migrate::RangePlan::Exact
+        },
         mode: mode_of(vm_args),
         max_downtime: Duration::from_millis(vm_args.max_downtime_ms),
         max_rounds: vm_args.max_rounds,

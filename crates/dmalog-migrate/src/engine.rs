@@ -31,9 +31,43 @@ pub enum Mode {
     NoDeviceTracking,
 }
 
+/// How START ranges are planned from the guest memory map (SPEC 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RangePlan {
+    /// One range per memory region.
+    #[default]
+    Exact,
+    /// As QEMU: at most 3 ranges, one spanning everything below 4 GiB, one above (device
+    /// BARs above 4 GiB would be the third; guest RAM has none), holes included.
+    Qemu,
+}
+
+/// The START ranges for `memory` under `plan`, never more than `max_ranges` (merged by
+/// smallest gaps, as the logging core would).
+pub fn plan_ranges(memory: &GuestMemory, plan: RangePlan, max_ranges: usize) -> Vec<IovaRange> {
+    let exact: Vec<IovaRange> = memory.regions().iter().map(|r| r.range()).collect();
+    let planned = match plan {
+        RangePlan::Exact => exact,
+        RangePlan::Qemu => {
+            let span = |ranges: Vec<&IovaRange>| -> Option<IovaRange> {
+                let first = ranges.iter().map(|r| r.iova()).min()?;
+                let end = ranges.iter().map(|r| r.end()).max()?;
+                IovaRange::new(first, end - first).ok()
+            };
+            let low = span(exact.iter().filter(|r| r.end() <= 1 << 32).collect());
+            let high = span(exact.iter().filter(|r| r.end() > 1 << 32).collect());
+            low.into_iter().chain(high).collect()
+        }
+    };
+    dmalog::ranges::merge_ranges(&planned, max_ranges)
+}
+
 /// Engine settings.
 #[derive(Debug, Clone, Copy)]
 pub struct SourceConfig {
+    /// How START ranges are planned.
+    pub ranges: RangePlan,
     /// The mode.
     pub mode: Mode,
     /// Stop the guest when the rest fits in this time at the measured bandwidth.
@@ -164,10 +198,6 @@ impl Bitmaps {
     }
 }
 
-fn ranges_of(memory: &GuestMemory) -> Vec<IovaRange> {
-    memory.regions().iter().map(|r| r.range()).collect()
-}
-
 /// Reports one source over every region into `bitmaps`. On an error the log is corrupt:
 /// every region is treated as dirty (restarting tracking drops the log of the regions
 /// already reported too, and writes made since their report would be lost) and tracking
@@ -175,6 +205,7 @@ fn ranges_of(memory: &GuestMemory) -> Vec<IovaRange> {
 fn report_source(
     source: &mut dyn DirtyTracker,
     memory: &GuestMemory,
+    ranges: &[IovaRange],
     bitmaps: &mut Bitmaps,
 ) -> u32 {
     for (index, region) in memory.regions().iter().enumerate() {
@@ -182,7 +213,7 @@ fn report_source(
             warn!(%err, gpa = region.gpa, "REPORT failed: all guest memory is sent again, tracking restarts");
             bitmaps.fill(memory);
             let _ = source.stop();
-            if let Err(err) = source.start(&ranges_of(memory), PAGE) {
+            if let Err(err) = source.start(ranges, PAGE) {
                 warn!(%err, "restarting dirty tracking failed");
             }
             return 1;
@@ -251,6 +282,44 @@ impl<W: Write> Sender<'_, W> {
             total += n as u64;
         }
     }
+}
+
+/// Which sources track.
+#[derive(Debug, Clone, Copy)]
+struct Tracking {
+    device: bool,
+    cpu: bool,
+}
+
+/// One round's REPORTs: each tracking source into its bitmaps (an untracked source counts
+/// everything dirty), merged into the migration bitmap, counted into `stats`.
+fn collect_dirty(
+    ranges: &[IovaRange],
+    tracking: Tracking,
+    device: &mut dyn SourceDevice,
+    cpu: &mut dyn DirtyTracker,
+    memory: &GuestMemory,
+    [device_bitmaps, cpu_bitmaps, merged]: [&mut Bitmaps; 3],
+    stats: &mut RoundStats,
+) {
+    let report_start = Instant::now();
+    for (tracked, source, bitmaps) in [
+        (
+            tracking.device,
+            device as &mut dyn DirtyTracker,
+            &mut *device_bitmaps,
+        ),
+        (tracking.cpu, cpu, &mut *cpu_bitmaps),
+    ] {
+        if tracked {
+            bitmaps.clear();
+            stats.report_errors += report_source(source, memory, ranges, bitmaps);
+        } else {
+            bitmaps.fill(memory);
+        }
+    }
+    stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
+    count_dirty(device_bitmaps, cpu_bitmaps, merged, stats);
 }
 
 fn count_dirty(device: &Bitmaps, cpu: &Bitmaps, merged: &mut Bitmaps, stats: &mut RoundStats) {
@@ -329,7 +398,11 @@ fn migrate_source_inner<S: Read + Write + Send>(
         vcpus,
     } = vm;
     let started = Instant::now();
-    let ranges = ranges_of(memory);
+    let ranges = plan_ranges(
+        memory,
+        config.ranges,
+        dmalog::ranges::DEFAULT_MAX_RANGES as usize,
+    );
     let mut hello = Vec::new();
     hello.extend_from_slice(&(PAGE as u32).to_le_bytes());
     hello.extend_from_slice(&(memory.regions().len() as u32).to_le_bytes());
@@ -339,15 +412,32 @@ fn migrate_source_inner<S: Read + Write + Send>(
     }
     out.write(Kind::Hello, &[&hello])?;
 
-    // Dirty tracking on every source; a failure rolls back and falls back to "all dirty".
-    let mut device_tracking = config.mode == Mode::PreCopy;
-    cpu.start(&ranges, PAGE)?;
-    if device_tracking {
-        if let Err(err) = device.start(&ranges, PAGE) {
-            warn!(%err, "device dirty tracking unavailable: device memory is treated as dirty every round");
-            device_tracking = false;
+    // Dirty tracking on every source; if one cannot start, all are rolled back and every
+    // page counts as dirty every round (correct, but it will not converge).
+    let mut tracking = Tracking {
+        device: config.mode == Mode::PreCopy,
+        cpu: config.mode != Mode::StopAndCopy,
+    };
+    if tracking.cpu {
+        if let Err(err) = cpu.start(&ranges, PAGE) {
+            warn!(%err, "vCPU dirty log unavailable: all memory is treated as dirty every round");
+            tracking = Tracking {
+                device: false,
+                cpu: false,
+            };
         }
     }
+    if tracking.device {
+        if let Err(err) = device.start(&ranges, PAGE) {
+            warn!(%err, "device dirty tracking unavailable: tracking rolled back, all memory is treated as dirty every round");
+            let _ = cpu.stop();
+            tracking = Tracking {
+                device: false,
+                cpu: false,
+            };
+        }
+    }
+    let device_tracking = tracking.device;
     let mut device_bitmaps = Bitmaps::new(memory)?;
     let mut cpu_bitmaps = Bitmaps::new(memory)?;
     let mut merged = Bitmaps::new(memory)?;
@@ -387,17 +477,15 @@ fn migrate_source_inner<S: Read + Write + Send>(
                 round,
                 ..RoundStats::default()
             };
-            let report_start = Instant::now();
-            device_bitmaps.clear();
-            cpu_bitmaps.clear();
-            if device_tracking {
-                stats.report_errors += report_source(device, memory, &mut device_bitmaps);
-            } else {
-                device_bitmaps.fill(memory);
-            }
-            stats.report_errors += report_source(cpu, memory, &mut cpu_bitmaps);
-            stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
-            count_dirty(&device_bitmaps, &cpu_bitmaps, &mut merged, &mut stats);
+            collect_dirty(
+                &ranges,
+                tracking,
+                device,
+                cpu,
+                memory,
+                [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
+                &mut stats,
+            );
             stats.pages_sent = sender.send_dirty(&merged)?;
             stats.device_bytes = sender.send_device_data(device)?;
             stats.bytes_sent = sender.out.bytes() - bytes_before;
@@ -436,17 +524,15 @@ fn migrate_source_inner<S: Read + Write + Send>(
         merged.fill(memory);
         stats.pages_sent = sender.send_dirty(&merged)?;
     } else {
-        let report_start = Instant::now();
-        device_bitmaps.clear();
-        cpu_bitmaps.clear();
-        if device_tracking {
-            stats.report_errors += report_source(device, memory, &mut device_bitmaps);
-        } else {
-            device_bitmaps.fill(memory);
-        }
-        stats.report_errors += report_source(cpu, memory, &mut cpu_bitmaps);
-        stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
-        count_dirty(&device_bitmaps, &cpu_bitmaps, &mut merged, &mut stats);
+        collect_dirty(
+            &ranges,
+            tracking,
+            device,
+            cpu,
+            memory,
+            [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
+            &mut stats,
+        );
         stats.pages_sent = sender.send_dirty(&merged)?;
     }
     stats.device_bytes = sender.send_device_data(device)?;

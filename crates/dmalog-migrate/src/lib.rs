@@ -8,8 +8,8 @@ pub mod stream;
 pub mod vcpu;
 
 pub use engine::{
-    migrate_destination, migrate_source, DestinationReport, MigrateError, MigrationReport, Mode,
-    RoundStats, SourceConfig, SourceVm,
+    migrate_destination, migrate_source, plan_ranges, DestinationReport, MigrateError,
+    MigrationReport, Mode, RangePlan, RoundStats, SourceConfig, SourceVm,
 };
 pub use guest::{default_layout, GuestMemory};
 pub use vcpu::{VcpuParams, VcpuWorkload};

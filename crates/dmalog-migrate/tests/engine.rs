@@ -100,6 +100,7 @@ const LAYOUT: [(u64, u64); 2] = [(0, 8 << 20), (1 << 32, 4 << 20)];
 
 fn config() -> SourceConfig {
     SourceConfig {
+        ranges: dmalog_migrate::RangePlan::Exact,
         mode: Mode::PreCopy,
         max_downtime: Duration::from_millis(30),
         max_rounds: 10,
@@ -252,4 +253,24 @@ fn a_dead_destination_leaves_the_source_running_with_logging_off() {
     assert_eq!(device.state, DeviceState::Running);
     assert!(!device.logging, "logging stopped");
     let _ = std::io::stdout().flush();
+}
+
+#[test]
+fn range_plans() {
+    let memory = GuestMemory::new(&[(0, 1 << 20), (2 << 20, 1 << 20), (1 << 32, 1 << 20)]).unwrap();
+    let exact = dmalog_migrate::plan_ranges(&memory, dmalog_migrate::RangePlan::Exact, 256);
+    assert_eq!(exact.len(), 3);
+    let qemu = dmalog_migrate::plan_ranges(&memory, dmalog_migrate::RangePlan::Qemu, 256);
+    let spans: Vec<(u64, u64)> = qemu.iter().map(|r| (r.iova(), r.end())).collect();
+    assert_eq!(
+        spans,
+        vec![(0, 3 << 20), (1 << 32, (1 << 32) + (1 << 20))],
+        "below and above 4 GiB, holes included"
+    );
+    let one = dmalog_migrate::plan_ranges(&memory, dmalog_migrate::RangePlan::Exact, 1);
+    assert_eq!(
+        (one[0].iova(), one[0].end()),
+        (0, (1 << 32) + (1 << 20)),
+        "clipped to the device's limit"
+    );
 }
