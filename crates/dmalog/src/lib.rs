@@ -7,6 +7,7 @@
 //! - [`logging_core`]: DEVICE_FEATURE validation per SPEC 3, driving a [`driver::LogDriver`].
 //! - [`soft`]: the software tracker (SPEC 5.1).
 //! - [`mlx5`]: a model of the mlx5 hardware tracker, device and driver halves (SPEC 5.2).
+//! - [`pds`]: a model of the pds tracker's seq/ack bitmaps (SPEC 5.3).
 //! - [`tracker`]: the consumer trait [`tracker::DirtyTracker`] and its in-process backend.
 //! - [`conformance`] (feature `conformance`): the suite every driver runs.
 
@@ -23,6 +24,7 @@ pub mod iova_bitmap;
 pub mod logging_core;
 pub mod migration;
 pub mod mlx5;
+pub mod pds;
 pub mod ranges;
 pub mod soft;
 mod sync;
