@@ -68,7 +68,7 @@ pub struct VmArgs {
 pub struct DemoArgs {
     #[command(flatten)]
     vm: VmArgs,
-    /// Device tracker of the source server: soft, mlx5, mlx5:PRESET.
+    /// Device tracker of the source server: soft, pds, pds:REGIONS, mlx5, mlx5:PRESET.
     #[arg(long, default_value = "soft")]
     tracker: String,
     /// Inject an mlx5 tracker fault into the source server: FAULT@N (see `dmalog serve`).

@@ -19,7 +19,7 @@ pub struct ServeArgs {
     /// The emulated device.
     #[arg(long, default_value = "dma-engine", value_parser = ["dma-engine", "lvu-sample"])]
     device: String,
-    /// The DMA tracker: soft, none, mlx5, or mlx5:PRESET[,field=value...] (presets cx7,
+    /// The DMA tracker: soft, none, pds, pds:REGIONS, mlx5, or mlx5:PRESET[,field=value...] (presets cx7,
     /// tiny, unlimited).
     #[arg(long, default_value = "soft")]
     tracker: String,

@@ -75,6 +75,21 @@ fn a_report_fault_resends_memory_and_still_verifies() {
 }
 
 #[test]
+fn the_pds_tracker_with_two_regions_verifies() {
+    // The default layout has two ranges: each REPORT stays inside one pds region.
+    let report = demo(&["--tracker", "pds:2"]);
+    assert_eq!(report["verified"], true);
+    assert_eq!(report["device_tracking"], true);
+    let errors: u64 = report["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["report_errors"].as_u64().unwrap())
+        .sum();
+    assert_eq!(errors, 0, "no REPORT spanned regions");
+}
+
+#[test]
 fn migrate_source_and_destination_as_separate_processes() {
     let dir = std::env::temp_dir().join(format!("dmalog-migrate-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

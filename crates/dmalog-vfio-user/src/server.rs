@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
 use dmalog::mlx5::{CapsError, Mlx5Faults};
+use dmalog::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
 use dmalog::uapi::{
     DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
     FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
@@ -39,17 +40,24 @@ pub enum TrackerKind {
     Soft,
     /// The mlx5 model with these capabilities.
     Mlx5(Mlx5Caps),
+    /// The pds (AMD/Pensando) model with this many regions.
+    Pds(usize),
 }
 
 impl std::str::FromStr for TrackerKind {
     type Err = CapsError;
 
-    /// `soft`, `none`, `mlx5`, or `mlx5:PRESET[,field=value...]`.
+    /// `soft`, `none`, `pds`, `pds:REGIONS`, `mlx5`, or `mlx5:PRESET[,field=value...]`.
     fn from_str(text: &str) -> Result<Self, CapsError> {
         match text {
             "soft" => Ok(TrackerKind::Soft),
             "none" => Ok(TrackerKind::None),
             "mlx5" => Ok(TrackerKind::Mlx5(Mlx5Caps::cx7())),
+            "pds" => Ok(TrackerKind::Pds(PDS_DEFAULT_MAX_REGIONS)),
+            other if other.starts_with("pds:") => match other["pds:".len()..].parse::<usize>() {
+                Ok(regions) if regions > 0 => Ok(TrackerKind::Pds(regions)),
+                _ => Err(CapsError::UnknownPreset(other.to_string())),
+            },
             other => match other.strip_prefix("mlx5:") {
                 Some(spec) => Ok(TrackerKind::Mlx5(Mlx5Caps::parse(spec)?)),
                 None => Err(CapsError::UnknownPreset(other.to_string())),
@@ -251,6 +259,13 @@ impl Server {
                 let faults = driver.faults();
                 (LoggingCore::new(Box::new(driver)), Some(faults))
             }
+            TrackerKind::Pds(max_regions) => (
+                LoggingCore::new(Box::new(PdsDriver::with_live_log(
+                    *max_regions,
+                    Arc::clone(&live),
+                ))),
+                None,
+            ),
         };
         let space = DmaSpace::with_max_maps(live, config.max_dma_maps as usize);
         let device = make_device(&space)?;
@@ -843,5 +858,22 @@ impl Server {
             .write_data(self.device.as_mut(), data)
             .map_err(dev_err)?;
         Reply::payload(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_kinds_parse_and_bad_ones_are_errors() {
+        assert_eq!("soft".parse(), Ok(TrackerKind::Soft));
+        assert_eq!("none".parse(), Ok(TrackerKind::None));
+        assert_eq!("pds".parse(), Ok(TrackerKind::Pds(PDS_DEFAULT_MAX_REGIONS)));
+        assert_eq!("pds:3".parse(), Ok(TrackerKind::Pds(3)));
+        assert_eq!("mlx5".parse(), Ok(TrackerKind::Mlx5(Mlx5Caps::cx7())));
+        for bad in ["pds:0", "pds:x", "pds:", "hisi", "mlx5:nope"] {
+            assert!(bad.parse::<TrackerKind>().is_err(), "{bad}");
+        }
     }
 }

@@ -91,9 +91,14 @@ pub struct PdsDriver {
 impl PdsDriver {
     /// A stopped tracker with up to `max_regions` regions.
     pub fn new(max_regions: usize) -> Self {
+        Self::with_live_log(max_regions, LiveLog::new())
+    }
+
+    /// As [`PdsDriver::new`], publishing to a live log the caller's DMA paths already hold.
+    pub fn with_live_log(max_regions: usize, live: Arc<LiveLog>) -> Self {
         PdsDriver {
             max_regions: max_regions.max(1),
-            live: LiveLog::new(),
+            live,
             log: None,
         }
     }
