@@ -625,6 +625,43 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
         soft,
         Target::Within(2.0),
     ));
+    drop(w);
+
+    progress("vfio-user: REPORT of 64 GiB over a UNIX socket");
+    let span = 64 * GIB;
+    let mut w = crate::wire::SocketReport::new(span);
+    let report = best_ns(batches, 1, &mut w, |w| w.dirty_all(), |w| w.report());
+    assert_eq!(
+        w.reported_pages(),
+        span / PAGE,
+        "every page crossed the socket"
+    );
+    let plain = best_ns(batches, 1, &mut w, |_| {}, |w| w.plain_transfer());
+    rows.push(Row::new(
+        "vfio-user REPORT 64 GiB @4 KiB, all dirty (2 MiB, split at 1 MiB)",
+        report,
+        "plain socket transfer of the same bytes",
+        plain,
+        Target::Faster(0.5),
+    ));
+    drop(w);
+
+    for (write_bytes, label, ops) in [(4 * KIB, "4 KiB", 4096), (MIB, "1 MiB", 32)] {
+        progress(&format!("dma-engine FILL of {label}, logging on and off"));
+        let mut w = crate::wire::FillThroughput::new(write_bytes);
+        let off = best_ns(batches, ops, &mut w, |_| {}, |w| w.fill());
+        w.set_logging(true);
+        let on = best_ns(batches, ops, &mut w, |_| {}, |w| w.fill());
+        assert_eq!(w.status(), 0, "the FILLs succeeded");
+        w.set_logging(false);
+        rows.push(Row::new(
+            &format!("dma-engine FILL {label}, logging on"),
+            on,
+            "same FILLs, logging off",
+            off,
+            Target::Faster(0.9),
+        ));
+    }
     rows
 }
 

@@ -143,6 +143,12 @@ impl DmaSpace {
         self.shared.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A recorder on this space's tracker, for a DMA path that writes guest memory outside
+    /// [`DmaSpace::accessor`] (an embedding library's own engine) and records it itself.
+    pub fn recorder(&self) -> dmalog::WriteRecorder {
+        self.shared.live.recorder()
+    }
+
     /// The current mappings, sorted by IOVA.
     pub fn regions(&self) -> Arc<Vec<DmaRegion>> {
         Arc::clone(&self.table())

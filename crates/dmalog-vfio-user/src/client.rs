@@ -170,6 +170,18 @@ impl Client {
         payload: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<(Vec<u8>, Vec<OwnedFd>), ClientError> {
+        let id = self.send_command(command, payload, fds)?;
+        self.await_reply(command, id)
+    }
+
+    /// Sends a command without waiting; its reply must be taken with
+    /// [`Client::await_reply`], replies arriving in the order the commands were sent.
+    fn send_command(
+        &mut self,
+        command: u16,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<u16, ClientError> {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
         let header = Header {
@@ -180,6 +192,15 @@ impl Client {
             error_no: 0,
         };
         self.transport.send(header, payload, fds)?;
+        Ok(id)
+    }
+
+    /// The reply to command `id`, serving the server's own commands that come first.
+    fn await_reply(
+        &mut self,
+        command: u16,
+        id: u16,
+    ) -> Result<(Vec<u8>, Vec<OwnedFd>), ClientError> {
         loop {
             let Message {
                 header,
@@ -543,16 +564,16 @@ impl Client {
         Ok(chosen)
     }
 
-    /// One REPORT message: ORs the bitmap of `[iova, iova+length)` into `words`.
-    fn report_once(
+    /// Sends one REPORT request for `[iova, iova+length)` whose bitmap is `bitmap_words`
+    /// long; returns its message id.
+    fn send_report(
         &mut self,
         iova: u64,
         length: u64,
         page_size: u64,
-        words: &mut [u64],
-    ) -> Result<(), ClientError> {
-        let bitmap_bytes = words.len() * 8;
-        let argsz = (FEATURE_HEADER_BYTES + USER_REPORT_BYTES + bitmap_bytes) as u32;
+        bitmap_words: usize,
+    ) -> Result<u16, ClientError> {
+        let argsz = (FEATURE_HEADER_BYTES + USER_REPORT_BYTES + bitmap_words * 8) as u32;
         let request = feature_request(
             argsz,
             FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
@@ -563,19 +584,32 @@ impl Client {
             }
             .encode(),
         );
-        let reply = self.device_feature(&request)?;
+        self.send_command(cmd::DEVICE_FEATURE, &request, &[])
+    }
+
+    /// Takes the reply to REPORT `id` and ORs its bitmap into `words`.
+    fn take_report(&mut self, id: u16, words: &mut [u64]) -> Result<(), ClientError> {
+        let (reply, _) = self.await_reply(cmd::DEVICE_FEATURE, id)?;
         let bitmap = reply
             .get(FEATURE_HEADER_BYTES + USER_REPORT_BYTES..)
             .ok_or(ClientError::Protocol("short REPORT reply"))?;
-        if bitmap.len() != bitmap_bytes {
+        if bitmap.len() != words.len() * 8 {
             return Err(ClientError::Protocol("REPORT bitmap of the wrong size"));
         }
         for (word, bytes) in words.iter_mut().zip(bitmap.chunks_exact(8)) {
-            *word |= u64::from_le_bytes(bytes.try_into().unwrap_or_default());
+            let mut le = [0u8; 8];
+            le.copy_from_slice(bytes);
+            *word |= u64::from_le_bytes(le);
         }
+        self.transport.recycle(reply);
         Ok(())
     }
 }
+
+/// REPORT requests a split report keeps in flight: the server builds the next part while
+/// this side copies the last one. Small, so that the requests always fit in the socket's
+/// buffer while the server blocks on sending a reply.
+const REPORT_PIPELINE_DEPTH: usize = 4;
 
 impl DirtyTracker for Client {
     fn probe(&mut self) -> Result<bool, TrackerError> {
@@ -607,18 +641,34 @@ impl DirtyTracker for Client {
             / 8;
         let chunk_pages = room_words.max(1).saturating_mul(64);
         let chunk_bytes = chunk_pages.saturating_mul(page_size);
+        // Pipelined: up to REPORT_PIPELINE_DEPTH parts in flight. After a refusal no more
+        // parts are sent; the ones in flight are still taken so the stream stays in step.
+        let mut in_flight = std::collections::VecDeque::with_capacity(REPORT_PIPELINE_DEPTH);
+        let mut refused: Option<ClientError> = None;
         let mut done = 0u64;
-        while done < length {
-            let part = chunk_bytes.min(length - done);
-            let first_word = (done / page_size / 64) as usize;
-            let words = report_words(part, page_size)? as usize;
-            self.report_once(
-                iova + done,
-                part,
-                page_size,
-                &mut bitmap[first_word..first_word + words],
-            )?;
-            done += part;
+        while done < length || !in_flight.is_empty() {
+            if done < length && refused.is_none() && in_flight.len() < REPORT_PIPELINE_DEPTH {
+                let part = chunk_bytes.min(length - done);
+                let first_word = (done / page_size / 64) as usize;
+                let words = report_words(part, page_size)? as usize;
+                let id = self.send_report(iova + done, part, page_size, words)?;
+                in_flight.push_back((id, first_word, words));
+                done += part;
+                continue;
+            }
+            let Some((id, first_word, words)) = in_flight.pop_front() else {
+                break; // refused, nothing left in flight
+            };
+            match self.take_report(id, &mut bitmap[first_word..first_word + words]) {
+                Ok(()) => {}
+                Err(err @ ClientError::Refused { .. }) => {
+                    refused.get_or_insert(err);
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+        if let Some(err) = refused {
+            return Err(err.into());
         }
         // Pages this client wrote for the server (DMA_WRITE messages) are dirty too.
         let bytes = dmalog::tracker::words_as_bytes(&mut bitmap[..need_words as usize]);

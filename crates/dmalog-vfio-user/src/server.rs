@@ -217,6 +217,9 @@ pub struct Server {
     negotiated_xfer: u32,
     versioned: bool,
     reports_seen: u64,
+    /// The last REPORT reply's buffer, reused by the next so large bitmaps are not
+    /// allocated again.
+    spare_reply: Vec<u8>,
 }
 
 impl std::fmt::Debug for Server {
@@ -280,7 +283,14 @@ impl Server {
             negotiated_xfer,
             versioned: false,
             reports_seen: 0,
+            spare_reply: Vec::new(),
         })
+    }
+
+    /// A recorder on the server's tracker, for DMA writes made outside the device (an
+    /// embedding library's own DMA engine; benchmarks that dirty the log directly).
+    pub fn recorder(&self) -> dmalog::WriteRecorder {
+        self.space.recorder()
     }
 
     /// The mlx5 fault-injection handle, when the tracker is the mlx5 model.
@@ -390,7 +400,12 @@ impl Server {
                         flags: TYPE_REPLY,
                         error_no: 0,
                     };
-                    transport.send(header, &reply.payload, &fds)
+                    let sent = transport.send(header, &reply.payload, &fds);
+                    drop(fds);
+                    if reply.payload.capacity() > self.spare_reply.capacity() {
+                        self.spare_reply = reply.payload;
+                    }
+                    sent
                 }
                 Err(errno) => {
                     debug!(cmd = header.cmd, errno, "command refused");
@@ -768,7 +783,7 @@ impl Server {
                     }
                 }
             }
-            let mut reply = Vec::new();
+            let mut reply = std::mem::take(&mut self.spare_reply);
             self.core
                 .handle_vfio_user(payload, u64::from(self.negotiated_xfer), &mut reply)
                 .map_err(|e| e.errno())?;

@@ -60,6 +60,10 @@ pub enum RecvError {
 pub struct Transport {
     stream: UnixStream,
     max_message_bytes: usize,
+    /// A payload buffer handed back by [`Transport::recycle`], reused by the next
+    /// [`Transport::recv`] so that large replies (REPORT bitmaps) are neither allocated
+    /// nor zeroed again.
+    spare_payload: Vec<u8>,
 }
 
 impl Transport {
@@ -68,6 +72,7 @@ impl Transport {
         Transport {
             stream,
             max_message_bytes,
+            spare_payload: Vec::new(),
         }
     }
 
@@ -163,6 +168,14 @@ impl Transport {
         Ok(true)
     }
 
+    /// Hands a received payload back for reuse by the next [`Transport::recv`] (the larger
+    /// of it and the one already kept is kept).
+    pub fn recycle(&mut self, payload: Vec<u8>) {
+        if payload.len() > self.spare_payload.len() {
+            self.spare_payload = payload;
+        }
+    }
+
     /// Receives one whole message.
     pub fn recv(&mut self) -> Result<Message, RecvError> {
         let mut fds = Vec::new();
@@ -192,7 +205,14 @@ impl Transport {
                 limit: self.max_message_bytes,
             });
         }
-        let mut payload = vec![0u8; payload_len];
+        let mut payload = std::mem::take(&mut self.spare_payload);
+        if payload.len() >= payload_len {
+            // Every byte is overwritten by the read below (or the message is dropped).
+            payload.truncate(payload_len);
+        } else {
+            payload.clear();
+            payload.resize(payload_len, 0);
+        }
         if payload_len > 0 && !self.read_exact_with_fds(&mut payload, &mut fds)? {
             return Err(RecvError::Closed);
         }

@@ -1,0 +1,68 @@
+//! A report split into many pipelined parts, with a server thread on a socket pair: every
+//! part arrives in order, and a refused report leaves the stream in step.
+
+use std::os::unix::net::UnixStream;
+
+use dmalog::{DirtyTracker, IovaRange, TrackerError};
+use dmalog_device::DmaEngine;
+use dmalog_vfio_user::{Client, Server, ServerConfig};
+
+const PAGE: u64 = 4096;
+/// Small messages: a part holds 512 words (32768 pages), so a 1 GiB report takes 8 parts,
+/// more than the pipeline depth.
+const XFER_BYTES: u32 = 4096 + 40;
+
+fn pair() -> (Client, std::thread::JoinHandle<()>, dmalog::WriteRecorder) {
+    let config = ServerConfig {
+        max_data_xfer_size: XFER_BYTES,
+        ..ServerConfig::default()
+    };
+    let mut server = Server::new(config, |space| Box::new(DmaEngine::new(space)));
+    let recorder = server.recorder();
+    let (client_end, server_end) = UnixStream::pair().unwrap();
+    let thread = std::thread::spawn(move || server.serve(server_end));
+    (
+        Client::with_stream(client_end, XFER_BYTES).unwrap(),
+        thread,
+        recorder,
+    )
+}
+
+#[test]
+fn split_reports_arrive_in_order_and_refusals_keep_the_stream_in_step() {
+    let (mut client, server, mut dma) = pair();
+    let span = 1u64 << 30;
+    let mut words = vec![0u64; (span / PAGE / 64) as usize];
+
+    // Before START every part is refused: one EINVAL, then the next command still works.
+    let err = client.report(0, span, PAGE, &mut words).unwrap_err();
+    assert_eq!(err.errno(), libc::EINVAL, "{err}");
+    assert!(client.probe().unwrap());
+
+    client
+        .start(&[IovaRange::new(0, span).unwrap()], PAGE)
+        .unwrap();
+    // Eight dirty pages per part, at different offsets in each.
+    let pages: Vec<u64> = (0..span / PAGE).step_by(4096 + 7).collect();
+    for &page in &pages {
+        dma.record_write(page * PAGE, 1);
+    }
+    client.report(0, span, PAGE, &mut words).unwrap();
+    let reported: Vec<u64> = (0..span / PAGE)
+        .filter(|&p| words[(p / 64) as usize] >> (p % 64) & 1 == 1)
+        .collect();
+    assert_eq!(reported, pages);
+
+    // A report the caller's buffer cannot hold is refused before anything is sent.
+    let mut short = vec![0u64; 1];
+    assert!(matches!(
+        client.report(0, span, PAGE, &mut short),
+        Err(TrackerError::BufferTooSmall { .. })
+    ));
+    words.fill(0);
+    client.report(0, span, PAGE, &mut words).unwrap();
+    assert!(words.iter().all(|&w| w == 0), "the first report cleared it");
+    client.stop().unwrap();
+    drop(client);
+    server.join().unwrap();
+}
