@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use dmalog::error::LogError;
-use dmalog::tracker::report_words;
+use dmalog::tracker::{checked_report_words, report_words};
 use dmalog::uapi::{
     feature_request, DeviceState, LoggingRange, MigDeviceStatePayload, UserLoggingControl,
     UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
@@ -629,13 +629,7 @@ impl DirtyTracker for Client {
         page_size: u64,
         bitmap: &mut [u64],
     ) -> Result<(), TrackerError> {
-        let need_words = report_words(length, page_size)?;
-        if (bitmap.len() as u64) < need_words {
-            return Err(TrackerError::BufferTooSmall {
-                need_words,
-                have_words: bitmap.len() as u64,
-            });
-        }
+        let need_words = checked_report_words(length, page_size, bitmap.len())?;
         let room_words = (self.max_data_xfer_size as u64)
             .saturating_sub((FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64)
             / 8;

@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use dmalog::error::LogError;
-use dmalog::tracker::report_words;
+use dmalog::tracker::{checked_report_words, report_words};
 use dmalog::uapi::{
     feature_request, DeviceState, KernelLoggingControl, KernelLoggingReport, LoggingRange,
     MigDeviceStatePayload, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
@@ -401,13 +401,7 @@ impl<I: VfioIoctl> DirtyTracker for VfioDevice<I> {
         page_size: u64,
         bitmap: &mut [u64],
     ) -> Result<(), TrackerError> {
-        let need_words = report_words(length, page_size)?;
-        if (bitmap.len() as u64) < need_words {
-            return Err(TrackerError::BufferTooSmall {
-                need_words,
-                have_words: bitmap.len() as u64,
-            });
-        }
+        checked_report_words(length, page_size, bitmap.len())?;
         let chunk = match self.report_chunk_bytes {
             Some(bytes) => {
                 let unit = page_size.saturating_mul(64);

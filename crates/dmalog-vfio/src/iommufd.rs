@@ -6,7 +6,7 @@
 //! the kernel (they only bound what the caller reports). Enabling clears stale dirty bits.
 
 use dmalog::error::LogError;
-use dmalog::tracker::{report_words, words_as_bytes};
+use dmalog::tracker::{checked_report_words, words_as_bytes};
 use dmalog::{DirtyTracker, IovaRange, TrackerError};
 
 use crate::seam::{Errno, IoctlTarget, VfioIoctl};
@@ -129,13 +129,7 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
         bitmap: &mut [u64],
         clear: bool,
     ) -> Result<(), TrackerError> {
-        let need_words = report_words(length, page_size)?;
-        if (bitmap.len() as u64) < need_words {
-            return Err(TrackerError::BufferTooSmall {
-                need_words,
-                have_words: bitmap.len() as u64,
-            });
-        }
+        checked_report_words(length, page_size, bitmap.len())?;
         let bytes = dmalog::iova_bitmap::report_bytes(length, page_size)? as usize;
         self.report_bytes(
             iova,

@@ -110,6 +110,23 @@ pub fn report_words(length: u64, page_size: u64) -> Result<u64, LogError> {
     Ok(report_bits(length, page_size)?.div_ceil(64))
 }
 
+/// The words a report of `length` bytes at `page_size` needs, checked against the caller's
+/// buffer of `have_words` words ([`TrackerError::BufferTooSmall`] when it is shorter).
+pub fn checked_report_words(
+    length: u64,
+    page_size: u64,
+    have_words: usize,
+) -> Result<u64, TrackerError> {
+    let need_words = report_words(length, page_size)?;
+    if (have_words as u64) < need_words {
+        return Err(TrackerError::BufferTooSmall {
+            need_words,
+            have_words: have_words as u64,
+        });
+    }
+    Ok(need_words)
+}
+
 /// A [`DirtyTracker`] over a logging core in the same process: a VMM using a soft (or
 /// modelled hardware) tracker directly, with every request checked by the core's rules
 /// (kernel dialect: at least one range, report pages of at least 4 KiB).
@@ -166,13 +183,7 @@ impl<D: LogDriver> DirtyTracker for InProcessTracker<D> {
         page_size: u64,
         bitmap: &mut [u64],
     ) -> Result<(), TrackerError> {
-        let need_words = report_words(length, page_size)?;
-        if (bitmap.len() as u64) < need_words {
-            return Err(TrackerError::BufferTooSmall {
-                need_words,
-                have_words: bitmap.len() as u64,
-            });
-        }
+        let need_words = checked_report_words(length, page_size, bitmap.len())?;
         let bytes = words_as_bytes(&mut bitmap[..need_words as usize]);
         Ok(self
             .core
