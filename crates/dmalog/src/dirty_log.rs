@@ -508,16 +508,26 @@ impl WordSink for BitmapSink<'_, '_> {
                 else {
                     return false;
                 };
-                while flagged != 0 {
-                    let slot = flagged.trailing_zeros() as usize;
-                    flagged &= flagged - 1;
-                    let word = &log.words[group_first_word as usize + slot];
-                    if let Some(value) = DirtyLog::take_whole_word(word, exclusive) {
+                let words = &log.words[group_first_word as usize..group_first_word as usize + 64];
+                let take = |slot: usize, out: &mut [u8]| {
+                    if let Some(value) = DirtyLog::take_whole_word(&words[slot], exclusive) {
                         let dst = &mut out[8 * slot..8 * slot + 8];
                         let mut current = [0u8; 8];
                         current.copy_from_slice(dst);
                         dst.copy_from_slice(&(u64::from_le_bytes(current) | value).to_le_bytes());
                     }
+                };
+                if flagged == u64::MAX {
+                    // A dense group: a straight loop, no bit scan between words.
+                    for slot in 0..64 {
+                        take(slot, out);
+                    }
+                    return true;
+                }
+                while flagged != 0 {
+                    let slot = flagged.trailing_zeros() as usize;
+                    flagged &= flagged - 1;
+                    take(slot, out);
                 }
                 true
             }
@@ -711,6 +721,21 @@ mod tests {
             rmw_count::WORD.with(|c| c.get()),
             rmw_count::SUMMARY.with(|c| c.get()),
         )
+    }
+
+    #[test]
+    fn dense_groups_with_partial_and_full_words() {
+        // Four groups of 64 words (16 MiB each at 4 KiB): group 1 has every word flagged
+        // but only one page in each, group 2 is all dirty; both are interior to the report.
+        let log = DirtyLog::new(0, 64 << 20, 4096).unwrap();
+        let mut expected: Vec<u64> = (0..64).map(|k| 4096 + 64 * k + k).collect();
+        for &page in &expected {
+            log.mark(page * 4096, 1);
+        }
+        log.mark(32 << 20, 16 << 20);
+        expected.extend(8192..12288);
+        assert_eq!(report(&log, 0, 64 << 20, 4096), expected);
+        assert!(report(&log, 0, 64 << 20, 4096).is_empty(), "cleared");
     }
 
     #[test]
