@@ -9,4 +9,4 @@ pub mod transport;
 pub mod wire;
 
 pub use client::{Client, ClientError};
-pub use server::{Server, ServerConfig, TrackerKind};
+pub use server::{Server, ServerConfig, TrackerKind, TrackerKindError};

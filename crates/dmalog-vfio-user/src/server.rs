@@ -44,24 +44,42 @@ pub enum TrackerKind {
     Pds(usize),
 }
 
+/// Why a tracker name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TrackerKindError {
+    /// Not one of the tracker names.
+    #[error("unknown tracker {0:?} (known: soft, none, pds, pds:REGIONS, mlx5, mlx5:PRESET[,field=value...])")]
+    Unknown(String),
+    /// `pds:` followed by something other than a region count of at least 1.
+    #[error("bad pds region count {0:?} (a number of at least 1)")]
+    PdsRegions(String),
+    /// The mlx5 capabilities did not parse.
+    #[error(transparent)]
+    Mlx5(#[from] CapsError),
+}
+
 impl std::str::FromStr for TrackerKind {
-    type Err = CapsError;
+    type Err = TrackerKindError;
 
     /// `soft`, `none`, `pds`, `pds:REGIONS`, `mlx5`, or `mlx5:PRESET[,field=value...]`.
-    fn from_str(text: &str) -> Result<Self, CapsError> {
+    fn from_str(text: &str) -> Result<Self, TrackerKindError> {
         match text {
             "soft" => Ok(TrackerKind::Soft),
             "none" => Ok(TrackerKind::None),
             "mlx5" => Ok(TrackerKind::Mlx5(Mlx5Caps::cx7())),
             "pds" => Ok(TrackerKind::Pds(PDS_DEFAULT_MAX_REGIONS)),
-            other if other.starts_with("pds:") => match other["pds:".len()..].parse::<usize>() {
-                Ok(regions) if regions > 0 => Ok(TrackerKind::Pds(regions)),
-                _ => Err(CapsError::UnknownPreset(other.to_string())),
-            },
-            other => match other.strip_prefix("mlx5:") {
-                Some(spec) => Ok(TrackerKind::Mlx5(Mlx5Caps::parse(spec)?)),
-                None => Err(CapsError::UnknownPreset(other.to_string())),
-            },
+            other => {
+                if let Some(regions) = other.strip_prefix("pds:") {
+                    return match regions.parse::<usize>() {
+                        Ok(count) if count > 0 => Ok(TrackerKind::Pds(count)),
+                        _ => Err(TrackerKindError::PdsRegions(regions.to_string())),
+                    };
+                }
+                match other.strip_prefix("mlx5:") {
+                    Some(spec) => Ok(TrackerKind::Mlx5(Mlx5Caps::parse(spec)?)),
+                    None => Err(TrackerKindError::Unknown(other.to_string())),
+                }
+            }
         }
     }
 }
@@ -887,8 +905,22 @@ mod tests {
         assert_eq!("pds".parse(), Ok(TrackerKind::Pds(PDS_DEFAULT_MAX_REGIONS)));
         assert_eq!("pds:3".parse(), Ok(TrackerKind::Pds(3)));
         assert_eq!("mlx5".parse(), Ok(TrackerKind::Mlx5(Mlx5Caps::cx7())));
-        for bad in ["pds:0", "pds:x", "pds:", "hisi", "mlx5:nope"] {
-            assert!(bad.parse::<TrackerKind>().is_err(), "{bad}");
+        for bad in ["pds:0", "pds:x", "pds:"] {
+            assert!(
+                matches!(
+                    bad.parse::<TrackerKind>(),
+                    Err(TrackerKindError::PdsRegions(_))
+                ),
+                "{bad}"
+            );
         }
+        assert_eq!(
+            "hisi".parse::<TrackerKind>(),
+            Err(TrackerKindError::Unknown("hisi".into()))
+        );
+        assert!(matches!(
+            "mlx5:nope".parse::<TrackerKind>(),
+            Err(TrackerKindError::Mlx5(CapsError::UnknownPreset(_)))
+        ));
     }
 }
