@@ -236,10 +236,51 @@ impl DmaAccessor {
     }
 
     /// The mapped region holding `iova`, and how many bytes of it from there.
-    fn lookup(&self, iova: u64) -> Option<(&DmaRegion, u64)> {
-        let at = self.table.partition_point(|r| r.end() <= iova);
-        let region = self.table.get(at).filter(|r| r.iova <= iova)?;
+    fn lookup(table: &[DmaRegion], iova: u64) -> Option<(&DmaRegion, u64)> {
+        let at = table.partition_point(|r| r.end() <= iova);
+        let region = table.get(at).filter(|r| r.iova <= iova)?;
         Some((region, region.end() - iova))
+    }
+
+    /// Walks `len` bytes from `iova` across adjacent mappings, handing each piece to
+    /// `access(mapping, offset in the mapping, its IOVA, bytes done before it, its length)`.
+    /// Stops with a fault at the first IOVA that is not mapped, message-only or lacks the
+    /// permission (`write`: writable, else readable), or where `access` fails.
+    fn walk(
+        table: &[DmaRegion],
+        iova: u64,
+        len: usize,
+        write: bool,
+        mut access: impl FnMut(&SharedMapping, usize, u64, usize, usize) -> bool,
+    ) -> Result<(), DmaFault> {
+        let mut done = 0usize;
+        while done < len {
+            let at = iova.checked_add(done as u64).ok_or(DmaFault {
+                at: u64::MAX,
+                done: done as u64,
+            })?;
+            let fault = DmaFault {
+                at,
+                done: done as u64,
+            };
+            let (region, available) = Self::lookup(table, at).ok_or(fault)?;
+            let DmaBacking::Mapped(mapping) = &region.backing else {
+                return Err(fault);
+            };
+            if !(if write {
+                region.writable
+            } else {
+                region.readable
+            }) {
+                return Err(fault);
+            }
+            let piece = (len - done).min(available.min(usize::MAX as u64) as usize);
+            if !access(mapping, (at - region.iova) as usize, at, done, piece) {
+                return Err(fault);
+            }
+            done += piece;
+        }
+        Ok(())
     }
 
     /// Writes `data` at `iova` (possibly across adjacent mappings), recording each piece on
@@ -247,60 +288,32 @@ impl DmaAccessor {
     /// mapped, not writable or message-only.
     pub fn write(&mut self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
         self.refresh();
-        let mut done = 0usize;
-        while done < data.len() {
-            let at = iova.checked_add(done as u64).ok_or(DmaFault {
-                at: u64::MAX,
-                done: done as u64,
-            })?;
-            let fault = DmaFault {
-                at,
-                done: done as u64,
-            };
-            let (region, available) = self.lookup(at).ok_or(fault)?;
-            let DmaBacking::Mapped(mapping) = &region.backing else {
-                return Err(fault);
-            };
-            if !region.writable {
-                return Err(fault);
-            }
-            let piece = (data.len() - done).min(available.min(usize::MAX as u64) as usize);
-            if !mapping.write((at - region.iova) as usize, &data[done..done + piece]) {
-                return Err(fault);
-            }
-            self.recorder.record_write(at, piece as u64);
-            done += piece;
-        }
-        Ok(())
+        let recorder = &mut self.recorder;
+        Self::walk(
+            &self.table,
+            iova,
+            data.len(),
+            true,
+            |mapping, offset, at, done, piece| {
+                let written = mapping.write(offset, &data[done..done + piece]);
+                if written {
+                    recorder.record_write(at, piece as u64);
+                }
+                written
+            },
+        )
     }
 
     /// Reads `out.len()` bytes at `iova`. Reads never dirty a page.
     pub fn read(&mut self, iova: u64, out: &mut [u8]) -> Result<(), DmaFault> {
         self.refresh();
-        let mut done = 0usize;
-        while done < out.len() {
-            let at = iova.checked_add(done as u64).ok_or(DmaFault {
-                at: u64::MAX,
-                done: done as u64,
-            })?;
-            let fault = DmaFault {
-                at,
-                done: done as u64,
-            };
-            let (region, available) = self.lookup(at).ok_or(fault)?;
-            let DmaBacking::Mapped(mapping) = &region.backing else {
-                return Err(fault);
-            };
-            if !region.readable {
-                return Err(fault);
-            }
-            let piece = (out.len() - done).min(available.min(usize::MAX as u64) as usize);
-            if !mapping.read((at - region.iova) as usize, &mut out[done..done + piece]) {
-                return Err(fault);
-            }
-            done += piece;
-        }
-        Ok(())
+        Self::walk(
+            &self.table,
+            iova,
+            out.len(),
+            false,
+            |mapping, offset, _, done, piece| mapping.read(offset, &mut out[done..done + piece]),
+        )
     }
 }
 
