@@ -89,6 +89,28 @@ fn the_pds_tracker_with_two_regions_verifies() {
     assert_eq!(errors, 0, "no REPORT spanned regions");
 }
 
+/// `dmalog migrate source` with a small VM (`memory_mib` of guest memory, 8 MiB device and
+/// 4 MiB vCPU working sets) connecting to `address`, its device server at `socket`.
+fn migrate_source(memory_mib: &str, address: &str, socket: &std::path::Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dmalog"));
+    command
+        .args([
+            "migrate",
+            "source",
+            "--memory-mib",
+            memory_mib,
+            "--device-wss-mib",
+            "8",
+            "--vcpu-wss-mib",
+            "4",
+            "--connect",
+            address,
+            "--socket",
+        ])
+        .arg(socket);
+    command
+}
+
 #[test]
 fn migrate_source_and_destination_as_separate_processes() {
     let dir = std::env::temp_dir().join(format!("dmalog-migrate-test-{}", std::process::id()));
@@ -124,22 +146,8 @@ fn migrate_source_and_destination_as_separate_processes() {
     // The destination listens once its device server answers; the source retries connecting.
     let mut source = None;
     for _ in 0..100 {
-        let out = Command::new(exe)
-            .args([
-                "migrate",
-                "source",
-                "--json",
-                "--memory-mib",
-                "64",
-                "--device-wss-mib",
-                "8",
-                "--vcpu-wss-mib",
-                "4",
-                "--connect",
-                &address,
-                "--socket",
-            ])
-            .arg(dir.join("src.sock"))
+        let out = migrate_source("64", &address, &dir.join("src.sock"))
+            .arg("--json")
             .output()
             .unwrap();
         if out.status.success() {
@@ -231,21 +239,7 @@ fn a_dead_destination_fails_the_migration_and_the_source_device_runs_on() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut server = serve(&dir, "src.sock");
     let address = dying_destination(Some(1 << 20));
-    let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "migrate",
-            "source",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            "--connect",
-            &address,
-            "--socket",
-        ])
-        .arg(dir.join("src.sock"))
+    let out = migrate_source("64", &address, &dir.join("src.sock"))
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -275,23 +269,8 @@ fn a_device_server_that_dies_fails_the_migration_with_a_clear_message() {
     std::fs::create_dir_all(&dir).unwrap();
     let mut server = serve(&dir, "src.sock");
     let address = dying_destination(None);
-    let source = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "migrate",
-            "source",
-            "--memory-mib",
-            "128",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            "--link-mbps",
-            "100",
-            "--connect",
-            &address,
-            "--socket",
-        ])
-        .arg(dir.join("src.sock"))
+    let source = migrate_source("128", &address, &dir.join("src.sock"))
+        .args(["--link-mbps", "100"])
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
