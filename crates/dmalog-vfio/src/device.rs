@@ -156,12 +156,20 @@ impl<I: VfioIoctl> VfioDevice<I> {
             flags,
             payload,
         ));
-        match self.ioctl.ioctl(
-            IoctlTarget::Device,
-            VFIO_DEVICE_FEATURE,
-            &mut self.request,
-            referenced,
-        ) {
+        // SAFETY: `self.request` is the whole feature (header and payload, argsz equal to
+        // its length); the only pointers in a payload are START's `ranges` and REPORT's
+        // `bitmap`, which the callers below point at a buffer they pass in `referenced`, sized
+        // for every byte the request touches (`start_logging`: the encoded ranges;
+        // `report_bytes`: checked against `report_bytes(length, page_size)`).
+        let result = unsafe {
+            self.ioctl.ioctl(
+                IoctlTarget::Device,
+                VFIO_DEVICE_FEATURE,
+                &mut self.request,
+                referenced,
+            )
+        };
+        match result {
             Ok(_) => {
                 payload.copy_from_slice(&self.request[FEATURE_HEADER_BYTES..]);
                 Ok(())
@@ -230,7 +238,9 @@ impl<I: VfioIoctl> VfioDevice<I> {
         Ok(chosen)
     }
 
-    /// REPORT into `bitmap` bytes (at least `ceil(bits/8)`), one ioctl.
+    /// REPORT into `bitmap` bytes, one ioctl. The kernel writes `ceil(length / page_size /
+    /// 8)` bytes through the pointer; a shorter `bitmap` is refused (EFAULT, as the kernel
+    /// answers for memory that is not there) before anything is issued.
     pub fn report_bytes(
         &mut self,
         iova: u64,
@@ -238,6 +248,10 @@ impl<I: VfioIoctl> VfioDevice<I> {
         page_size: u64,
         bitmap: &mut [u8],
     ) -> Result<(), VfioError> {
+        check_bitmap_len(length, page_size, bitmap.len()).map_err(|errno| VfioError::Kernel {
+            op: "DMA_LOGGING_REPORT",
+            errno,
+        })?;
         let report = KernelLoggingReport {
             iova,
             length,
@@ -357,17 +371,20 @@ impl<I: VfioIoctl> VfioDevice<I> {
             .ok_or(VfioError::Protocol("no migration data fd"))?
             .as_raw_fd();
         let mut arg = PrecopyInfo::request();
-        self.ioctl
-            .ioctl(
+        // SAFETY: PRECOPY_INFO is a plain in/out structure (`arg`, its argsz the buffer's
+        // length) with no embedded pointers; `fd` stays open, owned by `self.data_file`.
+        unsafe {
+            self.ioctl.ioctl(
                 IoctlTarget::DataFd(fd),
                 VFIO_MIG_GET_PRECOPY_INFO,
                 &mut arg,
                 &mut [],
             )
-            .map_err(|errno| VfioError::Kernel {
-                op: "VFIO_MIG_GET_PRECOPY_INFO",
-                errno,
-            })?;
+        }
+        .map_err(|errno| VfioError::Kernel {
+            op: "VFIO_MIG_GET_PRECOPY_INFO",
+            errno,
+        })?;
         PrecopyInfo::decode(&arg).map_err(|_| VfioError::Protocol("short PRECOPY_INFO reply"))
     }
 
@@ -382,6 +399,22 @@ impl<I: VfioIoctl> VfioDevice<I> {
         )?;
         Ok(u64::from_le_bytes(payload))
     }
+}
+
+/// Checks that a bitmap of `bitmap_len_bytes` holds every byte a kernel report of
+/// `length` bytes at `page_size` writes (`ceil(bits / 8)`); EINVAL for a report the kernel
+/// would refuse anyway (so the size cannot be computed), EFAULT for a short buffer.
+pub(crate) fn check_bitmap_len(
+    length: u64,
+    page_size: u64,
+    bitmap_len_bytes: usize,
+) -> Result<(), Errno> {
+    let needed =
+        dmalog::iova_bitmap::report_bytes(length, page_size).map_err(|err| Errno(err.errno()))?;
+    if (bitmap_len_bytes as u64) < needed {
+        return Err(Errno(libc::EFAULT));
+    }
+    Ok(())
 }
 
 impl<I: VfioIoctl> DirtyTracker for VfioDevice<I> {

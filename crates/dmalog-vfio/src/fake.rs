@@ -219,8 +219,10 @@ impl<D: LogDriver> FakeVfioDevice<D> {
     }
 }
 
-impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
-    fn ioctl(
+// SAFETY: every pointer in a request is resolved inside `referenced` only
+// (`BorrowedUserMemory`), and the data fds it reports are memfds it created for the caller.
+unsafe impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
+    unsafe fn ioctl(
         &mut self,
         target: IoctlTarget,
         request: u32,
@@ -363,8 +365,9 @@ impl FakeIommu {
     }
 }
 
-impl VfioIoctl for FakeIommu {
-    fn ioctl(
+// SAFETY: the bitmap pointer is resolved inside `referenced` only, and no fd is returned.
+unsafe impl VfioIoctl for FakeIommu {
+    unsafe fn ioctl(
         &mut self,
         target: IoctlTarget,
         request: u32,

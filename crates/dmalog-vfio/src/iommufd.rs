@@ -65,18 +65,22 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
             hwpt_id: self.hwpt_id,
         }
         .encode();
-        self.ioctl
-            .ioctl(
+        // SAFETY: SET_DIRTY_TRACKING is a plain structure (`arg`, its size field the
+        // buffer's length) with no embedded pointers.
+        unsafe {
+            self.ioctl.ioctl(
                 IoctlTarget::Device,
                 IOMMU_HWPT_SET_DIRTY_TRACKING,
                 &mut arg,
                 &mut [],
             )
-            .map(|_| ())
+        }
+        .map(|_| ())
     }
 
     /// GET_DIRTY_BITMAP into `bitmap` bytes (`ceil(bits/8)` of them are written); with
-    /// `clear == false` the IOMMU keeps the dirty bits (read before an unmap).
+    /// `clear == false` the IOMMU keeps the dirty bits (read before an unmap). A `bitmap`
+    /// shorter than that is refused (EFAULT) before anything is issued.
     pub fn report_bytes(
         &mut self,
         iova: u64,
@@ -85,6 +89,7 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
         bitmap: &mut [u8],
         clear: bool,
     ) -> Result<(), TrackerError> {
+        crate::device::check_bitmap_len(length, page_size, bitmap.len()).map_err(kernel_error)?;
         let request = GetDirtyBitmap {
             hwpt_id: self.hwpt_id,
             flags: if clear {
@@ -99,14 +104,17 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
             data: bitmap.as_mut_ptr() as u64,
         };
         let mut arg = request.encode();
-        self.ioctl
-            .ioctl(
+        // SAFETY: the only pointer in `arg` is `data`, the start of `bitmap`, lent in
+        // `referenced` and checked above to hold every byte the kernel writes.
+        unsafe {
+            self.ioctl.ioctl(
                 IoctlTarget::Device,
                 IOMMU_HWPT_GET_DIRTY_BITMAP,
                 &mut arg,
                 &mut [bitmap],
             )
-            .map_err(kernel_error)?;
+        }
+        .map_err(kernel_error)?;
         Ok(())
     }
 

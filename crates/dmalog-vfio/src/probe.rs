@@ -181,17 +181,20 @@ pub fn open_cdev(path: &Path) -> Result<BoundDevice, OpenError> {
     let mut device = open(path)?;
     let iommufd = open(Path::new(IOMMUFD_PATH))?;
     let mut bind = bind_iommufd_request(iommufd.raw_fd());
-    device
-        .ioctl(
+    // SAFETY: BIND_IOMMUFD is a plain structure (`bind`, argsz its length) with no embedded
+    // pointers; the iommufd it names stays open (owned by the returned `BoundDevice`).
+    unsafe {
+        device.ioctl(
             IoctlTarget::Device,
             VFIO_DEVICE_BIND_IOMMUFD,
             &mut bind,
             &mut [],
         )
-        .map_err(|errno| OpenError::Bind {
-            path: path.display().to_string(),
-            errno,
-        })?;
+    }
+    .map_err(|errno| OpenError::Bind {
+        path: path.display().to_string(),
+        errno,
+    })?;
     Ok(BoundDevice {
         device: VfioDevice::new(device),
         _iommufd: iommufd,

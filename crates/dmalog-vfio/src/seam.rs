@@ -28,9 +28,27 @@ pub enum IoctlTarget {
 pub struct Errno(pub i32);
 
 /// Issues ioctls. See the module documentation for `arg` and `referenced`.
-pub trait VfioIoctl: Send {
+///
+/// # Safety
+///
+/// Implementers promise what the kernel promises, because callers rely on it to stay
+/// memory- and I/O-safe: an implementation reads and writes only `arg` and the buffers in
+/// `referenced` (never memory a pointer inside `arg` names outside them), and a file
+/// descriptor it reports as created (MIG_DEVICE_STATE's `data_fd`) is a new descriptor in
+/// this process's table that nothing else owns, so the caller may take ownership of it.
+pub unsafe trait VfioIoctl: Send {
     /// Issues `request` on `target`; returns the ioctl's non-negative return value.
-    fn ioctl(
+    ///
+    /// # Safety
+    ///
+    /// `arg` holds the whole structure `request` expects (its size field at most
+    /// `arg.len()`); every user pointer stored in it points into one of `referenced`, with
+    /// room from there for every byte the request reads or writes through it (START: the
+    /// `num_ranges` range entries; REPORT and GET_DIRTY_BITMAP: `ceil(length / page_size /
+    /// 8)` bitmap bytes). For [`IoctlTarget::DataFd`], the fd is open for the whole call.
+    /// The kernel does not check that user memory is meant for it: a wrong pointer or size
+    /// makes it overwrite whatever lies there.
+    unsafe fn ioctl(
         &mut self,
         target: IoctlTarget,
         request: u32,
@@ -66,8 +84,10 @@ impl KernelIoctl {
     }
 }
 
-impl VfioIoctl for KernelIoctl {
-    fn ioctl(
+// SAFETY: the kernel touches only the structures and buffers the request describes
+// (which the caller vouches for) and returns fresh descriptors.
+unsafe impl VfioIoctl for KernelIoctl {
+    unsafe fn ioctl(
         &mut self,
         target: IoctlTarget,
         request: u32,
@@ -81,10 +101,11 @@ impl VfioIoctl for KernelIoctl {
         // The kernel dereferences the pointers inside `arg`; they point into `referenced`,
         // which stays mutably borrowed (alive, unaliased) until the call returns.
         let _ = referenced;
-        // SAFETY: `arg` is a live, writable buffer holding the whole structure the ioctl
-        // expects (its argsz/size field equals `arg.len()` or less), and every pointer stored
-        // in it refers to a slice of `referenced`, mutably borrowed for this call, so the
-        // kernel reads and writes only memory we own for the call's duration.
+        // SAFETY: by this function's contract `arg` is a live, writable buffer holding the
+        // whole structure the ioctl expects, and every pointer stored in it refers to a
+        // slice of `referenced`, mutably borrowed for this call with room for every byte
+        // the request touches, so the kernel reads and writes only memory we own for the
+        // call's duration.
         let ret = unsafe { libc::ioctl(fd, request as libc::c_ulong, arg.as_mut_ptr()) };
         if ret < 0 {
             Err(Errno(

@@ -85,12 +85,15 @@ fn kernel_checks_in_order() {
             data: buf.as_mut_ptr() as u64,
         };
         let mut arg = request.encode();
-        let got = t.ioctl_mut().ioctl(
-            IoctlTarget::Device,
-            IOMMU_HWPT_GET_DIRTY_BITMAP,
-            &mut arg,
-            &mut [&mut buf],
-        );
+        // SAFETY: `data` points at `buf`, lent in full; the fake resolves it there only.
+        let got = unsafe {
+            t.ioctl_mut().ioctl(
+                IoctlTarget::Device,
+                IOMMU_HWPT_GET_DIRTY_BITMAP,
+                &mut arg,
+                &mut [&mut buf],
+            )
+        };
         assert_eq!(
             got,
             Err(Errno(expected)),
