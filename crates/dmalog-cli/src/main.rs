@@ -1,7 +1,8 @@
 //! The `dmalog` command.
 //!
 //! - `dmalog bench [--json]`: the quick benchmark subset (dirty log against vm-memory's
-//!   `AtomicBitmap` and the other baselines), as a table or one JSON object.
+//!   `AtomicBitmap` and the other baselines), as a table or one JSON object;
+//!   `dmalog bench peer --socket PATH`: DMA logging latency against any vfio-user server.
 //! - `dmalog probe [DEVICE] [--try-start IOVA:LENGTH] [--json]`: what a kernel VFIO device
 //!   supports.
 //! - `dmalog serve --socket PATH [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
@@ -15,6 +16,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_peer;
 mod chart;
 mod demo;
 mod inspect;
