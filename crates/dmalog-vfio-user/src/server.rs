@@ -2,8 +2,9 @@
 //! logging through the logging core (vfio-user dialect), and migration v2.
 //!
 //! One client at a time; when it disconnects, logging stops, every mapping goes, IRQ
-//! eventfds are dropped, and the server waits for the next client. The device itself (and
-//! its migration state) lives on.
+//! eventfds are dropped, any migration in progress is abandoned (the device is RUNNING
+//! again, partial migration data dropped), and the server waits for the next client. The
+//! device's registers live on.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -457,6 +458,9 @@ impl Server {
 
     fn disconnect(&mut self) {
         let _ = self.core.stop();
+        // A migration the client left half-way (a partial load, an unfinished STOP_COPY)
+        // must not strand the device for the next client.
+        self.machine.abort(self.device.as_mut());
         self.core.dma_unmapped_all();
         self.space.unmap_all();
         for index in 0..self.device.num_irqs() {
@@ -497,20 +501,22 @@ impl Server {
             cmd::REGION_READ => self.region_read(&payload),
             cmd::REGION_WRITE => self.region_write(&payload),
             cmd::REGION_WRITE_MULTI => self.region_write_multi(&payload),
-            cmd::DEVICE_RESET => self
-                .device
-                .reset()
-                .map(|()| Reply {
-                    payload: Vec::new(),
-                    fds: Vec::new(),
-                })
-                .map_err(dev_err),
+            cmd::DEVICE_RESET => self.device_reset(),
             cmd::DEVICE_FEATURE => self.device_feature(&payload),
             cmd::MIG_DATA_READ => self.mig_data_read(&payload),
             cmd::MIG_DATA_WRITE => self.mig_data_write(&payload),
             cmd::DIRTY_PAGES | cmd::DEVICE_GET_REGION_IO_FDS => Err(libc::ENOTSUP),
             _ => Err(libc::ENOSYS),
         }
+    }
+
+    /// DEVICE_RESET: registers to defaults, the migration state RUNNING from any state
+    /// (ERROR included) with migration data dropped, and logging stopped, as a Linux
+    /// driver leaves a device after a reset.
+    fn device_reset(&mut self) -> Result<Reply, i32> {
+        let _ = self.core.stop(); // EINVAL when logging was off: nothing to stop
+        self.machine.reset(self.device.as_mut()).map_err(dev_err)?;
+        Reply::payload(Vec::new())
     }
 
     fn version(&mut self, payload: &[u8]) -> Result<Reply, i32> {
