@@ -4,7 +4,7 @@
 //!   `AtomicBitmap` and the other baselines), as a table or one JSON object.
 //! - `dmalog probe [DEVICE] [--try-start IOVA:LENGTH] [--json]`: what a kernel VFIO device
 //!   supports.
-//! - `dmalog serve --socket PATH [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
+//! - `dmalog serve --socket PATH [--once] [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
 //!   vfio-user device server.
 //! - `dmalog inspect --socket PATH [--log-check] [--json]`: what a vfio-user server offers.
 
