@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
 use dmalog::mlx5::{CapsError, Mlx5Faults};
@@ -100,6 +100,9 @@ pub struct ServerConfig {
     /// mlx5 tracker only: inject this fault before the n-th REPORT (1-based) the server
     /// handles, once, for testing consumers' error paths.
     pub fault_plan: Option<(u64, dmalog::Mlx5Fault)>,
+    /// How long to wait for the client's reply to a server DMA_READ/DMA_WRITE before the
+    /// DMA fails and the client is dropped.
+    pub dma_reply_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -110,6 +113,7 @@ impl Default for ServerConfig {
             max_msg_fds: 8,
             max_dma_maps: 65535,
             fault_plan: None,
+            dma_reply_timeout: DEFAULT_DMA_REPLY_TIMEOUT,
         }
     }
 }
@@ -133,13 +137,28 @@ fn dev_err(err: DeviceError) -> i32 {
     err.errno()
 }
 
+/// Most client messages kept while the server waits for the client's reply to its own
+/// DMA_READ/DMA_WRITE (SPEC 8: per-client queues are bounded). A client that sends more
+/// before answering is dropped: the reply it owes is behind its flood in the stream, so
+/// back-pressure (not reading) would only stall until the reply timeout.
+pub const DEFERRED_MAX_MESSAGES: usize = 64;
+/// Most payload bytes kept in those messages (16 one-MiB writes).
+pub const DEFERRED_MAX_BYTES: usize = 16 << 20;
+/// How long the server waits for the client's reply to a DMA_READ/DMA_WRITE by default.
+pub const DEFAULT_DMA_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Server-to-client DMA over the connection: DMA_READ/DMA_WRITE commands, split at the
-/// negotiated transfer size. Client commands that arrive meanwhile are kept for later.
+/// negotiated transfer size. Client commands that arrive meanwhile are kept for later, up
+/// to [`DEFERRED_MAX_MESSAGES`] and [`DEFERRED_MAX_BYTES`]. A client that exceeds them, or
+/// does not answer within the reply timeout, has its DMA failed (EIO to the device) and
+/// the connection dropped (`broken`): after a timeout a late reply would be out of step.
 struct ConnectionDma<'a> {
     transport: &'a mut Transport,
     deferred: &'a mut VecDeque<Message>,
+    deferred_bytes: usize,
     next_id: u16,
     max_xfer: u32,
+    reply_timeout: Duration,
     broken: bool,
 }
 
@@ -161,12 +180,13 @@ impl ConnectionDma<'_> {
             self.broken = true;
             return Err(DeviceError::Io("connection lost"));
         }
+        let deadline = Instant::now() + self.reply_timeout;
         loop {
-            let message = match self.transport.recv() {
+            let message = match self.recv_before(deadline) {
                 Ok(message) => message,
-                Err(_) => {
+                Err(err) => {
                     self.broken = true;
-                    return Err(DeviceError::Io("connection lost"));
+                    return Err(err);
                 }
             };
             if message.header.kind() == TYPE_REPLY
@@ -178,7 +198,59 @@ impl ConnectionDma<'_> {
                 }
                 return Ok(message.payload);
             }
+            self.deferred_bytes = self.deferred_bytes.saturating_add(message.payload.len());
             self.deferred.push_back(message);
+            if self.deferred.len() > DEFERRED_MAX_MESSAGES
+                || self.deferred_bytes > DEFERRED_MAX_BYTES
+            {
+                warn!(
+                    messages = self.deferred.len(),
+                    bytes = self.deferred_bytes,
+                    "the client keeps sending instead of answering the server's DMA request; \
+                     dropping the connection"
+                );
+                self.broken = true;
+                return Err(DeviceError::Io("the client flooded instead of answering"));
+            }
+        }
+    }
+
+    /// The next message, or an error if none has come whole by `deadline`.
+    fn recv_before(&mut self, deadline: Instant) -> Result<Message, DeviceError> {
+        let timed_out = || {
+            warn!("the client did not answer the server's DMA request in time; dropping it");
+            DeviceError::Io("the client did not answer a DMA request in time")
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            if matches!(wait_readable(self.transport.stream(), left), Ok(true)) {
+                break;
+            }
+        }
+        // The message has begun; a client that stops half-way must not hang us either.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let stream = self.transport.stream();
+        if stream.set_read_timeout(Some(left)).is_err() {
+            return Err(DeviceError::Io("connection lost"));
+        }
+        let received = self.transport.recv();
+        let _ = self.transport.stream().set_read_timeout(None);
+        match received {
+            Ok(message) => Ok(message),
+            Err(RecvError::Io(err))
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(timed_out())
+            }
+            Err(_) => Err(DeviceError::Io("connection lost")),
         }
     }
 }
@@ -338,11 +410,14 @@ impl Server {
         transport: &mut Transport,
         deferred: &mut VecDeque<Message>,
     ) -> bool {
+        let deferred_bytes = deferred.iter().map(|m| m.payload.len()).sum();
         let mut dma = ConnectionDma {
             transport,
             deferred,
+            deferred_bytes,
             next_id: 0x8000,
             max_xfer: self.negotiated_xfer,
+            reply_timeout: self.config.dma_reply_timeout,
             broken: false,
         };
         self.device.run_event(&mut dma);
