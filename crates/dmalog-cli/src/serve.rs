@@ -39,10 +39,11 @@ pub struct ServeArgs {
     /// Largest data payload per message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_data_xfer_size: u32,
-    /// How long to wait for the client's reply to the device's DMA_READ/DMA_WRITE, in
-    /// milliseconds; then the DMA fails and the client is dropped.
+    /// How long a client may keep the server waiting, in milliseconds: its reply to the
+    /// device's DMA_READ/DMA_WRITE, the rest of a message it began, reading a reply. Then
+    /// the client is dropped (a DMA waiting for it fails). Idle clients are not timed out.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
-    dma_reply_timeout_ms: u64,
+    peer_timeout_ms: u64,
 }
 
 /// Runs the server until killed.
@@ -68,7 +69,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         tracker,
         max_data_xfer_size: args.max_data_xfer_size,
         fault_plan,
-        dma_reply_timeout: std::time::Duration::from_millis(args.dma_reply_timeout_ms),
+        peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),
         ..ServerConfig::default()
     };
     let mut server = Server::try_new(

@@ -209,7 +209,7 @@ fn flooding_while_the_server_waits_for_a_dma_reply_keeps_its_memory_bounded() {
 
 #[test]
 fn a_silent_client_fails_the_dma_after_the_reply_timeout_and_is_dropped() {
-    let mut server = Serve::start(&["--device", "lvu-sample", "--dma-reply-timeout-ms", "200"]);
+    let mut server = Serve::start(&["--device", "lvu-sample", "--peer-timeout-ms", "200"]);
     let mut raw = Raw::connect(&server.socket);
     raw.arm_message_dma();
     let dma = raw.server_command();
@@ -249,6 +249,43 @@ fn a_huge_msg_size_is_not_allocated() {
     let grown_mib = server.rss_kib().saturating_sub(before_kib) / 1024;
     assert!(grown_mib < 16, "grew by {grown_mib} MiB");
     drop(stream);
+    assert!(server.is_running());
+    assert_serves(&server);
+}
+
+#[test]
+fn a_client_stopping_in_the_middle_of_a_message_is_dropped() {
+    let mut server = Serve::start(&["--peer-timeout-ms", "200"]);
+    let mut raw = Raw::connect(&server.socket);
+    let version = Version {
+        major: 0,
+        minor: 2,
+        json: None,
+    };
+    assert_eq!(raw.request(cmd::VERSION, &version.encode()), 0);
+    // Idle for longer than the peer timeout: fine, nothing is owed.
+    std::thread::sleep(Duration::from_millis(500));
+    let info = DeviceInfo {
+        argsz: DeviceInfo::BYTES as u32,
+        ..DeviceInfo::default()
+    };
+    assert_eq!(raw.request(cmd::DEVICE_GET_INFO, &info.encode()), 0);
+    // A header announcing 100 bytes, 10 of them, then silence.
+    let header = Header {
+        msg_id: 9,
+        cmd: cmd::DEVICE_GET_INFO,
+        msg_size: 100,
+        flags: TYPE_COMMAND,
+        error_no: 0,
+    };
+    use std::io::Write;
+    let mut stream = raw.transport.stream();
+    stream.write_all(&header.encode()).unwrap();
+    stream.write_all(&[0u8; 10]).unwrap();
+    match raw.transport.recv() {
+        Err(RecvError::Closed) => {}
+        other => panic!("expected the server to drop the stalled client, got {other:?}"),
+    }
     assert!(server.is_running());
     assert_serves(&server);
 }

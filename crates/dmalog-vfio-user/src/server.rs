@@ -100,9 +100,11 @@ pub struct ServerConfig {
     /// mlx5 tracker only: inject this fault before the n-th REPORT (1-based) the server
     /// handles, once, for testing consumers' error paths.
     pub fault_plan: Option<(u64, dmalog::Mlx5Fault)>,
-    /// How long to wait for the client's reply to a server DMA_READ/DMA_WRITE before the
-    /// DMA fails and the client is dropped.
-    pub dma_reply_timeout: Duration,
+    /// How long a client may keep the server waiting (the reply to a server
+    /// DMA_READ/DMA_WRITE, the rest of a message it began, reading the server's reply)
+    /// before it is dropped; a DMA waiting for it fails (EIO). An idle client (between
+    /// messages, nothing owed) may stay as long as it likes.
+    pub peer_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -113,7 +115,7 @@ impl Default for ServerConfig {
             max_msg_fds: 8,
             max_dma_maps: 65535,
             fault_plan: None,
-            dma_reply_timeout: DEFAULT_DMA_REPLY_TIMEOUT,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
         }
     }
 }
@@ -144,8 +146,9 @@ fn dev_err(err: DeviceError) -> i32 {
 pub const DEFERRED_MAX_MESSAGES: usize = 64;
 /// Most payload bytes kept in those messages (16 one-MiB writes).
 pub const DEFERRED_MAX_BYTES: usize = 16 << 20;
-/// How long the server waits for the client's reply to a DMA_READ/DMA_WRITE by default.
-pub const DEFAULT_DMA_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server waits by default for a client that owes it something: the reply to
+/// a DMA_READ/DMA_WRITE, the rest of a message it began, room in the socket for a reply.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Server-to-client DMA over the connection: DMA_READ/DMA_WRITE commands, split at the
 /// negotiated transfer size. Client commands that arrive meanwhile are kept for later, up
@@ -230,26 +233,11 @@ impl ConnectionDma<'_> {
                 break;
             }
         }
-        // The message has begun; a client that stops half-way must not hang us either.
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let stream = self.transport.stream();
-        if stream.set_read_timeout(Some(left)).is_err() {
-            return Err(DeviceError::Io("connection lost"));
-        }
-        let received = self.transport.recv();
-        let _ = self.transport.stream().set_read_timeout(None);
-        match received {
+        // The message has begun: the socket's read timeout (the peer timeout, set in
+        // `serve`) ends a client that stops half-way.
+        match self.transport.recv() {
             Ok(message) => Ok(message),
-            Err(RecvError::Io(err))
-                if matches!(
-                    err.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                Err(timed_out())
-            }
+            Err(RecvError::Stalled) => Err(timed_out()),
             Err(_) => Err(DeviceError::Io("connection lost")),
         }
     }
@@ -417,7 +405,7 @@ impl Server {
             deferred_bytes,
             next_id: 0x8000,
             max_xfer: self.negotiated_xfer,
-            reply_timeout: self.config.dma_reply_timeout,
+            reply_timeout: self.config.peer_timeout,
             broken: false,
         };
         self.device.run_event(&mut dma);
@@ -426,6 +414,17 @@ impl Server {
 
     /// Serves one client until it disconnects, then cleans up.
     pub fn serve(&mut self, stream: UnixStream) {
+        // Reads and writes that stall (a client that stops in the middle of a message or
+        // does not read its replies) end after the peer timeout; see `RecvError::Stalled`.
+        let timeout = Some(self.config.peer_timeout);
+        if let Err(err) = stream
+            .set_read_timeout(timeout)
+            .and_then(|()| stream.set_write_timeout(timeout))
+        {
+            warn!(%err, "cannot set the socket timeouts; dropping the client");
+            self.disconnect();
+            return;
+        }
         let mut transport = Transport::new(stream, self.max_message_bytes());
         let mut deferred: VecDeque<Message> = VecDeque::new();
         loop {
@@ -452,8 +451,15 @@ impl Server {
                     debug!("the client closed the connection");
                     break;
                 }
+                Err(RecvError::Io(err)) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    continue; // idle between messages: the read timeout expired, nothing owed
+                }
                 Err(RecvError::Io(err)) => {
                     warn!(%err, "socket error");
+                    break;
+                }
+                Err(RecvError::Stalled) => {
+                    warn!("the client stopped in the middle of a message; dropping it");
                     break;
                 }
                 Err(RecvError::TooLarge { header, .. }) => {
