@@ -5,7 +5,7 @@
 //!   `dmalog bench peer --socket PATH`: DMA logging latency against any vfio-user server.
 //! - `dmalog probe [DEVICE] [--try-start IOVA:LENGTH] [--json]`: what a kernel VFIO device
 //!   supports.
-//! - `dmalog serve --socket PATH [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
+//! - `dmalog serve --socket PATH [--once] [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
 //!   vfio-user device server.
 //! - `dmalog inspect --socket PATH [--log-check] [--json]`: what a vfio-user server offers.
 

@@ -559,6 +559,14 @@ impl Device for DmaEngine {
         Ok(())
     }
 
+    fn abort_migration(&mut self) {
+        self.save_stream.clear();
+        self.save_cursor = 0;
+        self.load_buffer.clear();
+        self.running = true;
+        self.sync_workload();
+    }
+
     fn migration_flags(&self) -> u64 {
         MIGRATION_STOP_COPY | MIGRATION_PRE_COPY
     }

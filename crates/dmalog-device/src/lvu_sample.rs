@@ -250,6 +250,14 @@ impl Device for LvuSample {
         Ok(())
     }
 
+    fn abort_migration(&mut self) {
+        self.save_stream.clear();
+        self.save_cursor = 0;
+        self.load_buffer.clear();
+        self.running = true;
+        self.arm();
+    }
+
     fn migration_flags(&self) -> u64 {
         MIGRATION_STOP_COPY | MIGRATION_PRE_COPY
     }
