@@ -344,7 +344,8 @@ impl Device for LvuSample {
         let mut errors = Vec::new();
         // Direct DMA to the second mapping (needs an fd): 4 x 1 KiB writes, 2 x 2 KiB reads.
         if let Some(second) = regions
-            .get(1)
+            .iter()
+            .nth(1)
             .filter(|r| matches!(r.backing, DmaBacking::Mapped(_)))
         {
             for i in 0..4u64 {
@@ -375,7 +376,7 @@ impl Device for LvuSample {
             errors.push("no second DMA mapping with an fd".into());
         }
         // Message DMA to the first mapping: 4 x 1 KiB DMA_WRITE, 2 x 2 KiB DMA_READ.
-        if let Some(first) = regions.first() {
+        if let Some(first) = regions.iter().next() {
             for i in 0..4u64 {
                 let data = [0xb0 + i as u8; WRITE_CHUNK];
                 if let Err(err) = dma.dma_write(
