@@ -35,6 +35,20 @@ pub struct ServeArgs {
     /// Largest data payload per message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_data_xfer_size: u32,
+    /// Memory budget of the tracker's state (dirty bitmaps, rings), MiB: a START that
+    /// needs more fails with ENOMEM.
+    #[arg(long, default_value_t = DEFAULT_MAX_LOG_MIB)]
+    max_log_mib: u64,
+}
+
+/// The default `--max-log-mib` (the core's default budget).
+pub const DEFAULT_MAX_LOG_MIB: u64 = dmalog::budget::DEFAULT_MAX_LOG_BYTES >> 20;
+
+/// `--max-log-mib` in bytes, or an error when it does not fit in 64 bits.
+pub fn max_log_bytes(max_log_mib: u64) -> anyhow::Result<u64> {
+    max_log_mib
+        .checked_mul(1 << 20)
+        .context("--max-log-mib is too large")
 }
 
 /// Runs the server until killed.
@@ -43,6 +57,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .tracker
         .parse()
         .with_context(|| format!("--tracker {}", args.tracker))?;
+    let max_log_bytes = max_log_bytes(args.max_log_mib)?;
     if args.socket.exists() {
         std::fs::remove_file(&args.socket)
             .with_context(|| format!("removing stale {}", args.socket.display()))?;
@@ -65,6 +80,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         tracker,
         max_data_xfer_size: args.max_data_xfer_size,
         fault_plan,
+        max_log_bytes,
         ..ServerConfig::default()
     };
     let mut server = Server::try_new(

@@ -99,6 +99,9 @@ pub struct ServerConfig {
     /// mlx5 tracker only: inject this fault before the n-th REPORT (1-based) the server
     /// handles, once, for testing consumers' error paths.
     pub fault_plan: Option<(u64, dmalog::Mlx5Fault)>,
+    /// The memory budget of the tracker's state (`--max-log-mib`), ranges added after
+    /// START included: a START above it fails with ENOMEM, leaving logging stopped.
+    pub max_log_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +112,7 @@ impl Default for ServerConfig {
             max_msg_fds: 8,
             max_dma_maps: 65535,
             fault_plan: None,
+            max_log_bytes: dmalog::budget::DEFAULT_MAX_LOG_BYTES,
         }
     }
 }
@@ -269,22 +273,26 @@ impl Server {
         make_device: impl FnOnce(&DmaSpace) -> Result<Box<dyn Device>, E>,
     ) -> Result<Self, E> {
         let live = LiveLog::new();
+        let budget = config.max_log_bytes;
         let (core, faults): (LoggingCore<Box<dyn LogDriver>>, _) = match &config.tracker {
             TrackerKind::None => (LoggingCore::unsupported(), None),
             TrackerKind::Soft => (
-                LoggingCore::new(Box::new(SoftDriver::with_live_log(Arc::clone(&live)))),
+                LoggingCore::new(Box::new(
+                    SoftDriver::with_live_log(Arc::clone(&live)).with_max_log_bytes(budget),
+                )),
                 None,
             ),
             TrackerKind::Mlx5(caps) => {
-                let driver = Mlx5Driver::with_live_log(*caps, Arc::clone(&live));
+                let driver =
+                    Mlx5Driver::with_live_log(*caps, Arc::clone(&live)).with_max_log_bytes(budget);
                 let faults = driver.faults();
                 (LoggingCore::new(Box::new(driver)), Some(faults))
             }
             TrackerKind::Pds(max_regions) => (
-                LoggingCore::new(Box::new(PdsDriver::with_live_log(
-                    *max_regions,
-                    Arc::clone(&live),
-                ))),
+                LoggingCore::new(Box::new(
+                    PdsDriver::with_live_log(*max_regions, Arc::clone(&live))
+                        .with_max_log_bytes(budget),
+                )),
                 None,
             ),
         };
