@@ -77,6 +77,9 @@ pub struct DemoArgs {
     /// Write a convergence chart (dirty pages and MiB sent per round) to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     chart: Option<std::path::PathBuf>,
+    /// Memory budget of each server's tracker state, MiB (see `dmalog serve`).
+    #[arg(long, default_value_t = crate::serve::DEFAULT_MAX_LOG_MIB)]
+    max_log_mib: u64,
 }
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
@@ -128,6 +131,7 @@ fn spawn_server(
     name: &str,
     tracker: &str,
     fault: Option<&str>,
+    max_log_mib: u64,
 ) -> anyhow::Result<ServerChild> {
     let socket = dir.join(name);
     let exe = std::env::current_exe().context("finding the dmalog binary")?;
@@ -141,7 +145,9 @@ fn spawn_server(
             tracker,
             "--socket",
         ])
-        .arg(&socket);
+        .arg(&socket)
+        .arg("--max-log-mib")
+        .arg(max_log_mib.to_string());
     if let Some(fault) = fault {
         command.args(["--inject-fault", fault]);
     }
@@ -348,6 +354,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     if vm.device_wss_mib + vm.vcpu_wss_mib > vm.memory_mib / 2 {
         bail!("the guest needs twice the two working sets");
     }
+    crate::serve::max_log_bytes(args.max_log_mib)?;
     let dir = std::env::temp_dir().join(format!("dmalog-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let src_server = spawn_server(
@@ -355,8 +362,9 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         "src.sock",
         &args.tracker,
         args.inject_fault.as_deref(),
+        args.max_log_mib,
     )?;
-    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None)?;
+    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None, args.max_log_mib)?;
     let src = connect(&src_server.socket)?;
     let dst = connect(&dst_server.socket)?;
     let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;

@@ -44,6 +44,20 @@ pub struct ServeArgs {
     /// the client is dropped (a DMA waiting for it fails). Idle clients are not timed out.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     peer_timeout_ms: u64,
+    /// Memory budget of the tracker's state (dirty bitmaps, rings), MiB: a START that
+    /// needs more fails with ENOMEM.
+    #[arg(long, default_value_t = DEFAULT_MAX_LOG_MIB)]
+    max_log_mib: u64,
+}
+
+/// The default `--max-log-mib` (the core's default budget).
+pub const DEFAULT_MAX_LOG_MIB: u64 = dmalog::budget::DEFAULT_MAX_LOG_BYTES >> 20;
+
+/// `--max-log-mib` in bytes, or an error when it does not fit in 64 bits.
+pub fn max_log_bytes(max_log_mib: u64) -> anyhow::Result<u64> {
+    max_log_mib
+        .checked_mul(1 << 20)
+        .context("--max-log-mib is too large")
 }
 
 /// Runs the server until killed.
@@ -52,6 +66,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .tracker
         .parse()
         .with_context(|| format!("--tracker {}", args.tracker))?;
+    let max_log_bytes = max_log_bytes(args.max_log_mib)?;
     // Before the device exists: no other thread yet, so the umask change in `listen` is
     // seen by nothing else.
     let Bound { listener, file } = listen(&args.socket)?;
@@ -70,6 +85,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         max_data_xfer_size: args.max_data_xfer_size,
         fault_plan,
         peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),
+        max_log_bytes,
         ..ServerConfig::default()
     };
     let mut server = Server::try_new(

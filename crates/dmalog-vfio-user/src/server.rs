@@ -105,6 +105,9 @@ pub struct ServerConfig {
     /// before it is dropped; a DMA waiting for it fails (EIO). An idle client (between
     /// messages, nothing owed) may stay as long as it likes.
     pub peer_timeout: Duration,
+    /// The memory budget of the tracker's state (`--max-log-mib`), ranges added after
+    /// START included: a START above it fails with ENOMEM, leaving logging stopped.
+    pub max_log_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +119,7 @@ impl Default for ServerConfig {
             max_dma_maps: 65535,
             fault_plan: None,
             peer_timeout: DEFAULT_PEER_TIMEOUT,
+            max_log_bytes: dmalog::budget::DEFAULT_MAX_LOG_BYTES,
         }
     }
 }
@@ -330,22 +334,26 @@ impl Server {
         make_device: impl FnOnce(&DmaSpace) -> Result<Box<dyn Device>, E>,
     ) -> Result<Self, E> {
         let live = LiveLog::new();
+        let budget = config.max_log_bytes;
         let (core, faults): (LoggingCore<Box<dyn LogDriver>>, _) = match &config.tracker {
             TrackerKind::None => (LoggingCore::unsupported(), None),
             TrackerKind::Soft => (
-                LoggingCore::new(Box::new(SoftDriver::with_live_log(Arc::clone(&live)))),
+                LoggingCore::new(Box::new(
+                    SoftDriver::with_live_log(Arc::clone(&live)).with_max_log_bytes(budget),
+                )),
                 None,
             ),
             TrackerKind::Mlx5(caps) => {
-                let driver = Mlx5Driver::with_live_log(*caps, Arc::clone(&live));
+                let driver =
+                    Mlx5Driver::with_live_log(*caps, Arc::clone(&live)).with_max_log_bytes(budget);
                 let faults = driver.faults();
                 (LoggingCore::new(Box::new(driver)), Some(faults))
             }
             TrackerKind::Pds(max_regions) => (
-                LoggingCore::new(Box::new(PdsDriver::with_live_log(
-                    *max_regions,
-                    Arc::clone(&live),
-                ))),
+                LoggingCore::new(Box::new(
+                    PdsDriver::with_live_log(*max_regions, Arc::clone(&live))
+                        .with_max_log_bytes(budget),
+                )),
                 None,
             ),
         };
