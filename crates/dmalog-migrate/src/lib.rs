@@ -4,6 +4,7 @@
 
 pub mod destination;
 pub mod engine;
+pub mod fuzzing;
 pub mod guest;
 pub mod peer_text;
 pub mod stream;

@@ -108,6 +108,9 @@ pub enum StreamError {
     /// A frame kind this version does not know.
     #[error("migration stream: unknown frame kind {0}")]
     UnknownKind(u8),
+    /// The reserved header byte is not zero.
+    #[error("migration stream: reserved header byte is {0:#x}, not 0")]
+    Reserved(u8),
     /// A payload larger than its kind allows.
     #[error("migration stream: a {kind:?} frame of {len_bytes} bytes exceeds the limit of {limit_bytes}")]
     TooLarge {
@@ -353,6 +356,11 @@ impl<R: Read> FrameReader<R> {
             return Err(StreamError::BadHeader { magic, version });
         }
         let kind = Kind::from_u8(header[6]).ok_or(StreamError::UnknownKind(header[6]))?;
+        // Reserved for later versions: must be zero now, so that a later meaning is never
+        // silently ignored.
+        if header[7] != 0 {
+            return Err(StreamError::Reserved(header[7]));
+        }
         let len_bytes = word(8);
         let expected = word(12);
         let limit_bytes = kind.max_payload();

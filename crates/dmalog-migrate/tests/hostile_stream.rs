@@ -256,3 +256,18 @@ fn the_source_is_told_why_a_frame_was_refused() {
     let reason = String::from_utf8(replies[0].1.clone()).unwrap();
     assert!(reason.contains("page-aligned"), "{reason}");
 }
+
+#[test]
+fn a_nonzero_reserved_header_byte_is_refused() {
+    let mut end = frame(Kind::End, &[]);
+    end[7] = 1;
+    let outcome = run(true, &end);
+    assert!(
+        matches!(
+            outcome.result,
+            Err(MigrateError::Stream(StreamError::Reserved(1)))
+        ),
+        "{:?}",
+        outcome.result.err()
+    );
+}
