@@ -286,8 +286,10 @@ fn killing_proxy(
     (address, proxy)
 }
 
-#[test]
-fn a_destination_killed_mid_stream_then_a_retry_to_a_new_destination_verifies() {
+/// A migration whose destination is killed mid-stream, then a second one from the same
+/// source device server (a new source process) to a new destination process, on a new
+/// destination device server or on the one the killed destination left half-loaded.
+fn killed_then_retried(same_destination_server: bool) {
     let src_server = ServerProcess::start("soft");
     let dst_server = ServerProcess::start("soft");
     let first = destination(&dst_server.socket, &[]);
@@ -307,8 +309,14 @@ fn a_destination_killed_mid_stream_then_a_retry_to_a_new_destination_verifies() 
     assert_device_ready_for_a_retry(&src_server);
 
     // Again, from the same source device server, to a new destination.
-    let new_server = ServerProcess::start("soft");
-    let second = destination(&new_server.socket, &[]);
+    let new_server;
+    let retry_server = if same_destination_server {
+        &dst_server
+    } else {
+        new_server = ServerProcess::start("soft");
+        &new_server
+    };
+    let second = destination(&retry_server.socket, &[]);
     let out = wait_guarded(
         source(&second.address, &src_server.socket, &["--json"]),
         "the second dmalog migrate source",
@@ -321,4 +329,14 @@ fn a_destination_killed_mid_stream_then_a_retry_to_a_new_destination_verifies() 
     assert!(dst_out.status.success(), "{dst_stderr}");
     let dst: serde_json::Value = serde_json::from_slice(&dst_out.stdout).unwrap();
     assert_eq!(dst["verified"], true);
+}
+
+#[test]
+fn a_destination_killed_mid_stream_then_a_retry_to_a_new_destination_verifies() {
+    killed_then_retried(false);
+}
+
+#[test]
+fn a_destination_killed_mid_stream_then_a_retry_on_the_same_destination_device_verifies() {
+    killed_then_retried(true);
 }
