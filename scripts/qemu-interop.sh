@@ -1,0 +1,210 @@
+#!/usr/bin/env bash
+# Opt-in interop test against a real VMM: QEMU's vfio-user-pci client drives `dmalog serve`.
+#
+#   1. A Debian trixie chroot (debootstrap, cached at target/qemu-chroot) supplies
+#      qemu-system-x86 from trixie-backports (vfio-user-pci), linux-image-amd64 and
+#      busybox-static. Only Debian packages; nothing is downloaded outside apt.
+#   2. Each device profile (dma-engine, lvu-sample) must realize under vfio-user-pci:
+#      QEMU starts paused, `info pci` must list the device's IDs, then it quits.
+#   3. A Linux guest boots with both devices (TCG, 1 vCPU). Its /init
+#      (scripts/qemu-guest/init) finds the dma-engine in sysfs, programs BAR0 to FILL a
+#      buffer in guest RAM above `mem=` and reads the pattern back with devmem. That only
+#      works because QEMU's DMA_MAPs carry the memfd of guest RAM, which dmalog maps.
+#      The guest prints a PASS/FAIL line on the serial console; this script exits 0 only
+#      on PASS.
+#
+# Needs root (debootstrap, chroot, mount namespaces) and network access to deb.debian.org
+# on the first run. Environment:
+#   DMALOG_QEMU_MIRROR   Debian mirror (default http://deb.debian.org/debian)
+#   DMALOG_QEMU_TIMEOUT  seconds allowed for the guest boot (default 300)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mirror="${DMALOG_QEMU_MIRROR:-http://deb.debian.org/debian}"
+boot_timeout_secs="${DMALOG_QEMU_TIMEOUT:-300}"
+repo="$(pwd)"
+chroot_dir="$repo/target/qemu-chroot"
+# Inside the chroot, so that the sockets dmalog binds on the host are visible to QEMU.
+run_rel="tmp/dmalog-qemu"
+run_dir="$chroot_dir/$run_rel"
+
+say() { echo "== qemu-interop: $*"; }
+die() { echo "qemu-interop: FAIL: $*" >&2; exit 1; }
+
+phase_start=0
+phase() { phase_start=$(date +%s); say "$*"; }
+phase_done() { say "$1 took $(($(date +%s) - phase_start)) s"; }
+
+[ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, mount namespaces)"
+
+# Runs a command inside the chroot with /proc and /dev mounted in a private mount
+# namespace: the mounts vanish with the namespace, even if this script is killed.
+in_chroot() {
+    unshare --mount --propagation private -- sh -c '
+        root=$1; shift
+        mount -t proc proc "$root/proc"
+        mount --rbind /dev "$root/dev"
+        exec chroot "$root" "$@"' sh "$chroot_dir" "$@"
+}
+
+# --- 1. the chroot -------------------------------------------------------------------
+build_chroot() {
+    local partial="$chroot_dir.partial"
+    if ! command -v debootstrap >/dev/null; then
+        say "installing debootstrap on the host"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+    fi
+    rm -rf "$partial"
+    # busybox-static: the guest's userland; cpio: packs the guest's initramfs.
+    unshare --mount --propagation private -- \
+        debootstrap --variant=minbase --include=busybox-static,cpio trixie "$partial" "$mirror"
+    cat >"$partial/etc/apt/sources.list.d/backports.list" <<EOF
+deb $mirror trixie-backports main
+EOF
+    # The guest boots our own initramfs; building Debian's would only burn CPU.
+    chroot "$partial" dpkg-divert --local --rename --add /usr/sbin/update-initramfs >/dev/null
+    ln -s /bin/true "$partial/usr/sbin/update-initramfs"
+    local saved="$chroot_dir"
+    chroot_dir="$partial"
+    in_chroot apt-get update -qq
+    in_chroot env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        linux-image-amd64 >/dev/null
+    in_chroot env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        -t trixie-backports qemu-system-x86 >/dev/null
+    in_chroot apt-get clean
+    chroot_dir="$saved"
+    touch "$partial/.dmalog-ready"
+    mv "$partial" "$chroot_dir"
+}
+
+if [ ! -e "$chroot_dir/.dmalog-ready" ]; then
+    phase "building the trixie chroot at target/qemu-chroot (once; cached)"
+    rm -rf "$chroot_dir"
+    build_chroot
+    phase_done "debootstrap + packages"
+else
+    say "using the cached chroot at target/qemu-chroot"
+fi
+
+qemu_version="$(chroot "$chroot_dir" qemu-system-x86_64 --version | head -1)"
+say "$qemu_version"
+chroot "$chroot_dir" qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vfio-user-pci"' ||
+    die "$qemu_version has no vfio-user-pci device"
+kernel="$(cd "$chroot_dir" && ls boot/vmlinuz-* | sort -V | tail -1)"
+[ -n "$kernel" ] || die "no kernel in the chroot"
+say "guest kernel /$kernel"
+
+# --- 2. dmalog ------------------------------------------------------------------------
+phase "building dmalog"
+cargo build -q -p dmalog-cli --bin dmalog
+dmalog="$repo/target/debug/dmalog"
+phase_done "cargo build"
+
+rm -rf "$run_dir"
+mkdir -p "$run_dir"
+serve_pids=()
+cleanup() {
+    local pid
+    for pid in "${serve_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup EXIT
+
+# Starts `dmalog serve --device $1` on $run_dir/$1.sock. The socket is bound by a path
+# relative to the chroot (cwd), which keeps it short of the 108-byte sun_path limit.
+start_server() {
+    local device=$1
+    rm -f "$run_dir/$device.sock"
+    (cd "$chroot_dir" && exec "$dmalog" serve --device "$device" --socket "$run_rel/$device.sock") \
+        >>"$run_dir/serve-$device.log" 2>&1 &
+    serve_pids+=("$!")
+    local i
+    for i in $(seq 100); do
+        [ -S "$run_dir/$device.sock" ] && return 0
+        sleep 0.1
+    done
+    die "dmalog serve --device $device did not create its socket (see $run_dir/serve-$device.log)"
+}
+
+stop_servers() {
+    local pid
+    for pid in "${serve_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${serve_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    serve_pids=()
+}
+
+# Guest RAM must be an fd (memfd, shared) for QEMU to pass it with DMA_MAP.
+guest_ram_mib=512
+qemu_common=(
+    qemu-system-x86_64 -accel tcg -machine q35,memory-backend=ram -m "${guest_ram_mib}M" -smp 1
+    -object "memory-backend-memfd,id=ram,size=${guest_ram_mib}M,share=on"
+    -nodefaults -display none
+)
+vfio_user_dev() { echo "{\"driver\":\"vfio-user-pci\",\"id\":\"$1\",\"socket\":{\"type\":\"unix\",\"path\":\"/$run_rel/$1.sock\"}}"; }
+
+# --- 3. realization of each device -----------------------------------------------------
+declare -A want_ids=([dma-engine]="1b36:10d1" [lvu-sample]="dead:beef")
+realize_failed=()
+for device in dma-engine lvu-sample; do
+    phase "realizing --device $device under vfio-user-pci"
+    start_server "$device"
+    out="$run_dir/realize-$device.txt"
+    if printf 'info pci\nquit\n' |
+        in_chroot timeout 120 "${qemu_common[@]}" -S -monitor stdio -device "$(vfio_user_dev "$device")" \
+            >"$out" 2>&1 &&
+        grep -qi "${want_ids[$device]}" "$out"; then
+        say "$device realized: $(grep -i -m1 "${want_ids[$device]}" "$out" | tr -s ' ')"
+    else
+        sed 's/^/    /' "$out" >&2
+        say "$device did NOT realize (qemu output above)"
+        realize_failed+=("$device")
+    fi
+    stop_servers
+    phase_done "realize $device"
+done
+
+# --- 4. guest boot ---------------------------------------------------------------------
+phase "building the guest initramfs"
+initramfs_root="$run_dir/initramfs"
+mkdir -p "$initramfs_root"/{bin,dev,proc,sys}
+cp "$chroot_dir/usr/bin/busybox" "$initramfs_root/bin/busybox"
+cp scripts/qemu-guest/init "$initramfs_root/init"
+chmod 0755 "$initramfs_root/init"
+chroot "$chroot_dir" sh -c "cd /$run_rel/initramfs && find . | cpio -o -H newc --quiet" \
+    | gzip -1 >"$run_dir/initramfs.cpio.gz"
+phase_done "initramfs"
+
+guest_devices=(dma-engine)
+[[ " ${realize_failed[*]} " == *" lvu-sample "* ]] || guest_devices+=(lvu-sample)
+phase "booting the guest (devices: ${guest_devices[*]}; TCG)"
+dev_args=()
+for device in "${guest_devices[@]}"; do
+    start_server "$device"
+    dev_args+=(-device "$(vfio_user_dev "$device")")
+done
+console="$run_dir/console.log"
+# mem= hides the top of guest RAM from Linux: the guest's FILL target lives there, RAM that
+# QEMU maps for DMA but the kernel never uses, so /dev/mem may touch it.
+in_chroot timeout "$boot_timeout_secs" "${qemu_common[@]}" "${dev_args[@]}" \
+    -kernel "/$kernel" -initrd "/$run_rel/initramfs.cpio.gz" \
+    -append "console=ttyS0 mem=384M panic=-1 quiet dmalog.devices=$(IFS=,; echo "${guest_devices[*]}")" \
+    -serial "file:/$run_rel/console.log" -no-reboot </dev/null >"$run_dir/qemu-boot.log" 2>&1 ||
+    say "qemu exited with status $? (see $run_dir/qemu-boot.log)"
+stop_servers
+phase_done "guest boot"
+grep -a 'DMALOG-GUEST' "$console" || true
+
+status=0
+if ! grep -aq '^DMALOG-GUEST: PASS' "$console"; then
+    sed 's/^/    /' "$run_dir/qemu-boot.log" >&2
+    tail -n 40 "$console" | sed 's/^/    console: /' >&2
+    echo "qemu-interop: FAIL: the guest did not report PASS (console: $console)" >&2
+    status=1
+fi
+if [ "${#realize_failed[@]}" -gt 0 ]; then
+    echo "qemu-interop: FAIL: did not realize under vfio-user-pci: ${realize_failed[*]}" >&2
+    status=1
+fi
+[ "$status" = 0 ] && say "PASS"
+exit "$status"
