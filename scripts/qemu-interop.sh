@@ -189,8 +189,22 @@ console="$run_dir/console.log"
 in_chroot timeout "$boot_timeout_secs" "${qemu_common[@]}" "${dev_args[@]}" \
     -kernel "/$kernel" -initrd "/$run_rel/initramfs.cpio.gz" \
     -append "console=ttyS0 mem=384M panic=-1 quiet dmalog.devices=$(IFS=,; echo "${guest_devices[*]}")" \
-    -serial "file:/$run_rel/console.log" -no-reboot </dev/null >"$run_dir/qemu-boot.log" 2>&1 ||
-    say "qemu exited with status $? (see $run_dir/qemu-boot.log)"
+    -serial "file:/$run_rel/console.log" -no-reboot </dev/null >"$run_dir/qemu-boot.log" 2>&1 &
+qemu_pid=$!
+# Evidence that the DMA went through QEMU's fds: while the guest runs, the dma-engine
+# server (the first one started) must have guest RAM's memfd mapped.
+engine_maps="/proc/${serve_pids[0]}/maps"
+memfd_mapped=no
+while kill -0 "$qemu_pid" 2>/dev/null; do
+    if [ "$memfd_mapped" = no ] && grep -q 'memfd:' "$engine_maps" 2>/dev/null; then
+        memfd_mapped=yes
+        say "dmalog serve --device dma-engine maps guest RAM: $(grep -m1 'memfd:' "$engine_maps")"
+    fi
+    sleep 0.5
+done
+qemu_status=0
+wait "$qemu_pid" || qemu_status=$?
+[ "$qemu_status" = 0 ] || say "qemu exited with status $qemu_status (see $run_dir/qemu-boot.log)"
 stop_servers
 phase_done "guest boot"
 grep -a 'DMALOG-GUEST' "$console" || true
@@ -200,6 +214,10 @@ if ! grep -aq '^DMALOG-GUEST: PASS' "$console"; then
     sed 's/^/    /' "$run_dir/qemu-boot.log" >&2
     tail -n 40 "$console" | sed 's/^/    console: /' >&2
     echo "qemu-interop: FAIL: the guest did not report PASS (console: $console)" >&2
+    status=1
+fi
+if [ "$memfd_mapped" != yes ]; then
+    echo "qemu-interop: FAIL: dmalog serve never mapped QEMU's guest-RAM memfd" >&2
     status=1
 fi
 if [ "${#realize_failed[@]}" -gt 0 ]; then
