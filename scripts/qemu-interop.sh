@@ -47,6 +47,14 @@ in_chroot() {
         exec chroot "$root" "$@"' sh "$chroot_dir" "$@"
 }
 
+# rm -rf must never descend into a bind-mounted /dev: the mounts live in private
+# namespaces, but check anyway before deleting a chroot.
+refuse_if_mounted() {
+    if awk -v dir="$1" 'index($2, dir) == 1 { found = 1 } END { exit !found }' /proc/self/mounts; then
+        die "something is mounted under $1; unmount it first"
+    fi
+}
+
 # --- 1. the chroot -------------------------------------------------------------------
 build_chroot() {
     local partial="$chroot_dir.partial"
@@ -55,6 +63,7 @@ build_chroot() {
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
     fi
+    refuse_if_mounted "$partial"
     rm -rf "$partial"
     # busybox-static: the guest's userland; cpio: packs the guest's initramfs.
     unshare --mount --propagation private -- \
@@ -80,6 +89,7 @@ EOF
 
 if [ ! -e "$chroot_dir/.dmalog-ready" ]; then
     phase "building the trixie chroot at target/qemu-chroot (once; cached)"
+    refuse_if_mounted "$chroot_dir"
     rm -rf "$chroot_dir"
     build_chroot
     phase_done "debootstrap + packages"
@@ -191,14 +201,34 @@ in_chroot timeout "$boot_timeout_secs" "${qemu_common[@]}" "${dev_args[@]}" \
     -append "console=ttyS0 mem=384M panic=-1 quiet dmalog.devices=$(IFS=,; echo "${guest_devices[*]}")" \
     -serial "file:/$run_rel/console.log" -no-reboot </dev/null >"$run_dir/qemu-boot.log" 2>&1 &
 qemu_pid=$!
+descendants() {
+    local pid
+    for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        echo "$pid"
+        descendants "$pid"
+    done
+}
 # Evidence that the DMA went through QEMU's fds: while the guest runs, the dma-engine
 # server (the first one started) must have guest RAM's memfd mapped.
 engine_maps="/proc/${serve_pids[0]}/maps"
 memfd_mapped=no
+# And the other way round: QEMU (a descendant of $qemu_pid: subshell, unshare/chroot/
+# timeout, qemu) must map lvu-sample's BAR1 sparse areas from the memfd dmalog sent with
+# the region info.
+bar1_mapped=no
+[[ " ${guest_devices[*]} " == *" lvu-sample "* ]] || bar1_mapped=n/a
 while kill -0 "$qemu_pid" 2>/dev/null; do
     if [ "$memfd_mapped" = no ] && grep -q 'memfd:' "$engine_maps" 2>/dev/null; then
         memfd_mapped=yes
         say "dmalog serve --device dma-engine maps guest RAM: $(grep -m1 'memfd:' "$engine_maps")"
+    fi
+    if [ "$bar1_mapped" = no ]; then
+        for pid in $(descendants "$qemu_pid"); do
+            if grep -q 'memfd:lvu-sample-bar1' "/proc/$pid/maps" 2>/dev/null; then
+                bar1_mapped=yes
+                say "qemu maps lvu-sample's BAR1: $(grep -c 'memfd:lvu-sample-bar1' "/proc/$pid/maps") area(s) of dmalog's memfd"
+            fi
+        done
     fi
     sleep 0.5
 done
@@ -218,6 +248,10 @@ if ! grep -aq '^DMALOG-GUEST: PASS' "$console"; then
 fi
 if [ "$memfd_mapped" != yes ]; then
     echo "qemu-interop: FAIL: dmalog serve never mapped QEMU's guest-RAM memfd" >&2
+    status=1
+fi
+if [ "$bar1_mapped" = no ]; then
+    echo "qemu-interop: FAIL: qemu never mapped lvu-sample's BAR1 memfd" >&2
     status=1
 fi
 if [ "${#realize_failed[@]}" -gt 0 ]; then
