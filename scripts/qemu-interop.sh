@@ -40,6 +40,7 @@ phase_done() { say "$1 took $(($(date +%s) - phase_start)) s"; }
 # Runs a command inside the chroot with /proc and /dev mounted in a private mount
 # namespace: the mounts vanish with the namespace, even if this script is killed.
 in_chroot() {
+    # shellcheck disable=SC2016 # expanded by the inner sh
     unshare --mount --propagation private -- sh -c '
         root=$1; shift
         mount -t proc proc "$root/proc"
@@ -101,7 +102,7 @@ qemu_version="$(chroot "$chroot_dir" qemu-system-x86_64 --version | head -1)"
 say "$qemu_version"
 chroot "$chroot_dir" qemu-system-x86_64 -device help 2>/dev/null | grep -q '"vfio-user-pci"' ||
     die "$qemu_version has no vfio-user-pci device"
-kernel="$(cd "$chroot_dir" && ls boot/vmlinuz-* | sort -V | tail -1)"
+kernel="$(cd "$chroot_dir" && find boot -name 'vmlinuz-*' | sort -V | tail -1)"
 [ -n "$kernel" ] || die "no kernel in the chroot"
 say "guest kernel /$kernel"
 
@@ -114,6 +115,7 @@ phase_done "cargo build"
 rm -rf "$run_dir"
 mkdir -p "$run_dir"
 serve_pids=()
+# shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
     local pid
     for pid in "${serve_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -129,8 +131,7 @@ start_server() {
     (cd "$chroot_dir" && exec "$dmalog" serve --device "$device" --socket "$run_rel/$device.sock") \
         >>"$run_dir/serve-$device.log" 2>&1 &
     serve_pids+=("$!")
-    local i
-    for i in $(seq 100); do
+    for _ in $(seq 100); do
         [ -S "$run_dir/$device.sock" ] && return 0
         sleep 0.1
     done
@@ -146,6 +147,7 @@ stop_servers() {
 
 # Guest RAM must be an fd (memfd, shared) for QEMU to pass it with DMA_MAP.
 guest_ram_mib=512
+# shellcheck disable=SC2054 # the commas belong to QEMU options
 qemu_common=(
     qemu-system-x86_64 -accel tcg -machine q35,memory-backend=ram -m "${guest_ram_mib}M" -smp 1
     -object "memory-backend-memfd,id=ram,size=${guest_ram_mib}M,share=on"
@@ -203,6 +205,7 @@ in_chroot timeout "$boot_timeout_secs" "${qemu_common[@]}" "${dev_args[@]}" \
 qemu_pid=$!
 descendants() {
     local pid
+    # shellcheck disable=SC2013 # children holds space-separated pids
     for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
         echo "$pid"
         descendants "$pid"
@@ -241,7 +244,8 @@ grep -a 'DMALOG-GUEST' "$console" || true
 
 status=0
 if ! grep -aq '^DMALOG-GUEST: PASS' "$console"; then
-    sed 's/^/    /' "$run_dir/qemu-boot.log" >&2
+    sed 's/^/    qemu: /' "$run_dir/qemu-boot.log" >&2
+    for log in "$run_dir"/serve-*.log; do sed "s|^|    ${log##*/}: |" "$log" >&2; done
     tail -n 40 "$console" | sed 's/^/    console: /' >&2
     echo "qemu-interop: FAIL: the guest did not report PASS (console: $console)" >&2
     status=1
