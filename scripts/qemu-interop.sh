@@ -8,11 +8,16 @@
 #      QEMU starts paused, `info pci` must list the device's IDs, then it quits.
 #   3. A Linux guest boots with both devices (TCG, 1 vCPU). Its /init
 #      (scripts/qemu-guest/init) finds the dma-engine in sysfs, programs BAR0 to FILL a
-#      buffer in guest RAM above `mem=` and reads the pattern back with devmem. That only
-#      works because QEMU's DMA_MAPs carry the memfd of guest RAM, which dmalog maps.
+#      buffer in guest RAM above `mem=`, reads the pattern back with devmem, COPYs part of
+#      it, and checks EFAULT for an unmapped IOVA; for lvu-sample it checks the IDs and
+#      reads back BAR1 through its mmapped and trapped pages. The DMA works only because
+#      QEMU's DMA_MAPs carry the memfd of guest RAM: the script also checks that dmalog
+#      maps that memfd, and that QEMU maps lvu-sample's BAR1 from dmalog's memfd.
 #      The guest prints a PASS/FAIL line on the serial console; this script exits 0 only
-#      on PASS.
+#      on PASS with every device realized.
 #
+# Phases are timed. Delete target/qemu-chroot to rebuild the chroot (e.g. for a newer
+# QEMU in trixie-backports).
 # Needs root (debootstrap, chroot, mount namespaces) and network access to deb.debian.org
 # on the first run. Environment:
 #   DMALOG_QEMU_MIRROR   Debian mirror (default http://deb.debian.org/debian)
