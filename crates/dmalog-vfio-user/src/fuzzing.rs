@@ -6,7 +6,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
-use dmalog_device::DmaEngine;
+use dmalog_device::{Device, DmaEngine, LvuSample};
 
 use crate::server::{Server, ServerConfig, TrackerKind};
 use crate::wire::*;
@@ -31,19 +31,47 @@ pub fn decode_everything(data: &[u8]) {
     }
 }
 
+/// Which emulated device a fuzzed server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuzzDevice {
+    /// dma-engine (SPEC 6.1).
+    DmaEngine,
+    /// lvu-sample (SPEC 6.2): a BAR0 timer, server-to-client DMA messages, migration data.
+    LvuSample,
+}
+
 /// Feeds `stream_bytes` to a fresh server (dma-engine, `tracker`) as if a client sent them,
 /// then closes the connection; returns the number of replies the server sent. The server
 /// must neither panic nor hang, whatever the bytes.
 pub fn dispatch_stream(stream_bytes: &[u8], tracker: TrackerKind) -> usize {
+    dispatch_stream_to(stream_bytes, tracker, FuzzDevice::DmaEngine)
+}
+
+/// As [`dispatch_stream`], with the device chosen. Server-to-client DMA messages the device
+/// sends (lvu-sample) are read like replies and never answered: the server must give up on
+/// them (the peer timeout, or the end of the stream) instead of waiting for ever.
+pub fn dispatch_stream_to(stream_bytes: &[u8], tracker: TrackerKind, device: FuzzDevice) -> usize {
     let (client, server_end) = UnixStream::pair().expect("socketpair");
     let config = ServerConfig {
         tracker,
         max_data_xfer_size: 64 << 10,
+        // A fuzzed stream never answers the device's DMA messages: give up quickly.
+        peer_timeout: std::time::Duration::from_millis(200),
         ..ServerConfig::default()
     };
     let server = std::thread::spawn(move || {
-        let mut server = Server::new(config, |space| Box::new(DmaEngine::new(space)));
-        server.serve(server_end);
+        let server = match device {
+            FuzzDevice::DmaEngine => Server::try_new(config, |space| {
+                Ok::<_, std::io::Error>(Box::new(DmaEngine::new(space)) as Box<dyn Device>)
+            }),
+            FuzzDevice::LvuSample => Server::try_new(config, |space| {
+                Ok::<_, std::io::Error>(Box::new(LvuSample::new(space)?) as Box<dyn Device>)
+            }),
+        };
+        // A device that cannot be created (no memfd) is not a finding of the fuzzer.
+        if let Ok(mut server) = server {
+            server.serve(server_end);
+        }
     });
     // Read replies concurrently so the server never blocks on a full socket buffer.
     let mut reader = client.try_clone().expect("clone");

@@ -3,7 +3,9 @@
 //! server's dispatcher; nothing may panic or hang, and every message with a whole header is
 //! answered. `DMALOG_REPLAY_CASES` makes it longer.
 
-use dmalog_vfio_user::fuzzing::{decode_everything, dispatch_stream, with_version};
+use dmalog_vfio_user::fuzzing::{
+    decode_everything, dispatch_stream, dispatch_stream_to, with_version, FuzzDevice,
+};
 use dmalog_vfio_user::wire::{cmd, Header, HEADER_BYTES};
 use dmalog_vfio_user::TrackerKind;
 
@@ -91,5 +93,57 @@ fn hand_written_seeds() {
         decode_everything(&stream);
         dispatch_stream(&with_version(&stream), TrackerKind::Soft);
         dispatch_stream(&stream, TrackerKind::None);
+    }
+}
+
+/// A REGION_WRITE of `value` to lvu-sample's BAR0 (its 8-byte `time_t` deadline).
+fn bar0_write(msg_id: u16, value: i64) -> Vec<u8> {
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&0u64.to_le_bytes()); // offset
+    payload.extend_from_slice(&0u32.to_le_bytes()); // region
+    payload.extend_from_slice(&8u32.to_le_bytes()); // count
+    payload.extend_from_slice(&value.to_le_bytes());
+    let header = Header {
+        msg_id,
+        cmd: cmd::REGION_WRITE,
+        msg_size: (HEADER_BYTES + payload.len()) as u32,
+        flags: 0,
+        error_no: 0,
+    };
+    [header.encode().as_slice(), &payload].concat()
+}
+
+#[test]
+fn lvu_sample_streams_are_all_answered() {
+    // Extreme deadlines (the value that once overflowed an Instant), then random commands.
+    let mut seeded = Vec::new();
+    for (id, value) in [i64::MAX, i64::MIN, -1, 0, 1 << 62].into_iter().enumerate() {
+        seeded.extend_from_slice(&bar0_write(id as u16, value));
+    }
+    let replies = dispatch_stream_to(
+        &with_version(&seeded),
+        TrackerKind::Soft,
+        FuzzDevice::LvuSample,
+    );
+    assert!(
+        replies > 5,
+        "VERSION and five BAR0 writes answered ({replies})"
+    );
+    let cases = std::env::var("DMALOG_REPLAY_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20u64);
+    for seed in 0..cases {
+        let (body, count) = random_stream(seed ^ 0x1f5a, 30);
+        let replies = dispatch_stream_to(
+            &with_version(&body),
+            TrackerKind::Soft,
+            FuzzDevice::LvuSample,
+        );
+        // The device may also send DMA messages of its own (counted too).
+        assert!(
+            replies > count,
+            "seed {seed}: every command answered ({replies} of {count})"
+        );
     }
 }
