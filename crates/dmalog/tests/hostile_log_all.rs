@@ -185,3 +185,25 @@ fn soft_added_ranges_beyond_the_budget_latch_eio() {
         "a fresh START works"
     );
 }
+
+#[test]
+fn log_all_start_covers_exactly_the_current_mappings() {
+    let (mut core, mut dma) = soft();
+    core.dma_mapped(range(0, 4 * PAGE));
+    core.dma_mapped(range(1 << 20, 4 * PAGE));
+    core.dma_mapped(range(2 << 20, 4 * PAGE));
+    core.dma_unmapped(range(1 << 20, 4 * PAGE));
+    core.dma_unmapped(range(0, 2 * PAGE)); // not a mapping as made: nothing happens
+    core.start(USER, PAGE, &[]).unwrap();
+    assert_eq!(core.driver().unwrap().log().unwrap().log_count(), 2);
+    for iova in [PAGE, (1 << 20) + PAGE, (2 << 20) + PAGE] {
+        dma.record_write(iova, 1);
+    }
+    assert_eq!(report(&mut core, 0, 4 * PAGE), Ok(vec![1]));
+    assert_eq!(report(&mut core, 1 << 20, 4 * PAGE), Ok(vec![]), "unmapped");
+    assert_eq!(report(&mut core, 2 << 20, 4 * PAGE), Ok(vec![1]));
+    core.stop().unwrap();
+    core.dma_unmapped_all();
+    core.start(USER, PAGE, &[]).unwrap();
+    assert_eq!(core.driver().unwrap().log().unwrap().log_count(), 0);
+}
