@@ -37,7 +37,7 @@ use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::IovaBitmap;
 use crate::ranges::{ranges_cover, IovaRange};
-use crate::soft::{log_cost, SoftLog};
+use crate::soft::{log_cost, page_spans, SoftLog};
 
 /// Tracker object state: tracking (idle, or the last message of a report).
 pub const STATE_TRACKING: u32 = 0;
@@ -710,13 +710,11 @@ impl Mlx5Driver {
         log_addr_space: u32,
     ) -> LogResult<()> {
         let caps = self.caps;
-        let mut logs = Vec::with_capacity(ranges.len());
-        for range in ranges {
-            logs.push(DirtyLog::new(
-                range.iova(),
-                range.length(),
-                tracked_page_size,
-            )?);
+        // Ranges aligned to a smaller hint may share a tracked page: one log for them.
+        let spans = page_spans(ranges, tracked_page_size)?;
+        let mut logs = Vec::with_capacity(spans.len());
+        for (start, end) in spans {
+            logs.push(DirtyLog::new(start, end - start, tracked_page_size)?);
         }
         let log = Arc::new(SoftLog::fixed(logs));
         // The receive ring: max(2 MiB, 4 x max_msg_size) in max_msg_size buffers, all posted.
