@@ -126,7 +126,9 @@ fn fixed_range_case<D: LogDriver>(mut core: LoggingCore<D>, mut dma: WriteRecord
     dma.record_write((1 << 20) + 5 * PAGE, 1);
     assert_eq!(report(&mut core, 1 << 20, 1 << 20), Ok(vec![5]));
     // Outside: the log is latched into error, every REPORT is EIO.
+    assert!(!core.is_untracked_mapping_latched());
     core.dma_mapped(range(8 << 20, 1 << 20));
+    assert!(core.is_untracked_mapping_latched());
     dma.record_write(8 << 20, 1);
     assert_eq!(report(&mut core, 8 << 20, 1 << 20), Err(libc::EIO));
     assert_eq!(
@@ -138,6 +140,7 @@ fn fixed_range_case<D: LogDriver>(mut core: LoggingCore<D>, mut dma: WriteRecord
     // STOP and a new START (which now covers the new mapping) clear it.
     core.stop().unwrap();
     assert_eq!(core.start(USER, PAGE, &[]), Ok(PAGE));
+    assert!(!core.is_untracked_mapping_latched());
     dma.record_write((8 << 20) + PAGE, 1);
     assert_eq!(report(&mut core, 8 << 20, 1 << 20), Ok(vec![1]));
 }
