@@ -18,6 +18,7 @@ use crate::dirty_log::DirtyLog;
 use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::IovaBitmap;
+use crate::log_index::LogIndex;
 use crate::ranges::IovaRange;
 
 /// Smallest page size the soft tracker logs at.
@@ -26,45 +27,22 @@ pub const SOFT_MIN_PAGE_SIZE: u64 = 4096;
 pub const SOFT_MAX_PAGE_SIZE: u64 = 1 << 30;
 /// Default cap on the memory of one started log (the shared default budget).
 pub const SOFT_DEFAULT_MAX_LOG_BYTES: u64 = DEFAULT_MAX_LOG_BYTES;
-/// Bytes charged per log on top of its words: the [`DirtyLog`] and its `Arc`, its slots in
-/// the snapshot levels, and its entry in the driver's coverage map.
+/// Bytes charged per log on top of its words: the [`DirtyLog`] and its `Arc`, its entry in
+/// the snapshot's index, and its entry in the driver's coverage map.
 pub const SOFT_LOG_OVERHEAD_BYTES: u64 = 256;
 
-/// A log with its IOVA span inline, so that a binary search touches no log.
-#[derive(Clone)]
-struct Entry {
-    base_iova: u64,
-    end_iova: u64,
-    log: Arc<DirtyLog>,
-}
-
-impl Entry {
-    fn new(log: Arc<DirtyLog>) -> Entry {
-        Entry {
-            base_iova: log.base_iova(),
-            end_iova: log.base_iova() + log.length(),
-            log,
-        }
-    }
-}
-
-/// One level of a [`SoftLog`]: logs sorted by IOVA, disjoint.
-type Level = Arc<[Entry]>;
-
-/// The logs of one START, lock-free to mark and to read: disjoint logs kept in a few
-/// sorted levels whose sizes at least halve from one to the next (a binary counter), so a
-/// range added after START copies O(log n) log pointers amortised and a mark costs one
-/// binary search per level, O(log^2 n) at worst and O(log n) for the one level of a START
-/// without additions.
+/// The logs of one START, lock-free to mark and to read: disjoint logs in a
+/// [`LogIndex`] (a B-tree whose nodes are shared between snapshots), so a range added
+/// after START copies O(log n) nodes and a mark is one O(log n) descent.
 pub struct SoftLog {
-    levels: Vec<Level>,
+    index: LogIndex,
 }
 
 impl std::fmt::Debug for SoftLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SoftLog")
-            .field("levels", &self.levels.len())
             .field("logs", &self.log_count())
+            .field("depth", &self.index.depth())
             .finish()
     }
 }
@@ -72,95 +50,45 @@ impl std::fmt::Debug for SoftLog {
 impl SoftLog {
     /// A log over fixed ranges: sorted by IOVA and disjoint (see [`page_spans`]).
     pub(crate) fn fixed(ranges: Vec<DirtyLog>) -> SoftLog {
-        let level: Vec<Entry> = ranges
-            .into_iter()
-            .map(|log| Entry::new(Arc::new(log)))
-            .collect();
         SoftLog {
-            levels: if level.is_empty() {
-                Vec::new()
-            } else {
-                vec![level.into()]
-            },
+            index: LogIndex::from_sorted(ranges.into_iter().map(Arc::new)),
         }
     }
 
-    /// This log plus `added` (sorted, disjoint from each other and from every log here):
-    /// the existing logs are shared, not copied.
+    /// This log plus `added` (disjoint from each other and from every log here): the
+    /// existing logs are shared, not copied.
     fn with_added(&self, added: Vec<Arc<DirtyLog>>) -> SoftLog {
-        let mut levels = self.levels.clone();
-        let mut top: Vec<Entry> = added.into_iter().map(Entry::new).collect();
-        while let Some(last) = levels.last() {
-            if last.len() > top.len() {
-                break;
-            }
-            top = merge_sorted(last, &top);
-            levels.pop();
+        let mut index = self.index.clone();
+        for log in added {
+            index = index.with(log);
         }
-        if !top.is_empty() {
-            levels.push(top.into());
-        }
-        SoftLog { levels }
+        SoftLog { index }
     }
 
     /// Logs in this snapshot.
     pub fn log_count(&self) -> usize {
-        self.levels.iter().map(|level| level.len()).sum()
+        self.index.len()
     }
 
     /// Clears the dirty pages of `[iova, iova+length)` and calls `page` with each one's
-    /// IOVA (log by log, increasing within a log; increasing overall for a log without
-    /// ranges added after START).
+    /// IOVA (log by log, in increasing IOVA).
     pub fn drain_pages(&self, iova: u64, length: u64, mut page: impl FnMut(u64)) {
-        self.for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
-    }
-
-    /// Calls `f` on every log overlapping `[iova, iova+len)`.
-    #[inline]
-    fn for_each_overlapping(&self, iova: u64, len: u64, mut f: impl FnMut(&DirtyLog)) {
-        let end = iova.saturating_add(len);
-        for level in &self.levels {
-            let first = level.partition_point(|entry| entry.end_iova <= iova);
-            for entry in &level[first..] {
-                if entry.base_iova >= end {
-                    break;
-                }
-                f(&entry.log);
-                if entry.base_iova <= iova && end <= entry.end_iova {
-                    return; // wholly inside one log: the logs are disjoint, no other has any
-                }
-            }
-        }
+        self.index
+            .for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
     }
 
     /// Reports and clears `[iova, iova+length)` from every range it overlaps.
     pub fn read_and_clear(&self, iova: u64, length: u64, bitmap: &mut IovaBitmap<'_>) {
-        self.for_each_overlapping(iova, length, |log| log.read_and_clear(iova, length, bitmap));
+        self.index
+            .for_each_overlapping(iova, length, |log| log.read_and_clear(iova, length, bitmap));
     }
-}
-
-/// Two sorted, disjoint runs of logs merged into one.
-fn merge_sorted(a: &[Entry], b: &[Entry]) -> Vec<Entry> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        if a[i].base_iova < b[j].base_iova {
-            out.push(a[i].clone());
-            i += 1;
-        } else {
-            out.push(b[j].clone());
-            j += 1;
-        }
-    }
-    out.extend(a[i..].iter().cloned());
-    out.extend(b[j..].iter().cloned());
-    out
 }
 
 impl DirtyMarker for SoftLog {
     #[inline]
     fn mark(&self, iova: u64, len: u64) {
-        self.for_each_overlapping(iova, len, |log| log.mark(iova, len));
+        self.index
+            .for_each_overlapping(iova, len, |log| log.mark(iova, len));
     }
 }
 
@@ -411,7 +339,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn levels_stay_logarithmic_and_disjoint() {
+    fn added_ranges_keep_the_index_shallow_and_fill_only_gaps() {
         let mut driver = SoftDriver::new();
         let mut page = 4096;
         driver.start(&[], &mut page).unwrap();
@@ -422,10 +350,7 @@ mod tests {
         }
         let log = driver.log().unwrap();
         assert_eq!(log.log_count(), 1000);
-        assert!(log.levels.len() <= 11, "{} levels", log.levels.len());
-        for level in &log.levels {
-            assert!(level.windows(2).all(|w| w[0].end_iova <= w[1].base_iova));
-        }
+        assert!(log.index.depth() <= 4, "depth {}", log.index.depth());
         // One log covering the gaps between three earlier ones adds only the gaps.
         driver
             .add_range(IovaRange::new(0, 3 << 20).unwrap())
