@@ -32,7 +32,7 @@ pub const SOFT_DEFAULT_MAX_LOG_BYTES: u64 = DEFAULT_MAX_LOG_BYTES;
 pub const SOFT_LOG_OVERHEAD_BYTES: u64 = 256;
 
 /// The logs of one START, lock-free to mark and to read: disjoint logs in a
-/// [`LogIndex`] (a B-tree whose nodes are shared between snapshots), so a range added
+/// B-tree index whose nodes are shared between snapshots (`log_index`), so a range added
 /// after START copies O(log n) nodes and a mark is one O(log n) descent.
 pub struct SoftLog {
     index: LogIndex,
