@@ -480,7 +480,11 @@ impl<D: LogDriver> LoggingCore<D> {
                         limit: u64::from(self.max_ranges),
                     });
                 }
-                let mut requested = Vec::with_capacity(control.num_ranges as usize);
+                // Grown as ranges are read, not sized from num_ranges up front: a huge
+                // count whose ranges are not there faults on the first missing one.
+                let mut requested = Vec::with_capacity(
+                    (control.num_ranges as usize).min(DEFAULT_MAX_RANGES as usize),
+                );
                 let mut raw = [0u8; RANGE_BYTES];
                 for index in 0..u64::from(control.num_ranges) {
                     let addr = control
