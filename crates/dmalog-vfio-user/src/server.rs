@@ -676,6 +676,9 @@ impl Server {
             writable: request.flags & DMA_FLAG_WRITE != 0,
             backing,
         };
+        // The log covers the range before any device thread can reach the mapping: a
+        // write landing in between would be marked on a log without it.
+        self.core.cover_before_map(range);
         self.space.map(region).map_err(|err| err.errno())?;
         self.core.dma_mapped(range);
         Reply::payload(Vec::new())
