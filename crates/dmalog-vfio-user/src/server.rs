@@ -727,19 +727,25 @@ impl Server {
         };
         let full = RegionInfoWire::BYTES + caps.len();
         let room = request.argsz as usize >= full;
+        // A reply without room for the caps is only "ask again with argsz = full": it
+        // claims no CAPS (QEMU refuses CAPS with cap_offset 0, which is what the kernel
+        // sends) and no MMAP (its fd goes with the full answer only).
         let mut flags = info.flags;
-        if !caps.is_empty() {
+        let mut cap_offset = 0;
+        if !room {
+            flags &= !dmalog_device::device::REGION_MMAP;
+        } else if !caps.is_empty() {
             flags |= dmalog_device::device::REGION_CAPS;
+            cap_offset = RegionInfoWire::BYTES as u32;
+        }
+        if info.mmap_fd.is_none() {
+            flags &= !dmalog_device::device::REGION_MMAP; // MMAP means an fd comes with it
         }
         let reply = RegionInfoWire {
             argsz: full as u32,
             flags,
             index: request.index,
-            cap_offset: if caps.is_empty() || !room {
-                0
-            } else {
-                RegionInfoWire::BYTES as u32
-            },
+            cap_offset,
             size: info.size,
             offset: 0,
         };
