@@ -144,7 +144,9 @@ impl Client {
             return Err(ClientError::Protocol("server speaks another major version"));
         }
         if let Some(xfer) = version.capability("max_data_xfer_size") {
-            client.max_data_xfer_size = client.max_data_xfer_size.min(xfer.max(64) as u32);
+            // Clamped before the cast: 2^32 as u32 would be 0 (and 0-byte chunks).
+            let theirs = xfer.clamp(64, u64::from(u32::MAX)) as u32;
+            client.max_data_xfer_size = client.max_data_xfer_size.min(theirs);
         }
         client
             .transport
@@ -319,10 +321,13 @@ impl Client {
         let mapping = self
             .mappings
             .iter()
-            .find(|m| access.addr >= m.iova && end <= m.iova + m.size)
+            .find(|m| access.addr >= m.iova && m.iova.checked_add(m.size).is_some_and(|e| end <= e))
             .ok_or(libc::EFAULT)?;
         let fd = mapping.fd.as_ref().ok_or(libc::EFAULT)?;
-        let at = mapping.offset + (access.addr - mapping.iova);
+        let at = mapping
+            .offset
+            .checked_add(access.addr - mapping.iova)
+            .ok_or(libc::EFAULT)?;
         match command {
             cmd::DMA_WRITE => {
                 let data = &payload[DmaAccess::BYTES.min(payload.len())..];
@@ -560,6 +565,12 @@ impl Client {
         let reply = self.device_feature(&request)?;
         let chosen = dmalog::uapi::read_u64(&reply, FEATURE_HEADER_BYTES)
             .map_err(|_| ClientError::Protocol("short START reply"))?;
+        // Callers divide by it and shift by its log: only a power of two is a page size.
+        if !chosen.is_power_of_two() {
+            return Err(ClientError::Protocol(
+                "START reply: page size not a power of two",
+            ));
+        }
         self.logging_page_size = Some(chosen);
         Ok(chosen)
     }
