@@ -523,9 +523,11 @@ impl Client {
         self.region_write(region, offset, &value.to_le_bytes())
     }
 
-    /// DEVICE_RESET.
+    /// DEVICE_RESET: the device is RUNNING afterwards, with logging stopped.
     pub fn reset(&mut self) -> Result<(), ClientError> {
-        self.request(cmd::DEVICE_RESET, &[], &[]).map(|_| ())
+        self.request(cmd::DEVICE_RESET, &[], &[])?;
+        self.logging_page_size = None;
+        Ok(())
     }
 
     /// DEVICE_FEATURE with a raw feature payload (argsz, flags, data); returns the reply's.

@@ -229,8 +229,10 @@ impl ConnectionDma<'_> {
             if left.is_zero() {
                 return Err(timed_out());
             }
-            if matches!(wait_readable(self.transport.stream(), left), Ok(true)) {
-                break;
+            match wait_readable(self.transport.stream(), left) {
+                Ok(true) => break,
+                Ok(false) => {} // the deadline, or a signal: look again
+                Err(_) => return Err(DeviceError::Io("connection lost")),
             }
         }
         // The message has begun: the socket's read timeout (the peer timeout, set in
