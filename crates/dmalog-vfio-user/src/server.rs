@@ -541,11 +541,12 @@ impl Server {
 
     fn disconnect(&mut self) {
         let _ = self.core.stop();
-        // A migration the client left half-way (a partial load, an unfinished STOP_COPY)
-        // must not strand the device for the next client.
-        self.machine.abort(self.device.as_mut());
         self.core.dma_unmapped_all();
         self.space.unmap_all();
+        // A migration the client left half-way (a partial load, an unfinished STOP_COPY)
+        // must not strand the device for the next client. After the unmap: a device that
+        // runs again must not reach the departed client's memory.
+        self.machine.abort(self.device.as_mut());
         for index in 0..self.device.num_irqs() {
             if let Some(info) = self.device.irq_info(index) {
                 let _ =
