@@ -180,6 +180,9 @@ pub fn client_against_script(script: &[u8]) -> usize {
         rustix::fs::memfd_create("fuzz-guest", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
     rustix::fs::ftruncate(&memory, 1 << 20).expect("ftruncate");
     if let Ok(mut client) = Client::with_stream(client_end, 64 << 10) {
+        client
+            .set_reply_timeout(std::time::Duration::from_secs(5))
+            .expect("timeout");
         let _ = client.device_info();
         let _ = client.region_info(1);
         let _ = client.irq_info(0);

@@ -139,3 +139,43 @@ fn malformed_replies_are_errors_not_panics() {
     drop(client);
     server.join().unwrap();
 }
+
+#[test]
+fn a_silent_server_times_the_request_out_and_later_requests_fail_at_once() {
+    let (client_end, server_end) = UnixStream::pair().unwrap();
+    // Answers VERSION, then reads requests and never answers.
+    let server = std::thread::spawn(move || {
+        let mut transport = Transport::new(server_end, 1 << 20);
+        let version = transport.recv().unwrap();
+        let reply = Header {
+            msg_id: version.header.msg_id,
+            cmd: cmd::VERSION,
+            msg_size: 0,
+            flags: TYPE_REPLY,
+            error_no: 0,
+        };
+        let caps = Version {
+            major: 0,
+            minor: 2,
+            json: None,
+        };
+        transport.send(reply, &caps.encode(), &[]).unwrap();
+        while transport.recv().is_ok() {}
+    });
+    let mut client = Client::with_stream(client_end, CLIENT_MAX_DATA_XFER).unwrap();
+    client
+        .set_reply_timeout(std::time::Duration::from_millis(100))
+        .unwrap();
+    let err = client.device_info().expect_err("no reply");
+    assert_eq!(err.errno(), libc::ETIMEDOUT, "{err}");
+    // A late reply would now be out of step: later requests fail without waiting (a
+    // wait would take the 20 s timeout).
+    client
+        .set_reply_timeout(std::time::Duration::from_secs(20))
+        .unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(client.device_info().unwrap_err().errno(), libc::ETIMEDOUT);
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    drop(client);
+    server.join().unwrap();
+}
