@@ -216,6 +216,8 @@ impl DmaSpace {
             accessors.retain(|slot| slot.strong_count() > 0);
             accessors.iter().filter_map(Weak::upgrade).collect()
         };
+        let start = std::time::Instant::now();
+        let mut warned = false;
         for slot in slots {
             let mut round = 0;
             loop {
@@ -224,6 +226,11 @@ impl DmaSpace {
                     break;
                 }
                 backoff(&mut round);
+                if !warned && round > 256 && start.elapsed() > std::time::Duration::from_secs(1) {
+                    // An access that does not end (memory whose page faults block): say so.
+                    tracing::warn!("DMA unmap has waited 1 s for a device access in flight");
+                    warned = true;
+                }
             }
         }
     }
