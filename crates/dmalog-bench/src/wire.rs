@@ -143,9 +143,8 @@ impl FillThroughput {
     /// measured); logging is off.
     pub fn new(write_bytes: u64) -> Self {
         let span = 64u64 << 20;
-        let memory = rustix::fs::memfd_create("dmalog-bench-fill", rustix::fs::MemfdFlags::CLOEXEC)
-            .expect("memfd");
-        rustix::fs::ftruncate(&memory, span).expect("ftruncate");
+        // Sealed, as dmalog's own guest memory: the direct copy path.
+        let memory = dmalog_device::sealed_memfd("dmalog-bench-fill", span).expect("memfd");
         let mapping = SharedMapping::map_populated(&memory, 0, span as usize, true).expect("mmap");
         let driver = SoftDriver::new();
         let space = DmaSpace::new(Arc::clone(driver.live_log()));

@@ -66,6 +66,9 @@ pub enum DeviceError {
     /// The device failed internally (EIO).
     #[error("device error: {0}")]
     Io(&'static str),
+    /// Memory behind the access is gone, e.g. a shared file shrank (EFAULT).
+    #[error("bad address: {0}")]
+    Fault(&'static str),
 }
 
 impl DeviceError {
@@ -76,6 +79,7 @@ impl DeviceError {
             DeviceError::Busy(_) => libc::EBUSY,
             DeviceError::NotSupported(_) => libc::ENOTSUP,
             DeviceError::Io(_) => libc::EIO,
+            DeviceError::Fault(_) => libc::EFAULT,
         }
     }
 }

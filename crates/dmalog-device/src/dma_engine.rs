@@ -205,9 +205,23 @@ fn run_workload(shared: Arc<WorkloadShared>, mut dma: DmaAccessor) {
             // Any rate a peer set: a quotient past what a Duration holds is "forever".
             let due = Duration::try_from_secs_f64(window_bytes as f64 / params.rate as f64)
                 .unwrap_or(Duration::MAX);
-            let elapsed = window_start.elapsed();
-            if due > elapsed {
+            // Sleep until the rate allows the next write, in steps short enough to notice a
+            // shutdown, a stop or new parameters (any WL_RATE, however small, is honoured).
+            loop {
+                let elapsed = window_start.elapsed();
+                if due <= elapsed {
+                    break;
+                }
                 std::thread::sleep((due - elapsed).min(Duration::from_millis(100)));
+                let control = shared.lock();
+                if control.shutdown
+                    || !(control.enabled && control.allowed)
+                    || control.params.rate != params.rate
+                {
+                    window_start = Instant::now();
+                    window_bytes = 0;
+                    break;
+                }
             }
         }
     }

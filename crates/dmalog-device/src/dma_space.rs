@@ -216,6 +216,8 @@ impl DmaSpace {
             accessors.retain(|slot| slot.strong_count() > 0);
             accessors.iter().filter_map(Weak::upgrade).collect()
         };
+        let start = std::time::Instant::now();
+        let mut warned = false;
         for slot in slots {
             let mut round = 0;
             loop {
@@ -224,6 +226,11 @@ impl DmaSpace {
                     break;
                 }
                 backoff(&mut round);
+                if !warned && round > 256 && start.elapsed() > std::time::Duration::from_secs(1) {
+                    // An access that does not end (memory whose page faults block): say so.
+                    tracing::warn!("DMA unmap has waited 1 s for a device access in flight");
+                    warned = true;
+                }
             }
         }
     }
@@ -354,13 +361,14 @@ impl DmaAccessor {
     /// Walks `len` bytes from `iova` across adjacent mappings, handing each piece to
     /// `access(mapping, offset in the mapping, its IOVA, bytes done before it, its length)`.
     /// Stops with a fault at the first IOVA that is not mapped, message-only or lacks the
-    /// permission (`write`: writable, else readable), or where `access` fails.
+    /// permission (`write`: writable, else readable), or where `access` stops (it returns
+    /// the bytes of the piece it did copy).
     fn walk(
         table: &DmaTable,
         iova: u64,
         len: usize,
         write: bool,
-        mut access: impl FnMut(&SharedMapping, usize, u64, usize, usize) -> bool,
+        mut access: impl FnMut(&SharedMapping, usize, u64, usize, usize) -> Result<(), usize>,
     ) -> Result<(), DmaFault> {
         let mut done = 0usize;
         while done < len {
@@ -384,8 +392,12 @@ impl DmaAccessor {
                 return Err(fault);
             }
             let piece = (len - done).min(available.min(usize::MAX as u64) as usize);
-            if !access(mapping, (at - region.iova) as usize, at, done, piece) {
-                return Err(fault);
+            if let Err(copied) = access(mapping, (at - region.iova) as usize, at, done, piece) {
+                let done = done + copied.min(piece);
+                return Err(DmaFault {
+                    at: iova.wrapping_add(done as u64),
+                    done: done as u64,
+                });
             }
             done += piece;
         }
@@ -409,11 +421,13 @@ impl DmaAccessor {
             data.len(),
             true,
             |mapping, offset, at, done, piece| {
-                let written = mapping.write(offset, &data[done..done + piece]);
-                if written {
-                    recorder.record_write(at, piece as u64);
+                // A fault part-way (a shrunk file) still wrote, and logs, what came before.
+                let result = mapping.try_write(offset, &data[done..done + piece]);
+                let written = result.map_or_else(|f| f.copied_bytes, |()| piece);
+                if written > 0 {
+                    recorder.record_write(at, written as u64);
                 }
-                written
+                result.map_err(|f| f.copied_bytes)
             },
         )
     }
@@ -431,7 +445,11 @@ impl DmaAccessor {
             iova,
             out.len(),
             false,
-            |mapping, offset, _, done, piece| mapping.read(offset, &mut out[done..done + piece]),
+            |mapping, offset, _, done, piece| {
+                mapping
+                    .try_read(offset, &mut out[done..done + piece])
+                    .map_err(|f| f.copied_bytes)
+            },
         )
     }
 }

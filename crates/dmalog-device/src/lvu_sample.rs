@@ -19,7 +19,7 @@ use crate::device::{
     PCI_CONFIG_REGION_INDEX, PCI_NUM_IRQS, PCI_NUM_REGIONS, REGION_MMAP, REGION_READ, REGION_WRITE,
 };
 use crate::dma_space::{DmaAccessor, DmaBacking, DmaSpace};
-use crate::shared_memory::SharedMapping;
+use crate::shared_memory::{sealed_memfd, SharedMapping};
 
 /// Bytes of BAR1 (SPEC 6.2; libvfio-user's sample after its BAR-size fix).
 pub const BAR1_SIZE: u64 = 0x4000;
@@ -48,6 +48,15 @@ fn timer_deadline(now: Instant, wait_secs: i64) -> Option<Instant> {
         return None;
     }
     now.checked_add(Duration::from_secs(wait_secs.max(0) as u64))
+}
+
+/// A BAR1 access `[offset, offset + count)` as a mapping offset; EINVAL past the end.
+fn bar1_offset(offset: u64, count: usize, bar1_size: u64) -> Result<usize, DeviceError> {
+    offset
+        .checked_add(count as u64)
+        .filter(|&end| end <= bar1_size)
+        .ok_or(DeviceError::Invalid("BAR1 access out of range"))?;
+    Ok(offset as usize)
 }
 
 /// What the last timer expiry did (for tests).
@@ -99,8 +108,9 @@ impl LvuSample {
         if !(0x3000..=1 << 30).contains(&bar1_size) || bar1_size % 4096 != 0 {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let fd = rustix::fs::memfd_create("lvu-sample-bar1", rustix::fs::MemfdFlags::CLOEXEC)?;
-        rustix::fs::ftruncate(&fd, bar1_size)?;
+        // Sealed: the client gets this fd and must not be able to shrink it under our
+        // mapping (SIGBUS) or grow it.
+        let fd = sealed_memfd("lvu-sample-bar1", bar1_size)?;
         let bar1 = SharedMapping::map(&fd, 0, bar1_size as usize, true)?;
         let mut config = [0u8; 256];
         config[0..2].copy_from_slice(&0xdeadu16.to_le_bytes());
@@ -209,13 +219,10 @@ impl Device for LvuSample {
                 Ok(())
             }
             1 => {
-                if !self.bar1.read(
-                    usize::try_from(offset).map_err(|_| DeviceError::Invalid("offset"))?,
-                    out,
-                ) {
-                    return Err(DeviceError::Invalid("BAR1 read out of range"));
-                }
-                Ok(())
+                let offset = bar1_offset(offset, out.len(), self.bar1_size)?;
+                self.bar1
+                    .try_read(offset, out)
+                    .map_err(|_| DeviceError::Fault("BAR1 memory is gone"))
             }
             PCI_CONFIG_REGION_INDEX => {
                 let end = offset
@@ -241,13 +248,10 @@ impl Device for LvuSample {
                 Ok(())
             }
             1 => {
-                if !self.bar1.write(
-                    usize::try_from(offset).map_err(|_| DeviceError::Invalid("offset"))?,
-                    data,
-                ) {
-                    return Err(DeviceError::Invalid("BAR1 write out of range"));
-                }
-                Ok(())
+                let offset = bar1_offset(offset, data.len(), self.bar1_size)?;
+                self.bar1
+                    .try_write(offset, data)
+                    .map_err(|_| DeviceError::Fault("BAR1 memory is gone"))
             }
             PCI_CONFIG_REGION_INDEX => {
                 offset

@@ -90,3 +90,79 @@ fn no_write_lands_after_unmap_all_returns() {
         one_round(true);
     }
 }
+
+/// The dma-engine workload thread: once unmap returns it starts no write on the mapping
+/// (it stops: the IOVA is gone) and none of its writes is still landing. (The workload
+/// spends most of its time making data, so this catches the race less often than the
+/// tests above; it guards the workload's use of the same accessor protocol.)
+#[test]
+fn the_workload_writes_nothing_after_unmap_returns() {
+    use dmalog_device::dma_engine::reg;
+    use dmalog_device::{Device, DmaEngine};
+    const SPAN: u64 = 8 << 20;
+    for _ in 0..4 {
+        // Sealed: the direct copy path, the slower one in a debug build, so that a write is
+        // in flight for a good part of the workload's time.
+        let fd = dmalog_device::sealed_memfd("guest", SPAN).unwrap();
+        let driver = SoftDriver::new();
+        let space = DmaSpace::new(Arc::clone(driver.live_log()));
+        let mapping = SharedMapping::map(&fd, 0, SPAN as usize, true).unwrap();
+        space
+            .map(DmaRegion {
+                iova: 0,
+                size: SPAN,
+                readable: true,
+                writable: true,
+                backing: DmaBacking::Mapped(Arc::new(mapping)),
+            })
+            .unwrap();
+        let mut engine = DmaEngine::new(&space);
+        let mut set = |offset: u64, value: u64| {
+            engine
+                .region_write(0, offset, &value.to_le_bytes())
+                .unwrap()
+        };
+        set(reg::WL_SPAN, SPAN);
+        set(reg::WL_SIZE, 4 << 20);
+        set(reg::WL_SEED, 3);
+        set(reg::WL_CTRL, 1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = [0u8; 8];
+        loop {
+            engine.region_read(0, reg::WL_WRITES, &mut out).unwrap();
+            if u64::from_le_bytes(out) >= 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the workload never wrote");
+            std::thread::yield_now();
+        }
+        space.unmap(0, SPAN).unwrap();
+        let snapshot = |fd: &OwnedFd| {
+            let mut all = vec![0u8; SPAN as usize];
+            rustix::io::pread(fd, &mut all, 0).unwrap();
+            all
+        };
+        // The last word of each 4 MiB slot: a write in flight reaches it last.
+        let at_unmap = [
+            last_word_at(&fd, (4 << 20) - 8),
+            last_word_at(&fd, SPAN - 8),
+        ];
+        let first = snapshot(&fd);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(
+            at_unmap,
+            [
+                last_word_at(&fd, (4 << 20) - 8),
+                last_word_at(&fd, SPAN - 8)
+            ],
+            "a workload write landed after unmap returned"
+        );
+        assert!(first == snapshot(&fd), "guest memory changed after unmap");
+    }
+}
+
+fn last_word_at(fd: &OwnedFd, offset: u64) -> u64 {
+    let mut word = [0u8; 8];
+    rustix::io::pread(fd, &mut word, offset).unwrap();
+    u64::from_le_bytes(word)
+}

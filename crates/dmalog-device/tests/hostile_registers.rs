@@ -257,3 +257,23 @@ fn dma_engine_migration_state_with_extreme_counters() {
     read(&mut engine, reg::BYTES_WRITTEN);
     write(&mut engine, reg::WL_CTRL, 0);
 }
+
+#[test]
+fn dma_engine_workload_honours_a_tiny_rate() {
+    // 64 KiB writes at 4 KiB/s: one write, then 16 s until the next. (The old loop slept
+    // at most 100 ms per write, whatever the rate.)
+    let space = space_with(&[(0, 0x1_0000)]);
+    let mut engine = DmaEngine::new(&space);
+    write(&mut engine, reg::WL_SPAN, 0x1_0000);
+    write(&mut engine, reg::WL_SIZE, 0x1_0000);
+    write(&mut engine, reg::WL_RATE, 4096);
+    write(&mut engine, reg::WL_CTRL, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let writes = read(&mut engine, reg::WL_WRITES);
+    assert!(writes <= 1, "{writes} writes in 0.5 s at 4 KiB/s");
+    // A stop (and the drop at the end) is noticed within a sleep step.
+    let start = Instant::now();
+    write(&mut engine, reg::WL_CTRL, 0);
+    drop(engine);
+    assert!(start.elapsed() < Duration::from_secs(10), "hang guard");
+}

@@ -54,8 +54,9 @@ impl GuestMemory {
             {
                 return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
             }
-            let fd = rustix::fs::memfd_create("dmalog-guest", rustix::fs::MemfdFlags::CLOEXEC)?;
-            rustix::fs::ftruncate(&fd, size)?;
+            // Sealed against shrinking: the device server (and this process) then copy
+            // directly instead of through the kernel's SIGBUS-safe path.
+            let fd = dmalog_device::sealed_memfd("dmalog-guest", size)?;
             let map = SharedMapping::map_populated(&fd, 0, size as usize, true)?;
             regions.push(GuestRegion { gpa, size, fd, map });
         }

@@ -666,8 +666,11 @@ impl Server {
                     return Err(libc::EINVAL);
                 }
                 let writable = request.flags & DMA_FLAG_WRITE != 0;
+                // SharedMapping reads the seals: a file sealed against shrinking is copied
+                // directly, any other through the kernel (a shrink then faults, no SIGBUS).
                 let mapping = SharedMapping::map(&fd, request.offset, len, writable)
                     .map_err(|err| err.raw_os_error().unwrap_or(libc::EINVAL))?;
+                debug!(iova = request.addr, size = request.size, path = ?mapping.copy_path(), "DMA_MAP");
                 DmaBacking::Mapped(Arc::new(mapping))
             }
             None => DmaBacking::MessageOnly,
