@@ -85,14 +85,16 @@ fn zeroed_atomics(count: u64, what: &'static str) -> LogResult<Box<[AtomicU64]>>
     Ok(words.into_boxed_slice())
 }
 
-/// Counts of the read-modify-writes `mark` issues (unit tests only), to check that an
-/// already-dirty page costs none.
+/// Counts of the read-modify-writes `mark` issues and of the word RMWs a report issues
+/// (unit tests only), to check that an already-dirty page costs none and that the sole
+/// reporter clears all-ones words with plain stores.
 #[cfg(all(test, not(loom)))]
 mod rmw_count {
     use std::cell::Cell;
     thread_local! {
         pub static WORD: Cell<u64> = const { Cell::new(0) };
         pub static SUMMARY: Cell<u64> = const { Cell::new(0) };
+        pub static REPORT_WORD: Cell<u64> = const { Cell::new(0) };
     }
 }
 
@@ -100,6 +102,12 @@ mod rmw_count {
 fn counted_word_rmw() {
     #[cfg(all(test, not(loom)))]
     rmw_count::WORD.with(|c| c.set(c.get() + 1));
+}
+
+#[inline(always)]
+fn counted_report_word_rmw() {
+    #[cfg(all(test, not(loom)))]
+    rmw_count::REPORT_WORD.with(|c| c.set(c.get() + 1));
 }
 
 #[inline(always)]
@@ -352,6 +360,7 @@ impl DirtyLog {
         // Always an RMW, even on a clean word: a writer that sets bits after it reads from
         // its release sequence, so a later already-dirty mark of those bits (W0) sees this
         // report's R1 and repairs the summary instead of trusting a stale summary bit.
+        counted_report_word_rmw();
         match word.swap(0, Ordering::AcqRel) {
             0 => None,
             value => Some(value),
@@ -784,6 +793,27 @@ mod tests {
         let (w1, s1) = rmws();
         log.mark(60 * 4096, 200 * 4096);
         assert_eq!(rmws(), (w1, s1));
+    }
+
+    #[test]
+    fn the_sole_reporter_clears_all_ones_words_without_rmw() {
+        let report_rmws = || rmw_count::REPORT_WORD.with(|c| c.get());
+        let log = DirtyLog::new(0, 64 << 20, 4096).unwrap();
+        for round in 0..2 {
+            // Groups 1 and 2 dense: interior to the report (the dense path); group 0 has two
+            // all-ones words at the report's first (partial) group.
+            log.mark(16 << 20, 32 << 20);
+            log.mark(0, 128 * 4096);
+            let before = report_rmws();
+            let pages = report(&log, 0, 64 << 20, 4096);
+            assert_eq!(pages.len(), 128 + 8192, "round {round}");
+            assert_eq!(report_rmws(), before, "round {round}: plain stores only");
+        }
+        // A partly dirty word needs the RMW (a writer may be setting its other bits).
+        log.mark(5 << 20, 1);
+        let before = report_rmws();
+        assert_eq!(report(&log, 0, 64 << 20, 4096).len(), 1);
+        assert_eq!(report_rmws(), before + 1);
     }
 
     #[test]

@@ -1,12 +1,12 @@
 //! The driver side of the logging core: the three operations of SPEC section 1 (the
 //! kernel's `vfio_log_ops`) and the hot-path handle DMA writers record through.
 
-use std::sync::atomic::{AtomicU64 as StdAtomicU64, Ordering as StdOrdering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use crate::error::LogResult;
 use crate::iova_bitmap::IovaBitmap;
 use crate::ranges::IovaRange;
+use crate::sync::{fence, AtomicU64, Mutex, Ordering};
 
 /// A device-side tracker: what the logging core calls after it has validated a request.
 /// Drivers never see an invalid request.
@@ -83,16 +83,21 @@ pub trait DirtyMarker: Send + Sync {
 
 /// The currently published log of a driver, shared between the driver (which publishes on
 /// START and retracts on STOP) and any number of [`WriteRecorder`]s.
+///
+/// A generation counter plus a mutex, not `arc-swap`: the writer's hot path is one fence and
+/// one load of the counter either way, and these atomics and this lock go through
+/// `crate::sync`, so loom checks the publish / record race (`tests/loom_dirty_log.rs`);
+/// loom cannot see inside `arc-swap`.
 #[derive(Default)]
 pub struct LiveLog {
-    generation: StdAtomicU64,
+    generation: AtomicU64,
     current: Mutex<Option<Arc<dyn DirtyMarker>>>,
 }
 
 impl std::fmt::Debug for LiveLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveLog")
-            .field("generation", &self.generation.load(StdOrdering::Relaxed))
+            .field("generation", &self.generation.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -104,16 +109,23 @@ impl LiveLog {
     }
 
     /// Publishes `marker` (or retracts the current one with `None`). Writers switch at their
-    /// next write.
+    /// next write. A write racing this call either marks the new log or had its data in
+    /// memory before this call returned (so a copy of guest memory made after a START sees
+    /// it).
     pub fn publish(&self, marker: Option<Arc<dyn DirtyMarker>>) {
-        let mut current = self
-            .current
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *current = marker;
-        // SeqCst pairs with the fence in `record_write`: a write either sees the new
-        // generation or its data was in memory before this publish returned.
-        self.generation.fetch_add(1, StdOrdering::SeqCst);
+        {
+            let mut current = self
+                .current
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            *current = marker;
+            self.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        // Pairs with the fence in `record_write` (store-buffering: generation here, data
+        // there): if that write's load of the generation missed this bump, its fence comes
+        // first, so its data is visible to whatever the caller reads after this fence. An
+        // RMW alone is not a fence for later plain loads (not on Arm).
+        fence(Ordering::SeqCst);
     }
 
     /// A recorder for one writer thread.
@@ -130,7 +142,8 @@ impl LiveLog {
             .current
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (self.generation.load(StdOrdering::SeqCst), current.clone())
+        // Under the lock: the generation matches the published log.
+        (self.generation.load(Ordering::Relaxed), current.clone())
     }
 }
 
@@ -160,11 +173,13 @@ impl WriteRecorder {
     /// Records a DMA write of `[iova, iova+len)` whose data is already in memory.
     ///
     /// The SeqCst fence orders the data before both the generation check and the mark, so
-    /// a report (or a START) that misses this write's bit cannot also miss its data.
+    /// a report (or a START) that misses this write's bit cannot also miss its data: it
+    /// pairs with the fences that end [`LiveLog::publish`] and every clearing report.
     #[inline]
     pub fn record_write(&mut self, iova: u64, len: u64) {
-        std::sync::atomic::fence(StdOrdering::SeqCst);
-        if self.live.generation.load(StdOrdering::SeqCst) != self.generation {
+        fence(Ordering::SeqCst);
+        // Relaxed: the fences order it against a publish, and the snapshot takes the lock.
+        if self.live.generation.load(Ordering::Relaxed) != self.generation {
             let (generation, cached) = self.live.snapshot();
             self.generation = generation;
             self.cached = cached;
