@@ -23,6 +23,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 const MIB: u64 = 1 << 20;
 /// The default peer timeout, ms.
 const DEFAULT_TIMEOUT_MS: u64 = dmalog_migrate::stream::DEFAULT_TIMEOUT.as_millis() as u64;
+/// The longest peer timeout accepted, ms (a day).
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 
 /// The guest, its workloads and the migration settings (shared by `demo` and `migrate`).
 #[derive(clap::Args, Debug, Clone)]
@@ -62,7 +64,7 @@ pub struct VmArgs {
     mode: String,
     /// How long the peer may take to send or take one frame, ms (a silent peer fails the
     /// migration; the source VM then runs on).
-    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
     timeout_ms: u64,
     /// Print one JSON object with the whole report.
     #[arg(long)]
@@ -111,7 +113,7 @@ pub enum MigrateCommand {
         #[arg(long, default_value_t = 1024)]
         memory_mib: u64,
         /// How long the source may take to send one frame once connected, ms.
-        #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+        #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
         timeout_ms: u64,
         /// Print one JSON object.
         #[arg(long)]
@@ -265,7 +267,7 @@ fn run_source(
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
     progress.set_message("migrating: round 0 (all memory)");
-    let timeout = Duration::from_millis(vm_args.timeout_ms.max(1));
+    let timeout = Duration::from_millis(vm_args.timeout_ms);
     let stream = connect_within(destination, timeout)
         .with_context(|| format!("connecting to the destination {destination}"))?;
     stream.set_nodelay(true)?;
@@ -392,7 +394,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
     let address = listener.local_addr()?.to_string();
     let memory_mib = vm.memory_mib;
-    let timeout = Duration::from_millis(vm.timeout_ms.max(1));
+    let timeout = Duration::from_millis(vm.timeout_ms);
     let destination =
         std::thread::spawn(move || run_destination(memory_mib, dst, listener, timeout));
     let report = run_source(vm, src, &address);
@@ -441,7 +443,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                 *memory_mib,
                 dst,
                 listener,
-                Duration::from_millis((*timeout_ms).max(1)),
+                Duration::from_millis(*timeout_ms),
             )?;
             let mut stdout = std::io::stdout().lock();
             if *json {

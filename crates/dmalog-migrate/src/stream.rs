@@ -266,7 +266,11 @@ impl<W: Write> FrameWriter<W> {
         // Fits: every kind's limit is below 4 GiB.
         header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
         header[12..16].copy_from_slice(&crc.to_le_bytes());
-        let deadline = self.timeout.as_ref().map(|t| Instant::now() + t.timeout);
+        // A timeout too large to add to the clock is no limit.
+        let deadline = self
+            .timeout
+            .as_ref()
+            .and_then(|t| Instant::now().checked_add(t.timeout));
         self.write_all(&header, deadline)?;
         for part in parts {
             self.write_all(part, deadline)?;
@@ -344,7 +348,11 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame. Allocates no more than the bytes received (plus one chunk).
     pub fn read(&mut self) -> Result<Frame, StreamError> {
-        let deadline = self.timeout.as_ref().map(|t| Instant::now() + t.timeout);
+        // A timeout too large to add to the clock is no limit.
+        let deadline = self
+            .timeout
+            .as_ref()
+            .and_then(|t| Instant::now().checked_add(t.timeout));
         let mut header = [0u8; FRAME_HEADER_BYTES];
         self.read_exact(&mut header, deadline)?;
         let word = |at: usize| {
@@ -467,5 +475,14 @@ mod tests {
             FrameReader::new(&[0u8; 32][..]).read(),
             Err(StreamError::BadHeader { .. })
         ));
+    }
+
+    #[test]
+    fn a_timeout_beyond_the_clock_is_no_limit_and_no_panic() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut out = FrameWriter::new(a, None).with_timeout(Duration::MAX);
+        out.write(Kind::End, &[]).unwrap();
+        let mut input = FrameReader::new(b).with_timeout(Duration::MAX);
+        assert_eq!(input.read().unwrap().kind, Kind::End);
     }
 }
