@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use dmalog_migrate::{
     default_layout, migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode,
     SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
+use dmalog_vfio_user::client::CLIENT_MAX_DATA_XFER;
 use dmalog_vfio_user::Client;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -62,8 +64,8 @@ pub struct VmArgs {
     /// pre-copy, stop-and-copy, or no-device-tracking.
     #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
     mode: String,
-    /// How long the peer may take to send or take one frame, ms (a silent peer fails the
-    /// migration; the source VM then runs on).
+    /// How long the destination may take to send or take one frame, and the device
+    /// server to answer, ms (a silent peer fails the migration; the source VM runs on).
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
     timeout_ms: u64,
     /// Print one JSON object with the whole report.
@@ -112,7 +114,8 @@ pub enum MigrateCommand {
         /// Guest memory, MiB (must match the source).
         #[arg(long, default_value_t = 1024)]
         memory_mib: u64,
-        /// How long the source may take to send one frame once connected, ms.
+        /// How long the source may take to send one frame once connected, and the device
+        /// server to answer, ms.
         #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
         timeout_ms: u64,
         /// Print one JSON object.
@@ -164,10 +167,23 @@ fn spawn_server(
     Ok(ServerChild { child, socket })
 }
 
-fn connect(path: &Path) -> anyhow::Result<Client> {
+/// A client of the device server at `path` (retrying while it starts), each of its
+/// socket reads and writes bounded by `timeout`: a device server that stops answering
+/// fails the migration instead of hanging it.
+fn connect(path: &Path, timeout: Duration) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match Client::connect(path) {
+        let attempt = UnixStream::connect(path)
+            .and_then(|stream| {
+                stream.set_read_timeout(Some(timeout))?;
+                stream.set_write_timeout(Some(timeout))?;
+                Ok(stream)
+            })
+            .map_err(anyhow::Error::from)
+            .and_then(|stream| {
+                Client::with_stream(stream, CLIENT_MAX_DATA_XFER).map_err(anyhow::Error::from)
+            });
+        match attempt {
             Ok(client) => return Ok(client),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Err(err) => return Err(err).context("connecting to dmalog serve"),
@@ -389,12 +405,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         args.inject_fault.as_deref(),
     )?;
     let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None)?;
-    let src = connect(&src_server.socket)?;
-    let dst = connect(&dst_server.socket)?;
+    let timeout = Duration::from_millis(vm.timeout_ms);
+    let src = connect(&src_server.socket, timeout)?;
+    let dst = connect(&dst_server.socket, timeout)?;
     let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
     let address = listener.local_addr()?.to_string();
     let memory_mib = vm.memory_mib;
-    let timeout = Duration::from_millis(vm.timeout_ms);
     let destination =
         std::thread::spawn(move || run_destination(memory_mib, dst, listener, timeout));
     let report = run_source(vm, src, &address);
@@ -424,7 +440,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             connect: destination,
             vm,
         } => {
-            let src = connect(socket)?;
+            let src = connect(socket, Duration::from_millis(vm.timeout_ms))?;
             let report = run_source(vm, src, destination)?;
             print_report(vm, &report, None, 0)
         }
@@ -435,7 +451,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             timeout_ms,
             json,
         } => {
-            let dst = connect(socket)?;
+            let dst = connect(socket, Duration::from_millis(*timeout_ms))?;
             let listener =
                 TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
             eprintln!("waiting for a migration on {}", listener.local_addr()?);

@@ -136,6 +136,9 @@ pub enum MigrateError {
     /// The connection to the device (its server) failed: the device is gone.
     #[error("lost the connection to the device server ({0}); the migration cannot go on")]
     DeviceLost(#[source] std::io::Error),
+    /// The device server stopped answering (its socket timed out): as good as gone.
+    #[error("the device server did not answer in time ({0}); the migration cannot go on")]
+    DeviceSilent(#[source] std::io::Error),
     /// The other side gave up or answered out of turn.
     #[error("peer: {0}")]
     Peer(String),
@@ -147,6 +150,14 @@ pub enum MigrateError {
 impl From<TrackerError> for MigrateError {
     fn from(err: TrackerError) -> Self {
         match err {
+            TrackerError::Transport(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                MigrateError::DeviceSilent(io)
+            }
             TrackerError::Transport(io) => MigrateError::DeviceLost(io),
             other => MigrateError::Device(other),
         }
