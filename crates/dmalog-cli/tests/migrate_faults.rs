@@ -65,18 +65,17 @@ struct Destination {
     stderr: mpsc::Receiver<String>,
 }
 
+/// `dmalog migrate destination` for a 64 MiB guest (unless `extra` says otherwise).
 fn destination(socket: &Path, extra: &[&str]) -> Destination {
+    let memory_mib = if extra.contains(&"--memory-mib") {
+        &[][..]
+    } else {
+        &["--memory-mib", "64"][..]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "migrate",
-            "destination",
-            "--json",
-            "--memory-mib",
-            "64",
-            "--listen",
-            "127.0.0.1:0",
-            "--socket",
-        ])
+        .args(["migrate", "destination", "--json"])
+        .args(memory_mib)
+        .args(["--listen", "127.0.0.1:0", "--socket"])
         .arg(socket)
         .args(extra)
         .stdout(Stdio::piped())
@@ -405,4 +404,24 @@ fn a_source_device_server_that_stops_answering_fails_the_migration_within_the_ti
         stderr.contains("device server did not answer in time"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_layout_mismatch_fails_the_source_with_the_destination_s_reason() {
+    let src_server = ServerProcess::start("soft");
+    let dst_server = ServerProcess::start("soft");
+    let destination = destination(&dst_server.socket, &["--memory-mib", "128"]);
+    let out = wait_guarded(
+        source(&destination.address, &src_server.socket, &[]),
+        "dmalog migrate source",
+    );
+    let (dst_out, dst_stderr) = destination.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !dst_out.status.success());
+    assert!(
+        stderr.contains("aborted: guest memory layout differs"),
+        "{stderr}"
+    );
+    assert!(dst_stderr.contains("layout differs"), "{dst_stderr}");
+    assert_device_ready_for_a_retry(&src_server);
 }

@@ -135,10 +135,10 @@ pub enum MigrateError {
     Device(TrackerError),
     /// The connection to the device (its server) failed: the device is gone.
     #[error("lost the connection to the device server ({0}); the migration cannot go on")]
-    DeviceLost(#[source] std::io::Error),
+    DeviceLost(std::io::Error),
     /// The device server stopped answering (its socket timed out): as good as gone.
     #[error("the device server did not answer in time ({0}); the migration cannot go on")]
-    DeviceSilent(#[source] std::io::Error),
+    DeviceSilent(std::io::Error),
     /// The other side gave up or answered out of turn.
     #[error("peer: {0}")]
     Peer(String),
@@ -381,18 +381,45 @@ pub fn migrate_source<S: Read + Write + Send>(
     };
     let result = migrate_source_inner(config, vm, out, replies, on_round);
     if let Err(err) = &result {
-        // The VM stays here: logging off, the device and the vCPUs running again.
+        // The VM stays here: logging off, the device and the vCPUs running again. A device
+        // server that is gone or silent is not asked (each request would wait out its
+        // timeout with the guest paused).
         warn!(%err, "migration failed; the source VM keeps running");
-        let _ = device.stop();
-        let _ = cpu.stop();
-        if let Err(err) = device.set_device_state(DeviceState::Running) {
-            warn!(%err, "could not return the device to RUNNING");
+        if !matches!(
+            err,
+            MigrateError::DeviceLost(_) | MigrateError::DeviceSilent(_)
+        ) {
+            let _ = device.stop();
+            if let Err(err) = device.set_device_state(DeviceState::Running) {
+                warn!(%err, "could not return the device to RUNNING");
+            }
         }
+        let _ = cpu.stop();
         if let Some(vcpus) = vcpus {
             vcpus.resume();
         }
     }
-    result
+    result.map_err(|err| why_the_peer_hung_up(err, replies))
+}
+
+/// When the destination closed the connection, it may have said why first (an Abort it
+/// sent while we were still writing): that reason is the error, not the broken pipe.
+fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>) -> MigrateError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    let hung_up = matches!(
+        &err,
+        MigrateError::Stream(StreamError::Io(io))
+            if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
+    );
+    if !hung_up {
+        return err;
+    }
+    // The peer is gone: this read returns at once (a frame left behind, the end, or
+    // a reset), and is bounded by the reader's timeout anyway.
+    match replies.read() {
+        Ok(frame) if frame.kind == Kind::Abort => aborted(&frame),
+        _ => err,
+    }
 }
 
 fn migrate_source_inner<S: Read + Write + Send>(

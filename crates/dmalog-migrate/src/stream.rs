@@ -91,9 +91,10 @@ impl Kind {
 /// A stream that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// The connection failed or ended in the middle of a frame.
+    /// The connection failed or ended in the middle of a frame. (Not a `source`: the
+    /// message already says it, and error chains would print it twice.)
     #[error("migration stream: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The peer did not deliver a whole frame in time.
     #[error("migration stream: the peer sent no complete frame within {} ms", .0.as_millis())]
     TimedOut(Duration),
@@ -144,6 +145,12 @@ pub enum StreamError {
         /// What is wrong with it.
         why: &'static str,
     },
+}
+
+impl From<std::io::Error> for StreamError {
+    fn from(err: std::io::Error) -> Self {
+        StreamError::Io(err)
+    }
 }
 
 /// One frame.
