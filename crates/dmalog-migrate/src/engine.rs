@@ -251,6 +251,11 @@ pub struct SourceVm<'a> {
 /// Runs the source side over `stream` (a connected, bidirectional transport): logging on
 /// every source, round 0, pre-copy rounds, the stop, the final round, device state, and
 /// verification. `vcpus` is paused for the final round and stays paused (the guest moved).
+///
+/// On any failure, before or after the stop, the VM stays here: logging off, the device
+/// RUNNING, the vCPUs resumed. Time limits on the destination are the reader's and
+/// writer's ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]): without them a
+/// silent destination is waited for forever.
 pub fn migrate_source<S: Read + Write + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
