@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -17,12 +18,15 @@ use dmalog_migrate::{
     default_layout, migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode,
     SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
+use dmalog_vfio_user::client::CLIENT_MAX_DATA_XFER;
 use dmalog_vfio_user::Client;
 use indicatif::{ProgressBar, ProgressStyle};
 
 const MIB: u64 = 1 << 20;
 /// The default peer timeout, ms.
 const DEFAULT_TIMEOUT_MS: u64 = dmalog_migrate::stream::DEFAULT_TIMEOUT.as_millis() as u64;
+/// The longest peer timeout accepted, ms (a day).
+const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 
 /// The guest, its workloads and the migration settings (shared by `demo` and `migrate`).
 #[derive(clap::Args, Debug, Clone)]
@@ -60,9 +64,9 @@ pub struct VmArgs {
     /// pre-copy, stop-and-copy, or no-device-tracking.
     #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
     mode: String,
-    /// How long the peer may take to send or take one frame, ms (a silent peer fails the
-    /// migration; the source VM then runs on).
-    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+    /// How long the destination may take to send or take one frame, and the device
+    /// server to answer, ms (a silent peer fails the migration; the source VM runs on).
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
     timeout_ms: u64,
     /// Print one JSON object with the whole report.
     #[arg(long)]
@@ -113,8 +117,9 @@ pub enum MigrateCommand {
         /// Guest memory, MiB (must match the source).
         #[arg(long, default_value_t = 1024)]
         memory_mib: u64,
-        /// How long the source may take to send one frame once connected, ms.
-        #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+        /// How long the source may take to send one frame once connected, and the device
+        /// server to answer, ms.
+        #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
         timeout_ms: u64,
         /// Print one JSON object.
         #[arg(long)]
@@ -168,10 +173,23 @@ fn spawn_server(
     Ok(ServerChild { child, socket })
 }
 
-fn connect(path: &Path) -> anyhow::Result<Client> {
+/// A client of the device server at `path` (retrying while it starts), each of its
+/// socket reads and writes bounded by `timeout`: a device server that stops answering
+/// fails the migration instead of hanging it.
+fn connect(path: &Path, timeout: Duration) -> anyhow::Result<Client> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match Client::connect(path) {
+        let attempt = UnixStream::connect(path)
+            .and_then(|stream| {
+                stream.set_read_timeout(Some(timeout))?;
+                stream.set_write_timeout(Some(timeout))?;
+                Ok(stream)
+            })
+            .map_err(anyhow::Error::from)
+            .and_then(|stream| {
+                Client::with_stream(stream, CLIENT_MAX_DATA_XFER).map_err(anyhow::Error::from)
+            });
+        match attempt {
             Ok(client) => return Ok(client),
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
             Err(err) => return Err(err).context("connecting to dmalog serve"),
@@ -271,7 +289,7 @@ fn run_source(
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
     progress.set_message("migrating: round 0 (all memory)");
-    let timeout = Duration::from_millis(vm_args.timeout_ms.max(1));
+    let timeout = Duration::from_millis(vm_args.timeout_ms);
     let stream = connect_within(destination, timeout)
         .with_context(|| format!("connecting to the destination {destination}"))?;
     stream.set_nodelay(true)?;
@@ -395,12 +413,12 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         args.max_log_mib,
     )?;
     let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None, args.max_log_mib)?;
-    let src = connect(&src_server.socket)?;
-    let dst = connect(&dst_server.socket)?;
+    let timeout = Duration::from_millis(vm.timeout_ms);
+    let src = connect(&src_server.socket, timeout)?;
+    let dst = connect(&dst_server.socket, timeout)?;
     let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
     let address = listener.local_addr()?.to_string();
     let memory_mib = vm.memory_mib;
-    let timeout = Duration::from_millis(vm.timeout_ms.max(1));
     let destination =
         std::thread::spawn(move || run_destination(memory_mib, dst, listener, timeout));
     let report = run_source(vm, src, &address);
@@ -430,7 +448,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             connect: destination,
             vm,
         } => {
-            let src = connect(socket)?;
+            let src = connect(socket, Duration::from_millis(vm.timeout_ms))?;
             let report = run_source(vm, src, destination)?;
             print_report(vm, &report, None, 0)
         }
@@ -441,7 +459,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             timeout_ms,
             json,
         } => {
-            let dst = connect(socket)?;
+            let dst = connect(socket, Duration::from_millis(*timeout_ms))?;
             let listener =
                 TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
             eprintln!("waiting for a migration on {}", listener.local_addr()?);
@@ -449,7 +467,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                 *memory_mib,
                 dst,
                 listener,
-                Duration::from_millis((*timeout_ms).max(1)),
+                Duration::from_millis(*timeout_ms),
             )?;
             let mut stdout = std::io::stdout().lock();
             if *json {

@@ -65,18 +65,17 @@ struct Destination {
     stderr: mpsc::Receiver<String>,
 }
 
+/// `dmalog migrate destination` for a 64 MiB guest (unless `extra` says otherwise).
 fn destination(socket: &Path, extra: &[&str]) -> Destination {
+    let memory_mib = if extra.contains(&"--memory-mib") {
+        &[][..]
+    } else {
+        &["--memory-mib", "64"][..]
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "migrate",
-            "destination",
-            "--json",
-            "--memory-mib",
-            "64",
-            "--listen",
-            "127.0.0.1:0",
-            "--socket",
-        ])
+        .args(["migrate", "destination", "--json"])
+        .args(memory_mib)
+        .args(["--listen", "127.0.0.1:0", "--socket"])
         .arg(socket)
         .args(extra)
         .stdout(Stdio::piped())
@@ -339,4 +338,90 @@ fn a_destination_killed_mid_stream_then_a_retry_to_a_new_destination_verifies() 
 #[test]
 fn a_destination_killed_mid_stream_then_a_retry_on_the_same_destination_device_verifies() {
     killed_then_retried(true);
+}
+
+/// `kill -SIG pid` (no unsafe code for a signal); whether it was delivered.
+fn signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// A child process that is continued (if stopped) and killed on drop, even when the test
+/// fails half-way.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        signal(self.0.id(), "-CONT");
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_source_device_server_that_stops_answering_fails_the_migration_within_the_timeout() {
+    let dir = common::TempDir::new("hung-dev");
+    let socket = dir.0.join("src.sock");
+    let server = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_dmalog"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // A destination that takes everything and says when data flows.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let (flowing_tx, flowing) = mpsc::channel();
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut first = vec![0u8; 1 << 20];
+        if stream.read_exact(&mut first).is_ok() {
+            let _ = flowing_tx.send(());
+            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        }
+    });
+    let source = source(
+        &address,
+        &socket,
+        &["--timeout-ms", "1000", "--link-mbps", "50"],
+    );
+    flowing
+        .recv_timeout(HANG_GUARD)
+        .expect("the migration started");
+    // The device server freezes (alive, socket open, never answering).
+    assert!(signal(server.0.id(), "-STOP"));
+    let out = wait_guarded(source, "dmalog migrate source");
+    drop(server);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("device server did not answer in time"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_layout_mismatch_fails_the_source_with_the_destination_s_reason() {
+    let src_server = ServerProcess::start("soft");
+    let dst_server = ServerProcess::start("soft");
+    let destination = destination(&dst_server.socket, &["--memory-mib", "128"]);
+    let out = wait_guarded(
+        source(&destination.address, &src_server.socket, &[]),
+        "dmalog migrate source",
+    );
+    let (dst_out, dst_stderr) = destination.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && !dst_out.status.success());
+    assert!(
+        stderr.contains("aborted: guest memory layout differs"),
+        "{stderr}"
+    );
+    assert!(dst_stderr.contains("layout differs"), "{dst_stderr}");
+    assert_device_ready_for_a_retry(&src_server);
 }

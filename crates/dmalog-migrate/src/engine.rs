@@ -5,11 +5,11 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use dmalog::tracker::report_words;
 use dmalog::uapi::DeviceState;
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, TrackerError};
 use tracing::{info, warn};
 
+use crate::dirty::{collect_dirty, Bitmaps, Tracking};
 use crate::guest::GuestMemory;
 use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError};
 use crate::vcpu::VcpuWorkload;
@@ -135,7 +135,10 @@ pub enum MigrateError {
     Device(TrackerError),
     /// The connection to the device (its server) failed: the device is gone.
     #[error("lost the connection to the device server ({0}); the migration cannot go on")]
-    DeviceLost(#[source] std::io::Error),
+    DeviceLost(std::io::Error),
+    /// The device server stopped answering (its socket timed out): as good as gone.
+    #[error("the device server did not answer in time ({0}); the migration cannot go on")]
+    DeviceSilent(std::io::Error),
     /// The other side gave up or answered out of turn.
     #[error("peer: {0}")]
     Peer(String),
@@ -147,6 +150,14 @@ pub enum MigrateError {
 impl From<TrackerError> for MigrateError {
     fn from(err: TrackerError) -> Self {
         match err {
+            TrackerError::Transport(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                MigrateError::DeviceSilent(io)
+            }
             TrackerError::Transport(io) => MigrateError::DeviceLost(io),
             other => MigrateError::Device(other),
         }
@@ -162,65 +173,6 @@ impl From<std::io::Error> for MigrateError {
 /// A migratable device that also tracks its DMA.
 pub trait SourceDevice: DirtyTracker + MigrationDevice {}
 impl<T: DirtyTracker + MigrationDevice> SourceDevice for T {}
-
-/// Per-region bitmaps, reused every round.
-struct Bitmaps {
-    words: Vec<Vec<u64>>,
-}
-
-impl Bitmaps {
-    fn new(memory: &GuestMemory) -> Result<Self, MigrateError> {
-        let words = memory
-            .regions()
-            .iter()
-            .map(|r| report_words(r.size, PAGE).map(|n| vec![0u64; n as usize]))
-            .collect::<Result<_, _>>()
-            .map_err(|_| MigrateError::Memory("region too large"))?;
-        Ok(Bitmaps { words })
-    }
-
-    fn clear(&mut self) {
-        for words in &mut self.words {
-            words.fill(0);
-        }
-    }
-
-    fn fill(&mut self, memory: &GuestMemory) {
-        for (words, region) in self.words.iter_mut().zip(memory.regions()) {
-            words.fill(u64::MAX);
-            let pages = region.size / PAGE;
-            if pages % 64 != 0 {
-                if let Some(last) = words.last_mut() {
-                    *last = (1u64 << (pages % 64)) - 1;
-                }
-            }
-        }
-    }
-}
-
-/// Reports one source over every region into `bitmaps`. On an error the log is corrupt:
-/// every region is treated as dirty (restarting tracking drops the log of the regions
-/// already reported too, and writes made since their report would be lost) and tracking
-/// restarts (STOP, START). Returns the errors seen.
-fn report_source(
-    source: &mut dyn DirtyTracker,
-    memory: &GuestMemory,
-    ranges: &[IovaRange],
-    bitmaps: &mut Bitmaps,
-) -> u32 {
-    for (index, region) in memory.regions().iter().enumerate() {
-        if let Err(err) = source.report(region.gpa, region.size, PAGE, &mut bitmaps.words[index]) {
-            warn!(%err, gpa = region.gpa, "REPORT failed: all guest memory is sent again, tracking restarts");
-            bitmaps.fill(memory);
-            let _ = source.stop();
-            if let Err(err) = source.start(ranges, PAGE) {
-                warn!(%err, "restarting dirty tracking failed");
-            }
-            return 1;
-        }
-    }
-    0
-}
 
 struct Sender<'a, W: Write> {
     out: &'a mut FrameWriter<W>,
@@ -284,56 +236,6 @@ impl<W: Write> Sender<'_, W> {
     }
 }
 
-/// Which sources track.
-#[derive(Debug, Clone, Copy)]
-struct Tracking {
-    device: bool,
-    cpu: bool,
-}
-
-/// One round's REPORTs: each tracking source into its bitmaps (an untracked source counts
-/// everything dirty), merged into the migration bitmap, counted into `stats`.
-fn collect_dirty(
-    ranges: &[IovaRange],
-    tracking: Tracking,
-    device: &mut dyn SourceDevice,
-    cpu: &mut dyn DirtyTracker,
-    memory: &GuestMemory,
-    [device_bitmaps, cpu_bitmaps, merged]: [&mut Bitmaps; 3],
-    stats: &mut RoundStats,
-) {
-    let report_start = Instant::now();
-    for (tracked, source, bitmaps) in [
-        (
-            tracking.device,
-            device as &mut dyn DirtyTracker,
-            &mut *device_bitmaps,
-        ),
-        (tracking.cpu, cpu, &mut *cpu_bitmaps),
-    ] {
-        if tracked {
-            bitmaps.clear();
-            stats.report_errors += report_source(source, memory, ranges, bitmaps);
-        } else {
-            bitmaps.fill(memory);
-        }
-    }
-    stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
-    count_dirty(device_bitmaps, cpu_bitmaps, merged, stats);
-}
-
-fn count_dirty(device: &Bitmaps, cpu: &Bitmaps, merged: &mut Bitmaps, stats: &mut RoundStats) {
-    for ((d_words, c_words), m_words) in device.words.iter().zip(&cpu.words).zip(&mut merged.words)
-    {
-        for ((d, c), m) in d_words.iter().zip(c_words).zip(m_words.iter_mut()) {
-            *m = d | c;
-            stats.pages_device += u64::from((d & !c).count_ones());
-            stats.pages_cpu += u64::from((c & !d).count_ones());
-            stats.pages_both += u64::from((d & c).count_ones());
-        }
-    }
-}
-
 /// The source VM as the engine sees it.
 pub struct SourceVm<'a> {
     /// Guest memory.
@@ -349,6 +251,11 @@ pub struct SourceVm<'a> {
 /// Runs the source side over `stream` (a connected, bidirectional transport): logging on
 /// every source, round 0, pre-copy rounds, the stop, the final round, device state, and
 /// verification. `vcpus` is paused for the final round and stays paused (the guest moved).
+///
+/// On any failure, before or after the stop, the VM stays here: logging off, the device
+/// RUNNING, the vCPUs resumed. Time limits on the destination are the reader's and
+/// writer's ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]): without them a
+/// silent destination is waited for forever.
 pub fn migrate_source<S: Read + Write + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
@@ -370,18 +277,45 @@ pub fn migrate_source<S: Read + Write + Send>(
     };
     let result = migrate_source_inner(config, vm, out, replies, on_round);
     if let Err(err) = &result {
-        // The VM stays here: logging off, the device and the vCPUs running again.
+        // The VM stays here: logging off, the device and the vCPUs running again. A device
+        // server that is gone or silent is not asked (each request would wait out its
+        // timeout with the guest paused).
         warn!(%err, "migration failed; the source VM keeps running");
-        let _ = device.stop();
-        let _ = cpu.stop();
-        if let Err(err) = device.set_device_state(DeviceState::Running) {
-            warn!(%err, "could not return the device to RUNNING");
+        if !matches!(
+            err,
+            MigrateError::DeviceLost(_) | MigrateError::DeviceSilent(_)
+        ) {
+            let _ = device.stop();
+            if let Err(err) = device.set_device_state(DeviceState::Running) {
+                warn!(%err, "could not return the device to RUNNING");
+            }
         }
+        let _ = cpu.stop();
         if let Some(vcpus) = vcpus {
             vcpus.resume();
         }
     }
-    result
+    result.map_err(|err| why_the_peer_hung_up(err, replies))
+}
+
+/// When the destination closed the connection, it may have said why first (an Abort it
+/// sent while we were still writing): that reason is the error, not the broken pipe.
+fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>) -> MigrateError {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    let hung_up = matches!(
+        &err,
+        MigrateError::Stream(StreamError::Io(io))
+            if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
+    );
+    if !hung_up {
+        return err;
+    }
+    // The peer is gone: this read returns at once (a frame left behind, the end, or
+    // a reset), and is bounded by the reader's timeout anyway.
+    match replies.read() {
+        Ok(frame) if frame.kind == Kind::Abort => aborted(&frame),
+        _ => err,
+    }
 }
 
 fn migrate_source_inner<S: Read + Write + Send>(

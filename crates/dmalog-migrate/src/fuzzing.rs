@@ -104,6 +104,16 @@ pub fn destination_stream(stream_bytes: &[u8]) -> bool {
     })
 }
 
+/// One fuzz input, as the `migrate_stream` target runs it: the raw bytes as the stream, or
+/// (first byte with bit 6 set) the rest as frame records ([`frames_from`]). Returns
+/// whether the destination accepted the stream.
+pub fn fuzz_one(data: &[u8]) -> bool {
+    match data.split_first() {
+        Some((selector, rest)) if selector & 0x40 != 0 => destination_stream(&frames_from(rest)),
+        _ => destination_stream(data),
+    }
+}
+
 /// A frame of any kind byte with a correct checksum around `payload`.
 pub fn raw_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());

@@ -3,6 +3,7 @@
 //! framed migration stream.
 
 pub mod destination;
+mod dirty;
 pub mod engine;
 pub mod fuzzing;
 pub mod guest;

@@ -91,9 +91,10 @@ impl Kind {
 /// A stream that cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    /// The connection failed or ended in the middle of a frame.
+    /// The connection failed or ended in the middle of a frame. (Not a `source`: the
+    /// message already says it, and error chains would print it twice.)
     #[error("migration stream: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The peer did not deliver a whole frame in time.
     #[error("migration stream: the peer sent no complete frame within {} ms", .0.as_millis())]
     TimedOut(Duration),
@@ -144,6 +145,12 @@ pub enum StreamError {
         /// What is wrong with it.
         why: &'static str,
     },
+}
+
+impl From<std::io::Error> for StreamError {
+    fn from(err: std::io::Error) -> Self {
+        StreamError::Io(err)
+    }
 }
 
 /// One frame.
@@ -266,7 +273,11 @@ impl<W: Write> FrameWriter<W> {
         // Fits: every kind's limit is below 4 GiB.
         header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
         header[12..16].copy_from_slice(&crc.to_le_bytes());
-        let deadline = self.timeout.as_ref().map(|t| Instant::now() + t.timeout);
+        // A timeout too large to add to the clock is no limit.
+        let deadline = self
+            .timeout
+            .as_ref()
+            .and_then(|t| Instant::now().checked_add(t.timeout));
         self.write_all(&header, deadline)?;
         for part in parts {
             self.write_all(part, deadline)?;
@@ -344,7 +355,11 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame. Allocates no more than the bytes received (plus one chunk).
     pub fn read(&mut self) -> Result<Frame, StreamError> {
-        let deadline = self.timeout.as_ref().map(|t| Instant::now() + t.timeout);
+        // A timeout too large to add to the clock is no limit.
+        let deadline = self
+            .timeout
+            .as_ref()
+            .and_then(|t| Instant::now().checked_add(t.timeout));
         let mut header = [0u8; FRAME_HEADER_BYTES];
         self.read_exact(&mut header, deadline)?;
         let word = |at: usize| {
@@ -467,5 +482,14 @@ mod tests {
             FrameReader::new(&[0u8; 32][..]).read(),
             Err(StreamError::BadHeader { .. })
         ));
+    }
+
+    #[test]
+    fn a_timeout_beyond_the_clock_is_no_limit_and_no_panic() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut out = FrameWriter::new(a, None).with_timeout(Duration::MAX);
+        out.write(Kind::End, &[]).unwrap();
+        let mut input = FrameReader::new(b).with_timeout(Duration::MAX);
+        assert_eq!(input.read().unwrap().kind, Kind::End);
     }
 }

@@ -214,3 +214,62 @@ fn a_trickling_source_does_not_hold_the_destination() {
         result.err()
     );
 }
+
+#[test]
+fn a_destination_that_aborts_and_hangs_up_is_reported_with_its_reason() {
+    let after = source_against(|theirs| {
+        // Refuse after the Hello, say why, and close while the source is still writing.
+        let _ = FrameReader::new(theirs.try_clone().unwrap()).read();
+        let mut out = FrameWriter::new(theirs, None);
+        let _ = out.write(Kind::Abort, &[b"not today\x1b[2J"]);
+    });
+    assert!(
+        matches!(&after.err, MigrateError::Peer(why) if why == "aborted: not today\\u{1b}[2J"),
+        "{}",
+        after.err
+    );
+    assert_source_runs_again(&after);
+}
+
+#[test]
+fn a_silent_device_is_not_asked_again_before_the_vcpus_resume() {
+    // The device server stops answering at the stop (STOP_COPY times out): each further
+    // request would wait out the timeout again with the guest paused.
+    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let (mut device, _) = FakeDevice::new(vec![1u8; 10]);
+    let cpu_driver = SoftDriver::new();
+    let recorder = cpu_driver.recorder();
+    let mut cpu = InProcessTracker::new(cpu_driver);
+    let vcpus = VcpuWorkload::start(
+        Arc::clone(&memory),
+        recorder,
+        VcpuParams {
+            threads: 1,
+            base: 0,
+            span: 1 << 20,
+            rate: 1 << 20,
+            seed: 1,
+        },
+    )
+    .unwrap();
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut &theirs, &mut std::io::sink());
+    });
+    let mut replies = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
+    let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
+    let mut config = config();
+    config.mode = dmalog_migrate::Mode::StopAndCopy;
+    device.silent = true;
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: Some(&vcpus),
+    };
+    let err = migrate_source(&config, vm, &mut out, &mut replies, |_| {}).unwrap_err();
+    assert!(matches!(err, MigrateError::DeviceSilent(_)), "{err}");
+    assert!(!vcpus.is_paused());
+    // Only the STOP_COPY request was made silently (it failed first); none after.
+    assert_eq!(device.calls_while_silent, 1);
+}

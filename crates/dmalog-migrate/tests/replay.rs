@@ -1,10 +1,12 @@
 //! The short, deterministic version of the fuzzing run (`fuzz/fuzz_targets/
 //! migrate_stream.rs`): a seed corpus of migration streams (a whole good one, each of its
 //! truncations and byte flips, seeded random frame records) through the destination;
-//! nothing may panic or hang, the good stream is accepted and no damaged one is.
-//! `DMALOG_REPLAY_CASES` makes the random part longer.
+//! nothing may panic or hang, the good stream is accepted and no damaged one is. The
+//! corpus a 10-minute fuzzing run kept (`tests/corpus/migrate_stream.bin`: each input as
+//! `len u32` and its bytes) is replayed too. `DMALOG_REPLAY_CASES` makes the random part
+//! longer.
 
-use dmalog_migrate::fuzzing::{destination_stream, frames_from, good_hello, raw_frame};
+use dmalog_migrate::fuzzing::{destination_stream, frames_from, fuzz_one, good_hello, raw_frame};
 use dmalog_migrate::stream::Kind;
 
 fn next(state: &mut u64) -> u64 {
@@ -95,4 +97,19 @@ fn seeded_random_frame_records() {
         }
         destination_stream(&frames_from(&records));
     }
+}
+
+#[test]
+fn the_fuzzing_corpus_replays() {
+    let corpus = include_bytes!("corpus/migrate_stream.bin");
+    let mut rest = &corpus[..];
+    let mut inputs = 0;
+    while let [a, b, c, d, tail @ ..] = rest {
+        let len = u32::from_le_bytes([*a, *b, *c, *d]) as usize;
+        let (input, next) = tail.split_at(len.min(tail.len()));
+        fuzz_one(input);
+        inputs += 1;
+        rest = next;
+    }
+    assert!(inputs > 100, "{inputs} inputs in the corpus");
 }

@@ -20,6 +20,11 @@ pub struct FakeDevice {
     pub cursor: usize,
     pub loaded: Vec<u8>,
     pub logging: bool,
+    /// Once set, the device's server "stops answering": reading migration data times out
+    /// and every later call is counted in `calls_while_silent` (and also times out).
+    pub silent: bool,
+    /// Calls made after the device went silent.
+    pub calls_while_silent: u32,
 }
 
 impl FakeDevice {
@@ -34,9 +39,24 @@ impl FakeDevice {
                 cursor: 0,
                 loaded: Vec::new(),
                 logging: false,
+                silent: false,
+                calls_while_silent: 0,
             },
             recorder,
         )
+    }
+}
+
+impl FakeDevice {
+    /// A timeout error (counted) once the device is silent.
+    fn answer(&mut self) -> Result<(), TrackerError> {
+        if self.silent {
+            self.calls_while_silent += 1;
+            return Err(TrackerError::Transport(
+                std::io::ErrorKind::WouldBlock.into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -58,6 +78,7 @@ impl DirtyTracker for FakeDevice {
         self.tracker.report(iova, length, page_size, bitmap)
     }
     fn stop(&mut self) -> Result<(), TrackerError> {
+        self.answer()?;
         self.logging = false;
         self.tracker.stop()
     }
@@ -71,6 +92,7 @@ impl MigrationDevice for FakeDevice {
         Ok(self.state)
     }
     fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
+        self.answer()?;
         if state == DeviceState::StopCopy || state == DeviceState::PreCopy {
             self.cursor = 0;
         }
@@ -78,6 +100,11 @@ impl MigrationDevice for FakeDevice {
         Ok(())
     }
     fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
+        if self.silent {
+            return Err(TrackerError::Transport(
+                std::io::ErrorKind::WouldBlock.into(),
+            ));
+        }
         let n = (self.image.len() - self.cursor).min(buf.len());
         buf[..n].copy_from_slice(&self.image[self.cursor..self.cursor + n]);
         self.cursor += n;
