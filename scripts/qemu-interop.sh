@@ -9,12 +9,13 @@
 #   3. A Linux guest boots with both devices (TCG, 1 vCPU). Its /init
 #      (scripts/qemu-guest/init) finds the dma-engine in sysfs, programs BAR0 to FILL a
 #      buffer in guest RAM above `mem=`, reads the pattern back with devmem, COPYs part of
-#      it, and checks EFAULT for an unmapped IOVA; for lvu-sample it checks the IDs and
-#      reads back BAR1 through its mmapped and trapped pages. The DMA works only because
-#      QEMU's DMA_MAPs carry the memfd of guest RAM: the script also checks that dmalog
-#      maps that memfd, and that QEMU maps lvu-sample's BAR1 from dmalog's memfd.
-#      The guest prints a PASS/FAIL line on the serial console; this script exits 0 only
-#      on PASS with every device realized.
+#      it, and checks EFAULT for an unmapped IOVA. For lvu-sample it checks the IDs, reads
+#      back BAR1 through its mmapped and trapped pages, and fires the device's timer: its
+#      DMA_WRITE messages, which QEMU serves, must land in guest page 0. The dma-engine's
+#      DMA works only because QEMU's DMA_MAPs carry the memfd of guest RAM: the script
+#      checks that dmalog maps that memfd, and that QEMU maps lvu-sample's BAR1 from
+#      dmalog's memfd. The guest prints a PASS/FAIL line on the serial console; this
+#      script exits 0 only on PASS with every device realized.
 #
 # Phases are timed. Delete target/qemu-chroot to rebuild the chroot (e.g. for a newer
 # QEMU in trixie-backports).
