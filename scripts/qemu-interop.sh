@@ -19,6 +19,7 @@
 #
 # Phases are timed. Delete target/qemu-chroot to rebuild the chroot (e.g. for a newer
 # QEMU in trixie-backports).
+#
 # Needs root (debootstrap, chroot, mount namespaces) and network access to deb.debian.org
 # on the first run. Environment:
 #   DMALOG_QEMU_MIRROR   Debian mirror (default http://deb.debian.org/debian)
@@ -121,9 +122,24 @@ phase_done "cargo build"
 rm -rf "$run_dir"
 mkdir -p "$run_dir"
 serve_pids=()
+qemu_pid=
+# Prints the pids of the processes below $1, each before its own children.
+descendants() {
+    local pid
+    # shellcheck disable=SC2013 # children holds space-separated pids
+    for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        echo "$pid"
+        descendants "$pid"
+    done
+}
+# Ends what this script started, by pid: the servers and, if interrupted mid-boot, the
+# QEMU process tree.
 # shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
     local pid
+    if [ -n "$qemu_pid" ]; then
+        for pid in $(descendants "$qemu_pid") "$qemu_pid"; do kill "$pid" 2>/dev/null || true; done
+    fi
     for pid in "${serve_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
@@ -209,14 +225,6 @@ in_chroot timeout "$boot_timeout_secs" "${qemu_common[@]}" "${dev_args[@]}" \
     -append "console=ttyS0 mem=384M panic=-1 quiet dmalog.devices=$(IFS=,; echo "${guest_devices[*]}")" \
     -serial "file:/$run_rel/console.log" -no-reboot </dev/null >"$run_dir/qemu-boot.log" 2>&1 &
 qemu_pid=$!
-descendants() {
-    local pid
-    # shellcheck disable=SC2013 # children holds space-separated pids
-    for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
-        echo "$pid"
-        descendants "$pid"
-    done
-}
 # Evidence that the DMA went through QEMU's fds: while the guest runs, the dma-engine
 # server (the first one started) must have guest RAM's memfd mapped.
 engine_maps="/proc/${serve_pids[0]}/maps"
@@ -243,6 +251,7 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
 done
 qemu_status=0
 wait "$qemu_pid" || qemu_status=$?
+qemu_pid=
 [ "$qemu_status" = 0 ] || say "qemu exited with status $qemu_status (see $run_dir/qemu-boot.log)"
 stop_servers
 phase_done "guest boot"
