@@ -7,13 +7,25 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 /// Options of `dmalog bench`.
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// A benchmark other than the quick subset.
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
     /// Print one JSON object (`{"results": [...]}`) instead of a table.
     #[arg(long)]
     json: bool,
     /// Exit with status 1 when a target is not met.
     #[arg(long)]
     strict: bool,
+}
+
+/// Benchmarks run on their own.
+#[derive(clap::Subcommand, Debug)]
+pub enum BenchCommand {
+    /// START / REPORT / STOP latency and REPORT throughput against any vfio-user server
+    /// with DMA logging.
+    Peer(crate::bench_peer::PeerArgs),
 }
 
 #[derive(serde::Serialize)]
@@ -26,6 +38,9 @@ struct Report<'a> {
 
 /// Runs the quick subset and prints it.
 pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(BenchCommand::Peer(peer)) = &args.command {
+        return crate::bench_peer::run(peer);
+    }
     let spinner = ProgressBar::new_spinner();
     spinner.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));

@@ -4,7 +4,7 @@
 //! link cap, then verification of every byte.
 
 use std::io::Write;
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -21,6 +21,8 @@ use dmalog_vfio_user::Client;
 use indicatif::{ProgressBar, ProgressStyle};
 
 const MIB: u64 = 1 << 20;
+/// The default peer timeout, ms.
+const DEFAULT_TIMEOUT_MS: u64 = dmalog_migrate::stream::DEFAULT_TIMEOUT.as_millis() as u64;
 
 /// The guest, its workloads and the migration settings (shared by `demo` and `migrate`).
 #[derive(clap::Args, Debug, Clone)]
@@ -58,6 +60,10 @@ pub struct VmArgs {
     /// pre-copy, stop-and-copy, or no-device-tracking.
     #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
     mode: String,
+    /// How long the peer may take to send or take one frame, ms (a silent peer fails the
+    /// migration; the source VM then runs on).
+    #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+    timeout_ms: u64,
     /// Print one JSON object with the whole report.
     #[arg(long)]
     json: bool,
@@ -77,6 +83,9 @@ pub struct DemoArgs {
     /// Write a convergence chart (dirty pages and MiB sent per round) to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
     chart: Option<std::path::PathBuf>,
+    /// Memory budget of each server's tracker state, MiB (see `dmalog serve`).
+    #[arg(long, default_value_t = crate::serve::DEFAULT_MAX_LOG_MIB)]
+    max_log_mib: u64,
 }
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
@@ -104,6 +113,9 @@ pub enum MigrateCommand {
         /// Guest memory, MiB (must match the source).
         #[arg(long, default_value_t = 1024)]
         memory_mib: u64,
+        /// How long the source may take to send one frame once connected, ms.
+        #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS)]
+        timeout_ms: u64,
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
@@ -128,6 +140,7 @@ fn spawn_server(
     name: &str,
     tracker: &str,
     fault: Option<&str>,
+    max_log_mib: u64,
 ) -> anyhow::Result<ServerChild> {
     let socket = dir.join(name);
     let exe = std::env::current_exe().context("finding the dmalog binary")?;
@@ -141,7 +154,9 @@ fn spawn_server(
             tracker,
             "--socket",
         ])
-        .arg(&socket);
+        .arg(&socket)
+        .arg("--max-log-mib")
+        .arg(max_log_mib.to_string());
     if let Some(fault) = fault {
         command.args(["--inject-fault", fault]);
     }
@@ -256,11 +271,13 @@ fn run_source(
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
     progress.set_message("migrating: round 0 (all memory)");
-    let stream = TcpStream::connect(destination)
+    let timeout = Duration::from_millis(vm_args.timeout_ms.max(1));
+    let stream = connect_within(destination, timeout)
         .with_context(|| format!("connecting to the destination {destination}"))?;
     stream.set_nodelay(true)?;
-    let mut replies = FrameReader::new(stream.try_clone()?);
-    let mut out = FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000));
+    let mut replies = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
+    let mut out =
+        FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000)).with_timeout(timeout);
     let config = SourceConfig {
         ranges: if vm_args.ranges == "qemu" {
             dmalog_migrate::RangePlan::Qemu
@@ -287,6 +304,22 @@ fn run_source(
     report.context("migration")
 }
 
+/// A connection to `address` (each of its resolved addresses in turn), each attempt
+/// bounded by `timeout`.
+fn connect_within(address: &str, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let mut last = None;
+    for addr in address.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.map_or_else(
+        || anyhow::anyhow!("{address} resolves to no address"),
+        Into::into,
+    ))
+}
+
 /// The destination half: one incoming migration on `listener`, resumed on the device at
 /// `dst`. Returns the device's workload writes in the 100 ms after resuming and the pages
 /// received.
@@ -294,12 +327,15 @@ fn run_destination(
     memory_mib: u64,
     mut dst: Client,
     listener: TcpListener,
+    timeout: Duration,
 ) -> anyhow::Result<(u64, u64, bool)> {
     let memory =
         GuestMemory::new(&default_layout(memory_mib * MIB)).context("destination guest memory")?;
+    // Waiting for a source to connect is this side's job and has no limit; once one has,
+    // every frame must come within `timeout`.
     let (stream, _) = listener.accept()?;
-    let mut input = FrameReader::new(stream.try_clone()?);
-    let mut out = FrameWriter::new(stream, None);
+    let mut input = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
+    let mut out = FrameWriter::new(stream, None).with_timeout(timeout);
     let report = migrate_destination(
         &memory,
         &mut dst,
@@ -348,6 +384,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     if vm.device_wss_mib + vm.vcpu_wss_mib > vm.memory_mib / 2 {
         bail!("the guest needs twice the two working sets");
     }
+    crate::serve::max_log_bytes(args.max_log_mib)?;
     let dir = std::env::temp_dir().join(format!("dmalog-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let src_server = spawn_server(
@@ -355,14 +392,17 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         "src.sock",
         &args.tracker,
         args.inject_fault.as_deref(),
+        args.max_log_mib,
     )?;
-    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None)?;
+    let dst_server = spawn_server(&dir, "dst.sock", &args.tracker, None, args.max_log_mib)?;
     let src = connect(&src_server.socket)?;
     let dst = connect(&dst_server.socket)?;
     let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
     let address = listener.local_addr()?.to_string();
     let memory_mib = vm.memory_mib;
-    let destination = std::thread::spawn(move || run_destination(memory_mib, dst, listener));
+    let timeout = Duration::from_millis(vm.timeout_ms.max(1));
+    let destination =
+        std::thread::spawn(move || run_destination(memory_mib, dst, listener, timeout));
     let report = run_source(vm, src, &address);
     let destination = destination
         .join()
@@ -398,13 +438,19 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             socket,
             listen,
             memory_mib,
+            timeout_ms,
             json,
         } => {
             let dst = connect(socket)?;
             let listener =
                 TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
             eprintln!("waiting for a migration on {}", listener.local_addr()?);
-            let (writes, pages, verified) = run_destination(*memory_mib, dst, listener)?;
+            let (writes, pages, verified) = run_destination(
+                *memory_mib,
+                dst,
+                listener,
+                Duration::from_millis((*timeout_ms).max(1)),
+            )?;
             let mut stdout = std::io::stdout().lock();
             if *json {
                 writeln!(

@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use dmalog::uapi::{MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice};
+use dmalog_vfio_user::pci_config::{read_config_space, PciConfig, PCI_CONFIG_REGION_INDEX};
 use dmalog_vfio_user::{Client, ClientError};
+
+/// DEVICE_GET_INFO flag: a PCI device (VFIO_DEVICE_FLAGS_PCI).
+const DEVICE_FLAGS_PCI: u32 = 1 << 1;
 
 /// Options of `dmalog inspect`.
 #[derive(clap::Args, Debug)]
@@ -59,6 +63,24 @@ struct LogCheckOut {
     error: Option<String>,
 }
 
+#[derive(serde::Serialize)]
+struct BarOut {
+    index: usize,
+    kind: &'static str,
+    prefetchable: bool,
+    address: u64,
+    /// From the region info (the BAR's region).
+    size: u64,
+}
+
+#[derive(serde::Serialize)]
+struct PciOut {
+    #[serde(flatten)]
+    config: PciConfig,
+    /// The BARs with a non-zero region, with their sizes.
+    bar_sizes: Vec<BarOut>,
+}
+
 #[derive(serde::Serialize, Default)]
 struct InspectOut {
     socket: String,
@@ -69,6 +91,9 @@ struct InspectOut {
     num_irqs: u32,
     regions: Vec<RegionOut>,
     irqs: Vec<(u32, u32, u32)>,
+    pci: Option<PciOut>,
+    /// Why configuration space could not be read or decoded.
+    pci_error: Option<String>,
     migration: Option<MigrationOut>,
     dma_logging: bool,
     log_check: Option<LogCheckOut>,
@@ -112,6 +137,12 @@ fn gather(args: &InspectArgs) -> anyhow::Result<InspectOut> {
             .with_context(|| format!("IRQ {index}"))?;
         out.irqs.push((index, irq.count, irq.flags));
     }
+    if info.flags & DEVICE_FLAGS_PCI != 0 && info.num_regions > PCI_CONFIG_REGION_INDEX {
+        match pci_identity(&mut client, &out.regions) {
+            Ok(pci) => out.pci = Some(pci),
+            Err(err) => out.pci_error = Some(err),
+        }
+    }
     out.migration = match MigrationDevice::migration_flags(&mut client) {
         Ok(flags) => Some(MigrationOut {
             flags,
@@ -129,6 +160,117 @@ fn gather(args: &InspectArgs) -> anyhow::Result<InspectOut> {
         out.log_check = Some(log_check(&mut client, args.log_check_bytes));
     }
     Ok(out)
+}
+
+/// Reads and decodes configuration space; BAR sizes come from the BAR regions' infos.
+fn pci_identity(client: &mut Client, regions: &[RegionOut]) -> Result<PciOut, String> {
+    let bytes = read_config_space(client).map_err(|e| format!("reading config space: {e}"))?;
+    let config = PciConfig::parse(&bytes).map_err(|e| e.to_string())?;
+    let bar_sizes = config
+        .bars
+        .iter()
+        .filter_map(|bar| {
+            let size = regions.iter().find(|r| r.index as usize == bar.index)?.size;
+            (size > 0).then_some(BarOut {
+                index: bar.index,
+                kind: match (bar.io, bar.is_64bit) {
+                    (true, _) => "I/O",
+                    (false, true) => "memory 64-bit",
+                    (false, false) => "memory 32-bit",
+                },
+                prefetchable: bar.prefetchable,
+                address: bar.address,
+                size,
+            })
+        })
+        .collect();
+    Ok(PciOut { config, bar_sizes })
+}
+
+/// Text from a peer, with control characters escaped before it reaches a terminal.
+fn sanitized(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+fn print_pci(stdout: &mut impl Write, pci: &PciOut) -> std::io::Result<()> {
+    let c = &pci.config;
+    writeln!(
+        stdout,
+        "  PCI {:04x}:{:04x} (rev {:02x}), subsystem {:04x}:{:04x}, class {}, header type {:02x}{}",
+        c.vendor_id,
+        c.device_id,
+        c.revision,
+        c.subsystem_vendor_id,
+        c.subsystem_id,
+        c.class_text(),
+        c.header_type,
+        match c.interrupt_pin {
+            0 => String::new(),
+            pin @ 1..=4 => format!(", interrupt pin {}", (b'A' + pin - 1) as char),
+            pin => format!(", interrupt pin {pin} (invalid)"),
+        }
+    )?;
+    for bar in &pci.bar_sizes {
+        writeln!(
+            stdout,
+            "    BAR{}: {}{}, address {:#x}, size {:#x}",
+            bar.index,
+            bar.kind,
+            if bar.prefetchable {
+                ", prefetchable"
+            } else {
+                ""
+            },
+            bar.address,
+            bar.size
+        )?;
+    }
+    if c.capabilities.is_empty() {
+        writeln!(stdout, "    capabilities: none")?;
+    }
+    for cap in &c.capabilities {
+        write!(
+            stdout,
+            "    capability [{:02x}] {} ({:#04x})",
+            cap.offset, cap.name, cap.id
+        )?;
+        if let Some(msi) = &cap.msi {
+            write!(
+                stdout,
+                ": enable{} count {} {}{}",
+                if msi.enabled { "+" } else { "-" },
+                msi.vectors,
+                if msi.address_64bit { "64bit" } else { "32bit" },
+                if msi.per_vector_mask { " maskable" } else { "" }
+            )?;
+        }
+        if let Some(msix) = &cap.msix {
+            write!(
+                stdout,
+                ": enable{} masked{} count {}, table BAR{} offset {:#x}, PBA BAR{} offset {:#x}",
+                if msix.enabled { "+" } else { "-" },
+                if msix.masked { "+" } else { "-" },
+                msix.table_entries,
+                msix.table_bar,
+                msix.table_offset,
+                msix.pba_bar,
+                msix.pba_offset
+            )?;
+        }
+        writeln!(stdout)?;
+    }
+    if let Some(why) = &c.capability_walk_error {
+        writeln!(stdout, "    capability list ends early: {}", sanitized(why))?;
+    }
+    Ok(())
 }
 
 fn log_check(client: &mut Client, bytes: u64) -> LogCheckOut {
@@ -179,12 +321,22 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<ExitCode> {
         writeln!(stdout)?;
     } else {
         writeln!(stdout, "server {} (vfio-user {})", out.socket, out.version)?;
-        writeln!(stdout, "  capabilities: {}", out.capabilities)?;
+        writeln!(
+            stdout,
+            "  capabilities: {}",
+            sanitized(&out.capabilities.to_string())
+        )?;
         writeln!(
             stdout,
             "  device flags {:#x}, {} regions, {} IRQ indexes",
             out.device_flags, out.num_regions, out.num_irqs
         )?;
+        if let Some(pci) = &out.pci {
+            print_pci(&mut stdout, pci)?;
+        }
+        if let Some(error) = &out.pci_error {
+            writeln!(stdout, "  PCI config space: {}", sanitized(error))?;
+        }
         for r in out.regions.iter().filter(|r| r.size > 0) {
             writeln!(
                 stdout,

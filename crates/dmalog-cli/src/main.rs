@@ -1,20 +1,22 @@
 //! The `dmalog` command.
 //!
 //! - `dmalog bench [--json]`: the quick benchmark subset (dirty log against vm-memory's
-//!   `AtomicBitmap` and the other baselines), as a table or one JSON object.
+//!   `AtomicBitmap` and the other baselines), as a table or one JSON object;
+//!   `dmalog bench peer --socket PATH`: DMA logging latency against any vfio-user server.
 //! - `dmalog probe [DEVICE] [--try-start IOVA:LENGTH] [--json]`: what a kernel VFIO device
 //!   supports.
-//! - `dmalog serve --socket PATH [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
+//! - `dmalog serve --socket PATH [--once] [--device dma-engine] [--tracker soft|mlx5[:preset]]`: a
 //!   vfio-user device server.
 //! - `dmalog inspect --socket PATH [--log-check] [--json]`: what a vfio-user server offers.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_peer;
 mod chart;
 mod demo;
 mod inspect;
@@ -56,6 +58,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: piped or logged stderr stays plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -1,8 +1,8 @@
 //! `dmalog serve`: a vfio-user device server on a UNIX socket.
 
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
@@ -13,9 +13,13 @@ use dmalog_vfio_user::{Server, ServerConfig, TrackerKind};
 /// Options of `dmalog serve`.
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// The UNIX socket to listen on (created mode 0600; a stale one is replaced).
+    /// The UNIX socket to listen on (created mode 0600; a stale one is replaced; a
+    /// regular file, a directory or a live server's socket there is an error).
     #[arg(long)]
     socket: PathBuf,
+    /// Serve one client, then exit 0 when it disconnects.
+    #[arg(long)]
+    once: bool,
     /// The emulated device.
     #[arg(long, default_value = "dma-engine", value_parser = ["dma-engine", "lvu-sample"])]
     device: String,
@@ -35,6 +39,25 @@ pub struct ServeArgs {
     /// Largest data payload per message, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_data_xfer_size: u32,
+    /// How long a client may keep the server waiting, in milliseconds: its reply to the
+    /// device's DMA_READ/DMA_WRITE, the rest of a message it began, reading a reply. Then
+    /// the client is dropped (a DMA waiting for it fails). Idle clients are not timed out.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    peer_timeout_ms: u64,
+    /// Memory budget of the tracker's state (dirty bitmaps, rings), MiB: a START that
+    /// needs more fails with ENOMEM.
+    #[arg(long, default_value_t = DEFAULT_MAX_LOG_MIB)]
+    max_log_mib: u64,
+}
+
+/// The default `--max-log-mib` (the core's default budget).
+pub const DEFAULT_MAX_LOG_MIB: u64 = dmalog::budget::DEFAULT_MAX_LOG_BYTES >> 20;
+
+/// `--max-log-mib` in bytes, or an error when it does not fit in 64 bits.
+pub fn max_log_bytes(max_log_mib: u64) -> anyhow::Result<u64> {
+    max_log_mib
+        .checked_mul(1 << 20)
+        .context("--max-log-mib is too large")
 }
 
 /// Runs the server until killed.
@@ -43,14 +66,10 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .tracker
         .parse()
         .with_context(|| format!("--tracker {}", args.tracker))?;
-    if args.socket.exists() {
-        std::fs::remove_file(&args.socket)
-            .with_context(|| format!("removing stale {}", args.socket.display()))?;
-    }
-    let listener = UnixListener::bind(&args.socket)
-        .with_context(|| format!("binding {}", args.socket.display()))?;
-    std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", args.socket.display()))?;
+    let max_log_bytes = max_log_bytes(args.max_log_mib)?;
+    // Before the device exists: no other thread yet, so the umask change in `listen` is
+    // seen by nothing else.
+    let Bound { listener, file } = listen(&args.socket)?;
     let fault_plan = match &args.inject_fault {
         Some(spec) => {
             let (fault, at) = spec
@@ -65,6 +84,8 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         tracker,
         max_data_xfer_size: args.max_data_xfer_size,
         fault_plan,
+        peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),
+        max_log_bytes,
         ..ServerConfig::default()
     };
     let mut server = Server::try_new(
@@ -78,7 +99,64 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     )
     .context("creating the device")?;
     tracing::info!(socket = %args.socket.display(), device = %args.device, tracker = %args.tracker, "serving");
+    if args.once {
+        let (stream, _) = listener.accept().context("accepting the client")?;
+        server.serve(stream);
+        remove_own_socket(&args.socket, file);
+        return Ok(ExitCode::SUCCESS);
+    }
     let stop = AtomicBool::new(false);
     server.run(&listener, &stop).context("accepting clients")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A bound socket and the identity (device, inode) of its file.
+struct Bound {
+    listener: UnixListener,
+    file: (u64, u64),
+}
+
+/// Binds `path` with mode 0600 from the start. An existing `path` is replaced only when it
+/// is a stale socket (connecting is refused); anything else there is an error and stays.
+fn listen(path: &Path) -> anyhow::Result<Bound> {
+    let shown = path.display();
+    match std::fs::symlink_metadata(path) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("inspecting {shown}")),
+        Ok(meta) if meta.is_dir() => anyhow::bail!("{shown} is a directory"),
+        Ok(meta) if !meta.file_type().is_socket() => {
+            anyhow::bail!("{shown} exists and is not a socket; not removing it")
+        }
+        Ok(_) => match UnixStream::connect(path) {
+            Ok(_) => anyhow::bail!("a server is already listening on {shown}"),
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+                tracing::info!(socket = %shown, "replacing a stale socket");
+                std::fs::remove_file(path).with_context(|| format!("removing stale {shown}"))?;
+            }
+            Err(err) => {
+                return Err(err).with_context(|| format!("cannot tell whether {shown} is in use"))
+            }
+        },
+    }
+    // bind() creates the socket file with 0777 & !umask: with umask 0177 it is 0600 from
+    // its first instant (a chmod after bind would leave a window). bind fails (EADDRINUSE)
+    // if something appeared at `path` since the checks: nothing is overwritten.
+    let old_umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old_umask);
+    let listener = bound.with_context(|| format!("binding {shown}"))?;
+    let meta = std::fs::symlink_metadata(path).with_context(|| format!("inspecting {shown}"))?;
+    Ok(Bound {
+        listener,
+        file: (meta.dev(), meta.ino()),
+    })
+}
+
+/// Removes `path` if it is still the socket file this server created.
+fn remove_own_socket(path: &Path, file: (u64, u64)) {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == file {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

@@ -117,8 +117,15 @@ pub trait Device: Send {
     fn region_read(&mut self, index: u32, offset: u64, out: &mut [u8]) -> Result<(), DeviceError>;
     /// REGION_WRITE.
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
-    /// DEVICE_RESET: registers to defaults (the migration state is not changed).
+    /// DEVICE_RESET: registers to defaults. The migration side of a reset is
+    /// [`Device::abort_migration`], which [`MigrationMachine::reset`] calls after this.
     fn reset(&mut self) -> Result<(), DeviceError>;
+    /// Leaves whatever migration state the device is in for RUNNING without an arc: drops
+    /// the save stream and any partial load, and lets the device do DMA again. Registers
+    /// are kept. Used by DEVICE_RESET and when the client disconnects, so that a failed or
+    /// abandoned migration (RESUMING with bad data, STOP_COPY never finished) cannot strand
+    /// the device.
+    fn abort_migration(&mut self);
     /// MIGRATION flags (`MIGRATION_STOP_COPY | MIGRATION_PRE_COPY`...).
     fn migration_flags(&self) -> u64;
     /// One direct arc of the migration state machine. In STOP, STOP_COPY and RESUMING the
@@ -165,7 +172,9 @@ impl MigrationMachine {
     }
 
     /// Moves `device` to `target` along the shortest path, arc by arc; a failing arc leaves
-    /// the last state reached and returns its error (EINVAL for impossible targets).
+    /// the last state reached and returns its error (EINVAL for impossible targets), except
+    /// an internal device failure (EIO), after which the device is in ERROR (as the kernel
+    /// uAPI says: the arc could not be done nor undone) until [`MigrationMachine::reset`].
     pub fn set_state(
         &mut self,
         device: &mut dyn Device,
@@ -179,10 +188,34 @@ impl MigrationMachine {
         let path = migration_path(self.state, target)
             .map_err(|_| DeviceError::Invalid("no such migration arc"))?;
         for pair in path.windows(2) {
-            device.migration_arc(pair[0], pair[1])?;
+            if let Err(err) = device.migration_arc(pair[0], pair[1]) {
+                if matches!(err, DeviceError::Io(_)) {
+                    self.state = DeviceState::Error;
+                }
+                return Err(err);
+            }
             self.state = pair[1];
         }
         Ok(())
+    }
+
+    /// DEVICE_RESET: the device's registers to defaults and, from any state (ERROR
+    /// included), the migration state to RUNNING with no migration data kept, as a Linux
+    /// driver leaves a device after a reset. Logging is the server's to stop.
+    pub fn reset(&mut self, device: &mut dyn Device) -> Result<(), DeviceError> {
+        device.reset()?;
+        device.abort_migration();
+        self.state = DeviceState::Running;
+        Ok(())
+    }
+
+    /// The client went away: any migration in progress is abandoned (RUNNING, partial
+    /// data dropped); the registers are kept.
+    pub fn abort(&mut self, device: &mut dyn Device) {
+        if self.state != DeviceState::Running {
+            device.abort_migration();
+            self.state = DeviceState::Running;
+        }
     }
 
     /// MIG_DATA_READ: only in PRE_COPY and STOP_COPY.
@@ -262,5 +295,119 @@ impl IrqTable {
             Some(fd) => rustix::io::write(fd, &1u64.to_ne_bytes()).is_ok(),
             None => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device whose arcs into `failing` fail with `error`.
+    struct ArcFails {
+        failing: DeviceState,
+        error: DeviceError,
+        resets: u32,
+        aborts: u32,
+    }
+
+    impl Device for ArcFails {
+        fn name(&self) -> &'static str {
+            "arc-fails"
+        }
+        fn num_regions(&self) -> u32 {
+            0
+        }
+        fn region_info(&self, _: u32) -> Option<RegionInfo> {
+            None
+        }
+        fn num_irqs(&self) -> u32 {
+            0
+        }
+        fn irq_info(&self, _: u32) -> Option<IrqInfo> {
+            None
+        }
+        fn set_irq_eventfds(
+            &mut self,
+            _: u32,
+            _: u32,
+            _: Vec<Option<OwnedFd>>,
+        ) -> Result<(), DeviceError> {
+            Err(DeviceError::Invalid("no IRQs"))
+        }
+        fn region_read(&mut self, _: u32, _: u64, _: &mut [u8]) -> Result<(), DeviceError> {
+            Err(DeviceError::Invalid("no regions"))
+        }
+        fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
+            Err(DeviceError::Invalid("no regions"))
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            self.resets += 1;
+            Ok(())
+        }
+        fn abort_migration(&mut self) {
+            self.aborts += 1;
+        }
+        fn migration_flags(&self) -> u64 {
+            dmalog::uapi::MIGRATION_STOP_COPY
+        }
+        fn migration_arc(&mut self, _: DeviceState, to: DeviceState) -> Result<(), DeviceError> {
+            if to == self.failing {
+                return Err(self.error.clone());
+            }
+            Ok(())
+        }
+        fn save_data(&mut self, _: &mut [u8]) -> Result<usize, DeviceError> {
+            Ok(0)
+        }
+        fn load_data(&mut self, _: &[u8]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_internal_arc_failure_is_error_and_reset_leaves_it_for_running() {
+        let mut device = ArcFails {
+            failing: DeviceState::StopCopy,
+            error: DeviceError::Io("firmware"),
+            resets: 0,
+            aborts: 0,
+        };
+        let mut machine = MigrationMachine::default();
+        assert!(machine
+            .set_state(&mut device, DeviceState::StopCopy)
+            .is_err());
+        assert_eq!(machine.state(), DeviceState::Error);
+        // ERROR is left only by a reset.
+        assert!(machine
+            .set_state(&mut device, DeviceState::Running)
+            .is_err());
+        assert_eq!(machine.state(), DeviceState::Error);
+        machine.reset(&mut device).unwrap();
+        assert_eq!(machine.state(), DeviceState::Running);
+        assert_eq!((device.resets, device.aborts), (1, 1));
+        assert!(machine.dma_allowed());
+    }
+
+    #[test]
+    fn invalid_data_keeps_the_state_and_abort_returns_to_running() {
+        let mut device = ArcFails {
+            failing: DeviceState::Stop,
+            error: DeviceError::Invalid("incomplete state"),
+            resets: 0,
+            aborts: 0,
+        };
+        let mut machine = MigrationMachine::default();
+        device.failing = DeviceState::Error; // no failure on the way in
+        machine
+            .set_state(&mut device, DeviceState::Resuming)
+            .unwrap();
+        device.failing = DeviceState::Stop;
+        assert!(machine.set_state(&mut device, DeviceState::Stop).is_err());
+        assert_eq!(machine.state(), DeviceState::Resuming, "the original state");
+        machine.abort(&mut device);
+        assert_eq!(machine.state(), DeviceState::Running);
+        assert_eq!((device.resets, device.aborts), (0, 1), "registers kept");
+        machine.abort(&mut device);
+        assert_eq!(device.aborts, 1, "nothing to abort in RUNNING");
     }
 }

@@ -201,8 +201,10 @@ fn run_workload(shared: Arc<WorkloadShared>, mut dma: DmaAccessor) {
             shared.changed.notify_all();
         }
         if params.rate > 0 {
-            window_bytes += buffer.len() as u64;
-            let due = Duration::from_secs_f64(window_bytes as f64 / params.rate as f64);
+            window_bytes = window_bytes.saturating_add(buffer.len() as u64);
+            // Any rate a peer set: a quotient past what a Duration holds is "forever".
+            let due = Duration::try_from_secs_f64(window_bytes as f64 / params.rate as f64)
+                .unwrap_or(Duration::MAX);
             let elapsed = window_start.elapsed();
             if due > elapsed {
                 std::thread::sleep((due - elapsed).min(Duration::from_millis(100)));
@@ -373,8 +375,12 @@ impl DmaEngine {
         }
         self.set_reg(reg::STATUS, status);
         self.set_reg(reg::RESULT, result);
-        self.set_reg(reg::BYTES_WRITTEN, self.reg(reg::BYTES_WRITTEN) + written);
-        self.set_reg(reg::OPS_DONE, self.reg(reg::OPS_DONE) + 1);
+        // Counters wrap: migration data may have restored them to any value.
+        self.set_reg(
+            reg::BYTES_WRITTEN,
+            self.reg(reg::BYTES_WRITTEN).wrapping_add(written),
+        );
+        self.set_reg(reg::OPS_DONE, self.reg(reg::OPS_DONE).wrapping_add(1));
         if self.reg(reg::IRQ_CTRL) & 1 != 0 {
             self.irqs.trigger(0, 0);
         }
@@ -384,7 +390,8 @@ impl DmaEngine {
         match offset {
             reg::WL_WRITES => self.workload.writes.load(Ordering::SeqCst),
             reg::BYTES_WRITTEN => {
-                self.reg(reg::BYTES_WRITTEN) + self.workload.bytes_written.load(Ordering::SeqCst)
+                let workload = self.workload.bytes_written.load(Ordering::SeqCst);
+                self.reg(reg::BYTES_WRITTEN).wrapping_add(workload)
             }
             reg::DOORBELL => 0,
             _ => self.reg(offset),
@@ -557,6 +564,14 @@ impl Device for DmaEngine {
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.reset_registers();
         Ok(())
+    }
+
+    fn abort_migration(&mut self) {
+        self.save_stream.clear();
+        self.save_cursor = 0;
+        self.load_buffer.clear();
+        self.running = true;
+        self.sync_workload();
     }
 
     fn migration_flags(&self) -> u64 {

@@ -2,16 +2,27 @@
 //! translation, copies into shared memory, and every DMA write recorded on the live tracker.
 //!
 //! Mappings change rarely (DMA_MAP/UNMAP from the server thread) while DMA happens often on
-//! device threads, so the table is an immutable snapshot published with a generation
+//! device threads, so the table is an immutable snapshot ([`DmaTable`], a persistent tree:
+//! O(log n) per change, O(1) per snapshot) published through an `ArcSwap` with a generation
 //! counter. Each DMA thread owns a [`DmaAccessor`] that caches the snapshot and checks the
-//! generation with one load per access: no lock and no allocation on the hot path. A
-//! mapping's memory stays mapped until the last snapshot holding it is dropped, so a DMA
-//! racing with DMA_UNMAP lands in the old mapping instead of faulting.
+//! generation with one load per access: no lock and no allocation on the hot path.
+//!
+//! DMA_UNMAP must not reply while a write to the mapping may still land (SPEC 8). Each
+//! accessor announces "in flight on the snapshot of generation g" in its own slot (one
+//! SeqCst store, no shared cache line) and re-checks the generation before touching memory;
+//! [`DmaSpace::unmap`] publishes the smaller table, bumps the generation and waits until no
+//! slot shows an access on an older snapshot. An access that starts later sees the new
+//! generation and takes the new table, so it cannot reach the removed mapping.
+//! (`SharedMapping` keeps the memory mapped while any snapshot holds it, so a cached stale
+//! snapshot is never a dangling pointer either.)
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
+use arc_swap::ArcSwap;
 use dmalog::{LiveLog, WriteRecorder};
+
+use crate::dma_table::DmaTable;
 
 use crate::shared_memory::SharedMapping;
 
@@ -101,10 +112,33 @@ pub struct DmaFault {
 }
 
 struct DmaShared {
+    /// Bumped after every published change; accessors compare it with their snapshot's.
     generation: AtomicU64,
-    table: Mutex<Arc<Vec<DmaRegion>>>,
+    table: ArcSwap<DmaTable>,
+    /// Serialises changes (one writer builds on the table it read).
+    changes: Mutex<()>,
+    /// The in-flight slot of every accessor, for unmap to wait on.
+    accessors: Mutex<Vec<Weak<AccessSlot>>>,
     live: Arc<LiveLog>,
     max_maps: usize,
+}
+
+/// One accessor's announcement: [`IDLE`], or `generation << 1 | 1` while an access based on
+/// the snapshot of that generation is in flight.
+#[derive(Debug, Default)]
+struct AccessSlot(AtomicU64);
+
+const IDLE: u64 = 0;
+
+/// Spins, then yields, then sleeps briefly: the wait of an unmapper for accesses in flight
+/// (each is one bounded copy, so the wait ends).
+fn backoff(round: &mut u32) {
+    *round = round.saturating_add(1);
+    match *round {
+        0..=64 => std::hint::spin_loop(),
+        65..=256 => std::thread::yield_now(),
+        _ => std::thread::sleep(std::time::Duration::from_micros(50)),
+    }
 }
 
 /// The DMA mappings of one device, shared by the server and the device's threads.
@@ -132,15 +166,20 @@ impl DmaSpace {
         DmaSpace {
             shared: Arc::new(DmaShared {
                 generation: AtomicU64::new(0),
-                table: Mutex::new(Arc::new(Vec::new())),
+                table: ArcSwap::from_pointee(DmaTable::new()),
+                changes: Mutex::new(()),
+                accessors: Mutex::new(Vec::new()),
                 live,
                 max_maps,
             }),
         }
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Arc<Vec<DmaRegion>>> {
-        self.shared.table.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.shared
+            .changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// A recorder on this space's tracker, for a DMA path that writes guest memory outside
@@ -149,61 +188,106 @@ impl DmaSpace {
         self.shared.live.recorder()
     }
 
-    /// The current mappings, sorted by IOVA.
-    pub fn regions(&self) -> Arc<Vec<DmaRegion>> {
-        Arc::clone(&self.table())
+    /// The current mappings (an O(1) snapshot; iterate it in IOVA order).
+    pub fn regions(&self) -> Arc<DmaTable> {
+        self.shared.table.load_full()
     }
 
-    fn publish(&self, table: &mut Arc<Vec<DmaRegion>>, regions: Vec<DmaRegion>) {
-        *table = Arc::new(regions);
-        self.shared.generation.fetch_add(1, Ordering::SeqCst);
+    /// Publishes `table`; returns its generation. Accesses that start after this see it.
+    fn publish(&self, table: DmaTable) -> u64 {
+        self.shared.table.store(Arc::new(table));
+        self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Adds a mapping; EEXIST when it overlaps one.
+    /// Waits until no access based on a snapshot older than `generation` is in flight.
+    ///
+    /// Why this is enough: an accessor announces `(its snapshot's generation, active)` with
+    /// a SeqCst store and then re-reads the generation (SeqCst) before touching memory;
+    /// we bumped the generation (SeqCst) before reading the announcements. So either it
+    /// sees the new generation and drops its old snapshot before any access, or we see its
+    /// announcement and wait for it to end.
+    fn wait_for_accesses_before(&self, generation: u64) {
+        let slots: Vec<Arc<AccessSlot>> = {
+            let mut accessors = self
+                .shared
+                .accessors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            accessors.retain(|slot| slot.strong_count() > 0);
+            accessors.iter().filter_map(Weak::upgrade).collect()
+        };
+        for slot in slots {
+            let mut round = 0;
+            loop {
+                let state = slot.0.load(Ordering::SeqCst);
+                if state & 1 == 0 || state >> 1 >= generation {
+                    break;
+                }
+                backoff(&mut round);
+            }
+        }
+    }
+
+    /// Adds a mapping; EEXIST when it overlaps one. O(log n).
     pub fn map(&self, region: DmaRegion) -> Result<(), MapError> {
         let (iova, size) = (region.iova, region.size);
         if size == 0 || iova.checked_add(size).is_none() {
             return Err(MapError::Invalid { iova, size });
         }
-        let mut table = self.table();
+        let _changes = self.lock_changes();
+        let table = self.shared.table.load_full();
         if table.len() >= self.shared.max_maps {
             return Err(MapError::TooMany(self.shared.max_maps));
         }
-        let at = table.partition_point(|r| r.end() <= iova);
-        if table.get(at).is_some_and(|r| r.iova < iova + size) {
+        if table.overlaps(iova, size) {
             return Err(MapError::Overlap { iova, size });
         }
-        let mut regions = table.as_ref().clone();
-        regions.insert(at, region);
-        self.publish(&mut table, regions);
+        self.publish(table.inserted(region));
         Ok(())
     }
 
-    /// Removes the mapping that is exactly `[iova, iova+size)`.
+    /// Removes the mapping that is exactly `[iova, iova+size)`, O(log n), and returns once
+    /// no access to it is in flight: no DMA write lands in it after this returns.
     pub fn unmap(&self, iova: u64, size: u64) -> Result<DmaRegion, MapError> {
-        let mut table = self.table();
-        let at = table
-            .iter()
-            .position(|r| r.iova == iova && r.size == size)
-            .ok_or(MapError::NoSuchMapping { iova, size })?;
-        let mut regions = table.as_ref().clone();
-        let removed = regions.remove(at);
-        self.publish(&mut table, regions);
+        let _changes = self.lock_changes();
+        let table = self.shared.table.load_full();
+        let missing = MapError::NoSuchMapping { iova, size };
+        if table.get(iova).is_none_or(|r| r.size != size) {
+            return Err(missing);
+        }
+        let (rest, removed) = table.removed(iova).ok_or(missing)?;
+        let generation = self.publish(rest);
+        self.wait_for_accesses_before(generation);
         Ok(removed)
     }
 
-    /// Removes every mapping.
+    /// Removes every mapping, returning once no access to any of them is in flight.
     pub fn unmap_all(&self) {
-        let mut table = self.table();
-        self.publish(&mut table, Vec::new());
+        let _changes = self.lock_changes();
+        let empty = self.shared.table.load().cleared();
+        let generation = self.publish(empty);
+        self.wait_for_accesses_before(generation);
     }
 
     /// A handle for one DMA thread.
     pub fn accessor(&self) -> DmaAccessor {
+        let slot = Arc::new(AccessSlot::default());
+        {
+            let mut accessors = self
+                .shared
+                .accessors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            accessors.retain(|slot| slot.strong_count() > 0);
+            accessors.push(Arc::downgrade(&slot));
+        }
+        // The generation first: the table loaded after it is at least that new.
+        let generation = self.shared.generation.load(Ordering::SeqCst);
         DmaAccessor {
             shared: Arc::clone(&self.shared),
-            generation: u64::MAX,
-            table: Arc::new(Vec::new()),
+            slot,
+            generation,
+            table: self.shared.table.load_full(),
             recorder: self.shared.live.recorder(),
         }
     }
@@ -212,8 +296,9 @@ impl DmaSpace {
 /// One thread's DMA handle (see the module documentation).
 pub struct DmaAccessor {
     shared: Arc<DmaShared>,
+    slot: Arc<AccessSlot>,
     generation: u64,
-    table: Arc<Vec<DmaRegion>>,
+    table: Arc<DmaTable>,
     recorder: WriteRecorder,
 }
 
@@ -225,20 +310,44 @@ impl std::fmt::Debug for DmaAccessor {
     }
 }
 
-impl DmaAccessor {
-    fn refresh(&mut self) {
-        let generation = self.shared.generation.load(Ordering::SeqCst);
-        if generation != self.generation {
-            let table = self.shared.table.lock().unwrap_or_else(|p| p.into_inner());
-            self.table = Arc::clone(&table);
-            self.generation = self.shared.generation.load(Ordering::SeqCst);
-        }
-    }
+/// Marks the accessor idle when the access ends (also on unwinding, so an unmapper never
+/// waits on an access that is gone).
+struct InFlight<'a>(&'a AccessSlot);
 
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0 .0.store(IDLE, Ordering::Release);
+    }
+}
+
+/// Announces an access by the accessor owning `slot` and makes sure the snapshot it uses
+/// (`table`, of `generation`) is the published one. While the mappings do not change this is
+/// one SeqCst store and one load: no lock, no allocation. (A free function over the
+/// accessor's fields, so the guard borrows only the slot.)
+fn begin<'a>(
+    slot: &'a AccessSlot,
+    shared: &DmaShared,
+    generation: &mut u64,
+    table: &mut Arc<DmaTable>,
+) -> InFlight<'a> {
+    loop {
+        slot.0.store(*generation << 1 | 1, Ordering::SeqCst);
+        let current = shared.generation.load(Ordering::SeqCst);
+        if current == *generation {
+            return InFlight(slot);
+        }
+        // Stale: stand down before taking the new snapshot (the generation first: the
+        // table loaded after it is at least that new).
+        slot.0.store(IDLE, Ordering::Release);
+        *generation = current;
+        *table = shared.table.load_full();
+    }
+}
+
+impl DmaAccessor {
     /// The mapped region holding `iova`, and how many bytes of it from there.
-    fn lookup(table: &[DmaRegion], iova: u64) -> Option<(&DmaRegion, u64)> {
-        let at = table.partition_point(|r| r.end() <= iova);
-        let region = table.get(at).filter(|r| r.iova <= iova)?;
+    fn lookup(table: &DmaTable, iova: u64) -> Option<(&DmaRegion, u64)> {
+        let region = table.containing(iova)?;
         Some((region, region.end() - iova))
     }
 
@@ -247,7 +356,7 @@ impl DmaAccessor {
     /// Stops with a fault at the first IOVA that is not mapped, message-only or lacks the
     /// permission (`write`: writable, else readable), or where `access` fails.
     fn walk(
-        table: &[DmaRegion],
+        table: &DmaTable,
         iova: u64,
         len: usize,
         write: bool,
@@ -287,7 +396,12 @@ impl DmaAccessor {
     /// the tracker after its bytes are in memory. Stops at the first IOVA that is not
     /// mapped, not writable or message-only.
     pub fn write(&mut self, iova: u64, data: &[u8]) -> Result<(), DmaFault> {
-        self.refresh();
+        let _in_flight = begin(
+            &self.slot,
+            &self.shared,
+            &mut self.generation,
+            &mut self.table,
+        );
         let recorder = &mut self.recorder;
         Self::walk(
             &self.table,
@@ -306,7 +420,12 @@ impl DmaAccessor {
 
     /// Reads `out.len()` bytes at `iova`. Reads never dirty a page.
     pub fn read(&mut self, iova: u64, out: &mut [u8]) -> Result<(), DmaFault> {
-        self.refresh();
+        let _in_flight = begin(
+            &self.slot,
+            &self.shared,
+            &mut self.generation,
+            &mut self.table,
+        );
         Self::walk(
             &self.table,
             iova,

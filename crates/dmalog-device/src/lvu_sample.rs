@@ -37,6 +37,19 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// The furthest ahead (seconds) BAR0's timer is armed; a later `time_t` leaves it unarmed
+/// (about 100 years: no test or client waits that long, and every `Instant` holds it).
+pub const MAX_TIMER_SECS: i64 = 100 * 366 * 24 * 3600;
+
+/// When a timer `wait_secs` from `now` fires (at once when not positive), or None when it is
+/// further ahead than [`MAX_TIMER_SECS`] or than `Instant` can hold.
+fn timer_deadline(now: Instant, wait_secs: i64) -> Option<Instant> {
+    if wait_secs > MAX_TIMER_SECS {
+        return None;
+    }
+    now.checked_add(Duration::from_secs(wait_secs.max(0) as u64))
+}
+
 /// What the last timer expiry did (for tests).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ExpiryReport {
@@ -112,10 +125,12 @@ impl LvuSample {
         })
     }
 
+    /// Arms the timer from BAR0. BAR0 is any `time_t` a peer wrote (or sent in migration
+    /// data), so the arithmetic saturates: a time in the past fires at once, one further
+    /// ahead than [`MAX_TIMER_SECS`] (or than `Instant` can hold) never fires.
     fn arm(&mut self) {
         self.deadline = if self.running && self.bar0 != 0 {
-            let wait = (self.bar0 - now_secs()).max(0) as u64;
-            Some(Instant::now() + Duration::from_secs(wait))
+            timer_deadline(Instant::now(), self.bar0.saturating_sub(now_secs()))
         } else {
             None
         };
@@ -184,7 +199,8 @@ impl Device for LvuSample {
     fn region_read(&mut self, index: u32, offset: u64, out: &mut [u8]) -> Result<(), DeviceError> {
         match index {
             0 => {
-                let delta = (now_secs() - self.bar0).to_le_bytes();
+                // Saturating: BAR0 holds any value a peer wrote.
+                let delta = now_secs().saturating_sub(self.bar0).to_le_bytes();
                 let end = offset
                     .checked_add(out.len() as u64)
                     .filter(|&e| e <= 8)
@@ -248,6 +264,14 @@ impl Device for LvuSample {
         self.bar0 = 0;
         self.deadline = None;
         Ok(())
+    }
+
+    fn abort_migration(&mut self) {
+        self.save_stream.clear();
+        self.save_cursor = 0;
+        self.load_buffer.clear();
+        self.running = true;
+        self.arm();
     }
 
     fn migration_flags(&self) -> u64 {
@@ -328,15 +352,21 @@ impl Device for LvuSample {
         let mut errors = Vec::new();
         // Direct DMA to the second mapping (needs an fd): 4 x 1 KiB writes, 2 x 2 KiB reads.
         if let Some(second) = regions
-            .get(1)
+            .iter()
+            .nth(1)
             .filter(|r| matches!(r.backing, DmaBacking::Mapped(_)))
         {
             for i in 0..4u64 {
                 let data = [0xa0 + i as u8; WRITE_CHUNK];
-                if let Err(err) = self.dma.write(
-                    second.iova + i * WRITE_CHUNK as u64,
-                    &data[..WRITE_CHUNK.min(second.size as usize)],
-                ) {
+                // A mapping at the top of the IOVA space: the IOVA past it does not exist.
+                let Some(iova) = second.iova.checked_add(i * WRITE_CHUNK as u64) else {
+                    errors.push("direct write: past the end of the IOVA space".into());
+                    continue;
+                };
+                if let Err(err) = self
+                    .dma
+                    .write(iova, &data[..WRITE_CHUNK.min(second.size as usize)])
+                {
                     errors.push(format!("direct write: {err}"));
                 }
             }
@@ -354,7 +384,7 @@ impl Device for LvuSample {
             errors.push("no second DMA mapping with an fd".into());
         }
         // Message DMA to the first mapping: 4 x 1 KiB DMA_WRITE, 2 x 2 KiB DMA_READ.
-        if let Some(first) = regions.first() {
+        if let Some(first) = regions.iter().next() {
             for i in 0..4u64 {
                 let data = [0xb0 + i as u8; WRITE_CHUNK];
                 if let Err(err) = dma.dma_write(

@@ -600,11 +600,17 @@ fn out_write<W: Write>(
     Ok(())
 }
 
-fn expect_kind(frame: &Frame, kind: Kind) -> Result<(), MigrateError> {
+/// The peer's abort reason, safe to print.
+pub(crate) fn aborted(frame: &Frame) -> MigrateError {
+    MigrateError::Peer(format!(
+        "aborted: {}",
+        crate::peer_text::sanitize(&frame.payload)
+    ))
+}
+
+pub(crate) fn expect_kind(frame: &Frame, kind: Kind) -> Result<(), MigrateError> {
     if frame.kind == Kind::Abort {
-        return Err(MigrateError::Peer(
-            String::from_utf8_lossy(&frame.payload).into_owned(),
-        ));
+        return Err(aborted(frame));
     }
     if frame.kind != kind {
         return Err(MigrateError::Peer(format!(
@@ -613,105 +619,4 @@ fn expect_kind(frame: &Frame, kind: Kind) -> Result<(), MigrateError> {
         )));
     }
     Ok(())
-}
-
-/// What the destination saw.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct DestinationReport {
-    /// Pages written.
-    pub pages: u64,
-    /// Device data bytes loaded.
-    pub device_bytes: u64,
-    /// Whether the source's hashes matched ours.
-    pub verified: bool,
-}
-
-/// Runs the destination side: writes pages into `memory`, loads the device state
-/// (RESUMING, data, STOP), maps DMA with `map_dma`, resumes the device (RUNNING), answers
-/// Resumed, then checks the source's hashes.
-pub fn migrate_destination<W: Write, D: MigrationDevice>(
-    memory: &GuestMemory,
-    device: &mut D,
-    map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
-    input: &mut FrameReader<impl Read>,
-    out: &mut FrameWriter<W>,
-) -> Result<DestinationReport, MigrateError> {
-    let mut report = DestinationReport::default();
-    let hello = input.read()?;
-    expect_kind(&hello, Kind::Hello)?;
-    let layout_ok =
-        {
-            let p = &hello.payload;
-            let word = |at: usize| {
-                p.get(at..at + 8)
-                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
-            };
-            let count = p
-                .get(4..8)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as usize);
-            count == Some(memory.regions().len())
-                && memory.regions().iter().enumerate().all(|(i, r)| {
-                    word(8 + 16 * i) == Some(r.gpa) && word(16 + 16 * i) == Some(r.size)
-                })
-        };
-    if !layout_ok {
-        out.write(Kind::Abort, &[b"guest memory layout differs"])?;
-        return Err(MigrateError::Peer(
-            "the source's memory layout differs from ours".into(),
-        ));
-    }
-    device.set_device_state(DeviceState::Resuming)?;
-    loop {
-        let frame = input.read()?;
-        match frame.kind {
-            Kind::Pages => {
-                let gpa = frame
-                    .payload
-                    .get(..8)
-                    .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()));
-                let npages = frame
-                    .payload
-                    .get(8..12)
-                    .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()) as u64);
-                let data = frame.payload.get(12..).unwrap_or_default();
-                match (gpa, npages) {
-                    (Some(gpa), Some(n))
-                        if data.len() as u64 == n * PAGE && memory.write(gpa, data) =>
-                    {
-                        report.pages += n
-                    }
-                    _ => return Err(MigrateError::Stream(StreamError::Malformed(Kind::Pages))),
-                }
-            }
-            Kind::DeviceData => {
-                device.write_migration_data(&frame.payload)?;
-                report.device_bytes += frame.payload.len() as u64;
-            }
-            Kind::End => break,
-            Kind::Abort => {
-                return Err(MigrateError::Peer(
-                    String::from_utf8_lossy(&frame.payload).into_owned(),
-                ))
-            }
-            other => return Err(MigrateError::Peer(format!("unexpected {other:?} frame"))),
-        }
-    }
-    device.set_device_state(DeviceState::Stop)?;
-    // Hash before the device runs again and writes (the source subtracts this time from
-    // the downtime it measures).
-    let hash_start = Instant::now();
-    let hashes: Vec<u8> = memory
-        .region_hashes()
-        .iter()
-        .flat_map(|h| h.to_le_bytes())
-        .collect();
-    let hash_ns = hash_start.elapsed().as_nanos() as u64;
-    map_dma(device, memory).map_err(MigrateError::Peer)?;
-    device.set_device_state(DeviceState::Running)?;
-    out.write(Kind::Resumed, &[&hash_ns.to_le_bytes(), &hashes])?;
-    out.flush()?;
-    let verdict = input.read()?;
-    expect_kind(&verdict, Kind::Verified)?;
-    report.verified = verdict.payload.first() == Some(&1);
-    Ok(report)
 }

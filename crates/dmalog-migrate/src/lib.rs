@@ -2,14 +2,18 @@
 //! pre-copy engine over [`dmalog::DirtyTracker`] and [`dmalog::MigrationDevice`], and the
 //! framed migration stream.
 
+pub mod destination;
 pub mod engine;
+pub mod fuzzing;
 pub mod guest;
+pub mod peer_text;
 pub mod stream;
 pub mod vcpu;
 
+pub use destination::{migrate_destination, DestinationReport};
 pub use engine::{
-    migrate_destination, migrate_source, plan_ranges, DestinationReport, MigrateError,
-    MigrationReport, Mode, RangePlan, RoundStats, SourceConfig, SourceVm,
+    migrate_source, plan_ranges, MigrateError, MigrationReport, Mode, RangePlan, RoundStats,
+    SourceConfig, SourceVm,
 };
 pub use guest::{default_layout, GuestMemory};
 pub use vcpu::{VcpuParams, VcpuWorkload};

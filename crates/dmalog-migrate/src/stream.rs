@@ -3,8 +3,14 @@
 //!
 //! Frame: `magic u32 "DMLS", version u16, kind u8, reserved u8, len u32, crc32c u32`, then
 //! `len` payload bytes (little-endian throughout).
+//!
+//! The peer is not trusted: each kind has its own payload limit, checked before anything
+//! is allocated, and a payload is buffered only as its bytes arrive (a header claiming
+//! 4 GiB costs nothing until 4 GiB are sent). On a socket, every frame must be read or
+//! written whole within a timeout, so a silent or stalled peer is an error, not a hang.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 /// "DMLS" as a little-endian u32.
@@ -13,8 +19,22 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"DMLS");
 pub const VERSION: u16 = 1;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 16;
-/// Largest payload accepted.
-pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Most pages one Pages frame may carry (the engine sends 256).
+pub const MAX_PAGES_PER_FRAME: u64 = 1024;
+/// Most guest memory regions a Hello frame may describe.
+pub const MAX_REGIONS: usize = 1024;
+/// Largest payload of any kind (a Pages frame of [`MAX_PAGES_PER_FRAME`] 4 KiB pages).
+pub const MAX_PAYLOAD: usize = PAGES_HEAD_BYTES + (MAX_PAGES_PER_FRAME as usize) * 4096;
+/// Bytes before the data in a Pages frame: `gpa u64, npages u32`.
+pub const PAGES_HEAD_BYTES: usize = 12;
+/// Largest Abort reason, bytes.
+pub const MAX_REASON_BYTES: usize = 4096;
+/// Largest DeviceData payload (the engine sends 64 KiB chunks).
+pub const MAX_DEVICE_CHUNK: usize = 1 << 20;
+/// How long a peer may take, by default, to deliver or accept one frame.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Payload bytes buffered ahead of what has arrived.
+const READ_CHUNK: usize = 64 << 10;
 
 /// Frame kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +73,19 @@ impl Kind {
             _ => return None,
         })
     }
+
+    /// The largest payload a frame of this kind may have (both directions).
+    pub fn max_payload(self) -> usize {
+        match self {
+            Kind::Hello => 8 + 16 * MAX_REGIONS,
+            Kind::Pages => MAX_PAYLOAD,
+            Kind::DeviceData => MAX_DEVICE_CHUNK,
+            Kind::End | Kind::Verify => 0,
+            Kind::Resumed => 8 + 4 * MAX_REGIONS,
+            Kind::Verified => 1,
+            Kind::Abort => MAX_REASON_BYTES,
+        }
+    }
 }
 
 /// A stream that cannot be read.
@@ -61,6 +94,9 @@ pub enum StreamError {
     /// The connection failed or ended in the middle of a frame.
     #[error("migration stream: {0}")]
     Io(#[from] std::io::Error),
+    /// The peer did not deliver a whole frame in time.
+    #[error("migration stream: the peer sent no complete frame within {} ms", .0.as_millis())]
+    TimedOut(Duration),
     /// Not a dmalog migration stream, or another version.
     #[error("migration stream: bad magic {magic:#x} or version {version}")]
     BadHeader {
@@ -72,9 +108,19 @@ pub enum StreamError {
     /// A frame kind this version does not know.
     #[error("migration stream: unknown frame kind {0}")]
     UnknownKind(u8),
-    /// A payload larger than allowed.
-    #[error("migration stream: frame of {0} bytes exceeds the limit")]
-    TooLarge(usize),
+    /// The reserved header byte is not zero.
+    #[error("migration stream: reserved header byte is {0:#x}, not 0")]
+    Reserved(u8),
+    /// A payload larger than its kind allows.
+    #[error("migration stream: a {kind:?} frame of {len_bytes} bytes exceeds the limit of {limit_bytes}")]
+    TooLarge {
+        /// The frame kind.
+        kind: Kind,
+        /// The length in the header.
+        len_bytes: u64,
+        /// The kind's limit.
+        limit_bytes: usize,
+    },
     /// The payload does not match its checksum.
     #[error(
         "migration stream: checksum mismatch in a {kind:?} frame ({expected:#x} != {actual:#x})"
@@ -90,6 +136,14 @@ pub enum StreamError {
     /// A payload that does not decode.
     #[error("migration stream: malformed {0:?} frame")]
     Malformed(Kind),
+    /// A payload that decodes but is refused, with why.
+    #[error("migration stream: {kind:?} frame refused: {why}")]
+    Refused {
+        /// The frame kind.
+        kind: Kind,
+        /// What is wrong with it.
+        why: &'static str,
+    },
 }
 
 /// One frame.
@@ -101,6 +155,66 @@ pub struct Frame {
     pub payload: Vec<u8>,
 }
 
+/// A transport whose blocking reads and writes can be bounded in time (a socket). The
+/// frame reader and writer set the time left to the frame's deadline before each call.
+pub trait IoTimeouts {
+    /// Bounds each later blocking read (`None`: unbounded).
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+    /// Bounds each later blocking write (`None`: unbounded).
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl IoTimeouts for std::net::TcpStream {
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
+}
+
+impl IoTimeouts for UnixStream {
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(timeout)
+    }
+}
+
+/// Sets the time left before each blocking call on an `R` (a monomorphised
+/// [`IoTimeouts`] method, so that reading and writing need no trait bound).
+type SetTimeout<R> = fn(&R, Option<Duration>) -> std::io::Result<()>;
+
+/// A per-frame time limit on a transport.
+struct FrameTimeout<R> {
+    timeout: Duration,
+    set: SetTimeout<R>,
+}
+
+impl<R> FrameTimeout<R> {
+    /// Arms the transport for the time left before `deadline`; a timed-out error if none.
+    fn arm(&self, inner: &R, deadline: Instant) -> std::io::Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(timed_out(self.timeout));
+        }
+        (self.set)(inner, Some(left))
+    }
+}
+
+fn timed_out(timeout: Duration) -> std::io::Error {
+    std::io::Error::new(
+        ErrorKind::TimedOut,
+        format!("the peer did not keep up within {} ms", timeout.as_millis()),
+    )
+}
+
+/// Whether `err` is a socket timeout (`SO_RCVTIMEO`/`SO_SNDTIMEO` expiring is EAGAIN).
+fn is_timeout(err: &std::io::Error) -> bool {
+    matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
 /// Writes frames, counting bytes, optionally capped at a bandwidth (a simple pacing model of
 /// a real link).
 pub struct FrameWriter<W> {
@@ -108,6 +222,7 @@ pub struct FrameWriter<W> {
     bytes: u64,
     rate_bytes_per_sec: Option<u64>,
     started: Instant,
+    timeout: Option<FrameTimeout<W>>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -118,6 +233,7 @@ impl<W: Write> FrameWriter<W> {
             bytes: 0,
             rate_bytes_per_sec,
             started: Instant::now(),
+            timeout: None,
         }
     }
 
@@ -126,9 +242,20 @@ impl<W: Write> FrameWriter<W> {
         self.bytes
     }
 
-    /// Writes one frame of `kind` made of `parts` (concatenated).
+    /// Writes one frame of `kind` made of `parts` (concatenated). A frame over its kind's
+    /// limit is refused (EINVAL-like `InvalidInput`) before anything is written; with a
+    /// timeout, a peer that does not take the whole frame in time is a `TimedOut` error.
     pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> std::io::Result<()> {
         let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > kind.max_payload() {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "a {kind:?} frame of {len} bytes exceeds the limit of {}",
+                    kind.max_payload()
+                ),
+            ));
+        }
         let crc = parts
             .iter()
             .fold(0u32, |crc, part| crc32c::crc32c_append(crc, part));
@@ -136,11 +263,13 @@ impl<W: Write> FrameWriter<W> {
         header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
         header[4..6].copy_from_slice(&VERSION.to_le_bytes());
         header[6] = kind as u8;
+        // Fits: every kind's limit is below 4 GiB.
         header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
         header[12..16].copy_from_slice(&crc.to_le_bytes());
-        self.inner.write_all(&header)?;
+        let deadline = self.timeout.as_ref().map(|t| Instant::now() + t.timeout);
+        self.write_all(&header, deadline)?;
         for part in parts {
-            self.inner.write_all(part)?;
+            self.write_all(part, deadline)?;
         }
         self.bytes += (FRAME_HEADER_BYTES + len) as u64;
         if let Some(rate) = self.rate_bytes_per_sec.filter(|&r| r > 0) {
@@ -148,6 +277,23 @@ impl<W: Write> FrameWriter<W> {
             let elapsed = self.started.elapsed();
             if due > elapsed {
                 std::thread::sleep(due - elapsed);
+            }
+        }
+        Ok(())
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8], deadline: Option<Instant>) -> std::io::Result<()> {
+        let (Some(limit), Some(deadline)) = (&self.timeout, deadline) else {
+            return self.inner.write_all(bytes);
+        };
+        while !bytes.is_empty() {
+            limit.arm(&self.inner, deadline)?;
+            match self.inner.write(bytes) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if is_timeout(&err) => return Err(timed_out(limit.timeout)),
+                Err(err) => return Err(err),
             }
         }
         Ok(())
@@ -164,34 +310,74 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
+impl<W: Write + IoTimeouts> FrameWriter<W> {
+    /// Every frame must be taken by the peer within `timeout` (a stalled reader is an
+    /// error, not a hang).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(FrameTimeout {
+            timeout,
+            set: W::bound_writes,
+        });
+        self
+    }
+}
+
 /// Reads and checks frames.
 pub struct FrameReader<R> {
     inner: R,
+    timeout: Option<FrameTimeout<R>>,
 }
 
 impl<R: Read> FrameReader<R> {
     /// A reader.
     pub fn new(inner: R) -> Self {
-        FrameReader { inner }
+        FrameReader {
+            inner,
+            timeout: None,
+        }
     }
 
-    /// The next frame.
+    /// The underlying reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// The next frame. Allocates no more than the bytes received (plus one chunk).
     pub fn read(&mut self) -> Result<Frame, StreamError> {
+        let deadline = self.timeout.as_ref().map(|t| Instant::now() + t.timeout);
         let mut header = [0u8; FRAME_HEADER_BYTES];
-        self.inner.read_exact(&mut header)?;
-        let magic = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default());
+        self.read_exact(&mut header, deadline)?;
+        let word = |at: usize| {
+            u32::from_le_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+        };
+        let magic = word(0);
         let version = u16::from_le_bytes([header[4], header[5]]);
         if magic != MAGIC || version != VERSION {
             return Err(StreamError::BadHeader { magic, version });
         }
         let kind = Kind::from_u8(header[6]).ok_or(StreamError::UnknownKind(header[6]))?;
-        let len = u32::from_le_bytes(header[8..12].try_into().unwrap_or_default()) as usize;
-        let expected = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default());
-        if len > MAX_PAYLOAD {
-            return Err(StreamError::TooLarge(len));
+        // Reserved for later versions: must be zero now, so that a later meaning is never
+        // silently ignored.
+        if header[7] != 0 {
+            return Err(StreamError::Reserved(header[7]));
         }
-        let mut payload = vec![0u8; len];
-        self.inner.read_exact(&mut payload)?;
+        let len_bytes = word(8);
+        let expected = word(12);
+        let limit_bytes = kind.max_payload();
+        if u64::from(len_bytes) > limit_bytes as u64 {
+            return Err(StreamError::TooLarge {
+                kind,
+                len_bytes: u64::from(len_bytes),
+                limit_bytes,
+            });
+        }
+        let len = len_bytes as usize;
+        let mut payload = Vec::new();
+        while payload.len() < len {
+            let at = payload.len();
+            payload.resize(at + (len - at).min(READ_CHUNK), 0);
+            self.read_exact(&mut payload[at..], deadline)?;
+        }
         let actual = crc32c::crc32c(&payload);
         if actual != expected {
             return Err(StreamError::Checksum {
@@ -201,6 +387,42 @@ impl<R: Read> FrameReader<R> {
             });
         }
         Ok(Frame { kind, payload })
+    }
+
+    fn read_exact(
+        &mut self,
+        mut buf: &mut [u8],
+        deadline: Option<Instant>,
+    ) -> Result<(), StreamError> {
+        let (Some(limit), Some(deadline)) = (&self.timeout, deadline) else {
+            return self.inner.read_exact(buf).map_err(StreamError::Io);
+        };
+        while !buf.is_empty() {
+            match limit.arm(&self.inner, deadline) {
+                Err(err) if is_timeout(&err) => return Err(StreamError::TimedOut(limit.timeout)),
+                other => other?,
+            }
+            match self.inner.read(buf) {
+                Ok(0) => return Err(StreamError::Io(ErrorKind::UnexpectedEof.into())),
+                Ok(n) => buf = &mut buf[n..],
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if is_timeout(&err) => return Err(StreamError::TimedOut(limit.timeout)),
+                Err(err) => return Err(StreamError::Io(err)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read + IoTimeouts> FrameReader<R> {
+    /// Every frame must arrive whole within `timeout` of asking for it (a silent or
+    /// trickling peer is an error, not a hang).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(FrameTimeout {
+            timeout,
+            set: R::bound_reads,
+        });
+        self
     }
 }
 

@@ -116,6 +116,11 @@ impl VcpuWorkload {
         self.shared.paused.store(false, Ordering::SeqCst);
     }
 
+    /// Whether the vCPUs are paused.
+    pub fn is_paused(&self) -> bool {
+        self.shared.paused.load(Ordering::SeqCst)
+    }
+
     /// Writes so far.
     pub fn writes(&self) -> u64 {
         self.shared.writes.load(Ordering::Relaxed)

@@ -5,107 +5,14 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
-use std::time::Duration;
 
 use dmalog::uapi::DeviceState;
-use dmalog::{
-    DirtyTracker, InProcessTracker, IovaRange, MigrationDevice, PendingBytes, SoftDriver,
-    TrackerError, WriteRecorder,
-};
+use dmalog::{InProcessTracker, SoftDriver};
+mod common;
+
+use common::{config, FakeDevice, LAYOUT};
 use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind};
-use dmalog_migrate::{
-    migrate_destination, migrate_source, GuestMemory, MigrateError, Mode, SourceConfig, SourceVm,
-};
-
-struct FakeDevice {
-    tracker: InProcessTracker<SoftDriver>,
-    state: DeviceState,
-    image: Vec<u8>,
-    cursor: usize,
-    loaded: Vec<u8>,
-    logging: bool,
-}
-
-impl FakeDevice {
-    fn new(image: Vec<u8>) -> (Self, WriteRecorder) {
-        let driver = SoftDriver::new();
-        let recorder = driver.recorder();
-        (
-            FakeDevice {
-                tracker: InProcessTracker::new(driver),
-                state: DeviceState::Running,
-                image,
-                cursor: 0,
-                loaded: Vec::new(),
-                logging: false,
-            },
-            recorder,
-        )
-    }
-}
-
-impl DirtyTracker for FakeDevice {
-    fn probe(&mut self) -> Result<bool, TrackerError> {
-        Ok(true)
-    }
-    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
-        self.logging = true;
-        self.tracker.start(ranges, page_size)
-    }
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        self.tracker.report(iova, length, page_size, bitmap)
-    }
-    fn stop(&mut self) -> Result<(), TrackerError> {
-        self.logging = false;
-        self.tracker.stop()
-    }
-}
-
-impl MigrationDevice for FakeDevice {
-    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
-        Ok(5)
-    }
-    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
-        Ok(self.state)
-    }
-    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
-        if state == DeviceState::StopCopy || state == DeviceState::PreCopy {
-            self.cursor = 0;
-        }
-        self.state = state;
-        Ok(())
-    }
-    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
-        let n = (self.image.len() - self.cursor).min(buf.len());
-        buf[..n].copy_from_slice(&self.image[self.cursor..self.cursor + n]);
-        self.cursor += n;
-        Ok(n)
-    }
-    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
-        self.loaded.extend_from_slice(data);
-        Ok(())
-    }
-    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
-        Ok(None)
-    }
-}
-
-const LAYOUT: [(u64, u64); 2] = [(0, 8 << 20), (1 << 32, 4 << 20)];
-
-fn config() -> SourceConfig {
-    SourceConfig {
-        ranges: dmalog_migrate::RangePlan::Exact,
-        mode: Mode::PreCopy,
-        max_downtime: Duration::from_millis(30),
-        max_rounds: 10,
-    }
-}
+use dmalog_migrate::{migrate_destination, migrate_source, GuestMemory, MigrateError, SourceVm};
 
 #[test]
 fn a_migration_over_a_socket_pair_verifies() {

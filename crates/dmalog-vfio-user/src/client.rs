@@ -215,9 +215,16 @@ impl Client {
                 return Err(ClientError::Protocol("reply to another command"));
             }
             if header.flags & FLAG_ERROR != 0 {
+                // An error reply must carry an errno, but some servers send 0 (rust-vmm's
+                // `vfio_user` crate does for every backend error but EINVAL): report EIO
+                // rather than an "error 0" a caller could take for success.
+                let errno = match header.error_no as i32 {
+                    0 => libc::EIO,
+                    errno => errno,
+                };
                 return Err(ClientError::Refused {
                     cmd: command,
-                    errno: header.error_no as i32,
+                    errno,
                 });
             }
             return Ok((payload, fds));

@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod fuzzing;
+pub mod pci_config;
 pub mod server;
 pub mod transport;
 pub mod wire;

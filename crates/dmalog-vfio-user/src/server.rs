@@ -2,15 +2,16 @@
 //! logging through the logging core (vfio-user dialect), and migration v2.
 //!
 //! One client at a time; when it disconnects, logging stops, every mapping goes, IRQ
-//! eventfds are dropped, and the server waits for the next client. The device itself (and
-//! its migration state) lives on.
+//! eventfds are dropped, any migration in progress is abandoned (the device is RUNNING
+//! again, partial migration data dropped), and the server waits for the next client. The
+//! device's registers live on.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
 use dmalog::mlx5::{CapsError, Mlx5Faults};
@@ -99,6 +100,14 @@ pub struct ServerConfig {
     /// mlx5 tracker only: inject this fault before the n-th REPORT (1-based) the server
     /// handles, once, for testing consumers' error paths.
     pub fault_plan: Option<(u64, dmalog::Mlx5Fault)>,
+    /// How long a client may keep the server waiting (the reply to a server
+    /// DMA_READ/DMA_WRITE, the rest of a message it began, reading the server's reply)
+    /// before it is dropped; a DMA waiting for it fails (EIO). An idle client (between
+    /// messages, nothing owed) may stay as long as it likes.
+    pub peer_timeout: Duration,
+    /// The memory budget of the tracker's state (`--max-log-mib`), ranges added after
+    /// START included: a START above it fails with ENOMEM, leaving logging stopped.
+    pub max_log_bytes: u64,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +118,8 @@ impl Default for ServerConfig {
             max_msg_fds: 8,
             max_dma_maps: 65535,
             fault_plan: None,
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            max_log_bytes: dmalog::budget::DEFAULT_MAX_LOG_BYTES,
         }
     }
 }
@@ -132,13 +143,29 @@ fn dev_err(err: DeviceError) -> i32 {
     err.errno()
 }
 
+/// Most client messages kept while the server waits for the client's reply to its own
+/// DMA_READ/DMA_WRITE (SPEC 8: per-client queues are bounded). A client that sends more
+/// before answering is dropped: the reply it owes is behind its flood in the stream, so
+/// back-pressure (not reading) would only stall until the reply timeout.
+pub const DEFERRED_MAX_MESSAGES: usize = 64;
+/// Most payload bytes kept in those messages (16 one-MiB writes).
+pub const DEFERRED_MAX_BYTES: usize = 16 << 20;
+/// How long the server waits by default for a client that owes it something: the reply to
+/// a DMA_READ/DMA_WRITE, the rest of a message it began, room in the socket for a reply.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Server-to-client DMA over the connection: DMA_READ/DMA_WRITE commands, split at the
-/// negotiated transfer size. Client commands that arrive meanwhile are kept for later.
+/// negotiated transfer size. Client commands that arrive meanwhile are kept for later, up
+/// to [`DEFERRED_MAX_MESSAGES`] and [`DEFERRED_MAX_BYTES`]. A client that exceeds them, or
+/// does not answer within the reply timeout, has its DMA failed (EIO to the device) and
+/// the connection dropped (`broken`): after a timeout a late reply would be out of step.
 struct ConnectionDma<'a> {
     transport: &'a mut Transport,
     deferred: &'a mut VecDeque<Message>,
+    deferred_bytes: usize,
     next_id: u16,
     max_xfer: u32,
+    reply_timeout: Duration,
     broken: bool,
 }
 
@@ -160,12 +187,13 @@ impl ConnectionDma<'_> {
             self.broken = true;
             return Err(DeviceError::Io("connection lost"));
         }
+        let deadline = Instant::now() + self.reply_timeout;
         loop {
-            let message = match self.transport.recv() {
+            let message = match self.recv_before(deadline) {
                 Ok(message) => message,
-                Err(_) => {
+                Err(err) => {
                     self.broken = true;
-                    return Err(DeviceError::Io("connection lost"));
+                    return Err(err);
                 }
             };
             if message.header.kind() == TYPE_REPLY
@@ -177,7 +205,44 @@ impl ConnectionDma<'_> {
                 }
                 return Ok(message.payload);
             }
+            self.deferred_bytes = self.deferred_bytes.saturating_add(message.payload.len());
             self.deferred.push_back(message);
+            if self.deferred.len() > DEFERRED_MAX_MESSAGES
+                || self.deferred_bytes > DEFERRED_MAX_BYTES
+            {
+                warn!(
+                    messages = self.deferred.len(),
+                    bytes = self.deferred_bytes,
+                    "the client keeps sending instead of answering the server's DMA request; \
+                     dropping the connection"
+                );
+                self.broken = true;
+                return Err(DeviceError::Io("the client flooded instead of answering"));
+            }
+        }
+    }
+
+    /// The next message, or an error if none has come whole by `deadline`.
+    fn recv_before(&mut self, deadline: Instant) -> Result<Message, DeviceError> {
+        let timed_out = || {
+            warn!("the client did not answer the server's DMA request in time; dropping it");
+            DeviceError::Io("the client did not answer a DMA request in time")
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            if matches!(wait_readable(self.transport.stream(), left), Ok(true)) {
+                break;
+            }
+        }
+        // The message has begun: the socket's read timeout (the peer timeout, set in
+        // `serve`) ends a client that stops half-way.
+        match self.transport.recv() {
+            Ok(message) => Ok(message),
+            Err(RecvError::Stalled) => Err(timed_out()),
+            Err(_) => Err(DeviceError::Io("connection lost")),
         }
     }
 }
@@ -269,22 +334,26 @@ impl Server {
         make_device: impl FnOnce(&DmaSpace) -> Result<Box<dyn Device>, E>,
     ) -> Result<Self, E> {
         let live = LiveLog::new();
+        let budget = config.max_log_bytes;
         let (core, faults): (LoggingCore<Box<dyn LogDriver>>, _) = match &config.tracker {
             TrackerKind::None => (LoggingCore::unsupported(), None),
             TrackerKind::Soft => (
-                LoggingCore::new(Box::new(SoftDriver::with_live_log(Arc::clone(&live)))),
+                LoggingCore::new(Box::new(
+                    SoftDriver::with_live_log(Arc::clone(&live)).with_max_log_bytes(budget),
+                )),
                 None,
             ),
             TrackerKind::Mlx5(caps) => {
-                let driver = Mlx5Driver::with_live_log(*caps, Arc::clone(&live));
+                let driver =
+                    Mlx5Driver::with_live_log(*caps, Arc::clone(&live)).with_max_log_bytes(budget);
                 let faults = driver.faults();
                 (LoggingCore::new(Box::new(driver)), Some(faults))
             }
             TrackerKind::Pds(max_regions) => (
-                LoggingCore::new(Box::new(PdsDriver::with_live_log(
-                    *max_regions,
-                    Arc::clone(&live),
-                ))),
+                LoggingCore::new(Box::new(
+                    PdsDriver::with_live_log(*max_regions, Arc::clone(&live))
+                        .with_max_log_bytes(budget),
+                )),
                 None,
             ),
         };
@@ -337,11 +406,14 @@ impl Server {
         transport: &mut Transport,
         deferred: &mut VecDeque<Message>,
     ) -> bool {
+        let deferred_bytes = deferred.iter().map(|m| m.payload.len()).sum();
         let mut dma = ConnectionDma {
             transport,
             deferred,
+            deferred_bytes,
             next_id: 0x8000,
             max_xfer: self.negotiated_xfer,
+            reply_timeout: self.config.peer_timeout,
             broken: false,
         };
         self.device.run_event(&mut dma);
@@ -350,6 +422,17 @@ impl Server {
 
     /// Serves one client until it disconnects, then cleans up.
     pub fn serve(&mut self, stream: UnixStream) {
+        // Reads and writes that stall (a client that stops in the middle of a message or
+        // does not read its replies) end after the peer timeout; see `RecvError::Stalled`.
+        let timeout = Some(self.config.peer_timeout);
+        if let Err(err) = stream
+            .set_read_timeout(timeout)
+            .and_then(|()| stream.set_write_timeout(timeout))
+        {
+            warn!(%err, "cannot set the socket timeouts; dropping the client");
+            self.disconnect();
+            return;
+        }
         let mut transport = Transport::new(stream, self.max_message_bytes());
         let mut deferred: VecDeque<Message> = VecDeque::new();
         loop {
@@ -376,8 +459,15 @@ impl Server {
                     debug!("the client closed the connection");
                     break;
                 }
+                Err(RecvError::Io(err)) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    continue; // idle between messages: the read timeout expired, nothing owed
+                }
                 Err(RecvError::Io(err)) => {
                     warn!(%err, "socket error");
+                    break;
+                }
+                Err(RecvError::Stalled) => {
+                    warn!("the client stopped in the middle of a message; dropping it");
                     break;
                 }
                 Err(RecvError::TooLarge { header, .. }) => {
@@ -457,6 +547,9 @@ impl Server {
 
     fn disconnect(&mut self) {
         let _ = self.core.stop();
+        // A migration the client left half-way (a partial load, an unfinished STOP_COPY)
+        // must not strand the device for the next client.
+        self.machine.abort(self.device.as_mut());
         self.core.dma_unmapped_all();
         self.space.unmap_all();
         for index in 0..self.device.num_irqs() {
@@ -497,20 +590,22 @@ impl Server {
             cmd::REGION_READ => self.region_read(&payload),
             cmd::REGION_WRITE => self.region_write(&payload),
             cmd::REGION_WRITE_MULTI => self.region_write_multi(&payload),
-            cmd::DEVICE_RESET => self
-                .device
-                .reset()
-                .map(|()| Reply {
-                    payload: Vec::new(),
-                    fds: Vec::new(),
-                })
-                .map_err(dev_err),
+            cmd::DEVICE_RESET => self.device_reset(),
             cmd::DEVICE_FEATURE => self.device_feature(&payload),
             cmd::MIG_DATA_READ => self.mig_data_read(&payload),
             cmd::MIG_DATA_WRITE => self.mig_data_write(&payload),
             cmd::DIRTY_PAGES | cmd::DEVICE_GET_REGION_IO_FDS => Err(libc::ENOTSUP),
             _ => Err(libc::ENOSYS),
         }
+    }
+
+    /// DEVICE_RESET: registers to defaults, the migration state RUNNING from any state
+    /// (ERROR included) with migration data dropped, and logging stopped, as a Linux
+    /// driver leaves a device after a reset.
+    fn device_reset(&mut self) -> Result<Reply, i32> {
+        let _ = self.core.stop(); // EINVAL when logging was off: nothing to stop
+        self.machine.reset(self.device.as_mut()).map_err(dev_err)?;
+        Reply::payload(Vec::new())
     }
 
     fn version(&mut self, payload: &[u8]) -> Result<Reply, i32> {

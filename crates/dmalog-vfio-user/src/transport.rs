@@ -47,6 +47,11 @@ pub enum RecvError {
         /// The limit.
         limit: usize,
     },
+    /// The peer began a message and then sent nothing for longer than the socket's read
+    /// timeout; the stream is out of step and must be dropped. (A read timeout before the
+    /// first byte of a message is [`RecvError::Io`] with `WouldBlock`: the peer is idle.)
+    #[error("the peer stopped in the middle of a message")]
+    Stalled,
     /// `msg_size` smaller than the header.
     #[error("message size {} is smaller than the header", header.msg_size)]
     BadSize {
@@ -132,11 +137,14 @@ impl Transport {
         Ok(())
     }
 
-    /// Reads exactly `buf.len()` bytes, collecting fds; Ok(false) on EOF before any byte.
+    /// Reads exactly `buf.len()` bytes, collecting fds (at most [`MAX_FDS_PER_MESSAGE`]; more
+    /// are closed at once); Ok(false) on EOF before any byte. `in_message`: bytes of this
+    /// message were read before, so a timeout is [`RecvError::Stalled`].
     fn read_exact_with_fds(
         &mut self,
         buf: &mut [u8],
         fds: &mut Vec<OwnedFd>,
+        in_message: bool,
     ) -> Result<bool, RecvError> {
         let mut done = 0;
         while done < buf.len() {
@@ -144,16 +152,24 @@ impl Transport {
                 [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
             let mut control = RecvAncillaryBuffer::new(&mut space);
             let mut iov = [IoSliceMut::new(&mut buf[done..])];
-            let got = recvmsg(
+            let got = match recvmsg(
                 self.stream.as_fd(),
                 &mut iov,
                 &mut control,
                 RecvFlags::CMSG_CLOEXEC,
-            )
-            .map_err(std::io::Error::from)?;
+            ) {
+                Ok(got) => got,
+                Err(rustix::io::Errno::AGAIN) if in_message || done > 0 => {
+                    return Err(RecvError::Stalled)
+                }
+                Err(err) => return Err(std::io::Error::from(err).into()),
+            };
             for message in control.drain() {
                 if let RecvAncillaryMessage::ScmRights(received) = message {
-                    fds.extend(received);
+                    // A peer sending fds with every byte must not fill our fd table: the
+                    // extras close here as they drop.
+                    let room = MAX_FDS_PER_MESSAGE.saturating_sub(fds.len());
+                    fds.extend(received.take(room));
                 }
             }
             if got.bytes == 0 {
@@ -180,7 +196,7 @@ impl Transport {
     pub fn recv(&mut self) -> Result<Message, RecvError> {
         let mut fds = Vec::new();
         let mut head = [0u8; HEADER_BYTES];
-        if !self.read_exact_with_fds(&mut head, &mut fds)? {
+        if !self.read_exact_with_fds(&mut head, &mut fds, false)? {
             return Err(RecvError::Closed);
         }
         let header = Header::decode(&head).map_err(|_| RecvError::Closed)?;
@@ -195,7 +211,7 @@ impl Transport {
             let mut sink = vec![0u8; 64 << 10];
             while left > 0 {
                 let n = left.min(sink.len());
-                if !self.read_exact_with_fds(&mut sink[..n], &mut fds)? {
+                if !self.read_exact_with_fds(&mut sink[..n], &mut fds, true)? {
                     return Err(RecvError::Closed);
                 }
                 left -= n;
@@ -213,7 +229,7 @@ impl Transport {
             payload.clear();
             payload.resize(payload_len, 0);
         }
-        if payload_len > 0 && !self.read_exact_with_fds(&mut payload, &mut fds)? {
+        if payload_len > 0 && !self.read_exact_with_fds(&mut payload, &mut fds, true)? {
             return Err(RecvError::Closed);
         }
         Ok(Message {
@@ -221,5 +237,73 @@ impl Transport {
             payload,
             fds,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::cmd;
+
+    /// Sends `bytes` with `fds` attached, in one sendmsg.
+    fn send_with_fds(stream: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        let mut space =
+            [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS_PER_MESSAGE))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+        let n = sendmsg(
+            stream.as_fd(),
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .unwrap();
+        assert_eq!(n, bytes.len());
+    }
+
+    #[test]
+    fn fds_sent_with_every_byte_are_capped_per_message() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let memfd = rustix::fs::memfd_create("fd", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let fds = vec![memfd.as_fd(); MAX_FDS_PER_MESSAGE];
+        const PAYLOAD_BYTES: usize = 32;
+        let header = Header {
+            msg_id: 1,
+            cmd: cmd::DMA_MAP,
+            msg_size: (HEADER_BYTES + PAYLOAD_BYTES) as u32,
+            flags: 0,
+            error_no: 0,
+        };
+        send_with_fds(&a, &header.encode(), &fds);
+        // Each byte its own sendmsg with 16 more fds: a reader loops once per byte.
+        for _ in 0..PAYLOAD_BYTES {
+            send_with_fds(&a, &[0], &fds);
+        }
+        let mut transport = Transport::new(b, 1 << 20);
+        let message = transport.recv().unwrap();
+        assert_eq!(message.payload.len(), PAYLOAD_BYTES);
+        assert_eq!(message.fds.len(), MAX_FDS_PER_MESSAGE);
+    }
+
+    #[test]
+    fn a_read_timeout_is_idle_between_messages_and_stalled_inside_one() {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        let mut transport = Transport::new(b, 1 << 20);
+        match transport.recv() {
+            Err(RecvError::Io(err)) => assert_eq!(err.kind(), std::io::ErrorKind::WouldBlock),
+            other => panic!("{other:?}"),
+        }
+        let header = Header {
+            msg_id: 1,
+            cmd: cmd::VERSION,
+            msg_size: 40,
+            flags: 0,
+            error_no: 0,
+        };
+        use std::io::Write;
+        (&a).write_all(&header.encode()[..10]).unwrap();
+        assert!(matches!(transport.recv(), Err(RecvError::Stalled)));
     }
 }

@@ -6,11 +6,11 @@
 //! words that hold dirty pages: a sparse report costs in proportion to its dirty words.
 //!
 //! # The no-lost-dirty-page protocol (SPEC 3.4)
-//! Writer, per word touched: `W0` load the word; if it already holds the bits, make sure the
-//! summary bit is set (load, and RMW only if clear) and stop. Otherwise `W1` fetch_or the
+//! Writer, per word touched: `W0` load the word (Acquire); if it already holds the bits,
+//! make sure the summary bit is set (load, and RMW only if clear) and stop. Otherwise `W1` fetch_or the
 //! bits (Release) then `W2` fetch_or the summary bit (Release), unconditionally.
 //! Reader, per summary word: `R1` fetch_and the summary bits off (AcqRel), then for each
-//! word that was flagged `R2` swap the word to 0 (AcqRel) - or, for a word only partly inside
+//! word that was flagged `R2` swap the word to 0 (AcqRel, even if it reads 0) - or, for a word only partly inside
 //! the report, fetch_and its reported bits off and `R3` put the summary bit back if bits
 //! remain.
 //!
@@ -22,13 +22,21 @@
 //! report. A writer that finds its bits already set (`W0`) relies on the writer that set
 //! them; that writer's `W2` is either before `R1` (reported now) or after it (next report),
 //! and the writer's own summary check covers the window where that other writer has set the
-//! word but not yet the summary. The loom model in `tests/loom_dirty_log.rs` checks this.
+//! word but not yet the summary. That check must not read a summary bit older than the
+//! report that last cleared the word: `W0` is an Acquire load, and the bits it sees were set
+//! by RMWs after that report's `R2` (a release), so it synchronises with `R2` and hence sees
+//! `R1`'s clear. The loom models in `tests/loom_dirty_log.rs` check all of this (two
+//! writers on one page, with and without an earlier report).
 //!
 //! Data ordering: the page data must be in memory before the bit can be seen, or a report
 //! could clear the bit before a consumer copies stale data. The RMW path orders the data
-//! store before `W1` (Release). The no-RMW path orders nothing by itself, so
-//! [`DirtyLog::record_write`] issues one SeqCst fence between the data copy and the mark:
-//! it is the hot-path entry point for DMA writes (one fence per write, not per page).
+//! store before `W1` (Release), and `R2` acquires it. The no-RMW path (`W0`) orders
+//! nothing by itself, nor does a plain-store clear of an all-ones word, so
+//! [`DirtyLog::record_write`] issues one SeqCst fence between the data copy and the mark
+//! (one fence per write, not per page: the hot-path entry point for DMA writes) and every
+//! clearing report ends with one: a writer whose access to a word came before the report's
+//! clear of it has its fence ordered before the report's, so its data is visible after the
+//! report.
 
 use crate::bits::{for_each_run, or_groups, replicate_bits};
 use crate::error::{LogError, LogResult};
@@ -56,6 +64,16 @@ impl std::fmt::Debug for DirtyLog {
             .finish()
     }
 }
+
+/// Log words per summary word: one summary bit per word. Under loom a summary word covers
+/// only two words (128 pages), so tiny model logs reach group boundaries and the dense
+/// interior-group path.
+#[cfg(not(loom))]
+const GROUP_WORDS: u64 = 64;
+#[cfg(loom)]
+const GROUP_WORDS: u64 = 2;
+/// The summary bits of a whole group.
+const GROUP_MASK: u64 = u64::MAX >> (64 - GROUP_WORDS);
 
 fn zeroed_atomics(count: u64, what: &'static str) -> LogResult<Box<[AtomicU64]>> {
     let count = usize::try_from(count).map_err(|_| LogError::OutOfMemory(what))?;
@@ -140,7 +158,7 @@ impl DirtyLog {
             page_shift,
             npages,
             words: zeroed_atomics(nwords, "dirty log words")?,
-            summary: zeroed_atomics(nwords.div_ceil(64), "dirty log summary")?,
+            summary: zeroed_atomics(nwords.div_ceil(GROUP_WORDS), "dirty log summary")?,
             reporting: AtomicBool::new(false),
         })
     }
@@ -231,11 +249,14 @@ impl DirtyLog {
 
     #[inline]
     fn mark_word(&self, word_index: usize, mask: u64) {
-        let summary = &self.summary[word_index / 64];
-        let summary_bit = 1u64 << (word_index % 64);
+        let summary = &self.summary[word_index / GROUP_WORDS as usize];
+        let summary_bit = 1u64 << (word_index as u64 % GROUP_WORDS);
         let word = &self.words[word_index];
-        if word.load(Ordering::Relaxed) & mask == mask {
-            // W0: already dirty. The writer that set these bits may not have reached its
+        // W0. Acquire: if the bits were set after a report cleared this word, the load reads
+        // from that report's R2 release sequence, so the summary load below cannot see a
+        // summary bit from before that report's R1 (a stale "set" would skip the repair).
+        if word.load(Ordering::Acquire) & mask == mask {
+            // Already dirty. The writer that set these bits may not have reached its
             // summary update yet; make sure the summary points here before returning.
             if summary.load(Ordering::Relaxed) & summary_bit == 0 {
                 counted_summary_rmw();
@@ -319,18 +340,21 @@ impl DirtyLog {
     /// Takes every bit of a word (R2); `None` when it is clean.
     #[inline]
     fn take_whole_word(word: &AtomicU64, exclusive: bool) -> Option<u64> {
-        match word.load(Ordering::Acquire) {
-            // A writer that sets bits after this load also sets the summary bit after R1
-            // (or R1 would have synchronised with it): the next report finds them.
+        // An all-ones word cannot change value under writers (a mark of it sets no new
+        // bit), so the sole reporter may clear it with a plain store: no locked instruction
+        // on dense reports. A writer whose stale load made it RMW the word between this load
+        // and the store has its page reported now; the report's closing SeqCst fence makes
+        // its data visible (see `clear_walk`).
+        if exclusive && word.load(Ordering::Acquire) == u64::MAX {
+            word.store(0, Ordering::Release);
+            return Some(u64::MAX);
+        }
+        // Always an RMW, even on a clean word: a writer that sets bits after it reads from
+        // its release sequence, so a later already-dirty mark of those bits (W0) sees this
+        // report's R1 and repairs the summary instead of trusting a stale summary bit.
+        match word.swap(0, Ordering::AcqRel) {
             0 => None,
-            // An all-ones word cannot change under writers (every mark of it is a no-op), so
-            // the sole reporter may clear it with a plain store: no locked instruction on
-            // dense reports.
-            u64::MAX if exclusive => {
-                word.store(0, Ordering::Release);
-                Some(u64::MAX)
-            }
-            _ => Some(word.swap(0, Ordering::AcqRel)),
+            value => Some(value),
         }
     }
 
@@ -360,8 +384,8 @@ impl DirtyLog {
             pending_bit: NO_PENDING_BIT,
         };
         for word_index in first / 64..=last / 64 {
-            let summary = self.summary[(word_index / 64) as usize].load(Ordering::Acquire);
-            if summary & (1u64 << (word_index % 64)) == 0 {
+            let summary = self.summary[(word_index / GROUP_WORDS) as usize].load(Ordering::Acquire);
+            if summary & (1u64 << (word_index % GROUP_WORDS)) == 0 {
                 continue;
             }
             let lo = if word_index == first / 64 {
@@ -399,17 +423,18 @@ impl DirtyLog {
         // overlap, the second uses only read-modify-writes.
         let exclusive = !self.reporting.swap(true, Ordering::Acquire);
         let (first_word, last_word) = (first / 64, last / 64);
-        for summary_index in first_word / 64..=last_word / 64 {
-            let lo_word = first_word.max(summary_index * 64);
-            let hi_word = last_word.min(summary_index * 64 + 63);
-            let summary_mask = bit_span(lo_word % 64, hi_word % 64);
+        for summary_index in first_word / GROUP_WORDS..=last_word / GROUP_WORDS {
+            let group_first_word = summary_index * GROUP_WORDS;
+            let group_last_word = group_first_word + GROUP_WORDS - 1;
+            let lo_word = first_word.max(group_first_word);
+            let hi_word = last_word.min(group_last_word);
+            let summary_mask = bit_span(lo_word % GROUP_WORDS, hi_word % GROUP_WORDS);
             let summary = &self.summary[summary_index as usize];
             if summary.load(Ordering::Relaxed) & summary_mask == 0 {
                 continue;
             }
             let mut flagged = summary.fetch_and(!summary_mask, Ordering::AcqRel) & summary_mask; // R1
-            let group_first_word = summary_index * 64;
-            if group_first_word > first_word && group_first_word + 63 < last_word {
+            if group_first_word > first_word && group_last_word < last_word {
                 // Interior group: only whole words.
                 if sink.interior_group(self, group_first_word, flagged, exclusive) {
                     continue;
@@ -448,7 +473,7 @@ impl DirtyLog {
                 } else {
                     let old = word.fetch_and(!page_mask, Ordering::AcqRel); // R2, partial word
                     if old & !page_mask != 0 {
-                        summary.fetch_or(1u64 << (word_index % 64), Ordering::Release);
+                        summary.fetch_or(1u64 << (word_index % GROUP_WORDS), Ordering::Release);
                         // R3
                     }
                     old & page_mask
@@ -458,6 +483,12 @@ impl DirtyLog {
                 }
             }
         }
+        // Pairs with the fence in `record_write`: a writer whose load or RMW of a word came
+        // before this walk's clear of it (so its page is reported now, perhaps without an
+        // RMW synchronising with it: the W0 path, a plain-store clear) had its data in
+        // memory before that fence, so the data is visible to whoever reads the page after
+        // this report returns. One fence per report.
+        fence(Ordering::SeqCst);
         if exclusive {
             self.reporting.store(false, Ordering::Release);
         }
@@ -466,7 +497,7 @@ impl DirtyLog {
 
 /// Receives the dirty words a clearing walk takes.
 trait WordSink {
-    /// A whole interior group of 64 words (`flagged` says which may be dirty). A sink with a
+    /// A whole interior group of [`GROUP_WORDS`] words (`flagged` says which may be dirty). A sink with a
     /// faster way to take them all returns true after taking them with
     /// [`DirtyLog::take_whole_word`]; false leaves them to [`WordSink::word`].
     fn interior_group(
@@ -504,11 +535,12 @@ impl WordSink for BitmapSink<'_, '_> {
             Conversion::Words { word_shift } => {
                 let Some(out) = self
                     .bitmap
-                    .aligned_words_mut(group_first_word as i128 + word_shift, 64)
+                    .aligned_words_mut(group_first_word as i128 + word_shift, GROUP_WORDS as usize)
                 else {
                     return false;
                 };
-                let words = &log.words[group_first_word as usize..group_first_word as usize + 64];
+                let group = group_first_word as usize..(group_first_word + GROUP_WORDS) as usize;
+                let words = &log.words[group];
                 let take = |slot: usize, out: &mut [u8]| {
                     if let Some(value) = DirtyLog::take_whole_word(&words[slot], exclusive) {
                         let dst = &mut out[8 * slot..8 * slot + 8];
@@ -517,9 +549,9 @@ impl WordSink for BitmapSink<'_, '_> {
                         dst.copy_from_slice(&(u64::from_le_bytes(current) | value).to_le_bytes());
                     }
                 };
-                if flagged == u64::MAX {
+                if flagged == GROUP_MASK {
                     // A dense group: a straight loop, no bit scan between words.
-                    for slot in 0..64 {
+                    for slot in 0..GROUP_WORDS as usize {
                         take(slot, out);
                     }
                     return true;

@@ -3,6 +3,7 @@
 //! - [`uapi`]: the kernel and vfio-user wire forms of DMA logging (SPEC 2).
 //! - [`iova_bitmap`]: report bitmaps written straight into a caller's buffer.
 //! - [`dirty_log`]: the lock-free dirty log DMA writers mark.
+//! - [`budget`]: the one memory budget every tracker charges its state to.
 //! - [`ranges`]: START range validation and the smallest-gap merge.
 //! - [`logging_core`]: DEVICE_FEATURE validation per SPEC 3, driving a [`driver::LogDriver`].
 //! - [`soft`]: the software tracker (SPEC 5.1).
@@ -15,6 +16,7 @@
 compile_error!("dmalog assumes a little-endian host (bitmaps are shared as u64 words and bytes)");
 
 mod bits;
+pub mod budget;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod dirty_log;

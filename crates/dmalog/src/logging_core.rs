@@ -1,6 +1,8 @@
 //! The logging core: validates DEVICE_FEATURE requests for DMA logging in either dialect
 //! and drives a [`LogDriver`] (the kernel's `vfio_main.c` part), exactly per SPEC 3.1-3.4.
 
+use std::collections::BTreeMap;
+
 use crate::driver::LogDriver;
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::{report_bytes, IovaBitmap};
@@ -37,6 +39,9 @@ struct Started {
     requested: Vec<LoggingRange>,
     chosen_page_size: u64,
     log_all: bool,
+    /// Why the log lost track of a DMA mapping made while logging all DMA-mapped space:
+    /// every REPORT fails with EIO until STOP and a new START (SPEC 3.4, 8).
+    untracked: Option<&'static str>,
 }
 
 /// The DMA logging state of one device and the driver that tracks it.
@@ -44,7 +49,8 @@ pub struct LoggingCore<D> {
     driver: Option<D>,
     max_ranges: u32,
     started: Option<Started>,
-    dma_mappings: Vec<IovaRange>,
+    /// The DMA mappings (IOVA -> length), O(log n) per map and unmap.
+    dma_mappings: BTreeMap<u64, u64>,
 }
 
 impl<D> std::fmt::Debug for LoggingCore<D> {
@@ -108,7 +114,7 @@ impl<D: LogDriver> LoggingCore<D> {
             driver: Some(driver),
             max_ranges: DEFAULT_MAX_RANGES,
             started: None,
-            dma_mappings: Vec::new(),
+            dma_mappings: BTreeMap::new(),
         }
     }
 
@@ -118,7 +124,7 @@ impl<D: LogDriver> LoggingCore<D> {
             driver: None,
             max_ranges: DEFAULT_MAX_RANGES,
             started: None,
-            dma_mappings: Vec::new(),
+            dma_mappings: BTreeMap::new(),
         }
     }
 
@@ -159,24 +165,47 @@ impl<D: LogDriver> LoggingCore<D> {
             .ok_or(LogError::NotSupported("device has no DMA logging"))
     }
 
-    /// Records a new DMA mapping. While logging all DMA-mapped space, the driver is asked
-    /// to cover it too; a driver that cannot (fixed ranges) leaves it untracked, with a
-    /// warning.
+    /// Records a new DMA mapping (the mapping itself always succeeds). While logging all
+    /// DMA-mapped space the driver is asked to cover it too ([`LogDriver::add_range`]);
+    /// when it cannot (fixed hardware ranges that do not contain it, the memory budget, any
+    /// error) the started log is latched into error: every REPORT fails with EIO until STOP
+    /// and a new START, so the consumer resends everything (SPEC 3.4) instead of trusting
+    /// a log that misses this mapping's writes.
     pub fn dma_mapped(&mut self, range: IovaRange) {
-        self.dma_mappings.push(range);
-        if self.started.as_ref().is_some_and(|s| s.log_all) {
-            if let Some(driver) = self.driver.as_mut() {
-                if let Err(err) = driver.add_range(range) {
-                    warn!(iova = range.iova(), length = range.length(), %err, "DMA mapping added after START is not tracked");
-                }
-            }
+        self.dma_mappings.insert(range.iova(), range.length());
+        let Some(started) = self.started.as_mut().filter(|s| s.log_all) else {
+            return;
+        };
+        let Some(driver) = self.driver.as_mut() else {
+            return;
+        };
+        if started.untracked.is_some() {
+            return; // already in error: nothing more to track until STOP
+        }
+        if let Err(err) = driver.add_range(range) {
+            warn!(
+                iova = range.iova(),
+                length = range.length(),
+                %err,
+                "DMA mapping made while logging all mapped space is not tracked: REPORT fails with EIO until STOP and a new START"
+            );
+            started.untracked =
+                Some("a DMA mapping made while logging all mapped space is not tracked");
         }
     }
 
-    /// Forgets a DMA mapping. Logged writes of its IOVA stay in the log (the log is indexed
-    /// by IOVA, not by mapping).
+    /// Forgets a DMA mapping (exactly `range`, as mapped). Logged writes of its IOVA stay
+    /// in the log (the log is indexed by IOVA, not by mapping).
     pub fn dma_unmapped(&mut self, range: IovaRange) {
-        self.dma_mappings.retain(|mapped| *mapped != range);
+        if self.dma_mappings.get(&range.iova()) == Some(&range.length()) {
+            self.dma_mappings.remove(&range.iova());
+        }
+    }
+
+    /// Whether the started log is latched into error because a DMA mapping made while
+    /// logging all mapped space is not tracked (every REPORT is EIO until STOP).
+    pub fn is_untracked_mapping_latched(&self) -> bool {
+        self.started.as_ref().is_some_and(|s| s.untracked.is_some())
     }
 
     /// Forgets every DMA mapping.
@@ -224,9 +253,7 @@ impl<D: LogDriver> LoggingCore<D> {
         }
         let log_all = validated.is_empty();
         let mut targets = if log_all {
-            let mut mapped = self.dma_mappings.clone();
-            mapped.sort_unstable();
-            mapped
+            mapped_targets(&self.dma_mappings)?
         } else {
             validated
         };
@@ -248,6 +275,7 @@ impl<D: LogDriver> LoggingCore<D> {
             requested: requested.to_vec(),
             chosen_page_size: page_size,
             log_all,
+            untracked: None,
         });
         Ok(page_size)
     }
@@ -303,8 +331,13 @@ impl<D: LogDriver> LoggingCore<D> {
         page_size: u64,
         bitmap: &mut [u8],
     ) -> LogResult<()> {
-        if self.started.is_none() {
-            return Err(LogError::Invalid("logging not started"));
+        match &self.started {
+            None => return Err(LogError::Invalid("logging not started")),
+            Some(Started {
+                untracked: Some(why),
+                ..
+            }) => return Err(LogError::TrackerError(why)),
+            Some(_) => {}
         }
         let mut bitmap = IovaBitmap::new(iova, length, page_size, bitmap)?;
         let driver = self
@@ -507,6 +540,25 @@ impl<D: LogDriver> LoggingCore<D> {
         }
         Ok(supported)
     }
+}
+
+/// The DMA mappings as START targets: sorted by IOVA, overlapping ones (possible only
+/// through a caller that does not check overlaps) joined. O(n).
+fn mapped_targets(mappings: &BTreeMap<u64, u64>) -> LogResult<Vec<IovaRange>> {
+    let mut targets: Vec<IovaRange> = Vec::new();
+    targets
+        .try_reserve_exact(mappings.len())
+        .map_err(|_| LogError::OutOfMemory("START ranges"))?;
+    for (&iova, &length) in mappings {
+        let range = IovaRange::new(iova, length)?;
+        match targets.last_mut() {
+            Some(last) if last.overlaps(&range) => {
+                *last = IovaRange::new(last.iova(), range.end().max(last.end()) - last.iova())?;
+            }
+            _ => targets.push(range),
+        }
+    }
+    Ok(targets)
 }
 
 /// Whether a feature index is one of the three DMA logging features this core handles.

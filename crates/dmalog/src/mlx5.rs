@@ -31,12 +31,13 @@ use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
 
+use crate::budget::{LogBudget, DEFAULT_MAX_LOG_BYTES};
 use crate::dirty_log::DirtyLog;
 use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::IovaBitmap;
-use crate::ranges::IovaRange;
-use crate::soft::SoftLog;
+use crate::ranges::{ranges_cover, IovaRange};
+use crate::soft::{log_cost, SoftLog};
 
 /// Tracker object state: tracking (idle, or the last message of a report).
 pub const STATE_TRACKING: u32 = 0;
@@ -454,6 +455,8 @@ impl Firmware {
 /// The host's side of one started tracker.
 struct Session {
     log: Arc<SoftLog>,
+    /// The hardware ranges (sorted, disjoint), fixed at START.
+    ranges: Vec<IovaRange>,
     tracked_page_size: u64,
     max_msg_size: usize,
     commands: Option<Sender<Command>>,
@@ -529,6 +532,7 @@ pub struct Mlx5Driver {
     faults: Arc<FaultState>,
     stats: Arc<Mlx5Stats>,
     session: Option<Session>,
+    budget: LogBudget,
 }
 
 impl std::fmt::Debug for Mlx5Driver {
@@ -556,7 +560,21 @@ impl Mlx5Driver {
             faults: Arc::default(),
             stats: Arc::default(),
             session: None,
+            budget: LogBudget::new(DEFAULT_MAX_LOG_BYTES),
         }
+    }
+
+    /// Caps the memory of the tracker state one START allocates: the modelled hardware
+    /// log (which a real device keeps in its own memory; here it is ours) and the host's
+    /// receive ring. START fails with ENOMEM above it.
+    pub fn with_max_log_bytes(mut self, max_log_bytes: u64) -> Self {
+        self.budget = LogBudget::new(max_log_bytes);
+        self
+    }
+
+    /// Bytes of tracker state the started tracker holds (what the budget is charged).
+    pub fn used_bytes(&self) -> u64 {
+        self.budget.used_bytes()
     }
 
     /// The capabilities.
@@ -628,6 +646,70 @@ impl LogDriver for Mlx5Driver {
                 "address space outside the tracker's limits",
             ));
         }
+        self.budget.reset();
+        let cost = ranges.iter().fold(caps.ring_bytes(), |sum: u64, range| {
+            sum.saturating_add(log_cost(range.length(), tracked_page_size))
+        });
+        self.budget
+            .charge(cost, "mlx5 tracker state above the memory budget")?;
+        let started = self.start_charged(ranges, tracked_page_size, log_addr_space);
+        if started.is_err() {
+            self.budget.reset();
+        }
+        started?;
+        *page_size = tracked_page_size;
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if self.session.take().is_some() {
+            self.live.publish(None);
+            debug!("mlx5 tracker stopped");
+        }
+        self.budget.reset();
+    }
+
+    fn read_and_clear(
+        &mut self,
+        iova: u64,
+        length: u64,
+        bitmap: &mut IovaBitmap<'_>,
+    ) -> LogResult<()> {
+        self.session_report(iova, length, bitmap)
+    }
+
+    fn max_ranges(&self) -> usize {
+        self.caps.max_num_range as usize
+    }
+
+    /// The hardware ranges are fixed at START: a mapping wholly inside them is already
+    /// covered (Ok); any other is not (`Unsupported`, and the logging core latches the log
+    /// into error).
+    fn add_range(&mut self, range: IovaRange) -> LogResult<()> {
+        let session = self
+            .session
+            .as_ref()
+            .ok_or(LogError::Invalid("tracker not started"))?;
+        if ranges_cover(&session.ranges, range) {
+            Ok(())
+        } else {
+            Err(LogError::Unsupported(
+                "mapping outside the hardware ranges fixed at START",
+            ))
+        }
+    }
+}
+
+impl Mlx5Driver {
+    /// START after the budget is charged: allocates the log and the ring, starts the
+    /// device thread and publishes the log.
+    fn start_charged(
+        &mut self,
+        ranges: &[IovaRange],
+        tracked_page_size: u64,
+        log_addr_space: u32,
+    ) -> LogResult<()> {
+        let caps = self.caps;
         let mut logs = Vec::with_capacity(ranges.len());
         for range in ranges {
             logs.push(DirtyLog::new(
@@ -676,6 +758,7 @@ impl LogDriver for Mlx5Driver {
             .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
         self.session = Some(Session {
             log,
+            ranges: ranges.to_vec(),
             tracked_page_size,
             max_msg_size,
             commands: Some(commands_tx),
@@ -694,18 +777,11 @@ impl LogDriver for Mlx5Driver {
             buffers,
             "mlx5 tracker started"
         );
-        *page_size = tracked_page_size;
         Ok(())
     }
 
-    fn stop(&mut self) {
-        if self.session.take().is_some() {
-            self.live.publish(None);
-            debug!("mlx5 tracker stopped");
-        }
-    }
-
-    fn read_and_clear(
+    /// REPORT: the modify command, then the completions until TRACKING.
+    fn session_report(
         &mut self,
         iova: u64,
         length: u64,
@@ -756,9 +832,5 @@ impl LogDriver for Mlx5Driver {
                 _ => return Err(session.fail("unknown tracker state")),
             }
         }
-    }
-
-    fn max_ranges(&self) -> usize {
-        self.caps.max_num_range as usize
     }
 }

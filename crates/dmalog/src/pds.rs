@@ -7,26 +7,41 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::budget::{bitmap_bytes, LogBudget, DEFAULT_MAX_LOG_BYTES};
 use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::IovaBitmap;
-use crate::ranges::IovaRange;
+use crate::ranges::{ranges_cover, IovaRange};
 
 /// Regions the default model tracks (the device's `max_regions`).
 pub const PDS_DEFAULT_MAX_REGIONS: usize = 8;
+/// Bytes charged per region on top of its two bitmaps (the region itself).
+pub const PDS_REGION_OVERHEAD_BYTES: u64 = 128;
 
 /// One tracked region: its pages' `seq` (device) and `ack` (host) bits.
 struct Region {
+    /// First IOVA, aligned to the page size.
     iova: u64,
-    pages: u64,
+    /// One past the last IOVA (a whole number of pages after `iova`, never wraps).
+    end: u64,
     seq: Box<[AtomicU64]>,
     ack: Box<[AtomicU64]>,
 }
 
-/// The device's dirty state for every region.
+/// The device's dirty state for every region (sorted by IOVA, disjoint).
 pub struct PdsLog {
     page_shift: u32,
     regions: Vec<Region>,
+}
+
+impl PdsLog {
+    /// The regions overlapping `[iova, end)`: a binary search, not a scan of every region.
+    fn overlapping(&self, iova: u64, end: u64) -> impl Iterator<Item = &Region> {
+        let first = self.regions.partition_point(|r| r.end <= iova);
+        self.regions[first..]
+            .iter()
+            .take_while(move |r| r.iova < end)
+    }
 }
 
 impl std::fmt::Debug for PdsLog {
@@ -46,9 +61,8 @@ impl DirtyMarker for PdsLog {
             return;
         }
         let end = iova.saturating_add(len);
-        for region in &self.regions {
-            let region_end = region.iova + (region.pages << self.page_shift);
-            let (start, stop) = (iova.max(region.iova), end.min(region_end));
+        for region in self.overlapping(iova, end) {
+            let (start, stop) = (iova.max(region.iova), end.min(region.end));
             if start >= stop {
                 continue;
             }
@@ -86,6 +100,9 @@ pub struct PdsDriver {
     max_regions: usize,
     live: Arc<LiveLog>,
     log: Option<Arc<PdsLog>>,
+    /// The regions' ranges as started (sorted, disjoint), for `add_range`.
+    ranges: Vec<IovaRange>,
+    budget: LogBudget,
 }
 
 impl PdsDriver {
@@ -100,7 +117,21 @@ impl PdsDriver {
             max_regions: max_regions.max(1),
             live,
             log: None,
+            ranges: Vec::new(),
+            budget: LogBudget::new(DEFAULT_MAX_LOG_BYTES),
         }
+    }
+
+    /// Caps the memory of the `seq` and `ack` bitmaps one START allocates (the device's
+    /// and the host's; in this model both are ours). START fails with ENOMEM above it.
+    pub fn with_max_log_bytes(mut self, max_log_bytes: u64) -> Self {
+        self.budget = LogBudget::new(max_log_bytes);
+        self
+    }
+
+    /// Bytes of tracker state the started tracker holds (what the budget is charged).
+    pub fn used_bytes(&self) -> u64 {
+        self.budget.used_bytes()
     }
 
     /// A recorder for one DMA writer thread.
@@ -127,17 +158,47 @@ impl LogDriver for PdsDriver {
             return Err(LogError::Invalid("page size is not a power of two"));
         }
         let page_shift = page_size.trailing_zeros();
-        let mut regions = Vec::with_capacity(ranges.len());
+        let mask = *page_size - 1;
+        // Regions cover whole pages: the mappings of "log all" need not be aligned.
+        let mut spans = Vec::with_capacity(ranges.len());
+        let mut cost = 0u64;
         for range in ranges {
-            let pages = range.length().div_ceil(*page_size);
-            let words = pages.div_ceil(64);
-            regions.push(Region {
+            let overflow = LogError::Overflow {
                 iova: range.iova(),
-                pages,
-                seq: zeroed(words)?,
-                ack: zeroed(words)?,
+                length: range.length(),
+            };
+            let start = range.iova() & !mask;
+            let end = range.end().checked_add(mask).ok_or(overflow)? & !mask;
+            let pages = (end - start) >> page_shift;
+            cost = cost
+                .saturating_add(bitmap_bytes(pages).saturating_mul(2))
+                .saturating_add(PDS_REGION_OVERHEAD_BYTES);
+            spans.push((start, end, pages));
+        }
+        self.budget.reset();
+        self.budget
+            .charge(cost, "pds bitmaps above the memory budget")?;
+        let mut regions = Vec::with_capacity(spans.len());
+        for (start, end, pages) in spans {
+            let bitmaps = zeroed(pages.div_ceil(64)).and_then(|seq| {
+                let ack = zeroed(pages.div_ceil(64))?;
+                Ok((seq, ack))
+            });
+            let (seq, ack) = match bitmaps {
+                Ok(bitmaps) => bitmaps,
+                Err(err) => {
+                    self.budget.reset();
+                    return Err(err);
+                }
+            };
+            regions.push(Region {
+                iova: start,
+                end,
+                seq,
+                ack,
             });
         }
+        self.ranges = ranges.to_vec();
         let log = Arc::new(PdsLog {
             page_shift,
             regions,
@@ -152,6 +213,8 @@ impl LogDriver for PdsDriver {
         if self.log.take().is_some() {
             self.live.publish(None);
         }
+        self.ranges.clear();
+        self.budget.reset();
     }
 
     fn read_and_clear(
@@ -165,12 +228,11 @@ impl LogDriver for PdsDriver {
             .as_ref()
             .ok_or(LogError::Invalid("dirty tracking not enabled"))?;
         let region = log
-            .regions
-            .iter()
-            .find(|r| iova >= r.iova && iova - r.iova < r.pages << log.page_shift)
+            .overlapping(iova, iova.saturating_add(1))
+            .next()
+            .filter(|r| iova >= r.iova)
             .ok_or(LogError::Invalid("no region holds the IOVA"))?;
-        let region_end = region.iova + (region.pages << log.page_shift);
-        if length == 0 || iova.checked_add(length).is_none_or(|end| end > region_end) {
+        if length == 0 || iova.checked_add(length).is_none_or(|end| end > region.end) {
             return Err(LogError::Invalid("a report may not span regions"));
         }
         let first = (iova - region.iova) >> log.page_shift;
@@ -200,6 +262,22 @@ impl LogDriver for PdsDriver {
 
     fn max_ranges(&self) -> usize {
         self.max_regions
+    }
+
+    /// The regions are fixed at START: a mapping wholly inside them is already covered
+    /// (Ok); any other is not (`Unsupported`, and the logging core latches the log into
+    /// error).
+    fn add_range(&mut self, range: IovaRange) -> LogResult<()> {
+        if self.log.is_none() {
+            return Err(LogError::Invalid("dirty tracking not enabled"));
+        }
+        if ranges_cover(&self.ranges, range) {
+            Ok(())
+        } else {
+            Err(LogError::Unsupported(
+                "mapping outside the regions fixed at START",
+            ))
+        }
     }
 }
 

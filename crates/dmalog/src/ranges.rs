@@ -138,10 +138,44 @@ pub fn merge_ranges(sorted: &[IovaRange], max_ranges: usize) -> Vec<IovaRange> {
     out
 }
 
+/// Whether sorted, non-overlapping `ranges` together contain every byte of `range`
+/// (adjacent ranges join). O(log n + the ranges it spans).
+pub fn ranges_cover(ranges: &[IovaRange], range: IovaRange) -> bool {
+    let first = ranges.partition_point(|r| r.end() <= range.iova);
+    let mut covered_to = range.iova;
+    for r in &ranges[first..] {
+        if r.iova > covered_to {
+            return false;
+        }
+        covered_to = covered_to.max(r.end());
+        if covered_to >= range.end() {
+            return true;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn cover_of_sorted_ranges() {
+        let ranges: Vec<IovaRange> = [(0, 10), (10, 5), (20, 5)]
+            .iter()
+            .map(|&(a, l)| IovaRange::new(a, l).unwrap())
+            .collect();
+        let covers = |a, l| ranges_cover(&ranges, IovaRange::new(a, l).unwrap());
+        assert!(covers(0, 10));
+        assert!(covers(5, 10), "across adjacent ranges");
+        assert!(covers(20, 5));
+        assert!(!covers(14, 2), "into the gap");
+        assert!(!covers(18, 4), "from the gap");
+        assert!(!covers(24, 2), "past the end");
+        assert!(!covers(100, 1));
+        assert!(!ranges_cover(&[], IovaRange::new(0, 1).unwrap()));
+    }
 
     fn r(iova: u64, length: u64) -> LoggingRange {
         LoggingRange { iova, length }

@@ -1,10 +1,19 @@
 //! The software tracker (`soft`, SPEC 5.1): a [`DirtyLog`] per started range at the chosen
 //! page size (any power of two from 4 KiB to 1 GiB). The reference every other driver is
 //! held to by the conformance suite.
+//!
+//! In "log all DMA-mapped space" mode every mapping made after START gets a log too, with
+//! no fixed cap: [`LogDriver::add_range`] builds a new [`SoftLog`] snapshot that shares
+//! every existing [`DirtyLog`] (so marks already recorded are kept), adds logs for the
+//! part of the mapping no log covers yet (a re-map of covered IOVA adds nothing), and
+//! publishes it through [`LiveLog::publish`]. The only limit is the memory budget
+//! ([`crate::budget`]); above it `add_range` fails and the logging core latches the log
+//! into error (EIO on REPORT), never a silently clean page.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use crate::budget::{bitmap_bytes, LogBudget, DEFAULT_MAX_LOG_BYTES};
 use crate::dirty_log::DirtyLog;
 use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 use crate::error::{LogError, LogResult};
@@ -15,68 +24,87 @@ use crate::ranges::IovaRange;
 pub const SOFT_MIN_PAGE_SIZE: u64 = 4096;
 /// Largest page size the soft tracker logs at.
 pub const SOFT_MAX_PAGE_SIZE: u64 = 1 << 30;
-/// Ranges that can be added after START in "log all DMA-mapped space" mode.
-pub const SOFT_MAX_ADDED_RANGES: usize = 4096;
-/// Default cap on the memory of one started log (words plus summary): 4 GiB, which covers
-/// 128 TiB of IOVA at 4 KiB pages.
-pub const SOFT_DEFAULT_MAX_LOG_BYTES: u64 = 4 << 30;
+/// Default cap on the memory of one started log (the shared default budget).
+pub const SOFT_DEFAULT_MAX_LOG_BYTES: u64 = DEFAULT_MAX_LOG_BYTES;
+/// Bytes charged per log on top of its words: the [`DirtyLog`] and its `Arc`, its slots in
+/// the snapshot levels, and its entry in the driver's coverage map.
+pub const SOFT_LOG_OVERHEAD_BYTES: u64 = 256;
 
-/// The logs of one START: fixed ranges (sorted) plus ranges added later, all lock-free to
-/// mark and to read.
+/// One level of a [`SoftLog`]: logs sorted by IOVA, disjoint.
+type Level = Arc<[Arc<DirtyLog>]>;
+
+/// The logs of one START, lock-free to mark and to read: disjoint logs kept in a few
+/// sorted levels whose sizes at least halve from one to the next (a binary counter), so a
+/// range added after START copies O(log n) log pointers amortised and a mark costs one
+/// binary search per level, O(log^2 n) at worst and O(log n) for the one level of a START
+/// without additions.
 pub struct SoftLog {
-    ranges: Vec<DirtyLog>,
-    added: Box<[OnceLock<DirtyLog>]>,
-    added_len: AtomicUsize,
+    levels: Vec<Level>,
 }
 
 impl std::fmt::Debug for SoftLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SoftLog")
-            .field("ranges", &self.ranges)
-            .field("added", &self.added_len.load(Ordering::Relaxed))
+            .field("levels", &self.levels.len())
+            .field("logs", &self.log_count())
             .finish()
     }
 }
 
 impl SoftLog {
-    /// A log over fixed ranges (no later additions).
+    /// A log over fixed ranges: sorted by IOVA and disjoint.
     pub(crate) fn fixed(ranges: Vec<DirtyLog>) -> SoftLog {
+        let level: Vec<Arc<DirtyLog>> = ranges.into_iter().map(Arc::new).collect();
         SoftLog {
-            ranges,
-            added: Box::new([]),
-            added_len: AtomicUsize::new(0),
+            levels: if level.is_empty() {
+                Vec::new()
+            } else {
+                vec![level.into()]
+            },
         }
     }
 
-    /// Clears the dirty pages of `[iova, iova+length)` and calls `page` with each one's
-    /// IOVA (range by range, increasing within a range).
-    pub fn drain_pages(&self, iova: u64, length: u64, mut page: impl FnMut(u64)) {
-        self.for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
+    /// This log plus `added` (sorted, disjoint from each other and from every log here):
+    /// the existing logs are shared, not copied.
+    fn with_added(&self, added: Vec<Arc<DirtyLog>>) -> SoftLog {
+        let mut levels = self.levels.clone();
+        let mut top = added;
+        while let Some(last) = levels.last() {
+            if last.len() > top.len() {
+                break;
+            }
+            top = merge_sorted(last, &top);
+            levels.pop();
+        }
+        if !top.is_empty() {
+            levels.push(top.into());
+        }
+        SoftLog { levels }
     }
 
-    fn added(&self) -> impl Iterator<Item = &DirtyLog> {
-        let len = self.added_len.load(Ordering::Acquire);
-        self.added[..len].iter().filter_map(OnceLock::get)
+    /// Logs in this snapshot.
+    pub fn log_count(&self) -> usize {
+        self.levels.iter().map(|level| level.len()).sum()
+    }
+
+    /// Clears the dirty pages of `[iova, iova+length)` and calls `page` with each one's
+    /// IOVA (log by log, increasing within a log; increasing overall for a log without
+    /// ranges added after START).
+    pub fn drain_pages(&self, iova: u64, length: u64, mut page: impl FnMut(u64)) {
+        self.for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
     }
 
     /// Calls `f` on every log overlapping `[iova, iova+len)`.
     #[inline]
     fn for_each_overlapping(&self, iova: u64, len: u64, mut f: impl FnMut(&DirtyLog)) {
         let end = iova.saturating_add(len);
-        let first = self
-            .ranges
-            .partition_point(|log| log.base_iova() + log.length() <= iova);
-        for log in &self.ranges[first..] {
-            if log.base_iova() >= end {
-                break;
-            }
-            f(log);
-        }
-        if self.added_len.load(Ordering::Relaxed) != 0 {
-            for log in self.added() {
-                if log.base_iova() < end && iova < log.base_iova() + log.length() {
-                    f(log);
+        for level in &self.levels {
+            let first = level.partition_point(|log| log.base_iova() + log.length() <= iova);
+            for log in &level[first..] {
+                if log.base_iova() >= end {
+                    break;
                 }
+                f(log);
             }
         }
     }
@@ -85,6 +113,24 @@ impl SoftLog {
     pub fn read_and_clear(&self, iova: u64, length: u64, bitmap: &mut IovaBitmap<'_>) {
         self.for_each_overlapping(iova, length, |log| log.read_and_clear(iova, length, bitmap));
     }
+}
+
+/// Two sorted, disjoint runs of logs merged into one.
+fn merge_sorted(a: &[Arc<DirtyLog>], b: &[Arc<DirtyLog>]) -> Vec<Arc<DirtyLog>> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        if a[i].base_iova() < b[j].base_iova() {
+            out.push(Arc::clone(&a[i]));
+            i += 1;
+        } else {
+            out.push(Arc::clone(&b[j]));
+            j += 1;
+        }
+    }
+    out.extend(a[i..].iter().cloned());
+    out.extend(b[j..].iter().cloned());
+    out
 }
 
 impl DirtyMarker for SoftLog {
@@ -100,8 +146,10 @@ pub struct SoftDriver {
     live: Arc<LiveLog>,
     log: Option<Arc<SoftLog>>,
     page_size: u64,
-    used_bytes: u64,
-    max_log_bytes: u64,
+    budget: LogBudget,
+    /// The IOVA the logs cover, page-aligned, as disjoint non-adjacent intervals
+    /// (start -> end): what tells an added range's uncovered parts in O(log n).
+    covered: BTreeMap<u64, u64>,
 }
 
 impl Default for SoftDriver {
@@ -122,15 +170,21 @@ impl SoftDriver {
             live,
             log: None,
             page_size: 0,
-            used_bytes: 0,
-            max_log_bytes: SOFT_DEFAULT_MAX_LOG_BYTES,
+            budget: LogBudget::new(SOFT_DEFAULT_MAX_LOG_BYTES),
+            covered: BTreeMap::new(),
         }
     }
 
-    /// Caps the memory a started log may use (START fails with ENOMEM above it).
+    /// Caps the memory a started log may use, ranges added after START included (START
+    /// fails with ENOMEM above it, `add_range` too).
     pub fn with_max_log_bytes(mut self, max_log_bytes: u64) -> Self {
-        self.max_log_bytes = max_log_bytes;
+        self.budget = LogBudget::new(max_log_bytes);
         self
+    }
+
+    /// Bytes of tracker state the started log holds (what the budget is charged).
+    pub fn used_bytes(&self) -> u64 {
+        self.budget.used_bytes()
     }
 
     /// A recorder for one DMA writer thread.
@@ -143,24 +197,83 @@ impl SoftDriver {
         &self.live
     }
 
-    /// The started log, if any (for in-process writers that mark directly).
+    /// The started log, if any (for in-process writers that mark directly). A range added
+    /// after START replaces it with a new snapshot: writers that must see added ranges
+    /// record through [`SoftDriver::recorder`] instead.
     pub fn log(&self) -> Option<&Arc<SoftLog>> {
         self.log.as_ref()
     }
 
-    fn new_range_log(&mut self, range: IovaRange, page_size: u64) -> LogResult<DirtyLog> {
-        let pages = range.length().div_ceil(page_size).saturating_add(1);
-        let estimate = pages
-            .div_ceil(64)
-            .saturating_mul(8)
-            .saturating_add(pages.div_ceil(4096) * 8);
-        if self.used_bytes.saturating_add(estimate) > self.max_log_bytes {
-            return Err(LogError::OutOfMemory("soft log above its memory cap"));
-        }
-        let log = DirtyLog::new(range.iova(), range.length(), page_size)?;
-        self.used_bytes += log.footprint_bytes();
-        Ok(log)
+    fn charge_logs(&mut self, spans: &[(u64, u64)], page_size: u64) -> LogResult<()> {
+        let cost = spans.iter().fold(0u64, |sum, &(start, end)| {
+            sum.saturating_add(log_cost(end - start, page_size))
+        });
+        self.budget.charge(cost, "soft log above the memory budget")
     }
+
+    /// Marks `[start, end)` covered, joining the intervals it touches.
+    fn cover(&mut self, mut start: u64, mut end: u64) {
+        if let Some((&before, &before_end)) = self.covered.range(..=start).next_back() {
+            if before_end >= start {
+                start = before;
+                end = end.max(before_end);
+            }
+        }
+        while let Some((&next, &next_end)) = self.covered.range(start..).next() {
+            if next > end {
+                break;
+            }
+            end = end.max(next_end);
+            self.covered.remove(&next);
+        }
+        self.covered.insert(start, end);
+    }
+
+    /// The parts of `[start, end)` no log covers yet, in order.
+    fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut gaps = Vec::new();
+        let mut at = start;
+        if let Some((_, &before_end)) = self.covered.range(..=start).next_back() {
+            at = at.max(before_end);
+        }
+        for (&next, &next_end) in self.covered.range(start..end) {
+            if next > at {
+                gaps.push((at, next));
+            }
+            at = at.max(next_end);
+        }
+        if at < end {
+            gaps.push((at, end));
+        }
+        gaps
+    }
+
+    fn reset(&mut self) {
+        self.budget.reset();
+        self.covered.clear();
+    }
+}
+
+/// The budget charge of a [`DirtyLog`] over `length` bytes at `page_size`, before
+/// allocating it: its words, its summary and [`SOFT_LOG_OVERHEAD_BYTES`].
+pub(crate) fn log_cost(length: u64, page_size: u64) -> u64 {
+    // One page more than the length needs: an unaligned range may touch one extra.
+    let pages = length.div_ceil(page_size).saturating_add(1);
+    let words = bitmap_bytes(pages);
+    words
+        .saturating_add(bitmap_bytes(words / 8))
+        .saturating_add(SOFT_LOG_OVERHEAD_BYTES)
+}
+
+/// `[iova, iova+length)` rounded out to whole pages of `page_size`, or `Overflow` at the
+/// top of the IOVA space.
+fn page_span(range: IovaRange, page_size: u64) -> LogResult<(u64, u64)> {
+    let mask = page_size - 1;
+    let end = range.end().checked_add(mask).ok_or(LogError::Overflow {
+        iova: range.iova(),
+        length: range.length(),
+    })? & !mask;
+    Ok((range.iova() & !mask, end))
 }
 
 impl LogDriver for SoftDriver {
@@ -171,24 +284,33 @@ impl LogDriver for SoftDriver {
         let chosen = (*page_size)
             .clamp(SOFT_MIN_PAGE_SIZE, SOFT_MAX_PAGE_SIZE)
             .next_power_of_two();
-        self.used_bytes = 0;
-        let mut logs = Vec::with_capacity(ranges.len());
+        self.reset();
+        // Ranges aligned to a smaller hint may share a page of the chosen size: one log.
+        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
         for range in ranges {
-            match self.new_range_log(*range, chosen) {
+            let (start, end) = page_span(*range, chosen)?;
+            match spans.last_mut() {
+                Some(last) if start < last.1 => last.1 = last.1.max(end),
+                _ => spans.push((start, end)),
+            }
+        }
+        self.charge_logs(&spans, chosen)?;
+        let mut logs = Vec::new();
+        if logs.try_reserve_exact(spans.len()).is_err() {
+            self.reset();
+            return Err(LogError::OutOfMemory("soft log ranges"));
+        }
+        for &(start, end) in &spans {
+            match DirtyLog::new(start, end - start, chosen) {
                 Ok(log) => logs.push(log),
                 Err(err) => {
-                    self.used_bytes = 0;
+                    self.reset();
                     return Err(err);
                 }
             }
+            self.cover(start, end);
         }
-        let log = Arc::new(SoftLog {
-            ranges: logs,
-            added: (0..SOFT_MAX_ADDED_RANGES)
-                .map(|_| OnceLock::new())
-                .collect(),
-            added_len: AtomicUsize::new(0),
-        });
+        let log = Arc::new(SoftLog::fixed(logs));
         self.live
             .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
         self.log = Some(log);
@@ -201,7 +323,7 @@ impl LogDriver for SoftDriver {
         if self.log.take().is_some() {
             self.live.publish(None);
         }
-        self.used_bytes = 0;
+        self.reset();
     }
 
     fn read_and_clear(
@@ -218,19 +340,66 @@ impl LogDriver for SoftDriver {
         Ok(())
     }
 
+    /// Covers `range` too: logs for its uncovered parts, published as a new snapshot that
+    /// keeps every existing log (and its marks). ENOMEM above the budget, nothing added.
     fn add_range(&mut self, range: IovaRange) -> LogResult<()> {
         let page_size = self.page_size;
-        let Some(log) = self.log.clone() else {
+        let Some(current) = self.log.clone() else {
             return Err(LogError::Invalid("logging not started"));
         };
-        let index = log.added_len.load(Ordering::Relaxed);
-        if index >= log.added.len() {
-            return Err(LogError::Unsupported("too many ranges added after START"));
+        let (start, end) = page_span(range, page_size)?;
+        let gaps = self.uncovered(start, end);
+        if gaps.is_empty() {
+            return Ok(()); // a re-map of covered IOVA: its log is still there
         }
-        let new_log = self.new_range_log(range, page_size)?;
-        // Only the driver (behind &mut self) appends, so the slot is free.
-        let _ = log.added[index].set(new_log);
-        log.added_len.store(index + 1, Ordering::Release);
+        let before = self.budget;
+        self.charge_logs(&gaps, page_size)?;
+        let mut added = Vec::with_capacity(gaps.len());
+        for &(gap_start, gap_end) in &gaps {
+            match DirtyLog::new(gap_start, gap_end - gap_start, page_size) {
+                Ok(log) => added.push(Arc::new(log)),
+                Err(err) => {
+                    self.budget = before;
+                    return Err(err);
+                }
+            }
+        }
+        self.cover(start, end);
+        let log = Arc::new(current.with_added(added));
+        self.live
+            .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
+        self.log = Some(log);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_stay_logarithmic_and_disjoint() {
+        let mut driver = SoftDriver::new();
+        let mut page = 4096;
+        driver.start(&[], &mut page).unwrap();
+        for k in 0..1000u64 {
+            driver
+                .add_range(IovaRange::new(k << 20, 4096).unwrap())
+                .unwrap();
+        }
+        let log = driver.log().unwrap();
+        assert_eq!(log.log_count(), 1000);
+        assert!(log.levels.len() <= 11, "{} levels", log.levels.len());
+        for level in &log.levels {
+            assert!(level
+                .windows(2)
+                .all(|w| w[0].base_iova() + w[0].length() <= w[1].base_iova()));
+        }
+        // One log covering the gaps between three earlier ones adds only the gaps.
+        driver
+            .add_range(IovaRange::new(0, 3 << 20).unwrap())
+            .unwrap();
+        assert_eq!(driver.log().unwrap().log_count(), 1003);
+        assert_eq!(driver.covered.range(..(3 << 20)).count(), 1, "joined");
     }
 }

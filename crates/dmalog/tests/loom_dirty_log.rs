@@ -77,6 +77,96 @@ fn concurrent_marks_are_never_lost() {
     });
 }
 
+/// Two writers dirty the same page while a reporter reports: one writer turns the word
+/// dirty (W1, then W2 on the summary), the other finds the bit already set (W0). The second
+/// writer must not return before the summary points at the word, or a report that begins
+/// after it returned, but before the first writer reaches W2, skips the word: a completed
+/// write missing from the report that followed it (SPEC 3.4).
+#[test]
+fn two_writers_on_one_page_one_reporter() {
+    loom::model(|| {
+        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let writers: Vec<_> = (0..2)
+            .map(|i| {
+                let (log, done) = (Arc::clone(&log), Arc::clone(&done));
+                thread::spawn(move || {
+                    log.mark(5 * PAGE, 1);
+                    done[i].store(true, Ordering::Release);
+                })
+            })
+            .collect();
+        let finished_before = [
+            done[0].load(Ordering::Acquire),
+            done[1].load(Ordering::Acquire),
+        ];
+        let first = report(&log, 0, LEN);
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let last = report(&log, 0, LEN);
+        if finished_before.contains(&true) {
+            assert_eq!(
+                first,
+                page_bit(5),
+                "a write completed before the report began"
+            );
+        }
+        assert_eq!(
+            first | last,
+            page_bit(5),
+            "the page is reported, and only it"
+        );
+        assert_eq!(report(&log, 0, LEN), 0, "the last report cleared the log");
+    });
+}
+
+/// The same race after a report has already cleared the summary bit of a word that was
+/// dirty before (page 6): a writer that finds page 5 already set must not trust a stale
+/// summary bit from before that report. Any write completed before the second report began
+/// is in the first or the second report.
+#[test]
+fn already_dirty_page_after_a_report_cleared_the_summary() {
+    loom::model(|| {
+        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        log.mark(6 * PAGE, 1);
+        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let writers: Vec<_> = (0..2)
+            .map(|i| {
+                let (log, done) = (Arc::clone(&log), Arc::clone(&done));
+                thread::spawn(move || {
+                    log.mark(5 * PAGE, 1);
+                    done[i].store(true, Ordering::Release);
+                })
+            })
+            .collect();
+        let first = report(&log, 0, LEN);
+        let finished_before = [
+            done[0].load(Ordering::Acquire),
+            done[1].load(Ordering::Acquire),
+        ];
+        let second = report(&log, 0, LEN);
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let last = report(&log, 0, LEN);
+        assert_eq!(first & page_bit(6), page_bit(6), "marked before any report");
+        if finished_before.contains(&true) {
+            assert_eq!(
+                (first | second) & page_bit(5),
+                page_bit(5),
+                "a write completed before the second report began"
+            );
+        }
+        assert_eq!(
+            (first | second | last) & page_bit(5),
+            page_bit(5),
+            "page 5 was lost"
+        );
+        assert_eq!((first | second | last) & !(page_bit(5) | page_bit(6)), 0);
+    });
+}
+
 /// A report of part of a word clears only that part; a page of the same word marked
 /// concurrently is found by the next report through the summary.
 #[test]
@@ -130,5 +220,130 @@ fn a_reported_page_has_its_data_visible() {
             );
         }
         writer.join().unwrap();
+    });
+}
+
+/// A report can find a word flagged in the summary but clean (the summary update of a write
+/// landed after the previous report took the word). It must still clear it with an RMW: a
+/// writer that later finds its page already set relies on synchronising with that RMW to
+/// see the summary cleared, and not a stale summary bit from before this report.
+#[test]
+fn a_flagged_clean_word_is_still_cleared_by_an_rmw() {
+    // The losing order needs three preemptions (one in phase 1, two in phase 2).
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = builder.preemption_bound.map(|bound| bound.max(3));
+    builder.check(|| {
+        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        // Phase 1: one writer races a report of a word already dirty (page 4); when its W1
+        // lands before the report takes the word and its W2 after the report cleared the
+        // summary, page 5's summary bit stays set with the word clean.
+        log.mark(4 * PAGE, 1);
+        let early = {
+            let log = Arc::clone(&log);
+            thread::spawn(move || log.mark(5 * PAGE, 1))
+        };
+        let r1 = report(&log, 0, LEN);
+        early.join().unwrap();
+        // Phase 2: two writers on the same page race two reports.
+        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let writers: Vec<_> = (0..2)
+            .map(|i| {
+                let (log, done) = (Arc::clone(&log), Arc::clone(&done));
+                thread::spawn(move || {
+                    log.mark(5 * PAGE, 1);
+                    done[i].store(true, Ordering::Release);
+                })
+            })
+            .collect();
+        let r2 = report(&log, 0, LEN);
+        // A scheduling point (not a preemption): lets the writers run between the reports
+        // within the preemption bound.
+        thread::yield_now();
+        let finished_before = [
+            done[0].load(Ordering::Acquire),
+            done[1].load(Ordering::Acquire),
+        ];
+        let r3 = report(&log, 0, LEN);
+        for writer in writers {
+            writer.join().unwrap();
+        }
+        let r4 = report(&log, 0, LEN);
+        assert_eq!(
+            r1 & page_bit(4),
+            page_bit(4),
+            "marked before the first report"
+        );
+        assert_eq!((r1 | r2) & page_bit(5), page_bit(5), "the early write");
+        if finished_before.contains(&true) {
+            assert_eq!(
+                (r2 | r3) & page_bit(5),
+                page_bit(5),
+                "a write completed before the third report began"
+            );
+        }
+        assert_eq!((r2 | r3 | r4) & page_bit(5), page_bit(5), "page 5 was lost");
+        assert_eq!(
+            (r1 | r2 | r3 | r4) & !(page_bit(4) | page_bit(5)),
+            0,
+            "only pages 4 and 5 were written"
+        );
+    });
+}
+
+/// 384 pages: three summary groups of two words each under `cfg(loom)` (see `GROUP_WORDS`
+/// in `src/dirty_log.rs`), so a whole-range report has one interior group (words 2 and 3,
+/// pages 128..256), taken by the dense path.
+const WIDE_LEN: u64 = 384 * PAGE;
+
+fn report_wide(log: &DirtyLog) -> [u64; 6] {
+    let mut buf = [0u8; 48];
+    let mut bitmap = IovaBitmap::new(0, WIDE_LEN, PAGE, &mut buf).unwrap();
+    log.read_and_clear(0, WIDE_LEN, &mut bitmap);
+    std::array::from_fn(|w| u64::from_le_bytes(buf[8 * w..8 * w + 8].try_into().unwrap()))
+}
+
+/// The dense path clears an all-ones word with a plain store. A writer can still RMW that
+/// word between the report's load and store (its own load of the word was stale), so its
+/// page is reported now though nothing orders its data before the report: the report's
+/// closing SeqCst fence, paired with the one in `record_write`, must make the data visible
+/// (or the page must be reported again). Also crosses group boundaries with one mark.
+#[test]
+fn a_dense_group_report_keeps_a_late_writers_data() {
+    loom::model(|| {
+        let log = Arc::new(DirtyLog::new(0, WIDE_LEN, PAGE).unwrap());
+        // Group 1 dirty except page 130; the mark also spans the boundary into group 2.
+        log.mark(128 * PAGE, 2 * PAGE);
+        log.mark(131 * PAGE, 129 * PAGE);
+        let data = Arc::new(AtomicU64::new(0));
+        let completer = {
+            let log = Arc::clone(&log);
+            thread::spawn(move || log.mark(130 * PAGE, 1))
+        };
+        let late = {
+            let (log, data) = (Arc::clone(&log), Arc::clone(&data));
+            thread::spawn(move || {
+                data.store(42, Ordering::Relaxed);
+                log.record_write(130 * PAGE, 1);
+            })
+        };
+        let first = report_wide(&log);
+        let data_after_first = data.load(Ordering::Relaxed);
+        completer.join().unwrap();
+        late.join().unwrap();
+        let last = report_wide(&log);
+        let expected = [0, 0, u64::MAX, u64::MAX, 0b1111, 0];
+        for w in 0..6 {
+            assert_eq!(first[w] | last[w], expected[w], "word {w}");
+        }
+        assert_eq!(first[3], u64::MAX, "marked before the report");
+        assert_eq!(
+            first[4], 0b1111,
+            "marked before the report, past the boundary"
+        );
+        let page_130 = 1u64 << (130 - 128);
+        assert!(
+            data_after_first == 42 || last[2] & page_130 != 0,
+            "page 130 reported once, before its data was visible"
+        );
     });
 }

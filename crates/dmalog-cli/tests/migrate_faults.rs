@@ -1,0 +1,342 @@
+//! `dmalog migrate source|destination` as processes against hostile or failing peers: a
+//! silent peer is an error within `--timeout-ms` (the source's device RUNNING again with
+//! logging off), peer text reaches the terminal escaped, and a destination killed while
+//! data flows leaves the source device ready for a retry that verifies.
+//!
+//! Every wait on a child is bounded by a hang guard: the test fails instead of hanging.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::ServerProcess;
+use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind};
+
+const HANG_GUARD: Duration = Duration::from_secs(60);
+
+/// Waits for `child` to exit (killing it and failing the test past the guard).
+fn wait_guarded(mut child: Child, what: &str) -> Output {
+    let deadline = Instant::now() + HANG_GUARD;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {HANG_GUARD:?} (a hang)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `dmalog migrate source` with a small VM (64 MiB of guest memory).
+fn source(address: &str, socket: &Path, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args([
+            "migrate",
+            "source",
+            "--memory-mib",
+            "64",
+            "--device-wss-mib",
+            "8",
+            "--vcpu-wss-mib",
+            "4",
+            "--connect",
+            address,
+            "--socket",
+        ])
+        .arg(socket)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A running `dmalog migrate destination` and the address it listens on.
+struct Destination {
+    child: Child,
+    address: String,
+    /// The rest of its stderr, once it exits.
+    stderr: mpsc::Receiver<String>,
+}
+
+fn destination(socket: &Path, extra: &[&str]) -> Destination {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args([
+            "migrate",
+            "destination",
+            "--json",
+            "--memory-mib",
+            "64",
+            "--listen",
+            "127.0.0.1:0",
+            "--socket",
+        ])
+        .arg(socket)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap());
+    let (address_tx, address_rx) = mpsc::channel();
+    let (stderr_tx, stderr) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let mut line = String::new();
+        while lines.read_line(&mut line).unwrap_or(0) > 0 {
+            if let Some(address) = line.trim().strip_prefix("waiting for a migration on ") {
+                let _ = address_tx.send(address.to_string());
+            } else {
+                rest.push_str(&line);
+            }
+            line.clear();
+        }
+        let _ = stderr_tx.send(rest);
+    });
+    let address = address_rx
+        .recv_timeout(HANG_GUARD)
+        .expect("the destination listens");
+    Destination {
+        child,
+        address,
+        stderr,
+    }
+}
+
+impl Destination {
+    fn wait(self) -> (Output, String) {
+        let output = wait_guarded(self.child, "dmalog migrate destination");
+        let stderr = self.stderr.recv_timeout(HANG_GUARD).unwrap_or_default();
+        (output, stderr)
+    }
+}
+
+/// The source device is RUNNING with logging off (a new migration could START).
+fn assert_device_ready_for_a_retry(server: &ServerProcess) {
+    let mut client = server.connect();
+    assert_eq!(
+        dmalog::MigrationDevice::device_state(&mut client).unwrap(),
+        dmalog::uapi::DeviceState::Running
+    );
+    let mut bitmap = [0u64; 1];
+    assert_eq!(
+        dmalog::DirtyTracker::report(&mut client, 0, 4096, 4096, &mut bitmap)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL,
+        "logging is off"
+    );
+}
+
+/// A fake destination: takes frames up to End, then does `after_end` with the stream (the
+/// connection stays open until `release` is dropped).
+fn fake_destination(
+    after_end: impl FnOnce(&mut TcpStream) + Send + 'static,
+) -> (String, mpsc::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let (release, hold) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let Ok((mut stream, _)) = listener.accept() else {
+            return;
+        };
+        let mut input = FrameReader::new(stream.try_clone().unwrap());
+        while let Ok(frame) = input.read() {
+            if frame.kind == Kind::End {
+                after_end(&mut stream);
+                break;
+            }
+        }
+        let _ = hold.recv_timeout(HANG_GUARD);
+    });
+    (address, release)
+}
+
+#[test]
+fn a_destination_silent_after_the_final_data_fails_the_source_and_its_device_runs_on() {
+    let server = ServerProcess::start("soft");
+    let (address, release) = fake_destination(|_| {});
+    let out = wait_guarded(
+        source(&address, &server.socket, &["--timeout-ms", "500"]),
+        "dmalog migrate source",
+    );
+    drop(release);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("within 500 ms"), "{stderr}");
+    assert_device_ready_for_a_retry(&server);
+}
+
+#[test]
+fn a_destination_facing_a_silent_source_gives_up() {
+    let server = ServerProcess::start("soft");
+    let destination = destination(&server.socket, &["--timeout-ms", "500"]);
+    // Connected, and not a byte.
+    let silent = TcpStream::connect(&destination.address).unwrap();
+    let (out, stderr) = destination.wait();
+    drop(silent);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("within 500 ms"), "{stderr}");
+}
+
+const HOSTILE_TEXT: &[u8] = b"\x1b[2J\nerror: fake \x07\x1b]0;title\x07";
+
+fn assert_escaped(stderr: &[u8]) {
+    let text = String::from_utf8_lossy(stderr);
+    assert!(
+        !stderr.iter().any(|&b| b == 0x1b || b == 0x07),
+        "a raw control character reached the terminal: {text:?}"
+    );
+    assert!(
+        text.contains("\\u{1b}[2J\\nerror: fake \\u{7}\\u{1b}]0;title\\u{7}"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_abort_reason_from_the_destination_is_printed_escaped() {
+    let server = ServerProcess::start("soft");
+    let (address, release) = fake_destination(|stream| {
+        let mut out = FrameWriter::new(stream, None);
+        let _ = out.write(Kind::Abort, &[HOSTILE_TEXT]);
+    });
+    let out = wait_guarded(
+        source(&address, &server.socket, &[]),
+        "dmalog migrate source",
+    );
+    drop(release);
+    assert!(!out.status.success());
+    assert_escaped(&out.stderr);
+    assert_device_ready_for_a_retry(&server);
+}
+
+#[test]
+fn an_abort_reason_from_the_source_is_printed_escaped() {
+    let server = ServerProcess::start("soft");
+    let destination = destination(&server.socket, &[]);
+    let mut stream = TcpStream::connect(&destination.address).unwrap();
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&4096u32.to_le_bytes());
+    let layout = dmalog_migrate::default_layout(64 << 20);
+    hello.extend_from_slice(&(layout.len() as u32).to_le_bytes());
+    for (gpa, size) in layout {
+        hello.extend_from_slice(&gpa.to_le_bytes());
+        hello.extend_from_slice(&size.to_le_bytes());
+    }
+    let mut out = FrameWriter::new(&mut stream, None);
+    out.write(Kind::Hello, &[&hello]).unwrap();
+    out.write(Kind::Abort, &[HOSTILE_TEXT]).unwrap();
+    out.flush().unwrap();
+    let (output, stderr) = destination.wait();
+    assert!(!output.status.success(), "{stderr}");
+    assert_escaped(stderr.as_bytes());
+}
+
+/// Forwards one connection to `upstream`; once `kill_after_bytes` have gone from the
+/// source to the destination, kills `victim` (the destination process) with data still
+/// flowing. Returns the proxy's address and, on join, whether the kill happened.
+fn killing_proxy(
+    upstream: String,
+    kill_after_bytes: u64,
+    mut victim: Child,
+) -> (String, std::thread::JoinHandle<bool>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let proxy = std::thread::spawn(move || {
+        let (mut from_source, _) = listener.accept().unwrap();
+        let mut to_destination = TcpStream::connect(&upstream).unwrap();
+        let mut back_source = from_source.try_clone().unwrap();
+        let mut back_destination = to_destination.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_destination, &mut back_source);
+        });
+        from_source.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        let mut forwarded = 0u64;
+        let mut buf = vec![0u8; 64 << 10];
+        let mut killed = false;
+        loop {
+            let n = match from_source.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if to_destination.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            forwarded += n as u64;
+            if !killed && forwarded >= kill_after_bytes {
+                victim.kill().unwrap();
+                victim.wait().unwrap();
+                killed = true;
+            }
+        }
+        // The destination is gone: so is the source's connection.
+        let _ = from_source.shutdown(std::net::Shutdown::Both);
+        if !killed {
+            let _ = victim.kill();
+            let _ = victim.wait();
+        }
+        killed
+    });
+    (address, proxy)
+}
+
+/// A migration whose destination is killed mid-stream, then a second one from the same
+/// source device server (a new source process) to a new destination process, on a new
+/// destination device server or on the one the killed destination left half-loaded.
+fn killed_then_retried(same_destination_server: bool) {
+    let src_server = ServerProcess::start("soft");
+    let dst_server = ServerProcess::start("soft");
+    let first = destination(&dst_server.socket, &[]);
+    // Kill it 8 MiB into round 0 (64 MiB), at a link cap that keeps data flowing.
+    let (address, proxy) = killing_proxy(first.address.clone(), 8 << 20, first.child);
+    let out = wait_guarded(
+        source(&address, &src_server.socket, &["--link-mbps", "200"]),
+        "the first dmalog migrate source",
+    );
+    assert!(
+        proxy.join().unwrap(),
+        "the destination was killed mid-stream"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("migration"), "{stderr}");
+    assert_device_ready_for_a_retry(&src_server);
+
+    // Again, from the same source device server, to a new destination.
+    let new_server;
+    let retry_server = if same_destination_server {
+        &dst_server
+    } else {
+        new_server = ServerProcess::start("soft");
+        &new_server
+    };
+    let second = destination(&retry_server.socket, &[]);
+    let out = wait_guarded(
+        source(&second.address, &src_server.socket, &["--json"]),
+        "the second dmalog migrate source",
+    );
+    let (dst_out, dst_stderr) = second.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{dst_stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true);
+    assert!(dst_out.status.success(), "{dst_stderr}");
+    let dst: serde_json::Value = serde_json::from_slice(&dst_out.stdout).unwrap();
+    assert_eq!(dst["verified"], true);
+}
+
+#[test]
+fn a_destination_killed_mid_stream_then_a_retry_to_a_new_destination_verifies() {
+    killed_then_retried(false);
+}
+
+#[test]
+fn a_destination_killed_mid_stream_then_a_retry_on_the_same_destination_device_verifies() {
+    killed_then_retried(true);
+}

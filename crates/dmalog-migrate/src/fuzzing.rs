@@ -1,0 +1,169 @@
+//! Harnesses shared by the `cargo fuzz` target (`fuzz/fuzz_targets/migrate_stream.rs`) and
+//! the deterministic replay in the default test run: arbitrary bytes as the migration
+//! stream into a destination with a small guest memory and an in-memory device.
+
+use dmalog::migration::migration_path;
+use dmalog::uapi::DeviceState;
+use dmalog::{LogError, MigrationDevice, PendingBytes, TrackerError};
+
+use crate::destination::{decode_hello, decode_pages, migrate_destination};
+use crate::guest::GuestMemory;
+use crate::stream::{FrameReader, FrameWriter, Kind, FRAME_HEADER_BYTES, MAGIC, VERSION};
+
+/// The fuzzed destination's guest memory: two small regions with a hole between them.
+pub const FUZZ_LAYOUT: [(u64, u64); 2] = [(0, 64 << 10), (1 << 20, 32 << 10)];
+
+/// Device data the fake device keeps at most (more is an error, as a real device's bound).
+const MAX_LOADED_BYTES: usize = 1 << 20;
+
+/// A destination device in memory that follows the migration state machine.
+#[derive(Debug)]
+pub struct LoadingDevice {
+    /// Its state.
+    pub state: DeviceState,
+    /// Bytes loaded in RESUMING.
+    pub loaded_bytes: usize,
+}
+
+impl Default for LoadingDevice {
+    fn default() -> Self {
+        LoadingDevice {
+            state: DeviceState::Running,
+            loaded_bytes: 0,
+        }
+    }
+}
+
+impl MigrationDevice for LoadingDevice {
+    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
+        Ok(1)
+    }
+    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
+        Ok(self.state)
+    }
+    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
+        migration_path(self.state, state)?;
+        if state == DeviceState::Resuming {
+            self.loaded_bytes = 0;
+        }
+        self.state = state;
+        Ok(())
+    }
+    fn read_migration_data(&mut self, _buf: &mut [u8]) -> Result<usize, TrackerError> {
+        Err(LogError::Invalid("a destination device saves nothing").into())
+    }
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
+        if self.state != DeviceState::Resuming {
+            return Err(LogError::Invalid("device data outside RESUMING").into());
+        }
+        if data.len() > MAX_LOADED_BYTES - self.loaded_bytes {
+            return Err(LogError::Invalid("more device data than the device holds").into());
+        }
+        self.loaded_bytes += data.len();
+        Ok(())
+    }
+    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
+        Ok(None)
+    }
+}
+
+thread_local! {
+    // One guest memory per thread (a memfd and a mapping each): creating it per input
+    // would dominate the fuzzing time. Its content carries over between inputs, which
+    // changes no decision the destination makes.
+    static MEMORY: GuestMemory = GuestMemory::new(&FUZZ_LAYOUT).expect("fuzz guest memory");
+}
+
+/// Feeds `stream_bytes` to a destination as the whole migration stream. It must neither
+/// panic nor write outside guest memory, whatever the bytes; returns whether the stream
+/// was accepted (only a well-formed migration is).
+pub fn destination_stream(stream_bytes: &[u8]) -> bool {
+    let _ = decode_hello(stream_bytes);
+    let _ = decode_pages(stream_bytes);
+    MEMORY.with(|memory| {
+        let mut device = LoadingDevice::default();
+        let mut replies = FrameWriter::new(Vec::new(), None);
+        let result = migrate_destination(
+            memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut FrameReader::new(stream_bytes),
+            &mut replies,
+        );
+        // Whatever happened, what went back is well-formed frames.
+        let replies = std::mem::take(replies.get_mut());
+        let mut reader = FrameReader::new(&replies[..]);
+        while let Ok(frame) = reader.read() {
+            assert!(
+                matches!(frame.kind, Kind::Abort | Kind::Resumed),
+                "the destination sent a {:?}",
+                frame.kind
+            );
+        }
+        result.is_ok()
+    })
+}
+
+/// A frame of any kind byte with a correct checksum around `payload`.
+pub fn raw_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
+    frame.extend_from_slice(&MAGIC.to_le_bytes());
+    frame.extend_from_slice(&VERSION.to_le_bytes());
+    frame.extend_from_slice(&[kind, 0]);
+    frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The Hello the fuzzed destination accepts.
+pub fn good_hello() -> Vec<u8> {
+    let mut hello = Vec::new();
+    hello.extend_from_slice(&4096u32.to_le_bytes());
+    hello.extend_from_slice(&(FUZZ_LAYOUT.len() as u32).to_le_bytes());
+    for (gpa, size) in FUZZ_LAYOUT {
+        hello.extend_from_slice(&gpa.to_le_bytes());
+        hello.extend_from_slice(&size.to_le_bytes());
+    }
+    raw_frame(Kind::Hello as u8, &hello)
+}
+
+/// Structure-aware input: the fuzzer's bytes as a list of `kind u8, len u16, payload`
+/// records, each made a frame with a good checksum (so that inputs get past the crc), after
+/// the good Hello when the first byte is odd. Pages payloads whose head is short get a
+/// page-aligned address in guest memory and a page count from the record.
+pub fn frames_from(data: &[u8]) -> Vec<u8> {
+    let Some((&first, mut rest)) = data.split_first() else {
+        return Vec::new();
+    };
+    let mut stream = if first & 1 == 1 {
+        good_hello()
+    } else {
+        Vec::new()
+    };
+    while let [kind, lo, hi, tail @ ..] = rest {
+        let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
+        let (payload, next) = tail.split_at(len);
+        // Kind 0x80 + n: n pages at a guest address chosen by the payload's first byte.
+        if *kind >= 0x80 {
+            let npages = u32::from(*kind & 0x1f);
+            let page = u64::from(payload.first().copied().unwrap_or(0));
+            let gpa = if page & 0x80 == 0 {
+                (page & 0xf) * 4096
+            } else {
+                FUZZ_LAYOUT[1].0 + (page & 0x7) * 4096
+            };
+            let mut pages = gpa.to_le_bytes().to_vec();
+            pages.extend_from_slice(&npages.to_le_bytes());
+            pages.resize(
+                12 + npages as usize * 4096,
+                payload.get(1).copied().unwrap_or(0),
+            );
+            stream.extend_from_slice(&raw_frame(Kind::Pages as u8, &pages));
+        } else {
+            stream.extend_from_slice(&raw_frame(*kind, payload));
+        }
+        rest = next;
+    }
+    stream
+}

@@ -1,0 +1,216 @@
+//! A silent or stalled peer is an error within the timeout, never a hang: the source facing
+//! a destination that goes quiet after the final data (the guest paused) gets its VM back
+//! running (vCPUs, device RUNNING, logging off); a destination facing a silent or
+//! trickling source gives up. Each test runs its side on a thread and fails if that does
+//! not finish well within a hang guard.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{config, hello, FakeDevice, LAYOUT};
+use dmalog::uapi::DeviceState;
+use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
+use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind, StreamError};
+use dmalog_migrate::{
+    migrate_destination, migrate_source, GuestMemory, MigrateError, SourceVm, VcpuParams,
+    VcpuWorkload,
+};
+
+/// The time limit given to the side under test.
+const TIMEOUT: Duration = Duration::from_millis(300);
+/// How long the test waits for that side before calling it a hang.
+const HANG_GUARD: Duration = Duration::from_secs(20);
+
+/// Runs `f` on a thread; its result, or a test failure if it is not back within the guard.
+fn within_guard<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (done, result) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(f());
+    });
+    result
+        .recv_timeout(HANG_GUARD)
+        .unwrap_or_else(|_| panic!("{what}: still waiting after {HANG_GUARD:?} (a hang)"))
+}
+
+/// What the source side left behind after a failed migration.
+struct SourceAfter {
+    err: MigrateError,
+    elapsed: Duration,
+    device_state: DeviceState,
+    device_logging: bool,
+    cpu_logging_refused: bool,
+    vcpus_paused: bool,
+    vcpus_wrote_again: bool,
+}
+
+/// Runs a source VM (a fake device, vCPUs writing) against `peer` (the destination's end
+/// of a socket pair, handled on its own thread), with the timeout on both directions.
+fn source_against(peer: impl FnOnce(UnixStream) + Send + 'static) -> SourceAfter {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || peer(theirs));
+    within_guard("the source", move || {
+        let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+        let (mut device, _) = FakeDevice::new(vec![5u8; 3000]);
+        let cpu_driver = SoftDriver::new();
+        let recorder = cpu_driver.recorder();
+        let mut cpu = InProcessTracker::new(cpu_driver);
+        let vcpus = VcpuWorkload::start(
+            Arc::clone(&memory),
+            recorder,
+            VcpuParams {
+                threads: 1,
+                base: 0,
+                span: 1 << 20,
+                rate: 4 << 20,
+                seed: 3,
+            },
+        )
+        .unwrap();
+        let mut replies = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
+        let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
+        let started = Instant::now();
+        let vm = SourceVm {
+            memory: &memory,
+            device: &mut device,
+            cpu: &mut cpu,
+            vcpus: Some(&vcpus),
+        };
+        let err = migrate_source(&config(), vm, &mut out, &mut replies, |_| {}).unwrap_err();
+        let elapsed = started.elapsed();
+        let mut bitmap = [0u64; 32];
+        let cpu_logging_refused = cpu.report(0, 4096, 4096, &mut bitmap).is_err();
+        // The vCPUs run again: their write count moves (waited for, not timed).
+        let before = vcpus.writes();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vcpus.writes() == before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        SourceAfter {
+            err,
+            elapsed,
+            device_state: device.state,
+            device_logging: device.logging,
+            cpu_logging_refused,
+            vcpus_paused: vcpus.is_paused(),
+            vcpus_wrote_again: vcpus.writes() > before,
+        }
+    })
+}
+
+fn assert_source_runs_again(after: &SourceAfter) {
+    assert_eq!(after.device_state, DeviceState::Running, "{}", after.err);
+    assert!(!after.device_logging, "device logging stopped");
+    assert!(after.cpu_logging_refused, "vCPU logging stopped");
+    assert!(!after.vcpus_paused, "vCPUs resumed");
+    assert!(after.vcpus_wrote_again, "vCPUs write again");
+}
+
+#[test]
+fn a_destination_silent_after_the_final_data_gives_the_source_its_vm_back() {
+    let (release, hold) = mpsc::channel::<()>();
+    let after = source_against(move |theirs| {
+        // Take every frame up to End, then say nothing (the socket stays open).
+        let mut input = FrameReader::new(theirs.try_clone().unwrap());
+        while let Ok(frame) = input.read() {
+            if frame.kind == Kind::End {
+                break;
+            }
+        }
+        let _ = hold.recv_timeout(HANG_GUARD);
+        drop(theirs);
+    });
+    drop(release);
+    assert!(
+        matches!(after.err, MigrateError::Stream(StreamError::TimedOut(t)) if t == TIMEOUT),
+        "{}",
+        after.err
+    );
+    assert!(after.err.to_string().contains("300 ms"), "{}", after.err);
+    assert!(after.elapsed < HANG_GUARD);
+    assert_source_runs_again(&after);
+}
+
+#[test]
+fn a_destination_that_stops_reading_gives_the_source_its_vm_back() {
+    let (release, hold) = mpsc::channel::<()>();
+    let after = source_against(move |theirs| {
+        // Read the Hello, then nothing: the socket buffer fills and the source's writes block.
+        let _ = FrameReader::new(theirs.try_clone().unwrap()).read();
+        let _ = hold.recv_timeout(HANG_GUARD);
+        drop(theirs);
+    });
+    drop(release);
+    assert!(
+        matches!(&after.err, MigrateError::Stream(StreamError::Io(io)) if io.kind() == std::io::ErrorKind::TimedOut),
+        "{}",
+        after.err
+    );
+    assert_source_runs_again(&after);
+}
+
+/// Runs the destination against `peer` (the source's end) with the timeout.
+fn destination_against(
+    peer: impl FnOnce(UnixStream) + Send + 'static,
+) -> Result<dmalog_migrate::DestinationReport, MigrateError> {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    std::thread::spawn(move || peer(theirs));
+    within_guard("the destination", move || {
+        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let (mut device, _) = FakeDevice::new(Vec::new());
+        let mut input = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
+        let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
+        migrate_destination(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut input,
+            &mut out,
+        )
+    })
+}
+
+#[test]
+fn a_destination_facing_a_silent_source_times_out() {
+    let (release, hold) = mpsc::channel::<()>();
+    let result = destination_against(move |theirs| {
+        // Connected, a Hello, then silence with the socket open.
+        let mut out = FrameWriter::new(theirs, None);
+        out.write(Kind::Hello, &[&hello(&LAYOUT)]).unwrap();
+        let _ = hold.recv_timeout(HANG_GUARD);
+    });
+    drop(release);
+    assert!(
+        matches!(result, Err(MigrateError::Stream(StreamError::TimedOut(_)))),
+        "{:?}",
+        result.err()
+    );
+}
+
+#[test]
+fn a_trickling_source_does_not_hold_the_destination() {
+    // One byte of a frame header every 50 ms: each read returns in time, but the frame
+    // never completes within the limit.
+    let (release, hold) = mpsc::channel::<()>();
+    let result = destination_against(move |mut theirs| {
+        let mut frame = FrameWriter::new(Vec::new(), None);
+        frame.write(Kind::Hello, &[&hello(&LAYOUT)]).unwrap();
+        for byte in frame.get_mut().iter() {
+            if theirs.write_all(&[*byte]).is_err()
+                || hold.recv_timeout(Duration::from_millis(50)).is_ok()
+            {
+                return;
+            }
+        }
+    });
+    drop(release);
+    assert!(
+        matches!(result, Err(MigrateError::Stream(StreamError::TimedOut(_)))),
+        "{:?}",
+        result.err()
+    );
+}

@@ -1,0 +1,98 @@
+//! The short, deterministic version of the fuzzing run (`fuzz/fuzz_targets/
+//! migrate_stream.rs`): a seed corpus of migration streams (a whole good one, each of its
+//! truncations and byte flips, seeded random frame records) through the destination;
+//! nothing may panic or hang, the good stream is accepted and no damaged one is.
+//! `DMALOG_REPLAY_CASES` makes the random part longer.
+
+use dmalog_migrate::fuzzing::{destination_stream, frames_from, good_hello, raw_frame};
+use dmalog_migrate::stream::Kind;
+
+fn next(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// A whole migration the fuzz destination accepts: pages in both regions, device data,
+/// End and the source's verdict.
+fn good_stream() -> Vec<u8> {
+    let mut stream = good_hello();
+    for (gpa, npages) in [(0u64, 2u32), (1 << 20, 1)] {
+        let mut pages = gpa.to_le_bytes().to_vec();
+        pages.extend_from_slice(&npages.to_le_bytes());
+        pages.resize(12 + npages as usize * 4096, 0x5a);
+        stream.extend_from_slice(&raw_frame(Kind::Pages as u8, &pages));
+    }
+    stream.extend_from_slice(&raw_frame(Kind::DeviceData as u8, b"device state"));
+    stream.extend_from_slice(&raw_frame(Kind::End as u8, &[]));
+    stream.extend_from_slice(&raw_frame(Kind::Verified as u8, &[1]));
+    stream
+}
+
+#[test]
+fn the_good_stream_is_accepted_and_no_truncation_is() {
+    let good = good_stream();
+    assert!(destination_stream(&good));
+    for len in 0..good.len() {
+        assert!(!destination_stream(&good[..len]), "truncated at {len}");
+    }
+}
+
+#[test]
+fn byte_flips_of_the_good_stream_are_never_accepted_wrongly() {
+    let good = good_stream();
+    // Flip each byte of every header and the start of every payload (a flip in page data
+    // breaks the checksum, which the first bytes already show).
+    for at in (0..good.len()).filter(|at| at % 4096 < 64) {
+        let mut bad = good.clone();
+        bad[at] ^= 0x41;
+        assert!(!destination_stream(&bad), "flip at {at} accepted");
+    }
+}
+
+#[test]
+fn hand_written_seeds() {
+    for stream in [
+        Vec::new(),
+        vec![0xffu8; 64],
+        raw_frame(0, &[]),
+        raw_frame(200, &[1, 2, 3]),
+        [good_hello(), raw_frame(Kind::Hello as u8, &[0; 8])].concat(),
+        [good_hello(), raw_frame(Kind::Resumed as u8, &[0; 8])].concat(),
+        [good_hello(), raw_frame(Kind::Abort as u8, b"\x1b[2J\n")].concat(),
+        [good_hello(), raw_frame(Kind::End as u8, &[])].concat(),
+    ] {
+        assert!(!destination_stream(&stream));
+    }
+}
+
+#[test]
+fn seeded_random_frame_records() {
+    let cases = std::env::var("DMALOG_REPLAY_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300u64);
+    for seed in 0..cases {
+        let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        let len = (next(&mut state) % 200) as usize;
+        let data: Vec<u8> = (0..len).map(|_| next(&mut state) as u8).collect();
+        destination_stream(&data);
+        destination_stream(&frames_from(&data));
+        // Records that are mostly page runs and device data, as a real stream.
+        let mut records = vec![1u8];
+        for _ in 0..(next(&mut state) % 12) {
+            let kind = match next(&mut state) % 4 {
+                0 => 0x80 | (next(&mut state) % 20) as u8,
+                1 => Kind::DeviceData as u8,
+                2 => (next(&mut state) % 10) as u8,
+                _ => 0x81,
+            };
+            let payload_len = (next(&mut state) % 24) as u16;
+            records.push(kind);
+            records.extend_from_slice(&payload_len.to_le_bytes());
+            records.extend((0..payload_len).map(|_| next(&mut state) as u8));
+        }
+        destination_stream(&frames_from(&records));
+    }
+}
