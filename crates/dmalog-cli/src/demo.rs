@@ -183,7 +183,7 @@ fn map_all(client: &mut Client, memory: &GuestMemory) -> Result<(), String> {
     for region in memory.regions() {
         client
             .dma_map(region.gpa, region.size, Some(region.fd()), 0, true)
-            .map_err(|e| format!("DMA_MAP: {e}"))?;
+            .map_err(|e| format!("DMA_MAP to the device server: {e}"))?;
     }
     Ok(())
 }

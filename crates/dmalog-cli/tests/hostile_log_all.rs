@@ -155,3 +155,39 @@ fn serve_rejects_an_overflowing_max_log_mib() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn demo_passes_max_log_mib_to_its_servers() {
+    // A budget of 0 MiB: the device START is ENOMEM, so the demo migrates without device
+    // tracking (every page dirty every round) and still verifies.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmalog"))
+        .args([
+            "demo",
+            "--json",
+            "--memory-mib",
+            "64",
+            "--device-wss-mib",
+            "8",
+        ])
+        .args([
+            "--vcpu-wss-mib",
+            "4",
+            "--max-rounds",
+            "3",
+            "--max-log-mib",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true);
+    assert_eq!(
+        report["device_tracking"], false,
+        "START refused by the budget"
+    );
+}

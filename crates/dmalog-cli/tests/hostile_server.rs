@@ -86,9 +86,13 @@ struct Raw {
 impl Raw {
     fn connect(socket: &Path) -> Self {
         let stream = UnixStream::connect(socket).unwrap();
+        // Hang guards only.
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
-            .unwrap(); // a hang guard only
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         Raw {
             transport: Transport::new(stream, 2 << 20),
             id: 0,
@@ -198,6 +202,7 @@ fn flooding_while_the_server_waits_for_a_dma_reply_keeps_its_memory_bounded() {
     peak_kib = peak_kib.max(server.rss_kib());
     assert!(server.is_running(), "the server survived the flood");
     let grown_mib = peak_kib.saturating_sub(before_kib) / 1024;
+    eprintln!("flood: {sent} MiB sent before the drop; the server grew by {grown_mib} MiB");
     assert!(
         grown_mib < 96,
         "the server grew by {grown_mib} MiB under a flood of {sent} MiB"
@@ -288,4 +293,38 @@ fn a_client_stopping_in_the_middle_of_a_message_is_dropped() {
     }
     assert!(server.is_running());
     assert_serves(&server);
+}
+
+#[test]
+fn a_client_that_does_not_read_its_replies_is_dropped() {
+    let server = Serve::start(&["--device", "lvu-sample", "--peer-timeout-ms", "200"]);
+    let mut raw = Raw::connect(&server.socket);
+    let version = Version {
+        major: 0,
+        minor: 2,
+        json: None,
+    };
+    assert_eq!(raw.request(cmd::VERSION, &version.encode()), 0);
+    // 1024 reads of BAR1 (16 KiB replies, 16 MiB in all) whose replies are never read:
+    // the server's send blocks once the socket buffers are full.
+    let read_bar1 = RegionAccess {
+        offset: 0,
+        region: 1,
+        count: 0x4000,
+    }
+    .encode();
+    for _ in 0..1024 {
+        if raw.send(cmd::REGION_READ, &read_bar1).is_err() {
+            break; // dropped already
+        }
+    }
+    // Another client is served once the stuck one has been dropped.
+    let stream = UnixStream::connect(&server.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut other = dmalog_vfio_user::Client::with_stream(stream, 1 << 20)
+        .expect("served while a client ignores its replies");
+    assert_eq!(other.device_info().unwrap().num_regions, 9);
+    drop(raw);
 }

@@ -140,3 +140,25 @@ fn failed_resuming_then_device_reset_is_running_with_logging_stopped() {
     let state = saved_state(&mut client, 3);
     assert!(!state.is_empty());
 }
+
+#[test]
+fn an_abandoned_stop_copy_is_undone_by_a_disconnect() {
+    let server = ServerProcess::start("soft");
+    let mut first = server.connect();
+    let whole = saved_state(&mut first, 0xab);
+    // STOP_COPY again, read a little, and go away without finishing.
+    first.set_device_state(DeviceState::StopCopy).unwrap();
+    let mut some = [0u8; 8];
+    assert_eq!(first.read_migration_data(&mut some).unwrap(), 8);
+    drop(first);
+
+    let mut second = server.connect();
+    assert_eq!(second.device_state().unwrap(), DeviceState::Running);
+    // A new save starts from the beginning and is the same state.
+    assert_eq!(saved_state(&mut second, 0xab), whole);
+    assert_eq!(
+        engine_op(&mut second, FILL, 0, 0, PAGE, 0),
+        libc::EFAULT as u64,
+        "RUNNING: the op runs (and faults, nothing is mapped) instead of EBUSY"
+    );
+}

@@ -94,10 +94,17 @@ struct ClientMapping {
     writes: dmalog::DirtyLog,
 }
 
+/// How long the client waits for the server by default (a reply, room in the socket for a
+/// request): a silent server must not hang the VMM. [`Client::set_reply_timeout`] changes it.
+pub const DEFAULT_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A connection to a vfio-user server.
 #[derive(Debug)]
 pub struct Client {
     transport: Transport,
+    /// A wait timed out or a send failed part-way: a late reply would be taken for the
+    /// next request's, so every later request fails (ETIMEDOUT) instead.
+    out_of_step: bool,
     next_id: u16,
     server_version: Version,
     max_data_xfer_size: u32,
@@ -117,7 +124,10 @@ impl Client {
 
     /// Negotiates over a connected stream, proposing `max_data_xfer_size`.
     pub fn with_stream(stream: UnixStream, max_data_xfer_size: u32) -> Result<Self, ClientError> {
+        stream.set_read_timeout(Some(DEFAULT_REPLY_TIMEOUT))?;
+        stream.set_write_timeout(Some(DEFAULT_REPLY_TIMEOUT))?;
         let mut client = Client {
+            out_of_step: false,
             transport: Transport::new(stream, max_data_xfer_size as usize + 4096),
             next_id: 0,
             server_version: Version {
@@ -144,13 +154,45 @@ impl Client {
             return Err(ClientError::Protocol("server speaks another major version"));
         }
         if let Some(xfer) = version.capability("max_data_xfer_size") {
-            client.max_data_xfer_size = client.max_data_xfer_size.min(xfer.max(64) as u32);
+            // Clamped before the cast: 2^32 as u32 would be 0 (and 0-byte chunks).
+            let theirs = xfer.clamp(64, u64::from(u32::MAX)) as u32;
+            client.max_data_xfer_size = client.max_data_xfer_size.min(theirs);
         }
         client
             .transport
             .set_max_message_bytes(client.max_data_xfer_size as usize + 4096);
         client.server_version = version;
         Ok(client)
+    }
+
+    /// How long to wait for the server (each reply, and room to send) before the request
+    /// fails with ETIMEDOUT; after that the connection is out of step and every later
+    /// request fails too. Zero is EINVAL.
+    pub fn set_reply_timeout(&mut self, timeout: std::time::Duration) -> Result<(), ClientError> {
+        let stream = self.transport.stream();
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        Ok(())
+    }
+
+    fn timed_out() -> ClientError {
+        ClientError::Io(std::io::Error::from_raw_os_error(libc::ETIMEDOUT))
+    }
+
+    /// The next message from the server; a timeout leaves the connection out of step.
+    fn recv(&mut self) -> Result<Message, ClientError> {
+        match self.transport.recv() {
+            Ok(message) => Ok(message),
+            Err(RecvError::Stalled) => {
+                self.out_of_step = true;
+                Err(Self::timed_out())
+            }
+            Err(RecvError::Io(err)) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                self.out_of_step = true;
+                Err(Self::timed_out())
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     /// The server's VERSION reply (capabilities).
@@ -191,7 +233,18 @@ impl Client {
             flags: TYPE_COMMAND,
             error_no: 0,
         };
-        self.transport.send(header, payload, fds)?;
+        if self.out_of_step {
+            return Err(Self::timed_out());
+        }
+        if let Err(err) = self.transport.send(header, payload, fds) {
+            // Part of the message may have gone: nothing after it can be trusted.
+            self.out_of_step = true;
+            return Err(if err.kind() == std::io::ErrorKind::WouldBlock {
+                Self::timed_out()
+            } else {
+                err.into()
+            });
+        }
         Ok(id)
     }
 
@@ -206,7 +259,7 @@ impl Client {
                 header,
                 payload,
                 fds,
-            } = self.transport.recv()?;
+            } = self.recv()?;
             if header.kind() == TYPE_COMMAND {
                 self.serve_server_command(header, &payload)?;
                 continue;
@@ -304,16 +357,23 @@ impl Client {
             flags,
             error_no: errno as u32,
         };
-        match result {
+        let sent = match result {
             Ok(reply) => self
                 .transport
-                .send(reply_header(TYPE_REPLY, 0), &reply, &[])?,
+                .send(reply_header(TYPE_REPLY, 0), &reply, &[]),
             Err(errno) => {
                 self.transport
-                    .send(reply_header(TYPE_REPLY | FLAG_ERROR, errno), &[], &[])?
+                    .send(reply_header(TYPE_REPLY | FLAG_ERROR, errno), &[], &[])
             }
-        }
-        Ok(())
+        };
+        sent.map_err(|err| {
+            self.out_of_step = true;
+            if err.kind() == std::io::ErrorKind::WouldBlock {
+                Self::timed_out()
+            } else {
+                err.into()
+            }
+        })
     }
 
     fn serve_dma(&mut self, command: u16, payload: &[u8]) -> Result<Vec<u8>, i32> {
@@ -326,10 +386,13 @@ impl Client {
         let mapping = self
             .mappings
             .iter()
-            .find(|m| access.addr >= m.iova && end <= m.iova + m.size)
+            .find(|m| access.addr >= m.iova && m.iova.checked_add(m.size).is_some_and(|e| end <= e))
             .ok_or(libc::EFAULT)?;
         let fd = mapping.fd.as_ref().ok_or(libc::EFAULT)?;
-        let at = mapping.offset + (access.addr - mapping.iova);
+        let at = mapping
+            .offset
+            .checked_add(access.addr - mapping.iova)
+            .ok_or(libc::EFAULT)?;
         match command {
             cmd::DMA_WRITE => {
                 let data = &payload[DmaAccess::BYTES.min(payload.len())..];
@@ -364,7 +427,7 @@ impl Client {
         while wait_readable(self.transport.stream(), idle)? {
             let Message {
                 header, payload, ..
-            } = self.transport.recv()?;
+            } = self.recv()?;
             if header.kind() != TYPE_COMMAND {
                 return Err(ClientError::Protocol("a reply nobody asked for"));
             }
@@ -525,9 +588,11 @@ impl Client {
         self.region_write(region, offset, &value.to_le_bytes())
     }
 
-    /// DEVICE_RESET.
+    /// DEVICE_RESET: the device is RUNNING afterwards, with logging stopped.
     pub fn reset(&mut self) -> Result<(), ClientError> {
-        self.request(cmd::DEVICE_RESET, &[], &[]).map(|_| ())
+        self.request(cmd::DEVICE_RESET, &[], &[])?;
+        self.logging_page_size = None;
+        Ok(())
     }
 
     /// DEVICE_FEATURE with a raw feature payload (argsz, flags, data); returns the reply's.
@@ -567,6 +632,12 @@ impl Client {
         let reply = self.device_feature(&request)?;
         let chosen = dmalog::uapi::read_u64(&reply, FEATURE_HEADER_BYTES)
             .map_err(|_| ClientError::Protocol("short START reply"))?;
+        // Callers divide by it and shift by its log: only a power of two is a page size.
+        if !chosen.is_power_of_two() {
+            return Err(ClientError::Protocol(
+                "START reply: page size not a power of two",
+            ));
+        }
         self.logging_page_size = Some(chosen);
         Ok(chosen)
     }

@@ -1,12 +1,12 @@
 //! Harnesses shared by the `cargo fuzz` targets (`fuzz/`) and the deterministic replay in
-//! the default test run: the message decoders, and the server's dispatcher fed a byte
-//! stream over a socket pair.
+//! the default test run: the message decoders, the server's dispatcher fed a byte stream
+//! over a socket pair, and the client against a scripted hostile server.
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
-use dmalog_device::DmaEngine;
+use dmalog_device::{Device, DmaEngine, LvuSample};
 
 use crate::server::{Server, ServerConfig, TrackerKind};
 use crate::wire::*;
@@ -31,19 +31,47 @@ pub fn decode_everything(data: &[u8]) {
     }
 }
 
+/// Which emulated device a fuzzed server runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FuzzDevice {
+    /// dma-engine (SPEC 6.1).
+    DmaEngine,
+    /// lvu-sample (SPEC 6.2): a BAR0 timer, server-to-client DMA messages, migration data.
+    LvuSample,
+}
+
 /// Feeds `stream_bytes` to a fresh server (dma-engine, `tracker`) as if a client sent them,
 /// then closes the connection; returns the number of replies the server sent. The server
 /// must neither panic nor hang, whatever the bytes.
 pub fn dispatch_stream(stream_bytes: &[u8], tracker: TrackerKind) -> usize {
+    dispatch_stream_to(stream_bytes, tracker, FuzzDevice::DmaEngine)
+}
+
+/// As [`dispatch_stream`], with the device chosen. Server-to-client DMA messages the device
+/// sends (lvu-sample) are read like replies and never answered: the server must give up on
+/// them (the peer timeout, or the end of the stream) instead of waiting for ever.
+pub fn dispatch_stream_to(stream_bytes: &[u8], tracker: TrackerKind, device: FuzzDevice) -> usize {
     let (client, server_end) = UnixStream::pair().expect("socketpair");
     let config = ServerConfig {
         tracker,
         max_data_xfer_size: 64 << 10,
+        // A fuzzed stream never answers the device's DMA messages: give up quickly.
+        peer_timeout: std::time::Duration::from_millis(200),
         ..ServerConfig::default()
     };
     let server = std::thread::spawn(move || {
-        let mut server = Server::new(config, |space| Box::new(DmaEngine::new(space)));
-        server.serve(server_end);
+        let server = match device {
+            FuzzDevice::DmaEngine => Server::try_new(config, |space| {
+                Ok::<_, std::io::Error>(Box::new(DmaEngine::new(space)) as Box<dyn Device>)
+            }),
+            FuzzDevice::LvuSample => Server::try_new(config, |space| {
+                Ok::<_, std::io::Error>(Box::new(LvuSample::new(space)?) as Box<dyn Device>)
+            }),
+        };
+        // A device that cannot be created (no memfd) is not a finding of the fuzzer.
+        if let Ok(mut server) = server {
+            server.serve(server_end);
+        }
     });
     // Read replies concurrently so the server never blocks on a full socket buffer.
     let mut reader = client.try_clone().expect("clone");
@@ -87,4 +115,125 @@ pub fn with_version(body: &[u8]) -> Vec<u8> {
         error_no: 0,
     };
     [header.encode().as_slice(), &version, body].concat()
+}
+
+/// Runs a client against a fake server scripted by `script`, through every client call;
+/// nothing the server sends may panic the client or hang it (each wait is bounded by a
+/// read timeout). The server answers VERSION with `max_data_xfer_size` = the script's
+/// first 8 bytes, then each request with the next script entry: a mode byte, a u16 length
+/// and that many payload bytes. Mode % 4: 0 a reply with the payload, 1 an error reply
+/// (errno from the payload), 2 first a server DMA_READ (bit 2 clear) or DMA_WRITE (set)
+/// with the payload, then the reply, 3 a reply to another msg_id or command. Returns how
+/// many requests the fake server answered from the script.
+pub fn client_against_script(script: &[u8]) -> usize {
+    use std::os::fd::AsFd;
+
+    use dmalog::{DirtyTracker, IovaRange, MigrationDevice};
+
+    use crate::client::Client;
+    use crate::transport::Transport;
+
+    let (client_end, server_end) = UnixStream::pair().expect("socketpair");
+    let timeout = Some(std::time::Duration::from_secs(5));
+    client_end.set_read_timeout(timeout).expect("timeout");
+    server_end.set_read_timeout(timeout).expect("timeout");
+    let script = script.to_vec();
+    let server = std::thread::spawn(move || {
+        let mut transport = Transport::new(server_end, 1 << 20);
+        let xfer = script
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .unwrap_or(1 << 20);
+        let mut entries = script.get(8..).unwrap_or_default();
+        let mut answered = 0usize;
+        while let Ok(request) = transport.recv() {
+            let reply_to = |mut header: Header| {
+                header.flags = TYPE_REPLY;
+                header.msg_size = 0;
+                header
+            };
+            if request.header.cmd == cmd::VERSION {
+                let version = Version {
+                    major: 0,
+                    minor: 2,
+                    json: Some(serde_json::json!({"capabilities": {"max_data_xfer_size": xfer}})),
+                };
+                if transport
+                    .send(reply_to(request.header), &version.encode(), &[])
+                    .is_err()
+                {
+                    return answered;
+                }
+                continue;
+            }
+            let [mode, lo, hi, rest @ ..] = entries else {
+                return answered; // end of the script: hang up
+            };
+            let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(rest.len());
+            let (payload, tail) = rest.split_at(len);
+            entries = tail;
+            let mut header = reply_to(request.header);
+            match mode % 4 {
+                1 => {
+                    header.flags |= FLAG_ERROR;
+                    header.error_no = dmalog::uapi::read_u32(payload, 0).unwrap_or(0);
+                }
+                2 => {
+                    let command = Header {
+                        msg_id: 0x9000,
+                        cmd: if mode & 4 == 0 {
+                            cmd::DMA_READ
+                        } else {
+                            cmd::DMA_WRITE
+                        },
+                        msg_size: 0,
+                        flags: TYPE_COMMAND,
+                        error_no: 0,
+                    };
+                    if transport.send(command, payload, &[]).is_err() || transport.recv().is_err() {
+                        return answered;
+                    }
+                }
+                3 => header.msg_id = header.msg_id.wrapping_add(1 + u16::from(*mode >> 2)),
+                _ => {}
+            }
+            if transport.send(header, payload, &[]).is_err() {
+                return answered;
+            }
+            answered += 1;
+        }
+        answered
+    });
+    let memory =
+        rustix::fs::memfd_create("fuzz-guest", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
+    rustix::fs::ftruncate(&memory, 1 << 20).expect("ftruncate");
+    if let Ok(mut client) = Client::with_stream(client_end, 64 << 10) {
+        client
+            .set_reply_timeout(std::time::Duration::from_secs(5))
+            .expect("timeout");
+        let _ = client.device_info();
+        let _ = client.region_info(1);
+        let _ = client.irq_info(0);
+        let _ = client.dma_map(0, 1 << 20, Some(memory.as_fd()), 0, true);
+        let _ = client.dma_map_message_only(1 << 20, 1 << 20, memory.as_fd(), 0, true);
+        let _ = client.read_u64(0, 0);
+        let _ = client.write_u64(0, 8, 1);
+        let _ = client.probe();
+        if let Ok(range) = IovaRange::new(0, 2 << 20) {
+            let _ = client.start(&[range], 4096);
+        }
+        let mut bitmap = vec![0u64; 8];
+        let _ = client.report(0, 2 << 20, 4096, &mut bitmap);
+        let _ = client.stop();
+        let _ = client.migration_flags();
+        let _ = client.device_state();
+        let _ = client.set_device_state(dmalog::uapi::DeviceState::StopCopy);
+        let mut buf = vec![0u8; 4096];
+        let _ = client.read_migration_data(&mut buf);
+        let _ = client.write_migration_data(&[0u8; 300]);
+        let _ = client.serve_requests(std::time::Duration::ZERO);
+        let _ = client.dma_unmap(0, 1 << 20);
+        let _ = client.reset();
+    }
+    server.join().expect("the fake server panicked")
 }

@@ -233,8 +233,10 @@ impl ConnectionDma<'_> {
             if left.is_zero() {
                 return Err(timed_out());
             }
-            if matches!(wait_readable(self.transport.stream(), left), Ok(true)) {
-                break;
+            match wait_readable(self.transport.stream(), left) {
+                Ok(true) => break,
+                Ok(false) => {} // the deadline, or a signal: look again
+                Err(_) => return Err(DeviceError::Io("connection lost")),
             }
         }
         // The message has begun: the socket's read timeout (the peer timeout, set in
@@ -547,11 +549,12 @@ impl Server {
 
     fn disconnect(&mut self) {
         let _ = self.core.stop();
-        // A migration the client left half-way (a partial load, an unfinished STOP_COPY)
-        // must not strand the device for the next client.
-        self.machine.abort(self.device.as_mut());
         self.core.dma_unmapped_all();
         self.space.unmap_all();
+        // A migration the client left half-way (a partial load, an unfinished STOP_COPY)
+        // must not strand the device for the next client. After the unmap: a device that
+        // runs again must not reach the departed client's memory.
+        self.machine.abort(self.device.as_mut());
         for index in 0..self.device.num_irqs() {
             if let Some(info) = self.device.irq_info(index) {
                 let _ =
@@ -676,6 +679,9 @@ impl Server {
             writable: request.flags & DMA_FLAG_WRITE != 0,
             backing,
         };
+        // The log covers the range before any device thread can reach the mapping: a
+        // write landing in between would be marked on a log without it.
+        self.core.cover_before_map(range);
         self.space.map(region).map_err(|err| err.errno())?;
         self.core.dma_mapped(range);
         Reply::payload(Vec::new())
@@ -735,19 +741,25 @@ impl Server {
         };
         let full = RegionInfoWire::BYTES + caps.len();
         let room = request.argsz as usize >= full;
+        // A reply without room for the caps is only "ask again with argsz = full": it
+        // claims no CAPS (QEMU refuses CAPS with cap_offset 0, which is what the kernel
+        // sends) and no MMAP (its fd goes with the full answer only).
         let mut flags = info.flags;
-        if !caps.is_empty() {
+        let mut cap_offset = 0;
+        if !room {
+            flags &= !dmalog_device::device::REGION_MMAP;
+        } else if !caps.is_empty() {
             flags |= dmalog_device::device::REGION_CAPS;
+            cap_offset = RegionInfoWire::BYTES as u32;
+        }
+        if info.mmap_fd.is_none() {
+            flags &= !dmalog_device::device::REGION_MMAP; // MMAP means an fd comes with it
         }
         let reply = RegionInfoWire {
             argsz: full as u32,
             flags,
             index: request.index,
-            cap_offset: if caps.is_empty() || !room {
-                0
-            } else {
-                RegionInfoWire::BYTES as u32
-            },
+            cap_offset,
             size: info.size,
             offset: 0,
         };

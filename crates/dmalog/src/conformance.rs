@@ -71,7 +71,8 @@ pub trait ConformanceTarget {
     fn max_data_xfer_size(&self) -> u64;
 
     /// Whether mappings made after a "log all" START are tracked (soft: yes; hardware
-    /// trackers with fixed ranges: no).
+    /// trackers with fixed ranges: no, and one outside those ranges makes every REPORT
+    /// EIO until STOP and a new START).
     fn tracks_mappings_added_after_start(&self) -> bool {
         true
     }
@@ -98,7 +99,8 @@ impl<D: LogDriver> CoreTarget<D> {
         }
     }
 
-    /// Declares that mappings added after START are not tracked by this driver.
+    /// Declares that this driver's ranges are fixed at START: a mapping added after a "log
+    /// all" START outside them is not tracked, and REPORT fails with EIO instead.
     pub fn with_fixed_ranges(mut self) -> Self {
         self.added_after_start = false;
         self

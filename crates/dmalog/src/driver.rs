@@ -35,8 +35,10 @@ pub trait LogDriver: Send {
     }
 
     /// Adds a range while started in "log all DMA-mapped space" mode (a DMA mapping made
-    /// after START). Drivers whose ranges are fixed at START return an error; the core then
-    /// warns that the new mapping is not tracked.
+    /// after START). Drivers whose ranges are fixed at START return an error for a range they
+    /// do not already cover; the core then latches the log into error (every REPORT is EIO
+    /// until STOP and a new START). Must be idempotent: the core may ask again for a range
+    /// it asked for before.
     fn add_range(&mut self, range: IovaRange) -> LogResult<()> {
         let _ = range;
         Err(crate::error::LogError::Unsupported(

@@ -23,6 +23,7 @@ pub mod dirty_log;
 pub mod driver;
 pub mod error;
 pub mod iova_bitmap;
+mod log_index;
 pub mod logging_core;
 pub mod migration;
 pub mod mlx5;

@@ -173,6 +173,19 @@ impl<D: LogDriver> LoggingCore<D> {
     /// a log that misses this mapping's writes.
     pub fn dma_mapped(&mut self, range: IovaRange) {
         self.dma_mappings.insert(range.iova(), range.length());
+        self.cover_mapping(range);
+    }
+
+    /// Makes a started "log all mapped space" log cover `range` before a DMA mapping of it
+    /// becomes reachable by the device, so that no write into the new mapping is marked on
+    /// a log that lacks it (and lost). Call it before publishing the mapping to DMA threads,
+    /// then [`LoggingCore::dma_mapped`] once the mapping is in place; covering IOVA whose map
+    /// then fails only tracks a little more.
+    pub fn cover_before_map(&mut self, range: IovaRange) {
+        self.cover_mapping(range);
+    }
+
+    fn cover_mapping(&mut self, range: IovaRange) {
         let Some(started) = self.started.as_mut().filter(|s| s.log_all) else {
             return;
         };
@@ -480,7 +493,11 @@ impl<D: LogDriver> LoggingCore<D> {
                         limit: u64::from(self.max_ranges),
                     });
                 }
-                let mut requested = Vec::with_capacity(control.num_ranges as usize);
+                // Grown as ranges are read, not sized from num_ranges up front: a huge
+                // count whose ranges are not there faults on the first missing one.
+                let mut requested = Vec::with_capacity(
+                    (control.num_ranges as usize).min(DEFAULT_MAX_RANGES as usize),
+                );
                 let mut raw = [0u8; RANGE_BYTES];
                 for index in 0..u64::from(control.num_ranges) {
                     let addr = control

@@ -140,13 +140,12 @@ impl PdsDriver {
     }
 }
 
+/// A zeroed bitmap of `words` words from `alloc_zeroed`: the pages of a large one stay
+/// untouched (not resident) until the device marks them or a report reads them.
 fn zeroed(words: u64) -> LogResult<Box<[AtomicU64]>> {
     let words = usize::try_from(words).map_err(|_| LogError::OutOfMemory("pds bitmap"))?;
-    let mut out = Vec::new();
-    out.try_reserve_exact(words)
-        .map_err(|_| LogError::OutOfMemory("pds bitmap"))?;
-    out.extend((0..words).map(|_| AtomicU64::new(0)));
-    Ok(out.into_boxed_slice())
+    bytemuck::allocation::try_zeroed_slice_box(words)
+        .map_err(|()| LogError::OutOfMemory("pds bitmap"))
 }
 
 impl LogDriver for PdsDriver {

@@ -18,6 +18,7 @@ use crate::dirty_log::DirtyLog;
 use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::IovaBitmap;
+use crate::log_index::LogIndex;
 use crate::ranges::IovaRange;
 
 /// Smallest page size the soft tracker logs at.
@@ -26,117 +27,68 @@ pub const SOFT_MIN_PAGE_SIZE: u64 = 4096;
 pub const SOFT_MAX_PAGE_SIZE: u64 = 1 << 30;
 /// Default cap on the memory of one started log (the shared default budget).
 pub const SOFT_DEFAULT_MAX_LOG_BYTES: u64 = DEFAULT_MAX_LOG_BYTES;
-/// Bytes charged per log on top of its words: the [`DirtyLog`] and its `Arc`, its slots in
-/// the snapshot levels, and its entry in the driver's coverage map.
+/// Bytes charged per log on top of its words: the [`DirtyLog`] and its `Arc`, its entry in
+/// the snapshot's index, and its entry in the driver's coverage map.
 pub const SOFT_LOG_OVERHEAD_BYTES: u64 = 256;
 
-/// One level of a [`SoftLog`]: logs sorted by IOVA, disjoint.
-type Level = Arc<[Arc<DirtyLog>]>;
-
-/// The logs of one START, lock-free to mark and to read: disjoint logs kept in a few
-/// sorted levels whose sizes at least halve from one to the next (a binary counter), so a
-/// range added after START copies O(log n) log pointers amortised and a mark costs one
-/// binary search per level, O(log^2 n) at worst and O(log n) for the one level of a START
-/// without additions.
+/// The logs of one START, lock-free to mark and to read: disjoint logs in a
+/// B-tree index whose nodes are shared between snapshots (`log_index`), so a range added
+/// after START copies O(log n) nodes and a mark is one O(log n) descent.
 pub struct SoftLog {
-    levels: Vec<Level>,
+    index: LogIndex,
 }
 
 impl std::fmt::Debug for SoftLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SoftLog")
-            .field("levels", &self.levels.len())
             .field("logs", &self.log_count())
+            .field("depth", &self.index.depth())
             .finish()
     }
 }
 
 impl SoftLog {
-    /// A log over fixed ranges: sorted by IOVA and disjoint.
+    /// A log over fixed ranges: sorted by IOVA and disjoint (see [`page_spans`]).
     pub(crate) fn fixed(ranges: Vec<DirtyLog>) -> SoftLog {
-        let level: Vec<Arc<DirtyLog>> = ranges.into_iter().map(Arc::new).collect();
         SoftLog {
-            levels: if level.is_empty() {
-                Vec::new()
-            } else {
-                vec![level.into()]
-            },
+            index: LogIndex::from_sorted(ranges.into_iter().map(Arc::new)),
         }
     }
 
-    /// This log plus `added` (sorted, disjoint from each other and from every log here):
-    /// the existing logs are shared, not copied.
+    /// This log plus `added` (disjoint from each other and from every log here): the
+    /// existing logs are shared, not copied.
     fn with_added(&self, added: Vec<Arc<DirtyLog>>) -> SoftLog {
-        let mut levels = self.levels.clone();
-        let mut top = added;
-        while let Some(last) = levels.last() {
-            if last.len() > top.len() {
-                break;
-            }
-            top = merge_sorted(last, &top);
-            levels.pop();
+        let mut index = self.index.clone();
+        for log in added {
+            index = index.with(log);
         }
-        if !top.is_empty() {
-            levels.push(top.into());
-        }
-        SoftLog { levels }
+        SoftLog { index }
     }
 
     /// Logs in this snapshot.
     pub fn log_count(&self) -> usize {
-        self.levels.iter().map(|level| level.len()).sum()
+        self.index.len()
     }
 
     /// Clears the dirty pages of `[iova, iova+length)` and calls `page` with each one's
-    /// IOVA (log by log, increasing within a log; increasing overall for a log without
-    /// ranges added after START).
+    /// IOVA (log by log, in increasing IOVA).
     pub fn drain_pages(&self, iova: u64, length: u64, mut page: impl FnMut(u64)) {
-        self.for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
-    }
-
-    /// Calls `f` on every log overlapping `[iova, iova+len)`.
-    #[inline]
-    fn for_each_overlapping(&self, iova: u64, len: u64, mut f: impl FnMut(&DirtyLog)) {
-        let end = iova.saturating_add(len);
-        for level in &self.levels {
-            let first = level.partition_point(|log| log.base_iova() + log.length() <= iova);
-            for log in &level[first..] {
-                if log.base_iova() >= end {
-                    break;
-                }
-                f(log);
-            }
-        }
+        self.index
+            .for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
     }
 
     /// Reports and clears `[iova, iova+length)` from every range it overlaps.
     pub fn read_and_clear(&self, iova: u64, length: u64, bitmap: &mut IovaBitmap<'_>) {
-        self.for_each_overlapping(iova, length, |log| log.read_and_clear(iova, length, bitmap));
+        self.index
+            .for_each_overlapping(iova, length, |log| log.read_and_clear(iova, length, bitmap));
     }
-}
-
-/// Two sorted, disjoint runs of logs merged into one.
-fn merge_sorted(a: &[Arc<DirtyLog>], b: &[Arc<DirtyLog>]) -> Vec<Arc<DirtyLog>> {
-    let mut out = Vec::with_capacity(a.len() + b.len());
-    let (mut i, mut j) = (0, 0);
-    while i < a.len() && j < b.len() {
-        if a[i].base_iova() < b[j].base_iova() {
-            out.push(Arc::clone(&a[i]));
-            i += 1;
-        } else {
-            out.push(Arc::clone(&b[j]));
-            j += 1;
-        }
-    }
-    out.extend(a[i..].iter().cloned());
-    out.extend(b[j..].iter().cloned());
-    out
 }
 
 impl DirtyMarker for SoftLog {
     #[inline]
     fn mark(&self, iova: u64, len: u64) {
-        self.for_each_overlapping(iova, len, |log| log.mark(iova, len));
+        self.index
+            .for_each_overlapping(iova, len, |log| log.mark(iova, len));
     }
 }
 
@@ -276,6 +228,23 @@ fn page_span(range: IovaRange, page_size: u64) -> LogResult<(u64, u64)> {
     Ok((range.iova() & !mask, end))
 }
 
+/// Sorted, disjoint `ranges` rounded out to whole pages of `page_size`, those that then
+/// share a page joined: the spans of disjoint logs (what [`SoftLog`] requires).
+pub(crate) fn page_spans(ranges: &[IovaRange], page_size: u64) -> LogResult<Vec<(u64, u64)>> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    spans
+        .try_reserve_exact(ranges.len())
+        .map_err(|_| LogError::OutOfMemory("log ranges"))?;
+    for range in ranges {
+        let (start, end) = page_span(*range, page_size)?;
+        match spans.last_mut() {
+            Some(last) if start < last.1 => last.1 = last.1.max(end),
+            _ => spans.push((start, end)),
+        }
+    }
+    Ok(spans)
+}
+
 impl LogDriver for SoftDriver {
     fn start(&mut self, ranges: &[IovaRange], page_size: &mut u64) -> LogResult<()> {
         if self.log.is_some() {
@@ -285,15 +254,7 @@ impl LogDriver for SoftDriver {
             .clamp(SOFT_MIN_PAGE_SIZE, SOFT_MAX_PAGE_SIZE)
             .next_power_of_two();
         self.reset();
-        // Ranges aligned to a smaller hint may share a page of the chosen size: one log.
-        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-        for range in ranges {
-            let (start, end) = page_span(*range, chosen)?;
-            match spans.last_mut() {
-                Some(last) if start < last.1 => last.1 = last.1.max(end),
-                _ => spans.push((start, end)),
-            }
-        }
+        let spans = page_spans(ranges, chosen)?;
         self.charge_logs(&spans, chosen)?;
         let mut logs = Vec::new();
         if logs.try_reserve_exact(spans.len()).is_err() {
@@ -378,7 +339,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn levels_stay_logarithmic_and_disjoint() {
+    fn added_ranges_keep_the_index_shallow_and_fill_only_gaps() {
         let mut driver = SoftDriver::new();
         let mut page = 4096;
         driver.start(&[], &mut page).unwrap();
@@ -389,17 +350,65 @@ mod tests {
         }
         let log = driver.log().unwrap();
         assert_eq!(log.log_count(), 1000);
-        assert!(log.levels.len() <= 11, "{} levels", log.levels.len());
-        for level in &log.levels {
-            assert!(level
-                .windows(2)
-                .all(|w| w[0].base_iova() + w[0].length() <= w[1].base_iova()));
-        }
+        assert!(log.index.depth() <= 4, "depth {}", log.index.depth());
         // One log covering the gaps between three earlier ones adds only the gaps.
         driver
             .add_range(IovaRange::new(0, 3 << 20).unwrap())
             .unwrap();
         assert_eq!(driver.log().unwrap().log_count(), 1003);
         assert_eq!(driver.covered.range(..(3 << 20)).count(), 1, "joined");
+    }
+
+    proptest::proptest! {
+        /// Ranges added in any order and overlap, writes anywhere: a report shows exactly
+        /// the written pages that some added range covers.
+        #[test]
+        fn added_ranges_report_like_a_model(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0u64..256, 1u64..12), 1..120)
+        ) {
+            const P: u64 = 4096;
+            let mut driver = SoftDriver::new();
+            let mut dma = driver.recorder();
+            let mut page = P;
+            driver.start(&[], &mut page).unwrap();
+            let mut covered = [false; 270];
+            let mut written = [false; 270];
+            for (is_map, first, pages) in ops {
+                if is_map {
+                    driver.add_range(IovaRange::new(first * P, pages * P).unwrap()).unwrap();
+                    covered[first as usize..(first + pages) as usize].fill(true);
+                } else {
+                    dma.record_write(first * P + 7, pages * P - 7);
+                    for k in first..first + pages {
+                        written[k as usize] |= covered[k as usize];
+                    }
+                }
+            }
+            let mut bytes = [0u8; 34];
+            let mut bitmap = IovaBitmap::new(0, 270 * P, P, &mut bytes).unwrap();
+            driver.read_and_clear(0, 270 * P, &mut bitmap).unwrap();
+            for k in 0..270 {
+                proptest::prop_assert_eq!(bytes[k / 8] >> (k % 8) & 1 == 1, written[k], "page {}", k);
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_sharing_a_chosen_page_get_one_log() {
+        let mut driver = SoftDriver::new();
+        let mut dma = driver.recorder();
+        let r = |iova, length| IovaRange::new(iova, length).unwrap();
+        let mut page = 512;
+        driver
+            .start(&[r(0, 512), r(1024, 512), r(8192, 4096)], &mut page)
+            .unwrap();
+        assert_eq!(page, 4096);
+        assert_eq!(driver.log().unwrap().log_count(), 2);
+        dma.record_write(1100, 1);
+        dma.record_write(8192 + 5, 1);
+        let mut bytes = [0u8; 1];
+        let mut bitmap = IovaBitmap::new(0, 3 * 4096, 4096, &mut bytes).unwrap();
+        driver.read_and_clear(0, 3 * 4096, &mut bitmap).unwrap();
+        assert_eq!(bytes[0], 0b101);
     }
 }

@@ -126,7 +126,9 @@ fn fixed_range_case<D: LogDriver>(mut core: LoggingCore<D>, mut dma: WriteRecord
     dma.record_write((1 << 20) + 5 * PAGE, 1);
     assert_eq!(report(&mut core, 1 << 20, 1 << 20), Ok(vec![5]));
     // Outside: the log is latched into error, every REPORT is EIO.
+    assert!(!core.is_untracked_mapping_latched());
     core.dma_mapped(range(8 << 20, 1 << 20));
+    assert!(core.is_untracked_mapping_latched());
     dma.record_write(8 << 20, 1);
     assert_eq!(report(&mut core, 8 << 20, 1 << 20), Err(libc::EIO));
     assert_eq!(
@@ -138,6 +140,7 @@ fn fixed_range_case<D: LogDriver>(mut core: LoggingCore<D>, mut dma: WriteRecord
     // STOP and a new START (which now covers the new mapping) clear it.
     core.stop().unwrap();
     assert_eq!(core.start(USER, PAGE, &[]), Ok(PAGE));
+    assert!(!core.is_untracked_mapping_latched());
     dma.record_write((8 << 20) + PAGE, 1);
     assert_eq!(report(&mut core, 8 << 20, 1 << 20), Ok(vec![1]));
 }
@@ -184,4 +187,26 @@ fn soft_added_ranges_beyond_the_budget_latch_eio() {
         Ok(vec![0]),
         "a fresh START works"
     );
+}
+
+#[test]
+fn log_all_start_covers_exactly_the_current_mappings() {
+    let (mut core, mut dma) = soft();
+    core.dma_mapped(range(0, 4 * PAGE));
+    core.dma_mapped(range(1 << 20, 4 * PAGE));
+    core.dma_mapped(range(2 << 20, 4 * PAGE));
+    core.dma_unmapped(range(1 << 20, 4 * PAGE));
+    core.dma_unmapped(range(0, 2 * PAGE)); // not a mapping as made: nothing happens
+    core.start(USER, PAGE, &[]).unwrap();
+    assert_eq!(core.driver().unwrap().log().unwrap().log_count(), 2);
+    for iova in [PAGE, (1 << 20) + PAGE, (2 << 20) + PAGE] {
+        dma.record_write(iova, 1);
+    }
+    assert_eq!(report(&mut core, 0, 4 * PAGE), Ok(vec![1]));
+    assert_eq!(report(&mut core, 1 << 20, 4 * PAGE), Ok(vec![]), "unmapped");
+    assert_eq!(report(&mut core, 2 << 20, 4 * PAGE), Ok(vec![1]));
+    core.stop().unwrap();
+    core.dma_unmapped_all();
+    core.start(USER, PAGE, &[]).unwrap();
+    assert_eq!(core.driver().unwrap().log().unwrap().log_count(), 0);
 }
