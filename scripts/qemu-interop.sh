@@ -9,15 +9,17 @@
 #   3. A Linux guest boots with both devices (TCG, 1 vCPU). Its /init
 #      (scripts/qemu-guest/init) finds the dma-engine in sysfs, programs BAR0 to FILL a
 #      buffer in guest RAM above `mem=`, reads the pattern back with devmem, COPYs part of
-#      it, and checks EFAULT for an unmapped IOVA; for lvu-sample it checks the IDs and
-#      reads back BAR1 through its mmapped and trapped pages. The DMA works only because
-#      QEMU's DMA_MAPs carry the memfd of guest RAM: the script also checks that dmalog
-#      maps that memfd, and that QEMU maps lvu-sample's BAR1 from dmalog's memfd.
-#      The guest prints a PASS/FAIL line on the serial console; this script exits 0 only
-#      on PASS with every device realized.
+#      it, and checks EFAULT for an unmapped IOVA. For lvu-sample it checks the IDs, reads
+#      back BAR1 through its mmapped and trapped pages, and fires the device's timer: its
+#      DMA_WRITE messages, which QEMU serves, must land in guest page 0. The dma-engine's
+#      DMA works only because QEMU's DMA_MAPs carry the memfd of guest RAM: the script
+#      checks that dmalog maps that memfd, and that QEMU maps lvu-sample's BAR1 from
+#      dmalog's memfd. The guest prints a PASS/FAIL line on the serial console; this
+#      script exits 0 only on PASS with every device realized.
 #
 # Phases are timed. Delete target/qemu-chroot to rebuild the chroot (e.g. for a newer
 # QEMU in trixie-backports).
+#
 # Needs root (debootstrap, chroot, mount namespaces) and network access to deb.debian.org
 # on the first run. Environment:
 #   DMALOG_QEMU_MIRROR   Debian mirror (default http://deb.debian.org/debian)
@@ -120,9 +122,24 @@ phase_done "cargo build"
 rm -rf "$run_dir"
 mkdir -p "$run_dir"
 serve_pids=()
+qemu_pid=
+# Prints the pids of the processes below $1, each before its own children.
+descendants() {
+    local pid
+    # shellcheck disable=SC2013 # children holds space-separated pids
+    for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        echo "$pid"
+        descendants "$pid"
+    done
+}
+# Ends what this script started, by pid: the servers and, if interrupted mid-boot, the
+# QEMU process tree.
 # shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
     local pid
+    if [ -n "$qemu_pid" ]; then
+        for pid in $(descendants "$qemu_pid") "$qemu_pid"; do kill "$pid" 2>/dev/null || true; done
+    fi
     for pid in "${serve_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
@@ -208,14 +225,6 @@ in_chroot timeout "$boot_timeout_secs" "${qemu_common[@]}" "${dev_args[@]}" \
     -append "console=ttyS0 mem=384M panic=-1 quiet dmalog.devices=$(IFS=,; echo "${guest_devices[*]}")" \
     -serial "file:/$run_rel/console.log" -no-reboot </dev/null >"$run_dir/qemu-boot.log" 2>&1 &
 qemu_pid=$!
-descendants() {
-    local pid
-    # shellcheck disable=SC2013 # children holds space-separated pids
-    for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
-        echo "$pid"
-        descendants "$pid"
-    done
-}
 # Evidence that the DMA went through QEMU's fds: while the guest runs, the dma-engine
 # server (the first one started) must have guest RAM's memfd mapped.
 engine_maps="/proc/${serve_pids[0]}/maps"
@@ -242,6 +251,7 @@ while kill -0 "$qemu_pid" 2>/dev/null; do
 done
 qemu_status=0
 wait "$qemu_pid" || qemu_status=$?
+qemu_pid=
 [ "$qemu_status" = 0 ] || say "qemu exited with status $qemu_status (see $run_dir/qemu-boot.log)"
 stop_servers
 phase_done "guest boot"
