@@ -35,6 +35,9 @@ fn guest_writes(c: &mut Criterion) {
         group.bench_function("vm_memory_atomic_bitmap", |b| {
             b.iter_custom(|n| timed_run(n, &mut w, |w| w.reset(), |w| w.vm_memory()))
         });
+        group.bench_function("no_bitmap", |b| {
+            b.iter_custom(|n| timed_run(n, &mut w, |w| w.reset(), |w| w.plain()))
+        });
         group.bench_function("dmalog_bitmap", |b| {
             b.iter_custom(|n| timed_run(n, &mut w, |w| w.reset(), |w| w.ours()))
         });

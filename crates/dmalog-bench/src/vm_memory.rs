@@ -8,7 +8,9 @@ use dmalog::tracker::report_words;
 use dmalog::{DirtyTracker, IovaRange};
 use dmalog_vm_memory::{DirtyRegions, LoggedGuestMemory, VmMemoryTracker};
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, MmapRegion};
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MmapRegion,
+};
 
 use crate::workloads::next_random;
 
@@ -80,6 +82,8 @@ pub struct GuestWrites {
     pub write_bytes: usize,
     /// The memories.
     pub pair: GuestPair,
+    /// The same layout without a bitmap: the copy alone, the floor of any bitmap.
+    pub plain: GuestMemoryMmap<()>,
     data: Vec<u8>,
     offsets: Vec<u64>,
     cursor: usize,
@@ -95,8 +99,19 @@ impl GuestWrites {
         let offsets = (0..1 << 16)
             .map(|_| (next_random(&mut rng) % ((span - write_bytes as u64) / align)) * align)
             .collect();
+        let plain = GuestMemoryMmap::<()>::from_ranges(
+            &pair
+                .vm_memory
+                .iter()
+                .map(|region| (region.start_addr(), region.len() as usize))
+                .collect::<Vec<_>>(),
+        )
+        .expect("plain guest memory");
         let chunk = vec![0u8; 1 << 20];
         for at in (0..span).step_by(chunk.len()) {
+            plain
+                .write_slice(&chunk, GuestAddress(at))
+                .expect("fault in");
             pair.vm_memory
                 .write_slice(&chunk, GuestAddress(at))
                 .expect("fault in");
@@ -107,6 +122,7 @@ impl GuestWrites {
         let mut w = GuestWrites {
             write_bytes,
             pair,
+            plain,
             data: vec![0x5a; write_bytes],
             offsets,
             cursor: 0,
@@ -136,6 +152,13 @@ impl GuestWrites {
             .vm_memory
             .write_slice(&self.data, at)
             .expect("write");
+    }
+
+    /// One write into `GuestMemoryMmap<()>` (no bitmap).
+    #[inline]
+    pub fn plain(&mut self) {
+        let at = self.next_offset();
+        self.plain.write_slice(&self.data, at).expect("write");
     }
 
     /// One write into `GuestMemoryMmap<DmalogBitmap>`.
@@ -217,6 +240,21 @@ pub(crate) fn quick_rows(rows: &mut Vec<crate::Row>, progress: &mut dyn FnMut(&s
             "GuestMemoryMmap<AtomicBitmap>",
             theirs,
             Target::Faster(target),
+        ));
+        let (ours, plain) = paired_median_ns(
+            batches,
+            ops,
+            &mut w,
+            |w| w.reset(),
+            |w| w.ours(),
+            |w| w.plain(),
+        );
+        rows.push(crate::Row::new(
+            &format!("guest write_slice {label}, random, 256 MiB, DmalogBitmap"),
+            ours,
+            "GuestMemoryMmap<()> (the copy alone)",
+            plain,
+            Target::None,
         ));
     }
 
