@@ -36,7 +36,7 @@ pub struct Row {
 
 /// What a row must show.
 #[derive(Debug, Clone, Copy)]
-enum Target {
+pub(crate) enum Target {
     /// Informational: no target.
     None,
     /// Ours at least this many times faster than the baseline.
@@ -46,7 +46,7 @@ enum Target {
 }
 
 impl Row {
-    fn new(
+    pub(crate) fn new(
         measurement: &str,
         ours_ns: f64,
         baseline: &str,
@@ -104,6 +104,45 @@ pub fn best_ns<S>(
         .collect();
     samples.sort_by(|a, b| a.total_cmp(b));
     samples[0]
+}
+
+/// Nanoseconds per op of `a` and of `b`: the medians of `batches` batches of `ops` calls
+/// each, the batches of `a` and `b` interleaved (each after an untimed `prepare`), so a slow
+/// spell of a shared machine falls on both sides and one outlier moves neither median. For
+/// rows whose met / missed must not flip from run to run.
+pub fn paired_median_ns<S>(
+    batches: usize,
+    ops: u64,
+    state: &mut S,
+    mut prepare: impl FnMut(&mut S),
+    mut a: impl FnMut(&mut S),
+    mut b: impl FnMut(&mut S),
+) -> (f64, f64) {
+    let mut time = |state: &mut S, op: &mut dyn FnMut(&mut S)| {
+        prepare(state);
+        let start = Instant::now();
+        for _ in 0..ops {
+            op(state);
+        }
+        start.elapsed().as_nanos() as f64 / ops as f64
+    };
+    let (mut a_ns, mut b_ns) = (Vec::with_capacity(batches), Vec::with_capacity(batches));
+    for batch in 0..batches {
+        // Alternate which side goes first, so neither always runs on a warmer cache.
+        if batch % 2 == 0 {
+            a_ns.push(time(state, &mut a));
+            b_ns.push(time(state, &mut b));
+        } else {
+            b_ns.push(time(state, &mut b));
+            a_ns.push(time(state, &mut a));
+        }
+    }
+    (median(&mut a_ns), median(&mut b_ns))
+}
+
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(|x, y| x.total_cmp(y));
+    samples[samples.len() / 2]
 }
 
 /// Marking writes of `write_bytes` at random page-aligned offsets in 1 GiB, on every log.
@@ -424,71 +463,90 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     let mut rows = Vec::new();
     let batches = 11;
 
+    // The mark rows measure what a DMA write costs: `record_write`, its SeqCst fence
+    // included (the load-first mark needs StoreLoad ordering after the data, so one fence
+    // per write is the floor on x86). Medians of interleaved batches keep met / missed
+    // stable from run to run on a shared machine.
+    let mark_batches = 21;
     progress("mark 64 KiB writes at random offsets in 1 GiB");
     let mut w = MarkRandom::new(64 * KIB);
     let ops = 1 << 16;
+    let (fenced, vmm) = paired_median_ns(
+        mark_batches,
+        ops,
+        &mut w,
+        |_| {},
+        |w| w.ours_record_write(),
+        |w| w.vm_memory(),
+    );
     let ours = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
-    let fenced = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours_record_write());
-    let vmm = best_ns(batches, ops, &mut w, |_| {}, |w| w.vm_memory());
     let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
     let naive = best_ns(batches, ops, &mut w, |_| {}, |w| w.naive());
     rows.push(Row::new(
-        "mark 64 KiB (16 pages), random, 1 GiB",
+        "record_write 64 KiB (16 pages, fence + mark), random, 1 GiB",
+        fenced,
+        "vm-memory set_addr_range",
+        vmm,
+        Target::Faster(4.0),
+    ));
+    rows.push(Row::new(
+        "mark 64 KiB (no fence), random, 1 GiB",
         ours,
         "vm-memory set_addr_range",
         vmm,
-        Target::Faster(30.0),
+        Target::None,
     ));
     rows.push(Row::new(
-        "mark 64 KiB (16 pages), random, 1 GiB",
+        "mark 64 KiB (no fence), random, 1 GiB",
         ours,
         "byte-atomic (libvfio-user)",
         bytes,
         Target::None,
     ));
     rows.push(Row::new(
-        "mark 64 KiB (16 pages), random, 1 GiB",
+        "mark 64 KiB (no fence), random, 1 GiB",
         ours,
         "per-bit loop",
         naive,
         Target::None,
     ));
+
+    progress("mark single 4 KiB pages at random offsets in 1 GiB");
+    let mut w = MarkRandom::new(PAGE);
+    let (fenced, vmm) = paired_median_ns(
+        mark_batches,
+        ops,
+        &mut w,
+        |_| {},
+        |w| w.ours_record_write(),
+        |w| w.vm_memory(),
+    );
+    let ours = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
+    let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
     rows.push(Row::new(
-        "record_write 64 KiB (fence + mark)",
+        "record_write 4 KiB (1 page, fence + mark), random, 1 GiB",
         fenced,
+        "vm-memory set_addr_range",
+        vmm,
+        Target::Faster(1.0),
+    ));
+    rows.push(Row::new(
+        "mark 4 KiB (no fence), random, 1 GiB",
+        ours,
         "vm-memory set_addr_range",
         vmm,
         Target::None,
     ));
-
-    progress("mark single 4 KiB pages at random offsets in 1 GiB");
-    let mut w = MarkRandom::new(PAGE);
-    let ours = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
-    let fenced = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours_record_write());
-    let vmm = best_ns(batches, ops, &mut w, |_| {}, |w| w.vm_memory());
-    let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
     rows.push(Row::new(
-        "mark 4 KiB (1 page), random, 1 GiB",
-        ours,
-        "vm-memory set_addr_range",
-        vmm,
-        Target::Faster(3.0),
-    ));
-    rows.push(Row::new(
-        "mark 4 KiB (1 page), random, 1 GiB",
+        "mark 4 KiB (no fence), random, 1 GiB",
         ours,
         "byte-atomic (libvfio-user)",
         bytes,
         Target::None,
     ));
-    rows.push(Row::new(
-        "record_write 4 KiB (fence + mark)",
-        fenced,
-        "vm-memory set_addr_range",
-        vmm,
-        Target::None,
-    ));
     drop(w);
+
+    crate::vm_memory::quick_rows(&mut rows, &mut progress);
 
     progress("sparse report: 1 TiB at 4 KiB, 1000 dirty pages");
     let mut w = SparseReport::new(1000);
