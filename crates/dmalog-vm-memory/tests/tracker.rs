@@ -256,3 +256,49 @@ fn concurrent_writers_lose_no_page() {
         "each page reported exactly once"
     );
 }
+
+/// Requests at the top of the address space: refused or reported, never a panic or an
+/// overflow.
+#[test]
+fn requests_at_the_top_of_the_address_space() {
+    // A 1 MiB region ending 64 KiB below 2^64.
+    let top = u64::MAX - (1 << 20) + 1 - (64 << 10);
+    let regions = DirtyRegions::new(PAGE).unwrap();
+    let memory = regions
+        .guest_memory(&[(GuestAddress(top), 1 << 20, None)])
+        .unwrap();
+    let range = IovaRange::new(top, 1 << 20).unwrap();
+    let mut tracker = regions.tracker();
+    tracker.start(&[range], PAGE).unwrap();
+    memory
+        .write_obj(1u8, GuestAddress(top + (1 << 20) - 1))
+        .unwrap();
+    let mut words = [0u64; 4];
+    tracker.report(top, 1 << 20, PAGE, &mut words).unwrap();
+    assert_eq!(words[3], 1 << 63, "the last page");
+    let err = tracker
+        .report(u64::MAX - PAGE + 1, 2 * PAGE, PAGE, &mut words)
+        .unwrap_err();
+    assert_eq!(err.errno(), libc::EOVERFLOW);
+    tracker.stop().unwrap();
+    // A 64 KiB tracker page at the top: whole tracker pages, no overflow.
+    let page = tracker.start(&[range], 64 << 10).unwrap();
+    assert_eq!(page, 64 << 10);
+    memory
+        .write_obj(1u8, GuestAddress(top + (1 << 20) - 1))
+        .unwrap();
+    let mut words = [0u64; 4];
+    tracker.report(top, 1 << 20, PAGE, &mut words).unwrap();
+    assert_eq!(words[3], 0xffff << 48, "the last 64 KiB");
+
+    // Log pages of 64 KiB, a 4 KiB hint for the last 4 KiB page below 2^64: aligned out to
+    // the 64 KiB the driver chooses, the range would pass 2^64. Refused, and still stopped.
+    let coarse = DirtyRegions::new(64 << 10).unwrap();
+    let mut tracker = coarse.tracker();
+    let last = IovaRange::new(u64::MAX - 2 * PAGE + 1, PAGE).unwrap();
+    let err = tracker.start(&[last], PAGE).unwrap_err();
+    assert_eq!(err.errno(), libc::EOVERFLOW, "{err}");
+    tracker
+        .start(&[IovaRange::new(0, 1 << 20).unwrap()], PAGE)
+        .unwrap();
+}
