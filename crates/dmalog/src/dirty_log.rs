@@ -796,6 +796,25 @@ mod tests {
     }
 
     #[test]
+    fn an_already_dirty_mark_repairs_a_missing_summary_bit() {
+        // Another writer is between W1 and W2: its bit is in the word, the summary not set
+        // yet. A mark of that page returns only once a report would find it.
+        let log = DirtyLog::new(0, 1 << 20, 4096).unwrap();
+        log.words[1].fetch_or(1 << 5, Ordering::Relaxed);
+        let (_, summary_rmws) = rmws();
+        log.mark((64 + 5) * 4096, 1);
+        assert_eq!(rmws().1, summary_rmws + 1, "one summary RMW, no word RMW");
+        assert_eq!(report(&log, 0, 1 << 20, 4096), vec![64 + 5]);
+        // With the summary already set, an already-dirty mark issues no RMW at all.
+        log.words[1].fetch_or(1 << 5, Ordering::Relaxed);
+        log.summary[0].fetch_or(1 << 1, Ordering::Relaxed);
+        let before = rmws();
+        log.mark((64 + 5) * 4096, 1);
+        assert_eq!(rmws(), before);
+        assert_eq!(report(&log, 0, 1 << 20, 4096), vec![64 + 5]);
+    }
+
+    #[test]
     fn the_sole_reporter_clears_all_ones_words_without_rmw() {
         let report_rmws = || rmw_count::REPORT_WORD.with(|c| c.get());
         let log = DirtyLog::new(0, 64 << 20, 4096).unwrap();
