@@ -95,6 +95,7 @@ mod rmw_count {
         pub static WORD: Cell<u64> = const { Cell::new(0) };
         pub static SUMMARY: Cell<u64> = const { Cell::new(0) };
         pub static REPORT_WORD: Cell<u64> = const { Cell::new(0) };
+        pub static REPORT_SUMMARY: Cell<u64> = const { Cell::new(0) };
     }
 }
 
@@ -108,6 +109,12 @@ fn counted_word_rmw() {
 fn counted_report_word_rmw() {
     #[cfg(all(test, not(loom)))]
     rmw_count::REPORT_WORD.with(|c| c.set(c.get() + 1));
+}
+
+#[inline(always)]
+fn counted_report_summary_rmw() {
+    #[cfg(all(test, not(loom)))]
+    rmw_count::REPORT_SUMMARY.with(|c| c.set(c.get() + 1));
 }
 
 #[inline(always)]
@@ -442,6 +449,7 @@ impl DirtyLog {
             if summary.load(Ordering::Relaxed) & summary_mask == 0 {
                 continue;
             }
+            counted_report_summary_rmw();
             let mut flagged = summary.fetch_and(!summary_mask, Ordering::AcqRel) & summary_mask; // R1
             if group_first_word > first_word && group_last_word < last_word {
                 // Interior group: only whole words.
@@ -793,6 +801,63 @@ mod tests {
         let (w1, s1) = rmws();
         log.mark(60 * 4096, 200 * 4096);
         assert_eq!(rmws(), (w1, s1));
+    }
+
+    #[test]
+    fn an_already_dirty_mark_repairs_a_missing_summary_bit() {
+        // Another writer is between W1 and W2: its bit is in the word, the summary not set
+        // yet. A mark of that page returns only once a report would find it.
+        let log = DirtyLog::new(0, 1 << 20, 4096).unwrap();
+        log.words[1].fetch_or(1 << 5, Ordering::Relaxed);
+        let (_, summary_rmws) = rmws();
+        log.mark((64 + 5) * 4096, 1);
+        assert_eq!(rmws().1, summary_rmws + 1, "one summary RMW, no word RMW");
+        assert_eq!(report(&log, 0, 1 << 20, 4096), vec![64 + 5]);
+        // With the summary already set, an already-dirty mark issues no RMW at all.
+        log.words[1].fetch_or(1 << 5, Ordering::Relaxed);
+        log.summary[0].fetch_or(1 << 1, Ordering::Relaxed);
+        let before = rmws();
+        log.mark((64 + 5) * 4096, 1);
+        assert_eq!(rmws(), before);
+        assert_eq!(report(&log, 0, 1 << 20, 4096), vec![64 + 5]);
+    }
+
+    #[test]
+    fn a_clean_group_costs_a_report_no_rmw() {
+        let summary_rmws = || rmw_count::REPORT_SUMMARY.with(|c| c.get());
+        let log = DirtyLog::new(0, 64 << 20, 4096).unwrap();
+        let before = summary_rmws();
+        assert!(report(&log, 0, 64 << 20, 4096).is_empty());
+        assert_eq!(summary_rmws(), before, "a clean log: summary loads only");
+        log.mark(20 << 20, 1);
+        assert_eq!(report(&log, 0, 64 << 20, 4096), vec![5120]);
+        assert_eq!(
+            summary_rmws(),
+            before + 1,
+            "one R1, for the dirty group only"
+        );
+    }
+
+    #[test]
+    fn edge_groups_take_only_the_reported_pages_of_their_edge_words() {
+        // Three groups of 64 words (12288 pages). The report [1, 12287) starts inside word 0
+        // (the first word of group 0) and ends inside word 191 (the last of group 2): those
+        // groups are edges, not interior, and must leave pages 0 and 12287.
+        let log = DirtyLog::new(0, 12288 * 4096, 4096).unwrap();
+        for page in [0, 1, 4099, 12286, 12287] {
+            log.mark(page * 4096, 1);
+        }
+        assert_eq!(report(&log, 4096, 12286 * 4096, 4096), vec![0, 4098, 12285]);
+        assert_eq!(report(&log, 0, 12288 * 4096, 4096), vec![0, 12287]);
+        // The same at word-aligned edges inside the edge groups (the Words conversion).
+        for page in [0, 64, 4099, 12223, 12287] {
+            log.mark(page * 4096, 1);
+        }
+        assert_eq!(
+            report(&log, 64 * 4096, 12160 * 4096, 4096),
+            vec![0, 4035, 12159]
+        );
+        assert_eq!(report(&log, 0, 12288 * 4096, 4096), vec![0, 12287]);
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! loom model of the mark / read_and_clear protocol (DESIGN invariant 1).
 //!
 //! Opt-in: `RUSTFLAGS="--cfg loom" cargo test -p dmalog --test loom_dirty_log --release`.
-//! `LOOM_MAX_PREEMPTIONS` bounds the search (the CI short run uses 2; unset explores all).
+//! `LOOM_MAX_PREEMPTIONS` bounds the search (the CI short run uses 2; unset explores all;
+//! one model needs at least 3 and raises a lower bound).
+//!
+//! Each step of the protocol the no-lost-page argument in `src/dirty_log.rs` relies on has a
+//! model here that fails without it: the summary repair on the already-dirty path, its
+//! Acquire load, the RMW on a flagged clean word, and the report's closing fence.
 #![cfg(loom)]
 
 use dmalog::{DirtyLog, IovaBitmap};
