@@ -42,6 +42,22 @@ phase_start=0
 phase() { phase_start=$(date +%s); say "$*"; }
 phase_done() { say "$1 took $(($(date +%s) - phase_start)) s"; }
 
+# Prints the pids of the processes below $1, each before its own children.
+descendants() {
+    local pid
+    # shellcheck disable=SC2013 # children holds space-separated pids
+    for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
+        echo "$pid"
+        descendants "$pid"
+    done
+}
+# Ends the process tree under $1 and $1 itself, by pid.
+# shellcheck disable=SC2317 # also invoked by traps
+kill_tree() {
+    local pid
+    for pid in $(descendants "$1") "$1"; do kill "$pid" 2>/dev/null || true; done
+}
+
 [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot, mount namespaces)"
 
 # Runs a command inside the chroot with /proc and /dev mounted in a private mount
@@ -95,6 +111,18 @@ EOF
     mv "$partial" "$chroot_dir"
 }
 
+# dmalog builds while debootstrap downloads and unpacks: one is CPU, the other mostly I/O,
+# and together they are most of a first run.
+mkdir -p target
+cargo_log="$repo/target/qemu-interop-cargo.log"
+cargo_start=$(date +%s)
+(cargo build -q -p dmalog-cli --bin dmalog && echo "took $(($(date +%s) - cargo_start)) s") \
+    >"$cargo_log" 2>&1 &
+cargo_pid=$!
+# Until the servers start, the build is all there is to end if the chroot phase fails.
+# shellcheck disable=SC2064 # the pid is fixed now
+trap "kill_tree $cargo_pid" EXIT
+
 if [ ! -e "$chroot_dir/.dmalog-ready" ]; then
     phase "building the trixie chroot at target/qemu-chroot (once; cached)"
     refuse_if_mounted "$chroot_dir"
@@ -114,32 +142,25 @@ kernel="$(cd "$chroot_dir" && find boot -name 'vmlinuz-*' | sort -V | tail -1)"
 say "guest kernel /$kernel"
 
 # --- 2. dmalog ------------------------------------------------------------------------
-phase "building dmalog"
-cargo build -q -p dmalog-cli --bin dmalog
+phase "waiting for the dmalog build (started with the chroot phase)"
+if ! wait "$cargo_pid"; then
+    cat "$cargo_log" >&2
+    die "cargo build -p dmalog-cli failed"
+fi
+say "cargo build $(tail -n 1 "$cargo_log")"
 dmalog="$repo/target/debug/dmalog"
-phase_done "cargo build"
+phase_done "waiting for cargo"
 
 rm -rf "$run_dir"
 mkdir -p "$run_dir"
 serve_pids=()
 qemu_pid=
-# Prints the pids of the processes below $1, each before its own children.
-descendants() {
-    local pid
-    # shellcheck disable=SC2013 # children holds space-separated pids
-    for pid in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
-        echo "$pid"
-        descendants "$pid"
-    done
-}
 # Ends what this script started, by pid: the servers and, if interrupted mid-boot, the
 # QEMU process tree.
 # shellcheck disable=SC2317 # invoked by the trap
 cleanup() {
     local pid
-    if [ -n "$qemu_pid" ]; then
-        for pid in $(descendants "$qemu_pid") "$qemu_pid"; do kill "$pid" 2>/dev/null || true; done
-    fi
+    if [ -n "$qemu_pid" ]; then kill_tree "$qemu_pid"; fi
     for pid in "${serve_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
