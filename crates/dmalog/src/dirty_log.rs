@@ -861,6 +861,40 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_report_that_empties_a_word_leaves_no_summary_bit() {
+        let summary_rmws = || rmw_count::REPORT_SUMMARY.with(|c| c.get());
+        let log = DirtyLog::new(0, 1 << 20, 4096).unwrap();
+        log.mark(5 * 4096, 1);
+        log.mark(7 * 4096, 1);
+        // Page 7 remains: R3 keeps the word flagged.
+        assert_eq!(report(&log, 5 * 4096, 4096, 4096), vec![0]);
+        assert_eq!(report(&log, 0, 1 << 20, 4096), vec![7]);
+        // Nothing remains: no summary bit, so the next report costs no RMW.
+        log.mark(5 * 4096, 1);
+        assert_eq!(report(&log, 5 * 4096, 4096, 4096), vec![0]);
+        let before = summary_rmws();
+        assert!(report(&log, 0, 1 << 20, 4096).is_empty());
+        assert_eq!(summary_rmws(), before, "no summary bit left behind");
+    }
+
+    #[test]
+    fn drain_pages_walks_interior_groups() {
+        // Three groups of 64 words: pages in the edge groups and in the interior one.
+        let log = DirtyLog::new(0x10_0000, 12288 * 4096, 4096).unwrap();
+        let pages = [3u64, 4096, 6000, 8191, 12287];
+        for page in pages {
+            log.mark(0x10_0000 + page * 4096, 1);
+        }
+        let mut drained = Vec::new();
+        log.drain_pages(0x10_0000, 12288 * 4096, |iova| drained.push(iova));
+        let expected: Vec<u64> = pages.iter().map(|p| 0x10_0000 + p * 4096).collect();
+        assert_eq!(drained, expected);
+        log.drain_pages(0x10_0000, 12288 * 4096, |iova| {
+            panic!("{iova:#x} drained twice")
+        });
+    }
+
+    #[test]
     fn the_sole_reporter_clears_all_ones_words_without_rmw() {
         let report_rmws = || rmw_count::REPORT_WORD.with(|c| c.get());
         let log = DirtyLog::new(0, 64 << 20, 4096).unwrap();
