@@ -830,11 +830,17 @@ mod tests {
         assert!(report(&log, 0, 64 << 20, 4096).is_empty());
         assert_eq!(summary_rmws(), before, "a clean log: summary loads only");
         log.mark(20 << 20, 1);
+        let word_rmws = rmw_count::REPORT_WORD.with(|c| c.get());
         assert_eq!(report(&log, 0, 64 << 20, 4096), vec![5120]);
         assert_eq!(
             summary_rmws(),
             before + 1,
             "one R1, for the dirty group only"
+        );
+        assert_eq!(
+            rmw_count::REPORT_WORD.with(|c| c.get()),
+            word_rmws + 1,
+            "one R2, for the flagged word of the interior group only"
         );
     }
 
@@ -858,6 +864,57 @@ mod tests {
             vec![0, 4035, 12159]
         );
         assert_eq!(report(&log, 0, 12288 * 4096, 4096), vec![0, 12287]);
+    }
+
+    #[test]
+    fn a_partial_report_that_empties_a_word_leaves_no_summary_bit() {
+        let summary_rmws = || rmw_count::REPORT_SUMMARY.with(|c| c.get());
+        let log = DirtyLog::new(0, 1 << 20, 4096).unwrap();
+        log.mark(5 * 4096, 1);
+        log.mark(7 * 4096, 1);
+        // Page 7 remains: R3 keeps the word flagged.
+        assert_eq!(report(&log, 5 * 4096, 4096, 4096), vec![0]);
+        assert_eq!(report(&log, 0, 1 << 20, 4096), vec![7]);
+        // Nothing remains: no summary bit, so the next report costs no RMW.
+        log.mark(5 * 4096, 1);
+        assert_eq!(report(&log, 5 * 4096, 4096, 4096), vec![0]);
+        let before = summary_rmws();
+        assert!(report(&log, 0, 1 << 20, 4096).is_empty());
+        assert_eq!(summary_rmws(), before, "no summary bit left behind");
+    }
+
+    #[test]
+    fn drain_pages_walks_interior_groups() {
+        // Three groups of 64 words: pages in the edge groups and in the interior one.
+        let log = DirtyLog::new(0x10_0000, 12288 * 4096, 4096).unwrap();
+        let pages = [3u64, 4096, 6000, 8191, 12287];
+        for page in pages {
+            log.mark(0x10_0000 + page * 4096, 1);
+        }
+        let mut drained = Vec::new();
+        log.drain_pages(0x10_0000, 12288 * 4096, |iova| drained.push(iova));
+        let expected: Vec<u64> = pages.iter().map(|p| 0x10_0000 + p * 4096).collect();
+        assert_eq!(drained, expected);
+        log.drain_pages(0x10_0000, 12288 * 4096, |iova| {
+            panic!("{iova:#x} drained twice")
+        });
+    }
+
+    #[test]
+    fn the_dense_path_keeps_the_callers_bits() {
+        // REPORT only sets bits (SPEC 3.4): a caller's bit survives the dense path's copy.
+        let log = DirtyLog::new(0, 64 << 20, 4096).unwrap();
+        log.mark(16 << 20, 16 << 20); // group 1: dense, interior
+        let len = 64u64 << 20;
+        let mut buf = vec![0u8; crate::iova_bitmap::report_bytes(len, 4096).unwrap() as usize];
+        buf[512] = 0xff; // pages 4096..4104, dirty in the log too
+        buf[600] = 0x01; // page 4800, dirty in the log too
+        buf[0] = 0x80; // page 7, clean in the log
+        let mut bm = IovaBitmap::new(0, len, 4096, &mut buf).unwrap();
+        log.read_and_clear(0, len, &mut bm);
+        assert_eq!(buf[0], 0x80);
+        assert!(buf[512..1024].iter().all(|&b| b == 0xff));
+        assert!(buf[1..512].iter().chain(&buf[1024..]).all(|&b| b == 0));
     }
 
     #[test]
