@@ -431,3 +431,97 @@ fn mtty_full_migration_through_the_data_fd() {
     let err = d.set_device_state(DeviceState::Stop).unwrap_err();
     assert_eq!(err.errno(), libc::EINVAL, "short stream: {err}");
 }
+
+#[test]
+fn probe_reports_mtty() {
+    // What `dmalog probe --try-start` prints, on a real cdev (open_cdev binds it to a fresh
+    // iommufd; no IOAS is needed for DEVICE_FEATURE).
+    if !real_kernel("probe_reports_mtty") {
+        return;
+    }
+    let instance = MttyInstance::create(2);
+    let cdev = instance.cdev();
+    let mut bound = dmalog_vfio::probe::open_cdev(&cdev).expect("open_cdev");
+    let range = dmalog::IovaRange::new(0x1000_0000, 1 << 20).unwrap();
+    let report = dmalog_vfio::probe::probe_device("mtty", &mut bound.device, Some((range, 4096)));
+    assert!(report.dma_logging);
+    let migration = report.migration.expect("mtty has migration v2");
+    assert!(migration.stop_copy && migration.p2p && migration.pre_copy);
+    let try_start = report.try_start.expect("try-start ran");
+    assert_eq!(try_start.chosen_page_size, Some(4096));
+    assert!(try_start.report_ok && try_start.stop_ok, "{try_start:?}");
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(
+        dmalog_vfio::probe::scan_devices(std::path::Path::new("/dev/vfio/devices"))
+            .unwrap()
+            .contains(&cdev)
+    );
+    assert_eq!(
+        bound.device.mig_data_size().unwrap(),
+        96,
+        "header 24 + two ports 36"
+    );
+}
+
+#[test]
+fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
+    // Why IommufdDirtyTracker checks the bitmap length before issuing GET_DIRTY_BITMAP:
+    // 6.12 pins the user bitmap only when it sets a bit, and a pin failure drops the bit
+    // (iova_bitmap_set returns) while the IOMMU's copy is cleared: the ioctl succeeds and
+    // the dirty pages are gone. The fake refuses such a pointer (EFAULT) instead.
+    if !real_kernel("mock_domain_bad_bitmap_pointer_loses_bits_silently") {
+        return;
+    }
+    let (mut real, mut fake, rig) = trackers();
+    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
+    real.start(&[range], 4096).unwrap();
+    fake.start(&[range], 4096).unwrap();
+    dirty_both(&mut real, &mut fake, &rig, &[10, 20]);
+    let request = dmalog_vfio::uapi::GetDirtyBitmap {
+        hwpt_id: rig.hwpt_id,
+        flags: 0,
+        reserved: 0,
+        iova: rig.iova,
+        length: MAP_BYTES,
+        page_size: 2048,
+        data: oracle::NOT_USER,
+    };
+    let mut answers = Vec::new();
+    for side in 0..2 {
+        let mut arg = request.encode();
+        // SAFETY: `data` is a kernel-half address: the kernel's access_ok refuses it before
+        // any write (and the fake resolves it in no lent buffer), so nothing is written.
+        let result = unsafe {
+            if side == 0 {
+                dmalog_vfio::VfioIoctl::ioctl(
+                    real.ioctl_mut(),
+                    dmalog_vfio::IoctlTarget::Device,
+                    dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
+                    &mut arg,
+                    &mut [],
+                )
+            } else {
+                dmalog_vfio::VfioIoctl::ioctl(
+                    fake.ioctl_mut(),
+                    dmalog_vfio::IoctlTarget::Device,
+                    dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
+                    &mut arg,
+                    &mut [],
+                )
+            }
+        };
+        answers.push(result.map(|_| ()).map_err(|e| e.0));
+    }
+    assert_eq!(answers, vec![Ok(()), Err(libc::EFAULT)], "kernel, fake");
+    let mut bitmap = [0u8; 128];
+    real.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
+        .unwrap();
+    assert_eq!(
+        set_bits(&bitmap),
+        Vec::<u64>::new(),
+        "the kernel cleared the bits it could not report"
+    );
+    fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
+        .unwrap();
+    assert_eq!(set_bits(&bitmap), vec![10, 20], "the fake kept them");
+}
