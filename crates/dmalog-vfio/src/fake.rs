@@ -86,10 +86,12 @@ impl FakeMigration {
     fn step(&mut self, from: DeviceState, to: DeviceState) -> Result<Option<i32>, Errno> {
         use DeviceState::*;
         let fd = match (from, to) {
-            (Running, PreCopy) => Some(self.new_data_file(&self.initial.clone())?),
+            (Running, PreCopy) | (RunningP2p, PreCopyP2p) => {
+                Some(self.new_data_file(&self.initial.clone())?)
+            }
             (Stop, StopCopy) => Some(self.new_data_file(&self.image())?),
             (Stop, Resuming) => Some(self.new_data_file(&[])?),
-            (PreCopy, StopCopy) => {
+            (PreCopy | PreCopyP2p, StopCopy) => {
                 let file = self.file.as_mut().ok_or(Errno(libc::EIO))?;
                 let at = file.stream_position().map_err(|_| Errno(libc::EIO))?;
                 file.seek(SeekFrom::End(0)).map_err(|_| Errno(libc::EIO))?;
@@ -113,7 +115,7 @@ impl FakeMigration {
                 }
                 None
             }
-            (StopCopy, Stop) | (PreCopy, Running) => {
+            (StopCopy, Stop) | (PreCopy, Running) | (PreCopyP2p, RunningP2p) => {
                 self.file = None;
                 None
             }
@@ -126,10 +128,16 @@ impl FakeMigration {
 
     fn transition(&mut self, target: u32) -> Result<i32, Errno> {
         let target = DeviceState::from_u32(target).ok_or(Errno(libc::EINVAL))?;
-        if self.flags & dmalog::uapi::MIGRATION_PRE_COPY == 0 && target == DeviceState::PreCopy {
+        if self.flags & dmalog::uapi::MIGRATION_PRE_COPY == 0
+            && matches!(target, DeviceState::PreCopy | DeviceState::PreCopyP2p)
+        {
             return Err(Errno(libc::EINVAL));
         }
-        let path = dmalog::migration::migration_path(self.state, target).map_err(errno)?;
+        let path = if self.flags & dmalog::uapi::MIGRATION_P2P != 0 {
+            p2p_path(self.state, target)?
+        } else {
+            dmalog::migration::migration_path(self.state, target).map_err(errno)?
+        };
         let mut data_fd = -1;
         for pair in path.windows(2) {
             if let Some(fd) = self.step(pair[0], pair[1])? {
@@ -148,6 +156,39 @@ impl FakeMigration {
         (self.initial.len() + self.final_part.len()) as u64
             - read.min((self.initial.len() + self.final_part.len()) as u64)
     }
+}
+
+/// The kernel's next-step table (`vfio_mig_get_next_state`, Linux 6.12), indexed by
+/// `[from][to]` state numbers: ERROR 0, STOP 1, RUNNING 2, STOP_COPY 3, RESUMING 4,
+/// RUNNING_P2P 5, PRE_COPY 6, PRE_COPY_P2P 7.
+const KERNEL_NEXT_STATE: [[u32; 8]; 8] = [
+    [0, 0, 0, 0, 0, 0, 0, 0],
+    [0, 1, 5, 3, 4, 5, 5, 5],
+    [0, 5, 2, 5, 5, 5, 6, 5],
+    [0, 1, 1, 3, 1, 1, 0, 0],
+    [0, 1, 1, 1, 4, 1, 1, 1],
+    [0, 1, 2, 1, 1, 5, 2, 7],
+    [0, 2, 2, 7, 2, 2, 6, 7],
+    [0, 5, 5, 3, 5, 5, 6, 7],
+];
+
+/// The states from `from` to `to` the kernel walks for a device with STOP_COPY, P2P and
+/// PRE_COPY (dmalog's own `migration_path` has no P2P states). ERROR on the way: EINVAL.
+fn p2p_path(from: DeviceState, to: DeviceState) -> Result<Vec<DeviceState>, Errno> {
+    if from == DeviceState::Error || to == DeviceState::Error {
+        return Err(Errno(libc::EINVAL));
+    }
+    let mut path = vec![from];
+    let mut at = from;
+    while at != to {
+        let next = KERNEL_NEXT_STATE[at as usize][to as usize];
+        at = DeviceState::from_u32(next).ok_or(Errno(libc::EINVAL))?;
+        if at == DeviceState::Error {
+            return Err(Errno(libc::EINVAL));
+        }
+        path.push(at);
+    }
+    Ok(path)
 }
 
 /// A VFIO device served in process: DMA logging through a kernel-dialect [`LoggingCore`],
@@ -233,7 +274,13 @@ unsafe impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
             (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(arg, referenced),
             (IoctlTarget::DataFd(_), VFIO_MIG_GET_PRECOPY_INFO) => {
                 let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
-                if arg.len() < PRECOPY_INFO_BYTES || migration.state != DeviceState::PreCopy {
+                // PRE_COPY and PRE_COPY_P2P both answer (as mtty and the uAPI do).
+                if arg.len() < PRECOPY_INFO_BYTES
+                    || !matches!(
+                        migration.state,
+                        DeviceState::PreCopy | DeviceState::PreCopyP2p
+                    )
+                {
                     return Err(Errno(libc::EINVAL));
                 }
                 let read = migration
@@ -256,6 +303,7 @@ unsafe impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
 /// An iommufd HWPT with dirty tracking over one IO address space, at 4 KiB IOMMU pages.
 pub struct FakeIommu {
     hwpt_id: u32,
+    io_page: u64,
     dirty_capable: bool,
     tracking: bool,
     log: DirtyLog,
@@ -268,9 +316,22 @@ impl FakeIommu {
     /// HWPT `hwpt_id` over `[iova, iova+length)`; `dirty_capable == false` models an IOMMU
     /// without dirty tracking (EOPNOTSUPP).
     pub fn new(hwpt_id: u32, iova: u64, length: u64, dirty_capable: bool) -> Self {
-        let log = DirtyLog::new(iova, length, FAKE_IOMMU_PAGE).expect("fake IOAS geometry");
+        Self::with_io_page(hwpt_id, iova, length, FAKE_IOMMU_PAGE, dirty_capable)
+    }
+
+    /// Like [`FakeIommu::new`] with IO pages (and IOVA alignment) of `io_page` bytes: the
+    /// iommufd self-test mock domain has 2 KiB pages.
+    pub fn with_io_page(
+        hwpt_id: u32,
+        iova: u64,
+        length: u64,
+        io_page: u64,
+        dirty_capable: bool,
+    ) -> Self {
+        let log = DirtyLog::new(iova, length, io_page).expect("fake IOAS geometry");
         FakeIommu {
             hwpt_id,
+            io_page,
             dirty_capable,
             tracking: false,
             log,
@@ -339,7 +400,7 @@ impl FakeIommu {
             None => return Err(Errno(libc::EOVERFLOW)),
         };
         let end = last.wrapping_add(1);
-        if request.iova % FAKE_IOMMU_PAGE != 0 || end % FAKE_IOMMU_PAGE != 0 {
+        if request.iova % self.io_page != 0 || end % self.io_page != 0 {
             return Err(Errno(libc::EINVAL));
         }
         if request.page_size == 0 || !request.page_size.is_power_of_two() {
@@ -347,6 +408,11 @@ impl FakeIommu {
         }
         if request.iova % request.page_size != 0 || end % request.page_size != 0 {
             return Err(Errno(libc::EINVAL));
+        }
+        if !self.tracking {
+            // 6.12 drops the domain's "tracking off" error: success, no bit set, the user
+            // bitmap untouched (and the stale bits are cleared by the next enable).
+            return Ok(0);
         }
         let bytes =
             dmalog::iova_bitmap::report_bytes(request.length, request.page_size).map_err(errno)?;

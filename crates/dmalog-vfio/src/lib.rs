@@ -13,6 +13,7 @@
 pub mod device;
 pub mod fake;
 pub mod iommufd;
+pub mod iommufd_uapi;
 pub mod probe;
 pub mod seam;
 pub mod uapi;
