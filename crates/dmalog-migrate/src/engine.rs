@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use dmalog::uapi::DeviceState;
+use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, TrackerError};
 use tracing::{info, warn};
 
@@ -122,6 +122,11 @@ pub struct MigrationReport {
     pub rounds: Vec<RoundStats>,
     /// Whether device dirty tracking was used (false: fell back to "all dirty").
     pub device_tracking: bool,
+    /// Whether the device went through PRE_COPY (false: it offers no PRE_COPY, or the mode
+    /// is stop-and-copy; its state moved in STOP_COPY only).
+    pub device_pre_copy: bool,
+    /// Device migration data bytes sent, all rounds.
+    pub device_bytes: u64,
 }
 
 /// Why a migration failed.
@@ -145,6 +150,9 @@ pub enum MigrateError {
     /// Guest memory access failed.
     #[error("guest memory: {0}")]
     Memory(&'static str),
+    /// The device offers no STOP_COPY (its MIGRATION flags): its state cannot be saved.
+    #[error("the device cannot migrate: its MIGRATION flags {0:#x} lack STOP_COPY")]
+    NotMigratable(u64),
 }
 
 impl From<TrackerError> for MigrateError {
@@ -332,6 +340,13 @@ fn migrate_source_inner<S: Read + Write + Send>(
         vcpus,
     } = vm;
     let started = Instant::now();
+    // What the device offers decides the path: STOP_COPY is the least a migratable device
+    // has; without PRE_COPY its state moves only once it is stopped.
+    let flags = device.migration_flags()?;
+    if flags & MIGRATION_STOP_COPY == 0 {
+        return Err(MigrateError::NotMigratable(flags));
+    }
+    let device_pre_copy = config.mode != Mode::StopAndCopy && flags & MIGRATION_PRE_COPY != 0;
     let ranges = plan_ranges(
         memory,
         config.ranges,
@@ -349,7 +364,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
     let mut tracking = Tracking {
-        device: config.mode == Mode::PreCopy,
+        device: config.mode == Mode::PreCopy && device_logs_dma(device)?,
         cpu: config.mode != Mode::StopAndCopy,
     };
     if tracking.cpu {
@@ -383,13 +398,19 @@ fn migrate_source_inner<S: Read + Write + Send>(
     };
 
     if config.mode != Mode::StopAndCopy {
-        device.set_device_state(DeviceState::PreCopy)?;
+        if device_pre_copy {
+            device.set_device_state(DeviceState::PreCopy)?;
+        }
         // Round 0: everything.
         let round_start = Instant::now();
         let bytes_before = sender.out.bytes();
         merged.fill(memory);
         let sent = sender.send_dirty(&merged)?;
-        let device_bytes = sender.send_device_data(device)?;
+        let device_bytes = if device_pre_copy {
+            sender.send_device_data(device)?
+        } else {
+            0
+        };
         let stats = RoundStats {
             round: 0,
             pages_sent: sent,
@@ -421,7 +442,9 @@ fn migrate_source_inner<S: Read + Write + Send>(
                 &mut stats,
             );
             stats.pages_sent = sender.send_dirty(&merged)?;
-            stats.device_bytes = sender.send_device_data(device)?;
+            if device_pre_copy {
+                stats.device_bytes = sender.send_device_data(device)?;
+            }
             stats.bytes_sent = sender.out.bytes() - bytes_before;
             let elapsed = round_start.elapsed().as_secs_f64();
             stats.round_ms = elapsed * 1e3;
@@ -519,9 +542,29 @@ fn migrate_source_inner<S: Read + Write + Send>(
         total_ms: total.as_secs_f64() * 1e3,
         bytes_sent: sender.out.bytes(),
         guest_bytes: memory.total_bytes(),
+        device_bytes: rounds.iter().map(|r| r.device_bytes).sum(),
         rounds,
         device_tracking,
+        device_pre_copy,
     })
+}
+
+/// Whether the device can log its DMA. A device that says no, or cannot answer the probe
+/// (a refusal, not a lost connection), is migrated with the vCPU log alone and its
+/// memory treated as dirty every round.
+fn device_logs_dma(device: &mut dyn SourceDevice) -> Result<bool, MigrateError> {
+    match device.probe() {
+        Ok(true) => Ok(true),
+        Ok(false) => {
+            info!("the device has no DMA logging: vCPU writes are tracked, all device-mapped memory is dirty every round");
+            Ok(false)
+        }
+        Err(err @ TrackerError::Transport(_)) => Err(err.into()),
+        Err(err) => {
+            warn!(%err, "DMA logging probe refused: vCPU writes are tracked, all device-mapped memory is dirty every round");
+            Ok(false)
+        }
+    }
 }
 
 fn out_write<W: Write>(

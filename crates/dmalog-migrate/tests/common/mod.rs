@@ -25,6 +25,14 @@ pub struct FakeDevice {
     pub silent: bool,
     /// Calls made after the device went silent.
     pub calls_while_silent: u32,
+    /// The MIGRATION flags it offers (STOP_COPY and PRE_COPY by default).
+    pub flags: u64,
+    /// Whether it offers DMA logging (its probe's answer).
+    pub can_log: bool,
+    /// Every state it was set to, in order.
+    pub states: Vec<DeviceState>,
+    /// START requests it got.
+    pub starts: u32,
 }
 
 impl FakeDevice {
@@ -41,6 +49,10 @@ impl FakeDevice {
                 logging: false,
                 silent: false,
                 calls_while_silent: 0,
+                flags: dmalog::uapi::MIGRATION_STOP_COPY | dmalog::uapi::MIGRATION_PRE_COPY,
+                can_log: true,
+                states: Vec::new(),
+                starts: 0,
             },
             recorder,
         )
@@ -62,9 +74,10 @@ impl FakeDevice {
 
 impl DirtyTracker for FakeDevice {
     fn probe(&mut self) -> Result<bool, TrackerError> {
-        Ok(true)
+        Ok(self.can_log)
     }
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.starts += 1;
         self.logging = true;
         self.tracker.start(ranges, page_size)
     }
@@ -86,7 +99,7 @@ impl DirtyTracker for FakeDevice {
 
 impl MigrationDevice for FakeDevice {
     fn migration_flags(&mut self) -> Result<u64, TrackerError> {
-        Ok(5)
+        Ok(self.flags)
     }
     fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
         Ok(self.state)
@@ -97,6 +110,7 @@ impl MigrationDevice for FakeDevice {
             self.cursor = 0;
         }
         self.state = state;
+        self.states.push(state);
         Ok(())
     }
     fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {

@@ -1,0 +1,125 @@
+//! The engine adapts to what the device offers: no PRE_COPY means its state moves only in
+//! STOP_COPY; no DMA logging means the vCPU log still runs and device-mapped memory is
+//! dirty every round; no STOP_COPY means it cannot migrate at all.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use dmalog::uapi::{DeviceState, MIGRATION_STOP_COPY};
+use dmalog::{InProcessTracker, SoftDriver};
+mod common;
+
+use common::{config, FakeDevice, LAYOUT};
+use dmalog_migrate::stream::{FrameReader, FrameWriter};
+use dmalog_migrate::{
+    migrate_destination, migrate_source, GuestMemory, MigrateError, MigrationReport, SourceVm,
+};
+
+/// Migrates `device` to a fresh fake device; the vCPUs write one page between rounds.
+/// Returns the source report and what the destination device loaded.
+fn migrate(device: &mut FakeDevice) -> (Result<MigrationReport, MigrateError>, Vec<u8>) {
+    let src_memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let cpu_driver = SoftDriver::new();
+    let mut vcpu_writes = cpu_driver.recorder();
+    let mut cpu = InProcessTracker::new(cpu_driver);
+    let (a, b) = UnixStream::pair().unwrap();
+    let destination = std::thread::spawn(move || {
+        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let (mut device, _) = FakeDevice::new(Vec::new());
+        let mut input = FrameReader::new(b.try_clone().unwrap());
+        let mut out = FrameWriter::new(b, None);
+        let _ = migrate_destination(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut input,
+            &mut out,
+        );
+        device.loaded
+    });
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(a, None);
+    let writer_memory = Arc::clone(&src_memory);
+    let vm = SourceVm {
+        memory: &src_memory,
+        device,
+        cpu: &mut cpu,
+        vcpus: None,
+    };
+    let mut rounds = 0u8;
+    let report = migrate_source(&config(), vm, &mut out, &mut replies, |round| {
+        if !round.final_round {
+            rounds = rounds.wrapping_add(1);
+            writer_memory.write(3 * 4096, &[rounds; 64]);
+            vcpu_writes.record_write(3 * 4096, 64);
+        }
+    });
+    drop(out);
+    drop(replies);
+    (report, destination.join().unwrap())
+}
+
+#[test]
+fn a_device_without_pre_copy_moves_its_state_in_stop_copy_only() {
+    let image: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+    let (mut device, _) = FakeDevice::new(image.clone());
+    device.flags = MIGRATION_STOP_COPY;
+    let (report, loaded) = migrate(&mut device);
+    let report = report.unwrap();
+    assert!(report.verified);
+    assert!(
+        !device.states.contains(&DeviceState::PreCopy),
+        "never asked for PRE_COPY: {:?}",
+        device.states
+    );
+    assert_eq!(loaded, image, "the state once, from STOP_COPY");
+    assert_eq!(report.device_bytes, image.len() as u64);
+    assert!(!report.device_pre_copy);
+    assert!(report.rounds.len() >= 2, "memory still pre-copies");
+}
+
+#[test]
+fn a_device_with_pre_copy_sends_data_every_round_and_reports_the_total() {
+    let (mut device, _) = FakeDevice::new(vec![9u8; 3000]);
+    let (report, loaded) = migrate(&mut device);
+    let report = report.unwrap();
+    assert!(report.verified && report.device_pre_copy);
+    assert_eq!(
+        report.device_bytes,
+        report.rounds.iter().map(|r| r.device_bytes).sum::<u64>()
+    );
+    assert_eq!(report.device_bytes, loaded.len() as u64);
+    assert_eq!(
+        report.rounds[0].device_bytes, 3000,
+        "round 0 reads PRE_COPY data"
+    );
+}
+
+#[test]
+fn a_device_without_dma_logging_keeps_the_vcpu_log() {
+    let (mut device, _) = FakeDevice::new(vec![1u8; 100]);
+    device.can_log = false;
+    let (report, _) = migrate(&mut device);
+    let report = report.unwrap();
+    assert!(report.verified);
+    assert!(!report.device_tracking);
+    assert_eq!(device.starts, 0, "no START to a device that has no logging");
+    // The device's memory is all dirty; the vCPU log still reports the page they wrote.
+    let later = &report.rounds[1..report.rounds.len() - 1];
+    assert!(!later.is_empty());
+    assert!(
+        later.iter().all(|r| r.pages_both >= 1),
+        "the vCPU page is seen by both sources: {later:?}"
+    );
+}
+
+#[test]
+fn a_device_without_stop_copy_cannot_migrate() {
+    let (mut device, _) = FakeDevice::new(vec![1u8; 100]);
+    device.flags = 0;
+    let (report, _) = migrate(&mut device);
+    let err = report.unwrap_err();
+    assert!(err.to_string().contains("STOP_COPY"), "{err}");
+    assert_eq!(device.state, DeviceState::Running);
+    assert!(!device.logging);
+}
