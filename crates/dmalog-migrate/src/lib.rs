@@ -1,6 +1,6 @@
 //! dmalog's live migration engine: guest memory, the vCPU workload and its dirty log, the
 //! pre-copy engine over [`dmalog::DirtyTracker`] and [`dmalog::MigrationDevice`], and the
-//! framed migration stream.
+//! framed migration stream and its TLS.
 
 pub mod destination;
 mod dirty;
@@ -8,7 +8,9 @@ pub mod engine;
 pub mod fuzzing;
 pub mod guest;
 pub mod peer_text;
+pub mod pki;
 pub mod stream;
+pub mod tls;
 pub mod vcpu;
 
 pub use destination::{migrate_destination, DestinationReport};

@@ -1,0 +1,445 @@
+//! The migration stream's security (SPEC 8): TLS 1.3 with mutual certificate
+//! authentication. Whoever reaches the destination's port could otherwise write the guest's
+//! memory, so the destination refuses a peer without a certificate from its CA during the
+//! handshake, before a single frame is read; the source refuses a destination whose
+//! certificate does not match the CA and the expected name.
+//!
+//! [`TlsStream`] carries one TLS session for both directions; [`TlsStream::try_clone`] gives a
+//! second handle on it, so the engine gets its reader and writer as with a `TcpStream`.
+//! Both handles share one lock: the engine alternates reading and writing and never does
+//! both at once, so a read never holds up a write that it waits for.
+//!
+//! Trust is the CA: the destination takes any client certificate the CA signed, so the CA
+//! should sign only the hosts that may migrate to each other.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustls::client::ClientConnection;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::{ServerConnection, WebPkiClientVerifier};
+use rustls::{ClientConfig, ConnectionCommon, RootCertStore, ServerConfig, SideData, StreamOwned};
+use tracing::{debug, warn};
+
+use crate::stream::IoTimeouts;
+
+/// The byte the destination sends once it has verified the source's certificate. In TLS 1.3
+/// the client finishes its handshake before the server has checked the client's
+/// certificate; waiting for this byte makes a refusal an error at connect time, with the
+/// destination's reason, rather than a broken pipe in the middle of round 0.
+const ACCEPTED: u8 = 0xa5;
+
+/// What went wrong setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A PEM file could not be read.
+    #[error("reading the {what} {}: {source}", path.display())]
+    Read {
+        /// Which file: "CA certificate", "certificate", "private key".
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable item of the kind wanted.
+    #[error("the {what} {}: {why}", path.display())]
+    Pem {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// rustls refused the configuration (for example, a key that does not match the
+    /// certificate).
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+    /// The client certificate verifier could not be built (for example, no CA).
+    #[error("TLS client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The name to check the destination's certificate against is not a DNS name or IP.
+    #[error("{0:?} is not a valid TLS server name")]
+    ServerName(String),
+    /// The handshake failed: a missing, untrusted or mismatched certificate, a peer that
+    /// does not speak TLS 1.3, or a link that failed or timed out.
+    #[error("TLS handshake with {peer} failed: {source}")]
+    Handshake {
+        /// The peer's address.
+        peer: String,
+        /// Why (a rustls error is wrapped with kind `InvalidData`).
+        source: std::io::Error,
+    },
+}
+
+/// This host's TLS identity and the CA it trusts, from PEM.
+pub struct TlsConfig {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("TlsConfig")
+            .field("roots", &self.roots.len())
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn certificates(
+    what: &'static str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_error = |why: String| TlsError::Pem {
+        what,
+        path: path.to_owned(),
+        why,
+    };
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(pem_error("no CERTIFICATE in it".into()));
+    }
+    Ok(certs)
+}
+
+impl TlsConfig {
+    /// Reads the CA certificate(s) to trust, this host's certificate chain (leaf first) and
+    /// its private key, each a PEM file.
+    pub fn from_pem_files(ca: &Path, cert: &Path, key: &Path) -> Result<Self, TlsError> {
+        let ca_pem = read_file("CA certificate", ca)?;
+        let cert_pem = read_file("certificate", cert)?;
+        let key_pem = read_file("private key", key)?;
+        Self::parse([(ca, &ca_pem), (cert, &cert_pem), (key, &key_pem)])
+    }
+
+    /// As [`TlsConfig::from_pem_files`], from PEM text in memory.
+    pub fn from_pem(ca: &str, cert: &str, key: &str) -> Result<Self, TlsError> {
+        let here = Path::new("(in memory)");
+        Self::parse([
+            (here, ca.as_bytes()),
+            (here, cert.as_bytes()),
+            (here, key.as_bytes()),
+        ])
+    }
+
+    /// `[CA, chain, key]`, each with its path for errors.
+    fn parse(
+        [(ca, ca_pem), (cert, cert_pem), (key, key_pem)]: [(&Path, &[u8]); 3],
+    ) -> Result<Self, TlsError> {
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+            what: "private key",
+            path: key.to_owned(),
+            why: e.to_string(),
+        })?;
+        let mut roots = RootCertStore::empty();
+        for ca_cert in certificates("CA certificate", ca, ca_pem)? {
+            roots.add(ca_cert).map_err(|e| TlsError::Pem {
+                what: "CA certificate",
+                path: ca.to_owned(),
+                why: e.to_string(),
+            })?;
+        }
+        Ok(TlsConfig {
+            roots: Arc::new(roots),
+            chain: certificates("certificate", cert, cert_pem)?,
+            key: key_der,
+        })
+    }
+
+    /// The destination's configuration: TLS 1.3 only, a client certificate from the CA
+    /// required.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::clone(&self.roots), provider())
+                .build()?;
+        let config = ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
+
+    /// The source's configuration: TLS 1.3 only, the destination verified against the CA,
+    /// this host's certificate presented.
+    pub fn client_config(&self) -> Result<Arc<ClientConfig>, TlsError> {
+        let config = ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(Arc::clone(&self.roots))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        Ok(Arc::new(config))
+    }
+}
+
+/// ring: it builds with a C compiler alone.
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A server name from the host part of `HOST:PORT` (`[v6]:PORT` too), the name the
+/// destination's certificate must carry unless one is given.
+pub fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// Accepts a source on `tcp`: the handshake, the source's certificate verified, and the
+/// [`ACCEPTED`] byte sent, all within `timeout`. Nothing is read from a refused peer beyond
+/// its handshake.
+pub fn accept(
+    config: &Arc<ServerConfig>,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<TlsStream, TlsError> {
+    let peer = peer_of(&tcp);
+    let failed = |source| TlsError::Handshake {
+        peer: peer.clone(),
+        source,
+    };
+    let mut conn = ServerConnection::new(Arc::clone(config))?;
+    let mut tcp = tcp;
+    let deadline = Instant::now() + timeout;
+    handshake(&mut conn, &mut tcp, deadline, timeout).map_err(failed)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    arm(&stream.sock, deadline, timeout).map_err(failed)?;
+    stream
+        .write_all(&[ACCEPTED])
+        .and_then(|()| stream.flush())
+        .map_err(failed)?;
+    debug!(%peer, "TLS peer accepted");
+    Ok(TlsStream::new(Inner::Server(stream)))
+}
+
+/// Connects to a destination on `tcp`: the handshake, the destination's certificate
+/// verified for `server_name`, and the destination's word that it took ours, all within
+/// `timeout`.
+pub fn connect(
+    config: &Arc<ClientConfig>,
+    server_name: &str,
+    tcp: TcpStream,
+    timeout: Duration,
+) -> Result<TlsStream, TlsError> {
+    let peer = peer_of(&tcp);
+    let failed = |source| TlsError::Handshake {
+        peer: peer.clone(),
+        source,
+    };
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
+    let mut conn = ClientConnection::new(Arc::clone(config), name)?;
+    let mut tcp = tcp;
+    let deadline = Instant::now() + timeout;
+    handshake(&mut conn, &mut tcp, deadline, timeout).map_err(failed)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    arm(&stream.sock, deadline, timeout).map_err(failed)?;
+    let mut accepted = [0u8; 1];
+    match stream.read_exact(&mut accepted) {
+        Ok(()) if accepted[0] == ACCEPTED => {}
+        Ok(()) => {
+            return Err(failed(std::io::Error::new(
+                ErrorKind::InvalidData,
+                "the destination did not confirm the handshake",
+            )))
+        }
+        Err(err) if err.kind() == ErrorKind::UnexpectedEof => {
+            return Err(failed(std::io::Error::new(
+                ErrorKind::ConnectionAborted,
+                "the destination closed the connection (did it refuse our certificate?)",
+            )))
+        }
+        Err(err) => return Err(failed(err)),
+    }
+    debug!(%peer, "TLS destination verified");
+    Ok(TlsStream::new(Inner::Client(stream)))
+}
+
+fn peer_of(tcp: &TcpStream) -> String {
+    tcp.peer_addr()
+        .map_or_else(|_| "an unknown peer".into(), |addr| addr.to_string())
+}
+
+/// Bounds each socket read and write by the time left before `deadline`.
+fn arm(tcp: &TcpStream, deadline: Instant, timeout: Duration) -> std::io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::Error::new(
+            ErrorKind::TimedOut,
+            format!(
+                "the peer did not complete the handshake within {} ms",
+                timeout.as_millis()
+            ),
+        ));
+    }
+    tcp.set_read_timeout(Some(left))?;
+    tcp.set_write_timeout(Some(left))
+}
+
+/// Runs the handshake to its end under one deadline (rustls' own `complete_io` would let
+/// a peer that trickles bytes stretch it without end). A TLS error is sent to the peer as
+/// an alert, best effort, and returned with kind `InvalidData`.
+fn handshake<D: SideData>(
+    conn: &mut ConnectionCommon<D>,
+    tcp: &mut TcpStream,
+    deadline: Instant,
+    timeout: Duration,
+) -> std::io::Result<()> {
+    while conn.is_handshaking() || conn.wants_write() {
+        arm(tcp, deadline, timeout)?;
+        if conn.wants_write() {
+            conn.write_tls(tcp)?;
+            continue;
+        }
+        if conn.read_tls(tcp)? == 0 {
+            return Err(std::io::Error::new(
+                ErrorKind::UnexpectedEof,
+                "the peer closed the connection during the handshake",
+            ));
+        }
+        if let Err(err) = conn.process_new_packets() {
+            // The alert tells the peer why.
+            while conn.wants_write() {
+                if conn.write_tls(tcp).is_err() {
+                    break;
+                }
+            }
+            return Err(std::io::Error::new(ErrorKind::InvalidData, err));
+        }
+    }
+    Ok(())
+}
+
+/// One side's TLS session.
+enum Inner {
+    Client(StreamOwned<ClientConnection, TcpStream>),
+    Server(StreamOwned<ServerConnection, TcpStream>),
+}
+
+impl Inner {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Inner::Client(s) => &s.sock,
+            Inner::Server(s) => &s.sock,
+        }
+    }
+}
+
+/// A TLS 1.3 migration stream over TCP: `Read + Write + IoTimeouts`, like the
+/// `TcpStream` it wraps, so the engine runs on it unchanged.
+#[derive(Clone)]
+pub struct TlsStream {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl std::fmt::Debug for TlsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsStream").finish_non_exhaustive()
+    }
+}
+
+impl TlsStream {
+    fn new(inner: Inner) -> Self {
+        TlsStream {
+            inner: Arc::new(Mutex::new(inner)),
+        }
+    }
+
+    /// A second handle on the same session (the engine's reader and writer). Unlike
+    /// `TcpStream::try_clone` it cannot fail; the name keeps call sites alike.
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(self.clone())
+    }
+
+    fn lock(&self) -> std::io::Result<MutexGuard<'_, Inner>> {
+        // A panic while holding the lock leaves the session in an unknown state.
+        self.inner
+            .lock()
+            .map_err(|_| std::io::Error::other("the TLS session was poisoned by a panic"))
+    }
+
+    /// Sends close_notify, best effort: the peer can tell an orderly end from a cut link.
+    pub fn close(&self) {
+        if let Ok(mut inner) = self.lock() {
+            let result = match &mut *inner {
+                Inner::Client(s) => {
+                    s.conn.send_close_notify();
+                    s.flush()
+                }
+                Inner::Server(s) => {
+                    s.conn.send_close_notify();
+                    s.flush()
+                }
+            };
+            if let Err(err) = result {
+                warn!(%err, "could not send TLS close_notify");
+            }
+        }
+    }
+}
+
+impl Read for TlsStream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match &mut *self.lock()? {
+            Inner::Client(s) => s.read(buf),
+            Inner::Server(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for TlsStream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut *self.lock()? {
+            Inner::Client(s) => s.write(buf),
+            Inner::Server(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut *self.lock()? {
+            Inner::Client(s) => s.flush(),
+            Inner::Server(s) => s.flush(),
+        }
+    }
+}
+
+impl IoTimeouts for TlsStream {
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.lock()?.tcp().set_read_timeout(timeout)
+    }
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.lock()?.tcp().set_write_timeout(timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn host_of_strips_the_port_and_brackets() {
+        assert_eq!(host_of("localhost:7000"), "localhost");
+        assert_eq!(host_of("10.0.0.2:7000"), "10.0.0.2");
+        assert_eq!(host_of("[::1]:7000"), "::1");
+        assert_eq!(host_of("host"), "host");
+    }
+}
