@@ -942,7 +942,9 @@ mod tests {
     fn conversions_both_ways() {
         let log = DirtyLog::new(0, 1 << 30, 4096).unwrap();
         log.mark(5 << 20, 1); // page in the third 2 MiB block
-        assert_eq!(report(&log, 0, 1 << 30, 2 << 20), vec![2]);
+        log.mark((100 << 20) + 4096, 1); // in an interior group: the coarse group path
+        assert_eq!(report(&log, 0, 1 << 30, 2 << 20), vec![2, 50]);
+        assert!(report(&log, 0, 1 << 30, 2 << 20).is_empty(), "cleared");
         let coarse = DirtyLog::new(0, 1 << 30, 2 << 20).unwrap();
         coarse.mark(5 << 20, 1);
         let bits = report(&coarse, 0, 8 << 20, 4096);
