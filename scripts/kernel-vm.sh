@@ -45,7 +45,7 @@ mkdir -p "$work"
 
 # --- 1. Packages ---------------------------------------------------------------------
 phase "packages"
-packages=(build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils
+packages=(build-essential bc flex bison libelf-dev libssl-dev cpio xz-utils file
     busybox-static qemu-system-x86 "linux-source-$kver")
 missing=()
 for pkg in "${packages[@]}"; do

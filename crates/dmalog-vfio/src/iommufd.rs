@@ -30,7 +30,16 @@ pub struct IommufdDirtyTracker<I: VfioIoctl> {
 fn kernel_error(errno: Errno) -> TrackerError {
     match errno.0 {
         libc::EOPNOTSUPP => LogError::NotSupported("this HWPT has no dirty tracking").into(),
-        other => LogError::from_errno(other).into(),
+        other => {
+            let typed = LogError::from_errno(other);
+            if typed.errno() == other {
+                typed.into()
+            } else {
+                // An errno dmalog has no variant for (ENOENT: no such HWPT) is kept as it
+                // is rather than turned into EINVAL.
+                TrackerError::Transport(std::io::Error::from_raw_os_error(other))
+            }
+        }
     }
 }
 

@@ -322,7 +322,8 @@ fn mock_domain_errors_are_typed_like_the_fake() {
         "the automatic mock domain has no dirty tracking"
     );
     let err = plain.start(&[range], 4096).unwrap_err();
-    assert_eq!(err.errno(), libc::EOPNOTSUPP);
+    // EOPNOTSUPP from the kernel is dmalog's NotSupported (ENOTTY): no dirty tracking here.
+    assert_eq!(err.errno(), libc::ENOTTY);
     assert!(err.to_string().contains("no dirty tracking"), "{err}");
 }
 
@@ -524,4 +525,32 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
     fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
         .unwrap();
     assert_eq!(set_bits(&bitmap), vec![10, 20], "the fake kept them");
+}
+
+#[test]
+fn mtty_and_the_fake_walk_the_same_state_machine() {
+    // The same MIG_DEVICE_STATE requests to mtty (vfio_mig_get_next_state) and to a fake
+    // with the same MIGRATION flags: the same errno and the same state after each.
+    if !real_kernel("mtty_and_the_fake_walk_the_same_state_machine") {
+        return;
+    }
+    use DeviceState::*;
+    let mut mtty = bind_mtty(MttyInstance::create(1));
+    let mut fake = dmalog_vfio::VfioDevice::new(fake_soft_device());
+    let targets = [
+        RunningP2p, Stop, Running, PreCopy, PreCopyP2p, PreCopy, Running, PreCopyP2p, StopCopy,
+        PreCopy, PreCopyP2p, Running, Stop, StopCopy, Running, Error, RunningP2p, StopCopy, Stop,
+        Running,
+    ];
+    for target in targets {
+        let real = mtty.device.set_device_state(target).map_err(|e| e.errno());
+        let faked = fake.set_device_state(target).map_err(|e| e.errno());
+        let real_state = mtty.device.device_state().unwrap();
+        let fake_state = fake.device_state().unwrap();
+        eprintln!(
+            "state: -> {target:?}: kernel {real:?} {real_state:?}, fake {faked:?} {fake_state:?}"
+        );
+        assert_eq!(faked, real, "errno of -> {target:?}");
+        assert_eq!(fake_state, real_state, "state after -> {target:?}");
+    }
 }
