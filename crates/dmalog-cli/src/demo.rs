@@ -20,6 +20,8 @@ use dmalog_migrate::{
 };
 use dmalog_vfio_user::client::CLIENT_MAX_DATA_XFER;
 use dmalog_vfio_user::Client;
+
+use crate::transport::{ClientSide, ServerSide, TlsArgs};
 use indicatif::{ProgressBar, ProgressStyle};
 
 const MIB: u64 = 1 << 20;
@@ -90,6 +92,9 @@ pub struct DemoArgs {
     /// Memory budget of each server's tracker state, MiB (see `dmalog serve`).
     #[arg(long, default_value_t = crate::serve::DEFAULT_MAX_LOG_MIB)]
     max_log_mib: u64,
+    /// Migrate over plaintext TCP instead of TLS with throwaway certificates (to compare).
+    #[arg(long)]
+    insecure_plaintext: bool,
 }
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
@@ -103,6 +108,11 @@ pub enum MigrateCommand {
         /// The destination's `HOST:PORT`.
         #[arg(long)]
         connect: String,
+        /// The name the destination's certificate must carry (default: HOST).
+        #[arg(long, value_name = "NAME")]
+        tls_server_name: Option<String>,
+        #[command(flatten)]
+        tls: TlsArgs,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -124,6 +134,18 @@ pub enum MigrateCommand {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
+    },
+    /// Write a CA and certificates for both hosts into DIR (ca.pem, server.pem,
+    /// server-key.pem, client.pem, client-key.pem).
+    GenCerts {
+        /// Directory to write into (created if missing; existing files are not replaced).
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// A DNS name or IP address of the destination (repeat for several).
+        #[arg(long = "server-name", value_name = "NAME", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
     },
 }
 
@@ -238,6 +260,7 @@ fn run_source(
     vm_args: &VmArgs,
     mut src: Client,
     destination: &str,
+    security: &ClientSide,
 ) -> anyhow::Result<MigrationReport> {
     let guest_bytes = vm_args.memory_mib * MIB;
     if guest_bytes < 64 * MIB {
@@ -293,6 +316,9 @@ fn run_source(
     let stream = connect_within(destination, timeout)
         .with_context(|| format!("connecting to the destination {destination}"))?;
     stream.set_nodelay(true)?;
+    let stream = security
+        .secure(stream, destination, timeout)
+        .with_context(|| format!("securing the link to {destination}"))?;
     let mut replies = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out =
         FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000)).with_timeout(timeout);
@@ -346,12 +372,14 @@ fn run_destination(
     mut dst: Client,
     listener: TcpListener,
     timeout: Duration,
+    security: &ServerSide,
 ) -> anyhow::Result<(u64, u64, bool)> {
     let memory =
         GuestMemory::new(&default_layout(memory_mib * MIB)).context("destination guest memory")?;
     // Waiting for a source to connect is this side's job and has no limit; once one has,
     // every frame must come within `timeout`.
     let (stream, _) = listener.accept()?;
+    let stream = security.secure(stream, timeout)?;
     let mut input = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out = FrameWriter::new(stream, None).with_timeout(timeout);
     let report = migrate_destination(
@@ -416,12 +444,25 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_millis(vm.timeout_ms);
     let src = connect(&src_server.socket, timeout)?;
     let dst = connect(&dst_server.socket, timeout)?;
+    // TLS with a throwaway CA in the demo's directory, unless asked for plaintext.
+    let (server_side, client_side) = if args.insecure_plaintext {
+        crate::transport::warn_plaintext();
+        (ServerSide::Plaintext, ClientSide::Plaintext)
+    } else {
+        let pki = dmalog_migrate::pki::write_set(&dir, &["localhost".into(), "127.0.0.1".into()])
+            .context("throwaway certificates")?;
+        (
+            TlsArgs::from_files(&pki.ca, &pki.server_cert, &pki.server_key).server()?,
+            TlsArgs::from_files(&pki.ca, &pki.client_cert, &pki.client_key).client(None)?,
+        )
+    };
     let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
     let address = listener.local_addr()?.to_string();
     let memory_mib = vm.memory_mib;
-    let destination =
-        std::thread::spawn(move || run_destination(memory_mib, dst, listener, timeout));
-    let report = run_source(vm, src, &address);
+    let destination = std::thread::spawn(move || {
+        run_destination(memory_mib, dst, listener, timeout, &server_side)
+    });
+    let report = run_source(vm, src, &address, &client_side);
     let destination = destination
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
@@ -446,10 +487,13 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
         MigrateCommand::Source {
             socket,
             connect: destination,
+            tls_server_name,
+            tls,
             vm,
         } => {
+            let security = tls.client(tls_server_name.as_deref())?;
             let src = connect(socket, Duration::from_millis(vm.timeout_ms))?;
-            let report = run_source(vm, src, destination)?;
+            let report = run_source(vm, src, destination, &security)?;
             print_report(vm, &report, None, 0)
         }
         MigrateCommand::Destination {
@@ -458,7 +502,9 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             memory_mib,
             timeout_ms,
             json,
+            tls,
         } => {
+            let security = tls.server()?;
             let dst = connect(socket, Duration::from_millis(*timeout_ms))?;
             let listener =
                 TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
@@ -468,6 +514,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                 dst,
                 listener,
                 Duration::from_millis(*timeout_ms),
+                &security,
             )?;
             let mut stdout = std::io::stdout().lock();
             if *json {
@@ -484,6 +531,10 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        MigrateCommand::GenCerts { dir, server_names } => {
+            crate::transport::gen_certs(dir, server_names)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

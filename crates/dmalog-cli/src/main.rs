@@ -22,6 +22,7 @@ mod demo;
 mod inspect;
 mod probe;
 mod serve;
+mod transport;
 
 /// Device DMA dirty-page logging for VFIO live migration.
 #[derive(Parser, Debug)]

@@ -90,7 +90,8 @@ fn the_pds_tracker_with_two_regions_verifies() {
 }
 
 /// `dmalog migrate source` with a small VM (`memory_mib` of guest memory, 8 MiB device and
-/// 4 MiB vCPU working sets) connecting to `address`, its device server at `socket`.
+/// 4 MiB vCPU working sets) connecting to `address`, its device server at `socket` (TLS or
+/// `--insecure-plaintext` is the caller's to add).
 fn migrate_source(memory_mib: &str, address: &str, socket: &std::path::Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dmalog"));
     command
@@ -128,6 +129,24 @@ fn migrate_source_and_destination_as_separate_processes() {
         .collect();
     let port = 40000 + (std::process::id() % 20000) as u16;
     let address = format!("127.0.0.1:{port}");
+    // Mutual TLS with a set from `migrate gen-certs`.
+    let certs = dir.join("certs");
+    let status = Command::new(exe)
+        .args(["migrate", "gen-certs", "--dir"])
+        .arg(&certs)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let tls = |cert: &str, key: &str| {
+        [
+            "--tls-ca".into(),
+            certs.join("ca.pem"),
+            "--tls-cert".into(),
+            certs.join(cert),
+            "--tls-key".into(),
+            certs.join(key),
+        ]
+    };
     let destination = Command::new(exe)
         .args([
             "migrate",
@@ -140,6 +159,7 @@ fn migrate_source_and_destination_as_separate_processes() {
             "--socket",
         ])
         .arg(dir.join("dst.sock"))
+        .args(tls("server.pem", "server-key.pem"))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -148,6 +168,7 @@ fn migrate_source_and_destination_as_separate_processes() {
     for _ in 0..100 {
         let out = migrate_source("64", &address, &dir.join("src.sock"))
             .arg("--json")
+            .args(tls("client.pem", "client-key.pem"))
             .output()
             .unwrap();
         if out.status.success() {
@@ -240,6 +261,7 @@ fn a_dead_destination_fails_the_migration_and_the_source_device_runs_on() {
     let mut server = serve(&dir, "src.sock");
     let address = dying_destination(Some(1 << 20));
     let out = migrate_source("64", &address, &dir.join("src.sock"))
+        .arg("--insecure-plaintext")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -270,7 +292,7 @@ fn a_device_server_that_dies_fails_the_migration_with_a_clear_message() {
     let mut server = serve(&dir, "src.sock");
     let address = dying_destination(None);
     let source = migrate_source("128", &address, &dir.join("src.sock"))
-        .args(["--link-mbps", "100"])
+        .args(["--link-mbps", "100", "--insecure-plaintext"])
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()

@@ -48,6 +48,9 @@ fn source(address: &str, socket: &Path, extra: &[&str]) -> Child {
             "4",
             "--connect",
             address,
+            // The hostile peers here speak the frames in plaintext (tests/migrate_tls.rs
+            // covers TLS).
+            "--insecure-plaintext",
             "--socket",
         ])
         .arg(socket)
@@ -76,7 +79,12 @@ fn destination(socket: &Path, extra: &[&str]) -> Destination {
     let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
         .args(["migrate", "destination", "--json"])
         .args(memory_mib)
-        .args(["--listen", "127.0.0.1:0", "--socket"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-plaintext",
+            "--socket",
+        ])
         .arg(socket)
         .args(extra)
         .stdout(Stdio::piped())

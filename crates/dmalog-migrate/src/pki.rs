@@ -19,12 +19,12 @@ pub enum PkiError {
     #[error("generating certificates: {0}")]
     Generate(#[from] rcgen::Error),
     /// A file could not be written.
-    #[error("writing {}: {source}", path.display())]
+    #[error("writing {}: {cause}", path.display())]
     Write {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -124,9 +124,9 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), PkiError> {
         .mode(mode)
         .open(path)
         .and_then(|mut file| file.write_all(contents.as_bytes()))
-        .map_err(|source| PkiError::Write {
+        .map_err(|cause| PkiError::Write {
             path: path.to_owned(),
-            source,
+            cause,
         })
 }
 

@@ -23,10 +23,12 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ServerConnection, WebPkiClientVerifier};
-use rustls::{ClientConfig, ConnectionCommon, RootCertStore, ServerConfig, SideData, StreamOwned};
+use rustls::{ConnectionCommon, RootCertStore, SideData, StreamOwned};
 use tracing::{debug, warn};
 
 use crate::stream::IoTimeouts;
+
+pub use rustls::{ClientConfig, ServerConfig};
 
 /// The byte the destination sends once it has verified the source's certificate. In TLS 1.3
 /// the client finishes its handshake before the server has checked the client's
@@ -38,14 +40,14 @@ const ACCEPTED: u8 = 0xa5;
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A PEM file could not be read.
-    #[error("reading the {what} {}: {source}", path.display())]
+    #[error("reading the {what} {}: {cause}", path.display())]
     Read {
         /// Which file: "CA certificate", "certificate", "private key".
         what: &'static str,
         /// Its path.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A PEM file holds no usable item of the kind wanted.
     #[error("the {what} {}: {why}", path.display())]
@@ -69,12 +71,12 @@ pub enum TlsError {
     ServerName(String),
     /// The handshake failed: a missing, untrusted or mismatched certificate, a peer that
     /// does not speak TLS 1.3, or a link that failed or timed out.
-    #[error("TLS handshake with {peer} failed: {source}")]
+    #[error("TLS handshake with {peer} failed: {cause}")]
     Handshake {
         /// The peer's address.
         peer: String,
         /// Why (a rustls error is wrapped with kind `InvalidData`).
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -96,10 +98,10 @@ impl std::fmt::Debug for TlsConfig {
 }
 
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|cause| TlsError::Read {
         what,
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 
@@ -213,9 +215,9 @@ pub fn accept(
     timeout: Duration,
 ) -> Result<TlsStream, TlsError> {
     let peer = peer_of(&tcp);
-    let failed = |source| TlsError::Handshake {
+    let failed = |cause| TlsError::Handshake {
         peer: peer.clone(),
-        source,
+        cause,
     };
     let mut conn = ServerConnection::new(Arc::clone(config))?;
     let mut tcp = tcp;
@@ -241,9 +243,9 @@ pub fn connect(
     timeout: Duration,
 ) -> Result<TlsStream, TlsError> {
     let peer = peer_of(&tcp);
-    let failed = |source| TlsError::Handshake {
+    let failed = |cause| TlsError::Handshake {
         peer: peer.clone(),
-        source,
+        cause,
     };
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
@@ -322,6 +324,13 @@ fn handshake<D: SideData>(
                 if conn.write_tls(tcp).is_err() {
                     break;
                 }
+            }
+            if matches!(err, rustls::Error::InvalidMessage(_)) {
+                // What a plaintext migration stream looks like to TLS.
+                return Err(std::io::Error::new(
+                    ErrorKind::InvalidData,
+                    format!("{err} (the peer does not speak TLS: a plaintext peer?)"),
+                ));
             }
             return Err(std::io::Error::new(ErrorKind::InvalidData, err));
         }

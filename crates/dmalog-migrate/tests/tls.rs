@@ -260,8 +260,8 @@ fn a_silent_peer_times_out_in_the_handshake() {
     let server = config_of(&pki.ca, &pki.server).server_config().unwrap();
     let err = tls::accept(&server, tcp, Duration::from_millis(200)).unwrap_err();
     assert!(
-        matches!(&err, TlsError::Handshake { source, .. }
-            if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+        matches!(&err, TlsError::Handshake { cause, .. }
+            if matches!(cause.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
         "{err}"
     );
 }
