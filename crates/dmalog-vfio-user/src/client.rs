@@ -17,8 +17,11 @@ use dmalog::uapi::{
 };
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
 
-use crate::transport::{Message, RecvError, Transport};
+use crate::transport::{Message, Received, RecvError, Transport};
 use crate::wire::*;
+
+/// A reply's payload and fds.
+type ReplyBody = (Vec<u8>, Vec<OwnedFd>);
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -181,8 +184,25 @@ impl Client {
 
     /// The next message from the server; a timeout leaves the connection out of step.
     fn recv(&mut self) -> Result<Message, ClientError> {
-        match self.transport.recv() {
-            Ok(message) => Ok(message),
+        match self.recv_into(&mut [], &mut [], |_| false)? {
+            Received::Whole(message) => Ok(message),
+            Received::Direct { header, fds } => Ok(Message {
+                header,
+                payload: Vec::new(),
+                fds,
+            }),
+        }
+    }
+
+    /// [`Transport::recv_into`], with the client's handling of timeouts.
+    fn recv_into(
+        &mut self,
+        prefix: &mut [u8],
+        direct: &mut [u8],
+        accept: impl FnOnce(&Header) -> bool,
+    ) -> Result<Received, ClientError> {
+        match self.transport.recv_into(prefix, direct, accept) {
+            Ok(received) => Ok(received),
             Err(RecvError::Stalled) => {
                 self.out_of_step = true;
                 Err(Self::timed_out())
@@ -249,17 +269,38 @@ impl Client {
     }
 
     /// The reply to command `id`, serving the server's own commands that come first.
-    fn await_reply(
+    fn await_reply(&mut self, command: u16, id: u16) -> Result<ReplyBody, ClientError> {
+        self.await_reply_into(command, id, &mut [], &mut [])
+            .map(|reply| reply.unwrap_or_default())
+    }
+
+    /// [`Client::await_reply`], but a successful reply whose payload is exactly
+    /// `prefix.len() + direct.len()` bytes is read straight into them: `None` then.
+    fn await_reply_into(
         &mut self,
         command: u16,
         id: u16,
-    ) -> Result<(Vec<u8>, Vec<OwnedFd>), ClientError> {
+        prefix: &mut [u8],
+        direct: &mut [u8],
+    ) -> Result<Option<ReplyBody>, ClientError> {
+        let awaited = |header: &Header| {
+            header.kind() == TYPE_REPLY
+                && header.msg_id == id
+                && header.cmd == command
+                && header.flags & FLAG_ERROR == 0
+        };
         loop {
             let Message {
                 header,
                 payload,
                 fds,
-            } = self.recv()?;
+            } = match self.recv_into(prefix, direct, awaited)? {
+                Received::Direct { fds, .. } if prefix.is_empty() && direct.is_empty() => {
+                    return Ok(Some((Vec::new(), fds)))
+                }
+                Received::Direct { .. } => return Ok(None),
+                Received::Whole(message) => message,
+            };
             if header.kind() == TYPE_COMMAND {
                 self.serve_server_command(header, &payload)?;
                 continue;
@@ -280,7 +321,7 @@ impl Client {
                     errno,
                 });
             }
-            return Ok((payload, fds));
+            return Ok(Some((payload, fds)));
         }
     }
 
@@ -667,7 +708,25 @@ impl Client {
 
     /// Takes the reply to REPORT `id` and ORs its bitmap into `words`.
     fn take_report(&mut self, id: u16, words: &mut [u64]) -> Result<(), ClientError> {
-        let (reply, _) = self.await_reply(cmd::DEVICE_FEATURE, id)?;
+        // Where the caller's bitmap is still all zeros (a fresh bitmap, the usual case), ORing
+        // the reply in is a copy: the kernel writes the bitmap straight into the caller's
+        // words, with no pass over a receive buffer. (The feature header and the echoed
+        // request before it are not checked on either path.)
+        // (The wire's bitmap is little-endian words: only there are they the host's bytes.)
+        let fresh = cfg!(target_endian = "little")
+            && words
+                .chunks(512)
+                .all(|chunk| chunk.iter().fold(0, |acc, &word| acc | word) == 0);
+        let reply = if fresh {
+            let mut prefix = [0u8; FEATURE_HEADER_BYTES + USER_REPORT_BYTES];
+            let direct = dmalog::tracker::words_as_bytes(words);
+            self.await_reply_into(cmd::DEVICE_FEATURE, id, &mut prefix, direct)?
+        } else {
+            Some(self.await_reply(cmd::DEVICE_FEATURE, id)?)
+        };
+        let Some((reply, _)) = reply else {
+            return Ok(());
+        };
         let bitmap = reply
             .get(FEATURE_HEADER_BYTES + USER_REPORT_BYTES..)
             .ok_or(ClientError::Protocol("short REPORT reply"))?;

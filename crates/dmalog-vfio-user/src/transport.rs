@@ -194,12 +194,53 @@ impl Transport {
 
     /// Receives one whole message.
     pub fn recv(&mut self) -> Result<Message, RecvError> {
+        let (header, fds) = self.recv_header()?;
+        self.recv_payload(header, fds)
+    }
+
+    /// Receives one message. When `accept` takes its header and its payload is exactly
+    /// `prefix.len() + direct.len()` bytes, the payload is read straight into `prefix` and
+    /// then `direct` (a large reply lands in its final place, with no copy); otherwise the
+    /// message is received whole as by [`Transport::recv`] and neither buffer is touched.
+    pub fn recv_into(
+        &mut self,
+        prefix: &mut [u8],
+        direct: &mut [u8],
+        accept: impl FnOnce(&Header) -> bool,
+    ) -> Result<Received, RecvError> {
+        let (header, mut fds) = self.recv_header()?;
+        let direct_len = prefix.len() + direct.len();
+        if header.msg_size as usize == HEADER_BYTES + direct_len
+            && header.msg_size as usize <= self.max_message_bytes
+            && accept(&header)
+        {
+            for buf in [prefix, direct] {
+                if !buf.is_empty() && !self.read_exact_with_fds(buf, &mut fds, true)? {
+                    return Err(RecvError::Closed);
+                }
+            }
+            return Ok(Received::Direct { header, fds });
+        }
+        self.recv_payload(header, fds).map(Received::Whole)
+    }
+
+    /// Reads the header of the next message (and the fds that come with it).
+    fn recv_header(&mut self) -> Result<(Header, Vec<OwnedFd>), RecvError> {
         let mut fds = Vec::new();
         let mut head = [0u8; HEADER_BYTES];
         if !self.read_exact_with_fds(&mut head, &mut fds, false)? {
             return Err(RecvError::Closed);
         }
         let header = Header::decode(&head).map_err(|_| RecvError::Closed)?;
+        Ok((header, fds))
+    }
+
+    /// Reads the payload of a message whose header was read.
+    fn recv_payload(
+        &mut self,
+        header: Header,
+        mut fds: Vec<OwnedFd>,
+    ) -> Result<Message, RecvError> {
         let size = header.msg_size as usize;
         if size < HEADER_BYTES {
             return Err(RecvError::BadSize { header });
@@ -238,6 +279,20 @@ impl Transport {
             fds,
         })
     }
+}
+
+/// What [`Transport::recv_into`] received.
+#[derive(Debug)]
+pub enum Received {
+    /// The awaited message, its payload in the caller's buffers.
+    Direct {
+        /// Its header.
+        header: Header,
+        /// The fds that came with it.
+        fds: Vec<OwnedFd>,
+    },
+    /// Another message (or the awaited one in an unexpected size), whole.
+    Whole(Message),
 }
 
 #[cfg(test)]

@@ -66,3 +66,36 @@ fn split_reports_arrive_in_order_and_refusals_keep_the_stream_in_step() {
     drop(client);
     server.join().unwrap();
 }
+
+#[test]
+fn a_split_report_keeps_the_callers_bits_in_every_part() {
+    // Parts still all zero in the caller's bitmap are received straight into it; parts with
+    // bits of the caller's own are merged. Either way the report only adds bits.
+    let (mut client, server, mut dma) = pair();
+    let span = 1u64 << 30;
+    client
+        .start(&[IovaRange::new(0, span).unwrap()], PAGE)
+        .unwrap();
+    let dirty: Vec<u64> = (0..span / PAGE).step_by(4096 + 7).collect();
+    for &page in &dirty {
+        dma.record_write(page * PAGE, 1);
+    }
+    let part_words = 512;
+    let mut words = vec![0u64; (span / PAGE / 64) as usize];
+    // Parts 1 and 6 carry bits of the caller's; the others are fresh.
+    words[part_words + 3] = 1 << 9;
+    words[6 * part_words + 100] = u64::MAX;
+    let mut expected: Vec<u64> = dirty.clone();
+    expected.push((part_words as u64 + 3) * 64 + 9);
+    expected.extend((6 * part_words as u64 + 100) * 64..(6 * part_words as u64 + 101) * 64);
+    expected.sort_unstable();
+    expected.dedup();
+    client.report(0, span, PAGE, &mut words).unwrap();
+    let reported: Vec<u64> = (0..span / PAGE)
+        .filter(|&p| words[(p / 64) as usize] >> (p % 64) & 1 == 1)
+        .collect();
+    assert_eq!(reported, expected);
+    client.stop().unwrap();
+    drop(client);
+    server.join().unwrap();
+}

@@ -567,7 +567,25 @@ impl WordSink for BitmapSink<'_, '_> {
                     }
                 };
                 if flagged == GROUP_MASK {
-                    // A dense group: a straight loop, no bit scan between words.
+                    // A dense group. All dirty (the usual case) is taken in three straight
+                    // passes, about three instructions a word: loads only to check, the
+                    // plain-store clears of `take_whole_word` (every word was seen all ones,
+                    // which no writer can change; a load moving ahead of the previous word's
+                    // store is an order the per-word loop allows too), and a fill, since
+                    // ORing all ones sets all ones.
+                    if exclusive
+                        && words
+                            .iter()
+                            .fold(u64::MAX, |all, word| all & word.load(Ordering::Acquire))
+                            == u64::MAX
+                    {
+                        for word in words {
+                            word.store(0, Ordering::Release);
+                        }
+                        out.fill(0xff);
+                        return true;
+                    }
+                    // Otherwise a straight loop, no bit scan between words.
                     for slot in 0..GROUP_WORDS as usize {
                         take(slot, out);
                     }
@@ -770,6 +788,40 @@ mod tests {
             rmw_count::WORD.with(|c| c.get()),
             rmw_count::SUMMARY.with(|c| c.get()),
         )
+    }
+
+    #[test]
+    fn dense_group_of_full_and_partial_words_keeps_the_callers_bits() {
+        // Group 1 (interior, every word flagged): even words all dirty, odd words one page
+        // each. The caller's bitmap has bits of its own in both kinds of word and in clean
+        // groups; the report only adds bits.
+        let log = DirtyLog::new(0, 64 << 20, 4096).unwrap();
+        let mut expected = Vec::new();
+        for k in 0..64u64 {
+            let first_page = 4096 + 64 * k;
+            if k % 2 == 0 {
+                log.mark(first_page * 4096, 64 * 4096);
+                expected.extend(first_page..first_page + 64);
+            } else {
+                log.mark((first_page + k) * 4096, 1);
+                expected.push(first_page + k);
+            }
+        }
+        let callers = [5u64, 4096 + 64 + 3, 4096 + 2 * 64 + 7, 12000];
+        expected.extend(callers);
+        expected.sort_unstable();
+        expected.dedup();
+        let mut buf = vec![0u8; (64 << 20) / 4096 / 8];
+        for page in callers {
+            buf[(page / 8) as usize] |= 1 << (page % 8);
+        }
+        let mut bm = IovaBitmap::new(0, 64 << 20, 4096, &mut buf).unwrap();
+        log.read_and_clear(0, 64 << 20, &mut bm);
+        let got: Vec<u64> = (0..buf.len() as u64 * 8)
+            .filter(|k| buf[(k / 8) as usize] >> (k % 8) & 1 == 1)
+            .collect();
+        assert_eq!(got, expected);
+        assert!(report(&log, 0, 64 << 20, 4096).is_empty(), "cleared");
     }
 
     #[test]
