@@ -85,6 +85,15 @@ pub struct VmArgs {
     /// no guest programs here.
     #[arg(long, value_name = "INDEX")]
     fill_region: Vec<u32>,
+    /// Before the migration (after any fill), write a 64-bit value into a device region:
+    /// INDEX:OFFSET=VALUE (repeat for more).
+    #[arg(long, value_name = "INDEX:OFFSET=VALUE", value_parser = device_workload::parse_register_write)]
+    region_write_u64: Vec<device_workload::RegisterWrite>,
+    /// Whether the device's PRE_COPY is used when it offers one (false: its state moves in
+    /// STOP_COPY only, for devices whose RESUMING takes just the STOP_COPY data, as
+    /// libvfio-user's sample server).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    device_pre_copy: bool,
 }
 
 /// Options of `dmalog demo`.
@@ -286,8 +295,13 @@ fn run_source(
             low_region >> 20
         );
     }
+    let digest_sizes = device_workload::region_sizes(&mut src, &vm_args.region_digest);
     for &index in &vm_args.fill_region {
         device_workload::fill_region(&mut src, index)?;
+    }
+    for write in &vm_args.region_write_u64 {
+        src.write_u64(write.index, write.offset, write.value)
+            .with_context(|| format!("writing region {} at {:#x}", write.index, write.offset))?;
     }
     if device_workload::wanted(vm_args.device_workload, &mut src) {
         device_workload::start(
@@ -336,9 +350,16 @@ fn run_source(
         max_downtime: Duration::from_millis(vm_args.max_downtime_ms),
         max_rounds: vm_args.max_rounds,
     };
+    let mut without_pre_copy;
+    let device: &mut dyn dmalog_migrate::engine::SourceDevice = if vm_args.device_pre_copy {
+        &mut src
+    } else {
+        without_pre_copy = device_workload::WithoutPreCopy(&mut src);
+        &mut without_pre_copy
+    };
     let vm = SourceVm {
         memory: &memory,
-        device: &mut src,
+        device,
         cpu: &mut cpu as &mut dyn DirtyTracker,
         vcpus: Some(&vcpus),
     };
@@ -350,7 +371,7 @@ fn run_source(
     });
     progress.finish_and_clear();
     let report = report.context("migration")?;
-    let region_digests = device_workload::region_digests(&mut src, &vm_args.region_digest);
+    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
     Ok(SourceOutcome {
         report,
         region_digests,
@@ -415,7 +436,10 @@ fn run_destination(
         pages: report.pages,
         device_bytes: report.device_bytes,
         verified: report.verified,
-        region_digests: device_workload::region_digests(&mut dst, digest_regions),
+        region_digests: {
+            let sizes = device_workload::region_sizes(&mut dst, digest_regions);
+            device_workload::region_digests(&mut dst, &sizes)
+        },
     })
 }
 

@@ -4,6 +4,8 @@
 //! checked region by region.
 
 use anyhow::Context;
+use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
 use dmalog_vfio_user::pci_config::{read_config_space, PciConfig};
 use dmalog_vfio_user::Client;
 use tracing::{info, warn};
@@ -100,15 +102,26 @@ pub fn writes(client: &mut Client) -> anyhow::Result<u64> {
         .context("reading the workload write counter")
 }
 
-/// The CRC32C of region `index`'s contents, read through REGION_READ in pieces the server
-/// takes (so a region mapped only through sparse areas is read whole too).
-pub fn region_digest(client: &mut Client, index: u32) -> anyhow::Result<u32> {
-    let region = client
-        .region_info(index)
-        .with_context(|| format!("region {index} info"))?;
+/// The byte sizes of regions `indices`, asked while the device runs (some servers answer
+/// REGION_INFO in no other state; libvfio-user takes only region accesses in STOP).
+pub fn region_sizes(client: &mut Client, indices: &[u32]) -> Vec<(u32, Result<u64, String>)> {
+    indices
+        .iter()
+        .map(|&index| {
+            let size = client
+                .region_info(index)
+                .map(|region| region.info.size)
+                .map_err(|err| format!("region {index} info: {err}"));
+            (index, size)
+        })
+        .collect()
+}
+
+/// The CRC32C of the `size_bytes` of region `index`, read through REGION_READ in pieces
+/// the server takes (so a region mapped only through sparse areas is read whole too).
+pub fn region_digest(client: &mut Client, index: u32, size_bytes: u64) -> anyhow::Result<u32> {
     // A digest is for registers and small BARs: refuse to stream gigabytes over the socket.
     const MAX_DIGEST_BYTES: u64 = 256 << 20;
-    let size_bytes = region.info.size;
     if size_bytes > MAX_DIGEST_BYTES {
         anyhow::bail!("region {index} is {size_bytes} bytes, more than a digest reads");
     }
@@ -158,20 +171,122 @@ pub fn fill_region(client: &mut Client, index: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Digests of `indices`, as `index -> "0x…"` (a region that cannot be read maps to its
-/// error, so that one refusal does not hide the others).
+/// Digests of the regions `sizes` lists, as `index -> "0x…"` (a region that cannot be
+/// read maps to its error, so that one refusal does not hide the others).
 pub fn region_digests(
     client: &mut Client,
-    indices: &[u32],
+    sizes: &[(u32, Result<u64, String>)],
 ) -> serde_json::Map<String, serde_json::Value> {
-    indices
+    sizes
         .iter()
-        .map(|&index| {
-            let value = match region_digest(client, index) {
-                Ok(crc) => serde_json::Value::String(format!("{crc:#010x}")),
-                Err(err) => serde_json::Value::String(format!("error: {err:#}")),
+        .map(|(index, size)| {
+            let digest = size.clone().and_then(|size_bytes| {
+                region_digest(client, *index, size_bytes).map_err(|err| format!("{err:#}"))
+            });
+            let value = match digest {
+                Ok(crc) => format!("{crc:#010x}"),
+                Err(err) => format!("error: {err}"),
             };
-            (index.to_string(), value)
+            (index.to_string(), serde_json::Value::String(value))
         })
         .collect()
+}
+
+/// One `--region-write-u64 INDEX:OFFSET=VALUE`: a 64-bit register write before the
+/// migration (numbers decimal or 0x-hex).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegisterWrite {
+    /// Region index.
+    pub index: u32,
+    /// Byte offset in the region.
+    pub offset: u64,
+    /// The value written (little-endian, 8 bytes).
+    pub value: u64,
+}
+
+fn parse_number(text: &str) -> Result<u64, String> {
+    let parsed = match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|err| format!("{text:?}: {err}"))
+}
+
+/// Parses `INDEX:OFFSET=VALUE`.
+pub fn parse_register_write(text: &str) -> Result<RegisterWrite, String> {
+    let (place, value) = text.split_once('=').ok_or("expected INDEX:OFFSET=VALUE")?;
+    let (index, offset) = place.split_once(':').ok_or("expected INDEX:OFFSET=VALUE")?;
+    Ok(RegisterWrite {
+        index: u32::try_from(parse_number(index)?).map_err(|_| "region index too large")?,
+        offset: parse_number(offset)?,
+        value: parse_number(value)?,
+    })
+}
+
+/// A device whose PRE_COPY is not used: its MIGRATION flags lose PRE_COPY, so the engine
+/// moves its state in STOP_COPY only. For devices whose RESUMING takes the STOP_COPY data
+/// alone instead of the whole stream (libvfio-user's sample server does).
+pub struct WithoutPreCopy<'a>(pub &'a mut Client);
+
+impl DirtyTracker for WithoutPreCopy<'_> {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        self.0.probe()
+    }
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.0.start(ranges, page_size)
+    }
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
+        self.0.report(iova, length, page_size, bitmap)
+    }
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        DirtyTracker::stop(self.0)
+    }
+}
+
+impl MigrationDevice for WithoutPreCopy<'_> {
+    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
+        Ok(self.0.migration_flags()? & !MIGRATION_PRE_COPY)
+    }
+    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
+        self.0.device_state()
+    }
+    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
+        self.0.set_device_state(state)
+    }
+    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
+        self.0.read_migration_data(buf)
+    }
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
+        self.0.write_migration_data(data)
+    }
+    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
+        self.0.pending_migration_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_writes_parse_and_refuse_garbage() {
+        assert_eq!(
+            parse_register_write("0:0=0x10").unwrap(),
+            RegisterWrite {
+                index: 0,
+                offset: 0,
+                value: 16
+            }
+        );
+        assert_eq!(parse_register_write("1:0x8=7").unwrap().offset, 8);
+        for bad in ["", "0:0", "0=1", "x:0=1", "0:0=", "4294967296:0=1"] {
+            assert!(parse_register_write(bad).is_err(), "{bad}");
+        }
+    }
 }
