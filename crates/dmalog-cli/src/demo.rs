@@ -11,6 +11,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::device_workload::{self, DeviceWorkload, WorkloadParams};
 use anyhow::{bail, Context};
 use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
@@ -73,6 +74,28 @@ pub struct VmArgs {
     /// Print one JSON object with the whole report.
     #[arg(long)]
     json: bool,
+    /// dma-engine's DMA workload on the source device: auto (when its PCI IDs say
+    /// dma-engine), on, or off.
+    #[arg(long, value_enum, default_value_t = DeviceWorkload::Auto)]
+    device_workload: DeviceWorkload,
+    /// After the migration, print the CRC32C of this device region's contents (repeat for
+    /// more; e.g. 1 for BAR1), to compare with the destination's.
+    #[arg(long, value_name = "INDEX")]
+    region_digest: Vec<u32>,
+    /// Before the migration, fill this device region with a known pattern through region
+    /// writes (repeat for more): device contents to check a migration with, on a device
+    /// no guest programs here.
+    #[arg(long, value_name = "INDEX")]
+    fill_region: Vec<u32>,
+    /// Before the migration (after any fill), write a 64-bit value into a device region:
+    /// INDEX:OFFSET=VALUE (repeat for more).
+    #[arg(long, value_name = "INDEX:OFFSET=VALUE", value_parser = device_workload::parse_register_write)]
+    region_write_u64: Vec<device_workload::RegisterWrite>,
+    /// Whether the device's PRE_COPY is used when it offers one (false: its state moves in
+    /// STOP_COPY only, for devices whose RESUMING takes just the STOP_COPY data, as
+    /// libvfio-user's sample server).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    device_pre_copy: bool,
 }
 
 /// Options of `dmalog demo`.
@@ -134,6 +157,10 @@ pub enum MigrateCommand {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// After the device resumes, print the CRC32C of this device region's contents
+        /// (repeat for more; e.g. 1 for BAR1), to compare with the source's.
+        #[arg(long, value_name = "INDEX")]
+        region_digest: Vec<u32>,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -228,15 +255,6 @@ fn map_all(client: &mut Client, memory: &GuestMemory) -> Result<(), String> {
     Ok(())
 }
 
-// dma-engine workload registers (SPEC 6.1).
-const WL_BASE: u64 = 0x80;
-const WL_SPAN: u64 = 0x88;
-const WL_SIZE: u64 = 0x90;
-const WL_RATE: u64 = 0x98;
-const WL_SEED: u64 = 0xa0;
-const WL_CTRL: u64 = 0xa8;
-const WL_WRITES: u64 = 0xb0;
-
 #[derive(serde::Serialize)]
 struct DemoOutput<'a> {
     #[serde(flatten)]
@@ -244,6 +262,25 @@ struct DemoOutput<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     device_writes_after_resume: Option<u64>,
     destination_pages: u64,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    region_digests: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// What the source half did: the engine's report and the digests of the regions asked for
+/// (read after the migration, the device stopped).
+struct SourceOutcome {
+    report: MigrationReport,
+    region_digests: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What the destination half did.
+struct DestinationOutcome {
+    /// dma-engine's workload writes in the 100 ms after resuming (None: not dma-engine).
+    device_writes_after_resume: Option<u64>,
+    pages: u64,
+    device_bytes: u64,
+    verified: bool,
+    region_digests: serde_json::Map<String, serde_json::Value>,
 }
 
 fn mode_of(vm: &VmArgs) -> Mode {
@@ -261,7 +298,7 @@ fn run_source(
     mut src: Client,
     destination: &str,
     security: &ClientSide,
-) -> anyhow::Result<MigrationReport> {
+) -> anyhow::Result<SourceOutcome> {
     let guest_bytes = vm_args.memory_mib * MIB;
     if guest_bytes < 64 * MIB {
         bail!("the guest needs at least 64 MiB");
@@ -281,16 +318,23 @@ fn run_source(
             low_region >> 20
         );
     }
-    for (offset, value) in [
-        (WL_BASE, device_base),
-        (WL_SPAN, vm_args.device_wss_mib * MIB),
-        (WL_SIZE, 4096),
-        (WL_RATE, vm_args.device_rate_mbps * 1_000_000),
-        (WL_SEED, 0x5eed),
-        (WL_CTRL, 1),
-    ] {
-        src.write_u64(0, offset, value)
-            .context("programming the device workload")?;
+    let digest_sizes = device_workload::region_sizes(&mut src, &vm_args.region_digest);
+    for &index in &vm_args.fill_region {
+        device_workload::fill_region(&mut src, index)?;
+    }
+    for write in &vm_args.region_write_u64 {
+        src.write_u64(write.index, write.offset, write.value)
+            .with_context(|| format!("writing region {} at {:#x}", write.index, write.offset))?;
+    }
+    if device_workload::wanted(vm_args.device_workload, &mut src) {
+        device_workload::start(
+            &mut src,
+            WorkloadParams {
+                base: device_base,
+                span_bytes: vm_args.device_wss_mib * MIB,
+                rate_bytes_per_sec: vm_args.device_rate_mbps * 1_000_000,
+            },
+        )?;
     }
     let cpu_driver = SoftDriver::new();
     let recorder = cpu_driver.recorder();
@@ -332,9 +376,16 @@ fn run_source(
         max_downtime: Duration::from_millis(vm_args.max_downtime_ms),
         max_rounds: vm_args.max_rounds,
     };
+    let mut without_pre_copy;
+    let device: &mut dyn dmalog_migrate::engine::SourceDevice = if vm_args.device_pre_copy {
+        &mut src
+    } else {
+        without_pre_copy = device_workload::WithoutPreCopy(&mut src);
+        &mut without_pre_copy
+    };
     let vm = SourceVm {
         memory: &memory,
-        device: &mut src,
+        device,
         cpu: &mut cpu as &mut dyn DirtyTracker,
         vcpus: Some(&vcpus),
     };
@@ -345,7 +396,12 @@ fn run_source(
         ));
     });
     progress.finish_and_clear();
-    report.context("migration")
+    let report = report.context("migration")?;
+    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
+    Ok(SourceOutcome {
+        report,
+        region_digests,
+    })
 }
 
 /// A connection to `address` (each of its resolved addresses in turn), each attempt
@@ -365,15 +421,19 @@ fn connect_within(address: &str, timeout: Duration) -> anyhow::Result<TcpStream>
 }
 
 /// The destination half: one incoming migration on `listener`, resumed on the device at
-/// `dst`. Returns the device's workload writes in the 100 ms after resuming and the pages
-/// received.
+/// `dst`; then dma-engine's workload writes in the 100 ms after resuming (when the device
+/// is one) and the digests of `digest_regions`.
 fn run_destination(
     memory_mib: u64,
     mut dst: Client,
     listener: TcpListener,
     timeout: Duration,
     security: &ServerSide,
-) -> anyhow::Result<(u64, u64, bool)> {
+    digest_regions: &[u32],
+) -> anyhow::Result<DestinationOutcome> {
+    // Asked before the migration: after it, every request counts against the device's
+    // time running.
+    let dma_engine = device_workload::is_dma_engine(&mut dst);
     let memory =
         GuestMemory::new(&default_layout(memory_mib * MIB)).context("destination guest memory")?;
     // Waiting for a source to connect is this side's job and has no limit; once one has,
@@ -391,18 +451,33 @@ fn run_destination(
     )
     .context("destination")?;
     // The device goes on where it stopped.
-    let before = dst.read_u64(0, WL_WRITES)?;
-    std::thread::sleep(Duration::from_millis(100));
-    let after = dst.read_u64(0, WL_WRITES)?;
-    Ok((after.saturating_sub(before), report.pages, report.verified))
+    let device_writes_after_resume = if dma_engine {
+        let before = device_workload::writes(&mut dst)?;
+        std::thread::sleep(Duration::from_millis(100));
+        let after = device_workload::writes(&mut dst)?;
+        Some(after.saturating_sub(before))
+    } else {
+        None
+    };
+    Ok(DestinationOutcome {
+        device_writes_after_resume,
+        pages: report.pages,
+        device_bytes: report.device_bytes,
+        verified: report.verified,
+        region_digests: {
+            let sizes = device_workload::region_sizes(&mut dst, digest_regions);
+            device_workload::region_digests(&mut dst, &sizes)
+        },
+    })
 }
 
 fn print_report(
     vm_args: &VmArgs,
-    report: &MigrationReport,
+    source: &SourceOutcome,
     device_writes_after_resume: Option<u64>,
     destination_pages: u64,
 ) -> anyhow::Result<ExitCode> {
+    let report = &source.report;
     let mut stdout = std::io::stdout().lock();
     if vm_args.json {
         serde_json::to_writer_pretty(
@@ -411,11 +486,13 @@ fn print_report(
                 report,
                 device_writes_after_resume,
                 destination_pages,
+                region_digests: &source.region_digests,
             },
         )?;
         writeln!(stdout)?;
     } else {
         print_table(&mut stdout, report, device_writes_after_resume)?;
+        print_digests(&mut stdout, &source.region_digests)?;
     }
     Ok(if report.verified {
         ExitCode::SUCCESS
@@ -460,24 +537,24 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let address = listener.local_addr()?.to_string();
     let memory_mib = vm.memory_mib;
     let destination = std::thread::spawn(move || {
-        run_destination(memory_mib, dst, listener, timeout, &server_side)
+        run_destination(memory_mib, dst, listener, timeout, &server_side, &[])
     });
-    let report = run_source(vm, src, &address, &client_side);
+    let source = run_source(vm, src, &address, &client_side);
     let destination = destination
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
     let _ = std::fs::remove_dir_all(&dir);
-    let report = report?;
-    let (device_writes_after_resume, destination_pages, _) = destination?;
+    let source = source?;
+    let destination = destination?;
     if let Some(path) = &args.chart {
-        crate::chart::write_svg(&report, path)
+        crate::chart::write_svg(&source.report, path)
             .with_context(|| format!("--chart {}", path.display()))?;
     }
     print_report(
         vm,
-        &report,
-        Some(device_writes_after_resume),
-        destination_pages,
+        &source,
+        destination.device_writes_after_resume,
+        destination.pages,
     )
 }
 
@@ -493,8 +570,8 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
         } => {
             let security = tls.client(tls_server_name.as_deref())?;
             let src = connect(socket, Duration::from_millis(vm.timeout_ms))?;
-            let report = run_source(vm, src, destination, &security)?;
-            print_report(vm, &report, None, 0)
+            let source = run_source(vm, src, destination, &security)?;
+            print_report(vm, &source, None, 0)
         }
         MigrateCommand::Destination {
             socket,
@@ -503,28 +580,47 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             timeout_ms,
             json,
             tls,
+            region_digest,
         } => {
             let security = tls.server()?;
             let dst = connect(socket, Duration::from_millis(*timeout_ms))?;
             let listener =
                 TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
             eprintln!("waiting for a migration on {}", listener.local_addr()?);
-            let (writes, pages, verified) = run_destination(
+            let outcome = run_destination(
                 *memory_mib,
                 dst,
                 listener,
                 Duration::from_millis(*timeout_ms),
                 &security,
+                region_digest,
             )?;
+            let verified = outcome.verified;
             let mut stdout = std::io::stdout().lock();
             if *json {
+                let mut object = serde_json::json!({
+                    "verified": verified,
+                    "pages": outcome.pages,
+                    "device_bytes": outcome.device_bytes,
+                    "device_writes_after_resume": outcome.device_writes_after_resume,
+                });
+                if !outcome.region_digests.is_empty() {
+                    object["region_digests"] = outcome.region_digests.into();
+                }
+                writeln!(stdout, "{object}")?;
+            } else {
+                let workload = match outcome.device_writes_after_resume {
+                    Some(writes) => format!(" ({writes} workload writes in 100 ms)"),
+                    None => String::new(),
+                };
                 writeln!(
                     stdout,
-                    "{}",
-                    serde_json::json!({"verified": verified, "pages": pages, "device_writes_after_resume": writes})
+                    "received {} pages and {} bytes of device state; device resumed{workload}; {}",
+                    outcome.pages,
+                    outcome.device_bytes,
+                    if verified { "VERIFIED" } else { "FAILED" }
                 )?;
-            } else {
-                writeln!(stdout, "received {pages} pages; device resumed ({writes} workload writes in 100 ms); {}", if verified { "VERIFIED" } else { "FAILED" })?;
+                print_digests(&mut stdout, &outcome.region_digests)?;
             }
             Ok(if verified {
                 ExitCode::SUCCESS
@@ -539,6 +635,20 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn print_digests(
+    out: &mut impl Write,
+    digests: &serde_json::Map<String, serde_json::Value>,
+) -> std::io::Result<()> {
+    for (index, digest) in digests {
+        writeln!(
+            out,
+            "region {index} digest: {}",
+            digest.as_str().unwrap_or_default()
+        )?;
+    }
+    Ok(())
+}
+
 fn print_table(
     out: &mut impl Write,
     report: &MigrationReport,
@@ -550,6 +660,16 @@ fn print_table(
         report.mode,
         report.guest_bytes >> 20,
         if report.device_tracking { "on" } else { "off" }
+    )?;
+    writeln!(
+        out,
+        "device state: {} bytes{}",
+        report.device_bytes,
+        if report.device_pre_copy {
+            " (PRE_COPY and STOP_COPY)"
+        } else {
+            " (STOP_COPY only)"
+        }
     )?;
     writeln!(
         out,

@@ -19,6 +19,7 @@ mod bench;
 mod bench_peer;
 mod chart;
 mod demo;
+mod device_workload;
 mod inspect;
 mod probe;
 mod serve;

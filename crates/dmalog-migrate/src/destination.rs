@@ -97,8 +97,8 @@ pub fn decode_pages(payload: &[u8]) -> Result<(u64, &[u8]), MigrateError> {
     Ok((gpa, data))
 }
 
-/// Runs the destination side: writes pages into `memory`, loads the device state
-/// (RESUMING, data, STOP), maps DMA with `map_dma`, resumes the device (RUNNING), answers
+/// Runs the destination side: maps DMA with `map_dma`, writes pages into `memory`, loads
+/// the device state (RESUMING, data, STOP), resumes the device (RUNNING), answers
 /// Resumed, then checks the source's hashes. A frame this side refuses is also reported to
 /// the source (an Abort, best effort). Time limits are the reader's and writer's
 /// ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]).
@@ -157,6 +157,11 @@ fn receive<W: Write, D: MigrationDevice>(
             "the source's memory layout differs from ours".into(),
         ));
     }
+    // Guest memory is mapped before the device state loads, as a VMM maps it when the
+    // destination VM is created: some servers (libvfio-user) take no DMA_MAP in STOP or
+    // RESUMING. The device does no DMA until RUNNING, and the hashes below are taken
+    // before that.
+    map_dma(device, memory).map_err(MigrateError::Peer)?;
     device.set_device_state(DeviceState::Resuming)?;
     loop {
         let frame = input.read()?;
@@ -181,7 +186,6 @@ fn receive<W: Write, D: MigrationDevice>(
         .flat_map(|h| h.to_le_bytes())
         .collect();
     let hash_ns = hash_start.elapsed().as_nanos() as u64;
-    map_dma(device, memory).map_err(MigrateError::Peer)?;
     device.set_device_state(DeviceState::Running)?;
     out.write(Kind::Resumed, &[&hash_ns.to_le_bytes(), &hashes])?;
     out.flush()?;

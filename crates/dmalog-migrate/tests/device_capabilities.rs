@@ -1,6 +1,7 @@
 //! The engine adapts to what the device offers: no PRE_COPY means its state moves only in
 //! STOP_COPY; no DMA logging means the vCPU log still runs and device-mapped memory is
-//! dirty every round; no STOP_COPY means it cannot migrate at all.
+//! dirty every round; no STOP_COPY means it cannot migrate at all. The destination maps
+//! guest memory before it loads the device state (a server may refuse DMA_MAP after).
 
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
@@ -28,10 +29,14 @@ fn migrate(device: &mut FakeDevice) -> (Result<MigrationReport, MigrateError>, V
         let (mut device, _) = FakeDevice::new(Vec::new());
         let mut input = FrameReader::new(b.try_clone().unwrap());
         let mut out = FrameWriter::new(b, None);
+        // As libvfio-user: no DMA_MAP once the device left RUNNING for the migration.
         let _ = migrate_destination(
             &memory,
             &mut device,
-            &mut |_, _| Ok(()),
+            &mut |device: &mut FakeDevice, _| match device.states.last() {
+                None | Some(DeviceState::Running) => Ok(()),
+                Some(state) => Err(format!("DMA_MAP refused in {state:?}")),
+            },
             &mut input,
             &mut out,
         );
