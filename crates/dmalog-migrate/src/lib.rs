@@ -9,6 +9,7 @@ pub mod fuzzing;
 pub mod guest;
 pub mod peer_text;
 pub mod pki;
+mod round_sync;
 mod sender;
 pub mod stream;
 pub mod tls;
