@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::dirty::{collect_dirty, Bitmaps, Tracking};
 use crate::guest::GuestMemory;
 use crate::sender::Sender;
-use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError};
+use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError, Transport};
 use crate::vcpu::VcpuWorkload;
 
 /// Guest page size the engine migrates at.
@@ -201,10 +201,24 @@ pub struct SourceVm<'a> {
 /// RUNNING, the vCPUs resumed. Time limits on the destination are the reader's and
 /// writer's ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]): without them a
 /// silent destination is waited for forever.
-pub fn migrate_source<S: Read + Write + Send>(
+pub fn migrate_source<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
+    replies: &mut FrameReader<impl Read>,
+    on_round: impl FnMut(&RoundStats),
+) -> Result<MigrationReport, MigrateError> {
+    migrate_source_channels(config, vm, out, &mut [], replies, on_round)
+}
+
+/// As [`migrate_source`], with the pages of each round split between `out` and the
+/// further channels `extra` (connections to the same destination, each sent from its own
+/// thread; the stream's Sync frames keep rounds in order across them).
+pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
+    config: &SourceConfig,
+    vm: SourceVm<'_>,
+    out: &mut FrameWriter<S>,
+    extra: &mut [FrameWriter<S>],
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
@@ -220,7 +234,7 @@ pub fn migrate_source<S: Read + Write + Send>(
         cpu: &mut *cpu,
         vcpus,
     };
-    let result = migrate_source_inner(config, vm, out, replies, on_round);
+    let result = migrate_source_inner(config, vm, out, extra, replies, on_round);
     if let Err(err) = &result {
         // The VM stays here: logging off, the device and the vCPUs running again. A device
         // server that is gone or silent is not asked (each request would wait out its
@@ -263,10 +277,11 @@ fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>)
     }
 }
 
-fn migrate_source_inner<S: Read + Write + Send>(
+fn migrate_source_inner<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
+    extra: &mut [FrameWriter<S>],
     replies: &mut FrameReader<impl Read>,
     mut on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
@@ -289,14 +304,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
         config.ranges,
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&(PAGE as u32).to_le_bytes());
-    hello.extend_from_slice(&(memory.regions().len() as u32).to_le_bytes());
-    for region in memory.regions() {
-        hello.extend_from_slice(&region.gpa.to_le_bytes());
-        hello.extend_from_slice(&region.size.to_le_bytes());
-    }
-    out.write(Kind::Hello, &[&hello])?;
+    crate::sender::send_hello(out, extra, memory)?;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -328,7 +336,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
     let mut cpu_bitmaps = Bitmaps::new(memory)?;
     let mut merged = Bitmaps::new(memory)?;
     let mut rounds = Vec::new();
-    let mut sender = Sender::new(out, memory);
+    let mut sender = Sender::new(out, extra, memory);
 
     if config.mode != Mode::StopAndCopy {
         if device_pre_copy {
@@ -426,8 +434,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
         stats.pages_sent = sender.send_dirty(&merged)?;
     }
     stats.device_bytes = sender.send_device_data(device)?;
-    sender.out.write(Kind::End, &[])?;
-    sender.out.flush()?;
+    sender.end()?;
     stats.bytes_sent = sender.out.bytes() - bytes_before;
     let reply = replies.read()?;
     let elapsed = pause.elapsed();

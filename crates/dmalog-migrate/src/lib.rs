@@ -9,15 +9,18 @@ pub mod fuzzing;
 pub mod guest;
 pub mod peer_text;
 pub mod pki;
+mod round_sync;
 mod sender;
 pub mod stream;
 pub mod tls;
 pub mod vcpu;
 
-pub use destination::{migrate_destination, DestinationReport};
+pub use destination::{
+    migrate_destination, migrate_destination_channels, DestinationReport, Incoming,
+};
 pub use engine::{
-    migrate_source, plan_ranges, MigrateError, MigrationReport, Mode, RangePlan, RoundStats,
-    SourceConfig, SourceVm,
+    migrate_source, migrate_source_channels, plan_ranges, MigrateError, MigrationReport, Mode,
+    RangePlan, RoundStats, SourceConfig, SourceVm,
 };
 pub use guest::{default_layout, GuestMemory};
 pub use vcpu::{VcpuParams, VcpuWorkload};
