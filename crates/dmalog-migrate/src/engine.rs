@@ -11,13 +11,12 @@ use tracing::{info, warn};
 
 use crate::dirty::{collect_dirty, Bitmaps, Tracking};
 use crate::guest::GuestMemory;
+use crate::sender::Sender;
 use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError};
 use crate::vcpu::VcpuWorkload;
 
 /// Guest page size the engine migrates at.
 pub const PAGE: u64 = 4096;
-/// Pages per Pages frame at most.
-const PAGES_PER_FRAME: u64 = 256;
 
 /// How to migrate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -182,68 +181,6 @@ impl From<std::io::Error> for MigrateError {
 pub trait SourceDevice: DirtyTracker + MigrationDevice {}
 impl<T: DirtyTracker + MigrationDevice> SourceDevice for T {}
 
-struct Sender<'a, W: Write> {
-    out: &'a mut FrameWriter<W>,
-    memory: &'a GuestMemory,
-    buffer: Vec<u8>,
-}
-
-impl<W: Write> Sender<'_, W> {
-    /// Sends every page whose bit is set in `bitmaps`, in runs.
-    fn send_dirty(&mut self, bitmaps: &Bitmaps) -> Result<u64, MigrateError> {
-        let mut sent = 0;
-        for (region, words) in self.memory.regions().iter().zip(&bitmaps.words) {
-            let pages = region.size / PAGE;
-            let mut page = 0u64;
-            while page < pages {
-                let word = words[(page / 64) as usize] >> (page % 64);
-                if word == 0 {
-                    page = (page / 64 + 1) * 64;
-                    continue;
-                }
-                page += u64::from(word.trailing_zeros());
-                let mut run = 0u64;
-                while page + run < pages
-                    && run < PAGES_PER_FRAME
-                    && words[((page + run) / 64) as usize] >> ((page + run) % 64) & 1 == 1
-                {
-                    run += 1;
-                }
-                self.send_pages(region.gpa + page * PAGE, run)?;
-                sent += run;
-                page += run;
-            }
-        }
-        Ok(sent)
-    }
-
-    fn send_pages(&mut self, gpa: u64, npages: u64) -> Result<(), MigrateError> {
-        self.buffer.resize((npages * PAGE) as usize, 0);
-        if !self.memory.read(gpa, &mut self.buffer) {
-            return Err(MigrateError::Memory("page outside guest memory"));
-        }
-        let mut head = [0u8; 12];
-        head[..8].copy_from_slice(&gpa.to_le_bytes());
-        head[8..].copy_from_slice(&(npages as u32).to_le_bytes());
-        self.out.write(Kind::Pages, &[&head, &self.buffer])?;
-        Ok(())
-    }
-
-    /// Sends the device's migration data until it has nothing more now.
-    fn send_device_data(&mut self, device: &mut dyn SourceDevice) -> Result<u64, MigrateError> {
-        let mut chunk = vec![0u8; 64 << 10];
-        let mut total = 0;
-        loop {
-            let n = device.read_migration_data(&mut chunk)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            self.out.write(Kind::DeviceData, &[&chunk[..n]])?;
-            total += n as u64;
-        }
-    }
-}
-
 /// The source VM as the engine sees it.
 pub struct SourceVm<'a> {
     /// Guest memory.
@@ -391,11 +328,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
     let mut cpu_bitmaps = Bitmaps::new(memory)?;
     let mut merged = Bitmaps::new(memory)?;
     let mut rounds = Vec::new();
-    let mut sender = Sender {
-        out,
-        memory,
-        buffer: Vec::new(),
-    };
+    let mut sender = Sender::new(out, memory);
 
     if config.mode != Mode::StopAndCopy {
         if device_pre_copy {

@@ -36,6 +36,7 @@ pub mod fuzzing;
 pub mod guest;
 pub mod peer_text;
 pub mod pki;
+mod sender;
 pub mod stream;
 pub mod tls;
 pub mod vcpu;
