@@ -132,6 +132,7 @@ fn the_minimal_vmm_reports_exactly_the_pages_the_minimal_device_wrote() {
                 "guest byte at 0x3064: 0xd5",
                 // DST 0x63ff8 and LEN 16, the registers of the last write, as migration data.
                 "device state: 16 bytes [f8, 3f, 06, 00, 00, 00, 00, 00, 10, 00, 00, 00, 00, 00, 00, 00]",
+                "resumed: DST 0x63ff8 LEN 16",
             ]
         );
     }
