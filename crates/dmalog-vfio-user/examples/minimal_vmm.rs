@@ -1,7 +1,8 @@
 //! A minimal VMM consumer of a vfio-user device's DMA logging: it connects, maps 1 MiB of guest
 //! memory (a sealed memfd, so the device maps it and writes it directly), STARTs dirty logging,
-//! has the device write, REPORTs, STOPs and prints the dirty pages; then it stops the device
-//! and reads its migration data, as a migration would.
+//! has the device write, REPORTs, STOPs and prints the dirty pages; then it takes the device's
+//! migration data (STOP_COPY) and resumes a reset device from it (RESUMING), as a migration's
+//! two ends would.
 //!
 //! With the `minimal_device` example serving SOCKET:
 //! `cargo run -p dmalog-vfio-user --example minimal_vmm -- SOCKET`.
@@ -63,5 +64,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     device.set_device_state(DeviceState::Running)?;
     println!("device state: {} bytes {state:02x?}", state.len());
+
+    // And back, as a destination would: a reset device resumes from that state.
+    device.reset()?;
+    device.set_device_state(DeviceState::Resuming)?;
+    device.write_migration_data(&state)?;
+    device.set_device_state(DeviceState::Running)?;
+    let (dst, len_bytes) = (device.read_u64(0, 0)?, device.read_u64(0, 8)?);
+    println!("resumed: DST {dst:#x} LEN {len_bytes}");
     Ok(())
 }

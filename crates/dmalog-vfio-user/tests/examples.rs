@@ -1,6 +1,7 @@
 //! The examples, built and run end to end: `minimal_device` serves a socket in its own
 //! process, `minimal_vmm` (another process) maps guest memory, STARTs, has the device write,
-//! REPORTs and STOPs; the dirty pages it prints must be exactly the pages the device wrote.
+//! REPORTs and STOPs (twice, one client after the other); the dirty pages it prints must be
+//! exactly the pages the device wrote.
 //!
 //! The examples are built here (`cargo build --examples`, a no-op when `cargo test` has
 //! already built them) so that `cargo test -p dmalog-vfio-user --test examples` alone runs
@@ -103,30 +104,38 @@ fn the_minimal_vmm_reports_exactly_the_pages_the_minimal_device_wrote() {
         .expect("minimal_device did not start");
     assert_eq!(first.unwrap(), format!("listening on {}", socket.display()));
 
-    let vmm = Killed(
-        Command::new(examples.join("minimal_vmm"))
-            .arg(&socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn minimal_vmm"),
-    );
-    let (out, ok) = output_within(vmm, TIMEOUT);
+    // Twice: the server serves one client after another, each from a clean slate (the
+    // first one's mappings, log and migration state gone when it hung up).
+    let mut outputs = Vec::new();
+    for _ in 0..2 {
+        let vmm = Killed(
+            Command::new(examples.join("minimal_vmm"))
+                .arg(&socket)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn minimal_vmm"),
+        );
+        outputs.push(output_within(vmm, TIMEOUT));
+    }
     drop(device);
     let _ = std::fs::remove_dir_all(&dir);
-    assert!(ok, "minimal_vmm failed; its output:\n{out}");
-    let lines: Vec<&str> = out.lines().collect();
-    // One byte in page 3, pages 10-11 exactly, 16 bytes across pages 99 and 100: no more,
-    // no fewer.
-    assert_eq!(
-        lines,
-        [
-            "page size 4096, dirty pages: [3, 10, 11, 99, 100]",
-            "guest byte at 0x3064: 0xd5",
-            // DST 0x63ff8 and LEN 16, the registers of the last write, as migration data.
-            "device state: 16 bytes [f8, 3f, 06, 00, 00, 00, 00, 00, 10, 00, 00, 00, 00, 00, 00, 00]",
-        ]
-    );
+    for (out, ok) in outputs {
+        assert!(ok, "minimal_vmm failed; its output:\n{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        // One byte in page 3, pages 10-11 exactly, 16 bytes across pages 99 and 100: no
+        // more, no fewer.
+        assert_eq!(
+            lines,
+            [
+                "page size 4096, dirty pages: [3, 10, 11, 99, 100]",
+                "guest byte at 0x3064: 0xd5",
+                // DST 0x63ff8 and LEN 16, the registers of the last write, as migration data.
+                "device state: 16 bytes [f8, 3f, 06, 00, 00, 00, 00, 00, 10, 00, 00, 00, 00, 00, 00, 00]",
+                "resumed: DST 0x63ff8 LEN 16",
+            ]
+        );
+    }
 }
 
 #[test]
