@@ -16,8 +16,8 @@ use anyhow::{bail, Context};
 use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
-    default_layout, migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode,
-    SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
+    default_layout, migrate_destination_channels, migrate_source_channels, GuestMemory,
+    MigrationReport, Mode, SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
 use dmalog_vfio_user::client::CLIENT_MAX_DATA_XFER;
 use dmalog_vfio_user::Client;
@@ -55,6 +55,10 @@ pub struct VmArgs {
     /// Link bandwidth, MB/s.
     #[arg(long, default_value_t = 1000)]
     link_mbps: u64,
+    /// TCP connections for the migration stream, each with its own sender thread (and TLS
+    /// session), as QEMU's multifd channels; the link cap is shared between them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=dmalog_migrate::stream::MAX_CHANNELS as i64))]
+    channels: u32,
     /// Maximum downtime, ms.
     #[arg(long, default_value_t = 30)]
     max_downtime_ms: u64,
@@ -278,6 +282,10 @@ struct DestinationOutcome {
     /// dma-engine's workload writes in the 100 ms after resuming (None: not dma-engine).
     device_writes_after_resume: Option<u64>,
     pages: u64,
+    /// Of `pages`, those that came as zero runs (no bytes on the wire).
+    zero_pages: u64,
+    /// Connections the migration used.
+    channels: u32,
     device_bytes: u64,
     verified: bool,
     region_digests: serde_json::Map<String, serde_json::Value>,
@@ -357,15 +365,25 @@ fn run_source(
     progress.enable_steady_tick(Duration::from_millis(100));
     progress.set_message("migrating: round 0 (all memory)");
     let timeout = Duration::from_millis(vm_args.timeout_ms);
-    let stream = connect_within(destination, timeout)
-        .with_context(|| format!("connecting to the destination {destination}"))?;
-    stream.set_nodelay(true)?;
-    let stream = security
-        .secure(stream, destination, timeout)
-        .with_context(|| format!("securing the link to {destination}"))?;
+    let link = || {
+        let stream = connect_within(destination, timeout)
+            .with_context(|| format!("connecting to the destination {destination}"))?;
+        stream.set_nodelay(true)?;
+        security
+            .secure(stream, destination, timeout)
+            .with_context(|| format!("securing the link to {destination}"))
+    };
+    let stream = link()?;
+    // The link cap is the sum over the channels.
+    let rate = Some(vm_args.link_mbps * 1_000_000 / u64::from(vm_args.channels));
+    // Further channels connect once the Hello is out (the destination takes them then).
+    let mut connect_extra = |_| {
+        link()
+            .map(|l| FrameWriter::new(l, rate).with_timeout(timeout))
+            .map_err(|err| std::io::Error::other(format!("{err:#}")))
+    };
     let mut replies = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
-    let mut out =
-        FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000)).with_timeout(timeout);
+    let mut out = FrameWriter::new(stream, rate).with_timeout(timeout);
     let config = SourceConfig {
         ranges: if vm_args.ranges == "qemu" {
             dmalog_migrate::RangePlan::Qemu
@@ -389,12 +407,20 @@ fn run_source(
         cpu: &mut cpu as &mut dyn DirtyTracker,
         vcpus: Some(&vcpus),
     };
-    let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
-        progress.set_message(format!(
-            "round {} done: {} pages sent",
-            round.round, round.pages_sent
-        ));
-    });
+    let report = migrate_source_channels(
+        &config,
+        vm,
+        &mut out,
+        vm_args.channels,
+        &mut connect_extra,
+        &mut replies,
+        |round| {
+            progress.set_message(format!(
+                "round {} done: {} pages sent",
+                round.round, round.pages_sent
+            ));
+        },
+    );
     progress.finish_and_clear();
     let report = report.context("migration")?;
     let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
@@ -442,12 +468,13 @@ fn run_destination(
     let stream = security.secure(stream, timeout)?;
     let mut input = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out = FrameWriter::new(stream, None).with_timeout(timeout);
-    let report = migrate_destination(
+    let report = migrate_destination_channels(
         &memory,
         &mut dst,
         &mut |client, memory| map_all(client, memory),
         &mut input,
         &mut out,
+        crate::transport::acceptor(listener, security, timeout),
     )
     .context("destination")?;
     // The device goes on where it stopped.
@@ -462,6 +489,8 @@ fn run_destination(
     Ok(DestinationOutcome {
         device_writes_after_resume,
         pages: report.pages,
+        zero_pages: report.zero_pages,
+        channels: report.channels,
         device_bytes: report.device_bytes,
         verified: report.verified,
         region_digests: {
@@ -601,6 +630,8 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                 let mut object = serde_json::json!({
                     "verified": verified,
                     "pages": outcome.pages,
+                    "zero_pages": outcome.zero_pages,
+                    "channels": outcome.channels,
                     "device_bytes": outcome.device_bytes,
                     "device_writes_after_resume": outcome.device_writes_after_resume,
                 });
