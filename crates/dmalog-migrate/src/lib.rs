@@ -2,6 +2,7 @@
 //! pre-copy engine over [`dmalog::DirtyTracker`] and [`dmalog::MigrationDevice`], and the
 //! framed migration stream and its TLS.
 
+pub mod converge;
 pub mod destination;
 mod dirty;
 pub mod engine;
@@ -16,7 +17,7 @@ pub mod vcpu;
 pub use destination::{migrate_destination, DestinationReport};
 pub use engine::{
     migrate_source, plan_ranges, MigrateError, MigrationReport, Mode, RangePlan, RoundStats,
-    SourceConfig, SourceVm,
+    SourceConfig, SourceVm, StopTimes,
 };
 pub use guest::{default_layout, GuestMemory};
 pub use vcpu::{VcpuParams, VcpuWorkload};

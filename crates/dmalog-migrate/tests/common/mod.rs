@@ -133,6 +133,9 @@ impl MigrationDevice for FakeDevice {
     }
 }
 
+// Its throttle is the default: it cannot be slowed.
+impl dmalog_migrate::engine::SourceDevice for FakeDevice {}
+
 pub const LAYOUT: [(u64, u64); 2] = [(0, 8 << 20), (1 << 32, 4 << 20)];
 
 pub fn config() -> SourceConfig {
@@ -141,6 +144,7 @@ pub fn config() -> SourceConfig {
         mode: Mode::PreCopy,
         max_downtime: Duration::from_millis(30),
         max_rounds: 10,
+        throttle: dmalog_migrate::converge::ThrottleParams::default(),
     }
 }
 
