@@ -114,6 +114,29 @@ fn a_stop_forced_over_the_budget_exits_3_and_says_so() {
 }
 
 #[test]
+fn auto_converge_throttles_the_vcpus_and_dma_engines_workload() {
+    // vCPUs dirtying ten times the link's 100 MB/s over 4 MiB: each round finds about 4 MiB
+    // dirty, 40 ms to send against a 30 ms budget, so auto-converge steps in.
+    let report = demo(&["--link-mbps", "100", "--vcpu-rate-mbps", "1000"]);
+    assert_eq!(report["verified"], true);
+    let rounds = report["rounds"].as_array().unwrap();
+    let throttled: Vec<_> = rounds
+        .iter()
+        .filter(|r| r["throttle_pct"].as_u64().unwrap() > 0)
+        .collect();
+    assert!(!throttled.is_empty(), "{rounds:?}");
+    assert_eq!(throttled[0]["throttle_pct"], 20, "QEMU's initial throttle");
+    assert!(
+        throttled.iter().all(|r| r["device_throttled"] == true),
+        "dma-engine's WL_RATE took the throttle: {throttled:?}"
+    );
+    assert!(
+        report["device_writes_after_resume"].as_u64().unwrap() > 0,
+        "the destination device runs on"
+    );
+}
+
+#[test]
 fn auto_converge_takes_on_or_off_and_throttles_in_percent_only() {
     for bad in [
         &["--auto-converge", "maybe"][..],

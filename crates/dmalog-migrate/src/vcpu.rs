@@ -188,3 +188,39 @@ impl Drop for VcpuWorkload {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmalog::SoftDriver;
+
+    #[test]
+    fn a_throttled_vcpu_still_pauses_and_stops_at_once() {
+        let memory = Arc::new(GuestMemory::new(&[(0, 1 << 20)]).unwrap());
+        let vcpus = VcpuWorkload::start(
+            Arc::clone(&memory),
+            SoftDriver::new().recorder(),
+            VcpuParams {
+                threads: 2,
+                base: 0,
+                span: 1 << 20,
+                rate: 0,
+                seed: 1,
+            },
+        )
+        .unwrap();
+        vcpus.set_throttle(250);
+        assert_eq!(vcpus.throttle(), 99, "at most 99%");
+        // At 99% each 10 ms slice is followed by ~1 s of sleep, which ends early on a
+        // pause or a stop (the test takes well under that).
+        std::thread::sleep(Duration::from_millis(50));
+        vcpus.pause();
+        let writes = vcpus.writes();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(vcpus.writes(), writes, "no write after pause returned");
+        vcpus.resume();
+        vcpus.set_throttle(0);
+        assert_eq!(vcpus.throttle(), 0);
+        drop(vcpus);
+    }
+}

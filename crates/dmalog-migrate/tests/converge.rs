@@ -22,9 +22,12 @@ use dmalog_migrate::{
 /// ten times the budget).
 const LINK_BYTES_PER_SEC: u64 = 20_000_000;
 
-fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8) {
+/// The report, the highest vCPU throttle seen, and the device's throttles with the number
+/// of states it had been set to at each.
+fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8, usize)>) {
     let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
     let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
+    device.can_throttle = true;
     let cpu_driver = SoftDriver::new();
     let recorder = cpu_driver.recorder();
     let mut cpu = InProcessTracker::new(cpu_driver);
@@ -87,12 +90,31 @@ fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8) {
     assert!(report.verified);
     assert!(destination.join().unwrap().verified);
     assert_eq!(vcpus.throttle(), 0, "the throttle is lifted after the stop");
-    (report, throttle_seen)
+    assert_eq!(
+        device.states.last(),
+        Some(&dmalog::uapi::DeviceState::Stop),
+        "the source device stays stopped"
+    );
+    let stop_copy_at = device
+        .states
+        .iter()
+        .position(|&s| s == dmalog::uapi::DeviceState::StopCopy)
+        .unwrap();
+    if let Some(&(last, states_then)) = device.throttles.last() {
+        assert_eq!(last, 0, "the device's own speed is back");
+        assert!(
+            states_then <= stop_copy_at,
+            "before its state is saved: {:?} {:?}",
+            device.throttles,
+            device.states
+        );
+    }
+    (report, throttle_seen, device.throttles)
 }
 
 #[test]
 fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
-    let (report, throttle_seen) = migrate(AutoConverge::On, 20);
+    let (report, throttle_seen, device_throttles) = migrate(AutoConverge::On, 20);
     let table: Vec<_> = report
         .rounds
         .iter()
@@ -114,13 +136,22 @@ fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
         throttles.windows(2).all(|w| w[0] <= w[1]),
         "steps up only: {throttles:?}"
     );
+    assert_eq!(
+        device_throttles[0].0, 50,
+        "the device is slowed with the vCPUs"
+    );
+    assert!(report
+        .rounds
+        .iter()
+        .all(|r| r.device_throttled == (r.throttle_pct > 0)));
     for round in &report.rounds[1..] {
         assert!(round.bandwidth_bytes_per_sec > 0.0);
         assert!(round.predicted_downtime_ms.is_some());
     }
 
-    let (report, throttle_seen) = migrate(AutoConverge::Off, 4);
+    let (report, throttle_seen, device_throttles) = migrate(AutoConverge::Off, 4);
     assert_eq!(throttle_seen, 0, "off: never throttled");
+    assert!(device_throttles.is_empty(), "{device_throttles:?}");
     assert!(report.rounds.iter().all(|r| r.throttle_pct == 0));
     assert!(report.forced_stop, "max_rounds forced the stop");
     assert_eq!(
@@ -132,5 +163,74 @@ fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
     assert!(
         report.rounds.last().unwrap().predicted_downtime_ms.unwrap() > 10.0,
         "it stopped over the budget"
+    );
+}
+
+#[test]
+fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
+    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
+    device.can_throttle = true;
+    let cpu_driver = SoftDriver::new();
+    let recorder = cpu_driver.recorder();
+    let mut cpu = InProcessTracker::new(cpu_driver);
+    let vcpus = VcpuWorkload::start(
+        Arc::clone(&memory),
+        recorder,
+        VcpuParams {
+            threads: 1,
+            base: 1 << 20,
+            span: 2 << 20,
+            rate: 100_000_000,
+            seed: 3,
+        },
+    )
+    .unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    // A destination that takes everything and never answers.
+    let sink = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut &b, &mut std::io::sink());
+    });
+    let cut = a.try_clone().unwrap();
+    let config = SourceConfig {
+        ranges: RangePlan::Exact,
+        mode: Mode::PreCopy,
+        max_downtime: Duration::from_millis(10),
+        max_rounds: 50,
+        throttle: ThrottleParams {
+            initial_pct: 50,
+            trigger_rounds: 1,
+            ..ThrottleParams::default()
+        },
+    };
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(a, Some(LINK_BYTES_PER_SEC));
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: Some(&vcpus),
+    };
+    // The link goes down as soon as a round was sent throttled.
+    let result = migrate_source(&config, vm, &mut out, &mut replies, |round| {
+        if round.throttle_pct > 0 {
+            let _ = cut.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    assert!(result.is_err());
+    sink.join().unwrap();
+    assert_eq!(vcpus.throttle(), 0, "the vCPUs run at full speed again");
+    assert!(!vcpus.is_paused());
+    assert_eq!(device.state, dmalog::uapi::DeviceState::Running);
+    assert_eq!(
+        device.throttles.first().map(|t| t.0),
+        Some(50),
+        "{:?}",
+        device.throttles
+    );
+    assert_eq!(
+        device.throttles.last().map(|t| t.0),
+        Some(0),
+        "the device too"
     );
 }
