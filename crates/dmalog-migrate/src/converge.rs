@@ -106,6 +106,8 @@ pub struct Convergence {
     max_rounds: u32,
     throttle: ThrottleParams,
     bandwidth_bytes_per_sec: Option<f64>,
+    /// Whether the figure comes from a small send only (the first large one replaces it).
+    bandwidth_from_small_send: bool,
     high_rounds: u32,
     throttle_pct: u8,
 }
@@ -123,6 +125,7 @@ impl Convergence {
             max_rounds,
             throttle,
             bandwidth_bytes_per_sec: None,
+            bandwidth_from_small_send: false,
             high_rounds: 0,
             throttle_pct: 0,
         }
@@ -130,16 +133,23 @@ impl Convergence {
 
     /// Records that `bytes` took `secs` to send. The bandwidth follows the latest large
     /// sends (an average of the old figure and the new one, so that one hiccup on a busy
-    /// machine does not swing the prediction).
+    /// machine does not swing the prediction); a small send counts only while there is
+    /// no figure yet (round 0 of a guest of zero pages sends little: a low figure beats
+    /// none, which would let nothing fit).
     pub fn sent(&mut self, bytes: u64, secs: f64) {
-        if bytes < MIN_BANDWIDTH_SAMPLE_BYTES || secs <= 0.0 || !secs.is_finite() {
+        if bytes == 0 || secs <= 0.0 || !secs.is_finite() {
+            return;
+        }
+        let small = bytes < MIN_BANDWIDTH_SAMPLE_BYTES;
+        if small && self.bandwidth_bytes_per_sec.is_some() {
             return;
         }
         let sample = bytes as f64 / secs;
         self.bandwidth_bytes_per_sec = Some(match self.bandwidth_bytes_per_sec {
-            None => sample,
-            Some(old) => (old + sample) / 2.0,
+            Some(old) if !self.bandwidth_from_small_send => (old + sample) / 2.0,
+            _ => sample,
         });
+        self.bandwidth_from_small_send = small;
     }
 
     /// The measured bandwidth, bytes per second.
@@ -382,9 +392,18 @@ mod tests {
             "no bandwidth yet: nothing fits"
         );
         assert_eq!(policy.predict_downtime_ms(0, &FixedCosts::default()), 0.0);
-        policy.sent(4096, 1.0); // latency-bound: ignored
+        policy.sent(0, 1.0); // nothing sent: no figure
         assert_eq!(policy.bandwidth_bytes_per_sec(), None);
+        // Latency-bound, but better than none: nothing would ever fit without a figure.
+        policy.sent(4096, 0.001);
+        assert_eq!(policy.bandwidth_bytes_per_sec(), Some(4096e3));
         policy.sent(100_000_000, 0.1);
+        assert_eq!(
+            policy.bandwidth_bytes_per_sec(),
+            Some(1e9),
+            "the first large send replaces it"
+        );
+        policy.sent(4096, 1.0); // latency-bound once there is a figure: ignored
         assert_eq!(policy.bandwidth_bytes_per_sec(), Some(1e9));
         policy.sent(50_000_000, 0.1);
         assert_eq!(policy.bandwidth_bytes_per_sec(), Some(0.75e9));
