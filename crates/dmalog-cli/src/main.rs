@@ -22,6 +22,7 @@ mod demo;
 mod device_workload;
 mod inspect;
 mod probe;
+mod progress;
 mod serve;
 mod transport;
 

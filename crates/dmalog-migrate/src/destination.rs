@@ -483,7 +483,9 @@ fn receive<W: Write, D: MigrationDevice>(
     }
     report.pages = applied.pages;
     report.zero_pages = applied.zero_pages;
+    let end_at = Instant::now();
     device.set_device_state(DeviceState::Stop)?;
+    let loaded_at = Instant::now();
     // Hash before the device runs again and writes (the source subtracts this time from
     // the downtime it measures).
     let hash_start = Instant::now();
@@ -493,9 +495,16 @@ fn receive<W: Write, D: MigrationDevice>(
         .flat_map(|h| h.to_le_bytes())
         .collect();
     let hash_ns = hash_start.elapsed().as_nanos() as u64;
+    let running_at = Instant::now();
     device.set_device_state(DeviceState::Running)?;
     out.write(Kind::Resumed, &[&hash_ns.to_le_bytes(), &hashes])?;
     out.flush()?;
+    tracing::info!(
+        load_ms = (loaded_at - end_at).as_secs_f64() * 1e3,
+        hash_ms = hash_ns as f64 / 1e6,
+        resume_ms = running_at.elapsed().as_secs_f64() * 1e3,
+        "destination: End to Resumed"
+    );
     let verdict = input.read()?;
     expect_kind(&verdict, Kind::Verified)?;
     report.verified = verdict.payload.first() == Some(&1);

@@ -29,6 +29,7 @@
 //! No features. MSRV: Rust 1.88 (rcgen 0.14.10 through `time` 0.3.55), held by clippy's
 //! `incompatible_msrv`.
 
+pub mod converge;
 pub mod destination;
 mod dirty;
 pub mod engine;
@@ -47,7 +48,7 @@ pub use destination::{
 };
 pub use engine::{
     migrate_source, migrate_source_channels, plan_ranges, MigrateError, MigrationReport, Mode,
-    RangePlan, RoundStats, SourceConfig, SourceVm,
+    RangePlan, RoundStats, SourceConfig, SourceVm, StopTimes,
 };
 pub use guest::{default_layout, GuestMemory};
 pub use vcpu::{VcpuParams, VcpuWorkload};
