@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::device_workload::{self, DeviceWorkload, WorkloadParams};
+use crate::failover::{self, Attempt};
 use anyhow::{bail, Context};
 use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
@@ -128,9 +129,11 @@ pub enum MigrateCommand {
         /// The source device server's socket.
         #[arg(long)]
         socket: std::path::PathBuf,
-        /// The destination's `HOST:PORT`.
-        #[arg(long)]
-        connect: String,
+        /// The destination's `HOST:PORT`. Repeat for fallbacks, tried in turn: after a
+        /// failed attempt the VM runs on here (vCPUs and device RUNNING, dirty logging off)
+        /// and migrates to the next one.
+        #[arg(long, required = true, value_name = "HOST:PORT")]
+        connect: Vec<String>,
         /// The name the destination's certificate must carry (default: HOST).
         #[arg(long, value_name = "NAME")]
         tls_server_name: Option<String>,
@@ -264,6 +267,9 @@ struct DemoOutput<'a> {
     destination_pages: u64,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     region_digests: &'a serde_json::Map<String, serde_json::Value>,
+    /// `migrate source`: each destination tried, in order (the last one succeeded).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    attempts: &'a [Attempt],
 }
 
 /// What the source half did: the engine's report and the digests of the regions asked for
@@ -271,6 +277,8 @@ struct DemoOutput<'a> {
 struct SourceOutcome {
     report: MigrationReport,
     region_digests: serde_json::Map<String, serde_json::Value>,
+    /// Each destination tried, in order.
+    attempts: Vec<Attempt>,
 }
 
 /// What the destination half did.
@@ -292,11 +300,12 @@ fn mode_of(vm: &VmArgs) -> Mode {
 }
 
 /// The source half: guest memory DMA-mapped into the device at `src`, the device and vCPU
-/// workloads running, then the migration to `destination`.
+/// workloads running, then the migration to the first of `destinations` that takes it
+/// (after a failed attempt the VM runs on, and the next is tried).
 fn run_source(
     vm_args: &VmArgs,
     mut src: Client,
-    destination: &str,
+    destinations: &[String],
     security: &ClientSide,
 ) -> anyhow::Result<SourceOutcome> {
     let guest_bytes = vm_args.memory_mib * MIB;
@@ -352,6 +361,48 @@ fn run_source(
     )?;
     std::thread::sleep(Duration::from_millis(200)); // the guest is live
 
+    let first_gpa = layout[0].0;
+    let outcome = failover::try_in_turn(
+        destinations,
+        &mut (&mut src, &mut cpu),
+        |(src, cpu), destination| {
+            migrate_once(vm_args, destination, security, &memory, src, *cpu, &vcpus)
+        },
+        |(src, cpu)| failover::VmState::read(*src, *cpu, &vcpus, first_gpa),
+    );
+    let (report, attempts) = match outcome {
+        Ok(done) => done,
+        Err(failed) => {
+            if vm_args.json {
+                let mut stdout = std::io::stdout().lock();
+                serde_json::to_writer_pretty(
+                    &mut stdout,
+                    &serde_json::json!({ "verified": false, "attempts": failed.0 }),
+                )?;
+                writeln!(stdout)?;
+            }
+            return Err(failed.into());
+        }
+    };
+    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
+    Ok(SourceOutcome {
+        report,
+        region_digests,
+        attempts,
+    })
+}
+
+/// One migration of the running VM to `destination`. On failure the engine has left the
+/// VM running here (vCPUs resumed, device RUNNING, logging off).
+fn migrate_once(
+    vm_args: &VmArgs,
+    destination: &str,
+    security: &ClientSide,
+    memory: &GuestMemory,
+    src: &mut Client,
+    cpu: &mut dyn DirtyTracker,
+    vcpus: &VcpuWorkload,
+) -> anyhow::Result<MigrationReport> {
     let progress = ProgressBar::new_spinner();
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
@@ -378,16 +429,16 @@ fn run_source(
     };
     let mut without_pre_copy;
     let device: &mut dyn dmalog_migrate::engine::SourceDevice = if vm_args.device_pre_copy {
-        &mut src
+        src
     } else {
-        without_pre_copy = device_workload::WithoutPreCopy(&mut src);
+        without_pre_copy = device_workload::WithoutPreCopy(&mut *src);
         &mut without_pre_copy
     };
     let vm = SourceVm {
-        memory: &memory,
+        memory,
         device,
-        cpu: &mut cpu as &mut dyn DirtyTracker,
-        vcpus: Some(&vcpus),
+        cpu,
+        vcpus: Some(vcpus),
     };
     let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
         progress.set_message(format!(
@@ -396,12 +447,7 @@ fn run_source(
         ));
     });
     progress.finish_and_clear();
-    let report = report.context("migration")?;
-    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
-    Ok(SourceOutcome {
-        report,
-        region_digests,
-    })
+    report.context("migration")
 }
 
 /// A connection to `address` (each of its resolved addresses in turn), each attempt
@@ -487,10 +533,12 @@ fn print_report(
                 device_writes_after_resume,
                 destination_pages,
                 region_digests: &source.region_digests,
+                attempts: &source.attempts,
             },
         )?;
         writeln!(stdout)?;
     } else {
+        print_failed_attempts(&mut stdout, &source.attempts)?;
         print_table(&mut stdout, report, device_writes_after_resume)?;
         print_digests(&mut stdout, &source.region_digests)?;
     }
@@ -539,7 +587,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let destination = std::thread::spawn(move || {
         run_destination(memory_mib, dst, listener, timeout, &server_side, &[])
     });
-    let source = run_source(vm, src, &address, &client_side);
+    let source = run_source(vm, src, &[address], &client_side);
     let destination = destination
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
@@ -633,6 +681,27 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// One line per destination that failed before the one that took the VM.
+fn print_failed_attempts(out: &mut impl Write, attempts: &[Attempt]) -> std::io::Result<()> {
+    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
+        let vm = attempt.vm_after_failure.as_ref();
+        writeln!(
+            out,
+            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
+            i + 1,
+            attempt.destination,
+            attempt.error.as_deref().unwrap_or("?"),
+            vm.map_or("?", |vm| vm.device_state.as_str()),
+            if vm.is_some_and(|vm| vm.vcpus_running) {
+                "running"
+            } else {
+                "paused"
+            },
+        )?;
+    }
+    Ok(())
 }
 
 fn print_digests(

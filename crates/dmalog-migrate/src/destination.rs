@@ -102,6 +102,10 @@ pub fn decode_pages(payload: &[u8]) -> Result<(u64, &[u8]), MigrateError> {
 /// Resumed, then checks the source's hashes. A frame this side refuses is also reported to
 /// the source (an Abort, best effort). Time limits are the reader's and writer's
 /// ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]).
+///
+/// The device is resumed only once the source's End has come: a migration that fails
+/// before (the source gone, silent or refused) leaves the guest unresumed here, and says
+/// so in a warning; one that fails after says that the guest runs here.
 pub fn migrate_destination<W: Write, D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
@@ -109,8 +113,14 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
     input: &mut FrameReader<impl Read>,
     out: &mut FrameWriter<W>,
 ) -> Result<DestinationReport, MigrateError> {
-    let result = receive(memory, device, map_dma, input, out);
+    let mut resumed = false;
+    let result = receive(memory, device, map_dma, input, out, &mut resumed);
     if let Err(err) = &result {
+        if resumed {
+            warn!(%err, "the migration failed after the guest was resumed here: it runs here");
+        } else {
+            warn!("the migration failed: the guest was not resumed here");
+        }
         // The source learns why, unless the link itself failed or the source gave up.
         let tell = !matches!(
             err,
@@ -129,7 +139,7 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
             let _ = out.flush();
         }
     }
-    result
+    result.map_err(|err| err.closed_by("source"))
 }
 
 fn receive<W: Write, D: MigrationDevice>(
@@ -138,6 +148,7 @@ fn receive<W: Write, D: MigrationDevice>(
     map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
     input: &mut FrameReader<impl Read>,
     out: &mut FrameWriter<W>,
+    resumed: &mut bool,
 ) -> Result<DestinationReport, MigrateError> {
     let mut report = DestinationReport::default();
     let hello = input.read()?;
@@ -187,6 +198,7 @@ fn receive<W: Write, D: MigrationDevice>(
         .collect();
     let hash_ns = hash_start.elapsed().as_nanos() as u64;
     device.set_device_state(DeviceState::Running)?;
+    *resumed = true;
     out.write(Kind::Resumed, &[&hash_ns.to_le_bytes(), &hashes])?;
     out.flush()?;
     let verdict = input.read()?;
