@@ -114,7 +114,8 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
     out: &mut FrameWriter<W>,
 ) -> Result<DestinationReport, MigrateError> {
     let mut resumed = false;
-    let result = receive(memory, device, map_dma, input, out, &mut resumed);
+    let result = receive(memory, device, map_dma, input, out, &mut resumed)
+        .map_err(|err| err.closed_by("source"));
     if let Err(err) = &result {
         if resumed {
             warn!(%err, "the migration failed after the guest was resumed here: it runs here");
@@ -125,7 +126,9 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
         let tell = !matches!(
             err,
             MigrateError::Peer(_)
-                | MigrateError::Stream(StreamError::Io(_) | StreamError::TimedOut(_))
+                | MigrateError::Stream(
+                    StreamError::Io(_) | StreamError::TimedOut(_) | StreamError::PeerClosed { .. }
+                )
         );
         if tell {
             let mut reason = err.to_string();
@@ -139,7 +142,7 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
             let _ = out.flush();
         }
     }
-    result.map_err(|err| err.closed_by("source"))
+    result
 }
 
 fn receive<W: Write, D: MigrationDevice>(
