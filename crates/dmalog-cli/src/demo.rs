@@ -172,6 +172,8 @@ pub struct DemoArgs {
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
 #[derive(clap::Subcommand, Debug)]
+// Parsed once per process: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum MigrateCommand {
     /// Run the source VM against a running `dmalog serve` and migrate it to a destination.
     #[command(after_help = EXIT_STATUS_HELP)]
