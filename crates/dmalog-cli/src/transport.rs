@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use dmalog_migrate::stream::IoTimeouts;
+use dmalog_migrate::stream::{IoTimeouts, Transport};
 use dmalog_migrate::tls::{self, TlsConfig, TlsStream};
 
 /// TLS options shared by `migrate source` and `migrate destination`.
@@ -179,6 +179,21 @@ impl Write for Link {
         match self {
             Link::Plain(s) => s.flush(),
             Link::Tls(s) => s.flush(),
+        }
+    }
+}
+
+impl Transport for Link {
+    fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Link::Plain(s) => s.vectored_fd(),
+            Link::Tls(s) => s.vectored_fd(),
+        }
+    }
+    fn shut_down(&self) {
+        match self {
+            Link::Plain(s) => s.shut_down(),
+            Link::Tls(s) => s.shut_down(),
         }
     }
 }

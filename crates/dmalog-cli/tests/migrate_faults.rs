@@ -229,14 +229,8 @@ fn an_abort_reason_from_the_source_is_printed_escaped() {
     let server = ServerProcess::start("soft");
     let destination = destination(&server.socket, &[]);
     let mut stream = TcpStream::connect(&destination.address).unwrap();
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&4096u32.to_le_bytes());
     let layout = dmalog_migrate::default_layout(64 << 20);
-    hello.extend_from_slice(&(layout.len() as u32).to_le_bytes());
-    for (gpa, size) in layout {
-        hello.extend_from_slice(&gpa.to_le_bytes());
-        hello.extend_from_slice(&size.to_le_bytes());
-    }
+    let hello = dmalog_migrate::stream::hello_payload(4096, 1, 1, &layout);
     let mut out = FrameWriter::new(&mut stream, None);
     out.write(Kind::Hello, &[&hello]).unwrap();
     out.write(Kind::Abort, &[HOSTILE_TEXT]).unwrap();

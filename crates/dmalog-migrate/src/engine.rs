@@ -11,13 +11,12 @@ use tracing::{info, warn};
 
 use crate::dirty::{collect_dirty, Bitmaps, Tracking};
 use crate::guest::GuestMemory;
-use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError};
+use crate::sender::Sender;
+use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError, Transport};
 use crate::vcpu::VcpuWorkload;
 
 /// Guest page size the engine migrates at.
 pub const PAGE: u64 = 4096;
-/// Pages per Pages frame at most.
-const PAGES_PER_FRAME: u64 = 256;
 
 /// How to migrate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -182,68 +181,6 @@ impl From<std::io::Error> for MigrateError {
 pub trait SourceDevice: DirtyTracker + MigrationDevice {}
 impl<T: DirtyTracker + MigrationDevice> SourceDevice for T {}
 
-struct Sender<'a, W: Write> {
-    out: &'a mut FrameWriter<W>,
-    memory: &'a GuestMemory,
-    buffer: Vec<u8>,
-}
-
-impl<W: Write> Sender<'_, W> {
-    /// Sends every page whose bit is set in `bitmaps`, in runs.
-    fn send_dirty(&mut self, bitmaps: &Bitmaps) -> Result<u64, MigrateError> {
-        let mut sent = 0;
-        for (region, words) in self.memory.regions().iter().zip(&bitmaps.words) {
-            let pages = region.size / PAGE;
-            let mut page = 0u64;
-            while page < pages {
-                let word = words[(page / 64) as usize] >> (page % 64);
-                if word == 0 {
-                    page = (page / 64 + 1) * 64;
-                    continue;
-                }
-                page += u64::from(word.trailing_zeros());
-                let mut run = 0u64;
-                while page + run < pages
-                    && run < PAGES_PER_FRAME
-                    && words[((page + run) / 64) as usize] >> ((page + run) % 64) & 1 == 1
-                {
-                    run += 1;
-                }
-                self.send_pages(region.gpa + page * PAGE, run)?;
-                sent += run;
-                page += run;
-            }
-        }
-        Ok(sent)
-    }
-
-    fn send_pages(&mut self, gpa: u64, npages: u64) -> Result<(), MigrateError> {
-        self.buffer.resize((npages * PAGE) as usize, 0);
-        if !self.memory.read(gpa, &mut self.buffer) {
-            return Err(MigrateError::Memory("page outside guest memory"));
-        }
-        let mut head = [0u8; 12];
-        head[..8].copy_from_slice(&gpa.to_le_bytes());
-        head[8..].copy_from_slice(&(npages as u32).to_le_bytes());
-        self.out.write(Kind::Pages, &[&head, &self.buffer])?;
-        Ok(())
-    }
-
-    /// Sends the device's migration data until it has nothing more now.
-    fn send_device_data(&mut self, device: &mut dyn SourceDevice) -> Result<u64, MigrateError> {
-        let mut chunk = vec![0u8; 64 << 10];
-        let mut total = 0;
-        loop {
-            let n = device.read_migration_data(&mut chunk)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            self.out.write(Kind::DeviceData, &[&chunk[..n]])?;
-            total += n as u64;
-        }
-    }
-}
-
 /// The source VM as the engine sees it.
 pub struct SourceVm<'a> {
     /// Guest memory.
@@ -264,10 +201,24 @@ pub struct SourceVm<'a> {
 /// RUNNING, the vCPUs resumed. Time limits on the destination are the reader's and
 /// writer's ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]): without them a
 /// silent destination is waited for forever.
-pub fn migrate_source<S: Read + Write + Send>(
+pub fn migrate_source<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
+    replies: &mut FrameReader<impl Read>,
+    on_round: impl FnMut(&RoundStats),
+) -> Result<MigrationReport, MigrateError> {
+    migrate_source_channels(config, vm, out, &mut [], replies, on_round)
+}
+
+/// As [`migrate_source`], with the pages of each round split between `out` and the
+/// further channels `extra` (connections to the same destination, each sent from its own
+/// thread; the stream's Sync frames keep rounds in order across them).
+pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
+    config: &SourceConfig,
+    vm: SourceVm<'_>,
+    out: &mut FrameWriter<S>,
+    extra: &mut [FrameWriter<S>],
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
@@ -283,7 +234,7 @@ pub fn migrate_source<S: Read + Write + Send>(
         cpu: &mut *cpu,
         vcpus,
     };
-    let result = migrate_source_inner(config, vm, out, replies, on_round);
+    let result = migrate_source_inner(config, vm, out, extra, replies, on_round);
     if let Err(err) = &result {
         // The VM stays here: logging off, the device and the vCPUs running again. A device
         // server that is gone or silent is not asked (each request would wait out its
@@ -326,10 +277,11 @@ fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>)
     }
 }
 
-fn migrate_source_inner<S: Read + Write + Send>(
+fn migrate_source_inner<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
+    extra: &mut [FrameWriter<S>],
     replies: &mut FrameReader<impl Read>,
     mut on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
@@ -352,14 +304,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
         config.ranges,
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&(PAGE as u32).to_le_bytes());
-    hello.extend_from_slice(&(memory.regions().len() as u32).to_le_bytes());
-    for region in memory.regions() {
-        hello.extend_from_slice(&region.gpa.to_le_bytes());
-        hello.extend_from_slice(&region.size.to_le_bytes());
-    }
-    out.write(Kind::Hello, &[&hello])?;
+    crate::sender::send_hello(out, extra, memory)?;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -391,11 +336,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
     let mut cpu_bitmaps = Bitmaps::new(memory)?;
     let mut merged = Bitmaps::new(memory)?;
     let mut rounds = Vec::new();
-    let mut sender = Sender {
-        out,
-        memory,
-        buffer: Vec::new(),
-    };
+    let mut sender = Sender::new(out, extra, memory);
 
     if config.mode != Mode::StopAndCopy {
         if device_pre_copy {
@@ -493,8 +434,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
         stats.pages_sent = sender.send_dirty(&merged)?;
     }
     stats.device_bytes = sender.send_device_data(device)?;
-    sender.out.write(Kind::End, &[])?;
-    sender.out.flush()?;
+    sender.end()?;
     stats.bytes_sent = sender.out.bytes() - bytes_before;
     let reply = replies.read()?;
     let elapsed = pause.elapsed();

@@ -146,12 +146,5 @@ pub fn config() -> SourceConfig {
 
 /// The Hello payload for `layout` at 4 KiB pages.
 pub fn hello(layout: &[(u64, u64)]) -> Vec<u8> {
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&4096u32.to_le_bytes());
-    hello.extend_from_slice(&(layout.len() as u32).to_le_bytes());
-    for (gpa, size) in layout {
-        hello.extend_from_slice(&gpa.to_le_bytes());
-        hello.extend_from_slice(&size.to_le_bytes());
-    }
-    hello
+    dmalog_migrate::stream::hello_payload(4096, 0x5e55, 1, layout)
 }
