@@ -521,32 +521,16 @@ impl DirtyLog {
         self.clear_walk(iova, len, &mut PageSink { page });
     }
 
-    /// Takes a group wholly inside the report (its summary word read `hint`, not zero).
+    /// Takes a group wholly inside the report (its summary word read non-zero).
     #[inline]
     fn clear_interior_group(
         &self,
         summary_index: u64,
         summary: &AtomicU64,
-        hint: u64,
         exclusive: bool,
         sink: &mut impl WordSink,
     ) {
         let group_first_word = summary_index * GROUP_WORDS;
-        if hint.count_ones() <= 4 {
-            // A sparse group: start loading its flagged words now, so their cache lines
-            // arrive while R1 waits rather than one after the other behind each locked RMW.
-            // The values are not used (the words are read again after R1); an atomic load
-            // is not removed by the compiler even so.
-            let mut bits = hint;
-            while bits != 0 {
-                let slot = bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                if let Some(word) = self.words.get((group_first_word + slot) as usize) {
-                    word.load(Ordering::Relaxed);
-                }
-                sink.prefetch(group_first_word + slot);
-            }
-        }
         counted_report_summary_rmw();
         // R1 of the whole group: the same as a fetch_and of all its bits, one locked
         // exchange without a compare loop.
@@ -636,10 +620,9 @@ impl DirtyLog {
             // load per 4096 pages), whole words only.
             let interior = &self.summary[(first_group + 1) as usize..last_group as usize];
             for (offset, summary) in interior.iter().enumerate() {
-                let hint = summary.load(Ordering::Relaxed);
-                if hint != 0 {
+                if summary.load(Ordering::Relaxed) != 0 {
                     let summary_index = first_group + 1 + offset as u64;
-                    self.clear_interior_group(summary_index, summary, hint, exclusive, sink);
+                    self.clear_interior_group(summary_index, summary, exclusive, sink);
                 }
             }
             self.clear_edge_group(last_group, first, last, exclusive, sink);
@@ -674,13 +657,6 @@ trait WordSink {
 
     /// The dirty pages `value` of log word `word_index`, already cleared from the log.
     fn word(&mut self, log: &DirtyLog, word_index: u64, value: u64);
-
-    /// Log word `word_index` is probably dirty and will be handed over soon: a sink that
-    /// writes memory for it may start loading that memory.
-    #[inline]
-    fn prefetch(&self, word_index: u64) {
-        let _ = word_index;
-    }
 }
 
 /// Reports into an [`IovaBitmap`], converting page sizes.
@@ -769,13 +745,6 @@ impl WordSink for BitmapSink<'_, '_> {
     #[inline]
     fn word(&mut self, log: &DirtyLog, word_index: u64, value: u64) {
         self.emitter.emit(log, word_index, value, self.bitmap);
-    }
-
-    #[inline]
-    fn prefetch(&self, word_index: u64) {
-        if let Conversion::Words { word_shift } = self.emitter.conversion {
-            self.bitmap.prefetch_word(word_index as i128 + word_shift);
-        }
     }
 }
 

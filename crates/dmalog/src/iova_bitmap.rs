@@ -182,18 +182,6 @@ impl<'a> IovaBitmap<'a> {
         self.bytes.get_mut(byte..byte + 8 * count)
     }
 
-    /// Reads the first byte of report word `word` if it is inside the window and discards
-    /// it: a prefetch, so the cache line is there when a report ORs into it.
-    #[inline]
-    pub(crate) fn prefetch_word(&self, word: i128) {
-        let rel_bit = 64 * word - self.window_first_bit as i128;
-        if rel_bit >= 0 {
-            if let Some(byte) = self.bytes.get((rel_bit / 8) as usize) {
-                std::hint::black_box(*byte);
-            }
-        }
-    }
-
     /// ORs `value` into report word `word` (bits `[64*word, 64*word+64)`; `word` may be
     /// negative or past the end: parts outside are dropped).
     #[inline]
