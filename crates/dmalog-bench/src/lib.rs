@@ -5,6 +5,7 @@
 //! same data, in the same run.
 
 pub mod baselines;
+pub mod migrate;
 pub mod vm_memory;
 pub mod wire;
 pub mod workloads;

@@ -315,7 +315,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         config.ranges,
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
-    let mut extra = crate::sender::send_hello(out, channels, connect, memory)?;
+    let extra = crate::sender::send_hello(out, channels, connect, memory)?;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -347,7 +347,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     let mut cpu_bitmaps = Bitmaps::new(memory)?;
     let mut merged = Bitmaps::new(memory)?;
     let mut rounds = Vec::new();
-    let mut sender = Sender::new(out, &mut extra, memory);
+    let mut sender = Sender::new(out, extra, memory);
 
     if config.mode != Mode::StopAndCopy {
         if device_pre_copy {
