@@ -38,7 +38,7 @@ pub mod guest;
 pub mod peer_text;
 pub mod pki;
 mod round_sync;
-mod sender;
+pub mod sender;
 pub mod stream;
 pub mod tls;
 pub mod vcpu;
