@@ -209,9 +209,8 @@ impl Convergence {
         // step in (off, at its most, or the guest dirtying too slowly to trigger it).
         let stalled = predicted_downtime_ms >= self.last_predicted_ms * STALLED_SHARE
             && !self.would_throttle(dirty_bytes_per_sec);
-        let decision = if predicted_downtime_ms <= budget_ms * AIM_SHARE_OF_BUDGET {
-            Decision::Stop
-        } else if within_budget && (stalled || round > self.max_rounds) {
+        let aimed_at = predicted_downtime_ms <= budget_ms * AIM_SHARE_OF_BUDGET;
+        let decision = if aimed_at || within_budget && (stalled || round > self.max_rounds) {
             Decision::Stop
         } else if round > self.max_rounds {
             Decision::ForcedStop
