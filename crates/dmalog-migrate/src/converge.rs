@@ -107,8 +107,9 @@ pub struct Convergence {
     max_rounds: u32,
     throttle: ThrottleParams,
     bandwidth_bytes_per_sec: Option<f64>,
-    /// Whether the figure comes from a small send only (the first large one replaces it).
-    bandwidth_from_small_send: bool,
+    /// Whether the figure comes from a small send or the full copy only (the first large
+    /// send of a pre-copy round replaces it).
+    bandwidth_provisional: bool,
     high_rounds: u32,
     throttle_pct: u8,
     /// The last round's prediction, ms (infinite before the first).
@@ -138,7 +139,7 @@ impl Convergence {
             max_rounds,
             throttle,
             bandwidth_bytes_per_sec: None,
-            bandwidth_from_small_send: false,
+            bandwidth_provisional: false,
             high_rounds: 0,
             throttle_pct: 0,
             last_predicted_ms: f64::INFINITY,
@@ -151,19 +152,30 @@ impl Convergence {
     /// no figure yet (round 0 of a guest of zero pages sends little: a low figure beats
     /// none, which would let nothing fit).
     pub fn sent(&mut self, bytes: u64, secs: f64) {
+        self.sample(bytes, secs, false);
+    }
+
+    /// Records the full copy (round 0): a provisional figure that the first pre-copy
+    /// round replaces. Its time goes mostly to finding zero pages, which cost no bytes on
+    /// the link: as a bandwidth it would be low, and throttle a guest that converges.
+    pub fn sent_full_copy(&mut self, bytes: u64, secs: f64) {
+        self.sample(bytes, secs, true);
+    }
+
+    fn sample(&mut self, bytes: u64, secs: f64, provisional: bool) {
         if bytes == 0 || secs <= 0.0 || !secs.is_finite() {
             return;
         }
-        let small = bytes < MIN_BANDWIDTH_SAMPLE_BYTES;
-        if small && self.bandwidth_bytes_per_sec.is_some() {
+        let provisional = provisional || bytes < MIN_BANDWIDTH_SAMPLE_BYTES;
+        if provisional && self.bandwidth_bytes_per_sec.is_some() {
             return;
         }
         let sample = bytes as f64 / secs;
         self.bandwidth_bytes_per_sec = Some(match self.bandwidth_bytes_per_sec {
-            Some(old) if !self.bandwidth_from_small_send => (old + sample) / 2.0,
+            Some(old) if !self.bandwidth_provisional => (old + sample) / 2.0,
             _ => sample,
         });
-        self.bandwidth_from_small_send = small;
+        self.bandwidth_provisional = provisional;
     }
 
     /// The measured bandwidth, bytes per second.
@@ -467,6 +479,12 @@ mod tests {
             "the first large send replaces it"
         );
         policy.sent(4096, 1.0); // latency-bound once there is a figure: ignored
+        assert_eq!(policy.bandwidth_bytes_per_sec(), Some(1e9));
+        // The full copy's figure holds only until a pre-copy round measures one.
+        let mut policy = Convergence::new(Duration::from_millis(30), 30, ThrottleParams::default());
+        policy.sent_full_copy(70_000_000, 0.5); // 1 GiB scanned, 70 MB not zero
+        assert_eq!(policy.bandwidth_bytes_per_sec(), Some(140e6));
+        policy.sent(60_000_000, 0.06);
         assert_eq!(policy.bandwidth_bytes_per_sec(), Some(1e9));
         policy.sent(50_000_000, 0.1);
         assert_eq!(policy.bandwidth_bytes_per_sec(), Some(0.75e9));

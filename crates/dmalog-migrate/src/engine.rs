@@ -515,7 +515,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         };
         let bytes_sent = sender.out.bytes() - bytes_before;
         let elapsed = round_start.elapsed().as_secs_f64();
-        policy.sent(bytes_sent, elapsed);
+        policy.sent_full_copy(bytes_sent, elapsed);
         let stats = RoundStats {
             round: 0,
             pages_sent: sent,
