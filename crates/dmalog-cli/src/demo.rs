@@ -17,8 +17,8 @@ use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
 use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
-    default_layout, migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode,
-    SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
+    default_layout, migrate_destination_channels, migrate_source_channels, GuestMemory,
+    MigrationReport, Mode, SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
 use dmalog_vfio_user::client::CLIENT_MAX_DATA_XFER;
 use dmalog_vfio_user::Client;
@@ -34,17 +34,17 @@ const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
 /// The migration stream's socket buffers by default, KiB.
 const DEFAULT_STREAM_BUFFER_KIB: u64 = 2048;
 
-/// Bounds the bytes in flight on `stream` to about `kib` KiB each way (0: leaves the
-/// kernel's autotuning): the destination applies what is in flight at the stop inside
+/// Bounds the bytes in flight on `stream` (or every socket a listener accepts) to about
+/// `kib` KiB each way (0: leaves the kernel's autotuning): the destination applies what is in flight at the stop inside
 /// the downtime, and autotuned buffers on loopback hold tens of MiB.
-fn bound_stream_buffers(stream: &TcpStream, kib: u64) -> anyhow::Result<()> {
+fn bound_stream_buffers(stream: impl rustix::fd::AsFd, kib: u64) -> anyhow::Result<()> {
     if kib == 0 {
         return Ok(());
     }
     let bytes = usize::try_from(kib.saturating_mul(1024)).unwrap_or(usize::MAX);
-    rustix::net::sockopt::set_socket_send_buffer_size(stream, bytes)
+    rustix::net::sockopt::set_socket_send_buffer_size(&stream, bytes)
         .context("setting the migration stream's send buffer")?;
-    rustix::net::sockopt::set_socket_recv_buffer_size(stream, bytes)
+    rustix::net::sockopt::set_socket_recv_buffer_size(&stream, bytes)
         .context("setting the migration stream's receive buffer")?;
     Ok(())
 }
@@ -73,6 +73,10 @@ pub struct VmArgs {
     /// Link bandwidth, MB/s.
     #[arg(long, default_value_t = 1000)]
     link_mbps: u64,
+    /// TCP connections for the migration stream, each with its own sender thread (and TLS
+    /// session), as QEMU's multifd channels; the link cap is shared between them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=dmalog_migrate::stream::MAX_CHANNELS as i64))]
+    channels: u32,
     /// The share of the vCPUs' working set the device writes too, percent (the device's
     /// working set starts that far before the vCPUs' ends): pages dirtied by both are
     /// sent once (the "both" column).
@@ -346,6 +350,10 @@ struct DestinationOutcome {
     /// dma-engine's workload writes in the 100 ms after resuming (None: not dma-engine).
     device_writes_after_resume: Option<u64>,
     pages: u64,
+    /// Of `pages`, those that came as zero runs (no bytes on the wire).
+    zero_pages: u64,
+    /// Connections the migration used.
+    channels: u32,
     device_bytes: u64,
     verified: bool,
     region_digests: serde_json::Map<String, serde_json::Value>,
@@ -431,16 +439,26 @@ fn run_source(
     progress.enable_steady_tick(Duration::from_millis(100));
     progress.set_message("migrating: round 0 (all memory)");
     let timeout = Duration::from_millis(vm_args.timeout_ms);
-    let stream = connect_within(destination, timeout)
-        .with_context(|| format!("connecting to the destination {destination}"))?;
-    stream.set_nodelay(true)?;
-    bound_stream_buffers(&stream, vm_args.stream_buffer_kib)?;
-    let stream = security
-        .secure(stream, destination, timeout)
-        .with_context(|| format!("securing the link to {destination}"))?;
+    let link = || {
+        let stream = connect_within(destination, timeout)
+            .with_context(|| format!("connecting to the destination {destination}"))?;
+        stream.set_nodelay(true)?;
+        bound_stream_buffers(&stream, vm_args.stream_buffer_kib)?;
+        security
+            .secure(stream, destination, timeout)
+            .with_context(|| format!("securing the link to {destination}"))
+    };
+    let stream = link()?;
+    // The link cap is the sum over the channels.
+    let rate = Some(vm_args.link_mbps * 1_000_000 / u64::from(vm_args.channels));
+    // Further channels connect once the Hello is out (the destination takes them then).
+    let mut connect_extra = |_| {
+        link()
+            .map(|l| FrameWriter::new(l, rate).with_timeout(timeout))
+            .map_err(|err| std::io::Error::other(format!("{err:#}")))
+    };
     let mut replies = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
-    let mut out =
-        FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000)).with_timeout(timeout);
+    let mut out = FrameWriter::new(stream, rate).with_timeout(timeout);
     let config = SourceConfig {
         ranges: if vm_args.ranges == "qemu" {
             dmalog_migrate::RangePlan::Qemu
@@ -473,10 +491,18 @@ fn run_source(
         vcpus: Some(&vcpus),
     };
     let mut sent_bytes = 0u64;
-    let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
-        sent_bytes += round.bytes_sent;
-        progress.set_message(crate::progress::round_line(round, sent_bytes));
-    });
+    let report = migrate_source_channels(
+        &config,
+        vm,
+        &mut out,
+        vm_args.channels,
+        &mut connect_extra,
+        &mut replies,
+        |round| {
+            sent_bytes += round.bytes_sent;
+            progress.set_message(crate::progress::round_line(round, sent_bytes));
+        },
+    );
     progress.finish_and_clear();
     let report = report.context("migration")?;
     let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
@@ -519,22 +545,24 @@ fn run_destination(
     let dma_engine = device_workload::is_dma_engine(&mut dst);
     let memory =
         GuestMemory::new(&default_layout(memory_mib * MIB)).context("destination guest memory")?;
+    // Every channel's socket inherits the listener's buffers.
+    bound_stream_buffers(&listener, stream_buffer_kib)?;
     // Waiting for a source to connect is this side's job and has no limit; once one has,
     // every frame must come within `timeout`.
     let (stream, _) = listener.accept()?;
     // Small frames (Resumed) go out at once: with Nagle, a frame written in parts waits for
     // the source's delayed ACK (40 ms on Linux), inside the downtime.
     stream.set_nodelay(true)?;
-    bound_stream_buffers(&stream, stream_buffer_kib)?;
     let stream = security.secure(stream, timeout)?;
     let mut input = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out = FrameWriter::new(stream, None).with_timeout(timeout);
-    let report = migrate_destination(
+    let report = migrate_destination_channels(
         &memory,
         &mut dst,
         &mut |client, memory| map_all(client, memory),
         &mut input,
         &mut out,
+        crate::transport::acceptor(listener, security, timeout),
     )
     .context("destination")?;
     // The device goes on where it stopped.
@@ -549,6 +577,8 @@ fn run_destination(
     Ok(DestinationOutcome {
         device_writes_after_resume,
         pages: report.pages,
+        zero_pages: report.zero_pages,
+        channels: report.channels,
         device_bytes: report.device_bytes,
         verified: report.verified,
         region_digests: {
@@ -702,6 +732,8 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                 let mut object = serde_json::json!({
                     "verified": verified,
                     "pages": outcome.pages,
+                    "zero_pages": outcome.zero_pages,
+                    "channels": outcome.channels,
                     "device_bytes": outcome.device_bytes,
                     "device_writes_after_resume": outcome.device_writes_after_resume,
                 });

@@ -213,6 +213,45 @@ impl IoTimeouts for Link {
     }
 }
 
+/// The destination's acceptor of a migration's further channels: each connection on
+/// `listener` within `timeout`, secured as the first one. It owns the listener, so the
+/// destination stops listening once it drops the acceptor (every channel joined) and any
+/// later connection is refused.
+pub fn acceptor(
+    listener: std::net::TcpListener,
+    security: &ServerSide,
+    timeout: Duration,
+) -> impl FnMut() -> std::io::Result<dmalog_migrate::Incoming> + '_ {
+    move || {
+        listener.set_nonblocking(true)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let tcp = loop {
+            match listener.accept() {
+                Ok((tcp, _)) => break tcp,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no connection within {} ms", timeout.as_millis()),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        tcp.set_nonblocking(false)?;
+        tcp.set_nodelay(true)?;
+        let link = security
+            .secure(tcp, timeout)
+            .map_err(|err| std::io::Error::other(format!("{err:#}")))?;
+        Ok(dmalog_migrate::Incoming {
+            reader: Box::new(link.try_clone()?),
+            handle: Box::new(link),
+        })
+    }
+}
+
 /// `dmalog migrate gen-certs`: a CA and the two leaf certificates, for users.
 pub fn gen_certs(dir: &Path, names: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -254,7 +254,20 @@ fn migrate_source(memory_mib: &str, address: &str, socket: &std::path::Path) -> 
 
 #[test]
 fn migrate_source_and_destination_as_separate_processes() {
-    let dir = std::env::temp_dir().join(format!("dmalog-migrate-test-{}", std::process::id()));
+    migrate_as_separate_processes(1);
+}
+
+/// Three TCP connections (each its own TLS session), across the two processes.
+#[test]
+fn migrate_on_three_channels_as_separate_processes() {
+    migrate_as_separate_processes(3);
+}
+
+fn migrate_as_separate_processes(channels: u32) {
+    let dir = std::env::temp_dir().join(format!(
+        "dmalog-migrate-test-{}-{channels}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = env!("CARGO_BIN_EXE_dmalog");
     let mut servers: Vec<std::process::Child> = ["src.sock", "dst.sock"]
@@ -267,7 +280,7 @@ fn migrate_source_and_destination_as_separate_processes() {
                 .unwrap()
         })
         .collect();
-    let port = 40000 + (std::process::id() % 20000) as u16;
+    let port = 40000 + ((std::process::id() + channels * 1000) % 20000) as u16;
     let address = format!("127.0.0.1:{port}");
     // Mutual TLS with a set from `migrate gen-certs`.
     let certs = dir.join("certs");
@@ -308,6 +321,7 @@ fn migrate_source_and_destination_as_separate_processes() {
     for _ in 0..100 {
         let out = migrate_source("64", &address, &dir.join("src.sock"))
             .arg("--json")
+            .args(["--channels", &channels.to_string()])
             .args(tls("client.pem", "client-key.pem"))
             .output()
             .unwrap();
@@ -326,6 +340,7 @@ fn migrate_source_and_destination_as_separate_processes() {
     assert!(destination.status.success());
     let dst: serde_json::Value = serde_json::from_slice(&destination.stdout).unwrap();
     assert_eq!(dst["verified"], true);
+    assert_eq!(dst["channels"], channels);
     assert!(dst["device_writes_after_resume"].as_u64().unwrap() > 0);
     for server in &mut servers {
         let _ = server.kill();

@@ -349,17 +349,28 @@ pub fn migrate_source<S: Read + Write + Transport + Send>(
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
-    migrate_source_channels(config, vm, out, &mut [], replies, on_round)
+    migrate_source_channels(
+        config,
+        vm,
+        out,
+        1,
+        &mut |_| Err(std::io::ErrorKind::Unsupported.into()),
+        replies,
+        on_round,
+    )
 }
 
-/// As [`migrate_source`], with the pages of each round split between `out` and the
-/// further channels `extra` (connections to the same destination, each sent from its own
-/// thread; the stream's Sync frames keep rounds in order across them).
+/// As [`migrate_source`], with the pages of each round split between `out` and
+/// `channels - 1` further connections to the same destination, each sent from its own
+/// thread (the stream's Sync frames keep rounds in order across them). `connect` opens
+/// further channel `index` (1, 2, ...); it is called after the Hello went out on `out`,
+/// since the destination takes further connections only once it has read the Hello.
 pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
-    extra: &mut [FrameWriter<S>],
+    channels: u32,
+    connect: &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<S>>,
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
@@ -375,7 +386,7 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
         cpu: &mut *cpu,
         vcpus,
     };
-    let result = migrate_source_inner(config, vm, out, extra, replies, on_round);
+    let result = migrate_source_inner(config, vm, out, (channels, connect), replies, on_round);
     if let Err(err) = &result {
         // The VM stays here: logging off, the device and the vCPUs running again. A device
         // server that is gone or silent is not asked (each request would wait out its
@@ -424,7 +435,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
-    extra: &mut [FrameWriter<S>],
+    (channels, connect): (u32, &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<S>>),
     replies: &mut FrameReader<impl Read>,
     mut on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
@@ -454,7 +465,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         config.ranges,
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
-    crate::sender::send_hello(out, extra, memory)?;
+    let mut extra = crate::sender::send_hello(out, channels, connect, memory)?;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -490,7 +501,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     let mut rounds = Vec::new();
     let mut policy = Convergence::new(config.max_downtime, config.max_rounds, config.throttle);
     let mut throttle = Throttle::default();
-    let mut sender = Sender::new(out, extra, memory);
+    let mut sender = Sender::new(out, &mut extra, memory);
 
     // The round the stop takes over (its REPORTs found what the final round sends).
     let mut stopping = None;

@@ -44,28 +44,32 @@ fn new_session_id() -> u64 {
 }
 
 /// Writes the Hello on `out` (page size, a new session, the channel count, the memory
-/// layout) and a Join on each of `extra` (channel 1, 2, ...).
+/// layout), then opens the further channels with `connect` (1, 2, ...) and writes a Join
+/// on each; returns them.
 pub(crate) fn send_hello<W: Write>(
     out: &mut FrameWriter<W>,
-    extra: &mut [FrameWriter<W>],
+    channels: u32,
+    connect: &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<W>>,
     memory: &GuestMemory,
-) -> Result<(), MigrateError> {
-    let channels = u32::try_from(extra.len() + 1)
-        .ok()
-        .filter(|&n| n <= MAX_CHANNELS)
-        .ok_or(MigrateError::Peer(format!(
-            "at most {MAX_CHANNELS} channels"
-        )))?;
+) -> Result<Vec<FrameWriter<W>>, MigrateError> {
+    if channels == 0 || channels > MAX_CHANNELS {
+        return Err(MigrateError::Peer(format!(
+            "1 to {MAX_CHANNELS} channels, not {channels}"
+        )));
+    }
     let session = new_session_id();
     let regions: Vec<(u64, u64)> = memory.regions().iter().map(|r| (r.gpa, r.size)).collect();
     let hello = hello_payload(PAGE as u32, session, channels, &regions);
     out.write(Kind::Hello, &[&hello])?;
     out.flush()?;
-    for (index, channel) in (1u32..).zip(extra.iter_mut()) {
-        channel.write(Kind::Join, &[&session.to_le_bytes(), &index.to_le_bytes()])?;
-        channel.flush()?;
-    }
-    Ok(())
+    (1..channels)
+        .map(|index| {
+            let mut channel = connect(index)?;
+            channel.write(Kind::Join, &[&session.to_le_bytes(), &index.to_le_bytes()])?;
+            channel.flush()?;
+            Ok(channel)
+        })
+        .collect()
 }
 
 /// One run of the frame being built.

@@ -95,15 +95,23 @@ fn a_migration_on_three_channels_verifies_with_vcpus_writing() {
     .unwrap();
     let mut out = connect(&address);
     let mut replies = FrameReader::new(out.get_mut().try_clone().unwrap()).with_timeout(TIMEOUT);
-    let mut extra = vec![connect(&address), connect(&address)];
+    let mut connect_extra = |_| Ok(connect(&address));
     let vm = SourceVm {
         memory: &memory,
         device: &mut device,
         cpu: &mut cpu,
         vcpus: Some(&vcpus),
     };
-    let report =
-        migrate_source_channels(&config(), vm, &mut out, &mut extra, &mut replies, |_| {}).unwrap();
+    let report = migrate_source_channels(
+        &config(),
+        vm,
+        &mut out,
+        3,
+        &mut connect_extra,
+        &mut replies,
+        |_| {},
+    )
+    .unwrap();
     assert!(report.verified, "{report:?}");
     assert!(report.rounds.len() >= 2);
     let (dst, _) = destination.join().unwrap();
