@@ -31,6 +31,9 @@ const MIB: u64 = 1 << 20;
 const DEFAULT_TIMEOUT_MS: u64 = dmalog_migrate::stream::DEFAULT_TIMEOUT.as_millis() as u64;
 /// The longest peer timeout accepted, ms (a day).
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// The highest rate any rate flag takes, MB/s (10 TB/s: bytes per second fit a u64 with
+/// room to spare).
+const MAX_RATE_MBPS: u64 = 10_000_000;
 /// The migration stream's socket buffers by default, KiB.
 const DEFAULT_STREAM_BUFFER_KIB: u64 = 2048;
 
@@ -58,20 +61,20 @@ pub struct VmArgs {
     /// Device workload working set, MiB.
     #[arg(long, default_value_t = 64)]
     device_wss_mib: u64,
-    /// Device workload rate, MB/s.
-    #[arg(long, default_value_t = 200)]
+    /// Device workload rate, MB/s (0: as fast as it can; auto-converge cannot slow it then).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=MAX_RATE_MBPS))]
     device_rate_mbps: u64,
     /// vCPU workload working set, MiB.
     #[arg(long, default_value_t = 16)]
     vcpu_wss_mib: u64,
-    /// vCPU workload rate, MB/s.
-    #[arg(long, default_value_t = 100)]
+    /// vCPU workload rate, MB/s (0: as fast as they can).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=MAX_RATE_MBPS))]
     vcpu_rate_mbps: u64,
     /// vCPU threads.
     #[arg(long, default_value_t = 2)]
     vcpus: usize,
-    /// Link bandwidth, MB/s.
-    #[arg(long, default_value_t = 1000)]
+    /// Link bandwidth, MB/s (0: uncapped).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_RATE_MBPS))]
     link_mbps: u64,
     /// TCP connections for the migration stream, each with its own sender thread (and TLS
     /// session), as QEMU's multifd channels; the link cap is shared between them.

@@ -144,6 +144,8 @@ fn auto_converge_takes_on_or_off_and_throttles_in_percent_only() {
         &["--throttle-increment", "100"],
         &["--throttle-max", "-1"],
         &["--wss-overlap-pct", "101"],
+        &["--link-mbps", "18446744073709551615"],
+        &["--vcpu-rate-mbps", "10000001"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
             .arg("demo")
