@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::device_workload::{self, DeviceWorkload, WorkloadParams};
+use crate::failover::{self, Attempt};
 use anyhow::{bail, Context};
 use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
 use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
@@ -58,6 +59,11 @@ pub struct VmArgs {
     /// Guest memory, MiB (3/4 at GPA 0, 1/4 at 4 GiB).
     #[arg(long, default_value_t = 1024)]
     memory_mib: u64,
+    /// Share of guest memory written with data (no zero page) before the migration,
+    /// percent: a booted guest's memory is mostly not zero. 0 leaves it all zero, which
+    /// zero-page skipping sends as flags alone.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=100))]
+    prefill_pct: u64,
     /// Device workload working set, MiB.
     #[arg(long, default_value_t = 64)]
     device_wss_mib: u64,
@@ -192,6 +198,8 @@ pub struct DemoArgs {
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
 #[derive(clap::Subcommand, Debug)]
+// Parsed once per process: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum MigrateCommand {
     /// Run the source VM against a running `dmalog serve` and migrate it to a destination.
     #[command(after_help = EXIT_STATUS_HELP)]
@@ -199,9 +207,11 @@ pub enum MigrateCommand {
         /// The source device server's socket.
         #[arg(long)]
         socket: std::path::PathBuf,
-        /// The destination's `HOST:PORT`.
-        #[arg(long)]
-        connect: String,
+        /// The destination's `HOST:PORT`. Repeat for fallbacks, tried in turn: after a
+        /// failed attempt the VM runs on here (vCPUs and device RUNNING, dirty logging off)
+        /// and migrates to the next one.
+        #[arg(long, required = true, value_name = "HOST:PORT")]
+        connect: Vec<String>,
         /// The name the destination's certificate must carry (default: HOST).
         #[arg(long, value_name = "NAME")]
         tls_server_name: Option<String>,
@@ -339,6 +349,9 @@ struct DemoOutput<'a> {
     destination_pages: u64,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     region_digests: &'a serde_json::Map<String, serde_json::Value>,
+    /// `migrate source`: each destination tried, in order (the last one succeeded).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    attempts: &'a [Attempt],
 }
 
 /// What the source half did: the engine's report and the digests of the regions asked for
@@ -346,6 +359,8 @@ struct DemoOutput<'a> {
 struct SourceOutcome {
     report: MigrationReport,
     region_digests: serde_json::Map<String, serde_json::Value>,
+    /// Each destination tried, in order.
+    attempts: Vec<Attempt>,
 }
 
 /// What the destination half did.
@@ -371,11 +386,12 @@ fn mode_of(vm: &VmArgs) -> Mode {
 }
 
 /// The source half: guest memory DMA-mapped into the device at `src`, the device and vCPU
-/// workloads running, then the migration to `destination`.
+/// workloads running, then the migration to the first of `destinations` that takes it
+/// (after a failed attempt the VM runs on, and the next is tried).
 fn run_source(
     vm_args: &VmArgs,
     mut src: Client,
-    destination: &str,
+    destinations: &[String],
     security: &ClientSide,
 ) -> anyhow::Result<SourceOutcome> {
     let guest_bytes = vm_args.memory_mib * MIB;
@@ -384,6 +400,7 @@ fn run_source(
     }
     let layout = default_layout(guest_bytes);
     let memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
+    prefill(&memory, vm_args.prefill_pct)?;
     map_all(&mut src, &memory).map_err(anyhow::Error::msg)?;
     // The device's working set sits a third of the way into the low region (256 MiB for
     // the default 1 GiB guest), the vCPUs' just below it, overlapping it by
@@ -437,6 +454,56 @@ fn run_source(
     )?;
     std::thread::sleep(Duration::from_millis(200)); // the guest is live
 
+    let first_gpa = layout[0].0;
+    let outcome = failover::try_in_turn(
+        destinations,
+        &mut (&mut src, &mut cpu),
+        |(src, cpu), destination| {
+            migrate_once(
+                vm_args,
+                destination,
+                security,
+                &memory,
+                (src, workload),
+                *cpu,
+                &vcpus,
+            )
+        },
+        |(src, cpu)| failover::VmState::read(*src, *cpu, &vcpus, first_gpa),
+    );
+    let (report, attempts) = match outcome {
+        Ok(done) => done,
+        Err(failed) => {
+            if vm_args.json {
+                let mut stdout = std::io::stdout().lock();
+                serde_json::to_writer_pretty(
+                    &mut stdout,
+                    &serde_json::json!({ "verified": false, "attempts": failed.0 }),
+                )?;
+                writeln!(stdout)?;
+            }
+            return Err(failed.into());
+        }
+    };
+    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
+    Ok(SourceOutcome {
+        report,
+        region_digests,
+        attempts,
+    })
+}
+
+/// One migration of the running VM to `destination`. On failure the engine has left the
+/// VM running here (vCPUs resumed, device RUNNING, logging off).
+fn migrate_once(
+    vm_args: &VmArgs,
+    destination: &str,
+    security: &ClientSide,
+    memory: &GuestMemory,
+    (src, workload): (&mut Client, bool),
+    cpu: &mut dyn DirtyTracker,
+    vcpus: &VcpuWorkload,
+) -> anyhow::Result<MigrationReport> {
     let progress = ProgressBar::new_spinner();
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
@@ -483,15 +550,15 @@ fn run_source(
         },
     };
     let mut device = device_workload::MigratedDevice::new(
-        &mut src,
+        src,
         vm_args.device_pre_copy,
         workload.then_some(vm_args.device_rate_mbps * 1_000_000),
     );
     let vm = SourceVm {
-        memory: &memory,
+        memory,
         device: &mut device,
-        cpu: &mut cpu as &mut dyn DirtyTracker,
-        vcpus: Some(&vcpus),
+        cpu,
+        vcpus: Some(vcpus),
     };
     let mut sent_bytes = 0u64;
     let report = migrate_source_channels(
@@ -507,12 +574,7 @@ fn run_source(
         },
     );
     progress.finish_and_clear();
-    let report = report.context("migration")?;
-    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
-    Ok(SourceOutcome {
-        report,
-        region_digests,
-    })
+    report.context("migration")
 }
 
 /// A connection to `address` (each of its resolved addresses in turn), each attempt
@@ -607,10 +669,12 @@ fn print_report(
                 device_writes_after_resume,
                 destination_pages,
                 region_digests: &source.region_digests,
+                attempts: &source.attempts,
             },
         )?;
         writeln!(stdout)?;
     } else {
+        print_failed_attempts(&mut stdout, &source.attempts)?;
         crate::progress::print_table(&mut stdout, report, device_writes_after_resume)?;
         crate::progress::print_digests(&mut stdout, &source.region_digests)?;
     }
@@ -671,7 +735,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
             stream_buffer_kib,
         )
     });
-    let source = run_source(vm, src, &address, &client_side);
+    let source = run_source(vm, src, &[address], &client_side);
     let destination = destination
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
@@ -769,4 +833,48 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes data into the leading `pct` percent of each guest region: every page differs
+/// (its GPA in its first 8 bytes) and none is zero.
+fn prefill(memory: &GuestMemory, pct: u64) -> anyhow::Result<()> {
+    const CHUNK_BYTES: u64 = 1 << 20;
+    let mut chunk = vec![0xa5u8; CHUNK_BYTES as usize];
+    for region in memory.regions() {
+        let fill_bytes = (region.size / 100 * pct) & !0xfff;
+        let mut done = 0;
+        while done < fill_bytes {
+            let len = (fill_bytes - done).min(CHUNK_BYTES);
+            for (i, page) in chunk[..len as usize].chunks_mut(4096).enumerate() {
+                let gpa = region.gpa + done + i as u64 * 4096;
+                page[..8].copy_from_slice(&gpa.to_le_bytes());
+            }
+            if !memory.write(region.gpa + done, &chunk[..len as usize]) {
+                bail!("prefilling guest memory at {:#x}", region.gpa + done);
+            }
+            done += len;
+        }
+    }
+    Ok(())
+}
+
+/// One line per destination that failed before the one that took the VM.
+fn print_failed_attempts(out: &mut impl Write, attempts: &[Attempt]) -> std::io::Result<()> {
+    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
+        let vm = attempt.vm_after_failure.as_ref();
+        writeln!(
+            out,
+            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
+            i + 1,
+            attempt.destination,
+            attempt.error.as_deref().unwrap_or("?"),
+            vm.map_or("?", |vm| vm.device_state.as_str()),
+            if vm.is_some_and(|vm| vm.vcpus_running) {
+                "running"
+            } else {
+                "paused"
+            },
+        )?;
+    }
+    Ok(())
 }

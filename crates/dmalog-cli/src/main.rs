@@ -20,6 +20,7 @@ mod bench_peer;
 mod chart;
 mod demo;
 mod device_workload;
+mod failover;
 mod inspect;
 mod probe;
 mod progress;

@@ -100,12 +100,32 @@ pub enum MigrateError {
     /// The other side gave up or answered out of turn.
     #[error("peer: {0}")]
     Peer(String),
+
     /// Guest memory access failed.
     #[error("guest memory: {0}")]
     Memory(&'static str),
     /// The device offers no STOP_COPY (its MIGRATION flags): its state cannot be saved.
     #[error("the device cannot migrate: its MIGRATION flags {0:#x} lack STOP_COPY")]
     NotMigratable(u64),
+}
+
+impl MigrateError {
+    /// This error as [`StreamError::PeerClosed`] by `peer` when it is the connection
+    /// ending (the end of the stream, a reset, a broken pipe); otherwise unchanged.
+    pub fn closed_by(self, peer: &'static str) -> Self {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        match self {
+            MigrateError::Stream(StreamError::Io(io))
+                if matches!(
+                    io.kind(),
+                    UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted
+                ) =>
+            {
+                MigrateError::Stream(StreamError::PeerClosed { peer, io })
+            }
+            other => other,
+        }
+    }
 }
 
 impl From<TrackerError> for MigrateError {
@@ -222,6 +242,7 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
 
 /// When the destination closed the connection, it may have said why first (an Abort it
 /// sent while we were still writing): that reason is the error, not the broken pipe.
+/// Without one, the error says that the destination closed the connection.
 fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>) -> MigrateError {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
     let hung_up = matches!(
@@ -230,13 +251,13 @@ fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>)
             if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
     );
     if !hung_up {
-        return err;
+        return err.closed_by("destination");
     }
     // The peer is gone: this read returns at once (a frame left behind, the end, or
     // a reset), and is bounded by the reader's timeout anyway.
     match replies.read() {
         Ok(frame) if frame.kind == Kind::Abort => aborted(&frame),
-        _ => err,
+        _ => err.closed_by("destination"),
     }
 }
 

@@ -213,6 +213,15 @@ pub enum StreamError {
     /// message already says it, and error chains would print it twice.)
     #[error("migration stream: {0}")]
     Io(std::io::Error),
+    /// The peer closed the connection (or its host reset it) before the migration was
+    /// over: it died, or was killed.
+    #[error("migration stream: the {peer} closed the connection in the middle of the migration{}", closed_detail(.io))]
+    PeerClosed {
+        /// "source" or "destination".
+        peer: &'static str,
+        /// How the connection ended.
+        io: std::io::Error,
+    },
     /// The peer did not deliver a whole frame in time.
     #[error("migration stream: the peer sent no complete frame within {} ms", .0.as_millis())]
     TimedOut(Duration),
@@ -263,6 +272,16 @@ pub enum StreamError {
         /// What is wrong with it.
         why: &'static str,
     },
+}
+
+/// What the socket said, unless only that the stream ended (said already; TLS's wording
+/// for it carries a URL).
+fn closed_detail(io: &std::io::Error) -> String {
+    if io.kind() == ErrorKind::UnexpectedEof {
+        String::new()
+    } else {
+        format!(" ({io})")
+    }
 }
 
 impl From<std::io::Error> for StreamError {
