@@ -377,7 +377,7 @@ fn run_source(
                 let mut stdout = std::io::stdout().lock();
                 serde_json::to_writer_pretty(
                     &mut stdout,
-                    &serde_json::json!({ "verified": false, "attempts": failed.0 }),
+                    &serde_json::json!({ "attempts": failed.0 }),
                 )?;
                 writeln!(stdout)?;
             }
@@ -495,6 +495,7 @@ fn run_destination(
         &mut input,
         &mut out,
     )
+    .inspect_err(|_| failover::discard_unresumed_load(&mut dst))
     .context("destination")?;
     // The device goes on where it stopped.
     let device_writes_after_resume = if dma_engine {

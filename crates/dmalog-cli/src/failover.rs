@@ -1,12 +1,20 @@
+//! After a failed migration, on both sides.
+//!
 //! `dmalog migrate source --connect A --connect B ...`: destinations tried in turn, as a
 //! VMM's operator would retry a migration. After a failed attempt the VM runs on here (the
 //! engine has resumed the vCPUs, returned the device to RUNNING and stopped dirty logging);
 //! that state is read back from the device and the vCPUs, logged, and kept with the
-//! attempt's outcome for the report, and the next destination is tried.
+//! attempt's outcome for the report, and the next destination is tried, unless the failed
+//! destination had already been told to resume the guest (then the guest may run there,
+//! and must not run anywhere else).
+//!
+//! `dmalog migrate destination`: a device left holding state of a guest it never resumed
+//! is reset.
 
 use dmalog::uapi::DeviceState;
 use dmalog::{DirtyTracker, MigrationDevice};
-use dmalog_migrate::VcpuWorkload;
+use dmalog_migrate::{MigrateError, VcpuWorkload};
+use dmalog_vfio_user::Client;
 use tracing::{info, warn};
 
 /// One attempt to migrate to one destination.
@@ -150,19 +158,48 @@ pub fn try_in_turn<V, T>(
                 } else {
                     warn!(%destination, %error, ?state, "migration failed, and the VM is not back to running");
                 }
-                if let Some(next) = next {
+                if let Some(next) = next.filter(|_| state.runs_on()) {
                     info!(%next, "trying the next destination");
                 }
+                let handed_over = err.chain().any(|cause| {
+                    matches!(
+                        cause.downcast_ref::<MigrateError>(),
+                        Some(MigrateError::Unconfirmed(_))
+                    )
+                });
                 attempts.push(Attempt {
                     destination: destination.clone(),
                     ok: false,
                     error: Some(error),
                     vm_after_failure: Some(state),
                 });
+                if handed_over {
+                    // The guest may run at that destination: not at another one too.
+                    break;
+                }
             }
         }
     }
     Err(AllFailed(attempts))
+}
+
+/// After a failed incoming migration: a device left holding a guest's state it never
+/// resumed (a partial load in RESUMING, a whole one in STOP waiting for the source's Go, or
+/// ERROR) is reset (DEVICE_RESET: registers to defaults, RUNNING, no migration data), so
+/// that nothing of a guest that runs elsewhere stays here. A RUNNING device (nothing
+/// loaded, or resumed before the failure) is left alone.
+pub fn discard_unresumed_load(device: &mut Client) {
+    match device.device_state() {
+        Ok(DeviceState::Running) => {}
+        Ok(state) => match device.reset() {
+            Ok(()) => warn!(
+                was = state_name(state),
+                "the device's unresumed migration state was discarded (DEVICE_RESET)"
+            ),
+            Err(err) => warn!(%err, "could not reset the device after the failed migration"),
+        },
+        Err(err) => warn!(%err, "could not read the device's state after the failed migration"),
+    }
 }
 
 #[cfg(test)]

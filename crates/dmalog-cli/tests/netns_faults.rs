@@ -352,7 +352,10 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
 
 #[test]
 fn the_link_cut_after_the_stop_fails_both_sides_in_time_and_the_vm_migrates_elsewhere() {
-    let Some(net) = network("the_link_cut_after_the_stop_...", 2) else {
+    let Some(net) = network(
+        "the_link_cut_after_the_stop_fails_both_sides_in_time_and_the_vm_migrates_elsewhere",
+        2,
+    ) else {
         return;
     };
     let (src_dev, dst_dev, other_dev) = (
@@ -398,7 +401,10 @@ fn the_link_cut_after_the_stop_fails_both_sides_in_time_and_the_vm_migrates_else
 
 #[test]
 fn a_destination_killed_mid_stream_fails_the_attempt_and_the_vm_migrates_elsewhere() {
-    let Some(net) = network("a_destination_killed_mid_stream_...", 2) else {
+    let Some(net) = network(
+        "a_destination_killed_mid_stream_fails_the_attempt_and_the_vm_migrates_elsewhere",
+        2,
+    ) else {
         return;
     };
     let dir = TempDir::new("netns-kill-dst");
@@ -465,7 +471,10 @@ fn assert_device_ready_for_a_retry(server: &ServerProcess) {
 
 #[test]
 fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migration_verifies() {
-    let Some(net) = network("a_source_killed_mid_stream_...", 1) else {
+    let Some(net) = network(
+        "a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migration_verifies",
+        1,
+    ) else {
         return;
     };
     let dir = TempDir::new("netns-kill-src");
@@ -511,4 +520,118 @@ fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migratio
     let (second_out, second_stderr) = second.wait();
     assert_verified_and_running(&json(&out, &stderr));
     assert_destination_verified(&second_out, &second_stderr);
+}
+
+/// The link cut on the way back, at the destination's `frame`-th frame (0: the first):
+/// the source, the first destination and its device server, the second destination (a
+/// fallback) and its relay, and what each process did.
+struct CutOnTheWayBack {
+    source: Output,
+    stderr: String,
+    first: (Output, String),
+    first_device: ServerProcess,
+    second: Destination,
+    second_relay: Relay,
+    /// Kept for `second` (it reads its device after the migration).
+    _devices: [ServerProcess; 2],
+}
+
+fn cut_on_the_way_back(net: &Network, frame: u64) -> CutOnTheWayBack {
+    let (src_dev, dst_dev, other_dev) = (
+        ServerProcess::start("soft"),
+        ServerProcess::start("soft"),
+        ServerProcess::start("soft"),
+    );
+    let plain = Security::Plaintext;
+    let first = Destination::start(&net.hosts[0], &dst_dev.socket, &plain, 2_000);
+    let cut = Relay::watching_both(
+        &net.hosts[0],
+        first.listening,
+        DELAY,
+        netns::forward_all(),
+        netns::at_frame(move |_, index| index == frame, net.hosts[0].cutter()),
+    );
+    let second = Destination::start(&net.hosts[1], &other_dev.socket, &plain, 2_000);
+    let second_relay = Relay::start(&net.hosts[1], second.listening, DELAY, netns::forward_all());
+    let source = source(
+        net,
+        &src_dev.socket,
+        &[cut.address, second_relay.address],
+        &plain,
+        2_000,
+    )
+    .wait("source");
+    let stderr = String::from_utf8_lossy(&source.stderr).into_owned();
+    let first = first.wait();
+    CutOnTheWayBack {
+        source,
+        stderr,
+        first,
+        first_device: dst_dev,
+        second,
+        second_relay,
+        _devices: [src_dev, other_dev],
+    }
+}
+
+#[test]
+fn the_link_cut_before_the_destination_may_resume_leaves_the_guest_only_at_the_source() {
+    let Some(net) = network(
+        "the_link_cut_before_the_destination_may_resume_leaves_the_guest_only_at_the_source",
+        2,
+    ) else {
+        return;
+    };
+    // The destination's first frame back: it has every page and the device state, and
+    // has not resumed.
+    let run = cut_on_the_way_back(&net, 0);
+    assert!(run.source.status.success(), "{}", run.stderr);
+    let report = json(&run.source, &run.stderr);
+    let attempts = report["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{report:#}");
+    assert_failed_and_vm_runs_on(&attempts[0], "within 2000 ms");
+    assert_verified_and_running(&report);
+    let (out, stderr) = &run.first;
+    assert_destination_failed_unresumed(out, stderr, &run.first_device, "within 2000 ms");
+    let (second_out, second_stderr) = run.second.wait();
+    assert_destination_verified(&second_out, &second_stderr);
+}
+
+#[test]
+fn the_link_cut_after_the_destination_was_told_to_resume_leaves_the_guest_only_there() {
+    let Some(net) = network(
+        "the_link_cut_after_the_destination_was_told_to_resume_leaves_the_guest_only_there",
+        2,
+    ) else {
+        return;
+    };
+    // The destination's second frame back: its confirmation that it resumed.
+    let run = cut_on_the_way_back(&net, 1);
+    // The guest runs at the destination (its device RUNNING with the source's state), and
+    // only there. The destination never hears the source's verdict on the hashes, and
+    // says so.
+    let (out, stderr) = &run.first;
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("resumed here: it runs here"), "{stderr}");
+    let mut client = run.first_device.connect();
+    assert_eq!(
+        dmalog::MigrationDevice::device_state(&mut client).unwrap(),
+        dmalog::uapi::DeviceState::Running
+    );
+    assert_ne!(client.read_u64(0, common::reg::WL_BASE).unwrap(), 0);
+    drop(client);
+    assert!(!run.source.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("did not confirm") && run.stderr.contains("stays paused"),
+        "{}",
+        run.stderr
+    );
+    let report = json(&run.source, &run.stderr);
+    let attempts = report["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "no second destination: {report:#}");
+    let vm = &attempts[0]["vm_after_failure"];
+    assert_eq!(vm["vcpus_running"], false, "{report:#}");
+    assert_ne!(vm["device_state"], "RUNNING", "{report:#}");
+    assert_eq!(run.second_relay.forwarded.load(Ordering::SeqCst), 0);
+    drop(run.second);
 }

@@ -17,7 +17,7 @@ fn next(state: &mut u64) -> u64 {
 }
 
 /// A whole migration the fuzz destination accepts: pages in both regions, device data,
-/// End and the source's verdict.
+/// End, the source's Go and its verdict.
 fn good_stream() -> Vec<u8> {
     let mut stream = good_hello();
     for (gpa, npages) in [(0u64, 2u32), (1 << 20, 1)] {
@@ -28,6 +28,7 @@ fn good_stream() -> Vec<u8> {
     }
     stream.extend_from_slice(&raw_frame(Kind::DeviceData as u8, b"device state"));
     stream.extend_from_slice(&raw_frame(Kind::End as u8, &[]));
+    stream.extend_from_slice(&raw_frame(Kind::Go as u8, &[]));
     stream.extend_from_slice(&raw_frame(Kind::Verified as u8, &[1]));
     stream
 }
