@@ -158,9 +158,7 @@ pub fn try_in_turn<V, T>(
                 } else {
                     warn!(%destination, %error, ?state, "migration failed, and the VM is not back to running");
                 }
-                if let Some(next) = next.filter(|_| state.runs_on()) {
-                    info!(%next, "trying the next destination");
-                }
+
                 let handed_over = err.chain().any(|cause| {
                     matches!(
                         cause.downcast_ref::<MigrateError>(),
@@ -176,6 +174,9 @@ pub fn try_in_turn<V, T>(
                 if handed_over {
                     // The guest may run at that destination: not at another one too.
                     break;
+                }
+                if let Some(next) = next {
+                    info!(%next, "trying the next destination");
                 }
             }
         }
@@ -205,6 +206,64 @@ pub fn discard_unresumed_load(device: &mut Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn running() -> VmState {
+        VmState {
+            device_state: "RUNNING".into(),
+            vcpus_running: true,
+            device_dirty_logging: false,
+            cpu_dirty_logging: false,
+        }
+    }
+
+    #[test]
+    fn destinations_are_tried_in_turn_until_one_takes_the_vm() {
+        let destinations = ["a", "b", "c"].map(String::from);
+        let mut tried = Vec::new();
+        let (done, attempts) = try_in_turn(
+            &destinations,
+            &mut tried,
+            |tried, to| {
+                tried.push(to.to_string());
+                if to == "b" {
+                    Ok(7)
+                } else {
+                    Err(anyhow::anyhow!("{to} is down"))
+                }
+            },
+            |_| running(),
+        )
+        .unwrap();
+        assert_eq!(
+            (done, tried.as_slice()),
+            (7, &["a".to_string(), "b".into()][..])
+        );
+        assert_eq!(attempts.len(), 2);
+        assert!(!attempts[0].ok && attempts[1].ok);
+        assert_eq!(attempts[0].error.as_deref(), Some("a is down"));
+        assert!(attempts[0].vm_after_failure.as_ref().unwrap().runs_on());
+    }
+
+    #[test]
+    fn no_other_destination_after_one_was_told_to_resume() {
+        let destinations = ["a", "b"].map(String::from);
+        let mut tried = 0;
+        let failed = try_in_turn(
+            &destinations,
+            &mut tried,
+            |tried, _| -> anyhow::Result<()> {
+                *tried += 1;
+                let unconfirmed =
+                    MigrateError::Unconfirmed(Box::new(MigrateError::Peer("x".into())));
+                Err(anyhow::Error::new(unconfirmed).context("migration"))
+            },
+            |_| running(),
+        )
+        .unwrap_err();
+        assert_eq!(tried, 1);
+        assert_eq!(failed.0.len(), 1);
+        assert!(failed.to_string().contains("stays paused"), "{failed}");
+    }
 
     #[test]
     fn state_names_are_the_uapi_s() {
