@@ -15,10 +15,11 @@ use crate::device_workload::{self, DeviceWorkload, WorkloadParams};
 use crate::failover::{self, Attempt};
 use anyhow::{bail, Context};
 use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
+use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
-    default_layout, migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode,
-    SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
+    default_layout, migrate_destination_channels, migrate_source_channels, GuestMemory,
+    MigrationReport, Mode, SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
 use dmalog_vfio_user::client::CLIENT_MAX_DATA_XFER;
 use dmalog_vfio_user::Client;
@@ -56,12 +57,36 @@ pub struct VmArgs {
     /// Link bandwidth, MB/s.
     #[arg(long, default_value_t = 1000)]
     link_mbps: u64,
+    /// TCP connections for the migration stream, each with its own sender thread (and TLS
+    /// session), as QEMU's multifd channels; the link cap is shared between them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=dmalog_migrate::stream::MAX_CHANNELS as i64))]
+    channels: u32,
+    /// The share of the vCPUs' working set the device writes too, percent (the device's
+    /// working set starts that far before the vCPUs' ends): pages dirtied by both are
+    /// sent once (the "both" column).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100))]
+    wss_overlap_pct: u64,
     /// Maximum downtime, ms.
     #[arg(long, default_value_t = 30)]
     max_downtime_ms: u64,
-    /// Rounds before forcing the stop.
+    /// Pre-copy rounds before the stop is forced although the rest does not fit the
+    /// downtime (a last resort: the migration then reports the budget not met).
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// Auto-converge: when rounds keep dirtying over half the bandwidth with the predicted
+    /// downtime over the budget, slow the vCPUs (and dma-engine's workload) down.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    auto_converge: OnOff,
+    /// Auto-converge's first throttle, percent of the guest's time (QEMU's
+    /// cpu-throttle-initial).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_initial: u8,
+    /// Auto-converge's step after that, percent (QEMU's cpu-throttle-increment).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_increment: u8,
+    /// Auto-converge's most, percent (QEMU's max-cpu-throttle).
+    #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_max: u8,
     /// START range planning: exact (one range per memory region) or qemu (at most 3).
     #[arg(long, default_value = "exact", value_parser = ["exact", "qemu"])]
     ranges: String,
@@ -99,8 +124,27 @@ pub struct VmArgs {
     device_pre_copy: bool,
 }
 
+/// On or off.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// The exit status of a migration that verified but stopped over its downtime budget.
+pub const EXIT_OVER_BUDGET: u8 = 3;
+
+/// What `dmalog demo` and `dmalog migrate source` exit with.
+pub const EXIT_STATUS_HELP: &str = "Exit status: 0 when the migration verified within the \
+    downtime budget; 3 when it verified but stopped over the budget (--max-rounds forced \
+    the stop, or the stop took longer than predicted); 1 on any failure (not verified, \
+    peer or device lost); 2 on bad arguments.";
+
 /// Options of `dmalog demo`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = EXIT_STATUS_HELP)]
 pub struct DemoArgs {
     #[command(flatten)]
     vm: VmArgs,
@@ -125,6 +169,7 @@ pub struct DemoArgs {
 #[derive(clap::Subcommand, Debug)]
 pub enum MigrateCommand {
     /// Run the source VM against a running `dmalog serve` and migrate it to a destination.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Source {
         /// The source device server's socket.
         #[arg(long)]
@@ -267,8 +312,7 @@ struct DemoOutput<'a> {
     destination_pages: u64,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     region_digests: &'a serde_json::Map<String, serde_json::Value>,
-    /// `migrate source`: each destination tried, in order (the last one succeeded).
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    /// Each destination tried, in order (the last one took the VM).
     attempts: &'a [Attempt],
 }
 
@@ -286,6 +330,10 @@ struct DestinationOutcome {
     /// dma-engine's workload writes in the 100 ms after resuming (None: not dma-engine).
     device_writes_after_resume: Option<u64>,
     pages: u64,
+    /// Of `pages`, those that came as zero runs (no bytes on the wire).
+    zero_pages: u64,
+    /// Connections the migration used.
+    channels: u32,
     device_bytes: u64,
     verified: bool,
     region_digests: serde_json::Map<String, serde_json::Value>,
@@ -316,17 +364,22 @@ fn run_source(
     let memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
     map_all(&mut src, &memory).map_err(anyhow::Error::msg)?;
     // The device's working set sits a third of the way into the low region (256 MiB for
-    // the default 1 GiB guest), the vCPUs' at GPA 0.
+    // the default 1 GiB guest), the vCPUs' just below it, overlapping it by
+    // --wss-overlap-mib.
     let low_region = layout[0].1;
     let device_base = (low_region / 3) & !0xfff;
-    if device_base + vm_args.device_wss_mib * MIB > low_region
-        || vm_args.vcpu_wss_mib * MIB > device_base
-    {
+    let vcpu_wss = vm_args.vcpu_wss_mib * MIB;
+    let overlap = (vcpu_wss / 100 * vm_args.wss_overlap_pct) & !0xfff;
+    if overlap > vm_args.device_wss_mib * MIB {
+        bail!("--wss-overlap-pct: the overlap is larger than the device's working set");
+    }
+    if device_base + vm_args.device_wss_mib * MIB > low_region || vcpu_wss > device_base + overlap {
         bail!(
             "the working sets do not fit the low memory region ({} MiB)",
             low_region >> 20
         );
     }
+    let vcpu_base = device_base + overlap - vcpu_wss;
     let digest_sizes = device_workload::region_sizes(&mut src, &vm_args.region_digest);
     for &index in &vm_args.fill_region {
         device_workload::fill_region(&mut src, index)?;
@@ -335,7 +388,8 @@ fn run_source(
         src.write_u64(write.index, write.offset, write.value)
             .with_context(|| format!("writing region {} at {:#x}", write.index, write.offset))?;
     }
-    if device_workload::wanted(vm_args.device_workload, &mut src) {
+    let workload = device_workload::wanted(vm_args.device_workload, &mut src);
+    if workload {
         device_workload::start(
             &mut src,
             WorkloadParams {
@@ -353,8 +407,8 @@ fn run_source(
         recorder,
         VcpuParams {
             threads: vm_args.vcpus,
-            base: 0,
-            span: vm_args.vcpu_wss_mib * MIB,
+            base: vcpu_base,
+            span: vcpu_wss,
             rate: vm_args.vcpu_rate_mbps * 1_000_000,
             seed: 7,
         },
@@ -366,7 +420,14 @@ fn run_source(
         destinations,
         &mut (&mut src, &mut cpu),
         |(src, cpu), destination| {
-            migrate_once(vm_args, destination, security, &memory, src, *cpu, &vcpus)
+            let vm = LiveVm {
+                memory: &memory,
+                src,
+                cpu: *cpu,
+                vcpus: &vcpus,
+                workload,
+            };
+            migrate_once(vm_args, destination, security, vm)
         },
         |(src, cpu)| failover::VmState::read(*src, *cpu, &vcpus, first_gpa),
     );
@@ -392,31 +453,57 @@ fn run_source(
     })
 }
 
+/// The running source VM, as one migration attempt uses it.
+struct LiveVm<'a> {
+    memory: &'a GuestMemory,
+    src: &'a mut Client,
+    cpu: &'a mut dyn DirtyTracker,
+    vcpus: &'a VcpuWorkload,
+    /// Whether dma-engine's workload runs on the device.
+    workload: bool,
+}
+
 /// One migration of the running VM to `destination`. On failure the engine has left the
-/// VM running here (vCPUs resumed, device RUNNING, logging off).
+/// VM running here (vCPUs resumed, device RUNNING, logging off), unless the destination
+/// had been told to resume it.
 fn migrate_once(
     vm_args: &VmArgs,
     destination: &str,
     security: &ClientSide,
-    memory: &GuestMemory,
-    src: &mut Client,
-    cpu: &mut dyn DirtyTracker,
-    vcpus: &VcpuWorkload,
+    vm: LiveVm<'_>,
 ) -> anyhow::Result<MigrationReport> {
+    let LiveVm {
+        memory,
+        src,
+        cpu,
+        vcpus,
+        workload,
+    } = vm;
+
     let progress = ProgressBar::new_spinner();
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
     progress.set_message("migrating: round 0 (all memory)");
     let timeout = Duration::from_millis(vm_args.timeout_ms);
-    let stream = connect_within(destination, timeout)
-        .with_context(|| format!("connecting to the destination {destination}"))?;
-    stream.set_nodelay(true)?;
-    let stream = security
-        .secure(stream, destination, timeout)
-        .with_context(|| format!("securing the link to {destination}"))?;
+    let link = || {
+        let stream = connect_within(destination, timeout)
+            .with_context(|| format!("connecting to the destination {destination}"))?;
+        stream.set_nodelay(true)?;
+        security
+            .secure(stream, destination, timeout)
+            .with_context(|| format!("securing the link to {destination}"))
+    };
+    let stream = link()?;
+    // The link cap is the sum over the channels.
+    let rate = Some(vm_args.link_mbps * 1_000_000 / u64::from(vm_args.channels));
+    // Further channels connect once the Hello is out (the destination takes them then).
+    let mut connect_extra = |_| {
+        link()
+            .map(|l| FrameWriter::new(l, rate).with_timeout(timeout))
+            .map_err(|err| std::io::Error::other(format!("{err:#}")))
+    };
     let mut replies = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
-    let mut out =
-        FrameWriter::new(stream, Some(vm_args.link_mbps * 1_000_000)).with_timeout(timeout);
+    let mut out = FrameWriter::new(stream, rate).with_timeout(timeout);
     let config = SourceConfig {
         ranges: if vm_args.ranges == "qemu" {
             dmalog_migrate::RangePlan::Qemu
@@ -426,26 +513,41 @@ fn migrate_once(
         mode: mode_of(vm_args),
         max_downtime: Duration::from_millis(vm_args.max_downtime_ms),
         max_rounds: vm_args.max_rounds,
+        throttle: ThrottleParams {
+            mode: match vm_args.auto_converge {
+                OnOff::On => AutoConverge::On,
+                OnOff::Off => AutoConverge::Off,
+            },
+            initial_pct: vm_args.throttle_initial,
+            increment_pct: vm_args.throttle_increment,
+            max_pct: vm_args.throttle_max,
+            ..ThrottleParams::default()
+        },
     };
-    let mut without_pre_copy;
-    let device: &mut dyn dmalog_migrate::engine::SourceDevice = if vm_args.device_pre_copy {
-        src
-    } else {
-        without_pre_copy = device_workload::WithoutPreCopy(&mut *src);
-        &mut without_pre_copy
-    };
+    let mut device = device_workload::MigratedDevice::new(
+        src,
+        vm_args.device_pre_copy,
+        workload.then_some(vm_args.device_rate_mbps * 1_000_000),
+    );
     let vm = SourceVm {
         memory,
-        device,
+        device: &mut device,
         cpu,
         vcpus: Some(vcpus),
     };
-    let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
-        progress.set_message(format!(
-            "round {} done: {} pages sent",
-            round.round, round.pages_sent
-        ));
-    });
+    let mut sent_bytes = 0u64;
+    let report = migrate_source_channels(
+        &config,
+        vm,
+        &mut out,
+        vm_args.channels,
+        &mut connect_extra,
+        &mut replies,
+        |round| {
+            sent_bytes += round.bytes_sent;
+            progress.set_message(crate::progress::round_line(round, sent_bytes));
+        },
+    );
     progress.finish_and_clear();
     report.context("migration")
 }
@@ -485,15 +587,19 @@ fn run_destination(
     // Waiting for a source to connect is this side's job and has no limit; once one has,
     // every frame must come within `timeout`.
     let (stream, _) = listener.accept()?;
+    // Small frames (Resumed) go out at once: with Nagle, a frame written in parts waits for
+    // the source's delayed ACK (40 ms on Linux), inside the downtime.
+    stream.set_nodelay(true)?;
     let stream = security.secure(stream, timeout)?;
     let mut input = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out = FrameWriter::new(stream, None).with_timeout(timeout);
-    let report = migrate_destination(
+    let report = migrate_destination_channels(
         &memory,
         &mut dst,
         &mut |client, memory| map_all(client, memory),
         &mut input,
         &mut out,
+        crate::transport::acceptor(listener, security, timeout),
     )
     .inspect_err(|_| failover::discard_unresumed_load(&mut dst))
     .context("destination")?;
@@ -509,6 +615,8 @@ fn run_destination(
     Ok(DestinationOutcome {
         device_writes_after_resume,
         pages: report.pages,
+        zero_pages: report.zero_pages,
+        channels: report.channels,
         device_bytes: report.device_bytes,
         verified: report.verified,
         region_digests: {
@@ -539,18 +647,21 @@ fn print_report(
         )?;
         writeln!(stdout)?;
     } else {
-        print_failed_attempts(&mut stdout, &source.attempts)?;
-        print_table(&mut stdout, report, device_writes_after_resume)?;
-        print_digests(&mut stdout, &source.region_digests)?;
+        failover::print_failed_attempts(&mut stdout, &source.attempts)?;
+        crate::progress::print_table(&mut stdout, report, device_writes_after_resume)?;
+        crate::progress::print_digests(&mut stdout, &source.region_digests)?;
     }
-    Ok(if report.verified {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if !report.verified {
         ExitCode::FAILURE
+    } else if !report.downtime_budget_met {
+        ExitCode::from(EXIT_OVER_BUDGET)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
-/// Runs the demo; exit code 1 unless VERIFIED.
+/// Runs the demo; exit code 1 unless VERIFIED, [`EXIT_OVER_BUDGET`] when it verified over
+/// the downtime budget.
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let vm = &args.vm;
     if vm.device_wss_mib + vm.vcpu_wss_mib > vm.memory_mib / 2 {
@@ -650,6 +761,8 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                 let mut object = serde_json::json!({
                     "verified": verified,
                     "pages": outcome.pages,
+                    "zero_pages": outcome.zero_pages,
+                    "channels": outcome.channels,
                     "device_bytes": outcome.device_bytes,
                     "device_writes_after_resume": outcome.device_writes_after_resume,
                 });
@@ -669,7 +782,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                     outcome.device_bytes,
                     if verified { "VERIFIED" } else { "FAILED" }
                 )?;
-                print_digests(&mut stdout, &outcome.region_digests)?;
+                crate::progress::print_digests(&mut stdout, &outcome.region_digests)?;
             }
             Ok(if verified {
                 ExitCode::SUCCESS
@@ -682,111 +795,4 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// One line per destination that failed before the one that took the VM.
-fn print_failed_attempts(out: &mut impl Write, attempts: &[Attempt]) -> std::io::Result<()> {
-    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
-        let vm = attempt.vm_after_failure.as_ref();
-        writeln!(
-            out,
-            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
-            i + 1,
-            attempt.destination,
-            attempt.error.as_deref().unwrap_or("?"),
-            vm.map_or("?", |vm| vm.device_state.as_str()),
-            if vm.is_some_and(|vm| vm.vcpus_running) {
-                "running"
-            } else {
-                "paused"
-            },
-        )?;
-    }
-    Ok(())
-}
-
-fn print_digests(
-    out: &mut impl Write,
-    digests: &serde_json::Map<String, serde_json::Value>,
-) -> std::io::Result<()> {
-    for (index, digest) in digests {
-        writeln!(
-            out,
-            "region {index} digest: {}",
-            digest.as_str().unwrap_or_default()
-        )?;
-    }
-    Ok(())
-}
-
-fn print_table(
-    out: &mut impl Write,
-    report: &MigrationReport,
-    device_writes_after: Option<u64>,
-) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "mode {:?}, guest {} MiB, device tracking {}",
-        report.mode,
-        report.guest_bytes >> 20,
-        if report.device_tracking { "on" } else { "off" }
-    )?;
-    writeln!(
-        out,
-        "device state: {} bytes{}",
-        report.device_bytes,
-        if report.device_pre_copy {
-            " (PRE_COPY and STOP_COPY)"
-        } else {
-            " (STOP_COPY only)"
-        }
-    )?;
-    writeln!(
-        out,
-        "{:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "round", "dev pages", "cpu pages", "both", "sent", "bytes", "round ms", "report ms"
-    )?;
-    for r in &report.rounds {
-        writeln!(
-            out,
-            "{:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10.1} {:>10.2}{}",
-            r.round,
-            r.pages_device,
-            r.pages_cpu,
-            r.pages_both,
-            r.pages_sent,
-            r.bytes_sent,
-            r.round_ms,
-            r.report_ms,
-            if r.final_round {
-                "  (guest stopped)"
-            } else {
-                ""
-            }
-        )?;
-    }
-    writeln!(
-        out,
-        "downtime {:.1} ms, total {:.0} ms, sent {} bytes ({:.2}x guest memory)",
-        report.downtime_ms,
-        report.total_ms,
-        report.bytes_sent,
-        report.bytes_sent as f64 / report.guest_bytes as f64
-    )?;
-    if let Some(writes) = device_writes_after {
-        writeln!(
-            out,
-            "destination device workload after resume: {writes} writes in 100 ms"
-        )?;
-    }
-    writeln!(
-        out,
-        "{}",
-        if report.verified {
-            "VERIFIED"
-        } else {
-            "FAILED: destination memory differs"
-        }
-    )?;
-    Ok(())
 }

@@ -184,6 +184,30 @@ pub fn try_in_turn<V, T>(
     Err(AllFailed(attempts))
 }
 
+/// One line per destination that failed before the one that took the VM.
+pub fn print_failed_attempts(
+    out: &mut impl std::io::Write,
+    attempts: &[Attempt],
+) -> std::io::Result<()> {
+    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
+        let vm = attempt.vm_after_failure.as_ref();
+        writeln!(
+            out,
+            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
+            i + 1,
+            attempt.destination,
+            attempt.error.as_deref().unwrap_or("?"),
+            vm.map_or("?", |vm| vm.device_state.as_str()),
+            if vm.is_some_and(|vm| vm.vcpus_running) {
+                "running"
+            } else {
+                "paused"
+            },
+        )?;
+    }
+    Ok(())
+}
+
 /// After a failed incoming migration: a device left holding a guest's state it never
 /// resumed (a partial load in RESUMING, a whole one in STOP waiting for the source's Go, or
 /// ERROR) is reset (DEVICE_RESET: registers to defaults, RUNNING, no migration data), so

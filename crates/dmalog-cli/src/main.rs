@@ -23,6 +23,7 @@ mod device_workload;
 mod failover;
 mod inspect;
 mod probe;
+mod progress;
 mod serve;
 mod transport;
 

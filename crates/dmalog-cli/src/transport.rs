@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use dmalog_migrate::stream::IoTimeouts;
+use dmalog_migrate::stream::{IoTimeouts, Transport};
 use dmalog_migrate::tls::{self, TlsConfig, TlsStream};
 
 /// TLS options shared by `migrate source` and `migrate destination`.
@@ -183,6 +183,21 @@ impl Write for Link {
     }
 }
 
+impl Transport for Link {
+    fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        match self {
+            Link::Plain(s) => s.vectored_fd(),
+            Link::Tls(s) => s.vectored_fd(),
+        }
+    }
+    fn shut_down(&self) {
+        match self {
+            Link::Plain(s) => s.shut_down(),
+            Link::Tls(s) => s.shut_down(),
+        }
+    }
+}
+
 impl IoTimeouts for Link {
     fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
         match self {
@@ -195,6 +210,45 @@ impl IoTimeouts for Link {
             Link::Plain(s) => s.bound_writes(timeout),
             Link::Tls(s) => s.bound_writes(timeout),
         }
+    }
+}
+
+/// The destination's acceptor of a migration's further channels: each connection on
+/// `listener` within `timeout`, secured as the first one. It owns the listener, so the
+/// destination stops listening once it drops the acceptor (every channel joined) and any
+/// later connection is refused.
+pub fn acceptor(
+    listener: std::net::TcpListener,
+    security: &ServerSide,
+    timeout: Duration,
+) -> impl FnMut() -> std::io::Result<dmalog_migrate::Incoming> + '_ {
+    move || {
+        listener.set_nonblocking(true)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let tcp = loop {
+            match listener.accept() {
+                Ok((tcp, _)) => break tcp,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no connection within {} ms", timeout.as_millis()),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        tcp.set_nonblocking(false)?;
+        tcp.set_nodelay(true)?;
+        let link = security
+            .secure(tcp, timeout)
+            .map_err(|err| std::io::Error::other(format!("{err:#}")))?;
+        Ok(dmalog_migrate::Incoming {
+            reader: Box::new(link.try_clone()?),
+            handle: Box::new(link),
+        })
     }
 }
 

@@ -229,14 +229,8 @@ fn an_abort_reason_from_the_source_is_printed_escaped() {
     let server = ServerProcess::start("soft");
     let destination = destination(&server.socket, &[]);
     let mut stream = TcpStream::connect(&destination.address).unwrap();
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&4096u32.to_le_bytes());
     let layout = dmalog_migrate::default_layout(64 << 20);
-    hello.extend_from_slice(&(layout.len() as u32).to_le_bytes());
-    for (gpa, size) in layout {
-        hello.extend_from_slice(&gpa.to_le_bytes());
-        hello.extend_from_slice(&size.to_le_bytes());
-    }
+    let hello = dmalog_migrate::stream::hello_payload(4096, 1, 1, &layout);
     let mut out = FrameWriter::new(&mut stream, None);
     out.write(Kind::Hello, &[&hello]).unwrap();
     out.write(Kind::Abort, &[HOSTILE_TEXT]).unwrap();
@@ -331,7 +325,11 @@ fn killed_then_retried(same_destination_server: bool) {
     );
     let (dst_out, dst_stderr) = second.wait();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{dst_stderr}");
+    // 3: verified over the downtime budget (a busy machine).
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{stderr}\n{dst_stderr}"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verified"], true);
     assert!(dst_out.status.success(), "{dst_stderr}");

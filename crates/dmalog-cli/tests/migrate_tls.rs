@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{ServerProcess, TempDir};
-use dmalog_migrate::stream::{FrameWriter, Kind, PAGES_HEAD_BYTES};
+use dmalog_migrate::stream::{FrameWriter, Kind};
 
 /// A hang guard only.
 const HANG_GUARD: Duration = Duration::from_secs(60);
@@ -208,18 +208,11 @@ fn a_tls_destination_refuses_a_plaintext_source_before_any_frame() {
     let tcp = TcpStream::connect(&dst.address).unwrap();
     tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
     let mut out = FrameWriter::new(tcp, None);
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&4096u32.to_le_bytes());
     let layout = dmalog_migrate::default_layout(64 << 20);
-    hello.extend_from_slice(&(layout.len() as u32).to_le_bytes());
-    for (gpa, size) in &layout {
-        hello.extend_from_slice(&gpa.to_le_bytes());
-        hello.extend_from_slice(&size.to_le_bytes());
-    }
-    let mut head = vec![0u8; PAGES_HEAD_BYTES];
-    head[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let hello = dmalog_migrate::stream::hello_payload(4096, 1, 1, &layout);
     let _ = out.write(Kind::Hello, &[&hello]);
-    let _ = out.write(Kind::Pages, &[&head, &[0xffu8; 4096]]);
+    let page = dmalog_migrate::stream::pages_payload(&[(0, 1, 0)], &[0xffu8; 4096]);
+    let _ = out.write(Kind::Pages, &[&page]);
     let _ = out.flush();
     let _ = std::io::copy(out.get_mut(), &mut std::io::sink());
     let (output, stderr) = dst.wait();

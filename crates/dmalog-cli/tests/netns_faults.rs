@@ -35,6 +35,9 @@ const SHAPE: Shape = Shape {
     loss: true,
 };
 const GUEST_MIB: u64 = 64;
+/// Guest memory the device fills before the migration (pages that are not zero: zero
+/// pages cross the link as flags, and a guest of them would be over in a few frames).
+const FILL_MIB: u64 = 32;
 /// Both sides' `--timeout-ms` where the link is cut: a silent peer is found out after
 /// this. Generous against the other side's honest work (the destination hashes the guest
 /// between End and Ready, slowly on a loaded machine), as short as that allows.
@@ -196,9 +199,9 @@ impl Destination {
     }
 }
 
-/// `dmalog migrate source` in the source namespace, a 64 MiB guest whose workloads dirty
-/// about 1 MB/s each (so that it converges on a 50 MB/s link even on a loaded machine),
-/// trying `destinations` in turn.
+/// `dmalog migrate source` in the source namespace, a 64 MiB guest (half of it filled)
+/// whose workloads dirty about 1 MB/s each (so that it converges on a 50 MB/s link even on
+/// a loaded machine), trying `destinations` in turn.
 fn source(
     net: &Network,
     device: &Path,
@@ -220,6 +223,17 @@ fn source(
         ])
         // No pacing in the process: the link's tbf is the cap.
         .args(["--link-mbps", "100000"])
+        // dma-engine FILLs guest memory [0, FILL_MIB) before the migration starts (DST,
+        // LEN, PATTERN, OP = FILL, DOORBELL).
+        .args(["--region-write-u64", "0:0x8=0"])
+        .args(["--region-write-u64", &format!("0:0x18={}", FILL_MIB << 20)])
+        .args([
+            "--region-write-u64",
+            "0:0x20=1",
+            "--region-write-u64",
+            "0:0x28=1",
+        ])
+        .args(["--region-write-u64", "0:0x30=1"])
         .args(["--timeout-ms", &timeout_ms.to_string()]);
     for destination in destinations {
         command.args(["--connect", &destination.to_string()]);
@@ -233,6 +247,12 @@ fn source(
             .spawn()
             .unwrap(),
     ))
+}
+
+/// The source exited as after a verified migration: 0, or 3 (verified over the downtime
+/// budget: a loaded machine; the budget is not what these tests check).
+fn assert_source_migrated(out: &Output, stderr: &str) {
+    assert!(matches!(out.status.code(), Some(0 | 3)), "{stderr}");
 }
 
 fn json(out: &Output, stderr: &str) -> serde_json::Value {
@@ -326,7 +346,7 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
     let relay = Relay::start(host, dst.listening, DELAY, netns::forward_all());
     let out = source(&net, &src_dev.socket, &[relay.address], &tls, 10_000).wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{stderr}");
+    assert_source_migrated(&out, &stderr);
     let (dst_out, dst_stderr) = dst.wait();
     let report = json(&out, &stderr);
     assert_verified_and_running(&report);
@@ -348,7 +368,7 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
         net.dropped_packets(),
         net.shaped_events()
     );
-    assert!(relay.forwarded.load(Ordering::SeqCst) >= GUEST_MIB << 20);
+    assert!(relay.forwarded.load(Ordering::SeqCst) >= FILL_MIB << 20);
     assert!(net.shaped_events() > 0, "tbf never held a packet back");
     match &net.loss_unavailable {
         None => assert!(net.dropped_packets() > 0, "no packet was dropped"),
@@ -391,7 +411,7 @@ fn the_link_cut_after_the_stop_fails_both_sides_in_time_and_the_vm_migrates_else
     .wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     // Before waiting for the destinations: a source that failed never reached them.
-    assert!(out.status.success(), "{stderr}");
+    assert_source_migrated(&out, &stderr);
     let (first_out, first_stderr) = first.wait();
     let (second_out, second_stderr) = second.wait();
     let report = json(&out, &stderr);
@@ -441,7 +461,7 @@ fn a_destination_killed_mid_stream_fails_the_attempt_and_the_vm_migrates_elsewhe
     )
     .wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{stderr}");
+    assert_source_migrated(&out, &stderr);
     let (first_out, _) = first.wait();
     let (second_out, second_stderr) = second.wait();
     assert!(
@@ -483,25 +503,32 @@ fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migratio
     ) else {
         return;
     };
-    let dir = TempDir::new("netns-kill-src");
-    let certs = certs(&dir.0, &net);
-    let tls = Security::Tls(&certs);
+    // Plaintext, so that the relay can follow the frames.
+    let plain = Security::Plaintext;
     let (src_dev, dst_dev) = (ServerProcess::start("soft"), ServerProcess::start("soft"));
     let host = &net.hosts[0];
-    let first = Destination::start(host, &dst_dev.socket, &tls, 30_000);
+    let first = Destination::start(host, &dst_dev.socket, &plain, 30_000);
     let victim = Arc::new(AtomicU32::new(0));
+    let mut syncs = 0;
     let killing = Relay::start(
         host,
         first.listening,
         DELAY,
-        // In round 1: the destination has every page once and the device's pre-copy
-        // state (sent after round 0), all it would need to resume a stale guest.
-        netns::after_bytes((GUEST_MIB << 20) + (512 << 10), {
-            let victim = Arc::clone(&victim);
-            move || kill(victim.load(Ordering::SeqCst))
-        }),
+        // At the end of the second round (its Sync frame): the destination has every page
+        // once and the device's pre-copy state (sent after round 0's pages), all it would
+        // need to resume a stale guest.
+        netns::on_frame(
+            move |kind, _| {
+                syncs += u32::from(kind == 9);
+                syncs == 2
+            },
+            {
+                let victim = Arc::clone(&victim);
+                move || kill(victim.load(Ordering::SeqCst))
+            },
+        ),
     );
-    let doomed = source(&net, &src_dev.socket, &[killing.address], &tls, 30_000);
+    let doomed = source(&net, &src_dev.socket, &[killing.address], &plain, 30_000);
     victim.store(doomed.pid(), Ordering::SeqCst);
     let doomed_out = doomed.wait("the killed source");
     assert!(doomed_out.status.code().is_none(), "the source was killed");
@@ -517,12 +544,15 @@ fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migratio
     assert_device_ready_for_a_retry(&src_dev);
 
     // A new source VM on the same device, to a new destination on the device the first
-    // one left half-loaded.
+    // one left half-loaded (over TLS, as a user would).
+    let dir = TempDir::new("netns-kill-src");
+    let certs = certs(&dir.0, &net);
+    let tls = Security::Tls(&certs);
     let second = Destination::start(host, &dst_dev.socket, &tls, 30_000);
     let relay = Relay::start(host, second.listening, DELAY, netns::forward_all());
     let out = source(&net, &src_dev.socket, &[relay.address], &tls, 30_000).wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{stderr}");
+    assert_source_migrated(&out, &stderr);
     let (second_out, second_stderr) = second.wait();
     assert_verified_and_running(&json(&out, &stderr));
     assert_destination_verified(&second_out, &second_stderr);
@@ -591,7 +621,7 @@ fn the_link_cut_before_the_destination_may_resume_leaves_the_guest_only_at_the_s
     // The destination's first frame back: it has every page and the device state, and
     // has not resumed.
     let run = cut_on_the_way_back(&net, 0);
-    assert!(run.source.status.success(), "{}", run.stderr);
+    assert_source_migrated(&run.source, &run.stderr);
     let report = json(&run.source, &run.stderr);
     let attempts = report["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 2, "{report:#}");

@@ -22,7 +22,7 @@
 //!   pinning; see the crate's measurements. Where a sandbox forbids these syscalls a
 //!   guarded mapping cannot be made (its error is returned: seal the file instead).
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
@@ -261,6 +261,196 @@ impl SharedMapping {
     }
 }
 
+/// A byte range for the kernel to read (`writev`): a range of a [`SharedMapping`] or of a
+/// Rust buffer, borrowed for `'a` so that the memory stays mapped. It is never a Rust
+/// reference to shared memory: the kernel copies it (the bytes may change as it does; the
+/// copy is then some mix of old and new, which page migration tolerates: a page written
+/// during the copy is dirty again and sent again).
+#[derive(Debug, Clone, Copy)]
+pub struct IoPiece<'a> {
+    ptr: *const u8,
+    len: usize,
+    /// The mapping's copy path (a Rust buffer: `Direct`).
+    path: CopyPath,
+    _borrow: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl<'a> IoPiece<'a> {
+    /// A Rust buffer as a piece.
+    pub fn from_bytes(bytes: &'a [u8]) -> Self {
+        IoPiece {
+            ptr: bytes.as_ptr(),
+            len: bytes.len(),
+            path: CopyPath::Direct,
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// Bytes in the piece.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the piece is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The piece without its first `n_bytes` (all of it when `n_bytes >= len`).
+    pub fn skip(self, n_bytes: usize) -> Self {
+        let n = n_bytes.min(self.len);
+        IoPiece {
+            // SAFETY: `n <= len`: the result stays inside (or one past the end of) the
+            // borrowed range.
+            ptr: unsafe { self.ptr.add(n) },
+            len: self.len - n,
+            ..self
+        }
+    }
+
+    /// Copies the piece into `out` (exactly `len` bytes long): volatile loads from a
+    /// sealed mapping, the kernel's fault-tolerant copy from any other.
+    pub fn copy_to(&self, out: &mut [u8]) -> Result<(), CopyFault> {
+        if out.len() != self.len {
+            return Err(CopyFault { copied_bytes: 0 });
+        }
+        match self.path {
+            // SAFETY: the piece is `len` readable bytes kept mapped by the borrow `'a`, and
+            // `out` is a separate Rust buffer of the same length.
+            CopyPath::Direct => unsafe { volatile_load(out.as_mut_ptr(), self.ptr, self.len) },
+            // SAFETY: as above; the kernel only reads the mapping and writes `out`.
+            CopyPath::Guarded => unsafe {
+                return kernel_copy(self.ptr.cast_mut(), out.as_mut_ptr(), self.len, false);
+            },
+        }
+        Ok(())
+    }
+}
+
+/// Most pieces one [`write_pieces`] call hands the kernel (Linux's `IOV_MAX`).
+pub const MAX_PIECES: usize = 1024;
+
+/// One `writev` of up to [`MAX_PIECES`] of `pieces` to `fd`: the kernel copies the bytes
+/// straight from guest memory into the socket. Returns the bytes written (a short write is
+/// the caller's to continue with [`IoPiece::skip`]). A piece of a mapping whose file shrank
+/// makes the call fail with EFAULT, never a signal (the kernel's user copies fail cleanly).
+pub fn write_pieces(fd: impl AsFd, pieces: &[IoPiece<'_>]) -> std::io::Result<usize> {
+    let count = pieces.len().min(MAX_PIECES);
+    let mut iovecs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_PIECES];
+    for (iov, piece) in iovecs.iter_mut().zip(&pieces[..count]) {
+        *iov = libc::iovec {
+            iov_base: piece.ptr.cast_mut().cast(),
+            iov_len: piece.len,
+        };
+    }
+    loop {
+        // SAFETY: each iovec describes a piece that its borrow keeps mapped and readable
+        // for its whole length; `writev` only reads them. `count <= IOV_MAX`.
+        let n = unsafe {
+            libc::writev(
+                fd.as_fd().as_raw_fd(),
+                iovecs.as_ptr(),
+                count as libc::c_int,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+impl SharedMapping {
+    /// `len` bytes at `offset` as a piece for [`write_pieces`]; `None` when out of bounds.
+    pub fn piece(&self, offset: usize, len: usize) -> Option<IoPiece<'_>> {
+        if !self.in_bounds(offset, len) {
+            return None;
+        }
+        Some(IoPiece {
+            // SAFETY: `offset + len <= self.len` (checked): inside the mapping.
+            ptr: unsafe { self.ptr.as_ptr().add(offset) },
+            len,
+            path: self.path,
+            _borrow: std::marker::PhantomData,
+        })
+    }
+
+    /// Whether the `len` bytes at `offset` are all zero, read as they are now (another
+    /// writer may change them right after); `None` when out of bounds or faulted.
+    pub fn is_zero(&self, offset: usize, len: usize) -> Option<bool> {
+        if !self.in_bounds(offset, len) {
+            return None;
+        }
+        if self.path == CopyPath::Guarded {
+            let mut chunk = [0u8; 4096];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(chunk.len());
+                self.try_read(offset + done, &mut chunk[..n]).ok()?;
+                if chunk[..n].iter().any(|&b| b != 0) {
+                    return Some(false);
+                }
+                done += n;
+            }
+            return Some(true);
+        }
+        // SAFETY: in bounds (checked) of the sealed mapping (direct path).
+        let start = unsafe { self.ptr.as_ptr().add(offset) };
+        // SAFETY: `len` readable bytes at `start`, kept mapped by `&self`.
+        Some(unsafe { volatile_is_zero(start, len) })
+    }
+}
+
+/// Whether `len` bytes at `src` are zero, with volatile loads (8-byte words between byte
+/// head and tail), stopping at the first non-zero word.
+///
+/// # Safety
+/// `src` is valid for `len` bytes of reads.
+unsafe fn volatile_is_zero(src: *const u8, len: usize) -> bool {
+    let head = src.align_offset(8).min(len);
+    let words = (len - head) / 8;
+    // SAFETY (all loops): every index is below `len`; word loads at `src + head + 8k` are
+    // 8-aligned by the choice of `head`.
+    unsafe {
+        for i in 0..head {
+            if src.add(i).read_volatile() != 0 {
+                return false;
+            }
+        }
+        let src_words = src.add(head).cast::<u64>();
+        let mut k = 0;
+        // Four words a round, or-ed: one branch per 32 bytes.
+        while k + 4 <= words {
+            let any = src_words.add(k).read_volatile()
+                | src_words.add(k + 1).read_volatile()
+                | src_words.add(k + 2).read_volatile()
+                | src_words.add(k + 3).read_volatile();
+            if any != 0 {
+                return false;
+            }
+            k += 4;
+        }
+        while k < words {
+            if src_words.add(k).read_volatile() != 0 {
+                return false;
+            }
+            k += 1;
+        }
+        for i in head + 8 * words..len {
+            if src.add(i).read_volatile() != 0 {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Copies `len` bytes from a Rust buffer to shared memory with volatile stores: aligned
 /// 8-byte words between byte-wise head and tail. Volatile, because another process reads
 /// and writes this memory behind the compiler's back: no access may be elided, merged,
@@ -478,5 +668,38 @@ mod tests {
         let mut head = [0u8; 8];
         rustix::io::pread(&fd, &mut head, 4000).unwrap();
         assert_eq!(head, [2u8; 8], "the bytes before the fault were written");
+    }
+
+    #[test]
+    fn pieces_are_written_whole_and_zero_pages_are_seen() {
+        let sealed = sealed_memfd("t", 3 * 4096).unwrap();
+        let plain = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&plain, 3 * 4096).unwrap();
+        for fd in [&sealed, &plain] {
+            let map = SharedMapping::map(fd, 0, 3 * 4096, true).unwrap();
+            assert_eq!(map.is_zero(0, 3 * 4096), Some(true));
+            assert!(map.write(4096 + 4095, &[9]));
+            assert_eq!(map.is_zero(0, 4096), Some(true));
+            assert_eq!(map.is_zero(4096, 4096), Some(false), "the last byte counts");
+            assert_eq!(map.is_zero(4096 + 4095, 1), Some(false));
+            assert_eq!(map.is_zero(8192, 4097), None, "out of bounds");
+            assert!(map.piece(8192, 4097).is_none());
+            let head = [1u8, 2, 3];
+            let pieces = [
+                IoPiece::from_bytes(&head),
+                map.piece(4096 + 4094, 2).unwrap(),
+                map.piece(0, 5).unwrap().skip(3),
+            ];
+            let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let n = write_pieces(&b, &pieces).unwrap();
+            assert_eq!(n, 7);
+            let mut got = [0u8; 7];
+            std::io::Read::read_exact(&mut a, &mut got).unwrap();
+            assert_eq!(got, [1, 2, 3, 0, 9, 0, 0]);
+            let mut copy = [0u8; 2];
+            pieces[1].copy_to(&mut copy).unwrap();
+            assert_eq!(copy, [0, 9]);
+            assert!(pieces[1].copy_to(&mut [0u8; 3]).is_err(), "length differs");
+        }
     }
 }

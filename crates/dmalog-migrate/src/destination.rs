@@ -4,35 +4,49 @@
 //! memory).
 
 use std::io::{Read, Write};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dmalog::uapi::DeviceState;
 use dmalog::MigrationDevice;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::engine::{aborted, expect_kind, MigrateError, PAGE};
 use crate::guest::GuestMemory;
+use crate::round_sync::RoundSync;
 use crate::stream::{
-    Frame, FrameReader, FrameWriter, Kind, StreamError, MAX_PAGES_PER_FRAME, MAX_REASON_BYTES,
-    PAGES_HEAD_BYTES,
+    Channel, Frame, FrameReader, FrameWriter, Kind, StreamError, DEFAULT_TIMEOUT, HELLO_HEAD_BYTES,
+    MAX_CHANNELS, MAX_PAGES_PER_FRAME, MAX_REASON_BYTES, MAX_RUNS_PER_FRAME,
+    MAX_ZERO_PAGES_PER_FRAME, PAGES_HEAD_BYTES, RUN_BYTES, RUN_ZERO,
 };
+
+/// Connections that are not one of the migration's channels (no Join, another session, a
+/// channel already taken) the destination refuses before it gives up waiting.
+const MAX_REFUSED_CONNECTIONS: u32 = 8;
 
 /// What the destination saw.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DestinationReport {
-    /// Pages written.
+    /// Pages written (zero pages included).
     pub pages: u64,
+    /// Pages that came as zero runs (no bytes on the wire).
+    pub zero_pages: u64,
+    /// Channels (connections) the migration used.
+    pub channels: u32,
     /// Device data bytes loaded.
     pub device_bytes: u64,
     /// Whether the source's hashes matched ours.
     pub verified: bool,
 }
 
-/// A decoded Hello: the source's page size and memory map.
+/// A decoded Hello: the source's page size, session, channels and memory map.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     /// The source's page size, bytes.
     pub page_size: u32,
+    /// The migration's id, which every further channel's Join repeats.
+    pub session: u64,
+    /// Connections the migration uses, 1 to [`MAX_CHANNELS`].
+    pub channels: u32,
     /// `(gpa, size)` of each region.
     pub regions: Vec<(u64, u64)>,
 }
@@ -53,48 +67,146 @@ fn refused(kind: Kind, why: &'static str) -> MigrateError {
     MigrateError::Stream(StreamError::Refused { kind, why })
 }
 
-/// Decodes a Hello payload: `page_size u32, count u32`, then `count` times `gpa u64,
-/// size u64`, nothing more.
+/// Decodes a Hello payload: `page_size u32, count u32, session u64, channels u32,
+/// reserved u32 (0)`, then `count` times `gpa u64, size u64`, nothing more.
 pub fn decode_hello(payload: &[u8]) -> Result<Hello, MigrateError> {
     let malformed = || MigrateError::Stream(StreamError::Malformed(Kind::Hello));
     let page_size = le_u32(payload, 0).ok_or_else(malformed)?;
     let count = le_u32(payload, 4).ok_or_else(malformed)? as usize;
+    let session = le_u64(payload, 8).ok_or_else(malformed)?;
+    let channels = le_u32(payload, 16).ok_or_else(malformed)?;
+    let reserved = le_u32(payload, 20).ok_or_else(malformed)?;
     // The frame limit bounds the payload, so `count` is checked against what was sent
     // before any arithmetic on it.
-    if (payload.len() - 8) / 16 != count || (payload.len() - 8) % 16 != 0 {
+    let rest = payload.len() - HELLO_HEAD_BYTES;
+    if rest / 16 != count || rest % 16 != 0 {
         return Err(malformed());
+    }
+    if reserved != 0 {
+        return Err(refused(Kind::Hello, "reserved field is not zero"));
+    }
+    if channels == 0 || channels > MAX_CHANNELS {
+        return Err(refused(Kind::Hello, "channel count out of range"));
     }
     let regions = (0..count)
         .map(|i| {
-            let at = 8 + 16 * i;
+            let at = HELLO_HEAD_BYTES + 16 * i;
             Some((le_u64(payload, at)?, le_u64(payload, at + 8)?))
         })
         .collect::<Option<Vec<_>>>()
         .ok_or_else(malformed)?;
-    Ok(Hello { page_size, regions })
+    Ok(Hello {
+        page_size,
+        session,
+        channels,
+        regions,
+    })
 }
 
-/// Decodes a Pages payload into `(gpa, data)`: `gpa` page-aligned, 1 to
-/// [`MAX_PAGES_PER_FRAME`] pages, exactly `npages` pages of data. Whether the pages lie in
-/// guest memory is the caller's check.
-pub fn decode_pages(payload: &[u8]) -> Result<(u64, &[u8]), MigrateError> {
-    let gpa = le_u64(payload, 0).ok_or(StreamError::Malformed(Kind::Pages))?;
-    let npages = u64::from(le_u32(payload, 8).ok_or(StreamError::Malformed(Kind::Pages))?);
-    let data = payload.get(PAGES_HEAD_BYTES..).unwrap_or_default();
-    if npages == 0 || npages > MAX_PAGES_PER_FRAME {
-        return Err(refused(Kind::Pages, "page count out of range"));
+/// One run of a Pages frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun<'a> {
+    /// Guest address of the first page.
+    pub gpa: u64,
+    /// Pages.
+    pub npages: u64,
+    /// The bytes (`npages` pages), `None` for a zero run.
+    pub data: Option<&'a [u8]>,
+}
+
+/// Decodes a Pages payload (stream.rs): 1 to [`MAX_RUNS_PER_FRAME`] runs, each of at least
+/// one page at a page-aligned address that does not wrap, flags [`RUN_ZERO`] or none, at
+/// most [`MAX_PAGES_PER_FRAME`] data pages and [`MAX_ZERO_PAGES_PER_FRAME`] zero pages,
+/// and exactly the data pages' bytes after the table. Whether the runs lie in guest memory
+/// is the caller's check.
+pub fn decode_pages(payload: &[u8]) -> Result<Vec<PageRun<'_>>, MigrateError> {
+    let malformed = || MigrateError::Stream(StreamError::Malformed(Kind::Pages));
+    let nruns = le_u32(payload, 0).ok_or_else(malformed)? as usize;
+    let reserved = le_u32(payload, 4).ok_or_else(malformed)?;
+    if nruns == 0 || nruns > MAX_RUNS_PER_FRAME {
+        return Err(refused(Kind::Pages, "run count out of range"));
     }
-    // npages <= MAX_PAGES_PER_FRAME: the product cannot overflow.
-    if data.len() as u64 != npages * PAGE {
+    if reserved != 0 {
+        return Err(refused(Kind::Pages, "reserved field is not zero"));
+    }
+    // nruns <= MAX_RUNS_PER_FRAME: no overflow.
+    let table_end = PAGES_HEAD_BYTES + nruns * RUN_BYTES;
+    let mut data = payload.get(table_end..).ok_or_else(malformed)?;
+    let (mut data_pages, mut zero_pages) = (0u64, 0u64);
+    let mut runs = Vec::with_capacity(nruns);
+    for i in 0..nruns {
+        let at = PAGES_HEAD_BYTES + i * RUN_BYTES;
+        let gpa = le_u64(payload, at).ok_or_else(malformed)?;
+        let npages = u64::from(le_u32(payload, at + 8).ok_or_else(malformed)?);
+        let flags = le_u32(payload, at + 12).ok_or_else(malformed)?;
+        if npages == 0 {
+            return Err(refused(Kind::Pages, "a run of no pages"));
+        }
+        if gpa % PAGE != 0 {
+            return Err(refused(Kind::Pages, "guest address not page-aligned"));
+        }
+        if flags & !RUN_ZERO != 0 {
+            return Err(refused(Kind::Pages, "unknown run flags"));
+        }
+        // npages < 2^32: the product fits in 64 bits.
+        if gpa.checked_add(npages * PAGE).is_none() {
+            return Err(refused(Kind::Pages, "run wraps around the address space"));
+        }
+        let zero = flags & RUN_ZERO != 0;
+        if zero {
+            zero_pages += npages;
+            if zero_pages > MAX_ZERO_PAGES_PER_FRAME {
+                return Err(refused(Kind::Pages, "too many zero pages in one frame"));
+            }
+            runs.push(PageRun {
+                gpa,
+                npages,
+                data: None,
+            });
+            continue;
+        }
+        data_pages += npages;
+        if data_pages > MAX_PAGES_PER_FRAME {
+            return Err(refused(Kind::Pages, "too many pages in one frame"));
+        }
+        // data_pages <= MAX_PAGES_PER_FRAME: the length fits.
+        let len = (npages * PAGE) as usize;
+        if data.len() < len {
+            return Err(refused(
+                Kind::Pages,
+                "data length differs from the page count",
+            ));
+        }
+        let (bytes, rest) = data.split_at(len);
+        data = rest;
+        runs.push(PageRun {
+            gpa,
+            npages,
+            data: Some(bytes),
+        });
+    }
+    if !data.is_empty() {
         return Err(refused(
             Kind::Pages,
             "data length differs from the page count",
         ));
     }
-    if gpa % PAGE != 0 {
-        return Err(refused(Kind::Pages, "guest address not page-aligned"));
+    Ok(runs)
+}
+
+/// A further connection of a multi-channel migration, as the caller accepted it (TLS
+/// handshake and all): two handles on the one connection.
+pub struct Incoming {
+    /// Read by the channel's own thread.
+    pub reader: Box<dyn Channel>,
+    /// Kept to refuse the connection (an Abort) or shut it down when another channel fails.
+    pub handle: Box<dyn Channel>,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").finish_non_exhaustive()
     }
-    Ok((gpa, data))
 }
 
 /// Runs the destination side: maps DMA with `map_dma`, writes pages into `memory`, loads
@@ -102,7 +214,8 @@ pub fn decode_pages(payload: &[u8]) -> Result<(u64, &[u8]), MigrateError> {
 /// device (RUNNING) on the source's Go, answers Resumed, then takes the source's verdict
 /// on the hashes. A frame this side refuses is also reported to
 /// the source (an Abort, best effort). Time limits are the reader's and writer's
-/// ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]).
+/// ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]). A source that asks for
+/// more than one channel is refused (see [`migrate_destination_channels`]).
 ///
 /// The device is resumed only on the source's Go: a migration that fails before (the
 /// source gone, silent or refused) leaves the guest unresumed here (the device holds a
@@ -115,8 +228,30 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
     input: &mut FrameReader<impl Read>,
     out: &mut FrameWriter<W>,
 ) -> Result<DestinationReport, MigrateError> {
+    migrate_destination_channels(memory, device, map_dma, input, out, || {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this destination takes a migration on one channel only",
+        ))
+    })
+}
+
+/// As [`migrate_destination`], taking as many channels as the source's Hello asks for:
+/// `accept` gives each further connection (bounding its own wait), whose first frame must
+/// be a Join of this migration's session with a channel index not yet taken; any other
+/// connection is refused (an Abort) and closed. Once every channel has joined, `accept` is
+/// dropped (a caller whose closure owns the listener stops listening then, so later
+/// connections are refused by the kernel).
+pub fn migrate_destination_channels<W: Write, D: MigrationDevice>(
+    memory: &GuestMemory,
+    device: &mut D,
+    map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
+    input: &mut FrameReader<impl Read>,
+    out: &mut FrameWriter<W>,
+    accept: impl FnMut() -> std::io::Result<Incoming>,
+) -> Result<DestinationReport, MigrateError> {
     let mut resumed = false;
-    let result = receive(memory, device, map_dma, input, out, &mut resumed)
+    let result = receive(memory, device, map_dma, input, out, accept, &mut resumed)
         .map_err(|err| err.closed_by("source"));
     if let Err(err) = &result {
         if resumed {
@@ -133,18 +268,143 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
                 )
         );
         if tell {
-            let mut reason = err.to_string();
-            reason.truncate(MAX_REASON_BYTES.min(reason.len()));
-            while !reason.is_char_boundary(reason.len()) {
-                reason.pop();
-            }
-            if let Err(write_err) = out.write(Kind::Abort, &[reason.as_bytes()]) {
-                warn!(%write_err, "could not tell the source why the migration failed");
-            }
-            let _ = out.flush();
+            abort(out, &err.to_string());
         }
     }
     result
+}
+
+/// Tells the peer why, best effort.
+fn abort<W: Write>(out: &mut FrameWriter<W>, reason: &str) {
+    let mut reason = reason.to_owned();
+    reason.truncate(MAX_REASON_BYTES.min(reason.len()));
+    while !reason.is_char_boundary(reason.len()) {
+        reason.pop();
+    }
+    if let Err(write_err) = out.write(Kind::Abort, &[reason.as_bytes()]) {
+        warn!(%write_err, "could not tell the source why the migration failed");
+    }
+    let _ = out.flush();
+}
+
+/// One joined further channel.
+struct Joined {
+    input: FrameReader<Box<dyn Channel>>,
+    handle: Box<dyn Channel>,
+}
+
+/// Accepts the `hello.channels - 1` further channels.
+fn accept_channels(
+    hello: &Hello,
+    timeout: Duration,
+    mut accept: impl FnMut() -> std::io::Result<Incoming>,
+) -> Result<Vec<Joined>, MigrateError> {
+    let extra = (hello.channels - 1) as usize;
+    let mut joined: Vec<Option<Joined>> = (0..extra).map(|_| None).collect();
+    let mut refused_count = 0;
+    while joined.iter().any(Option::is_none) {
+        let index = joined.iter().position(Option::is_none).unwrap_or(0) + 1;
+        let incoming = accept().map_err(|err| {
+            MigrateError::Peer(format!(
+                "waiting for channel {index} of the migration: {err}"
+            ))
+        })?;
+        let mut input = FrameReader::new(incoming.reader).with_timeout(timeout);
+        let why = match input.read() {
+            Ok(frame) if frame.kind == Kind::Join => match (
+                le_u64(&frame.payload, 0),
+                le_u32(&frame.payload, 8),
+                frame.payload.len(),
+            ) {
+                (Some(session), Some(index), 12) => {
+                    if session != hello.session {
+                        "its Join names another migration"
+                    } else if index == 0 || index as usize > extra {
+                        "its Join names a channel this migration does not have"
+                    } else if joined[index as usize - 1].is_some() {
+                        "its Join names a channel already joined"
+                    } else {
+                        joined[index as usize - 1] = Some(Joined {
+                            input,
+                            handle: incoming.handle,
+                        });
+                        continue;
+                    }
+                }
+                _ => "its Join is malformed",
+            },
+            Ok(_) => "it did not open with a Join",
+            Err(_) => "it sent no valid frame",
+        };
+        warn!(
+            why,
+            "refused a connection that is not a channel of this migration"
+        );
+        let mut refusal = FrameWriter::new(incoming.handle, None).with_timeout(timeout);
+        abort(
+            &mut refusal,
+            &format!("not a channel of this migration: {why}"),
+        );
+        refusal.get_mut().shut_down();
+        refused_count += 1;
+        if refused_count > MAX_REFUSED_CONNECTIONS {
+            return Err(MigrateError::Peer(format!(
+                "refused {refused_count} connections that were not this migration's channels"
+            )));
+        }
+    }
+    drop(accept);
+    info!(
+        channels = hello.channels,
+        "every channel of the migration joined"
+    );
+    Ok(joined.into_iter().flatten().collect())
+}
+
+/// What one channel applied.
+#[derive(Debug, Default, Clone, Copy)]
+struct Applied {
+    pages: u64,
+    zero_pages: u64,
+}
+
+/// Applies one further channel's frames until its End.
+fn run_channel(
+    index: usize,
+    memory: &GuestMemory,
+    sync: &RoundSync,
+    input: &mut FrameReader<Box<dyn Channel>>,
+) -> Result<Applied, MigrateError> {
+    let mut applied = Applied::default();
+    let result = (|| loop {
+        let frame = input.read()?;
+        match frame.kind {
+            Kind::Pages => write_pages(memory, &frame, &mut applied)?,
+            Kind::Sync => sync.arrive(index, decode_sync(&frame)?)?,
+            Kind::End => {
+                sync.finish();
+                return Ok(applied);
+            }
+            Kind::Abort => return Err(aborted(&frame)),
+            other => {
+                return Err(MigrateError::Peer(format!(
+                    "unexpected {other:?} frame on channel {index}"
+                )))
+            }
+        }
+    })();
+    if result.is_err() {
+        sync.fail(index);
+    }
+    result
+}
+
+fn decode_sync(frame: &Frame) -> Result<u32, MigrateError> {
+    match frame.payload.len() {
+        4 => le_u32(&frame.payload, 0)
+            .ok_or(MigrateError::Stream(StreamError::Malformed(Kind::Sync))),
+        _ => Err(MigrateError::Stream(StreamError::Malformed(Kind::Sync))),
+    }
 }
 
 fn receive<W: Write, D: MigrationDevice>(
@@ -153,6 +413,7 @@ fn receive<W: Write, D: MigrationDevice>(
     map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
     input: &mut FrameReader<impl Read>,
     out: &mut FrameWriter<W>,
+    accept: impl FnMut() -> std::io::Result<Incoming>,
     resumed: &mut bool,
 ) -> Result<DestinationReport, MigrateError> {
     let mut report = DestinationReport::default();
@@ -173,26 +434,74 @@ fn receive<W: Write, D: MigrationDevice>(
             "the source's memory layout differs from ours".into(),
         ));
     }
+    let timeout = input.timeout().unwrap_or(DEFAULT_TIMEOUT);
+    let (mut inputs, handles): (Vec<_>, Vec<_>) = accept_channels(&hello, timeout, accept)?
+        .into_iter()
+        .map(|joined| (joined.input, joined.handle))
+        .unzip();
+    report.channels = hello.channels;
     // Guest memory is mapped before the device state loads, as a VMM maps it when the
     // destination VM is created: some servers (libvfio-user) take no DMA_MAP in STOP or
     // RESUMING. The device does no DMA until RUNNING, and the hashes below are taken
     // before that.
     map_dma(device, memory).map_err(MigrateError::Peer)?;
     device.set_device_state(DeviceState::Resuming)?;
-    loop {
-        let frame = input.read()?;
-        match frame.kind {
-            Kind::Pages => report.pages += write_pages(memory, &frame)?,
-            Kind::DeviceData => {
-                device.write_migration_data(&frame.payload)?;
-                report.device_bytes += frame.payload.len() as u64;
+    let sync = RoundSync::new(hello.channels, timeout);
+    let mut applied = Applied::default();
+    let (main, others) = std::thread::scope(|scope| {
+        let threads: Vec<_> = inputs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, input)| {
+                let sync = &sync;
+                scope.spawn(move || run_channel(i + 1, memory, sync, input))
+            })
+            .collect();
+        let main = receive_main(memory, device, input, &sync, &mut applied, &mut report);
+        if main.is_err() {
+            sync.fail(0);
+            // Readers blocked on the other channels return at once.
+            for handle in &handles {
+                handle.shut_down();
             }
-            Kind::End => break,
-            Kind::Abort => return Err(aborted(&frame)),
-            other => return Err(MigrateError::Peer(format!("unexpected {other:?} frame"))),
+        }
+        let others: Vec<_> = threads
+            .into_iter()
+            .map(|t| {
+                t.join()
+                    .unwrap_or(Err(MigrateError::Memory("a channel's receiver panicked")))
+            })
+            .collect();
+        (main, others)
+    });
+    // The error that came first is the one that explains the others.
+    let first_failed = sync.failed();
+    let mut errors = Vec::new();
+    match main {
+        Ok(()) => {}
+        Err(err) => errors.push((0, err)),
+    }
+    for (i, other) in others.into_iter().enumerate() {
+        match other {
+            Ok(more) => {
+                applied.pages += more.pages;
+                applied.zero_pages += more.zero_pages;
+            }
+            Err(err) => errors.push((i + 1, err)),
         }
     }
+    if !errors.is_empty() {
+        let at = errors
+            .iter()
+            .position(|(i, _)| Some(*i) == first_failed)
+            .unwrap_or(0);
+        return Err(errors.swap_remove(at).1);
+    }
+    report.pages = applied.pages;
+    report.zero_pages = applied.zero_pages;
+    let end_at = Instant::now();
     device.set_device_state(DeviceState::Stop)?;
+    let loaded_at = Instant::now();
     // Hash before the device runs again and writes (the source subtracts this time from
     // the downtime it measures).
     let hash_start = Instant::now();
@@ -208,21 +517,77 @@ fn receive<W: Write, D: MigrationDevice>(
     // again if anything fails), and must not run here too.
     let go = input.read()?;
     expect_kind(&go, Kind::Go)?;
+    let running_at = Instant::now();
     device.set_device_state(DeviceState::Running)?;
     *resumed = true;
     out.write(Kind::Resumed, &[])?;
     out.flush()?;
+    tracing::info!(
+        load_ms = (loaded_at - end_at).as_secs_f64() * 1e3,
+        hash_ms = hash_ns as f64 / 1e6,
+        resume_ms = running_at.elapsed().as_secs_f64() * 1e3,
+        "destination: End to Resumed"
+    );
     let verdict = input.read()?;
     expect_kind(&verdict, Kind::Verified)?;
     report.verified = verdict.payload.first() == Some(&1);
     Ok(report)
 }
 
-/// Writes one Pages frame into guest memory; returns the pages written.
-fn write_pages(memory: &GuestMemory, frame: &Frame) -> Result<u64, MigrateError> {
-    let (gpa, data) = decode_pages(&frame.payload)?;
-    if !memory.write(gpa, data) {
+/// The main channel's frames until End.
+fn receive_main<D: MigrationDevice>(
+    memory: &GuestMemory,
+    device: &mut D,
+    input: &mut FrameReader<impl Read>,
+    sync: &RoundSync,
+    applied: &mut Applied,
+    report: &mut DestinationReport,
+) -> Result<(), MigrateError> {
+    loop {
+        let frame = input.read()?;
+        match frame.kind {
+            Kind::Pages => write_pages(memory, &frame, applied)?,
+            Kind::Sync => sync.arrive(0, decode_sync(&frame)?)?,
+            Kind::DeviceData => {
+                device.write_migration_data(&frame.payload)?;
+                report.device_bytes += frame.payload.len() as u64;
+            }
+            Kind::End => {
+                sync.finish();
+                return Ok(());
+            }
+            Kind::Abort => return Err(aborted(&frame)),
+            other => return Err(MigrateError::Peer(format!("unexpected {other:?} frame"))),
+        }
+    }
+}
+
+/// Writes one Pages frame into guest memory, every run checked before any is written.
+fn write_pages(
+    memory: &GuestMemory,
+    frame: &Frame,
+    applied: &mut Applied,
+) -> Result<(), MigrateError> {
+    let runs = decode_pages(&frame.payload)?;
+    // decode_pages bounds npages * PAGE (no overflow).
+    let inside = |run: &PageRun<'_>| {
+        usize::try_from(run.npages * PAGE).is_ok_and(|len| memory.piece(run.gpa, len).is_some())
+    };
+    if !runs.iter().all(inside) {
         return Err(refused(Kind::Pages, "pages outside guest memory"));
     }
-    Ok(data.len() as u64 / PAGE)
+    for run in &runs {
+        let written = match run.data {
+            Some(data) => memory.write(run.gpa, data),
+            None => {
+                applied.zero_pages += run.npages;
+                memory.zero_pages(run.gpa, run.npages, PAGE as usize)
+            }
+        };
+        if !written {
+            return Err(refused(Kind::Pages, "pages outside guest memory"));
+        }
+        applied.pages += run.npages;
+    }
+    Ok(())
 }

@@ -6,18 +6,18 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
-use dmalog::{DirtyTracker, IovaRange, MigrationDevice, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
 use tracing::{info, warn};
 
+use crate::converge::{Convergence, Decision, FixedCosts, ThrottleParams};
 use crate::dirty::{collect_dirty, Bitmaps, Tracking};
 use crate::guest::GuestMemory;
-use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError};
+use crate::sender::Sender;
+use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError, Transport};
 use crate::vcpu::VcpuWorkload;
 
 /// Guest page size the engine migrates at.
 pub const PAGE: u64 = 4096;
-/// Pages per Pages frame at most.
-const PAGES_PER_FRAME: u64 = 256;
 
 /// How to migrate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -72,8 +72,11 @@ pub struct SourceConfig {
     pub mode: Mode,
     /// Stop the guest when the rest fits in this time at the measured bandwidth.
     pub max_downtime: Duration,
-    /// Go to the final round after this many rounds even if not converged.
+    /// Go to the final round after this many rounds even if not converged (a last
+    /// resort: the report then says the downtime budget was not met).
     pub max_rounds: u32,
+    /// Auto-converge: when and how much to slow the guest down.
+    pub throttle: ThrottleParams,
 }
 
 /// One pre-copy round.
@@ -101,6 +104,19 @@ pub struct RoundStats {
     pub final_round: bool,
     /// REPORT errors in this round (each: range treated as dirty, tracking restarted).
     pub report_errors: u32,
+    /// The link's bandwidth as measured so far, bytes per second (what the prediction
+    /// uses; 0 before anything was sent).
+    pub bandwidth_bytes_per_sec: f64,
+    /// Distinct pages dirtied per second since the REPORTs before, in bytes.
+    pub dirty_bytes_per_sec: f64,
+    /// The downtime had the guest stopped at this round's REPORTs, ms (none for round 0
+    /// and stop-and-copy; for the final round, the prediction it stopped on, next to
+    /// its actual `round_ms`).
+    pub predicted_downtime_ms: Option<f64>,
+    /// The vCPU throttle while this round was sent, percent of their time (auto-converge).
+    pub throttle_pct: u8,
+    /// Whether the device's own workload was slowed by the same share in this round.
+    pub device_throttled: bool,
 }
 
 /// What a migration did.
@@ -127,6 +143,33 @@ pub struct MigrationReport {
     pub device_pre_copy: bool,
     /// Device migration data bytes sent, all rounds.
     pub device_bytes: u64,
+    /// The downtime budget, ms.
+    pub max_downtime_ms: f64,
+    /// Whether the migration stopped because the rest fitted the budget and the downtime
+    /// did stay within it (false: `max_rounds` forced the stop, or the stop took longer).
+    pub downtime_budget_met: bool,
+    /// Whether `max_rounds` forced the stop with the predicted downtime over the budget.
+    pub forced_stop: bool,
+    /// Where the downtime went.
+    pub stop: StopTimes,
+}
+
+/// The downtime, phase by phase (ms): they add up to the downtime.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StopTimes {
+    /// Pausing the vCPUs.
+    pub pause_ms: f64,
+    /// The device to STOP_COPY (its DMA ends).
+    pub stop_copy_ms: f64,
+    /// The final REPORTs of every dirty source.
+    pub reports_ms: f64,
+    /// Sending the last dirty pages.
+    pub pages_ms: f64,
+    /// Sending the device's STOP_COPY data and End.
+    pub device_data_ms: f64,
+    /// From End sent to the destination's Resumed (its last writes, device load and
+    /// resume, the link's round trip), its hashing excluded.
+    pub destination_ms: f64,
 }
 
 /// Why a migration failed.
@@ -202,69 +245,104 @@ impl From<std::io::Error> for MigrateError {
     }
 }
 
-/// A migratable device that also tracks its DMA.
-pub trait SourceDevice: DirtyTracker + MigrationDevice {}
-impl<T: DirtyTracker + MigrationDevice> SourceDevice for T {}
-
-struct Sender<'a, W: Write> {
-    out: &'a mut FrameWriter<W>,
-    memory: &'a GuestMemory,
-    buffer: Vec<u8>,
+/// A migratable device that also tracks its DMA, and may be slowed down.
+pub trait SourceDevice: DirtyTracker + MigrationDevice {
+    /// Slows the device's own DMA by `percent` of its speed for auto-converge (0: its full
+    /// speed back). `Ok(false)`: this device cannot be slowed (the default; a real
+    /// device's DMA is its guest's business, an emulated workload's is not).
+    fn throttle_dma(&mut self, percent: u8) -> Result<bool, TrackerError> {
+        let _ = percent;
+        Ok(false)
+    }
 }
 
-impl<W: Write> Sender<'_, W> {
-    /// Sends every page whose bit is set in `bitmaps`, in runs.
-    fn send_dirty(&mut self, bitmaps: &Bitmaps) -> Result<u64, MigrateError> {
-        let mut sent = 0;
-        for (region, words) in self.memory.regions().iter().zip(&bitmaps.words) {
-            let pages = region.size / PAGE;
-            let mut page = 0u64;
-            while page < pages {
-                let word = words[(page / 64) as usize] >> (page % 64);
-                if word == 0 {
-                    page = (page / 64 + 1) * 64;
-                    continue;
-                }
-                page += u64::from(word.trailing_zeros());
-                let mut run = 0u64;
-                while page + run < pages
-                    && run < PAGES_PER_FRAME
-                    && words[((page + run) / 64) as usize] >> ((page + run) % 64) & 1 == 1
-                {
-                    run += 1;
-                }
-                self.send_pages(region.gpa + page * PAGE, run)?;
-                sent += run;
-                page += run;
-            }
-        }
-        Ok(sent)
-    }
+/// Any dirty-tracking migratable device as a [`SourceDevice`] that cannot be slowed.
+pub struct Unthrottled<'a, D: ?Sized>(pub &'a mut D);
 
-    fn send_pages(&mut self, gpa: u64, npages: u64) -> Result<(), MigrateError> {
-        self.buffer.resize((npages * PAGE) as usize, 0);
-        if !self.memory.read(gpa, &mut self.buffer) {
-            return Err(MigrateError::Memory("page outside guest memory"));
+impl<D: DirtyTracker + ?Sized> DirtyTracker for Unthrottled<'_, D> {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        self.0.probe()
+    }
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.0.start(ranges, page_size)
+    }
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
+        self.0.report(iova, length, page_size, bitmap)
+    }
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        self.0.stop()
+    }
+}
+
+impl<D: MigrationDevice + ?Sized> MigrationDevice for Unthrottled<'_, D> {
+    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
+        self.0.migration_flags()
+    }
+    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
+        self.0.device_state()
+    }
+    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
+        self.0.set_device_state(state)
+    }
+    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
+        self.0.read_migration_data(buf)
+    }
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
+        self.0.write_migration_data(data)
+    }
+    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
+        self.0.pending_migration_bytes()
+    }
+}
+
+impl<D: DirtyTracker + MigrationDevice + ?Sized> SourceDevice for Unthrottled<'_, D> {}
+
+/// The throttle in force on the vCPUs and the device.
+#[derive(Debug, Default)]
+struct Throttle {
+    pct: u8,
+    /// Whether the device took it.
+    device: bool,
+}
+
+impl Throttle {
+    /// Sets `pct` on the vCPUs and the device when it changes. A device that refuses is
+    /// left at its speed (a lost device server fails the migration).
+    fn apply(
+        &mut self,
+        pct: u8,
+        vcpus: Option<&VcpuWorkload>,
+        device: &mut dyn SourceDevice,
+    ) -> Result<(), MigrateError> {
+        if pct == self.pct {
+            return Ok(());
         }
-        let mut head = [0u8; 12];
-        head[..8].copy_from_slice(&gpa.to_le_bytes());
-        head[8..].copy_from_slice(&(npages as u32).to_le_bytes());
-        self.out.write(Kind::Pages, &[&head, &self.buffer])?;
+        if let Some(vcpus) = vcpus {
+            vcpus.set_throttle(pct);
+        }
+        self.device = match device.throttle_dma(pct) {
+            Ok(slowed) => slowed && pct > 0,
+            Err(err @ TrackerError::Transport(_)) => return Err(err.into()),
+            Err(err) => {
+                warn!(%err, pct, "the device workload could not be throttled");
+                false
+            }
+        };
+        if pct > 0 {
+            info!(
+                pct,
+                device = self.device,
+                "auto-converge: throttling the guest"
+            );
+        }
+        self.pct = pct;
         Ok(())
-    }
-
-    /// Sends the device's migration data until it has nothing more now.
-    fn send_device_data(&mut self, device: &mut dyn SourceDevice) -> Result<u64, MigrateError> {
-        let mut chunk = vec![0u8; 64 << 10];
-        let mut total = 0;
-        loop {
-            let n = device.read_migration_data(&mut chunk)?;
-            if n == 0 {
-                return Ok(total);
-            }
-            self.out.write(Kind::DeviceData, &[&chunk[..n]])?;
-            total += n as u64;
-        }
     }
 }
 
@@ -291,10 +369,35 @@ pub struct SourceVm<'a> {
 /// both hosts. Time limits on the destination are the reader's and
 /// writer's ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]): without them a
 /// silent destination is waited for forever.
-pub fn migrate_source<S: Read + Write + Send>(
+pub fn migrate_source<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
+    replies: &mut FrameReader<impl Read>,
+    on_round: impl FnMut(&RoundStats),
+) -> Result<MigrationReport, MigrateError> {
+    migrate_source_channels(
+        config,
+        vm,
+        out,
+        1,
+        &mut |_| Err(std::io::ErrorKind::Unsupported.into()),
+        replies,
+        on_round,
+    )
+}
+
+/// As [`migrate_source`], with the pages of each round split between `out` and
+/// `channels - 1` further connections to the same destination, each sent from its own
+/// thread (the stream's Sync frames keep rounds in order across them). `connect` opens
+/// further channel `index` (1, 2, ...); it is called after the Hello went out on `out`,
+/// since the destination takes further connections only once it has read the Hello.
+pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
+    config: &SourceConfig,
+    vm: SourceVm<'_>,
+    out: &mut FrameWriter<S>,
+    channels: u32,
+    connect: &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<S>>,
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
@@ -311,18 +414,31 @@ pub fn migrate_source<S: Read + Write + Send>(
         vcpus,
     };
     let mut committed = false;
-    let err = match migrate_source_inner(config, vm, out, replies, on_round, &mut committed) {
+    let err = match migrate_source_inner(
+        config,
+        vm,
+        out,
+        (channels, connect),
+        replies,
+        on_round,
+        &mut committed,
+    ) {
         Ok(report) => return Ok(report),
         Err(err) => err,
     };
     if committed {
         // The destination was told to resume: the guest is its own now, and must not run
-        // here again. Logging off, the device stopped, the vCPUs stay paused.
+        // here again. Logging off, the device stopped, the vCPUs stay paused (their
+        // throttle and the device's given back, as after any migration).
         warn!(%err, "the destination did not confirm that it resumed the guest; the source VM stays paused");
+        let _ = device.throttle_dma(0);
         let _ = device.stop();
         let _ = cpu.stop();
         if let Err(err) = device.set_device_state(DeviceState::Stop) {
             warn!(%err, "source device did not go to STOP");
+        }
+        if let Some(vcpus) = vcpus {
+            vcpus.set_throttle(0);
         }
         let err = why_the_peer_hung_up(err, replies);
         return Err(MigrateError::Unconfirmed(Box::new(err)));
@@ -332,8 +448,9 @@ pub fn migrate_source<S: Read + Write + Send>(
 }
 
 /// After a failure before the destination was told to resume: the VM stays here, logging
-/// off, the device and the vCPUs running again. A device server that is gone or silent is
-/// not asked (each request would wait out its timeout with the guest paused).
+/// off, the device and the vCPUs running again at full speed. A device server that is
+/// gone or silent is not asked (each request would wait out its timeout with the guest
+/// paused).
 fn recover(
     err: &MigrateError,
     device: &mut dyn SourceDevice,
@@ -345,6 +462,7 @@ fn recover(
         err,
         MigrateError::DeviceLost(_) | MigrateError::DeviceSilent(_)
     ) {
+        let _ = device.throttle_dma(0);
         let _ = device.stop();
         if let Err(err) = device.set_device_state(DeviceState::Running) {
             warn!(%err, "could not return the device to RUNNING");
@@ -352,6 +470,7 @@ fn recover(
     }
     let _ = cpu.stop();
     if let Some(vcpus) = vcpus {
+        vcpus.set_throttle(0);
         vcpus.resume();
     }
 }
@@ -377,10 +496,11 @@ fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>)
     }
 }
 
-fn migrate_source_inner<S: Read + Write + Send>(
+fn migrate_source_inner<S: Read + Write + Transport + Send>(
     config: &SourceConfig,
     vm: SourceVm<'_>,
     out: &mut FrameWriter<S>,
+    (channels, connect): (u32, &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<S>>),
     replies: &mut FrameReader<impl Read>,
     mut on_round: impl FnMut(&RoundStats),
     committed: &mut bool,
@@ -395,6 +515,13 @@ fn migrate_source_inner<S: Read + Write + Send>(
     // What the device offers decides the path: STOP_COPY is the least a migratable device
     // has; without PRE_COPY its state moves only once it is stopped.
     let flags = device.migration_flags()?;
+    // The stop's device requests are predicted from this one's time until a state change
+    // is measured.
+    let mut fixed = FixedCosts {
+        device_state_ms: started.elapsed().as_secs_f64() * 1e3,
+        ..FixedCosts::default()
+    };
+    fixed.device_data_ms = fixed.device_state_ms;
     if flags & MIGRATION_STOP_COPY == 0 {
         return Err(MigrateError::NotMigratable(flags));
     }
@@ -404,14 +531,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
         config.ranges,
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&(PAGE as u32).to_le_bytes());
-    hello.extend_from_slice(&(memory.regions().len() as u32).to_le_bytes());
-    for region in memory.regions() {
-        hello.extend_from_slice(&region.gpa.to_le_bytes());
-        hello.extend_from_slice(&region.size.to_le_bytes());
-    }
-    out.write(Kind::Hello, &[&hello])?;
+    let mut extra = crate::sender::send_hello(out, channels, connect, memory)?;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -439,19 +559,23 @@ fn migrate_source_inner<S: Read + Write + Send>(
         }
     }
     let device_tracking = tracking.device;
+    // The dirty logs run from here: the first REPORT covers everything dirtied since.
+    let mut last_report = Instant::now();
     let mut device_bitmaps = Bitmaps::new(memory)?;
     let mut cpu_bitmaps = Bitmaps::new(memory)?;
     let mut merged = Bitmaps::new(memory)?;
     let mut rounds = Vec::new();
-    let mut sender = Sender {
-        out,
-        memory,
-        buffer: Vec::new(),
-    };
+    let mut policy = Convergence::new(config.max_downtime, config.max_rounds, config.throttle);
+    let mut throttle = Throttle::default();
+    let mut sender = Sender::new(out, &mut extra, memory);
 
+    // The round the stop takes over (its REPORTs found what the final round sends).
+    let mut stopping = None;
     if config.mode != Mode::StopAndCopy {
         if device_pre_copy {
+            let change = Instant::now();
             device.set_device_state(DeviceState::PreCopy)?;
+            fixed.device_state_ms = change.elapsed().as_secs_f64() * 1e3;
         }
         // Round 0: everything.
         let round_start = Instant::now();
@@ -459,27 +583,32 @@ fn migrate_source_inner<S: Read + Write + Send>(
         merged.fill(memory);
         let sent = sender.send_dirty(&merged)?;
         let device_bytes = if device_pre_copy {
-            sender.send_device_data(device)?
+            let device_start = Instant::now();
+            let bytes = sender.send_device_data(device)?;
+            fixed.device_data_ms = device_start.elapsed().as_secs_f64() * 1e3;
+            bytes
         } else {
             0
         };
+        let bytes_sent = sender.out.bytes() - bytes_before;
+        let elapsed = round_start.elapsed().as_secs_f64();
+        policy.sent(bytes_sent, elapsed);
         let stats = RoundStats {
             round: 0,
             pages_sent: sent,
-            bytes_sent: sender.out.bytes() - bytes_before,
+            bytes_sent,
             device_bytes,
-            round_ms: round_start.elapsed().as_secs_f64() * 1e3,
+            round_ms: elapsed * 1e3,
+            bandwidth_bytes_per_sec: policy.bandwidth_bytes_per_sec().unwrap_or(0.0),
             ..RoundStats::default()
         };
-        // Bytes per second, measured on the link (paced to its cap when there is one).
-        let mut bandwidth = stats.bytes_sent as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
         on_round(&stats);
         rounds.push(stats);
-        // Pre-copy rounds until the rest fits in the downtime.
+        // Pre-copy rounds: each one's REPORTs say exactly what is dirty; the policy decides
+        // from that whether the rest fits the downtime.
         loop {
             let round = rounds.len() as u32;
             let round_start = Instant::now();
-            let bytes_before = sender.out.bytes();
             let mut stats = RoundStats {
                 round,
                 ..RoundStats::default()
@@ -492,47 +621,69 @@ fn migrate_source_inner<S: Read + Write + Send>(
                 memory,
                 [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
                 &mut stats,
+                false,
             );
-            stats.pages_sent = sender.send_dirty(&merged)?;
-            if device_pre_copy {
-                stats.device_bytes = sender.send_device_data(device)?;
-            }
-            stats.bytes_sent = sender.out.bytes() - bytes_before;
-            let elapsed = round_start.elapsed().as_secs_f64();
-            stats.round_ms = elapsed * 1e3;
-            if stats.bytes_sent > (1 << 20) {
-                bandwidth = stats.bytes_sent as f64 / elapsed.max(1e-6);
-            }
-            let remaining = stats.pages_sent * PAGE;
-            on_round(&stats);
-            rounds.push(stats);
-            // The stop also pays fixed costs (device STOP_COPY, final REPORTs, device state,
-            // the destination's resume): aim the last transfer at half the budget.
-            let fits = bandwidth > 0.0
-                && (remaining as f64 / bandwidth) <= config.max_downtime.as_secs_f64() / 2.0;
-            if fits || round >= config.max_rounds {
+            fixed.reports_ms = stats.report_ms;
+            let window_secs = (round_start - last_report).as_secs_f64();
+            last_report = round_start;
+            let pending_bytes = (stats.pages_device + stats.pages_cpu + stats.pages_both) * PAGE;
+            let verdict = policy.decide(round, pending_bytes, window_secs, &fixed);
+            stats.bandwidth_bytes_per_sec = verdict.bandwidth_bytes_per_sec.unwrap_or(0.0);
+            stats.dirty_bytes_per_sec = verdict.dirty_bytes_per_sec;
+            stats.predicted_downtime_ms = Some(verdict.predicted_downtime_ms);
+            if verdict.decision != Decision::Continue {
+                stats.throttle_pct = throttle.pct;
+                stats.device_throttled = throttle.device;
+                stopping = Some((stats, verdict.decision));
                 break;
             }
+            throttle.apply(verdict.throttle_pct, vcpus, device)?;
+            stats.throttle_pct = throttle.pct;
+            stats.device_throttled = throttle.device;
+            let send_start = Instant::now();
+            let bytes_before = sender.out.bytes();
+            stats.pages_sent = sender.send_dirty(&merged)?;
+            if device_pre_copy {
+                let device_start = Instant::now();
+                stats.device_bytes = sender.send_device_data(device)?;
+                fixed.device_data_ms = device_start.elapsed().as_secs_f64() * 1e3;
+            }
+            stats.bytes_sent = sender.out.bytes() - bytes_before;
+            policy.sent(stats.bytes_sent, send_start.elapsed().as_secs_f64());
+            stats.round_ms = round_start.elapsed().as_secs_f64() * 1e3;
+            on_round(&stats);
+            rounds.push(stats);
         }
     }
+    // The device's own speed back before its state is saved (the destination goes on at
+    // it); the vCPUs stop anyway.
+    throttle.apply(0, None, device)?;
 
     // The stop: vCPUs paused, the device to STOP_COPY (no DMA after this), final REPORTs.
     let pause = Instant::now();
+    let mut stop = StopTimes::default();
+    let mut lap = Lap(pause);
     if let Some(vcpus) = vcpus {
         vcpus.pause();
     }
+    stop.pause_ms = lap.ms();
     device.set_device_state(DeviceState::StopCopy)?;
-    let round = rounds.len() as u32;
+    stop.stop_copy_ms = lap.ms();
     let bytes_before = sender.out.bytes();
-    let mut stats = RoundStats {
-        round,
-        final_round: true,
-        ..RoundStats::default()
+    let forced = matches!(stopping, Some((_, Decision::ForcedStop)));
+    let mut stats = match stopping {
+        Some((stats, _)) => stats,
+        None => RoundStats {
+            round: rounds.len() as u32,
+            ..RoundStats::default()
+        },
     };
+    stats.final_round = true;
     if config.mode == Mode::StopAndCopy {
         merged.fill(memory);
         stats.pages_sent = sender.send_dirty(&merged)?;
     } else {
+        // Onto what the deciding REPORTs found: the little dirtied since.
         collect_dirty(
             &ranges,
             tracking,
@@ -541,12 +692,15 @@ fn migrate_source_inner<S: Read + Write + Send>(
             memory,
             [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
             &mut stats,
+            true,
         );
+        stop.reports_ms = lap.ms();
         stats.pages_sent = sender.send_dirty(&merged)?;
     }
+    stop.pages_ms = lap.ms();
     stats.device_bytes = sender.send_device_data(device)?;
-    sender.out.write(Kind::End, &[])?;
-    sender.out.flush()?;
+    sender.end()?;
+    stop.device_data_ms = lap.ms();
     stats.bytes_sent = sender.out.bytes() - bytes_before;
     // The destination has everything, its device stopped, and resumes only on our Go: so
     // the guest never runs on both hosts. Until Go is sent, any failure gives the VM back
@@ -559,6 +713,7 @@ fn migrate_source_inner<S: Read + Write + Send>(
     sender.out.flush()?;
     let resumed = replies.read()?;
     let elapsed = pause.elapsed();
+    stop.destination_ms = lap.ms();
     expect_kind(&resumed, Kind::Resumed)?;
     // The destination hashed its memory before resuming the device (so that the device's
     // new writes do not enter the comparison); that time is not part of a real downtime.
@@ -568,12 +723,24 @@ fn migrate_source_inner<S: Read + Write + Send>(
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
         .unwrap_or(0);
     let downtime = elapsed.saturating_sub(Duration::from_nanos(hash_ns));
+    stop.destination_ms = (stop.destination_ms - hash_ns as f64 / 1e6).max(0.0);
+    info!(?stop, "the stop, phase by phase");
     stats.round_ms = downtime.as_secs_f64() * 1e3;
     on_round(&stats);
     rounds.push(stats);
     let total = started
         .elapsed()
         .saturating_sub(Duration::from_nanos(hash_ns));
+    // Met only when the policy stopped because the rest fitted, and it did.
+    let downtime_budget_met = !forced && downtime <= config.max_downtime;
+    if !downtime_budget_met {
+        warn!(
+            downtime_ms = downtime.as_secs_f64() * 1e3,
+            budget_ms = config.max_downtime.as_secs_f64() * 1e3,
+            forced,
+            "the downtime budget was not met"
+        );
+    }
     info!(
         downtime_ms = downtime.as_secs_f64() * 1e3,
         "destination resumed"
@@ -583,6 +750,9 @@ fn migrate_source_inner<S: Read + Write + Send>(
     // paused, device stopped), so its hashes are the state at stop time.
     let _ = device.stop();
     let _ = cpu.stop();
+    if let Some(vcpus) = vcpus {
+        vcpus.set_throttle(0);
+    }
     // From here on the guest runs on the destination: nothing may fail the migration.
     if let Err(err) = device.set_device_state(DeviceState::Stop) {
         warn!(%err, "source device did not go to STOP after the migration");
@@ -607,7 +777,24 @@ fn migrate_source_inner<S: Read + Write + Send>(
         rounds,
         device_tracking,
         device_pre_copy,
+        max_downtime_ms: config.max_downtime.as_secs_f64() * 1e3,
+        downtime_budget_met,
+        forced_stop: forced,
+        stop,
     })
+}
+
+/// A stopwatch of consecutive phases.
+struct Lap(Instant);
+
+impl Lap {
+    /// Milliseconds since the last lap.
+    fn ms(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+        ms
+    }
 }
 
 /// Whether the device can log its DMA. A device that says no, or cannot answer the probe

@@ -8,7 +8,10 @@ use dmalog::{LogError, MigrationDevice, PendingBytes, TrackerError};
 
 use crate::destination::{decode_hello, decode_pages, migrate_destination};
 use crate::guest::GuestMemory;
-use crate::stream::{FrameReader, FrameWriter, Kind, FRAME_HEADER_BYTES, MAGIC, VERSION};
+use crate::stream::{
+    checked_bytes, hello_payload, pages_payload, FrameReader, FrameWriter, Kind,
+    FRAME_HEADER_BYTES, MAGIC, RUN_ZERO, VERSION,
+};
 
 /// The fuzzed destination's guest memory: two small regions with a hole between them.
 pub const FUZZ_LAYOUT: [(u64, u64); 2] = [(0, 64 << 10), (1 << 20, 32 << 10)];
@@ -114,34 +117,37 @@ pub fn fuzz_one(data: &[u8]) -> bool {
     }
 }
 
-/// A frame of any kind byte with a correct checksum around `payload`.
+/// A frame of any kind byte with a correct checksum around `payload` (for a Pages frame,
+/// around its run table, as far as the payload holds it).
 pub fn raw_frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let checked = if kind == Kind::Pages as u8 {
+        checked_bytes(Kind::Pages, payload, payload.len()).unwrap_or(payload.len())
+    } else {
+        payload.len()
+    };
     let mut frame = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
     frame.extend_from_slice(&MAGIC.to_le_bytes());
     frame.extend_from_slice(&VERSION.to_le_bytes());
     frame.extend_from_slice(&[kind, 0]);
     frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
+    frame.extend_from_slice(&crc32c::crc32c(&payload[..checked]).to_le_bytes());
     frame.extend_from_slice(payload);
     frame
 }
 
 /// The Hello the fuzzed destination accepts.
 pub fn good_hello() -> Vec<u8> {
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&4096u32.to_le_bytes());
-    hello.extend_from_slice(&(FUZZ_LAYOUT.len() as u32).to_le_bytes());
-    for (gpa, size) in FUZZ_LAYOUT {
-        hello.extend_from_slice(&gpa.to_le_bytes());
-        hello.extend_from_slice(&size.to_le_bytes());
-    }
-    raw_frame(Kind::Hello as u8, &hello)
+    raw_frame(
+        Kind::Hello as u8,
+        &hello_payload(4096, 0x5e55, 1, &FUZZ_LAYOUT),
+    )
 }
 
 /// Structure-aware input: the fuzzer's bytes as a list of `kind u8, len u16, payload`
 /// records, each made a frame with a good checksum (so that inputs get past the crc), after
-/// the good Hello when the first byte is odd. Pages payloads whose head is short get a
-/// page-aligned address in guest memory and a page count from the record.
+/// the good Hello when the first byte is odd. A record of kind 0x80 + n is a Pages frame
+/// of one run of n & 0x1f pages (a zero run when bit 5 of the kind is set) at a
+/// page-aligned address in guest memory chosen by the payload's first byte.
 pub fn frames_from(data: &[u8]) -> Vec<u8> {
     let Some((&first, mut rest)) = data.split_first() else {
         return Vec::new();
@@ -154,20 +160,20 @@ pub fn frames_from(data: &[u8]) -> Vec<u8> {
     while let [kind, lo, hi, tail @ ..] = rest {
         let len = usize::from(u16::from_le_bytes([*lo, *hi])).min(tail.len());
         let (payload, next) = tail.split_at(len);
-        // Kind 0x80 + n: n pages at a guest address chosen by the payload's first byte.
         if *kind >= 0x80 {
             let npages = u32::from(*kind & 0x1f);
+            let zero = *kind & 0x20 != 0;
             let page = u64::from(payload.first().copied().unwrap_or(0));
             let gpa = if page & 0x80 == 0 {
                 (page & 0xf) * 4096
             } else {
                 FUZZ_LAYOUT[1].0 + (page & 0x7) * 4096
             };
-            let mut pages = gpa.to_le_bytes().to_vec();
-            pages.extend_from_slice(&npages.to_le_bytes());
-            pages.resize(
-                12 + npages as usize * 4096,
-                payload.get(1).copied().unwrap_or(0),
+            let data_len = if zero { 0 } else { npages as usize * 4096 };
+            let fill = payload.get(1).copied().unwrap_or(0);
+            let pages = pages_payload(
+                &[(gpa, npages, if zero { RUN_ZERO } else { 0 })],
+                &vec![fill; data_len],
             );
             stream.extend_from_slice(&raw_frame(Kind::Pages as u8, &pages));
         } else {

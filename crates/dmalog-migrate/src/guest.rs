@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use dmalog::IovaRange;
-use dmalog_device::SharedMapping;
+use dmalog_device::{IoPiece, SharedMapping};
 
 /// One region of guest memory.
 #[derive(Debug)]
@@ -92,6 +92,43 @@ impl GuestMemory {
     pub fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
         self.locate(gpa, out.len())
             .is_some_and(|(region, offset)| region.map.read(offset, out))
+    }
+
+    /// `len_bytes` at `gpa` (within one region) as a piece the kernel can send straight
+    /// from guest memory ([`dmalog_device::write_pieces`]); `None` when outside.
+    pub fn piece(&self, gpa: u64, len_bytes: usize) -> Option<IoPiece<'_>> {
+        let (region, offset) = self.locate(gpa, len_bytes)?;
+        region.map.piece(offset, len_bytes)
+    }
+
+    /// Whether `len_bytes` at `gpa` (within one region) are zero right now (read with
+    /// volatile loads: vCPUs and the device may be writing); `None` when outside.
+    pub fn is_zero(&self, gpa: u64, len_bytes: usize) -> Option<bool> {
+        let (region, offset) = self.locate(gpa, len_bytes)?;
+        region.map.is_zero(offset, len_bytes)
+    }
+
+    /// Zeroes `npages` pages of `page_size` bytes at `gpa` (within one region), leaving
+    /// pages that are zero already untouched; false when outside.
+    pub fn zero_pages(&self, gpa: u64, npages: u64, page_size: usize) -> bool {
+        static ZEROS: [u8; 4096] = [0; 4096];
+        let Some(len) = npages
+            .checked_mul(page_size as u64)
+            .and_then(|l| usize::try_from(l).ok())
+        else {
+            return false;
+        };
+        if page_size == 0 || page_size > ZEROS.len() || self.locate(gpa, len).is_none() {
+            return false;
+        }
+        (0..npages).all(|i| {
+            let at = gpa + i * page_size as u64;
+            match self.is_zero(at, page_size) {
+                Some(true) => true,
+                Some(false) => self.write(at, &ZEROS[..page_size]),
+                None => false,
+            }
+        })
     }
 
     /// crc32c of each region, in order (for verification after a migration).

@@ -1,8 +1,27 @@
-//! The migration stream: framed, versioned, every frame checked with crc32c. A corrupt or
-//! truncated stream is an error on the reading side, never silently accepted.
+//! The migration stream: framed, versioned, every frame's header checked and a corrupt or
+//! truncated stream an error on the reading side, never silently accepted.
 //!
 //! Frame: `magic u32 "DMLS", version u16, kind u8, reserved u8, len u32, crc32c u32`, then
 //! `len` payload bytes (little-endian throughout).
+//!
+//! # Version 2: pages straight from guest memory
+//! A Pages frame carries many runs of pages: `nruns u32, reserved u32`, then `nruns` times
+//! `gpa u64, npages u32, flags u32` (the run table), then the bytes of every run that is
+//! not flagged [`RUN_ZERO`], in table order. A zero run has no bytes: the destination
+//! zeroes those pages (as QEMU's zero pages). The source hands the kernel the page bytes
+//! straight from guest memory (`writev`, no copy on the plaintext path), while vCPUs and
+//! the device keep writing them: a checksum computed beside that copy could not match what
+//! the kernel sends. So in a Pages frame the crc32c covers the run table only (every number
+//! the destination acts on), and the page bytes rely on TCP's checksum or, across hosts,
+//! TLS's authenticated encryption. A page torn by a concurrent write is dirty again and sent
+//! again in a later round, so the destination ends with the page as it was at the stop.
+//! In every other kind the crc32c covers the whole payload.
+//!
+//! Several channels (connections) may carry one migration: the Hello names a session and
+//! the channel count, each further channel opens with a Join naming the session and its
+//! index. Every channel ends each round with a Sync carrying the round number; the
+//! destination applies no page of round k+1 before every channel's Sync of round k, so a
+//! page sent again on another channel can never be overwritten by its older copy.
 //!
 //! The peer is not trusted: each kind has its own payload limit, checked before anything
 //! is allocated, and a payload is buffered only as its bytes arrive (a header claiming
@@ -10,23 +29,40 @@
 //! written whole within a timeout, so a silent or stalled peer is an error, not a hang.
 
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use dmalog_device::IoPiece;
+
 /// "DMLS" as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMLS");
-/// Stream version.
-pub const VERSION: u16 = 1;
+/// Stream version (2: Pages frames of many runs, zero runs, channels; module docs).
+pub const VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 16;
-/// Most pages one Pages frame may carry (the engine sends 256).
+/// Most data pages (not zero runs) one Pages frame may carry.
 pub const MAX_PAGES_PER_FRAME: u64 = 1024;
+/// Most zero pages one Pages frame may name (bounds the destination's work per frame).
+pub const MAX_ZERO_PAGES_PER_FRAME: u64 = 1 << 16;
+/// Most runs in one Pages frame.
+pub const MAX_RUNS_PER_FRAME: usize = 512;
+/// Run flag: the run's pages are all zero and carry no bytes.
+pub const RUN_ZERO: u32 = 1;
 /// Most guest memory regions a Hello frame may describe.
 pub const MAX_REGIONS: usize = 1024;
+/// Most channels (connections) one migration may use.
+pub const MAX_CHANNELS: u32 = 16;
+/// Bytes of a Pages frame before its run table: `nruns u32, reserved u32`.
+pub const PAGES_HEAD_BYTES: usize = 8;
+/// Bytes of one run in the table: `gpa u64, npages u32, flags u32`.
+pub const RUN_BYTES: usize = 16;
+/// Bytes of a Hello before its regions: `page_size u32, nregions u32, session u64,
+/// nchannels u32, reserved u32`.
+pub const HELLO_HEAD_BYTES: usize = 24;
 /// Largest payload of any kind (a Pages frame of [`MAX_PAGES_PER_FRAME`] 4 KiB pages).
-pub const MAX_PAYLOAD: usize = PAGES_HEAD_BYTES + (MAX_PAGES_PER_FRAME as usize) * 4096;
-/// Bytes before the data in a Pages frame: `gpa u64, npages u32`.
-pub const PAGES_HEAD_BYTES: usize = 12;
+pub const MAX_PAYLOAD: usize =
+    PAGES_HEAD_BYTES + MAX_RUNS_PER_FRAME * RUN_BYTES + (MAX_PAGES_PER_FRAME as usize) * 4096;
 /// Largest Abort reason, bytes.
 pub const MAX_REASON_BYTES: usize = 4096;
 /// Largest DeviceData payload (the engine sends 64 KiB chunks).
@@ -40,9 +76,9 @@ const READ_CHUNK: usize = 64 << 10;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// Source to destination: page size and the memory layout.
+    /// Source to destination: page size, session, channel count and the memory layout.
     Hello = 1,
-    /// A run of pages: `gpa u64, npages u32`, then the bytes.
+    /// Runs of pages: the run table, then the bytes of the runs that are not zero.
     Pages = 2,
     /// Device migration data.
     DeviceData = 3,
@@ -57,14 +93,19 @@ pub enum Kind {
     Verified = 7,
     /// Either way: the sender gives up (UTF-8 reason).
     Abort = 8,
+    /// Source to destination, on every channel: the end of a round (`round u32`).
+    Sync = 9,
+    /// Source to destination: the first frame of a further channel (`session u64,
+    /// index u32`).
+    Join = 10,
     /// Destination to source, after End: all pages and the device state are in place,
     /// the device stopped; carries the time spent hashing (ns) and the crc32c of each
     /// region. The destination resumes only on Go, so that the guest never runs on both
     /// hosts.
-    Ready = 9,
+    Ready = 11,
     /// Source to destination, after Ready: resume the guest; from here on it is the
     /// destination's.
-    Go = 10,
+    Go = 12,
 }
 
 impl Kind {
@@ -78,8 +119,10 @@ impl Kind {
             6 => Kind::Verify,
             7 => Kind::Verified,
             8 => Kind::Abort,
-            9 => Kind::Ready,
-            10 => Kind::Go,
+            9 => Kind::Sync,
+            10 => Kind::Join,
+            11 => Kind::Ready,
+            12 => Kind::Go,
             _ => return None,
         })
     }
@@ -87,16 +130,91 @@ impl Kind {
     /// The largest payload a frame of this kind may have (both directions).
     pub fn max_payload(self) -> usize {
         match self {
-            Kind::Hello => 8 + 16 * MAX_REGIONS,
+            Kind::Hello => HELLO_HEAD_BYTES + 16 * MAX_REGIONS,
             Kind::Pages => MAX_PAYLOAD,
             Kind::DeviceData => MAX_DEVICE_CHUNK,
             Kind::End | Kind::Verify | Kind::Go | Kind::Resumed => 0,
             Kind::Ready => 8 + 4 * MAX_REGIONS,
             Kind::Verified => 1,
             Kind::Abort => MAX_REASON_BYTES,
+            Kind::Sync => 4,
+            Kind::Join => 12,
         }
     }
 }
+
+/// How many leading bytes of a `kind` payload the frame's crc32c covers: a Pages frame's
+/// head and run table, all of any other kind (module docs). `None`: a Pages payload too
+/// short for the table it claims.
+pub fn checked_bytes(kind: Kind, payload_head: &[u8], len_bytes: usize) -> Option<usize> {
+    if kind != Kind::Pages {
+        return Some(len_bytes);
+    }
+    let nruns = u32::from_le_bytes(payload_head.get(..4)?.try_into().ok()?) as usize;
+    // nruns <= u32::MAX: no overflow in 64 bits.
+    let table = PAGES_HEAD_BYTES + nruns.checked_mul(RUN_BYTES)?;
+    (table <= len_bytes).then_some(table)
+}
+
+/// What the page sender needs of a transport besides `Write`.
+pub trait Transport {
+    /// The socket to hand page runs to straight from guest memory (`writev`) when the
+    /// bytes go out as they are (plaintext); `None` when they must be copied into a buffer
+    /// first (TLS encrypts them).
+    fn vectored_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// Shuts the connection down both ways, so that a read blocked on it in another
+    /// thread returns (a multi-channel destination whose other channel failed).
+    fn shut_down(&self);
+}
+
+impl Transport for std::net::TcpStream {
+    fn vectored_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+    fn shut_down(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Transport for UnixStream {
+    fn vectored_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.as_fd())
+    }
+    fn shut_down(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// A buffer (tests): pages are copied into it.
+impl Transport for Vec<u8> {
+    fn vectored_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    fn shut_down(&self) {}
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn vectored_fd(&self) -> Option<BorrowedFd<'_>> {
+        (**self).vectored_fd()
+    }
+    fn shut_down(&self) {
+        (**self).shut_down()
+    }
+}
+
+impl<T: IoTimeouts + ?Sized> IoTimeouts for Box<T> {
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        (**self).bound_reads(timeout)
+    }
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        (**self).bound_writes(timeout)
+    }
+}
+
+/// A connection one channel of a migration runs on (what a multi-channel destination is
+/// handed for each further channel).
+pub trait Channel: Read + Write + IoTimeouts + Transport + Send {}
+impl<T: Read + Write + IoTimeouts + Transport + Send> Channel for T {}
 
 /// A stream that cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -292,26 +410,42 @@ impl<W: Write> FrameWriter<W> {
                 ),
             ));
         }
-        let crc = parts
-            .iter()
-            .fold(0u32, |crc, part| crc32c::crc32c_append(crc, part));
-        let mut header = [0u8; FRAME_HEADER_BYTES];
-        header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        header[4..6].copy_from_slice(&VERSION.to_le_bytes());
-        header[6] = kind as u8;
-        // Fits: every kind's limit is below 4 GiB.
-        header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-        header[12..16].copy_from_slice(&crc.to_le_bytes());
-        // A timeout too large to add to the clock is no limit.
-        let deadline = self
-            .timeout
-            .as_ref()
-            .and_then(|t| Instant::now().checked_add(t.timeout));
+        let mut head = [0u8; 4];
+        let mut at = 0;
+        for part in parts {
+            let n = part.len().min(4 - at);
+            head[at..at + n].copy_from_slice(&part[..n]);
+            at += n;
+        }
+        // A Pages payload too short for its table (a test's hostile frame): all of it.
+        let mut left = checked_bytes(kind, &head[..at], len).unwrap_or(len);
+        let mut crc = 0u32;
+        for part in parts {
+            let n = part.len().min(left);
+            crc = crc32c::crc32c_append(crc, &part[..n]);
+            left -= n;
+        }
+        let header = frame_header(kind, len, crc);
+        let deadline = self.deadline();
         self.write_all(&header, deadline)?;
         for part in parts {
             self.write_all(part, deadline)?;
         }
-        self.bytes += (FRAME_HEADER_BYTES + len) as u64;
+        self.frame_done(FRAME_HEADER_BYTES + len);
+        Ok(())
+    }
+
+    /// The deadline of a frame started now (a timeout too large to add to the clock is no
+    /// limit).
+    fn deadline(&self) -> Option<Instant> {
+        self.timeout
+            .as_ref()
+            .and_then(|t| Instant::now().checked_add(t.timeout))
+    }
+
+    /// Counts a frame written and paces to the rate cap.
+    fn frame_done(&mut self, frame_bytes: usize) {
+        self.bytes += frame_bytes as u64;
         if let Some(rate) = self.rate_bytes_per_sec.filter(|&r| r > 0) {
             let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
             let elapsed = self.started.elapsed();
@@ -319,7 +453,12 @@ impl<W: Write> FrameWriter<W> {
                 std::thread::sleep(due - elapsed);
             }
         }
-        Ok(())
+    }
+
+    /// Counts `n_bytes` another channel of the same migration wrote, so that
+    /// [`FrameWriter::bytes`] is the migration's total.
+    pub fn add_channel_bytes(&mut self, n_bytes: u64) {
+        self.bytes += n_bytes;
     }
 
     fn write_all(&mut self, mut bytes: &[u8], deadline: Option<Instant>) -> std::io::Result<()> {
@@ -350,6 +489,137 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
+/// A Hello payload: `page_size`, the `session` id and `channels` count, then the regions
+/// `(gpa, size)`.
+pub fn hello_payload(
+    page_size: u32,
+    session: u64,
+    channels: u32,
+    regions: &[(u64, u64)],
+) -> Vec<u8> {
+    let mut hello = Vec::with_capacity(HELLO_HEAD_BYTES + 16 * regions.len());
+    hello.extend_from_slice(&page_size.to_le_bytes());
+    hello.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    hello.extend_from_slice(&session.to_le_bytes());
+    hello.extend_from_slice(&channels.to_le_bytes());
+    hello.extend_from_slice(&0u32.to_le_bytes());
+    for &(gpa, size) in regions {
+        hello.extend_from_slice(&gpa.to_le_bytes());
+        hello.extend_from_slice(&size.to_le_bytes());
+    }
+    hello
+}
+
+/// A Pages payload: the run table of `runs` (`gpa, npages, flags`), then `data` (the bytes
+/// of the runs without [`RUN_ZERO`], in order). No checks: tests build hostile ones.
+pub fn pages_payload(runs: &[(u64, u32, u32)], data: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(PAGES_HEAD_BYTES + RUN_BYTES * runs.len() + data.len());
+    payload.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    payload.extend_from_slice(&0u32.to_le_bytes());
+    for &(gpa, npages, flags) in runs {
+        payload.extend_from_slice(&gpa.to_le_bytes());
+        payload.extend_from_slice(&npages.to_le_bytes());
+        payload.extend_from_slice(&flags.to_le_bytes());
+    }
+    payload.extend_from_slice(data);
+    payload
+}
+
+/// A frame header around `len` payload bytes with checksum `crc`.
+pub fn frame_header(kind: Kind, len: usize, crc: u32) -> [u8; FRAME_HEADER_BYTES] {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    header[6] = kind as u8;
+    // Fits: every kind's limit is below 4 GiB.
+    header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
+    header[12..16].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+impl<W: Write + Transport> FrameWriter<W> {
+    /// Writes one Pages frame: `table` is [`FRAME_HEADER_BYTES`] of room for the header,
+    /// then the Pages head and run table; `data` are the page bytes of the non-zero runs,
+    /// in order. On a plaintext socket the kernel copies `data` straight from guest memory
+    /// (`writev`, several runs a call); otherwise they are copied into `scratch` (reused)
+    /// and written as one buffer.
+    pub fn write_pages(
+        &mut self,
+        table: &mut [u8],
+        data: &[IoPiece<'_>],
+        scratch: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        let invalid = |why: &str| std::io::Error::new(ErrorKind::InvalidInput, why.to_owned());
+        let payload = table
+            .get(FRAME_HEADER_BYTES..)
+            .ok_or_else(|| invalid("no room for the frame header"))?;
+        let len = payload.len() + data.iter().map(|p| p.len()).sum::<usize>();
+        if len > Kind::Pages.max_payload() {
+            return Err(invalid("a Pages frame over the limit"));
+        }
+        let header = frame_header(Kind::Pages, len, crc32c::crc32c(payload));
+        table[..FRAME_HEADER_BYTES].copy_from_slice(&header);
+        let deadline = self.deadline();
+        if self.inner.vectored_fd().is_some() {
+            self.write_vectored_all(table, data, deadline)?;
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(table);
+            for piece in data {
+                let at = scratch.len();
+                scratch.resize(at + piece.len(), 0);
+                piece
+                    .copy_to(&mut scratch[at..])
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+            }
+            let frame = std::mem::take(scratch);
+            let result = self.write_all(&frame, deadline);
+            *scratch = frame;
+            result?;
+        }
+        self.frame_done(FRAME_HEADER_BYTES + len);
+        Ok(())
+    }
+
+    fn write_vectored_all(
+        &mut self,
+        table: &[u8],
+        data: &[IoPiece<'_>],
+        deadline: Option<Instant>,
+    ) -> std::io::Result<()> {
+        let mut pieces: Vec<IoPiece<'_>> = Vec::with_capacity(data.len() + 1);
+        pieces.push(IoPiece::from_bytes(table));
+        pieces.extend_from_slice(data);
+        let mut first = 0;
+        while first < pieces.len() {
+            if let (Some(limit), Some(deadline)) = (&self.timeout, deadline) {
+                limit.arm(&self.inner, deadline)?;
+            }
+            let fd = self
+                .inner
+                .vectored_fd()
+                .ok_or_else(|| std::io::Error::from(ErrorKind::Unsupported))?;
+            let mut n = match dmalog_device::write_pieces(fd, &pieces[first..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(err) if is_timeout(&err) => {
+                    let timeout = self.timeout.as_ref().map_or(DEFAULT_TIMEOUT, |t| t.timeout);
+                    return Err(timed_out(timeout));
+                }
+                Err(err) => return Err(err),
+            };
+            while first < pieces.len() && n >= pieces[first].len() {
+                n -= pieces[first].len();
+                first += 1;
+            }
+            if n > 0 {
+                pieces[first] = pieces[first].skip(n);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<W: Write + IoTimeouts> FrameWriter<W> {
     /// Every frame must be taken by the peer within `timeout` (a stalled reader is an
     /// error, not a hang).
@@ -375,6 +645,16 @@ impl<R: Read> FrameReader<R> {
             inner,
             timeout: None,
         }
+    }
+
+    /// The per-frame time limit, if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout.as_ref().map(|t| t.timeout)
+    }
+
+    /// The underlying reader.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
     }
 
     /// The underlying reader.
@@ -422,7 +702,8 @@ impl<R: Read> FrameReader<R> {
             payload.resize(at + (len - at).min(READ_CHUNK), 0);
             self.read_exact(&mut payload[at..], deadline)?;
         }
-        let actual = crc32c::crc32c(&payload);
+        let checked = checked_bytes(kind, &payload, len).ok_or(StreamError::Malformed(kind))?;
+        let actual = crc32c::crc32c(&payload[..checked]);
         if actual != expected {
             return Err(StreamError::Checksum {
                 kind,
@@ -477,7 +758,7 @@ mod tests {
     #[test]
     fn frames_round_trip_and_corruption_is_caught() {
         let mut out = FrameWriter::new(Vec::new(), None);
-        out.write(Kind::Pages, &[&7u64.to_le_bytes(), &[1, 2, 3]])
+        out.write(Kind::DeviceData, &[&7u64.to_le_bytes(), &[1, 2, 3]])
             .unwrap();
         out.write(Kind::End, &[]).unwrap();
         let bytes = out.get_mut().clone();
@@ -485,7 +766,7 @@ mod tests {
         assert_eq!(
             reader.read().unwrap(),
             Frame {
-                kind: Kind::Pages,
+                kind: Kind::DeviceData,
                 payload: [7u64.to_le_bytes().as_slice(), &[1, 2, 3]].concat()
             }
         );

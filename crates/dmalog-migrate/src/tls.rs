@@ -230,7 +230,7 @@ pub fn accept(
         .and_then(|()| stream.flush())
         .map_err(failed)?;
     debug!(%peer, "TLS peer accepted");
-    Ok(TlsStream::new(Inner::Server(stream)))
+    TlsStream::new(Inner::Server(stream)).map_err(failed)
 }
 
 /// Connects to a destination on `tcp`: the handshake, the destination's certificate
@@ -273,7 +273,7 @@ pub fn connect(
         Err(err) => return Err(failed(err)),
     }
     debug!(%peer, "TLS destination verified");
-    Ok(TlsStream::new(Inner::Client(stream)))
+    TlsStream::new(Inner::Client(stream)).map_err(failed)
 }
 
 fn peer_of(tcp: &TcpStream) -> String {
@@ -358,6 +358,8 @@ impl Inner {
 #[derive(Clone)]
 pub struct TlsStream {
     inner: Arc<Mutex<Inner>>,
+    /// The socket beside the session's lock, to shut it down while a reader holds the lock.
+    tcp: Arc<TcpStream>,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -367,10 +369,12 @@ impl std::fmt::Debug for TlsStream {
 }
 
 impl TlsStream {
-    fn new(inner: Inner) -> Self {
-        TlsStream {
+    fn new(inner: Inner) -> std::io::Result<Self> {
+        let tcp = Arc::new(inner.tcp().try_clone()?);
+        Ok(TlsStream {
             inner: Arc::new(Mutex::new(inner)),
-        }
+            tcp,
+        })
     }
 
     /// A second handle on the same session (the engine's reader and writer). Unlike
@@ -428,6 +432,16 @@ impl Write for TlsStream {
             Inner::Client(s) => s.flush(),
             Inner::Server(s) => s.flush(),
         }
+    }
+}
+
+impl crate::stream::Transport for TlsStream {
+    /// None: page bytes must go through the session to be encrypted.
+    fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    fn shut_down(&self) {
+        let _ = self.tcp.shutdown(std::net::Shutdown::Both);
     }
 }
 

@@ -11,7 +11,7 @@ use dmalog::{InProcessTracker, SoftDriver};
 mod common;
 
 use common::{config, FakeDevice, LAYOUT};
-use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind};
+use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
 use dmalog_migrate::{migrate_destination, migrate_source, GuestMemory, MigrateError, SourceVm};
 
 #[test]
@@ -79,19 +79,11 @@ fn a_migration_over_a_socket_pair_verifies() {
 fn a_corrupt_or_truncated_stream_fails_loudly() {
     let memory = GuestMemory::new(&LAYOUT).unwrap();
     let mut good = FrameWriter::new(Vec::new(), None);
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&4096u32.to_le_bytes());
-    hello.extend_from_slice(&2u32.to_le_bytes());
-    for (gpa, size) in LAYOUT {
-        hello.extend_from_slice(&gpa.to_le_bytes());
-        hello.extend_from_slice(&size.to_le_bytes());
-    }
+    let hello = common::hello(&LAYOUT);
     good.write(Kind::Hello, &[&hello]).unwrap();
-    good.write(
-        Kind::Pages,
-        &[&0u64.to_le_bytes(), &1u32.to_le_bytes(), &[9u8; 4096]],
-    )
-    .unwrap();
+    // A flip in the run table (the checksum covers it; page bytes rely on TCP/TLS).
+    good.write(Kind::Pages, &[&pages_payload(&[(0, 1, 0)], &[9u8; 4096])])
+        .unwrap();
     let bytes = good.get_mut().clone();
     let run = |stream: &[u8]| {
         let (mut device, _) = FakeDevice::new(Vec::new());
@@ -105,8 +97,9 @@ fn a_corrupt_or_truncated_stream_fails_loudly() {
         )
     };
     let mut corrupt = bytes.clone();
-    let last = corrupt.len() - 1;
-    corrupt[last] ^= 0xff;
+    // A byte of the run's guest address.
+    let gpa_byte = corrupt.len() - 4096 - 16 + 2;
+    corrupt[gpa_byte] ^= 0xff;
     assert!(matches!(
         run(&corrupt),
         Err(MigrateError::Stream(
@@ -143,11 +136,7 @@ fn a_corrupt_or_truncated_stream_fails_loudly() {
     outside
         .write(
             Kind::Pages,
-            &[
-                &(2u64 << 32).to_le_bytes(),
-                &1u32.to_le_bytes(),
-                &[9u8; 4096],
-            ],
+            &[&pages_payload(&[(2u64 << 32, 1, 0)], &[9u8; 4096])],
         )
         .unwrap();
     assert!(run(outside.get_mut()).is_err());

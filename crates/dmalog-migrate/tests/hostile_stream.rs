@@ -9,7 +9,8 @@ use std::io::Read;
 
 use common::{hello, FakeDevice, LAYOUT};
 use dmalog_migrate::stream::{
-    FrameReader, FrameWriter, Kind, StreamError, FRAME_HEADER_BYTES, MAGIC, MAX_PAYLOAD, VERSION,
+    pages_payload, FrameReader, FrameWriter, Kind, StreamError, FRAME_HEADER_BYTES, MAGIC,
+    MAX_PAYLOAD, RUN_ZERO, VERSION,
 };
 use dmalog_migrate::{migrate_destination, GuestMemory, MigrateError};
 
@@ -38,18 +39,15 @@ fn header(kind: u8, len_bytes: u32, crc: u32) -> Vec<u8> {
     h
 }
 
-/// A frame with a correct checksum around any payload (even one over the kind's limit).
+/// A frame with a correct checksum around any payload (even one over the kind's limit;
+/// a Pages frame's checksum covers its run table, as far as the payload holds it).
 fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
-    let mut f = header(kind as u8, payload.len() as u32, crc32c::crc32c(payload));
-    f.extend_from_slice(payload);
-    f
+    dmalog_migrate::fuzzing::raw_frame(kind as u8, payload)
 }
 
+/// A Pages frame of one data run.
 fn pages(gpa: u64, npages: u32, data: &[u8]) -> Vec<u8> {
-    let mut p = gpa.to_le_bytes().to_vec();
-    p.extend_from_slice(&npages.to_le_bytes());
-    p.extend_from_slice(data);
-    frame(Kind::Pages, &p)
+    frame(Kind::Pages, &pages_payload(&[(gpa, npages, 0)], data))
 }
 
 struct Outcome {
@@ -176,20 +174,48 @@ fn unaligned_pages_are_refused_and_memory_is_untouched() {
 
 #[test]
 fn page_counts_must_match_the_data_and_be_bounded() {
-    for (npages, data_len) in [(0u32, 0usize), (2, 4096), (u32::MAX, 4096), (1025, 0)] {
+    for (npages, data_len, why_expected) in [
+        (0u32, 0usize, "a run of no pages"),
+        (2, 4096, "data length"),
+        (1, 8192, "data length"),
+        (u32::MAX, 4096, "too many pages"),
+        (1025, 0, "too many pages"),
+    ] {
         let outcome = run(true, &pages(0, npages, &vec![1u8; data_len]));
         let why = refusal(&outcome);
         assert!(
-            why.contains("page count") || why.contains("data length"),
+            why.contains(why_expected),
             "{npages} pages, {data_len} bytes: {why}"
         );
     }
-    // A Pages frame too short to hold its head is malformed.
-    let outcome = run(true, &frame(Kind::Pages, &[0u8; 11]));
-    assert!(matches!(
-        outcome.result,
-        Err(MigrateError::Stream(StreamError::Malformed(Kind::Pages)))
-    ));
+    // Zero runs: bounded per frame, no bytes after them, known flags only.
+    for (runs, data_len, why_expected) in [
+        (vec![(0u64, 1u32 << 17, RUN_ZERO)], 0usize, "zero pages"),
+        (vec![(0, 1, RUN_ZERO)], 4096, "data length"),
+        (vec![(0, 1, 2)], 4096, "flags"),
+        (vec![(0, 1, 0); 513], 513 * 4096, "run count"),
+        (Vec::new(), 0, "run count"),
+    ] {
+        let payload = pages_payload(&runs, &vec![1u8; data_len]);
+        let outcome = run(true, &frame(Kind::Pages, &payload));
+        let why = refusal(&outcome);
+        assert!(why.contains(why_expected), "{runs:?}: {why}");
+    }
+    // A Pages frame too short to hold its head, or the table it claims, is malformed.
+    for payload in [
+        vec![0u8; 7],
+        pages_payload(&[(0, 1, 0); 3], &[])[..40].to_vec(),
+    ] {
+        let outcome = run(true, &frame(Kind::Pages, &payload));
+        assert!(
+            matches!(
+                outcome.result,
+                Err(MigrateError::Stream(StreamError::Malformed(Kind::Pages)))
+            ),
+            "{:?}",
+            outcome.result.err()
+        );
+    }
 }
 
 #[test]
@@ -205,10 +231,21 @@ fn pages_outside_guest_memory_are_refused_without_a_partial_write() {
             true,
             &pages(gpa, npages, &vec![7u8; npages as usize * 4096]),
         );
-        assert_eq!(
-            refusal(&outcome),
-            "pages outside guest memory",
-            "gpa {gpa:#x}"
+        let why = refusal(&outcome);
+        assert!(
+            why == "pages outside guest memory" || why.contains("wraps"),
+            "gpa {gpa:#x}: {why}"
+        );
+        // The same with a good run first: refused whole, the good run not written either.
+        let good_then_bad = pages_payload(
+            &[(region0_end - 4096, 1, 0), (gpa, npages, RUN_ZERO)],
+            &[7u8; 4096],
+        );
+        let outcome = run(true, &frame(Kind::Pages, &good_then_bad));
+        let why = refusal(&outcome);
+        assert!(
+            why == "pages outside guest memory" || why.contains("wraps"),
+            "gpa {gpa:#x}: {why}"
         );
         let mut last = [0u8; 4096];
         outcome.memory.read(region0_end - 4096, &mut last);
@@ -230,7 +267,7 @@ fn the_hello_is_decoded_exactly() {
     huge_count[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
     let mut trailing = hello(&LAYOUT);
     trailing.push(0);
-    for payload in [huge_count, trailing, vec![0u8; 7]] {
+    for payload in [huge_count, trailing, vec![0u8; 7], vec![0u8; 23]] {
         let outcome = run(false, &frame(Kind::Hello, &payload));
         assert!(
             matches!(
@@ -241,6 +278,25 @@ fn the_hello_is_decoded_exactly() {
             outcome.result.err()
         );
     }
+    // The channel count is 1 to 16, the reserved word zero; one channel only here.
+    for (at, value, why) in [
+        (16, 0u32, "channel count"),
+        (16, 17, "channel count"),
+        (20, 1, "reserved"),
+    ] {
+        let mut bad = hello(&LAYOUT);
+        bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        let outcome = run(false, &frame(Kind::Hello, &bad));
+        assert!(refusal(&outcome).contains(why), "{at}: {value}");
+    }
+    let mut two = hello(&LAYOUT);
+    two[16..20].copy_from_slice(&2u32.to_le_bytes());
+    let outcome = run(false, &frame(Kind::Hello, &two));
+    assert!(
+        matches!(&outcome.result, Err(MigrateError::Peer(why)) if why.contains("one channel")),
+        "{:?}",
+        outcome.result.err()
+    );
     // Anything before the Hello is out of turn.
     let outcome = run(false, &frame(Kind::DeviceData, &[1, 2, 3]));
     assert!(matches!(outcome.result, Err(MigrateError::Peer(_))));
@@ -270,4 +326,42 @@ fn a_nonzero_reserved_header_byte_is_refused() {
         "{:?}",
         outcome.result.err()
     );
+}
+
+#[test]
+fn round_markers_come_in_order_and_well_formed() {
+    let two_rounds = [
+        frame(Kind::Sync, &0u32.to_le_bytes()),
+        frame(Kind::Sync, &2u32.to_le_bytes()),
+    ]
+    .concat();
+    let outcome = run(true, &two_rounds);
+    assert_eq!(refusal(&outcome), "round marker out of order");
+    let outcome = run(true, &frame(Kind::Sync, &[0u8; 3]));
+    assert!(matches!(
+        outcome.result,
+        Err(MigrateError::Stream(StreamError::Malformed(Kind::Sync)))
+    ));
+    // A Join belongs on a further channel only.
+    let outcome = run(true, &frame(Kind::Join, &[0u8; 12]));
+    assert!(matches!(outcome.result, Err(MigrateError::Peer(_))));
+}
+
+/// A page sent with data in one round and as a zero run in a later one ends zero.
+#[test]
+fn a_zero_run_zeroes_pages_written_earlier() {
+    let stream = [
+        pages(4096, 2, &[7u8; 8192]),
+        frame(Kind::Sync, &0u32.to_le_bytes()),
+        frame(Kind::Pages, &pages_payload(&[(4096, 1, RUN_ZERO)], &[])),
+    ]
+    .concat();
+    let outcome = run(true, &stream);
+    // The stream ends before End: an error, but the frames before it were applied.
+    assert!(outcome.result.is_err());
+    let mut page = [1u8; 4096];
+    outcome.memory.read(4096, &mut page);
+    assert!(page.iter().all(|&b| b == 0), "zeroed");
+    outcome.memory.read(8192, &mut page);
+    assert!(page.iter().all(|&b| b == 7), "the next page kept");
 }

@@ -14,7 +14,7 @@ mod common;
 
 use common::{config, hello, FakeDevice, LAYOUT};
 use dmalog_migrate::pki::{Authority, Leaf};
-use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind, PAGES_HEAD_BYTES};
+use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
 use dmalog_migrate::tls::{self, TlsConfig, TlsError};
 use dmalog_migrate::{migrate_destination, migrate_source, GuestMemory, SourceVm};
 use rustls::pki_types::ServerName;
@@ -112,10 +112,11 @@ fn a_tls_migration_between_authenticated_hosts_verifies() {
 /// it).
 fn push_a_page<S: Read + Write>(stream: S) {
     let mut out = FrameWriter::new(stream, None);
-    let mut head = vec![0u8; PAGES_HEAD_BYTES];
-    head[8..12].copy_from_slice(&1u32.to_le_bytes());
     let _ = out.write(Kind::Hello, &[&hello(&LAYOUT)]);
-    let _ = out.write(Kind::Pages, &[&head, &[0xffu8; 4096]]);
+    let _ = out.write(
+        Kind::Pages,
+        &[&pages_payload(&[(0, 1, 0)], &[0xffu8; 4096])],
+    );
     let _ = out.flush();
     let _ = std::io::copy(out.get_mut(), &mut std::io::sink());
 }

@@ -395,8 +395,24 @@ pub fn at_end_frame(action: impl FnOnce() + Send + 'static) -> Watch {
 /// length at bytes 8..12); at the first frame for which `pick(kind, index)` is true, runs
 /// `action` and holds everything from that frame on.
 pub fn at_frame(
+    pick: impl FnMut(u8, u64) -> bool + Send + 'static,
+    action: impl FnOnce() + Send + 'static,
+) -> Watch {
+    frame_watch(pick, action, true)
+}
+
+/// As [`at_frame`], but forwards everything, that frame included.
+pub fn on_frame(
+    pick: impl FnMut(u8, u64) -> bool + Send + 'static,
+    action: impl FnOnce() + Send + 'static,
+) -> Watch {
+    frame_watch(pick, action, false)
+}
+
+fn frame_watch(
     mut pick: impl FnMut(u8, u64) -> bool + Send + 'static,
     action: impl FnOnce() + Send + 'static,
+    hold: bool,
 ) -> Watch {
     let mut header = Vec::with_capacity(16);
     let mut payload_left = 0u64;
@@ -423,11 +439,13 @@ pub fn at_frame(
                 payload_left = u64::from(u32::from_le_bytes(header[8..12].try_into().unwrap()));
                 header.clear();
                 index += 1;
-                if pick(kind, index - 1) {
+                if action.is_some() && pick(kind, index - 1) {
                     if let Some(action) = action.take() {
                         action();
                     }
-                    return Some(header_start);
+                    if hold {
+                        return Some(header_start);
+                    }
                 }
             }
         }

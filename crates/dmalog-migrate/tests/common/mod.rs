@@ -33,6 +33,10 @@ pub struct FakeDevice {
     pub states: Vec<DeviceState>,
     /// START requests it got.
     pub starts: u32,
+    /// Whether its DMA can be slowed (auto-converge); by default not.
+    pub can_throttle: bool,
+    /// Each throttle it took: the percent, and how many states it had been set to then.
+    pub throttles: Vec<(u8, usize)>,
 }
 
 impl FakeDevice {
@@ -53,6 +57,8 @@ impl FakeDevice {
                 can_log: true,
                 states: Vec::new(),
                 starts: 0,
+                can_throttle: false,
+                throttles: Vec::new(),
             },
             recorder,
         )
@@ -133,6 +139,17 @@ impl MigrationDevice for FakeDevice {
     }
 }
 
+impl dmalog_migrate::engine::SourceDevice for FakeDevice {
+    fn throttle_dma(&mut self, percent: u8) -> Result<bool, TrackerError> {
+        if !self.can_throttle {
+            return Ok(false);
+        }
+        self.answer()?;
+        self.throttles.push((percent, self.states.len()));
+        Ok(true)
+    }
+}
+
 pub const LAYOUT: [(u64, u64); 2] = [(0, 8 << 20), (1 << 32, 4 << 20)];
 
 pub fn config() -> SourceConfig {
@@ -141,17 +158,11 @@ pub fn config() -> SourceConfig {
         mode: Mode::PreCopy,
         max_downtime: Duration::from_millis(30),
         max_rounds: 10,
+        throttle: dmalog_migrate::converge::ThrottleParams::default(),
     }
 }
 
 /// The Hello payload for `layout` at 4 KiB pages.
 pub fn hello(layout: &[(u64, u64)]) -> Vec<u8> {
-    let mut hello = Vec::new();
-    hello.extend_from_slice(&4096u32.to_le_bytes());
-    hello.extend_from_slice(&(layout.len() as u32).to_le_bytes());
-    for (gpa, size) in layout {
-        hello.extend_from_slice(&gpa.to_le_bytes());
-        hello.extend_from_slice(&size.to_le_bytes());
-    }
-    hello
+    dmalog_migrate::stream::hello_payload(4096, 0x5e55, 1, layout)
 }
