@@ -349,8 +349,7 @@ struct DemoOutput<'a> {
     destination_pages: u64,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     region_digests: &'a serde_json::Map<String, serde_json::Value>,
-    /// `migrate source`: each destination tried, in order (the last one succeeded).
-    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    /// Each destination tried, in order (the last one took the VM).
     attempts: &'a [Attempt],
 }
 
@@ -459,15 +458,14 @@ fn run_source(
         destinations,
         &mut (&mut src, &mut cpu),
         |(src, cpu), destination| {
-            migrate_once(
-                vm_args,
-                destination,
-                security,
-                &memory,
-                (src, workload),
-                *cpu,
-                &vcpus,
-            )
+            let vm = LiveVm {
+                memory: &memory,
+                src,
+                cpu: *cpu,
+                vcpus: &vcpus,
+                workload,
+            };
+            migrate_once(vm_args, destination, security, vm)
         },
         |(src, cpu)| failover::VmState::read(*src, *cpu, &vcpus, first_gpa),
     );
@@ -478,7 +476,7 @@ fn run_source(
                 let mut stdout = std::io::stdout().lock();
                 serde_json::to_writer_pretty(
                     &mut stdout,
-                    &serde_json::json!({ "verified": false, "attempts": failed.0 }),
+                    &serde_json::json!({ "attempts": failed.0 }),
                 )?;
                 writeln!(stdout)?;
             }
@@ -493,17 +491,33 @@ fn run_source(
     })
 }
 
+/// The running source VM, as one migration attempt uses it.
+struct LiveVm<'a> {
+    memory: &'a GuestMemory,
+    src: &'a mut Client,
+    cpu: &'a mut dyn DirtyTracker,
+    vcpus: &'a VcpuWorkload,
+    /// Whether dma-engine's workload runs on the device.
+    workload: bool,
+}
+
 /// One migration of the running VM to `destination`. On failure the engine has left the
-/// VM running here (vCPUs resumed, device RUNNING, logging off).
+/// VM running here (vCPUs resumed, device RUNNING, logging off), unless the destination
+/// had been told to resume it.
 fn migrate_once(
     vm_args: &VmArgs,
     destination: &str,
     security: &ClientSide,
-    memory: &GuestMemory,
-    (src, workload): (&mut Client, bool),
-    cpu: &mut dyn DirtyTracker,
-    vcpus: &VcpuWorkload,
+    vm: LiveVm<'_>,
 ) -> anyhow::Result<MigrationReport> {
+    let LiveVm {
+        memory,
+        src,
+        cpu,
+        vcpus,
+        workload,
+    } = vm;
+
     let progress = ProgressBar::new_spinner();
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
@@ -629,6 +643,7 @@ fn run_destination(
         &mut out,
         crate::transport::acceptor(listener, security, timeout),
     )
+    .inspect_err(|_| failover::discard_unresumed_load(&mut dst))
     .context("destination")?;
     // The device goes on where it stopped.
     let device_writes_after_resume = if dma_engine {
@@ -674,7 +689,7 @@ fn print_report(
         )?;
         writeln!(stdout)?;
     } else {
-        print_failed_attempts(&mut stdout, &source.attempts)?;
+        failover::print_failed_attempts(&mut stdout, &source.attempts)?;
         crate::progress::print_table(&mut stdout, report, device_writes_after_resume)?;
         crate::progress::print_digests(&mut stdout, &source.region_digests)?;
     }
@@ -854,27 +869,6 @@ fn prefill(memory: &GuestMemory, pct: u64) -> anyhow::Result<()> {
             }
             done += len;
         }
-    }
-    Ok(())
-}
-
-/// One line per destination that failed before the one that took the VM.
-fn print_failed_attempts(out: &mut impl Write, attempts: &[Attempt]) -> std::io::Result<()> {
-    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
-        let vm = attempt.vm_after_failure.as_ref();
-        writeln!(
-            out,
-            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
-            i + 1,
-            attempt.destination,
-            attempt.error.as_deref().unwrap_or("?"),
-            vm.map_or("?", |vm| vm.device_state.as_str()),
-            if vm.is_some_and(|vm| vm.vcpus_running) {
-                "running"
-            } else {
-                "paused"
-            },
-        )?;
     }
     Ok(())
 }

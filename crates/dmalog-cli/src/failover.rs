@@ -1,12 +1,20 @@
+//! After a failed migration, on both sides.
+//!
 //! `dmalog migrate source --connect A --connect B ...`: destinations tried in turn, as a
 //! VMM's operator would retry a migration. After a failed attempt the VM runs on here (the
 //! engine has resumed the vCPUs, returned the device to RUNNING and stopped dirty logging);
 //! that state is read back from the device and the vCPUs, logged, and kept with the
-//! attempt's outcome for the report, and the next destination is tried.
+//! attempt's outcome for the report, and the next destination is tried, unless the failed
+//! destination had already been told to resume the guest (then the guest may run there,
+//! and must not run anywhere else).
+//!
+//! `dmalog migrate destination`: a device left holding state of a guest it never resumed
+//! is reset.
 
 use dmalog::uapi::DeviceState;
 use dmalog::{DirtyTracker, MigrationDevice};
-use dmalog_migrate::VcpuWorkload;
+use dmalog_migrate::{MigrateError, VcpuWorkload};
+use dmalog_vfio_user::Client;
 use tracing::{info, warn};
 
 /// One attempt to migrate to one destination.
@@ -150,24 +158,136 @@ pub fn try_in_turn<V, T>(
                 } else {
                     warn!(%destination, %error, ?state, "migration failed, and the VM is not back to running");
                 }
-                if let Some(next) = next {
-                    info!(%next, "trying the next destination");
-                }
+
+                let handed_over = err.chain().any(|cause| {
+                    matches!(
+                        cause.downcast_ref::<MigrateError>(),
+                        Some(MigrateError::Unconfirmed(_))
+                    )
+                });
                 attempts.push(Attempt {
                     destination: destination.clone(),
                     ok: false,
                     error: Some(error),
                     vm_after_failure: Some(state),
                 });
+                if handed_over {
+                    // The guest may run at that destination: not at another one too.
+                    break;
+                }
+                if let Some(next) = next {
+                    info!(%next, "trying the next destination");
+                }
             }
         }
     }
     Err(AllFailed(attempts))
 }
 
+/// One line per destination that failed before the one that took the VM.
+pub fn print_failed_attempts(
+    out: &mut impl std::io::Write,
+    attempts: &[Attempt],
+) -> std::io::Result<()> {
+    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
+        let vm = attempt.vm_after_failure.as_ref();
+        writeln!(
+            out,
+            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
+            i + 1,
+            attempt.destination,
+            attempt.error.as_deref().unwrap_or("?"),
+            vm.map_or("?", |vm| vm.device_state.as_str()),
+            if vm.is_some_and(|vm| vm.vcpus_running) {
+                "running"
+            } else {
+                "paused"
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// After a failed incoming migration: a device left holding a guest's state it never
+/// resumed (a partial load in RESUMING, a whole one in STOP waiting for the source's Go, or
+/// ERROR) is reset (DEVICE_RESET: registers to defaults, RUNNING, no migration data), so
+/// that nothing of a guest that runs elsewhere stays here. A RUNNING device (nothing
+/// loaded, or resumed before the failure) is left alone.
+pub fn discard_unresumed_load(device: &mut Client) {
+    match device.device_state() {
+        Ok(DeviceState::Running) => {}
+        Ok(state) => match device.reset() {
+            Ok(()) => warn!(
+                was = state_name(state),
+                "the device's unresumed migration state was discarded (DEVICE_RESET)"
+            ),
+            Err(err) => warn!(%err, "could not reset the device after the failed migration"),
+        },
+        Err(err) => warn!(%err, "could not read the device's state after the failed migration"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn running() -> VmState {
+        VmState {
+            device_state: "RUNNING".into(),
+            vcpus_running: true,
+            device_dirty_logging: false,
+            cpu_dirty_logging: false,
+        }
+    }
+
+    #[test]
+    fn destinations_are_tried_in_turn_until_one_takes_the_vm() {
+        let destinations = ["a", "b", "c"].map(String::from);
+        let mut tried = Vec::new();
+        let (done, attempts) = try_in_turn(
+            &destinations,
+            &mut tried,
+            |tried, to| {
+                tried.push(to.to_string());
+                if to == "b" {
+                    Ok(7)
+                } else {
+                    Err(anyhow::anyhow!("{to} is down"))
+                }
+            },
+            |_| running(),
+        )
+        .unwrap();
+        assert_eq!(
+            (done, tried.as_slice()),
+            (7, &["a".to_string(), "b".into()][..])
+        );
+        assert_eq!(attempts.len(), 2);
+        assert!(!attempts[0].ok && attempts[1].ok);
+        assert_eq!(attempts[0].error.as_deref(), Some("a is down"));
+        assert!(attempts[0].vm_after_failure.as_ref().unwrap().runs_on());
+    }
+
+    #[test]
+    fn no_other_destination_after_one_was_told_to_resume() {
+        let destinations = ["a", "b"].map(String::from);
+        let mut tried = 0;
+        let failed = try_in_turn(
+            &destinations,
+            &mut tried,
+            |tried, _| -> anyhow::Result<()> {
+                *tried += 1;
+                let unconfirmed =
+                    MigrateError::Unconfirmed(Box::new(MigrateError::Peer("x".into())));
+                Err(anyhow::Error::new(unconfirmed).context("migration"))
+            },
+            |_| running(),
+        )
+        .unwrap_err();
+        assert_eq!(tried, 1);
+        assert_eq!(failed.0.len(), 1);
+        assert!(failed.to_string().contains("stays paused"), "{failed}");
+    }
 
     #[test]
     fn state_names_are_the_uapi_s() {

@@ -35,6 +35,14 @@ const SHAPE: Shape = Shape {
     loss: true,
 };
 const GUEST_MIB: u64 = 64;
+/// Guest memory the device fills before the migration (pages that are not zero: zero
+/// pages cross the link as flags, and a guest of them would be over in a few frames).
+const FILL_MIB: u64 = 32;
+/// Both sides' `--timeout-ms` where the link is cut: a silent peer is found out after
+/// this. Generous against the other side's honest work (the destination hashes the guest
+/// between End and Ready, slowly on a loaded machine), as short as that allows.
+const CUT_TIMEOUT_MS: u64 = 5_000;
+const CUT_TIMEOUT_TEXT: &str = "within 5000 ms";
 const MAX_ROUNDS: u32 = 30;
 
 fn dmalog() -> &'static str {
@@ -191,9 +199,9 @@ impl Destination {
     }
 }
 
-/// `dmalog migrate source` in the source namespace, a 64 MiB guest whose workloads dirty
-/// about 1 MB/s each (so that it converges on a 50 MB/s link even on a loaded machine),
-/// trying `destinations` in turn.
+/// `dmalog migrate source` in the source namespace, a 64 MiB guest (half of it filled)
+/// whose workloads dirty about 1 MB/s each (so that it converges on a 50 MB/s link even on
+/// a loaded machine), trying `destinations` in turn.
 fn source(
     net: &Network,
     device: &Path,
@@ -204,6 +212,8 @@ fn source(
     let mut command = net.source.command(dmalog());
     command
         .args(["migrate", "source", "--json"])
+        // Only the device fills memory (FILL_MIB): the kill points are counted in its bytes.
+        .args(["--prefill-pct", "0"])
         .args(["--memory-mib", &GUEST_MIB.to_string()])
         .args(["--device-wss-mib", "8", "--device-rate-mbps", "1"])
         .args(["--vcpu-wss-mib", "4", "--vcpu-rate-mbps", "1"])
@@ -215,6 +225,17 @@ fn source(
         ])
         // No pacing in the process: the link's tbf is the cap.
         .args(["--link-mbps", "100000"])
+        // dma-engine FILLs guest memory [0, FILL_MIB) before the migration starts (DST,
+        // LEN, PATTERN, OP = FILL, DOORBELL).
+        .args(["--region-write-u64", "0:0x8=0"])
+        .args(["--region-write-u64", &format!("0:0x18={}", FILL_MIB << 20)])
+        .args([
+            "--region-write-u64",
+            "0:0x20=1",
+            "--region-write-u64",
+            "0:0x28=1",
+        ])
+        .args(["--region-write-u64", "0:0x30=1"])
         .args(["--timeout-ms", &timeout_ms.to_string()]);
     for destination in destinations {
         command.args(["--connect", &destination.to_string()]);
@@ -228,6 +249,12 @@ fn source(
             .spawn()
             .unwrap(),
     ))
+}
+
+/// The source exited as after a verified migration: 0, or 3 (verified over the downtime
+/// budget: a loaded machine; the budget is not what these tests check).
+fn assert_source_migrated(out: &Output, stderr: &str) {
+    assert!(matches!(out.status.code(), Some(0 | 3)), "{stderr}");
 }
 
 fn json(out: &Output, stderr: &str) -> serde_json::Value {
@@ -245,9 +272,10 @@ fn json(out: &Output, stderr: &str) -> serde_json::Value {
 fn assert_verified_and_running(report: &serde_json::Value) {
     assert_eq!(report["verified"], true, "{report:#}");
     let rounds = report["rounds"].as_array().expect("rounds");
-    let pre_copy = rounds.len() - 1;
+    // Round 0, pre-copy rounds 1..=last, the final round: forced at last == MAX_ROUNDS.
+    let last_pre_copy = rounds.len() - 2;
     assert!(
-        pre_copy <= MAX_ROUNDS as usize,
+        last_pre_copy < MAX_ROUNDS as usize,
         "converged before the round limit: {report:#}"
     );
     let sum = |key: &str| -> u64 {
@@ -298,17 +326,6 @@ fn assert_destination_failed_unresumed(
     assert_eq!(client.read_u64(0, common::reg::WL_CTRL).unwrap(), 0);
 }
 
-/// A source that verified: exit 0, or 3 when it verified over its downtime budget (a delayed,
-/// lossy link may well take longer to stop than the budget; that is not what these tests
-/// are about).
-fn assert_source_exit_verified(out: &Output, stderr: &str) {
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "exit {:?}: {stderr}",
-        out.status
-    );
-}
-
 fn assert_destination_verified(out: &Output, stderr: &str) {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(json(out, stderr)["verified"], true, "{stderr}");
@@ -331,7 +348,7 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
     let relay = Relay::start(host, dst.listening, DELAY, netns::forward_all());
     let out = source(&net, &src_dev.socket, &[relay.address], &tls, 10_000).wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_source_exit_verified(&out, &stderr);
+    assert_source_migrated(&out, &stderr);
     let (dst_out, dst_stderr) = dst.wait();
     let report = json(&out, &stderr);
     assert_verified_and_running(&report);
@@ -353,7 +370,7 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
         net.dropped_packets(),
         net.shaped_events()
     );
-    assert!(relay.forwarded.load(Ordering::SeqCst) >= GUEST_MIB << 20);
+    assert!(relay.forwarded.load(Ordering::SeqCst) >= FILL_MIB << 20);
     assert!(net.shaped_events() > 0, "tbf never held a packet back");
     match &net.loss_unavailable {
         None => assert!(net.dropped_packets() > 0, "no packet was dropped"),
@@ -363,7 +380,10 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
 
 #[test]
 fn the_link_cut_after_the_stop_fails_both_sides_in_time_and_the_vm_migrates_elsewhere() {
-    let Some(net) = network("the_link_cut_after_the_stop_...", 2) else {
+    let Some(net) = network(
+        "the_link_cut_after_the_stop_fails_both_sides_in_time_and_the_vm_migrates_elsewhere",
+        2,
+    ) else {
         return;
     };
     let (src_dev, dst_dev, other_dev) = (
@@ -374,42 +394,45 @@ fn the_link_cut_after_the_stop_fails_both_sides_in_time_and_the_vm_migrates_else
     // Plaintext, so that the relay can find the End frame: the link goes down once the
     // source has stopped the guest and sent everything, before the destination has it.
     let plain = Security::Plaintext;
-    let first = Destination::start(&net.hosts[0], &dst_dev.socket, &plain, 2_000);
+    let first = Destination::start(&net.hosts[0], &dst_dev.socket, &plain, CUT_TIMEOUT_MS);
     let cut = Relay::start(
         &net.hosts[0],
         first.listening,
         DELAY,
         netns::at_end_frame(net.hosts[0].cutter()),
     );
-    let second = Destination::start(&net.hosts[1], &other_dev.socket, &plain, 2_000);
+    let second = Destination::start(&net.hosts[1], &other_dev.socket, &plain, CUT_TIMEOUT_MS);
     let relay = Relay::start(&net.hosts[1], second.listening, DELAY, netns::forward_all());
     let out = source(
         &net,
         &src_dev.socket,
         &[cut.address, relay.address],
         &plain,
-        2_000,
+        CUT_TIMEOUT_MS,
     )
     .wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     // Before waiting for the destinations: a source that failed never reached them.
-    assert_source_exit_verified(&out, &stderr);
+    assert_source_migrated(&out, &stderr);
     let (first_out, first_stderr) = first.wait();
     let (second_out, second_stderr) = second.wait();
     let report = json(&out, &stderr);
     let attempts = report["attempts"].as_array().expect("attempts");
     assert_eq!(attempts.len(), 2, "{report:#}");
     eprintln!("first attempt: {:#}", attempts[0]);
-    assert_failed_and_vm_runs_on(&attempts[0], "within 2000 ms");
+    assert_failed_and_vm_runs_on(&attempts[0], CUT_TIMEOUT_TEXT);
     assert_eq!(attempts[1]["ok"], true, "{report:#}");
     assert_verified_and_running(&report);
-    assert_destination_failed_unresumed(&first_out, &first_stderr, &dst_dev, "within 2000 ms");
+    assert_destination_failed_unresumed(&first_out, &first_stderr, &dst_dev, CUT_TIMEOUT_TEXT);
     assert_destination_verified(&second_out, &second_stderr);
 }
 
 #[test]
 fn a_destination_killed_mid_stream_fails_the_attempt_and_the_vm_migrates_elsewhere() {
-    let Some(net) = network("a_destination_killed_mid_stream_...", 2) else {
+    let Some(net) = network(
+        "a_destination_killed_mid_stream_fails_the_attempt_and_the_vm_migrates_elsewhere",
+        2,
+    ) else {
         return;
     };
     let dir = TempDir::new("netns-kill-dst");
@@ -440,7 +463,7 @@ fn a_destination_killed_mid_stream_fails_the_attempt_and_the_vm_migrates_elsewhe
     )
     .wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_source_exit_verified(&out, &stderr);
+    assert_source_migrated(&out, &stderr);
     let (first_out, _) = first.wait();
     let (second_out, second_stderr) = second.wait();
     assert!(
@@ -476,28 +499,38 @@ fn assert_device_ready_for_a_retry(server: &ServerProcess) {
 
 #[test]
 fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migration_verifies() {
-    let Some(net) = network("a_source_killed_mid_stream_...", 1) else {
+    let Some(net) = network(
+        "a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migration_verifies",
+        1,
+    ) else {
         return;
     };
-    let dir = TempDir::new("netns-kill-src");
-    let certs = certs(&dir.0, &net);
-    let tls = Security::Tls(&certs);
+    // Plaintext, so that the relay can follow the frames.
+    let plain = Security::Plaintext;
     let (src_dev, dst_dev) = (ServerProcess::start("soft"), ServerProcess::start("soft"));
     let host = &net.hosts[0];
-    let first = Destination::start(host, &dst_dev.socket, &tls, 30_000);
+    let first = Destination::start(host, &dst_dev.socket, &plain, 30_000);
     let victim = Arc::new(AtomicU32::new(0));
+    let mut syncs = 0;
     let killing = Relay::start(
         host,
         first.listening,
         DELAY,
-        // In round 1: the destination has every page once and the device's pre-copy
-        // state (sent after round 0), all it would need to resume a stale guest.
-        netns::after_bytes((GUEST_MIB << 20) + (512 << 10), {
-            let victim = Arc::clone(&victim);
-            move || kill(victim.load(Ordering::SeqCst))
-        }),
+        // At the end of the second round (its Sync frame): the destination has every page
+        // once and the device's pre-copy state (sent after round 0's pages), all it would
+        // need to resume a stale guest.
+        netns::on_frame(
+            move |kind, _| {
+                syncs += u32::from(kind == 9);
+                syncs == 2
+            },
+            {
+                let victim = Arc::clone(&victim);
+                move || kill(victim.load(Ordering::SeqCst))
+            },
+        ),
     );
-    let doomed = source(&net, &src_dev.socket, &[killing.address], &tls, 30_000);
+    let doomed = source(&net, &src_dev.socket, &[killing.address], &plain, 30_000);
     victim.store(doomed.pid(), Ordering::SeqCst);
     let doomed_out = doomed.wait("the killed source");
     assert!(doomed_out.status.code().is_none(), "the source was killed");
@@ -513,13 +546,130 @@ fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migratio
     assert_device_ready_for_a_retry(&src_dev);
 
     // A new source VM on the same device, to a new destination on the device the first
-    // one left half-loaded.
+    // one left half-loaded (over TLS, as a user would).
+    let dir = TempDir::new("netns-kill-src");
+    let certs = certs(&dir.0, &net);
+    let tls = Security::Tls(&certs);
     let second = Destination::start(host, &dst_dev.socket, &tls, 30_000);
     let relay = Relay::start(host, second.listening, DELAY, netns::forward_all());
     let out = source(&net, &src_dev.socket, &[relay.address], &tls, 30_000).wait("source");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_source_exit_verified(&out, &stderr);
+    assert_source_migrated(&out, &stderr);
     let (second_out, second_stderr) = second.wait();
     assert_verified_and_running(&json(&out, &stderr));
     assert_destination_verified(&second_out, &second_stderr);
+}
+
+/// The link cut on the way back, at the destination's `frame`-th frame (0: the first):
+/// the source, the first destination and its device server, the second destination (a
+/// fallback) and its relay, and what each process did.
+struct CutOnTheWayBack {
+    source: Output,
+    stderr: String,
+    first: (Output, String),
+    first_device: ServerProcess,
+    second: Destination,
+    second_relay: Relay,
+    /// Kept for `second` (it reads its device after the migration).
+    _devices: [ServerProcess; 2],
+}
+
+fn cut_on_the_way_back(net: &Network, frame: u64) -> CutOnTheWayBack {
+    let (src_dev, dst_dev, other_dev) = (
+        ServerProcess::start("soft"),
+        ServerProcess::start("soft"),
+        ServerProcess::start("soft"),
+    );
+    let plain = Security::Plaintext;
+    let first = Destination::start(&net.hosts[0], &dst_dev.socket, &plain, CUT_TIMEOUT_MS);
+    let cut = Relay::watching_both(
+        &net.hosts[0],
+        first.listening,
+        DELAY,
+        netns::forward_all(),
+        netns::at_frame(move |_, index| index == frame, net.hosts[0].cutter()),
+    );
+    let second = Destination::start(&net.hosts[1], &other_dev.socket, &plain, CUT_TIMEOUT_MS);
+    let second_relay = Relay::start(&net.hosts[1], second.listening, DELAY, netns::forward_all());
+    let source = source(
+        net,
+        &src_dev.socket,
+        &[cut.address, second_relay.address],
+        &plain,
+        CUT_TIMEOUT_MS,
+    )
+    .wait("source");
+    let stderr = String::from_utf8_lossy(&source.stderr).into_owned();
+    let first = first.wait();
+    CutOnTheWayBack {
+        source,
+        stderr,
+        first,
+        first_device: dst_dev,
+        second,
+        second_relay,
+        _devices: [src_dev, other_dev],
+    }
+}
+
+#[test]
+fn the_link_cut_before_the_destination_may_resume_leaves_the_guest_only_at_the_source() {
+    let Some(net) = network(
+        "the_link_cut_before_the_destination_may_resume_leaves_the_guest_only_at_the_source",
+        2,
+    ) else {
+        return;
+    };
+    // The destination's first frame back: it has every page and the device state, and
+    // has not resumed.
+    let run = cut_on_the_way_back(&net, 0);
+    assert_source_migrated(&run.source, &run.stderr);
+    let report = json(&run.source, &run.stderr);
+    let attempts = report["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{report:#}");
+    assert_failed_and_vm_runs_on(&attempts[0], CUT_TIMEOUT_TEXT);
+    assert_verified_and_running(&report);
+    let (out, stderr) = &run.first;
+    assert_destination_failed_unresumed(out, stderr, &run.first_device, CUT_TIMEOUT_TEXT);
+    let (second_out, second_stderr) = run.second.wait();
+    assert_destination_verified(&second_out, &second_stderr);
+}
+
+#[test]
+fn the_link_cut_after_the_destination_was_told_to_resume_leaves_the_guest_only_there() {
+    let Some(net) = network(
+        "the_link_cut_after_the_destination_was_told_to_resume_leaves_the_guest_only_there",
+        2,
+    ) else {
+        return;
+    };
+    // The destination's second frame back: its confirmation that it resumed.
+    let run = cut_on_the_way_back(&net, 1);
+    // The guest runs at the destination (its device RUNNING with the source's state), and
+    // only there. The destination never hears the source's verdict on the hashes, and
+    // says so.
+    let (out, stderr) = &run.first;
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("resumed here: it runs here"), "{stderr}");
+    let mut client = run.first_device.connect();
+    assert_eq!(
+        dmalog::MigrationDevice::device_state(&mut client).unwrap(),
+        dmalog::uapi::DeviceState::Running
+    );
+    assert_ne!(client.read_u64(0, common::reg::WL_BASE).unwrap(), 0);
+    drop(client);
+    assert!(!run.source.status.success(), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("did not confirm") && run.stderr.contains("stays paused"),
+        "{}",
+        run.stderr
+    );
+    let report = json(&run.source, &run.stderr);
+    let attempts = report["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "no second destination: {report:#}");
+    let vm = &attempts[0]["vm_after_failure"];
+    assert_eq!(vm["vcpus_running"], false, "{report:#}");
+    assert_ne!(vm["device_state"], "RUNNING", "{report:#}");
+    assert_eq!(run.second_relay.forwarded.load(Ordering::SeqCst), 0);
+    drop(run.second);
 }

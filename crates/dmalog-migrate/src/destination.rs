@@ -227,15 +227,17 @@ impl std::fmt::Debug for Incoming {
 }
 
 /// Runs the destination side: maps DMA with `map_dma`, writes pages into `memory`, loads
-/// the device state (RESUMING, data, STOP), resumes the device (RUNNING), answers
-/// Resumed, then checks the source's hashes. A frame this side refuses is also reported to
+/// the device state (RESUMING, data, STOP), answers Ready with its hashes, resumes the
+/// device (RUNNING) on the source's Go, answers Resumed, then takes the source's verdict
+/// on the hashes. A frame this side refuses is also reported to
 /// the source (an Abort, best effort). Time limits are the reader's and writer's
 /// ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]). A source that asks for
 /// more than one channel is refused (see [`migrate_destination_channels`]).
 ///
-/// The device is resumed only once the source's End has come: a migration that fails
-/// before (the source gone, silent or refused) leaves the guest unresumed here, and says
-/// so in a warning; one that fails after says that the guest runs here.
+/// The device is resumed only on the source's Go: a migration that fails before (the
+/// source gone, silent or refused) leaves the guest unresumed here (the device holds a
+/// loaded state in STOP, or a partial one in RESUMING: the caller discards it with a
+/// reset) and says so in a warning; one that fails after says that the guest runs here.
 pub fn migrate_destination<W: Write, D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
@@ -526,10 +528,16 @@ fn receive<W: Write, D: MigrationDevice>(
         .flat_map(|h| h.to_le_bytes())
         .collect();
     let hash_ns = hash_start.elapsed().as_nanos() as u64;
+    out.write(Kind::Ready, &[&hash_ns.to_le_bytes(), &hashes])?;
+    out.flush()?;
+    // Only on the source's word: until then the guest is the source's (it runs there
+    // again if anything fails), and must not run here too.
+    let go = input.read()?;
+    expect_kind(&go, Kind::Go)?;
     let running_at = Instant::now();
     device.set_device_state(DeviceState::Running)?;
     *resumed = true;
-    out.write(Kind::Resumed, &[&hash_ns.to_le_bytes(), &hashes])?;
+    out.write(Kind::Resumed, &[])?;
     out.flush()?;
     tracing::info!(
         load_ms = (loaded_at - end_at).as_secs_f64() * 1e3,

@@ -100,6 +100,10 @@ pub enum MigrateError {
     /// The other side gave up or answered out of turn.
     #[error("peer: {0}")]
     Peer(String),
+    /// The destination was told to resume the guest and did not confirm it: the guest may
+    /// run there, so the source VM stays paused (the guest never runs on both hosts).
+    #[error("the destination was told to resume the guest and did not confirm it ({0}); the VM stays paused here: the guest may be running at the destination")]
+    Unconfirmed(Box<MigrateError>),
 
     /// Guest memory access failed.
     #[error("guest memory: {0}")]
@@ -167,8 +171,11 @@ pub struct SourceVm<'a> {
 /// every source, round 0, pre-copy rounds, the stop, the final round, device state, and
 /// verification. `vcpus` is paused for the final round and stays paused (the guest moved).
 ///
-/// On any failure, before or after the stop, the VM stays here: logging off, the device
-/// RUNNING, the vCPUs resumed. Time limits on the destination are the reader's and
+/// On any failure, before or after the stop, until the destination is told to resume (Go,
+/// once its Ready says it has everything), the VM stays here: logging off, the device
+/// RUNNING, the vCPUs resumed. After Go the guest is the destination's: a failure then
+/// ([`MigrateError::Unconfirmed`]) leaves the VM paused here, so that it never runs on
+/// both hosts. Time limits on the destination are the reader's and
 /// writer's ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]): without them a
 /// silent destination is waited for forever.
 pub fn migrate_source<S: Read + Write + Transport + Send>(
@@ -215,29 +222,66 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
         cpu: &mut *cpu,
         vcpus,
     };
-    let result = migrate_source_inner(config, vm, out, (channels, connect), replies, on_round);
-    if let Err(err) = &result {
-        // The VM stays here: logging off, the device and the vCPUs running again. A device
-        // server that is gone or silent is not asked (each request would wait out its
-        // timeout with the guest paused).
-        warn!(%err, "migration failed; the source VM keeps running");
-        if !matches!(
-            err,
-            MigrateError::DeviceLost(_) | MigrateError::DeviceSilent(_)
-        ) {
-            let _ = device.throttle_dma(0);
-            let _ = device.stop();
-            if let Err(err) = device.set_device_state(DeviceState::Running) {
-                warn!(%err, "could not return the device to RUNNING");
-            }
-        }
+    let mut committed = false;
+    let err = match migrate_source_inner(
+        config,
+        vm,
+        out,
+        (channels, connect),
+        replies,
+        on_round,
+        &mut committed,
+    ) {
+        Ok(report) => return Ok(report),
+        Err(err) => err,
+    };
+    if committed {
+        // The destination was told to resume: the guest is its own now, and must not run
+        // here again. Logging off, the device stopped, the vCPUs stay paused (their
+        // throttle and the device's given back, as after any migration).
+        warn!(%err, "the destination did not confirm that it resumed the guest; the source VM stays paused");
+        let _ = device.throttle_dma(0);
+        let _ = device.stop();
         let _ = cpu.stop();
+        if let Err(err) = device.set_device_state(DeviceState::Stop) {
+            warn!(%err, "source device did not go to STOP");
+        }
         if let Some(vcpus) = vcpus {
             vcpus.set_throttle(0);
-            vcpus.resume();
+        }
+        let err = why_the_peer_hung_up(err, replies);
+        return Err(MigrateError::Unconfirmed(Box::new(err)));
+    }
+    recover(&err, device, cpu, vcpus);
+    Err(why_the_peer_hung_up(err, replies))
+}
+
+/// After a failure before the destination was told to resume: the VM stays here, logging
+/// off, the device and the vCPUs running again at full speed. A device server that is
+/// gone or silent is not asked (each request would wait out its timeout with the guest
+/// paused).
+fn recover(
+    err: &MigrateError,
+    device: &mut dyn SourceDevice,
+    cpu: &mut dyn DirtyTracker,
+    vcpus: Option<&VcpuWorkload>,
+) {
+    warn!(%err, "migration failed; the source VM keeps running");
+    if !matches!(
+        err,
+        MigrateError::DeviceLost(_) | MigrateError::DeviceSilent(_)
+    ) {
+        let _ = device.throttle_dma(0);
+        let _ = device.stop();
+        if let Err(err) = device.set_device_state(DeviceState::Running) {
+            warn!(%err, "could not return the device to RUNNING");
         }
     }
-    result.map_err(|err| why_the_peer_hung_up(err, replies))
+    let _ = cpu.stop();
+    if let Some(vcpus) = vcpus {
+        vcpus.set_throttle(0);
+        vcpus.resume();
+    }
 }
 
 /// When the destination closed the connection, it may have said why first (an Abort it
@@ -268,6 +312,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     (channels, connect): (u32, &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<S>>),
     replies: &mut FrameReader<impl Read>,
     mut on_round: impl FnMut(&RoundStats),
+    committed: &mut bool,
 ) -> Result<MigrationReport, MigrateError> {
     let SourceVm {
         memory,
@@ -466,10 +511,19 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     sender.end()?;
     stop.device_data_ms = lap.ms();
     stats.bytes_sent = sender.out.bytes() - bytes_before;
+    // The destination has everything, its device stopped, and resumes only on our Go: so
+    // the guest never runs on both hosts. Until Go is sent, any failure gives the VM back
+    // here; from the moment it may have reached the destination, the guest is the
+    // destination's, confirmed or not.
     let reply = replies.read()?;
+    expect_kind(&reply, Kind::Ready)?;
+    *committed = true;
+    sender.out.write(Kind::Go, &[])?;
+    sender.out.flush()?;
+    let resumed = replies.read()?;
     let elapsed = pause.elapsed();
     stop.destination_ms = lap.ms();
-    expect_kind(&reply, Kind::Resumed)?;
+    expect_kind(&resumed, Kind::Resumed)?;
     // The destination hashed its memory before resuming the device (so that the device's
     // new writes do not enter the comparison); that time is not part of a real downtime.
     let hash_ns = reply

@@ -98,7 +98,7 @@ pub fn destination_stream(stream_bytes: &[u8]) -> bool {
         let mut reader = FrameReader::new(&replies[..]);
         while let Ok(frame) = reader.read() {
             assert!(
-                matches!(frame.kind, Kind::Abort | Kind::Resumed),
+                matches!(frame.kind, Kind::Abort | Kind::Ready | Kind::Resumed),
                 "the destination sent a {:?}",
                 frame.kind
             );

@@ -82,14 +82,14 @@ pub enum Kind {
     Pages = 2,
     /// Device migration data.
     DeviceData = 3,
-    /// The last pages and device data were sent; resume.
+    /// The last pages and device data were sent: load the device state, then Ready.
     End = 4,
-    /// Destination to source: the device is RUNNING with all pages in place; carries the
-    /// time spent hashing (ns) and the crc32c of each region taken before resuming.
+    /// Destination to source, after Go: the device is RUNNING (the guest runs there).
     Resumed = 5,
     /// Unused in version 1.
     Verify = 6,
-    /// Source to destination: 1 if the hashes match the source's at stop time.
+    /// Source to destination, after Resumed: 1 if the hashes match the source's at stop
+    /// time.
     Verified = 7,
     /// Either way: the sender gives up (UTF-8 reason).
     Abort = 8,
@@ -98,6 +98,14 @@ pub enum Kind {
     /// Source to destination: the first frame of a further channel (`session u64,
     /// index u32`).
     Join = 10,
+    /// Destination to source, after End: all pages and the device state are in place,
+    /// the device stopped; carries the time spent hashing (ns) and the crc32c of each
+    /// region. The destination resumes only on Go, so that the guest never runs on both
+    /// hosts.
+    Ready = 11,
+    /// Source to destination, after Ready: resume the guest; from here on it is the
+    /// destination's.
+    Go = 12,
 }
 
 impl Kind {
@@ -113,6 +121,8 @@ impl Kind {
             8 => Kind::Abort,
             9 => Kind::Sync,
             10 => Kind::Join,
+            11 => Kind::Ready,
+            12 => Kind::Go,
             _ => return None,
         })
     }
@@ -123,8 +133,8 @@ impl Kind {
             Kind::Hello => HELLO_HEAD_BYTES + 16 * MAX_REGIONS,
             Kind::Pages => MAX_PAYLOAD,
             Kind::DeviceData => MAX_DEVICE_CHUNK,
-            Kind::End | Kind::Verify => 0,
-            Kind::Resumed => 8 + 4 * MAX_REGIONS,
+            Kind::End | Kind::Verify | Kind::Go | Kind::Resumed => 0,
+            Kind::Ready => 8 + 4 * MAX_REGIONS,
             Kind::Verified => 1,
             Kind::Abort => MAX_REASON_BYTES,
             Kind::Sync => 4,

@@ -163,13 +163,17 @@ fn page(channel: &mut FrameWriter<TcpStream>, gpa: u64, fill: u8) {
     channel.flush().unwrap();
 }
 
-/// Ends a hand-written two-channel migration: End on both, the Resumed read, Verified.
+/// Ends a hand-written two-channel migration: End on both, the Ready read, Go, the
+/// Resumed read, Verified.
 fn finish(main: &mut FrameWriter<TcpStream>, other: &mut FrameWriter<TcpStream>) {
     other.write(Kind::End, &[]).unwrap();
     other.flush().unwrap();
     main.write(Kind::End, &[]).unwrap();
     main.flush().unwrap();
     let mut replies = FrameReader::new(main.get_mut().try_clone().unwrap()).with_timeout(TIMEOUT);
+    assert_eq!(replies.read().unwrap().kind, Kind::Ready);
+    main.write(Kind::Go, &[]).unwrap();
+    main.flush().unwrap();
     assert_eq!(replies.read().unwrap().kind, Kind::Resumed);
 }
 

@@ -89,10 +89,11 @@ fn source_against(peer: impl FnOnce(UnixStream) + Send + 'static) -> SourceAfter
         let elapsed = started.elapsed();
         let mut bitmap = [0u64; 32];
         let cpu_logging_refused = cpu.report(0, 4096, 4096, &mut bitmap).is_err();
-        // The vCPUs run again: their write count moves (waited for, not timed).
+        // The vCPUs run again: their write count moves (waited for, not timed; not at all
+        // when they are paused).
         let before = vcpus.writes();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while vcpus.writes() == before && Instant::now() < deadline {
+        while !vcpus.is_paused() && vcpus.writes() == before && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
         SourceAfter {
@@ -138,6 +139,45 @@ fn a_destination_silent_after_the_final_data_gives_the_source_its_vm_back() {
     assert!(after.err.to_string().contains("300 ms"), "{}", after.err);
     assert!(after.elapsed < HANG_GUARD);
     assert_source_runs_again(&after);
+}
+
+#[test]
+fn a_destination_silent_after_the_source_s_go_keeps_the_source_paused() {
+    let (release, hold) = mpsc::channel::<()>();
+    let after = source_against(move |theirs| {
+        // Ready after End (any hashes), then silence once Go has come: the source cannot
+        // know whether the guest runs here.
+        let mut input = FrameReader::new(theirs.try_clone().unwrap());
+        let mut out = FrameWriter::new(theirs.try_clone().unwrap(), None);
+        while let Ok(frame) = input.read() {
+            match frame.kind {
+                Kind::End => {
+                    out.write(Kind::Ready, &[&0u64.to_le_bytes()]).unwrap();
+                    out.flush().unwrap();
+                }
+                Kind::Go => break,
+                _ => {}
+            }
+        }
+        let _ = hold.recv_timeout(HANG_GUARD);
+        drop(theirs);
+    });
+    drop(release);
+    assert!(
+        matches!(&after.err, MigrateError::Unconfirmed(inner) if matches!(**inner, MigrateError::Stream(StreamError::TimedOut(_)))),
+        "{}",
+        after.err
+    );
+    assert!(
+        after.err.to_string().contains("stays paused"),
+        "{}",
+        after.err
+    );
+    // Never on both hosts: the guest stays paused here, logging off.
+    assert!(after.vcpus_paused, "vCPUs stay paused");
+    assert_eq!(after.device_state, DeviceState::Stop);
+    assert!(!after.device_logging, "device logging stopped");
+    assert!(after.cpu_logging_refused, "vCPU logging stopped");
 }
 
 #[test]

@@ -17,8 +17,8 @@ fn next(state: &mut u64) -> u64 {
 }
 
 /// A whole migration the fuzz destination accepts: pages in both regions (a data run and
-/// a zero run in one frame), a round marker, device data, End and the source's verdict;
-/// and the byte ranges of page data in it (which no checksum covers: stream.rs).
+/// a zero run in one frame), a round marker, device data, End, the source's Go and its
+/// verdict; and the byte ranges of page data in it (which no checksum covers: stream.rs).
 fn good_stream() -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
     let mut stream = good_hello();
     let mut data_ranges = Vec::new();
@@ -38,6 +38,7 @@ fn good_stream() -> (Vec<u8>, Vec<std::ops::Range<usize>>) {
     stream.extend_from_slice(&raw_frame(Kind::Sync as u8, &0u32.to_le_bytes()));
     stream.extend_from_slice(&raw_frame(Kind::DeviceData as u8, b"device state"));
     stream.extend_from_slice(&raw_frame(Kind::End as u8, &[]));
+    stream.extend_from_slice(&raw_frame(Kind::Go as u8, &[]));
     stream.extend_from_slice(&raw_frame(Kind::Verified as u8, &[1]));
     (stream, data_ranges)
 }

@@ -385,12 +385,38 @@ pub fn after_bytes(after_bytes: u64, action: impl FnOnce() + Send + 'static) -> 
     })
 }
 
-/// Finds the source's End frame in a plaintext migration stream (frame header: kind at
-/// byte 6, payload length at bytes 8..12): runs `action` and holds everything from the
-/// End frame on.
+/// Finds the source's End frame in a plaintext migration stream: runs `action` and holds
+/// everything from the End frame on.
 pub fn at_end_frame(action: impl FnOnce() + Send + 'static) -> Watch {
+    at_frame(|kind, _| kind == 4, action)
+}
+
+/// Follows a plaintext migration stream frame by frame (header: kind at byte 6, payload
+/// length at bytes 8..12); at the first frame for which `pick(kind, index)` is true, runs
+/// `action` and holds everything from that frame on.
+pub fn at_frame(
+    pick: impl FnMut(u8, u64) -> bool + Send + 'static,
+    action: impl FnOnce() + Send + 'static,
+) -> Watch {
+    frame_watch(pick, action, true)
+}
+
+/// As [`at_frame`], but forwards everything, that frame included.
+pub fn on_frame(
+    pick: impl FnMut(u8, u64) -> bool + Send + 'static,
+    action: impl FnOnce() + Send + 'static,
+) -> Watch {
+    frame_watch(pick, action, false)
+}
+
+fn frame_watch(
+    mut pick: impl FnMut(u8, u64) -> bool + Send + 'static,
+    action: impl FnOnce() + Send + 'static,
+    hold: bool,
+) -> Watch {
     let mut header = Vec::with_capacity(16);
     let mut payload_left = 0u64;
+    let mut index = 0u64;
     let mut action = Some(action);
     Box::new(move |chunk| {
         let mut at = 0usize;
@@ -412,11 +438,14 @@ pub fn at_end_frame(action: impl FnOnce() + Send + 'static) -> Watch {
                 let kind = header[6];
                 payload_left = u64::from(u32::from_le_bytes(header[8..12].try_into().unwrap()));
                 header.clear();
-                if kind == 4 {
+                index += 1;
+                if action.is_some() && pick(kind, index - 1) {
                     if let Some(action) = action.take() {
                         action();
                     }
-                    return Some(header_start);
+                    if hold {
+                        return Some(header_start);
+                    }
                 }
             }
         }
@@ -442,7 +471,20 @@ impl Drop for Relay {
 }
 
 impl Relay {
+    /// A relay whose watch sees the source's bytes; the destination's are forwarded.
     pub fn start(host: &Host, upstream: SocketAddr, delay: Duration, watch: Watch) -> Relay {
+        Self::watching_both(host, upstream, delay, watch, forward_all())
+    }
+
+    /// A relay with a watch on each direction: `watch` on the source's bytes, `back` on
+    /// the destination's.
+    pub fn watching_both(
+        host: &Host,
+        upstream: SocketAddr,
+        delay: Duration,
+        watch: Watch,
+        back: Watch,
+    ) -> Relay {
         let stop = Arc::new(AtomicBool::new(false));
         let forwarded = Arc::new(AtomicU64::new(0));
         let (address_tx, address_rx) = mpsc::channel();
@@ -480,7 +522,7 @@ impl Relay {
                     std::thread::spawn(move || pump(from, to, delay, watch, count, stop))
                 };
             spawn_pump(&source, &destination, watch, Some(forwarded2));
-            spawn_pump(&destination, &source, forward_all(), None);
+            spawn_pump(&destination, &source, back, None);
         }));
         let address = address_rx
             .recv_timeout(RELAY_GUARD)
