@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::device_workload::{self, DeviceWorkload, WorkloadParams};
+use crate::failover::{self, Attempt};
 use anyhow::{bail, Context};
 use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
+use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
     default_layout, migrate_destination_channels, migrate_source_channels, GuestMemory,
@@ -37,6 +39,11 @@ pub struct VmArgs {
     /// Guest memory, MiB (3/4 at GPA 0, 1/4 at 4 GiB).
     #[arg(long, default_value_t = 1024)]
     memory_mib: u64,
+    /// Share of guest memory written with data (no zero page) before the migration,
+    /// percent: a booted guest's memory is mostly not zero. 0 leaves it all zero, which
+    /// zero-page skipping sends as flags alone.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=100))]
+    prefill_pct: u64,
     /// Device workload working set, MiB.
     #[arg(long, default_value_t = 64)]
     device_wss_mib: u64,
@@ -59,12 +66,32 @@ pub struct VmArgs {
     /// session), as QEMU's multifd channels; the link cap is shared between them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=dmalog_migrate::stream::MAX_CHANNELS as i64))]
     channels: u32,
+    /// The share of the vCPUs' working set the device writes too, percent (the device's
+    /// working set starts that far before the vCPUs' ends): pages dirtied by both are
+    /// sent once (the "both" column).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=100))]
+    wss_overlap_pct: u64,
     /// Maximum downtime, ms.
     #[arg(long, default_value_t = 30)]
     max_downtime_ms: u64,
-    /// Rounds before forcing the stop.
+    /// Pre-copy rounds before the stop is forced although the rest does not fit the
+    /// downtime (a last resort: the migration then reports the budget not met).
     #[arg(long, default_value_t = 30)]
     max_rounds: u32,
+    /// Auto-converge: when rounds keep dirtying over half the bandwidth with the predicted
+    /// downtime over the budget, slow the vCPUs (and dma-engine's workload) down.
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    auto_converge: OnOff,
+    /// Auto-converge's first throttle, percent of the guest's time (QEMU's
+    /// cpu-throttle-initial).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_initial: u8,
+    /// Auto-converge's step after that, percent (QEMU's cpu-throttle-increment).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_increment: u8,
+    /// Auto-converge's most, percent (QEMU's max-cpu-throttle).
+    #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u8).range(1..=99))]
+    throttle_max: u8,
     /// START range planning: exact (one range per memory region) or qemu (at most 3).
     #[arg(long, default_value = "exact", value_parser = ["exact", "qemu"])]
     ranges: String,
@@ -102,8 +129,27 @@ pub struct VmArgs {
     device_pre_copy: bool,
 }
 
+/// On or off.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
+/// The exit status of a migration that verified but stopped over its downtime budget.
+pub const EXIT_OVER_BUDGET: u8 = 3;
+
+/// What `dmalog demo` and `dmalog migrate source` exit with.
+pub const EXIT_STATUS_HELP: &str = "Exit status: 0 when the migration verified within the \
+    downtime budget; 3 when it verified but stopped over the budget (--max-rounds forced \
+    the stop, or the stop took longer than predicted); 1 on any failure (not verified, \
+    peer or device lost); 2 on bad arguments.";
+
 /// Options of `dmalog demo`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = EXIT_STATUS_HELP)]
 pub struct DemoArgs {
     #[command(flatten)]
     vm: VmArgs,
@@ -126,15 +172,20 @@ pub struct DemoArgs {
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
 #[derive(clap::Subcommand, Debug)]
+// Parsed once per process: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum MigrateCommand {
     /// Run the source VM against a running `dmalog serve` and migrate it to a destination.
+    #[command(after_help = EXIT_STATUS_HELP)]
     Source {
         /// The source device server's socket.
         #[arg(long)]
         socket: std::path::PathBuf,
-        /// The destination's `HOST:PORT`.
-        #[arg(long)]
-        connect: String,
+        /// The destination's `HOST:PORT`. Repeat for fallbacks, tried in turn: after a
+        /// failed attempt the VM runs on here (vCPUs and device RUNNING, dirty logging off)
+        /// and migrates to the next one.
+        #[arg(long, required = true, value_name = "HOST:PORT")]
+        connect: Vec<String>,
         /// The name the destination's certificate must carry (default: HOST).
         #[arg(long, value_name = "NAME")]
         tls_server_name: Option<String>,
@@ -268,6 +319,9 @@ struct DemoOutput<'a> {
     destination_pages: u64,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     region_digests: &'a serde_json::Map<String, serde_json::Value>,
+    /// `migrate source`: each destination tried, in order (the last one succeeded).
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    attempts: &'a [Attempt],
 }
 
 /// What the source half did: the engine's report and the digests of the regions asked for
@@ -275,6 +329,8 @@ struct DemoOutput<'a> {
 struct SourceOutcome {
     report: MigrationReport,
     region_digests: serde_json::Map<String, serde_json::Value>,
+    /// Each destination tried, in order.
+    attempts: Vec<Attempt>,
 }
 
 /// What the destination half did.
@@ -300,11 +356,12 @@ fn mode_of(vm: &VmArgs) -> Mode {
 }
 
 /// The source half: guest memory DMA-mapped into the device at `src`, the device and vCPU
-/// workloads running, then the migration to `destination`.
+/// workloads running, then the migration to the first of `destinations` that takes it
+/// (after a failed attempt the VM runs on, and the next is tried).
 fn run_source(
     vm_args: &VmArgs,
     mut src: Client,
-    destination: &str,
+    destinations: &[String],
     security: &ClientSide,
 ) -> anyhow::Result<SourceOutcome> {
     let guest_bytes = vm_args.memory_mib * MIB;
@@ -313,19 +370,25 @@ fn run_source(
     }
     let layout = default_layout(guest_bytes);
     let memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
+    prefill(&memory, vm_args.prefill_pct)?;
     map_all(&mut src, &memory).map_err(anyhow::Error::msg)?;
     // The device's working set sits a third of the way into the low region (256 MiB for
-    // the default 1 GiB guest), the vCPUs' at GPA 0.
+    // the default 1 GiB guest), the vCPUs' just below it, overlapping it by
+    // --wss-overlap-mib.
     let low_region = layout[0].1;
     let device_base = (low_region / 3) & !0xfff;
-    if device_base + vm_args.device_wss_mib * MIB > low_region
-        || vm_args.vcpu_wss_mib * MIB > device_base
-    {
+    let vcpu_wss = vm_args.vcpu_wss_mib * MIB;
+    let overlap = (vcpu_wss / 100 * vm_args.wss_overlap_pct) & !0xfff;
+    if overlap > vm_args.device_wss_mib * MIB {
+        bail!("--wss-overlap-pct: the overlap is larger than the device's working set");
+    }
+    if device_base + vm_args.device_wss_mib * MIB > low_region || vcpu_wss > device_base + overlap {
         bail!(
             "the working sets do not fit the low memory region ({} MiB)",
             low_region >> 20
         );
     }
+    let vcpu_base = device_base + overlap - vcpu_wss;
     let digest_sizes = device_workload::region_sizes(&mut src, &vm_args.region_digest);
     for &index in &vm_args.fill_region {
         device_workload::fill_region(&mut src, index)?;
@@ -334,7 +397,8 @@ fn run_source(
         src.write_u64(write.index, write.offset, write.value)
             .with_context(|| format!("writing region {} at {:#x}", write.index, write.offset))?;
     }
-    if device_workload::wanted(vm_args.device_workload, &mut src) {
+    let workload = device_workload::wanted(vm_args.device_workload, &mut src);
+    if workload {
         device_workload::start(
             &mut src,
             WorkloadParams {
@@ -352,14 +416,64 @@ fn run_source(
         recorder,
         VcpuParams {
             threads: vm_args.vcpus,
-            base: 0,
-            span: vm_args.vcpu_wss_mib * MIB,
+            base: vcpu_base,
+            span: vcpu_wss,
             rate: vm_args.vcpu_rate_mbps * 1_000_000,
             seed: 7,
         },
     )?;
     std::thread::sleep(Duration::from_millis(200)); // the guest is live
 
+    let first_gpa = layout[0].0;
+    let outcome = failover::try_in_turn(
+        destinations,
+        &mut (&mut src, &mut cpu),
+        |(src, cpu), destination| {
+            migrate_once(
+                vm_args,
+                destination,
+                security,
+                &memory,
+                (src, workload),
+                *cpu,
+                &vcpus,
+            )
+        },
+        |(src, cpu)| failover::VmState::read(*src, *cpu, &vcpus, first_gpa),
+    );
+    let (report, attempts) = match outcome {
+        Ok(done) => done,
+        Err(failed) => {
+            if vm_args.json {
+                let mut stdout = std::io::stdout().lock();
+                serde_json::to_writer_pretty(
+                    &mut stdout,
+                    &serde_json::json!({ "verified": false, "attempts": failed.0 }),
+                )?;
+                writeln!(stdout)?;
+            }
+            return Err(failed.into());
+        }
+    };
+    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
+    Ok(SourceOutcome {
+        report,
+        region_digests,
+        attempts,
+    })
+}
+
+/// One migration of the running VM to `destination`. On failure the engine has left the
+/// VM running here (vCPUs resumed, device RUNNING, logging off).
+fn migrate_once(
+    vm_args: &VmArgs,
+    destination: &str,
+    security: &ClientSide,
+    memory: &GuestMemory,
+    (src, workload): (&mut Client, bool),
+    cpu: &mut dyn DirtyTracker,
+    vcpus: &VcpuWorkload,
+) -> anyhow::Result<MigrationReport> {
     let progress = ProgressBar::new_spinner();
     progress.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     progress.enable_steady_tick(Duration::from_millis(100));
@@ -393,20 +507,29 @@ fn run_source(
         mode: mode_of(vm_args),
         max_downtime: Duration::from_millis(vm_args.max_downtime_ms),
         max_rounds: vm_args.max_rounds,
+        throttle: ThrottleParams {
+            mode: match vm_args.auto_converge {
+                OnOff::On => AutoConverge::On,
+                OnOff::Off => AutoConverge::Off,
+            },
+            initial_pct: vm_args.throttle_initial,
+            increment_pct: vm_args.throttle_increment,
+            max_pct: vm_args.throttle_max,
+            ..ThrottleParams::default()
+        },
     };
-    let mut without_pre_copy;
-    let device: &mut dyn dmalog_migrate::engine::SourceDevice = if vm_args.device_pre_copy {
-        &mut src
-    } else {
-        without_pre_copy = device_workload::WithoutPreCopy(&mut src);
-        &mut without_pre_copy
-    };
+    let mut device = device_workload::MigratedDevice::new(
+        src,
+        vm_args.device_pre_copy,
+        workload.then_some(vm_args.device_rate_mbps * 1_000_000),
+    );
     let vm = SourceVm {
-        memory: &memory,
-        device,
-        cpu: &mut cpu as &mut dyn DirtyTracker,
-        vcpus: Some(&vcpus),
+        memory,
+        device: &mut device,
+        cpu,
+        vcpus: Some(vcpus),
     };
+    let mut sent_bytes = 0u64;
     let report = migrate_source_channels(
         &config,
         vm,
@@ -415,19 +538,12 @@ fn run_source(
         &mut connect_extra,
         &mut replies,
         |round| {
-            progress.set_message(format!(
-                "round {} done: {} pages sent",
-                round.round, round.pages_sent
-            ));
+            sent_bytes += round.bytes_sent;
+            progress.set_message(crate::progress::round_line(round, sent_bytes));
         },
     );
     progress.finish_and_clear();
-    let report = report.context("migration")?;
-    let region_digests = device_workload::region_digests(&mut src, &digest_sizes);
-    Ok(SourceOutcome {
-        report,
-        region_digests,
-    })
+    report.context("migration")
 }
 
 /// A connection to `address` (each of its resolved addresses in turn), each attempt
@@ -465,6 +581,9 @@ fn run_destination(
     // Waiting for a source to connect is this side's job and has no limit; once one has,
     // every frame must come within `timeout`.
     let (stream, _) = listener.accept()?;
+    // Small frames (Resumed) go out at once: with Nagle, a frame written in parts waits for
+    // the source's delayed ACK (40 ms on Linux), inside the downtime.
+    stream.set_nodelay(true)?;
     let stream = security.secure(stream, timeout)?;
     let mut input = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out = FrameWriter::new(stream, None).with_timeout(timeout);
@@ -516,21 +635,26 @@ fn print_report(
                 device_writes_after_resume,
                 destination_pages,
                 region_digests: &source.region_digests,
+                attempts: &source.attempts,
             },
         )?;
         writeln!(stdout)?;
     } else {
-        print_table(&mut stdout, report, device_writes_after_resume)?;
-        print_digests(&mut stdout, &source.region_digests)?;
+        print_failed_attempts(&mut stdout, &source.attempts)?;
+        crate::progress::print_table(&mut stdout, report, device_writes_after_resume)?;
+        crate::progress::print_digests(&mut stdout, &source.region_digests)?;
     }
-    Ok(if report.verified {
-        ExitCode::SUCCESS
-    } else {
+    Ok(if !report.verified {
         ExitCode::FAILURE
+    } else if !report.downtime_budget_met {
+        ExitCode::from(EXIT_OVER_BUDGET)
+    } else {
+        ExitCode::SUCCESS
     })
 }
 
-/// Runs the demo; exit code 1 unless VERIFIED.
+/// Runs the demo; exit code 1 unless VERIFIED, [`EXIT_OVER_BUDGET`] when it verified over
+/// the downtime budget.
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let vm = &args.vm;
     if vm.device_wss_mib + vm.vcpu_wss_mib > vm.memory_mib / 2 {
@@ -568,7 +692,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let destination = std::thread::spawn(move || {
         run_destination(memory_mib, dst, listener, timeout, &server_side, &[])
     });
-    let source = run_source(vm, src, &address, &client_side);
+    let source = run_source(vm, src, &[address], &client_side);
     let destination = destination
         .join()
         .map_err(|_| anyhow::anyhow!("destination thread panicked"))?;
@@ -651,7 +775,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                     outcome.device_bytes,
                     if verified { "VERIFIED" } else { "FAILED" }
                 )?;
-                print_digests(&mut stdout, &outcome.region_digests)?;
+                crate::progress::print_digests(&mut stdout, &outcome.region_digests)?;
             }
             Ok(if verified {
                 ExitCode::SUCCESS
@@ -666,88 +790,46 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn print_digests(
-    out: &mut impl Write,
-    digests: &serde_json::Map<String, serde_json::Value>,
-) -> std::io::Result<()> {
-    for (index, digest) in digests {
-        writeln!(
-            out,
-            "region {index} digest: {}",
-            digest.as_str().unwrap_or_default()
-        )?;
+/// Writes data into the leading `pct` percent of each guest region: every page differs
+/// (its GPA in its first 8 bytes) and none is zero.
+fn prefill(memory: &GuestMemory, pct: u64) -> anyhow::Result<()> {
+    const CHUNK_BYTES: u64 = 1 << 20;
+    let mut chunk = vec![0xa5u8; CHUNK_BYTES as usize];
+    for region in memory.regions() {
+        let fill_bytes = (region.size / 100 * pct) & !0xfff;
+        let mut done = 0;
+        while done < fill_bytes {
+            let len = (fill_bytes - done).min(CHUNK_BYTES);
+            for (i, page) in chunk[..len as usize].chunks_mut(4096).enumerate() {
+                let gpa = region.gpa + done + i as u64 * 4096;
+                page[..8].copy_from_slice(&gpa.to_le_bytes());
+            }
+            if !memory.write(region.gpa + done, &chunk[..len as usize]) {
+                bail!("prefilling guest memory at {:#x}", region.gpa + done);
+            }
+            done += len;
+        }
     }
     Ok(())
 }
 
-fn print_table(
-    out: &mut impl Write,
-    report: &MigrationReport,
-    device_writes_after: Option<u64>,
-) -> std::io::Result<()> {
-    writeln!(
-        out,
-        "mode {:?}, guest {} MiB, device tracking {}",
-        report.mode,
-        report.guest_bytes >> 20,
-        if report.device_tracking { "on" } else { "off" }
-    )?;
-    writeln!(
-        out,
-        "device state: {} bytes{}",
-        report.device_bytes,
-        if report.device_pre_copy {
-            " (PRE_COPY and STOP_COPY)"
-        } else {
-            " (STOP_COPY only)"
-        }
-    )?;
-    writeln!(
-        out,
-        "{:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10} {:>10}",
-        "round", "dev pages", "cpu pages", "both", "sent", "bytes", "round ms", "report ms"
-    )?;
-    for r in &report.rounds {
+/// One line per destination that failed before the one that took the VM.
+fn print_failed_attempts(out: &mut impl Write, attempts: &[Attempt]) -> std::io::Result<()> {
+    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
+        let vm = attempt.vm_after_failure.as_ref();
         writeln!(
             out,
-            "{:>5} {:>10} {:>10} {:>10} {:>10} {:>12} {:>10.1} {:>10.2}{}",
-            r.round,
-            r.pages_device,
-            r.pages_cpu,
-            r.pages_both,
-            r.pages_sent,
-            r.bytes_sent,
-            r.round_ms,
-            r.report_ms,
-            if r.final_round {
-                "  (guest stopped)"
+            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
+            i + 1,
+            attempt.destination,
+            attempt.error.as_deref().unwrap_or("?"),
+            vm.map_or("?", |vm| vm.device_state.as_str()),
+            if vm.is_some_and(|vm| vm.vcpus_running) {
+                "running"
             } else {
-                ""
-            }
+                "paused"
+            },
         )?;
     }
-    writeln!(
-        out,
-        "downtime {:.1} ms, total {:.0} ms, sent {} bytes ({:.2}x guest memory)",
-        report.downtime_ms,
-        report.total_ms,
-        report.bytes_sent,
-        report.bytes_sent as f64 / report.guest_bytes as f64
-    )?;
-    if let Some(writes) = device_writes_after {
-        writeln!(
-            out,
-            "destination device workload after resume: {writes} writes in 100 ms"
-        )?;
-    }
-    writeln!(
-        out,
-        "{}",
-        if report.verified {
-            "VERIFIED"
-        } else {
-            "FAILED: destination memory differs"
-        }
-    )?;
     Ok(())
 }

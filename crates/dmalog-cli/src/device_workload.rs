@@ -6,6 +6,7 @@
 use anyhow::Context;
 use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY};
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
+use dmalog_migrate::engine::SourceDevice;
 use dmalog_vfio_user::pci_config::{read_config_space, PciConfig};
 use dmalog_vfio_user::Client;
 use tracing::{info, warn};
@@ -223,17 +224,42 @@ pub fn parse_register_write(text: &str) -> Result<RegisterWrite, String> {
     })
 }
 
-/// A device whose PRE_COPY is not used: its MIGRATION flags lose PRE_COPY, so the engine
-/// moves its state in STOP_COPY only. For devices whose RESUMING takes the STOP_COPY data
-/// alone instead of the whole stream (libvfio-user's sample server does).
-pub struct WithoutPreCopy<'a>(pub &'a mut Client);
+/// The source device as the migration engine drives it: the vfio-user client, with its
+/// PRE_COPY hidden when it is not to be used (its MIGRATION flags lose PRE_COPY, so the
+/// engine moves its state in STOP_COPY only: for devices whose RESUMING takes the
+/// STOP_COPY data alone, as libvfio-user's sample server), and dma-engine's workload
+/// slowed through WL_RATE when auto-converge throttles.
+pub struct MigratedDevice<'a> {
+    client: &'a mut Client,
+    pre_copy: bool,
+    /// The workload's own rate, bytes per second, when this program started it (and so
+    /// may slow it down); `None`: the device's DMA is not ours to slow.
+    workload_rate: Option<u64>,
+}
 
-impl DirtyTracker for WithoutPreCopy<'_> {
+impl<'a> MigratedDevice<'a> {
+    /// `client` with PRE_COPY used or not; `workload_rate`: see [`MigratedDevice`].
+    pub fn new(client: &'a mut Client, pre_copy: bool, workload_rate: Option<u64>) -> Self {
+        MigratedDevice {
+            client,
+            pre_copy,
+            workload_rate,
+        }
+    }
+}
+
+/// The WL_RATE that takes `percent` of `rate` away. Never 0 (that is "unlimited").
+pub fn throttled_rate(rate: u64, percent: u8) -> u64 {
+    let keep = 100 - u64::from(percent.min(99));
+    (rate / 100 * keep + rate % 100 * keep / 100).max(1)
+}
+
+impl DirtyTracker for MigratedDevice<'_> {
     fn probe(&mut self) -> Result<bool, TrackerError> {
-        self.0.probe()
+        self.client.probe()
     }
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
-        self.0.start(ranges, page_size)
+        self.client.start(ranges, page_size)
     }
     fn report(
         &mut self,
@@ -242,31 +268,55 @@ impl DirtyTracker for WithoutPreCopy<'_> {
         page_size: u64,
         bitmap: &mut [u64],
     ) -> Result<(), TrackerError> {
-        self.0.report(iova, length, page_size, bitmap)
+        self.client.report(iova, length, page_size, bitmap)
     }
     fn stop(&mut self) -> Result<(), TrackerError> {
-        DirtyTracker::stop(self.0)
+        DirtyTracker::stop(self.client)
     }
 }
 
-impl MigrationDevice for WithoutPreCopy<'_> {
+impl MigrationDevice for MigratedDevice<'_> {
     fn migration_flags(&mut self) -> Result<u64, TrackerError> {
-        Ok(self.0.migration_flags()? & !MIGRATION_PRE_COPY)
+        let flags = self.client.migration_flags()?;
+        Ok(if self.pre_copy {
+            flags
+        } else {
+            flags & !MIGRATION_PRE_COPY
+        })
     }
     fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
-        self.0.device_state()
+        self.client.device_state()
     }
     fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
-        self.0.set_device_state(state)
+        self.client.set_device_state(state)
     }
     fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
-        self.0.read_migration_data(buf)
+        self.client.read_migration_data(buf)
     }
     fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
-        self.0.write_migration_data(data)
+        self.client.write_migration_data(data)
     }
     fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
-        self.0.pending_migration_bytes()
+        self.client.pending_migration_bytes()
+    }
+}
+
+impl SourceDevice for MigratedDevice<'_> {
+    /// dma-engine's WL_RATE, set to the share of its rate the throttle leaves (restored at
+    /// 0). A workload running unlimited (rate 0) has no rate to take a share of.
+    fn throttle_dma(&mut self, percent: u8) -> Result<bool, TrackerError> {
+        let Some(rate) = self.workload_rate.filter(|&rate| rate > 0) else {
+            return Ok(false);
+        };
+        let value = if percent == 0 {
+            rate
+        } else {
+            throttled_rate(rate, percent)
+        };
+        self.client
+            .write_u64(0, WL_RATE, value)
+            .map_err(TrackerError::from)?;
+        Ok(true)
     }
 }
 
@@ -288,5 +338,18 @@ mod tests {
         for bad in ["", "0:0", "0=1", "x:0=1", "0:0=", "4294967296:0=1"] {
             assert!(parse_register_write(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_throttled_rate_keeps_the_rest_and_is_never_unlimited() {
+        assert_eq!(throttled_rate(200_000_000, 20), 160_000_000);
+        assert_eq!(throttled_rate(200_000_000, 99), 2_000_000);
+        assert_eq!(throttled_rate(200_000_000, 100), 2_000_000, "capped at 99");
+        assert_eq!(
+            throttled_rate(50, 99),
+            1,
+            "0 would mean as fast as possible"
+        );
+        assert_eq!(throttled_rate(u64::MAX, 10), u64::MAX / 100 * 90 + 13);
     }
 }

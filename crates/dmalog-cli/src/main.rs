@@ -20,8 +20,10 @@ mod bench_peer;
 mod chart;
 mod demo;
 mod device_workload;
+mod failover;
 mod inspect;
 mod probe;
+mod progress;
 mod serve;
 mod transport;
 

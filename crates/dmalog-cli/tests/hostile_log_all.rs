@@ -179,13 +179,17 @@ fn demo_passes_max_log_mib_to_its_servers() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
+    // Exit 3: verified, but with all memory dirty every round the rest never fits the
+    // downtime budget, and --max-rounds forces the stop.
+    assert_eq!(
+        out.status.code(),
+        Some(3),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verified"], true);
+    assert_eq!(report["downtime_budget_met"], false);
     assert_eq!(
         report["device_tracking"], false,
         "START refused by the budget"

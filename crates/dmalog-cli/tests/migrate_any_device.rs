@@ -120,7 +120,8 @@ fn migrate_lvu_sample(extra: &[&str]) -> serde_json::Value {
     let mut source = None;
     for _ in 0..100 {
         let out = migrate_source(&src, &address, extra);
-        if out.status.success() {
+        // 3: verified over the downtime budget (a busy machine).
+        if matches!(out.status.code(), Some(0 | 3)) {
             source = Some(out);
             break;
         }

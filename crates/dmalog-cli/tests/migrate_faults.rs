@@ -325,7 +325,11 @@ fn killed_then_retried(same_destination_server: bool) {
     );
     let (dst_out, dst_stderr) = second.wait();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}\n{dst_stderr}");
+    // 3: verified over the downtime budget (a busy machine).
+    assert!(
+        matches!(out.status.code(), Some(0 | 3)),
+        "{stderr}\n{dst_stderr}"
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["verified"], true);
     assert!(dst_out.status.success(), "{dst_stderr}");

@@ -232,6 +232,10 @@ impl std::fmt::Debug for Incoming {
 /// the source (an Abort, best effort). Time limits are the reader's and writer's
 /// ([`FrameReader::with_timeout`], [`FrameWriter::with_timeout`]). A source that asks for
 /// more than one channel is refused (see [`migrate_destination_channels`]).
+///
+/// The device is resumed only once the source's End has come: a migration that fails
+/// before (the source gone, silent or refused) leaves the guest unresumed here, and says
+/// so in a warning; one that fails after says that the guest runs here.
 pub fn migrate_destination<W: Write, D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
@@ -261,13 +265,22 @@ pub fn migrate_destination_channels<W: Write, D: MigrationDevice>(
     out: &mut FrameWriter<W>,
     accept: impl FnMut() -> std::io::Result<Incoming>,
 ) -> Result<DestinationReport, MigrateError> {
-    let result = receive(memory, device, map_dma, input, out, accept);
+    let mut resumed = false;
+    let result = receive(memory, device, map_dma, input, out, accept, &mut resumed)
+        .map_err(|err| err.closed_by("source"));
     if let Err(err) = &result {
+        if resumed {
+            warn!(%err, "the migration failed after the guest was resumed here: it runs here");
+        } else {
+            warn!("the migration failed: the guest was not resumed here");
+        }
         // The source learns why, unless the link itself failed or the source gave up.
         let tell = !matches!(
             err,
             MigrateError::Peer(_)
-                | MigrateError::Stream(StreamError::Io(_) | StreamError::TimedOut(_))
+                | MigrateError::Stream(
+                    StreamError::Io(_) | StreamError::TimedOut(_) | StreamError::PeerClosed { .. }
+                )
         );
         if tell {
             abort(out, &err.to_string());
@@ -416,6 +429,7 @@ fn receive<W: Write, D: MigrationDevice>(
     input: &mut FrameReader<impl Read + Transport>,
     out: &mut FrameWriter<W>,
     accept: impl FnMut() -> std::io::Result<Incoming>,
+    resumed: &mut bool,
 ) -> Result<DestinationReport, MigrateError> {
     let mut report = DestinationReport::default();
     let hello = input.read()?;
@@ -500,7 +514,9 @@ fn receive<W: Write, D: MigrationDevice>(
     }
     report.pages = applied.pages;
     report.zero_pages = applied.zero_pages;
+    let end_at = Instant::now();
     device.set_device_state(DeviceState::Stop)?;
+    let loaded_at = Instant::now();
     // Hash before the device runs again and writes (the source subtracts this time from
     // the downtime it measures).
     let hash_start = Instant::now();
@@ -510,9 +526,17 @@ fn receive<W: Write, D: MigrationDevice>(
         .flat_map(|h| h.to_le_bytes())
         .collect();
     let hash_ns = hash_start.elapsed().as_nanos() as u64;
+    let running_at = Instant::now();
     device.set_device_state(DeviceState::Running)?;
+    *resumed = true;
     out.write(Kind::Resumed, &[&hash_ns.to_le_bytes(), &hashes])?;
     out.flush()?;
+    tracing::info!(
+        load_ms = (loaded_at - end_at).as_secs_f64() * 1e3,
+        hash_ms = hash_ns as f64 / 1e6,
+        resume_ms = running_at.elapsed().as_secs_f64() * 1e3,
+        "destination: End to Resumed"
+    );
     let verdict = input.read()?;
     expect_kind(&verdict, Kind::Verified)?;
     report.verified = verdict.payload.first() == Some(&1);

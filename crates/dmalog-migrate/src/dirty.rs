@@ -78,7 +78,11 @@ pub(crate) struct Tracking {
 }
 
 /// One round's REPORTs: each tracking source into its bitmaps (an untracked source counts
-/// everything dirty), merged into the migration bitmap, counted into `stats`.
+/// everything dirty), merged into the migration bitmap, counted into `stats`. With
+/// `accumulate`, the REPORTs add to what the bitmaps hold (REPORT ORs) and the counts are
+/// of the union: the final round sends what the deciding round found and what was
+/// dirtied since.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn collect_dirty(
     ranges: &[IovaRange],
     tracking: Tracking,
@@ -87,6 +91,7 @@ pub(crate) fn collect_dirty(
     memory: &GuestMemory,
     [device_bitmaps, cpu_bitmaps, merged]: [&mut Bitmaps; 3],
     stats: &mut RoundStats,
+    accumulate: bool,
 ) {
     let report_start = Instant::now();
     for (tracked, source, bitmaps) in [
@@ -98,13 +103,16 @@ pub(crate) fn collect_dirty(
         (tracking.cpu, cpu, &mut *cpu_bitmaps),
     ] {
         if tracked {
-            bitmaps.clear();
+            if !accumulate {
+                bitmaps.clear();
+            }
             stats.report_errors += report_source(source, memory, ranges, bitmaps);
         } else {
             bitmaps.fill(memory);
         }
     }
     stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
+    (stats.pages_device, stats.pages_cpu, stats.pages_both) = (0, 0, 0);
     count_dirty(device_bitmaps, cpu_bitmaps, merged, stats);
 }
 

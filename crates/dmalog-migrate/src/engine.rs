@@ -6,9 +6,10 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
-use dmalog::{DirtyTracker, IovaRange, MigrationDevice, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
 use tracing::{info, warn};
 
+use crate::converge::{Convergence, Decision, FixedCosts, ThrottleParams};
 use crate::dirty::{collect_dirty, Bitmaps, Tracking};
 use crate::guest::GuestMemory;
 use crate::sender::Sender;
@@ -71,8 +72,11 @@ pub struct SourceConfig {
     pub mode: Mode,
     /// Stop the guest when the rest fits in this time at the measured bandwidth.
     pub max_downtime: Duration,
-    /// Go to the final round after this many rounds even if not converged.
+    /// Go to the final round after this many rounds even if not converged (a last
+    /// resort: the report then says the downtime budget was not met).
     pub max_rounds: u32,
+    /// Auto-converge: when and how much to slow the guest down.
+    pub throttle: ThrottleParams,
 }
 
 /// One pre-copy round.
@@ -100,6 +104,19 @@ pub struct RoundStats {
     pub final_round: bool,
     /// REPORT errors in this round (each: range treated as dirty, tracking restarted).
     pub report_errors: u32,
+    /// The link's bandwidth as measured so far, bytes per second (what the prediction
+    /// uses; 0 before anything was sent).
+    pub bandwidth_bytes_per_sec: f64,
+    /// Distinct pages dirtied per second since the REPORTs before, in bytes.
+    pub dirty_bytes_per_sec: f64,
+    /// The downtime had the guest stopped at this round's REPORTs, ms (none for round 0
+    /// and stop-and-copy; for the final round, the prediction it stopped on, next to
+    /// its actual `round_ms`).
+    pub predicted_downtime_ms: Option<f64>,
+    /// The vCPU throttle while this round was sent, percent of their time (auto-converge).
+    pub throttle_pct: u8,
+    /// Whether the device's own workload was slowed by the same share in this round.
+    pub device_throttled: bool,
 }
 
 /// What a migration did.
@@ -126,6 +143,33 @@ pub struct MigrationReport {
     pub device_pre_copy: bool,
     /// Device migration data bytes sent, all rounds.
     pub device_bytes: u64,
+    /// The downtime budget, ms.
+    pub max_downtime_ms: f64,
+    /// Whether the migration stopped because the rest fitted the budget and the downtime
+    /// did stay within it (false: `max_rounds` forced the stop, or the stop took longer).
+    pub downtime_budget_met: bool,
+    /// Whether `max_rounds` forced the stop with the predicted downtime over the budget.
+    pub forced_stop: bool,
+    /// Where the downtime went.
+    pub stop: StopTimes,
+}
+
+/// The downtime, phase by phase (ms): they add up to the downtime.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct StopTimes {
+    /// Pausing the vCPUs.
+    pub pause_ms: f64,
+    /// The device to STOP_COPY (its DMA ends).
+    pub stop_copy_ms: f64,
+    /// The final REPORTs of every dirty source.
+    pub reports_ms: f64,
+    /// Sending the last dirty pages.
+    pub pages_ms: f64,
+    /// Sending the device's STOP_COPY data and End.
+    pub device_data_ms: f64,
+    /// From End sent to the destination's Resumed (its last writes, device load and
+    /// resume, the link's round trip), its hashing excluded.
+    pub destination_ms: f64,
 }
 
 /// Why a migration failed.
@@ -146,12 +190,32 @@ pub enum MigrateError {
     /// The other side gave up or answered out of turn.
     #[error("peer: {0}")]
     Peer(String),
+
     /// Guest memory access failed.
     #[error("guest memory: {0}")]
     Memory(&'static str),
     /// The device offers no STOP_COPY (its MIGRATION flags): its state cannot be saved.
     #[error("the device cannot migrate: its MIGRATION flags {0:#x} lack STOP_COPY")]
     NotMigratable(u64),
+}
+
+impl MigrateError {
+    /// This error as [`StreamError::PeerClosed`] by `peer` when it is the connection
+    /// ending (the end of the stream, a reset, a broken pipe); otherwise unchanged.
+    pub fn closed_by(self, peer: &'static str) -> Self {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+        match self {
+            MigrateError::Stream(StreamError::Io(io))
+                if matches!(
+                    io.kind(),
+                    UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted
+                ) =>
+            {
+                MigrateError::Stream(StreamError::PeerClosed { peer, io })
+            }
+            other => other,
+        }
+    }
 }
 
 impl From<TrackerError> for MigrateError {
@@ -177,9 +241,106 @@ impl From<std::io::Error> for MigrateError {
     }
 }
 
-/// A migratable device that also tracks its DMA.
-pub trait SourceDevice: DirtyTracker + MigrationDevice {}
-impl<T: DirtyTracker + MigrationDevice> SourceDevice for T {}
+/// A migratable device that also tracks its DMA, and may be slowed down.
+pub trait SourceDevice: DirtyTracker + MigrationDevice {
+    /// Slows the device's own DMA by `percent` of its speed for auto-converge (0: its full
+    /// speed back). `Ok(false)`: this device cannot be slowed (the default; a real
+    /// device's DMA is its guest's business, an emulated workload's is not).
+    fn throttle_dma(&mut self, percent: u8) -> Result<bool, TrackerError> {
+        let _ = percent;
+        Ok(false)
+    }
+}
+
+/// Any dirty-tracking migratable device as a [`SourceDevice`] that cannot be slowed.
+pub struct Unthrottled<'a, D: ?Sized>(pub &'a mut D);
+
+impl<D: DirtyTracker + ?Sized> DirtyTracker for Unthrottled<'_, D> {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        self.0.probe()
+    }
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.0.start(ranges, page_size)
+    }
+    fn report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u64],
+    ) -> Result<(), TrackerError> {
+        self.0.report(iova, length, page_size, bitmap)
+    }
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        self.0.stop()
+    }
+}
+
+impl<D: MigrationDevice + ?Sized> MigrationDevice for Unthrottled<'_, D> {
+    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
+        self.0.migration_flags()
+    }
+    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
+        self.0.device_state()
+    }
+    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
+        self.0.set_device_state(state)
+    }
+    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
+        self.0.read_migration_data(buf)
+    }
+    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
+        self.0.write_migration_data(data)
+    }
+    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
+        self.0.pending_migration_bytes()
+    }
+}
+
+impl<D: DirtyTracker + MigrationDevice + ?Sized> SourceDevice for Unthrottled<'_, D> {}
+
+/// The throttle in force on the vCPUs and the device.
+#[derive(Debug, Default)]
+struct Throttle {
+    pct: u8,
+    /// Whether the device took it.
+    device: bool,
+}
+
+impl Throttle {
+    /// Sets `pct` on the vCPUs and the device when it changes. A device that refuses is
+    /// left at its speed (a lost device server fails the migration).
+    fn apply(
+        &mut self,
+        pct: u8,
+        vcpus: Option<&VcpuWorkload>,
+        device: &mut dyn SourceDevice,
+    ) -> Result<(), MigrateError> {
+        if pct == self.pct {
+            return Ok(());
+        }
+        if let Some(vcpus) = vcpus {
+            vcpus.set_throttle(pct);
+        }
+        self.device = match device.throttle_dma(pct) {
+            Ok(slowed) => slowed && pct > 0,
+            Err(err @ TrackerError::Transport(_)) => return Err(err.into()),
+            Err(err) => {
+                warn!(%err, pct, "the device workload could not be throttled");
+                false
+            }
+        };
+        if pct > 0 {
+            info!(
+                pct,
+                device = self.device,
+                "auto-converge: throttling the guest"
+            );
+        }
+        self.pct = pct;
+        Ok(())
+    }
+}
 
 /// The source VM as the engine sees it.
 pub struct SourceVm<'a> {
@@ -255,6 +416,7 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
             err,
             MigrateError::DeviceLost(_) | MigrateError::DeviceSilent(_)
         ) {
+            let _ = device.throttle_dma(0);
             let _ = device.stop();
             if let Err(err) = device.set_device_state(DeviceState::Running) {
                 warn!(%err, "could not return the device to RUNNING");
@@ -262,6 +424,7 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
         }
         let _ = cpu.stop();
         if let Some(vcpus) = vcpus {
+            vcpus.set_throttle(0);
             vcpus.resume();
         }
     }
@@ -270,6 +433,7 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
 
 /// When the destination closed the connection, it may have said why first (an Abort it
 /// sent while we were still writing): that reason is the error, not the broken pipe.
+/// Without one, the error says that the destination closed the connection.
 fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>) -> MigrateError {
     use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
     let hung_up = matches!(
@@ -278,13 +442,13 @@ fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>)
             if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
     );
     if !hung_up {
-        return err;
+        return err.closed_by("destination");
     }
     // The peer is gone: this read returns at once (a frame left behind, the end, or
     // a reset), and is bounded by the reader's timeout anyway.
     match replies.read() {
         Ok(frame) if frame.kind == Kind::Abort => aborted(&frame),
-        _ => err,
+        _ => err.closed_by("destination"),
     }
 }
 
@@ -306,6 +470,13 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     // What the device offers decides the path: STOP_COPY is the least a migratable device
     // has; without PRE_COPY its state moves only once it is stopped.
     let flags = device.migration_flags()?;
+    // The stop's device requests are predicted from this one's time until a state change
+    // is measured.
+    let mut fixed = FixedCosts {
+        device_state_ms: started.elapsed().as_secs_f64() * 1e3,
+        ..FixedCosts::default()
+    };
+    fixed.device_data_ms = fixed.device_state_ms;
     if flags & MIGRATION_STOP_COPY == 0 {
         return Err(MigrateError::NotMigratable(flags));
     }
@@ -343,15 +514,23 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         }
     }
     let device_tracking = tracking.device;
+    // The dirty logs run from here: the first REPORT covers everything dirtied since.
+    let mut last_report = Instant::now();
     let mut device_bitmaps = Bitmaps::new(memory)?;
     let mut cpu_bitmaps = Bitmaps::new(memory)?;
     let mut merged = Bitmaps::new(memory)?;
     let mut rounds = Vec::new();
+    let mut policy = Convergence::new(config.max_downtime, config.max_rounds, config.throttle);
+    let mut throttle = Throttle::default();
     let mut sender = Sender::new(out, extra, memory);
 
+    // The round the stop takes over (its REPORTs found what the final round sends).
+    let mut stopping = None;
     if config.mode != Mode::StopAndCopy {
         if device_pre_copy {
+            let change = Instant::now();
             device.set_device_state(DeviceState::PreCopy)?;
+            fixed.device_state_ms = change.elapsed().as_secs_f64() * 1e3;
         }
         // Round 0: everything.
         let round_start = Instant::now();
@@ -359,27 +538,32 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         merged.fill(memory);
         let sent = sender.send_dirty(&merged)?;
         let device_bytes = if device_pre_copy {
-            sender.send_device_data(device)?
+            let device_start = Instant::now();
+            let bytes = sender.send_device_data(device)?;
+            fixed.device_data_ms = device_start.elapsed().as_secs_f64() * 1e3;
+            bytes
         } else {
             0
         };
+        let bytes_sent = sender.out.bytes() - bytes_before;
+        let elapsed = round_start.elapsed().as_secs_f64();
+        policy.sent(bytes_sent, elapsed);
         let stats = RoundStats {
             round: 0,
             pages_sent: sent,
-            bytes_sent: sender.out.bytes() - bytes_before,
+            bytes_sent,
             device_bytes,
-            round_ms: round_start.elapsed().as_secs_f64() * 1e3,
+            round_ms: elapsed * 1e3,
+            bandwidth_bytes_per_sec: policy.bandwidth_bytes_per_sec().unwrap_or(0.0),
             ..RoundStats::default()
         };
-        // Bytes per second, measured on the link (paced to its cap when there is one).
-        let mut bandwidth = stats.bytes_sent as f64 / round_start.elapsed().as_secs_f64().max(1e-6);
         on_round(&stats);
         rounds.push(stats);
-        // Pre-copy rounds until the rest fits in the downtime.
+        // Pre-copy rounds: each one's REPORTs say exactly what is dirty; the policy decides
+        // from that whether the rest fits the downtime.
         loop {
             let round = rounds.len() as u32;
             let round_start = Instant::now();
-            let bytes_before = sender.out.bytes();
             let mut stats = RoundStats {
                 round,
                 ..RoundStats::default()
@@ -392,47 +576,69 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
                 memory,
                 [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
                 &mut stats,
+                false,
             );
-            stats.pages_sent = sender.send_dirty(&merged)?;
-            if device_pre_copy {
-                stats.device_bytes = sender.send_device_data(device)?;
-            }
-            stats.bytes_sent = sender.out.bytes() - bytes_before;
-            let elapsed = round_start.elapsed().as_secs_f64();
-            stats.round_ms = elapsed * 1e3;
-            if stats.bytes_sent > (1 << 20) {
-                bandwidth = stats.bytes_sent as f64 / elapsed.max(1e-6);
-            }
-            let remaining = stats.pages_sent * PAGE;
-            on_round(&stats);
-            rounds.push(stats);
-            // The stop also pays fixed costs (device STOP_COPY, final REPORTs, device state,
-            // the destination's resume): aim the last transfer at half the budget.
-            let fits = bandwidth > 0.0
-                && (remaining as f64 / bandwidth) <= config.max_downtime.as_secs_f64() / 2.0;
-            if fits || round >= config.max_rounds {
+            fixed.reports_ms = stats.report_ms;
+            let window_secs = (round_start - last_report).as_secs_f64();
+            last_report = round_start;
+            let pending_bytes = (stats.pages_device + stats.pages_cpu + stats.pages_both) * PAGE;
+            let verdict = policy.decide(round, pending_bytes, window_secs, &fixed);
+            stats.bandwidth_bytes_per_sec = verdict.bandwidth_bytes_per_sec.unwrap_or(0.0);
+            stats.dirty_bytes_per_sec = verdict.dirty_bytes_per_sec;
+            stats.predicted_downtime_ms = Some(verdict.predicted_downtime_ms);
+            if verdict.decision != Decision::Continue {
+                stats.throttle_pct = throttle.pct;
+                stats.device_throttled = throttle.device;
+                stopping = Some((stats, verdict.decision));
                 break;
             }
+            throttle.apply(verdict.throttle_pct, vcpus, device)?;
+            stats.throttle_pct = throttle.pct;
+            stats.device_throttled = throttle.device;
+            let send_start = Instant::now();
+            let bytes_before = sender.out.bytes();
+            stats.pages_sent = sender.send_dirty(&merged)?;
+            if device_pre_copy {
+                let device_start = Instant::now();
+                stats.device_bytes = sender.send_device_data(device)?;
+                fixed.device_data_ms = device_start.elapsed().as_secs_f64() * 1e3;
+            }
+            stats.bytes_sent = sender.out.bytes() - bytes_before;
+            policy.sent(stats.bytes_sent, send_start.elapsed().as_secs_f64());
+            stats.round_ms = round_start.elapsed().as_secs_f64() * 1e3;
+            on_round(&stats);
+            rounds.push(stats);
         }
     }
+    // The device's own speed back before its state is saved (the destination goes on at
+    // it); the vCPUs stop anyway.
+    throttle.apply(0, None, device)?;
 
     // The stop: vCPUs paused, the device to STOP_COPY (no DMA after this), final REPORTs.
     let pause = Instant::now();
+    let mut stop = StopTimes::default();
+    let mut lap = Lap(pause);
     if let Some(vcpus) = vcpus {
         vcpus.pause();
     }
+    stop.pause_ms = lap.ms();
     device.set_device_state(DeviceState::StopCopy)?;
-    let round = rounds.len() as u32;
+    stop.stop_copy_ms = lap.ms();
     let bytes_before = sender.out.bytes();
-    let mut stats = RoundStats {
-        round,
-        final_round: true,
-        ..RoundStats::default()
+    let forced = matches!(stopping, Some((_, Decision::ForcedStop)));
+    let mut stats = match stopping {
+        Some((stats, _)) => stats,
+        None => RoundStats {
+            round: rounds.len() as u32,
+            ..RoundStats::default()
+        },
     };
+    stats.final_round = true;
     if config.mode == Mode::StopAndCopy {
         merged.fill(memory);
         stats.pages_sent = sender.send_dirty(&merged)?;
     } else {
+        // Onto what the deciding REPORTs found: the little dirtied since.
         collect_dirty(
             &ranges,
             tracking,
@@ -441,14 +647,19 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             memory,
             [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
             &mut stats,
+            true,
         );
+        stop.reports_ms = lap.ms();
         stats.pages_sent = sender.send_dirty(&merged)?;
     }
+    stop.pages_ms = lap.ms();
     stats.device_bytes = sender.send_device_data(device)?;
     sender.end()?;
+    stop.device_data_ms = lap.ms();
     stats.bytes_sent = sender.out.bytes() - bytes_before;
     let reply = replies.read()?;
     let elapsed = pause.elapsed();
+    stop.destination_ms = lap.ms();
     expect_kind(&reply, Kind::Resumed)?;
     // The destination hashed its memory before resuming the device (so that the device's
     // new writes do not enter the comparison); that time is not part of a real downtime.
@@ -458,12 +669,24 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
         .unwrap_or(0);
     let downtime = elapsed.saturating_sub(Duration::from_nanos(hash_ns));
+    stop.destination_ms = (stop.destination_ms - hash_ns as f64 / 1e6).max(0.0);
+    info!(?stop, "the stop, phase by phase");
     stats.round_ms = downtime.as_secs_f64() * 1e3;
     on_round(&stats);
     rounds.push(stats);
     let total = started
         .elapsed()
         .saturating_sub(Duration::from_nanos(hash_ns));
+    // Met only when the policy stopped because the rest fitted, and it did.
+    let downtime_budget_met = !forced && downtime <= config.max_downtime;
+    if !downtime_budget_met {
+        warn!(
+            downtime_ms = downtime.as_secs_f64() * 1e3,
+            budget_ms = config.max_downtime.as_secs_f64() * 1e3,
+            forced,
+            "the downtime budget was not met"
+        );
+    }
     info!(
         downtime_ms = downtime.as_secs_f64() * 1e3,
         "destination resumed"
@@ -473,6 +696,9 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     // paused, device stopped), so its hashes are the state at stop time.
     let _ = device.stop();
     let _ = cpu.stop();
+    if let Some(vcpus) = vcpus {
+        vcpus.set_throttle(0);
+    }
     // From here on the guest runs on the destination: nothing may fail the migration.
     if let Err(err) = device.set_device_state(DeviceState::Stop) {
         warn!(%err, "source device did not go to STOP after the migration");
@@ -497,7 +723,24 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         rounds,
         device_tracking,
         device_pre_copy,
+        max_downtime_ms: config.max_downtime.as_secs_f64() * 1e3,
+        downtime_budget_met,
+        forced_stop: forced,
+        stop,
     })
+}
+
+/// A stopwatch of consecutive phases.
+struct Lap(Instant);
+
+impl Lap {
+    /// Milliseconds since the last lap.
+    fn ms(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+        ms
+    }
 }
 
 /// Whether the device can log its DMA. A device that says no, or cannot answer the probe

@@ -1,8 +1,8 @@
 //! The "vCPU" workload: threads writing guest memory at a set rate over a working set, with
-//! every write recorded in the VMM's own dirty log (a soft tracker in this process), and a
-//! synchronous pause (no write after `pause` returns).
+//! every write recorded in the VMM's own dirty log (a soft tracker in this process), a
+//! synchronous pause (no write after `pause` returns), and a throttle for auto-converge.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,6 +31,7 @@ struct Shared {
     stop: AtomicBool,
     active: AtomicUsize,
     writes: AtomicU64,
+    throttle_pct: AtomicU8,
 }
 
 /// Running vCPU threads.
@@ -40,6 +41,11 @@ pub struct VcpuWorkload {
 }
 
 const WRITE_BYTES: u64 = 4096;
+
+/// Run time between throttle sleeps (QEMU's CPU throttle works in 10 ms slices too).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// The longest single sleep, so that a stop or a lifted throttle is seen soon.
+const SLEEP_STEP: Duration = Duration::from_millis(5);
 
 impl VcpuWorkload {
     /// Starts `params.threads` threads writing `memory` and recording on `recorder` clones.
@@ -53,6 +59,7 @@ impl VcpuWorkload {
             stop: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             writes: AtomicU64::new(0),
+            throttle_pct: AtomicU8::new(0),
         });
         let pages = (params.span / WRITE_BYTES).max(1);
         let per_thread_rate = params.rate / params.threads.max(1) as u64;
@@ -68,6 +75,10 @@ impl VcpuWorkload {
                         let mut page = vec![0u8; WRITE_BYTES as usize];
                         let started = Instant::now();
                         let mut written = 0u64;
+                        // Time spent in throttle sleeps: not run time, so the rate pacing
+                        // below does not make it up afterwards with a burst.
+                        let mut throttled = Duration::ZERO;
+                        let mut slice_start = Instant::now();
                         while !shared.stop.load(Ordering::SeqCst) {
                             // Announce the write before checking for a pause (see `pause`).
                             shared.active.fetch_add(1, Ordering::SeqCst);
@@ -87,11 +98,16 @@ impl VcpuWorkload {
                             shared.active.fetch_sub(1, Ordering::SeqCst);
                             shared.writes.fetch_add(1, Ordering::Relaxed);
                             written += WRITE_BYTES;
+                            let ran = slice_start.elapsed();
+                            if ran >= THROTTLE_SLICE {
+                                throttled += throttle_sleep(&shared, ran);
+                                slice_start = Instant::now();
+                            }
                             if per_thread_rate > 0 {
                                 let due = Duration::from_secs_f64(
                                     written as f64 / per_thread_rate as f64,
                                 );
-                                let elapsed = started.elapsed();
+                                let elapsed = started.elapsed().saturating_sub(throttled);
                                 if due > elapsed {
                                     std::thread::sleep(due - elapsed);
                                 }
@@ -111,6 +127,20 @@ impl VcpuWorkload {
         }
     }
 
+    /// Takes `percent` of the vCPUs' time away (auto-converge): after each 10 ms slice
+    /// of running, each thread sleeps `percent / (100 - percent)` of it, so that it runs
+    /// `100 - percent`% of the time at most (99 at most; 0 lifts the throttle).
+    pub fn set_throttle(&self, percent: u8) {
+        self.shared
+            .throttle_pct
+            .store(percent.min(99), Ordering::SeqCst);
+    }
+
+    /// The throttle in force, percent.
+    pub fn throttle(&self) -> u8 {
+        self.shared.throttle_pct.load(Ordering::SeqCst)
+    }
+
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
         self.shared.paused.store(false, Ordering::SeqCst);
@@ -127,11 +157,70 @@ impl VcpuWorkload {
     }
 }
 
+/// The throttle's sleep after `ran` of running: `ran * p / (100 - p)`, in short steps
+/// that end early on a stop, a pause or a lower throttle. Returns the time slept.
+fn throttle_sleep(shared: &Shared, ran: Duration) -> Duration {
+    let percent = shared.throttle_pct.load(Ordering::SeqCst);
+    if percent == 0 {
+        return Duration::ZERO;
+    }
+    let percent = u32::from(percent.min(99));
+    let owed = ran * percent / (100 - percent);
+    let start = Instant::now();
+    loop {
+        let slept = start.elapsed();
+        if slept >= owed
+            || shared.stop.load(Ordering::SeqCst)
+            || shared.paused.load(Ordering::SeqCst)
+            || u32::from(shared.throttle_pct.load(Ordering::SeqCst)) < percent
+        {
+            return slept;
+        }
+        std::thread::sleep((owed - slept).min(SLEEP_STEP));
+    }
+}
+
 impl Drop for VcpuWorkload {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dmalog::SoftDriver;
+
+    #[test]
+    fn a_throttled_vcpu_still_pauses_and_stops_at_once() {
+        let memory = Arc::new(GuestMemory::new(&[(0, 1 << 20)]).unwrap());
+        let vcpus = VcpuWorkload::start(
+            Arc::clone(&memory),
+            SoftDriver::new().recorder(),
+            VcpuParams {
+                threads: 2,
+                base: 0,
+                span: 1 << 20,
+                rate: 0,
+                seed: 1,
+            },
+        )
+        .unwrap();
+        vcpus.set_throttle(250);
+        assert_eq!(vcpus.throttle(), 99, "at most 99%");
+        // At 99% each 10 ms slice is followed by ~1 s of sleep, which ends early on a
+        // pause or a stop (the test takes well under that).
+        std::thread::sleep(Duration::from_millis(50));
+        vcpus.pause();
+        let writes = vcpus.writes();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(vcpus.writes(), writes, "no write after pause returned");
+        vcpus.resume();
+        vcpus.set_throttle(0);
+        assert_eq!(vcpus.throttle(), 0);
+        drop(vcpus);
     }
 }

@@ -33,6 +33,13 @@
 //! and a bitmap vm-memory made itself (`GuestMemoryMmap::from_ranges`) is detached until
 //! [`DirtyRegions::attach_memory`]. Either way the region registers in the shared set,
 //! so a region created after START is reported as soon as it exists.
+//!
+//! # Where it sits, features, MSRV
+//! On the core alone (`dmalog`'s dirty log and consumer trait), beside the transports: a
+//! rust-vmm device or VMM that writes guest memory through vm-memory gets dmalog's log
+//! without `dmalog-device`. Units: GPAs, lengths and page sizes in bytes. No features of its
+//! own (it enables vm-memory's `backend-bitmap` and `backend-mmap`). MSRV: Rust 1.85, held by
+//! clippy's `incompatible_msrv`.
 
 mod bitmap;
 mod driver;

@@ -1,5 +1,38 @@
 //! dmalog core: device DMA dirty-page logging for VFIO live migration, without I/O.
 //!
+//! The bottom of the stack: no socket, no ioctl, no thread. A device (or its emulation)
+//! records each DMA write on a [`WriteRecorder`] (lock-free, allocation-free); a VMM drives
+//! logging through the consumer trait [`DirtyTracker`] (PROBE, START, REPORT, STOP) and a
+//! device's migration v2 through [`MigrationDevice`], whatever is behind them: this crate's
+//! trackers in process ([`InProcessTracker`]), a vfio-user device (`dmalog-vfio-user`), a
+//! kernel VFIO device or iommufd (`dmalog-vfio`). `dmalog-device` (the DMA space devices
+//! write through) and `dmalog-migrate` (the pre-copy engine) build on it.
+//!
+//! Units: IOVAs, lengths and page sizes are bytes (`u64`); a page size is a power of two. A
+//! REPORT bitmap is `u64` words, one bit per page from the report's first IOVA (page `p` is
+//! bit `p % 64` of word `p / 64`), sized by [`tracker::report_words`].
+//!
+//! ```
+//! use dmalog::tracker::report_words;
+//! use dmalog::{DirtyTracker, InProcessTracker, IovaRange, SoftDriver};
+//!
+//! let driver = SoftDriver::new();
+//! let mut device = driver.recorder(); // the device side: one per DMA thread
+//! let mut tracker = InProcessTracker::new(driver); // the VMM side
+//! assert!(tracker.probe()?);
+//! let page_size = tracker.start(&[IovaRange::new(1 << 30, 1 << 20)?], 4096)?;
+//!
+//! device.record_write((1 << 30) + 5 * 4096, 100); // after the data is in memory
+//! device.record_write((1 << 30) + 8 * 4096 - 1, 2); // across pages 7 and 8
+//!
+//! let mut bitmap = vec![0u64; report_words(1 << 20, page_size)? as usize];
+//! tracker.report(1 << 30, 1 << 20, page_size, &mut bitmap)?; // reads and clears
+//! assert_eq!(bitmap[0], 1 << 5 | 1 << 7 | 1 << 8);
+//! tracker.stop()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Modules
 //! - [`uapi`]: the kernel and vfio-user wire forms of DMA logging (SPEC 2).
 //! - [`iova_bitmap`]: report bitmaps written straight into a caller's buffer.
 //! - [`dirty_log`]: the lock-free dirty log DMA writers mark.
@@ -10,7 +43,15 @@
 //! - [`mlx5`]: a model of the mlx5 hardware tracker, device and driver halves (SPEC 5.2).
 //! - [`pds`]: a model of the pds tracker's seq/ack bitmaps (SPEC 5.3).
 //! - [`tracker`]: the consumer trait [`tracker::DirtyTracker`] and its in-process backend.
-//! - [`conformance`] (feature `conformance`): the suite every driver runs.
+//! - `conformance` (feature `conformance`): the suite every driver runs.
+//!
+//! # Features
+//! - `conformance` (off by default): the shared conformance suite, for the tests of a
+//!   driver or a transport built on dmalog (it pulls in `proptest`).
+//!
+//! # MSRV
+//! Rust 1.85 (1.88 with `conformance`, for proptest 1.12), held by clippy's
+//! `incompatible_msrv`.
 
 #[cfg(target_endian = "big")]
 compile_error!("dmalog assumes a little-endian host (bitmaps are shared as u64 words and bytes)");

@@ -33,6 +33,10 @@ pub struct FakeDevice {
     pub states: Vec<DeviceState>,
     /// START requests it got.
     pub starts: u32,
+    /// Whether its DMA can be slowed (auto-converge); by default not.
+    pub can_throttle: bool,
+    /// Each throttle it took: the percent, and how many states it had been set to then.
+    pub throttles: Vec<(u8, usize)>,
 }
 
 impl FakeDevice {
@@ -53,6 +57,8 @@ impl FakeDevice {
                 can_log: true,
                 states: Vec::new(),
                 starts: 0,
+                can_throttle: false,
+                throttles: Vec::new(),
             },
             recorder,
         )
@@ -133,6 +139,17 @@ impl MigrationDevice for FakeDevice {
     }
 }
 
+impl dmalog_migrate::engine::SourceDevice for FakeDevice {
+    fn throttle_dma(&mut self, percent: u8) -> Result<bool, TrackerError> {
+        if !self.can_throttle {
+            return Ok(false);
+        }
+        self.answer()?;
+        self.throttles.push((percent, self.states.len()));
+        Ok(true)
+    }
+}
+
 pub const LAYOUT: [(u64, u64); 2] = [(0, 8 << 20), (1 << 32, 4 << 20)];
 
 pub fn config() -> SourceConfig {
@@ -141,6 +158,7 @@ pub fn config() -> SourceConfig {
         mode: Mode::PreCopy,
         max_downtime: Duration::from_millis(30),
         max_rounds: 10,
+        throttle: dmalog_migrate::converge::ThrottleParams::default(),
     }
 }
 

@@ -1,0 +1,178 @@
+//! `dmalog migrate source --connect A --connect B ...`: destinations tried in turn, as a
+//! VMM's operator would retry a migration. After a failed attempt the VM runs on here (the
+//! engine has resumed the vCPUs, returned the device to RUNNING and stopped dirty logging);
+//! that state is read back from the device and the vCPUs, logged, and kept with the
+//! attempt's outcome for the report, and the next destination is tried.
+
+use dmalog::uapi::DeviceState;
+use dmalog::{DirtyTracker, MigrationDevice};
+use dmalog_migrate::VcpuWorkload;
+use tracing::{info, warn};
+
+/// One attempt to migrate to one destination.
+#[derive(Debug, serde::Serialize)]
+pub struct Attempt {
+    /// The destination's `HOST:PORT`.
+    pub destination: String,
+    /// Whether the migration completed (the destination resumed the guest).
+    pub ok: bool,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The VM here right after the failure.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_after_failure: Option<VmState>,
+}
+
+/// The source VM's state as read back after a failed attempt.
+#[derive(Debug, serde::Serialize)]
+pub struct VmState {
+    /// The device's migration state as the device reports it ("RUNNING"), or why it
+    /// could not be read.
+    pub device_state: String,
+    /// Whether the vCPUs run.
+    pub vcpus_running: bool,
+    /// Whether the device still logs DMA (a one-page REPORT succeeds).
+    pub device_dirty_logging: bool,
+    /// Whether the VMM's own dirty log of vCPU writes is still on.
+    pub cpu_dirty_logging: bool,
+}
+
+impl VmState {
+    /// Reads the state back: the device's state and whether either dirty log still
+    /// answers a REPORT (after the engine's STOP it must not: EINVAL, SPEC 3.4). The
+    /// REPORT is of the first guest page; on a log that is wrongly still on it clears that
+    /// page's bits, which no later migration relies on (each starts its log afresh).
+    pub fn read(
+        device: &mut (impl MigrationDevice + DirtyTracker),
+        cpu: &mut dyn DirtyTracker,
+        vcpus: &VcpuWorkload,
+        first_gpa: u64,
+    ) -> Self {
+        let page = dmalog_migrate::engine::PAGE;
+        let mut bitmap = [0u64; 1];
+        let device_state = match device.device_state() {
+            Ok(state) => state_name(state),
+            Err(err) => format!("unknown ({err})"),
+        };
+        VmState {
+            device_state,
+            vcpus_running: !vcpus.is_paused(),
+            device_dirty_logging: device.report(first_gpa, page, page, &mut bitmap).is_ok(),
+            cpu_dirty_logging: cpu.report(first_gpa, page, page, &mut bitmap).is_ok(),
+        }
+    }
+
+    /// Whether this is the VM running on, as after a failure it must be.
+    fn runs_on(&self) -> bool {
+        self.device_state == "RUNNING"
+            && self.vcpus_running
+            && !self.device_dirty_logging
+            && !self.cpu_dirty_logging
+    }
+}
+
+/// The uAPI name of a device state ("STOP_COPY").
+fn state_name(state: DeviceState) -> String {
+    let mut name = String::new();
+    for (i, c) in format!("{state:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+/// Every destination failed.
+#[derive(Debug)]
+pub struct AllFailed(pub Vec<Attempt>);
+
+impl std::error::Error for AllFailed {}
+
+impl std::fmt::Display for AllFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&describe(&self.0))
+    }
+}
+
+fn describe(attempts: &[Attempt]) -> String {
+    let each: Vec<String> = attempts
+        .iter()
+        .map(|a| {
+            format!(
+                "{}: {}",
+                a.destination,
+                a.error.as_deref().unwrap_or("failed")
+            )
+        })
+        .collect();
+    match each.as_slice() {
+        [one] => format!("migration to {one}"),
+        _ => format!(
+            "every destination failed ({} attempts); {}",
+            each.len(),
+            each.join("; ")
+        ),
+    }
+}
+
+/// Tries `destinations` in turn with `migrate` until one succeeds. After each failure,
+/// `read_state` says what the VM is doing now (logged and kept with the attempt). Both get
+/// `vm`, the parts of the VM they use.
+pub fn try_in_turn<V, T>(
+    destinations: &[String],
+    vm: &mut V,
+    mut migrate: impl FnMut(&mut V, &str) -> anyhow::Result<T>,
+    mut read_state: impl FnMut(&mut V) -> VmState,
+) -> Result<(T, Vec<Attempt>), AllFailed> {
+    let mut attempts = Vec::new();
+    for (i, destination) in destinations.iter().enumerate() {
+        match migrate(vm, destination) {
+            Ok(done) => {
+                attempts.push(Attempt {
+                    destination: destination.clone(),
+                    ok: true,
+                    error: None,
+                    vm_after_failure: None,
+                });
+                return Ok((done, attempts));
+            }
+            Err(err) => {
+                let error = format!("{err:#}");
+                let state = read_state(vm);
+                let next = destinations.get(i + 1);
+                if state.runs_on() {
+                    warn!(
+                        %destination, %error,
+                        "migration failed; the VM runs on here (vCPUs running, device RUNNING, dirty logging off)"
+                    );
+                } else {
+                    warn!(%destination, %error, ?state, "migration failed, and the VM is not back to running");
+                }
+                if let Some(next) = next {
+                    info!(%next, "trying the next destination");
+                }
+                attempts.push(Attempt {
+                    destination: destination.clone(),
+                    ok: false,
+                    error: Some(error),
+                    vm_after_failure: Some(state),
+                });
+            }
+        }
+    }
+    Err(AllFailed(attempts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_the_uapi_s() {
+        assert_eq!(state_name(DeviceState::Running), "RUNNING");
+        assert_eq!(state_name(DeviceState::StopCopy), "STOP_COPY");
+        assert_eq!(state_name(DeviceState::PreCopyP2p), "PRE_COPY_P2P");
+    }
+}

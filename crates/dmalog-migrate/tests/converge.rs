@@ -1,0 +1,236 @@
+//! Auto-converge end to end in process: vCPUs dirtying memory faster than a capped link
+//! can send it converge only when the engine throttles them; without it, `max_rounds`
+//! forces the stop and the report says the downtime budget was not met.
+
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dmalog::{InProcessTracker, SoftDriver};
+mod common;
+
+use common::{FakeDevice, LAYOUT};
+use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
+use dmalog_migrate::stream::{FrameReader, FrameWriter};
+use dmalog_migrate::{
+    migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode, RangePlan,
+    SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
+};
+
+/// The link: 20 MB/s. The vCPUs: 100 MB/s over 2 MiB, five times what the link sends, so
+/// every round finds nearly the whole working set dirty again (2 MiB: 100 ms to send,
+/// ten times the budget).
+const LINK_BYTES_PER_SEC: u64 = 20_000_000;
+
+/// The report, the highest vCPU throttle seen, and the device's throttles with the number
+/// of states it had been set to at each.
+fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8, usize)>) {
+    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
+    device.can_throttle = true;
+    let cpu_driver = SoftDriver::new();
+    let recorder = cpu_driver.recorder();
+    let mut cpu = InProcessTracker::new(cpu_driver);
+    let vcpus = VcpuWorkload::start(
+        Arc::clone(&memory),
+        recorder,
+        VcpuParams {
+            threads: 1,
+            base: 1 << 20,
+            span: 2 << 20,
+            rate: 100_000_000,
+            seed: 3,
+        },
+    )
+    .unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let destination = std::thread::spawn(move || {
+        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let (mut device, _) = FakeDevice::new(Vec::new());
+        let mut input = FrameReader::new(b.try_clone().unwrap());
+        let mut out = FrameWriter::new(b, None);
+        migrate_destination(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut input,
+            &mut out,
+        )
+        .unwrap()
+    });
+    let config = SourceConfig {
+        ranges: RangePlan::Exact,
+        mode: Mode::PreCopy,
+        max_downtime: Duration::from_millis(10),
+        max_rounds,
+        // Quick steps, so that the test is short: 50, 70, 90, 99.
+        throttle: ThrottleParams {
+            mode,
+            initial_pct: 50,
+            increment_pct: 20,
+            trigger_rounds: 1,
+            ..ThrottleParams::default()
+        },
+    };
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(a, Some(LINK_BYTES_PER_SEC));
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: Some(&vcpus),
+    };
+    let mut throttle_seen = 0u8;
+    let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
+        if !round.final_round {
+            throttle_seen = throttle_seen.max(vcpus.throttle());
+        }
+    })
+    .unwrap();
+    assert!(report.verified);
+    assert!(destination.join().unwrap().verified);
+    assert_eq!(vcpus.throttle(), 0, "the throttle is lifted after the stop");
+    assert_eq!(
+        device.states.last(),
+        Some(&dmalog::uapi::DeviceState::Stop),
+        "the source device stays stopped"
+    );
+    let stop_copy_at = device
+        .states
+        .iter()
+        .position(|&s| s == dmalog::uapi::DeviceState::StopCopy)
+        .unwrap();
+    if let Some(&(last, states_then)) = device.throttles.last() {
+        assert_eq!(last, 0, "the device's own speed is back");
+        assert!(
+            states_then <= stop_copy_at,
+            "before its state is saved: {:?} {:?}",
+            device.throttles,
+            device.states
+        );
+    }
+    (report, throttle_seen, device.throttles)
+}
+
+#[test]
+fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
+    let (report, throttle_seen, device_throttles) = migrate(AutoConverge::On, 20);
+    let table: Vec<_> = report
+        .rounds
+        .iter()
+        .map(|r| (r.pages_sent, r.predicted_downtime_ms, r.throttle_pct))
+        .collect();
+    assert!(
+        !report.forced_stop,
+        "converged before the round limit: {table:?}"
+    );
+    let last = report.rounds.last().unwrap();
+    assert!(
+        last.predicted_downtime_ms.unwrap() <= 10.0,
+        "stopped on a fit: {table:?}"
+    );
+    assert!(throttle_seen >= 50, "the vCPUs were throttled: {table:?}");
+    let throttles: Vec<u8> = report.rounds.iter().map(|r| r.throttle_pct).collect();
+    assert!(throttles.contains(&50), "the first step: {throttles:?}");
+    assert!(
+        throttles.windows(2).all(|w| w[0] <= w[1]),
+        "steps up only: {throttles:?}"
+    );
+    assert_eq!(
+        device_throttles[0].0, 50,
+        "the device is slowed with the vCPUs"
+    );
+    assert!(report
+        .rounds
+        .iter()
+        .all(|r| r.device_throttled == (r.throttle_pct > 0)));
+    for round in &report.rounds[1..] {
+        assert!(round.bandwidth_bytes_per_sec > 0.0);
+        assert!(round.predicted_downtime_ms.is_some());
+    }
+
+    let (report, throttle_seen, device_throttles) = migrate(AutoConverge::Off, 4);
+    assert_eq!(throttle_seen, 0, "off: never throttled");
+    assert!(device_throttles.is_empty(), "{device_throttles:?}");
+    assert!(report.rounds.iter().all(|r| r.throttle_pct == 0));
+    assert!(report.forced_stop, "max_rounds forced the stop");
+    assert_eq!(
+        report.rounds.len() as u32,
+        4 + 2,
+        "round 0, the pre-copy rounds, the final round"
+    );
+    assert!(!report.downtime_budget_met);
+    assert!(
+        report.rounds.last().unwrap().predicted_downtime_ms.unwrap() > 10.0,
+        "it stopped over the budget"
+    );
+}
+
+#[test]
+fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
+    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
+    device.can_throttle = true;
+    let cpu_driver = SoftDriver::new();
+    let recorder = cpu_driver.recorder();
+    let mut cpu = InProcessTracker::new(cpu_driver);
+    let vcpus = VcpuWorkload::start(
+        Arc::clone(&memory),
+        recorder,
+        VcpuParams {
+            threads: 1,
+            base: 1 << 20,
+            span: 2 << 20,
+            rate: 100_000_000,
+            seed: 3,
+        },
+    )
+    .unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    // A destination that takes everything and never answers.
+    let sink = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut &b, &mut std::io::sink());
+    });
+    let cut = a.try_clone().unwrap();
+    let config = SourceConfig {
+        ranges: RangePlan::Exact,
+        mode: Mode::PreCopy,
+        max_downtime: Duration::from_millis(10),
+        max_rounds: 50,
+        throttle: ThrottleParams {
+            initial_pct: 50,
+            trigger_rounds: 1,
+            ..ThrottleParams::default()
+        },
+    };
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(a, Some(LINK_BYTES_PER_SEC));
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: Some(&vcpus),
+    };
+    // The link goes down as soon as a round was sent throttled.
+    let result = migrate_source(&config, vm, &mut out, &mut replies, |round| {
+        if round.throttle_pct > 0 {
+            let _ = cut.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    assert!(result.is_err());
+    sink.join().unwrap();
+    assert_eq!(vcpus.throttle(), 0, "the vCPUs run at full speed again");
+    assert!(!vcpus.is_paused());
+    assert_eq!(device.state, dmalog::uapi::DeviceState::Running);
+    assert_eq!(
+        device.throttles.first().map(|t| t.0),
+        Some(50),
+        "{:?}",
+        device.throttles
+    );
+    assert_eq!(
+        device.throttles.last().map(|t| t.0),
+        Some(0),
+        "the device too"
+    );
+}
