@@ -69,6 +69,9 @@ pub const MAX_REASON_BYTES: usize = 4096;
 pub const MAX_DEVICE_CHUNK: usize = 1 << 20;
 /// How long a peer may take, by default, to deliver or accept one frame.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How far a rate-capped writer may run ahead of its link (a socket buffer's worth of
+/// time), and the most credit an idle link earns.
+pub const LINK_BURST: Duration = Duration::from_millis(5);
 /// Payload bytes buffered ahead of what has arrived.
 const READ_CHUNK: usize = 64 << 10;
 
@@ -383,7 +386,8 @@ pub struct FrameWriter<W> {
     inner: W,
     bytes: u64,
     rate_bytes_per_sec: Option<u64>,
-    started: Instant,
+    /// When the capped link has sent every byte written so far.
+    link_free: Option<Instant>,
     timeout: Option<FrameTimeout<W>>,
 }
 
@@ -394,7 +398,7 @@ impl<W: Write> FrameWriter<W> {
             inner,
             bytes: 0,
             rate_bytes_per_sec,
-            started: Instant::now(),
+            link_free: None,
             timeout: None,
         }
     }
@@ -451,14 +455,20 @@ impl<W: Write> FrameWriter<W> {
             .and_then(|t| Instant::now().checked_add(t.timeout))
     }
 
-    /// Counts a frame written and paces to the rate cap.
+    /// Counts a frame written and paces to the rate cap: a link busy until `link_free`
+    /// takes the frame after what it has, and time it stood idle earns at most
+    /// [`LINK_BURST`] of credit (a real link does not save up bandwidth it did not use).
     fn frame_done(&mut self, frame_bytes: usize) {
         self.bytes += frame_bytes as u64;
         if let Some(rate) = self.rate_bytes_per_sec.filter(|&r| r > 0) {
-            let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
-            let elapsed = self.started.elapsed();
-            if due > elapsed {
-                std::thread::sleep(due - elapsed);
+            let now = Instant::now();
+            let cost = Duration::from_secs_f64(frame_bytes as f64 / rate as f64);
+            let earliest = now.checked_sub(LINK_BURST).unwrap_or(now);
+            let start = self.link_free.map_or(earliest, |free| free.max(earliest));
+            let free = start + cost;
+            self.link_free = Some(free);
+            if free > now + LINK_BURST {
+                std::thread::sleep(free - now - LINK_BURST);
             }
         }
     }
@@ -913,6 +923,21 @@ mod tests {
             FrameReader::new(&[0u8; 32][..]).read(),
             Err(StreamError::BadHeader { .. })
         ));
+    }
+
+    /// A capped link that stood idle does not then send a burst of what it could have sent
+    /// meanwhile (elapsed time is a lower bound here: sleeps never end early).
+    #[test]
+    fn an_idle_capped_link_earns_no_burst() {
+        let mut out = FrameWriter::new(Vec::new(), Some(1_000_000));
+        std::thread::sleep(Duration::from_millis(100));
+        let started = Instant::now();
+        for _ in 0..10 {
+            out.write(Kind::DeviceData, &[&[0u8; 10_000 - FRAME_HEADER_BYTES]])
+                .unwrap();
+        }
+        // 100 kB at 1 MB/s: 100 ms, less the burst allowed on both ends.
+        assert!(started.elapsed() >= Duration::from_millis(100) - 2 * LINK_BURST);
     }
 
     #[test]
