@@ -260,8 +260,9 @@ pub(crate) fn quick_rows(rows: &mut Vec<crate::Row>, progress: &mut dyn FnMut(&s
 
     progress("final report of a 64 GiB guest, 1000 dirty pages");
     let mut w = GuestFinalReport::new(64 * GIB, 8, 1000);
+    // One report per batch (each needs its pages dirtied again): many pairs.
     let paired = paired_median_ns(
-        21,
+        41,
         1,
         &mut w,
         |w| w.prepare(),

@@ -295,7 +295,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         config.ranges,
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
-    let mut extra = crate::sender::send_hello(out, channels, connect, memory)?;
+    let extra = crate::sender::send_hello(out, channels, connect, memory)?;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -331,7 +331,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     let mut rounds = Vec::new();
     let mut policy = Convergence::new(config.max_downtime, config.max_rounds, config.throttle);
     let mut throttle = Throttle::default();
-    let mut sender = Sender::new(out, &mut extra, memory);
+    let mut sender = Sender::new(out, extra, memory);
 
     // The round the stop takes over (its REPORTs found what the final round sends).
     let mut stopping = None;

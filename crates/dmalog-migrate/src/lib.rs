@@ -39,7 +39,7 @@ pub mod peer_text;
 pub mod pki;
 mod report;
 mod round_sync;
-mod sender;
+pub mod sender;
 mod source_device;
 pub mod stream;
 pub mod tls;
