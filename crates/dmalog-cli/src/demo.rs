@@ -119,11 +119,11 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 99, value_parser = clap::value_parser!(u8).range(1..=99))]
     throttle_max: u8,
     /// START range planning: exact (one range per memory region) or qemu (at most 3).
-    #[arg(long, default_value = "exact", value_parser = ["exact", "qemu"])]
-    ranges: String,
-    /// pre-copy, stop-and-copy, or no-device-tracking.
-    #[arg(long, default_value = "pre-copy", value_parser = ["pre-copy", "stop-and-copy", "no-device-tracking"])]
-    mode: String,
+    #[arg(long, value_enum, default_value_t = RangesArg::Exact)]
+    ranges: RangesArg,
+    /// How to migrate.
+    #[arg(long, value_enum, default_value_t = ModeArg::PreCopy)]
+    mode: ModeArg,
     /// How long the destination may take to send or take one frame, and the device
     /// server to answer, ms (a silent peer fails the migration; the source VM runs on).
     #[arg(long, default_value_t = DEFAULT_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
@@ -376,11 +376,31 @@ struct DestinationOutcome {
     region_digests: serde_json::Map<String, serde_json::Value>,
 }
 
+/// `--mode`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeArg {
+    /// Pre-copy rounds with device dirty tracking.
+    PreCopy,
+    /// Stop everything, then copy all memory and the device state.
+    StopAndCopy,
+    /// Pre-copy without device tracking: device-mapped memory is dirty every round.
+    NoDeviceTracking,
+}
+
+/// `--ranges`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangesArg {
+    /// One START range per memory region.
+    Exact,
+    /// As QEMU: at most 3.
+    Qemu,
+}
+
 fn mode_of(vm: &VmArgs) -> Mode {
-    match vm.mode.as_str() {
-        "stop-and-copy" => Mode::StopAndCopy,
-        "no-device-tracking" => Mode::NoDeviceTracking,
-        _ => Mode::PreCopy,
+    match vm.mode {
+        ModeArg::PreCopy => Mode::PreCopy,
+        ModeArg::StopAndCopy => Mode::StopAndCopy,
+        ModeArg::NoDeviceTracking => Mode::NoDeviceTracking,
     }
 }
 
@@ -544,10 +564,9 @@ fn migrate_once(
     let mut replies = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out = FrameWriter::new(stream, rate).with_timeout(timeout);
     let config = SourceConfig {
-        ranges: if vm_args.ranges == "qemu" {
-            dmalog_migrate::RangePlan::Qemu
-        } else {
-            dmalog_migrate::RangePlan::Exact
+        ranges: match vm_args.ranges {
+            RangesArg::Exact => dmalog_migrate::RangePlan::Exact,
+            RangesArg::Qemu => dmalog_migrate::RangePlan::Qemu,
         },
         mode: mode_of(vm_args),
         max_downtime: Duration::from_millis(vm_args.max_downtime_ms),

@@ -116,8 +116,15 @@ fn a_stop_forced_over_the_budget_exits_3_and_says_so() {
 #[test]
 fn auto_converge_throttles_the_vcpus_and_dma_engines_workload() {
     // vCPUs dirtying ten times the link's 100 MB/s over 4 MiB: each round finds about 4 MiB
-    // dirty, 40 ms to send against a 30 ms budget, so auto-converge steps in.
-    let report = demo(&["--link-mbps", "100", "--vcpu-rate-mbps", "1000"]);
+    // dirty, 40 ms to send against a 5 ms budget, so auto-converge steps in.
+    let report = demo(&[
+        "--link-mbps",
+        "100",
+        "--vcpu-rate-mbps",
+        "1000",
+        "--max-downtime-ms",
+        "5",
+    ]);
     assert_eq!(report["verified"], true);
     let rounds = report["rounds"].as_array().unwrap();
     let throttled: Vec<_> = rounds
