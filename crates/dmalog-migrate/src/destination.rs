@@ -401,6 +401,7 @@ fn run_channel(
     let mut applied = Applied::default();
     let result = (|| loop {
         let frame = input.read()?;
+        sync.check()?;
         match frame.kind {
             Kind::Pages => write_pages(memory, &frame, &mut applied)?,
             Kind::Sync => sync.arrive(index, decode_sync(&frame)?)?,
@@ -562,6 +563,7 @@ fn receive_main<D: MigrationDevice>(
 ) -> Result<(), MigrateError> {
     loop {
         let frame = input.read()?;
+        sync.check()?;
         match frame.kind {
             Kind::Pages => write_pages(memory, &frame, applied)?,
             Kind::Sync => sync.arrive(0, decode_sync(&frame)?)?,

@@ -114,6 +114,15 @@ impl RoundSync {
         self.changed.notify_all();
     }
 
+    /// An error once any channel failed: a channel checks before it applies a frame, so
+    /// that nothing more is applied and it ends at its next frame, not at its timeout.
+    pub(crate) fn check(&self) -> Result<(), MigrateError> {
+        match self.lock().failed {
+            Some(_) => Err(other_failed()),
+            None => Ok(()),
+        }
+    }
+
     /// The first channel that failed.
     pub(crate) fn failed(&self) -> Option<usize> {
         self.lock().failed

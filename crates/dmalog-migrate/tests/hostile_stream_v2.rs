@@ -561,3 +561,35 @@ fn round_markers_and_frames_out_of_place_on_a_further_channel() {
         );
     }
 }
+
+/// Once a further channel failed, the other channels apply nothing more: the main channel,
+/// still sending pages (each well within the timeout), ends at its next frame with the
+/// failed channel's reason instead of going on for as long as the source sends.
+#[test]
+fn a_failed_channel_stops_the_others_at_their_next_frame() {
+    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let mut main = Peer::main(&address, 2);
+    let mut second = Peer::join(&address, SESSION, 1);
+    // Unaligned: channel 1 fails.
+    second.send(Kind::Pages, &pages_payload(&[(1, 1, 0)], &[0; 4096]));
+    let start = Instant::now();
+    let mut sent = 0u32;
+    while !dst.is_finished() && start.elapsed() < HANG_GUARD / 2 {
+        if main
+            .try_send(Kind::Pages, &pages_payload(&[(8192, 1, 0)], &[0xee; 4096]))
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        dst.is_finished() || main.try_send(Kind::End, &[]).is_err(),
+        "the destination still applies the main channel's pages ({sent} sent) after channel 1 failed"
+    );
+    let (result, _, state) = outcome(dst);
+    let err = result.unwrap_err();
+    assert!(err.to_string().contains("page-aligned"), "{err}");
+    assert_eq!(state, DeviceState::Resuming);
+}
