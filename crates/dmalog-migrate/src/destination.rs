@@ -256,9 +256,11 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
 /// As [`migrate_destination`], taking as many channels as the source's Hello asks for:
 /// `accept` gives each further connection (bounding its own wait), whose first frame must
 /// be a Join of this migration's session with a channel index not yet taken; any other
-/// connection is refused (an Abort) and closed. Once every channel has joined, `accept` is
-/// dropped (a caller whose closure owns the listener stops listening then, so later
-/// connections are refused by the kernel).
+/// connection is refused (an Abort) and closed. An `accept` error of kind `TimedOut` or
+/// `Unsupported` ends the wait (no channel comes); any other is one refused connection
+/// (its TLS handshake failed), so that a third party connecting cannot end the migration.
+/// Once every channel has joined, `accept` is dropped (a caller whose closure owns the
+/// listener stops listening then, so later connections are refused by the kernel).
 pub fn migrate_destination_channels<W: Write, D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
@@ -304,6 +306,12 @@ fn abort<W: Write>(out: &mut FrameWriter<W>, reason: &str) {
     let _ = out.flush();
 }
 
+fn too_many_refused(count: u32) -> MigrateError {
+    MigrateError::Peer(format!(
+        "refused {count} connections that were not this migration's channels"
+    ))
+}
+
 /// One joined further channel.
 struct Joined {
     input: FrameReader<Box<dyn Channel>>,
@@ -321,11 +329,30 @@ fn accept_channels(
     let mut refused_count = 0;
     while joined.iter().any(Option::is_none) {
         let index = joined.iter().position(Option::is_none).unwrap_or(0) + 1;
-        let incoming = accept().map_err(|err| {
-            MigrateError::Peer(format!(
-                "waiting for channel {index} of the migration: {err}"
-            ))
-        })?;
+        let incoming = match accept() {
+            Ok(incoming) => incoming,
+            // The acceptor's own wait ran out, or it takes no channels: none is coming.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::Unsupported
+                ) =>
+            {
+                return Err(MigrateError::Peer(format!(
+                    "waiting for channel {index} of the migration: {err}"
+                )))
+            }
+            // One connection failed (a TLS handshake without a valid certificate, a port
+            // scanner): a third party must not end the migration by connecting.
+            Err(err) => {
+                warn!(%err, "refused a connection that failed before it could join");
+                refused_count += 1;
+                if refused_count > MAX_REFUSED_CONNECTIONS {
+                    return Err(too_many_refused(refused_count));
+                }
+                continue;
+            }
+        };
         let mut input = FrameReader::new(incoming.reader).with_timeout(timeout);
         let why = match input.read() {
             Ok(frame) if frame.kind == Kind::Join => match (
@@ -365,9 +392,7 @@ fn accept_channels(
         refusal.get_mut().shut_down();
         refused_count += 1;
         if refused_count > MAX_REFUSED_CONNECTIONS {
-            return Err(MigrateError::Peer(format!(
-                "refused {refused_count} connections that were not this migration's channels"
-            )));
+            return Err(too_many_refused(refused_count));
         }
     }
     drop(accept);
@@ -395,6 +420,7 @@ fn run_channel(
     let mut applied = Applied::default();
     let result = (|| loop {
         let (frame, data_bytes) = input.read_deferred()?;
+        sync.check()?;
         match frame.kind {
             Kind::Pages => write_pages(memory, input, &frame, data_bytes, &mut applied)?,
             Kind::Sync => sync.arrive(index, decode_sync(&frame)?)?,
@@ -562,6 +588,7 @@ fn receive_main<D: MigrationDevice>(
 ) -> Result<(), MigrateError> {
     loop {
         let (frame, data_bytes) = input.read_deferred()?;
+        sync.check()?;
         match frame.kind {
             Kind::Pages => write_pages(memory, input, &frame, data_bytes, applied)?,
             Kind::Sync => sync.arrive(0, decode_sync(&frame)?)?,

@@ -65,6 +65,10 @@ impl RoundSync {
         if round != state.complete {
             return Err(refused("round marker out of order"));
         }
+        if round == u32::MAX {
+            // No round after it to count (2^32 markers: cheap for a hostile source).
+            return Err(refused("too many rounds"));
+        }
         state.arrived += 1;
         if state.arrived == self.channels {
             state.arrived = 0;
@@ -114,6 +118,15 @@ impl RoundSync {
         self.changed.notify_all();
     }
 
+    /// An error once any channel failed: a channel checks before it applies a frame, so
+    /// that nothing more is applied and it ends at its next frame, not at its timeout.
+    pub(crate) fn check(&self) -> Result<(), MigrateError> {
+        match self.lock().failed {
+            Some(_) => Err(other_failed()),
+            None => Ok(()),
+        }
+    }
+
     /// The first channel that failed.
     pub(crate) fn failed(&self) -> Option<usize> {
         self.lock().failed
@@ -149,6 +162,17 @@ mod tests {
             assert!(waiter.join().unwrap().is_err());
         });
         assert_eq!(sync.failed(), Some(1));
+        // The last round number a u32 holds: refused, no overflow (a source sending 2^32
+        // markers, 20 bytes each, reaches it).
+        let sync = RoundSync::new(1, Duration::from_secs(10));
+        sync.lock().complete = u32::MAX;
+        assert!(matches!(
+            sync.arrive(0, u32::MAX),
+            Err(MigrateError::Stream(StreamError::Refused {
+                why: "too many rounds",
+                ..
+            }))
+        ));
         // A short timeout.
         let sync = RoundSync::new(2, Duration::from_millis(10));
         assert!(matches!(

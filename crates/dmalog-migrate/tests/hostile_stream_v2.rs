@@ -1,0 +1,595 @@
+//! A hostile source (or a third party on the destination's port) against stream version 2:
+//! run tables, zero runs, Sync and Join frames and several channels. Every number in a
+//! frame gets its worst value; each test asserts the specific error, that nothing was
+//! applied that should not be, and that the destination ends (a generous hang guard, never
+//! a timed assertion on speed).
+
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dmalog::uapi::DeviceState;
+use dmalog_migrate::fuzzing::{raw_frame, LoadingDevice};
+use dmalog_migrate::stream::{
+    hello_payload, pages_payload, FrameReader, FrameWriter, Kind, StreamError, RUN_ZERO,
+};
+use dmalog_migrate::{
+    migrate_destination, migrate_destination_channels, DestinationReport, GuestMemory, Incoming,
+    MigrateError,
+};
+
+/// Two regions with a hole between them.
+const LAYOUT: [(u64, u64); 2] = [(0, 1 << 20), (1 << 32, 1 << 20)];
+const SESSION: u64 = 0x5e55_10f2;
+/// Generous: only a hang guard (a test that hits it has failed anyway).
+const HANG_GUARD: Duration = Duration::from_secs(8);
+/// A destination timeout well inside the hang guard.
+const SHORT_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn refused_why(result: &Result<DestinationReport, MigrateError>) -> &'static str {
+    match result {
+        Err(MigrateError::Stream(StreamError::Refused { why, .. })) => why,
+        other => panic!("expected a refused frame, got {other:?}"),
+    }
+}
+
+fn read_page(memory: &GuestMemory, gpa: u64) -> Vec<u8> {
+    let mut page = vec![0u8; 4096];
+    assert!(memory.read(gpa, &mut page));
+    page
+}
+
+// ---------------------------------------------------------------------------------------
+// One channel, in memory: the run table and zero runs.
+
+/// The destination on `layout` fed a good Hello (one channel), then `stream`.
+fn one_channel(
+    layout: &[(u64, u64)],
+    stream: &[u8],
+) -> (Result<DestinationReport, MigrateError>, GuestMemory) {
+    let memory = GuestMemory::new(layout).unwrap();
+    let mut bytes = raw_frame(Kind::Hello as u8, &hello_payload(4096, SESSION, 1, layout));
+    bytes.extend_from_slice(stream);
+    let mut device = LoadingDevice::default();
+    let mut replies = FrameWriter::new(Vec::new(), None);
+    let result = migrate_destination(
+        &memory,
+        &mut device,
+        &mut |_, _| Ok(()),
+        &mut FrameReader::new(&bytes[..]),
+        &mut replies,
+    );
+    assert_ne!(
+        device.state,
+        DeviceState::Running,
+        "resumed on a bad stream"
+    );
+    (result, memory)
+}
+
+fn pages(runs: &[(u64, u32, u32)], data: &[u8]) -> Vec<u8> {
+    raw_frame(Kind::Pages as u8, &pages_payload(runs, data))
+}
+
+/// Overlapping runs in one frame are applied in table order (the source may write any
+/// bytes anyway: nothing outside guest memory, no panic); a run that spans two adjacent
+/// regions is refused whole, as the sender never builds one (its runs stay in a region).
+#[test]
+fn overlapping_runs_apply_in_order_and_a_run_across_two_regions_is_refused() {
+    let data = [vec![1u8; 2 * 4096], vec![2u8; 4096]].concat();
+    let stream = [
+        pages(&[(0, 2, 0), (4096, 1, 0), (0, 1, RUN_ZERO)], &data),
+        raw_frame(Kind::Sync as u8, &0u32.to_le_bytes()),
+    ]
+    .concat();
+    let (result, memory) = one_channel(&LAYOUT, &stream);
+    // The stream ends before End: an error, after the frames were applied.
+    assert!(
+        matches!(
+            result,
+            Err(MigrateError::Stream(StreamError::PeerClosed { .. }))
+        ),
+        "{result:?}"
+    );
+    assert!(read_page(&memory, 0).iter().all(|&b| b == 0), "zeroed last");
+    assert!(
+        read_page(&memory, 4096).iter().all(|&b| b == 2),
+        "second copy"
+    );
+
+    let adjacent = [(0u64, 64 << 10), (64 << 10, 64 << 10)];
+    let across = (60 << 10, 2u32);
+    for flags in [0, RUN_ZERO] {
+        let bytes = if flags == 0 {
+            vec![7u8; 8192]
+        } else {
+            Vec::new()
+        };
+        // A good run first: nothing of the frame is written.
+        let data = [vec![9u8; 4096], bytes].concat();
+        let (result, memory) = one_channel(
+            &adjacent,
+            &pages(&[(0, 1, 0), (across.0, across.1, flags)], &data),
+        );
+        assert_eq!(refused_why(&result), "pages outside guest memory");
+        assert!(
+            read_page(&memory, 0).iter().all(|&b| b == 0),
+            "no partial write"
+        );
+    }
+}
+
+/// Zero runs cost the attacker 16 bytes each: their page count is bounded per frame
+/// (summed over every run), each is checked against guest memory before any page of the
+/// frame is touched, and the huge values are refused, not clamped.
+#[test]
+fn zero_runs_are_bounded_and_checked_before_anything_is_zeroed() {
+    let region1 = LAYOUT[1].0;
+    let written = pages(&[(0, 1, 0)], &[5u8; 4096]);
+    for (runs, why) in [
+        // In the hole between the regions.
+        (
+            vec![(0u64, 1u32, RUN_ZERO), (2 << 30, 1, RUN_ZERO)],
+            "pages outside guest memory",
+        ),
+        // Past the end of region 1, and off the end of region 0 into the hole.
+        (
+            vec![(0, 1, RUN_ZERO), (region1 + (1 << 20), 1, RUN_ZERO)],
+            "pages outside guest memory",
+        ),
+        (
+            vec![(0, 1, RUN_ZERO), ((1 << 20) - 4096, 2, RUN_ZERO)],
+            "pages outside guest memory",
+        ),
+        // The largest count: refused, and it would wrap at the top of the address space.
+        (
+            vec![(0, u32::MAX, RUN_ZERO)],
+            "too many zero pages in one frame",
+        ),
+        (vec![(!0xfff, u32::MAX, RUN_ZERO)], "wraps"),
+        // Many runs each under the limit, summed over it.
+        (
+            vec![(0, 129, RUN_ZERO); 512],
+            "too many zero pages in one frame",
+        ),
+    ] {
+        let (result, memory) = one_channel(&LAYOUT, &[written.clone(), pages(&runs, &[])].concat());
+        let got = refused_why(&result);
+        assert!(got.contains(why), "{:?}: {got}", runs[runs.len() - 1]);
+        assert!(
+            read_page(&memory, 0).iter().all(|&b| b == 5),
+            "page 0 not zeroed"
+        );
+    }
+}
+
+/// A run table whose page count disagrees with the payload, either way, and a data run
+/// hidden after zero runs that claim the bytes belong to nobody.
+#[test]
+fn the_run_table_must_account_for_every_payload_byte() {
+    for (runs, data_len) in [
+        (vec![(0u64, 1u32, 0u32), (8192, 1, RUN_ZERO)], 4096 + 1),
+        (vec![(0, 1, 0), (8192, 2, 0)], 2 * 4096),
+        (vec![(0, 1, RUN_ZERO), (8192, 1, RUN_ZERO)], 4096),
+    ] {
+        let (result, memory) = one_channel(&LAYOUT, &pages(&runs, &vec![3u8; data_len]));
+        assert_eq!(
+            refused_why(&result),
+            "data length differs from the page count"
+        );
+        assert!(read_page(&memory, 0).iter().all(|&b| b == 0));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Several channels, over loopback TCP.
+
+type Outcome = (
+    Result<DestinationReport, MigrateError>,
+    GuestMemory,
+    DeviceState,
+);
+
+/// A destination on a fresh listener, on its own thread; every frame must arrive within
+/// `timeout`. `accept` wraps the listener's accept (a test injects failures there).
+fn destination(
+    timeout: Duration,
+    accept: impl FnMut(&TcpListener) -> std::io::Result<Incoming> + Send + 'static,
+) -> (String, std::thread::JoinHandle<Outcome>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let thread = std::thread::spawn(move || {
+        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let (main, _) = listener.accept().unwrap();
+        let mut input = FrameReader::new(main.try_clone().unwrap()).with_timeout(timeout);
+        let mut out = FrameWriter::new(main, None).with_timeout(timeout);
+        let mut device = LoadingDevice::default();
+        let mut accept = accept;
+        let result = migrate_destination_channels(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut input,
+            &mut out,
+            || accept(&listener),
+        );
+        (result, memory, device.state)
+    });
+    (address, thread)
+}
+
+fn plain_accept(listener: &TcpListener) -> std::io::Result<Incoming> {
+    let (tcp, _) = listener.accept()?;
+    Ok(Incoming {
+        reader: Box::new(tcp.try_clone()?),
+        handle: Box::new(tcp),
+    })
+}
+
+/// Waits for the destination, failing the test (not hanging) past the hang guard.
+fn outcome(thread: std::thread::JoinHandle<Outcome>) -> Outcome {
+    let start = Instant::now();
+    while !thread.is_finished() {
+        assert!(start.elapsed() < HANG_GUARD, "the destination hangs");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    thread.join().unwrap()
+}
+
+struct Peer(FrameWriter<TcpStream>);
+
+impl Peer {
+    fn connect(address: &str) -> Peer {
+        let tcp = TcpStream::connect(address).unwrap();
+        tcp.set_nodelay(true).unwrap();
+        Peer(FrameWriter::new(tcp, None).with_timeout(HANG_GUARD))
+    }
+    fn main(address: &str, channels: u32) -> Peer {
+        let mut peer = Peer::connect(address);
+        peer.send(
+            Kind::Hello,
+            &hello_payload(4096, SESSION, channels, &LAYOUT),
+        );
+        peer
+    }
+    fn join(address: &str, session: u64, index: u32) -> Peer {
+        let mut peer = Peer::connect(address);
+        peer.send(
+            Kind::Join,
+            &[session.to_le_bytes().as_slice(), &index.to_le_bytes()].concat(),
+        );
+        peer
+    }
+    /// Best effort: the destination may have closed the connection already.
+    fn try_send(&mut self, kind: Kind, payload: &[u8]) -> std::io::Result<()> {
+        self.0.write(kind, &[payload])?;
+        self.0.flush()
+    }
+    fn send(&mut self, kind: Kind, payload: &[u8]) {
+        self.try_send(kind, payload).unwrap();
+    }
+    fn page(&mut self, gpa: u64, fill: u8) {
+        self.send(Kind::Pages, &pages_payload(&[(gpa, 1, 0)], &[fill; 4096]));
+    }
+    fn sync(&mut self, round: u32) {
+        self.send(Kind::Sync, &round.to_le_bytes());
+    }
+    /// The frame the destination sends next on this connection.
+    fn reply(&mut self) -> dmalog_migrate::stream::Frame {
+        let tcp = self.0.get_mut().try_clone().unwrap();
+        tcp.set_read_timeout(Some(HANG_GUARD)).unwrap();
+        FrameReader::new(tcp).read().unwrap()
+    }
+    fn stream(&mut self) -> TcpStream {
+        self.0.get_mut().try_clone().unwrap()
+    }
+}
+
+/// A good two-channel ending: End on both, Resumed, Verified.
+fn finish(main: &mut Peer, other: &mut Peer) {
+    other.send(Kind::End, &[]);
+    main.send(Kind::End, &[]);
+    assert_eq!(main.reply().kind, Kind::Resumed);
+    main.send(Kind::Verified, &[1]);
+}
+
+/// A connection that fails before it is a channel (a TLS handshake without a valid
+/// certificate, a port scanner) is one refused connection: the migration waits for its
+/// real channel, and fails only after more such connections than the bound, saying so.
+#[test]
+fn a_connection_that_fails_its_handshake_does_not_end_the_migration() {
+    let failures = Arc::new(AtomicU32::new(1));
+    let left = Arc::clone(&failures);
+    let (address, dst) = destination(HANG_GUARD, move |listener| {
+        let incoming = plain_accept(listener)?;
+        if left.load(Ordering::SeqCst) > 0 {
+            left.fetch_sub(1, Ordering::SeqCst);
+            // As the CLI's acceptor reports a failed handshake.
+            return Err(std::io::Error::other(
+                "TLS handshake: no client certificate",
+            ));
+        }
+        Ok(incoming)
+    });
+    let mut main = Peer::main(&address, 2);
+    let _stranger = TcpStream::connect(&address).unwrap();
+    let mut second = Peer::join(&address, SESSION, 1);
+    second.page(0, 0x11);
+    main.sync(0);
+    second.sync(0);
+    finish(&mut main, &mut second);
+    let (result, memory, state) = outcome(dst);
+    let report = result.unwrap();
+    assert_eq!((report.channels, state), (2, DeviceState::Running));
+    assert!(read_page(&memory, 0).iter().all(|&b| b == 0x11));
+
+    // Every connection fails: the migration ends after the bound, with a clear error.
+    let (address, dst) = destination(HANG_GUARD, move |listener| {
+        plain_accept(listener)?;
+        Err(std::io::Error::other(
+            "TLS handshake: no client certificate",
+        ))
+    });
+    let _main = Peer::main(&address, 2);
+    let strangers: Vec<_> = (0..16)
+        .filter_map(|_| TcpStream::connect(&address).ok())
+        .collect();
+    let (result, _, state) = outcome(dst);
+    let err = result.unwrap_err();
+    assert!(err.to_string().contains("refused 9 connections"), "{err}");
+    assert_eq!(state, DeviceState::Running, "the device was never touched");
+    drop(strangers);
+
+    // No connection in time at all (the acceptor's own timeout): the wait ends at once.
+    let (address, dst) = destination(HANG_GUARD, |_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "no connection within 10 ms",
+        ))
+    });
+    let _main = Peer::main(&address, 3);
+    let err = outcome(dst).0.unwrap_err();
+    assert!(err.to_string().contains("waiting for channel 1"), "{err}");
+}
+
+/// The reason in the Abort a destination sends on a connection it refuses.
+fn refusal(peer: &mut Peer) -> String {
+    let frame = peer.reply();
+    assert_eq!(frame.kind, Kind::Abort);
+    String::from_utf8(frame.payload).unwrap()
+}
+
+/// Joins with index 0, an index past the channel count, a malformed payload, a guessed
+/// session, another kind first, and a second Join of a taken index: each refused with its
+/// reason, and the migration goes on with its real channels.
+#[test]
+fn joins_that_are_not_this_migrations_channels_are_refused() {
+    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let mut main = Peer::main(&address, 3);
+    for (session, index, why) in [
+        (SESSION, 0u32, "a channel this migration does not have"),
+        (SESSION, 3, "a channel this migration does not have"),
+        (SESSION, u32::MAX, "a channel this migration does not have"),
+        (SESSION ^ 1, 1, "another migration"),
+    ] {
+        let mut stranger = Peer::join(&address, session, index);
+        let got = refusal(&mut stranger);
+        assert!(got.contains(why), "{session:#x} {index}: {got}");
+    }
+    for (kind, payload, why) in [
+        (Kind::Join, vec![0u8; 11], "malformed"),
+        (
+            Kind::Join,
+            [SESSION.to_le_bytes().as_slice(), &[1, 0, 0, 0, 0]].concat(),
+            "no valid frame",
+        ),
+        (
+            Kind::Hello,
+            hello_payload(4096, SESSION, 3, &LAYOUT),
+            "did not open with a Join",
+        ),
+    ] {
+        let mut stranger = Peer::connect(&address);
+        // Raw: the writer refuses a Join over its limit.
+        stranger
+            .stream()
+            .write_all(&raw_frame(kind as u8, &payload))
+            .unwrap();
+        let got = refusal(&mut stranger);
+        assert!(got.contains(why), "{kind:?}: {got}");
+    }
+    let mut first = Peer::join(&address, SESSION, 1);
+    let mut again = Peer::join(&address, SESSION, 1);
+    assert!(refusal(&mut again).contains("already joined"));
+    let mut second = Peer::join(&address, SESSION, 2);
+    first.page(0, 1);
+    second.page(4096, 2);
+    for peer in [&mut main, &mut first, &mut second] {
+        peer.sync(0);
+    }
+    first.send(Kind::End, &[]);
+    finish(&mut main, &mut second);
+    let (result, memory, _) = outcome(dst);
+    assert_eq!(result.unwrap().channels, 3);
+    assert!(read_page(&memory, 0).iter().all(|&b| b == 1));
+    assert!(read_page(&memory, 4096).iter().all(|&b| b == 2));
+
+    // Guessing the session costs a connection each, and the guesses are bounded.
+    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let _main = Peer::main(&address, 2);
+    let guesses: Vec<_> = (1..=9)
+        .map(|guess| Peer::join(&address, SESSION ^ guess, 1))
+        .collect();
+    let err = outcome(dst).0.unwrap_err();
+    assert!(err.to_string().contains("refused 9 connections"), "{err}");
+    drop(guesses);
+}
+
+/// The Hello's channel count at its extremes, and a Join where the Hello belongs.
+#[test]
+fn the_hello_channel_count_and_a_join_before_the_hello() {
+    for channels in [0, 17, u32::MAX] {
+        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let hello = raw_frame(
+            Kind::Hello as u8,
+            &hello_payload(4096, SESSION, channels, &LAYOUT),
+        );
+        let mut device = LoadingDevice::default();
+        let result = migrate_destination_channels(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut FrameReader::new(&hello[..]),
+            &mut FrameWriter::new(Vec::new(), None),
+            || panic!("no channel is accepted for a refused Hello"),
+        );
+        assert_eq!(
+            refused_why(&result),
+            "channel count out of range",
+            "{channels}"
+        );
+        assert_eq!(device.state, DeviceState::Running, "untouched");
+    }
+    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let _join = Peer::join(&address, SESSION, 1);
+    let err = outcome(dst).0.unwrap_err();
+    assert!(
+        err.to_string().contains("expected Hello, got Join"),
+        "{err}"
+    );
+}
+
+/// A further channel that stalls (joined, then silent) while the main one waits at the
+/// round marker, the main one stalling while a further one waits, and a further channel
+/// silent after the main one's End: each fails within the timeout, not resumed.
+#[test]
+fn a_stalled_channel_fails_the_migration_within_the_timeout() {
+    let timeout = Duration::from_millis(500);
+    assert!(timeout < SHORT_TIMEOUT);
+    for stalled in ["further", "main", "further after End"] {
+        let (address, dst) = destination(timeout, plain_accept);
+        let mut main = Peer::main(&address, 2);
+        let mut second = Peer::join(&address, SESSION, 1);
+        match stalled {
+            "further" => main.sync(0),
+            "main" => second.sync(0),
+            _ => {
+                main.sync(0);
+                second.sync(0);
+                main.send(Kind::End, &[]);
+            }
+        }
+        let (result, _, state) = outcome(dst);
+        assert!(
+            matches!(result, Err(MigrateError::Stream(StreamError::TimedOut(_)))),
+            "{stalled}: {result:?}"
+        );
+        assert_eq!(state, DeviceState::Resuming, "{stalled}: not resumed");
+    }
+}
+
+/// A further channel that closes before its End, whatever the main channel is doing (an
+/// idle main channel ends the migration within the timeout, with the further channel's
+/// error: the one that explains it).
+#[test]
+fn a_channel_that_closes_early_fails_the_migration() {
+    for main_waits_at_the_marker in [false, true] {
+        let (address, dst) = destination(SHORT_TIMEOUT, plain_accept);
+        let mut main = Peer::main(&address, 2);
+        let mut second = Peer::join(&address, SESSION, 1);
+        second.page(0, 9);
+        if main_waits_at_the_marker {
+            main.sync(0);
+        }
+        second.stream().shutdown(std::net::Shutdown::Both).unwrap();
+        drop(second);
+        let (result, _, state) = outcome(dst);
+        assert!(
+            matches!(
+                result,
+                Err(MigrateError::Stream(StreamError::PeerClosed {
+                    peer: "source",
+                    ..
+                }))
+            ),
+            "{result:?}"
+        );
+        assert_eq!(state, DeviceState::Resuming);
+    }
+}
+
+/// Round markers on a further channel: one out of order, one after that channel's End
+/// (the main one then waits for a marker that cannot come), and frames a further channel
+/// never carries.
+#[test]
+fn round_markers_and_frames_out_of_place_on_a_further_channel() {
+    let run = |script: &dyn Fn(&mut Peer, &mut Peer)| {
+        let (address, dst) = destination(SHORT_TIMEOUT, plain_accept);
+        let mut main = Peer::main(&address, 2);
+        let mut second = Peer::join(&address, SESSION, 1);
+        script(&mut main, &mut second);
+        let (result, _, state) = outcome(dst);
+        assert_eq!(state, DeviceState::Resuming);
+        result
+    };
+    let result = run(&|main, second| {
+        main.sync(0);
+        second.sync(1);
+    });
+    assert_eq!(refused_why(&result), "round marker out of order");
+    let result = run(&|main, second| {
+        second.send(Kind::End, &[]);
+        main.sync(0);
+    });
+    let why = refused_why(&result);
+    assert!(
+        why == "a round marker after a channel ended"
+            || why == "a channel ended before every channel's round marker",
+        "{why}"
+    );
+    for kind in [Kind::DeviceData, Kind::Join, Kind::Hello, Kind::Verified] {
+        let result = run(&|_, second| {
+            let _ = second.try_send(kind, &[]);
+        });
+        let err = result.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("unexpected {kind:?} frame on channel 1")),
+            "{err}"
+        );
+    }
+}
+
+/// Once a further channel failed, the other channels apply nothing more: the main channel,
+/// still sending pages (each well within the timeout), ends at its next frame with the
+/// failed channel's reason instead of going on for as long as the source sends.
+#[test]
+fn a_failed_channel_stops_the_others_at_their_next_frame() {
+    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let mut main = Peer::main(&address, 2);
+    let mut second = Peer::join(&address, SESSION, 1);
+    // Unaligned: channel 1 fails.
+    second.send(Kind::Pages, &pages_payload(&[(1, 1, 0)], &[0; 4096]));
+    let start = Instant::now();
+    let mut sent = 0u32;
+    while !dst.is_finished() && start.elapsed() < HANG_GUARD / 2 {
+        if main
+            .try_send(Kind::Pages, &pages_payload(&[(8192, 1, 0)], &[0xee; 4096]))
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        dst.is_finished() || main.try_send(Kind::End, &[]).is_err(),
+        "the destination still applies the main channel's pages ({sent} sent) after channel 1 failed"
+    );
+    let (result, _, state) = outcome(dst);
+    let err = result.unwrap_err();
+    assert!(err.to_string().contains("page-aligned"), "{err}");
+    assert_eq!(state, DeviceState::Resuming);
+}
