@@ -287,10 +287,12 @@ impl Peer {
     }
 }
 
-/// A good two-channel ending: End on both, Resumed, Verified.
+/// A good two-channel ending: End on both, Ready, Go, Resumed, Verified.
 fn finish(main: &mut Peer, other: &mut Peer) {
     other.send(Kind::End, &[]);
     main.send(Kind::End, &[]);
+    assert_eq!(main.reply().kind, Kind::Ready);
+    main.send(Kind::Go, &[]);
     assert_eq!(main.reply().kind, Kind::Resumed);
     main.send(Kind::Verified, &[1]);
 }
