@@ -24,7 +24,8 @@
 //! ```
 //!
 //! Not a dependency for a VMM: a library only so that the benches and `dmalog bench` share
-//! the workloads. No features. MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
+//! the workloads. No features. MSRV: Rust 1.88 (it runs dmalog-migrate's stream), held by
+//! clippy's `incompatible_msrv`.
 
 pub mod baselines;
 pub mod migrate;
