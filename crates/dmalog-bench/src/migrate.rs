@@ -484,19 +484,6 @@ pub fn rows(batches: usize, progress: &mut impl FnMut(&str)) -> Vec<Row> {
         plain,
         Target::Faster(0.7),
     ));
-    let (secure_two, plain_two) = paired(
-        batches,
-        || w.migrate(&all, true, 2, true).elapsed,
-        || w.migrate(&all, false, 2, true).elapsed,
-    );
-    rows.push(Row::new(
-        "TLS 1.3 migration of a 1 GiB guest, --channels 2",
-        secure_two,
-        "the same migration in plaintext",
-        plain_two,
-        Target::None,
-    ));
-
     progress("migration: zero pages on a mostly-zero 1 GiB guest");
     // 1 page in 20 keeps its data; the rest is zeroed.
     let zeros = vec![0u8; PAGE as usize];

@@ -372,6 +372,7 @@ pub fn write_pieces(fd: impl AsFd, pieces: &[IoPiece<'_>]) -> std::io::Result<us
 pub struct IoPieceMut<'a> {
     ptr: *mut u8,
     len: usize,
+    path: CopyPath,
     _borrow: std::marker::PhantomData<&'a [u8]>,
 }
 
@@ -396,6 +397,24 @@ impl IoPieceMut<'_> {
             len: self.len - n,
             ..self
         }
+    }
+
+    /// Copies `data` (at most `len` bytes) to the start of the piece: volatile stores into
+    /// a sealed mapping, the kernel's fault-tolerant copy into any other.
+    pub fn copy_from(&self, data: &[u8]) -> Result<(), CopyFault> {
+        if data.len() > self.len {
+            return Err(CopyFault { copied_bytes: 0 });
+        }
+        match self.path {
+            // SAFETY: `data.len() <= len` writable bytes kept mapped by the borrow `'a`;
+            // `data` is a separate Rust buffer.
+            CopyPath::Direct => unsafe { volatile_store(self.ptr, data.as_ptr(), data.len()) },
+            // SAFETY: as above; the kernel only reads `data` and writes the mapping.
+            CopyPath::Guarded => unsafe {
+                return kernel_copy(self.ptr, data.as_ptr().cast_mut(), data.len(), true);
+            },
+        }
+        Ok(())
     }
 }
 
@@ -461,6 +480,7 @@ impl SharedMapping {
             // SAFETY: `offset + len <= self.len` (checked): inside the mapping.
             ptr: unsafe { self.ptr.as_ptr().add(offset) },
             len,
+            path: self.path,
             _borrow: std::marker::PhantomData,
         })
     }
@@ -791,6 +811,14 @@ mod tests {
             assert!(map.read(11999, &mut back));
             assert_eq!(back, [5, 6, 4]);
             assert!(map.piece_mut(8192, 4097).is_none());
+            map.piece_mut(100, 3)
+                .unwrap()
+                .skip(1)
+                .copy_from(&[8, 9])
+                .unwrap();
+            assert!(map.piece_mut(100, 3).unwrap().copy_from(&[1; 4]).is_err());
+            assert!(map.read(99, &mut back));
+            assert_eq!(back, [0, 0, 8]);
             let mut copy = [0u8; 2];
             pieces[1].copy_to(&mut copy).unwrap();
             assert_eq!(copy, [0, 9]);

@@ -657,6 +657,8 @@ pub struct FrameReader<R> {
     /// Page bytes of the last frame still unread ([`FrameReader::read_deferred`]) and the
     /// frame's deadline.
     pending: Option<(usize, Option<Instant>)>,
+    /// Page bytes on their way into guest memory when the kernel cannot put them there.
+    bounce: Vec<u8>,
 }
 
 fn check_crc(kind: Kind, checked: &[u8], expected: u32) -> Result<(), StreamError> {
@@ -678,6 +680,7 @@ impl<R: Read> FrameReader<R> {
             inner,
             timeout: None,
             pending: None,
+            bounce: Vec::new(),
         }
     }
 
@@ -790,19 +793,16 @@ impl<R: Read> FrameReader<R> {
 }
 
 impl<R: Read + Transport> FrameReader<R> {
-    /// As [`FrameReader::read`], except that on a plaintext socket a Pages frame comes with
-    /// its head and run table only (checked against the checksum): the rest of it, the
-    /// page bytes, must then be read with [`FrameReader::read_pages_data`] straight into
-    /// guest memory before anything else. Returns the frame and how many page bytes
-    /// remain (0 for every other frame, and on any other transport).
+    /// As [`FrameReader::read`], except that a Pages frame comes with its head and run
+    /// table only (checked against the checksum): the rest of it, the page bytes, must
+    /// then be read with [`FrameReader::read_pages_data`] into guest memory before
+    /// anything else. Returns the frame and how many page bytes remain (0 for every other
+    /// frame).
     pub fn read_deferred(&mut self) -> Result<(Frame, usize), StreamError> {
         if self.pending.is_some() {
             return Err(StreamError::Io(std::io::Error::other(
                 "the last frame's page data was not read",
             )));
-        }
-        if self.inner.vectored_fd().is_none() {
-            return self.read().map(|frame| (frame, 0));
         }
         let deadline = self.deadline();
         let (kind, len, expected) = self.read_header(deadline)?;
@@ -825,14 +825,35 @@ impl<R: Read + Transport> FrameReader<R> {
         Ok((Frame { kind, payload }, data_bytes))
     }
 
-    /// Reads the page bytes [`FrameReader::read_deferred`] left, straight into `pieces`
-    /// (exactly that many bytes in all) within the frame's deadline.
+    /// Reads the page bytes [`FrameReader::read_deferred`] left into `pieces` (exactly
+    /// that many bytes in all) within the frame's deadline: on a plaintext socket straight
+    /// from the kernel (`readv`), otherwise (TLS) through one reused buffer.
     pub fn read_pages_data(&mut self, pieces: &[IoPieceMut<'_>]) -> Result<(), StreamError> {
         let (left, deadline) = self.pending.take().unwrap_or((0, None));
         if pieces.iter().map(|p| p.len()).sum::<usize>() != left {
             return Err(StreamError::Io(std::io::Error::other(
                 "page data pieces differ from the frame's page bytes",
             )));
+        }
+        if self.inner.vectored_fd().is_none() {
+            let mut bounce = std::mem::take(&mut self.bounce);
+            bounce.resize(READ_CHUNK * 4, 0);
+            let result = (|| {
+                for piece in pieces {
+                    let mut done = 0;
+                    while done < piece.len() {
+                        let n = (piece.len() - done).min(bounce.len());
+                        self.read_exact(&mut bounce[..n], deadline)?;
+                        piece.skip(done).copy_from(&bounce[..n]).map_err(|_| {
+                            StreamError::Io(std::io::Error::from_raw_os_error(libc::EFAULT))
+                        })?;
+                        done += n;
+                    }
+                }
+                Ok(())
+            })();
+            self.bounce = bounce;
+            return result;
         }
         let mut pieces: Vec<IoPieceMut<'_>> = pieces.to_vec();
         let mut first = 0;

@@ -223,8 +223,9 @@ pub fn accept(
     let mut tcp = tcp;
     let deadline = Instant::now() + timeout;
     handshake(&mut conn, &mut tcp, deadline, timeout).map_err(failed)?;
-    let mut stream = StreamOwned::new(conn, tcp);
-    arm(&stream.sock, deadline, timeout).map_err(failed)?;
+    conn.set_buffer_limit(Some(TLS_BUFFER_BYTES));
+    let mut stream = StreamOwned::new(conn, Socket::new(tcp));
+    arm(&stream.sock.tcp, deadline, timeout).map_err(failed)?;
     stream
         .write_all(&[ACCEPTED])
         .and_then(|()| stream.flush())
@@ -253,8 +254,9 @@ pub fn connect(
     let mut tcp = tcp;
     let deadline = Instant::now() + timeout;
     handshake(&mut conn, &mut tcp, deadline, timeout).map_err(failed)?;
-    let mut stream = StreamOwned::new(conn, tcp);
-    arm(&stream.sock, deadline, timeout).map_err(failed)?;
+    conn.set_buffer_limit(Some(TLS_BUFFER_BYTES));
+    let mut stream = StreamOwned::new(conn, Socket::new(tcp));
+    arm(&stream.sock.tcp, deadline, timeout).map_err(failed)?;
     let mut accepted = [0u8; 1];
     match stream.read_exact(&mut accepted) {
         Ok(()) if accepted[0] == ACCEPTED => {}
@@ -338,17 +340,68 @@ fn handshake<D: SideData>(
     Ok(())
 }
 
+/// Plaintext rustls may buffer to send: a whole Pages frame is encrypted and written in a
+/// few calls rather than one per 64 KiB.
+const TLS_BUFFER_BYTES: usize = 4 << 20;
+/// Bytes read from the socket at once: rustls asks for 4 KiB at a time, which would be a
+/// `recv` per 4 KiB of guest memory.
+const SOCKET_READ_BYTES: usize = 256 << 10;
+
+/// The TCP socket under a TLS session, its reads buffered ([`SOCKET_READ_BYTES`]).
+struct Socket {
+    tcp: TcpStream,
+    buffer: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl Socket {
+    fn new(tcp: TcpStream) -> Self {
+        Socket {
+            tcp,
+            buffer: vec![0u8; SOCKET_READ_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = self.tcp.read(&mut self.buffer)?;
+        }
+        let n = buf.len().min(self.end - self.start);
+        buf[..n].copy_from_slice(&self.buffer[self.start..self.start + n]);
+        self.start += n;
+        Ok(n)
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.tcp.write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 /// One side's TLS session.
 enum Inner {
-    Client(StreamOwned<ClientConnection, TcpStream>),
-    Server(StreamOwned<ServerConnection, TcpStream>),
+    Client(StreamOwned<ClientConnection, Socket>),
+    Server(StreamOwned<ServerConnection, Socket>),
 }
 
 impl Inner {
     fn tcp(&self) -> &TcpStream {
         match self {
-            Inner::Client(s) => &s.sock,
-            Inner::Server(s) => &s.sock,
+            Inner::Client(s) => &s.sock.tcp,
+            Inner::Server(s) => &s.sock.tcp,
         }
     }
 }
