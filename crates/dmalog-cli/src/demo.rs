@@ -666,7 +666,18 @@ fn run_destination(
     .context("destination")?;
     // The device goes on where it stopped.
     let device_writes_after_resume = if dma_engine {
-        let before = device_workload::writes(&mut dst)?;
+        // On a busy machine the device server may not have run since the resume: wait for
+        // its first write (2 s at most), then count a 100 ms window.
+        let mut before = device_workload::writes(&mut dst)?;
+        let waited = Instant::now();
+        while waited.elapsed() < Duration::from_secs(2) {
+            std::thread::sleep(Duration::from_millis(10));
+            let now = device_workload::writes(&mut dst)?;
+            if now != before {
+                before = now;
+                break;
+            }
+        }
         std::thread::sleep(Duration::from_millis(100));
         let after = device_workload::writes(&mut dst)?;
         Some(after.saturating_sub(before))
