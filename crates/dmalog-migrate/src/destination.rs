@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::engine::{aborted, expect_kind, MigrateError, PAGE};
 use crate::guest::GuestMemory;
+use crate::known_zero::KnownZero;
 use crate::round_sync::RoundSync;
 use crate::stream::{
     Channel, Frame, FrameReader, FrameWriter, Kind, StreamError, DEFAULT_TIMEOUT, HELLO_HEAD_BYTES,
@@ -395,6 +396,7 @@ struct Applied {
 fn run_channel(
     index: usize,
     memory: &GuestMemory,
+    known: &KnownZero,
     sync: &RoundSync,
     input: &mut FrameReader<Box<dyn Channel>>,
 ) -> Result<Applied, MigrateError> {
@@ -403,7 +405,7 @@ fn run_channel(
         let frame = input.read()?;
         sync.check()?;
         match frame.kind {
-            Kind::Pages => write_pages(memory, &frame, &mut applied)?,
+            Kind::Pages => write_pages(memory, known, &frame, &mut applied)?,
             Kind::Sync => sync.arrive(index, decode_sync(&frame)?)?,
             Kind::End => {
                 sync.finish();
@@ -471,17 +473,25 @@ fn receive<W: Write, D: MigrationDevice>(
     map_dma(device, memory).map_err(MigrateError::Peer)?;
     device.set_device_state(DeviceState::Resuming)?;
     let sync = RoundSync::new(hello.channels, timeout);
+    let known = KnownZero::new(memory);
     let mut applied = Applied::default();
     let (main, others) = std::thread::scope(|scope| {
         let threads: Vec<_> = inputs
             .iter_mut()
             .enumerate()
             .map(|(i, input)| {
-                let sync = &sync;
-                scope.spawn(move || run_channel(i + 1, memory, sync, input))
+                let (sync, known) = (&sync, &known);
+                scope.spawn(move || run_channel(i + 1, memory, known, sync, input))
             })
             .collect();
-        let main = receive_main(memory, device, input, &sync, &mut applied, &mut report);
+        let main = receive_main(
+            (memory, &known),
+            device,
+            input,
+            &sync,
+            &mut applied,
+            &mut report,
+        );
         if main.is_err() {
             sync.fail(0);
             // Readers blocked on the other channels return at once.
@@ -554,7 +564,7 @@ fn receive<W: Write, D: MigrationDevice>(
 
 /// The main channel's frames until End.
 fn receive_main<D: MigrationDevice>(
-    memory: &GuestMemory,
+    (memory, known): (&GuestMemory, &KnownZero),
     device: &mut D,
     input: &mut FrameReader<impl Read>,
     sync: &RoundSync,
@@ -565,7 +575,7 @@ fn receive_main<D: MigrationDevice>(
         let frame = input.read()?;
         sync.check()?;
         match frame.kind {
-            Kind::Pages => write_pages(memory, &frame, applied)?,
+            Kind::Pages => write_pages(memory, known, &frame, applied)?,
             Kind::Sync => sync.arrive(0, decode_sync(&frame)?)?,
             Kind::DeviceData => {
                 device.write_migration_data(&frame.payload)?;
@@ -584,6 +594,7 @@ fn receive_main<D: MigrationDevice>(
 /// Writes one Pages frame into guest memory, every run checked before any is written.
 fn write_pages(
     memory: &GuestMemory,
+    known: &KnownZero,
     frame: &Frame,
     applied: &mut Applied,
 ) -> Result<(), MigrateError> {
@@ -597,10 +608,13 @@ fn write_pages(
     }
     for run in &runs {
         let written = match run.data {
-            Some(data) => memory.write(run.gpa, data),
+            Some(data) => {
+                known.forget(run.gpa, run.npages);
+                memory.write(run.gpa, data)
+            }
             None => {
                 applied.zero_pages += run.npages;
-                memory.zero_pages(run.gpa, run.npages, PAGE as usize)
+                known.zero(memory, run.gpa, run.npages)
             }
         };
         if !written {
