@@ -4,6 +4,8 @@
 //! applied that should not be, and that the destination ends (a generous hang guard, never
 //! a timed assertion on speed).
 
+mod common;
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -677,4 +679,58 @@ fn a_zero_run_over_pages_already_zeroed_costs_no_scan() {
         read_page(&memory, 2 * 4096).iter().all(|&b| b == 0),
         "zeroed after its data"
     );
+}
+
+/// The source against a hostile destination on two channels: it takes the Hello and the
+/// Join, drains the main channel but never reads the further one (nor answers). The
+/// source fails within its timeout, with its VM back: the device RUNNING, logging off.
+#[test]
+fn a_destination_that_never_reads_a_further_channel_fails_the_source_in_time() {
+    use dmalog::{InProcessTracker, SoftDriver};
+    use dmalog_migrate::{migrate_source_channels, SourceVm};
+    let timeout = Duration::from_millis(500);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (main, _) = listener.accept().unwrap();
+        let (_held, _) = listener.accept().unwrap();
+        let mut input = FrameReader::new(main);
+        while input.read().is_ok() {}
+    });
+    let memory = GuestMemory::new(&common::LAYOUT).unwrap();
+    for &(gpa, size) in &common::LAYOUT {
+        assert!(memory.write(gpa, &vec![0x5a; size as usize]));
+    }
+    let (mut device, _) = common::FakeDevice::new(vec![5u8; 3000]);
+    let mut cpu = InProcessTracker::new(SoftDriver::new());
+    let tcp = TcpStream::connect(&address).unwrap();
+    let mut replies = FrameReader::new(tcp.try_clone().unwrap()).with_timeout(timeout);
+    let mut out = FrameWriter::new(tcp, None).with_timeout(timeout);
+    let mut connect =
+        |_| Ok(FrameWriter::new(TcpStream::connect(&address)?, None).with_timeout(timeout));
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: None,
+    };
+    let start = Instant::now();
+    let err = migrate_source_channels(
+        &common::config(),
+        vm,
+        &mut out,
+        2,
+        &mut connect,
+        &mut replies,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(start.elapsed() < HANG_GUARD, "the source hangs");
+    assert!(
+        matches!(&err, MigrateError::Stream(StreamError::TimedOut(_)))
+            || err.to_string().contains("did not keep up"),
+        "{err}"
+    );
+    assert_eq!(device.state, DeviceState::Running, "{err}");
+    assert!(!device.logging, "device logging stopped");
 }
