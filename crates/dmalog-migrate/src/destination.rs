@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use crate::engine::{aborted, expect_kind, MigrateError, PAGE};
 use crate::guest::GuestMemory;
+use crate::known_zero::KnownZero;
 use crate::round_sync::RoundSync;
 use crate::stream::{
     Channel, Frame, FrameReader, FrameWriter, Kind, StreamError, Transport, DEFAULT_TIMEOUT,
@@ -414,6 +415,7 @@ struct Applied {
 fn run_channel(
     index: usize,
     memory: &GuestMemory,
+    known: &KnownZero,
     sync: &RoundSync,
     input: &mut FrameReader<Box<dyn Channel>>,
 ) -> Result<Applied, MigrateError> {
@@ -422,7 +424,7 @@ fn run_channel(
         let (frame, data_bytes) = input.read_deferred()?;
         sync.check()?;
         match frame.kind {
-            Kind::Pages => write_pages(memory, input, &frame, data_bytes, &mut applied)?,
+            Kind::Pages => write_pages(memory, known, input, &frame, data_bytes, &mut applied)?,
             Kind::Sync => sync.arrive(index, decode_sync(&frame)?)?,
             Kind::End => {
                 sync.finish();
@@ -490,17 +492,25 @@ fn receive<W: Write, D: MigrationDevice>(
     map_dma(device, memory).map_err(MigrateError::Peer)?;
     device.set_device_state(DeviceState::Resuming)?;
     let sync = RoundSync::new(hello.channels, timeout);
+    let known = KnownZero::new(memory);
     let mut applied = Applied::default();
     let (main, others) = std::thread::scope(|scope| {
         let threads: Vec<_> = inputs
             .iter_mut()
             .enumerate()
             .map(|(i, input)| {
-                let sync = &sync;
-                scope.spawn(move || run_channel(i + 1, memory, sync, input))
+                let (sync, known) = (&sync, &known);
+                scope.spawn(move || run_channel(i + 1, memory, known, sync, input))
             })
             .collect();
-        let main = receive_main(memory, device, input, &sync, &mut applied, &mut report);
+        let main = receive_main(
+            (memory, &known),
+            device,
+            input,
+            &sync,
+            &mut applied,
+            &mut report,
+        );
         if main.is_err() {
             sync.fail(0);
             // Readers blocked on the other channels return at once.
@@ -579,7 +589,7 @@ fn receive<W: Write, D: MigrationDevice>(
 
 /// The main channel's frames until End.
 fn receive_main<D: MigrationDevice>(
-    memory: &GuestMemory,
+    (memory, known): (&GuestMemory, &KnownZero),
     device: &mut D,
     input: &mut FrameReader<impl Read + Transport>,
     sync: &RoundSync,
@@ -590,7 +600,7 @@ fn receive_main<D: MigrationDevice>(
         let (frame, data_bytes) = input.read_deferred()?;
         sync.check()?;
         match frame.kind {
-            Kind::Pages => write_pages(memory, input, &frame, data_bytes, applied)?,
+            Kind::Pages => write_pages(memory, known, input, &frame, data_bytes, applied)?,
             Kind::Sync => sync.arrive(0, decode_sync(&frame)?)?,
             Kind::DeviceData => {
                 device.write_migration_data(&frame.payload)?;
@@ -611,6 +621,7 @@ fn receive_main<D: MigrationDevice>(
 /// socket, read straight into guest memory.
 fn write_pages(
     memory: &GuestMemory,
+    known: &KnownZero,
     input: &mut FrameReader<impl Read + Transport>,
     frame: &Frame,
     data_bytes: usize,
@@ -638,11 +649,14 @@ fn write_pages(
             .map(|r| memory.piece_mut(r.gpa, (r.npages * PAGE) as usize))
             .collect::<Option<Vec<_>>>()
             .ok_or_else(outside)?;
+        for run in runs.iter().filter(|r| !r.zero) {
+            known.forget(run.gpa, run.npages);
+        }
         input.read_pages_data(&pieces)?;
         for run in &runs {
             if run.zero {
                 applied.zero_pages += run.npages;
-                if !memory.zero_pages(run.gpa, run.npages, PAGE as usize) {
+                if !known.zero(memory, run.gpa, run.npages) {
                     return Err(outside());
                 }
             }
@@ -656,10 +670,13 @@ fn write_pages(
     }
     for run in &runs {
         let written = match run.data {
-            Some(data) => memory.write(run.gpa, data),
+            Some(data) => {
+                known.forget(run.gpa, run.npages);
+                memory.write(run.gpa, data)
+            }
             None => {
                 applied.zero_pages += run.npages;
-                memory.zero_pages(run.gpa, run.npages, PAGE as usize)
+                known.zero(memory, run.gpa, run.npages)
             }
         };
         if !written {

@@ -35,6 +35,7 @@ mod dirty;
 pub mod engine;
 pub mod fuzzing;
 pub mod guest;
+mod known_zero;
 pub mod peer_text;
 pub mod pki;
 mod report;

@@ -4,6 +4,8 @@
 //! applied that should not be, and that the destination ends (a generous hang guard, never
 //! a timed assertion on speed).
 
+mod common;
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -594,4 +596,152 @@ fn a_failed_channel_stops_the_others_at_their_next_frame() {
     let err = result.unwrap_err();
     assert!(err.to_string().contains("page-aligned"), "{err}");
     assert_eq!(state, DeviceState::Resuming);
+}
+
+/// Delivers `frames` one after another, running `before(i)` before frame `i`'s first
+/// byte goes out (the test acts between two frames the destination reads).
+struct Scripted<'a> {
+    frames: Vec<Vec<u8>>,
+    next: usize,
+    at: usize,
+    before: &'a dyn Fn(usize),
+}
+
+/// Not a socket: page bytes are copied out of the frames.
+impl dmalog_migrate::stream::Transport for Scripted<'_> {
+    fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    fn shut_down(&self) {}
+}
+
+impl std::io::Read for Scripted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(frame) = self.frames.get(self.next) else {
+            return Ok(0);
+        };
+        if self.at == 0 {
+            (self.before)(self.next);
+        }
+        let n = buf.len().min(frame.len() - self.at);
+        buf[..n].copy_from_slice(&frame[self.at..self.at + n]);
+        self.at += n;
+        if self.at == frame.len() {
+            (self.next, self.at) = (self.next + 1, 0);
+        }
+        Ok(n)
+    }
+}
+
+/// A zero run costs the source 16 bytes for up to 256 MiB of the destination's work, so
+/// the destination does that work once per page: a page it zeroed (or found zero) and
+/// that no data run wrote since is not looked at again. Nothing else writes the
+/// destination's guest memory before the device runs, so the test shows the skip by
+/// writing a page behind the destination's back between two frames: the second zero run
+/// leaves it; a data run in between makes the next zero run zero it again.
+#[test]
+fn a_zero_run_over_pages_already_zeroed_costs_no_scan() {
+    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let region_pages = LAYOUT[0].1 / 4096;
+    let zero_all = pages(&[(0, region_pages as u32, RUN_ZERO)], &[]);
+    let frames = vec![
+        raw_frame(Kind::Hello as u8, &hello_payload(4096, SESSION, 1, &LAYOUT)),
+        zero_all.clone(),
+        // Page 1 written behind the destination's back here: skipped, left as it is.
+        zero_all.clone(),
+        // A data run on page 2, then a zero run: page 2 is zeroed again.
+        pages(&[(2 * 4096, 1, 0)], &[0x22; 4096]),
+        pages(&[(2 * 4096, 1, RUN_ZERO)], &[]),
+        raw_frame(Kind::Sync as u8, &0u32.to_le_bytes()),
+        raw_frame(Kind::End as u8, &[]),
+        raw_frame(Kind::Go as u8, &[]),
+        raw_frame(Kind::Verified as u8, &[1]),
+    ];
+    let behind = Arc::clone(&memory);
+    let before = move |frame: usize| {
+        if frame == 2 {
+            assert!(behind.write(4096, &[0x11; 4096]));
+        }
+    };
+    let mut device = LoadingDevice::default();
+    let report = migrate_destination(
+        &memory,
+        &mut device,
+        &mut |_, _| Ok(()),
+        &mut FrameReader::new(Scripted {
+            frames,
+            next: 0,
+            at: 0,
+            before: &before,
+        }),
+        &mut FrameWriter::new(Vec::new(), None),
+    )
+    .unwrap();
+    assert_eq!(
+        report.zero_pages,
+        2 * region_pages + 1,
+        "every zero page is counted"
+    );
+    assert!(
+        read_page(&memory, 4096).iter().all(|&b| b == 0x11),
+        "not scanned again"
+    );
+    assert!(
+        read_page(&memory, 2 * 4096).iter().all(|&b| b == 0),
+        "zeroed after its data"
+    );
+}
+
+/// The source against a hostile destination on two channels: it takes the Hello and the
+/// Join, drains the main channel but never reads the further one (nor answers). The
+/// source fails within its timeout, with its VM back: the device RUNNING, logging off.
+#[test]
+fn a_destination_that_never_reads_a_further_channel_fails_the_source_in_time() {
+    use dmalog::{InProcessTracker, SoftDriver};
+    use dmalog_migrate::{migrate_source_channels, SourceVm};
+    let timeout = Duration::from_millis(500);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let (main, _) = listener.accept().unwrap();
+        let (_held, _) = listener.accept().unwrap();
+        let mut input = FrameReader::new(main);
+        while input.read().is_ok() {}
+    });
+    let memory = GuestMemory::new(&common::LAYOUT).unwrap();
+    for &(gpa, size) in &common::LAYOUT {
+        assert!(memory.write(gpa, &vec![0x5a; size as usize]));
+    }
+    let (mut device, _) = common::FakeDevice::new(vec![5u8; 3000]);
+    let mut cpu = InProcessTracker::new(SoftDriver::new());
+    let tcp = TcpStream::connect(&address).unwrap();
+    let mut replies = FrameReader::new(tcp.try_clone().unwrap()).with_timeout(timeout);
+    let mut out = FrameWriter::new(tcp, None).with_timeout(timeout);
+    let mut connect =
+        |_| Ok(FrameWriter::new(TcpStream::connect(&address)?, None).with_timeout(timeout));
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: None,
+    };
+    let start = Instant::now();
+    let err = migrate_source_channels(
+        &common::config(),
+        vm,
+        &mut out,
+        2,
+        &mut connect,
+        &mut replies,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(start.elapsed() < HANG_GUARD, "the source hangs");
+    assert!(
+        matches!(&err, MigrateError::Stream(StreamError::TimedOut(_)))
+            || err.to_string().contains("did not keep up"),
+        "{err}"
+    );
+    assert_eq!(device.state, DeviceState::Running, "{err}");
+    assert!(!device.logging, "device logging stopped");
 }

@@ -6,7 +6,10 @@
 //! `len u32` and its bytes) is replayed too. `DMALOG_REPLAY_CASES` makes the random part
 //! longer.
 
-use dmalog_migrate::fuzzing::{destination_stream, frames_from, fuzz_one, good_hello, raw_frame};
+use dmalog_migrate::fuzzing::{
+    channels_from, destination_channels, destination_stream, frames_from, fuzz_one, good_hello,
+    raw_frame,
+};
 use dmalog_migrate::stream::{pages_payload, Kind, RUN_ZERO};
 
 fn next(state: &mut u64) -> u64 {
@@ -127,4 +130,96 @@ fn the_fuzzing_corpus_replays() {
         rest = next;
     }
     assert!(inputs > 100, "{inputs} inputs in the corpus");
+}
+
+/// A whole migration on three channels the fuzz destination accepts: a many-run Pages
+/// frame (overlapping, zero and data runs) on every channel, the round marker on each,
+/// device data, End on each, Go and the verdict.
+fn good_channels() -> Vec<Vec<u8>> {
+    let mut records = vec![1u8];
+    for channel in 0..3u8 {
+        // Runs: 2 data pages at page 4*channel, a zero run over the second, 1 in region 1.
+        let runs = [
+            4 * channel,
+            2,
+            0x40 + channel,
+            4 * channel + 1,
+            0x81,
+            0,
+            0x80 | channel,
+            1,
+            7,
+        ];
+        records.extend_from_slice(&[channel, 0x7f, runs.len() as u8, 0]);
+        records.extend_from_slice(&runs);
+        records.extend_from_slice(&[channel, Kind::Sync as u8, 4, 0, 0, 0, 0, 0]);
+    }
+    records.extend_from_slice(&[0, Kind::DeviceData as u8, 3, 0, 1, 2, 3]);
+    for channel in [1u8, 2, 0] {
+        records.extend_from_slice(&[channel, Kind::End as u8, 0, 0]);
+    }
+    records.extend_from_slice(&[0, Kind::Go as u8, 0, 0]);
+    records.extend_from_slice(&[0, Kind::Verified as u8, 1, 0, 1]);
+    channels_from(&records)
+}
+
+#[test]
+fn a_good_multi_channel_migration_is_accepted_and_no_truncation_of_a_channel_is() {
+    let good = good_channels();
+    assert_eq!(good.len(), 3);
+    assert!(destination_channels(&good));
+    for channel in 0..good.len() {
+        // Every 61st length (headers, run tables, page data alike) and the whole tail.
+        let full = good[channel].len();
+        for len in (0..full).filter(|&len| len % 61 == 0 || len + 64 > full) {
+            let mut cut = good.clone();
+            cut[channel].truncate(len);
+            assert!(
+                !destination_channels(&cut),
+                "channel {channel} cut at {len}"
+            );
+        }
+    }
+    // A channel missing altogether, or one more than the Hello names.
+    assert!(!destination_channels(&good[..2]));
+    let mut extra = good.clone();
+    extra.push(good[1].clone());
+    assert!(
+        destination_channels(&extra),
+        "a connection after every channel joined is never accepted"
+    );
+}
+
+#[test]
+fn seeded_random_multi_channel_records() {
+    let cases = std::env::var("DMALOG_REPLAY_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200u64);
+    for seed in 0..cases {
+        let mut state = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
+        let mut records = vec![next(&mut state) as u8];
+        for _ in 0..(next(&mut state) % 16) {
+            let kind = match next(&mut state) % 5 {
+                0 => 0x80 | (next(&mut state) % 64) as u8,
+                1 => 0x7f,
+                2 => Kind::Sync as u8,
+                3 => Kind::End as u8,
+                _ => (next(&mut state) % 11) as u8,
+            };
+            let payload_len = (next(&mut state) % 16) as u16;
+            records.push(next(&mut state) as u8);
+            records.push(kind);
+            records.extend_from_slice(&payload_len.to_le_bytes());
+            records.extend((0..payload_len).map(|_| {
+                // Sync payloads: small round numbers, so that markers line up now and then.
+                if kind == Kind::Sync as u8 {
+                    (next(&mut state) % 2) as u8
+                } else {
+                    next(&mut state) as u8
+                }
+            }));
+        }
+        destination_channels(&channels_from(&records));
+    }
 }
