@@ -27,6 +27,7 @@
 //! the workloads. No features. MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
 
 pub mod baselines;
+pub mod migrate;
 pub mod vm_memory;
 pub mod wire;
 pub mod workloads;

@@ -44,7 +44,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<ExitCode> {
     let spinner = ProgressBar::new_spinner();
     spinner.set_style(ProgressStyle::with_template("{spinner} {elapsed} {msg}")?);
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let rows = dmalog_bench::quick_run(|step| spinner.set_message(step.to_string()));
+    // DMALOG_BENCH_ONLY_MIGRATE: the migration rows alone (tuning the stream).
+    let mut rows = if std::env::var_os("DMALOG_BENCH_ONLY_MIGRATE").is_some() {
+        Vec::new()
+    } else {
+        dmalog_bench::quick_run(|step| spinner.set_message(step.to_string()))
+    };
+    // The migration stream's rows: loopback TCP, 5 interleaved batches each.
+    rows.extend(dmalog_bench::migrate::rows(5, &mut |step: &str| {
+        spinner.set_message(step.to_string())
+    }));
     spinner.finish_and_clear();
     let all_targets_met = rows.iter().all(|row| row.met != Some(false));
     let mut out = std::io::stdout().lock();

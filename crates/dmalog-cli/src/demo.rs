@@ -32,6 +32,26 @@ const MIB: u64 = 1 << 20;
 const DEFAULT_TIMEOUT_MS: u64 = dmalog_migrate::stream::DEFAULT_TIMEOUT.as_millis() as u64;
 /// The longest peer timeout accepted, ms (a day).
 const MAX_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+/// The highest rate any rate flag takes, MB/s (10 TB/s: bytes per second fit a u64 with
+/// room to spare).
+const MAX_RATE_MBPS: u64 = 10_000_000;
+/// The migration stream's socket buffers by default, KiB.
+const DEFAULT_STREAM_BUFFER_KIB: u64 = 2048;
+
+/// Bounds the bytes in flight on `stream` (or every socket a listener accepts) to about
+/// `kib` KiB each way (0: leaves the kernel's autotuning): the destination applies what is in flight at the stop inside
+/// the downtime, and autotuned buffers on loopback hold tens of MiB.
+fn bound_stream_buffers(stream: impl rustix::fd::AsFd, kib: u64) -> anyhow::Result<()> {
+    if kib == 0 {
+        return Ok(());
+    }
+    let bytes = usize::try_from(kib.saturating_mul(1024)).unwrap_or(usize::MAX);
+    rustix::net::sockopt::set_socket_send_buffer_size(&stream, bytes)
+        .context("setting the migration stream's send buffer")?;
+    rustix::net::sockopt::set_socket_recv_buffer_size(&stream, bytes)
+        .context("setting the migration stream's receive buffer")?;
+    Ok(())
+}
 
 /// The guest, its workloads and the migration settings (shared by `demo` and `migrate`).
 #[derive(clap::Args, Debug, Clone)]
@@ -39,23 +59,28 @@ pub struct VmArgs {
     /// Guest memory, MiB (3/4 at GPA 0, 1/4 at 4 GiB).
     #[arg(long, default_value_t = 1024)]
     memory_mib: u64,
+    /// Share of guest memory written with data (no zero page) before the migration,
+    /// percent: a booted guest's memory is mostly not zero. 0 leaves it all zero, which
+    /// zero-page skipping sends as flags alone.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=100))]
+    prefill_pct: u64,
     /// Device workload working set, MiB.
     #[arg(long, default_value_t = 64)]
     device_wss_mib: u64,
-    /// Device workload rate, MB/s.
-    #[arg(long, default_value_t = 200)]
+    /// Device workload rate, MB/s (0: as fast as it can; auto-converge cannot slow it then).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=MAX_RATE_MBPS))]
     device_rate_mbps: u64,
     /// vCPU workload working set, MiB.
     #[arg(long, default_value_t = 16)]
     vcpu_wss_mib: u64,
-    /// vCPU workload rate, MB/s.
-    #[arg(long, default_value_t = 100)]
+    /// vCPU workload rate, MB/s (0: as fast as they can).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(0..=MAX_RATE_MBPS))]
     vcpu_rate_mbps: u64,
     /// vCPU threads.
     #[arg(long, default_value_t = 2)]
     vcpus: usize,
-    /// Link bandwidth, MB/s.
-    #[arg(long, default_value_t = 1000)]
+    /// Link bandwidth, MB/s (0: uncapped).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=MAX_RATE_MBPS))]
     link_mbps: u64,
     /// TCP connections for the migration stream, each with its own sender thread (and TLS
     /// session), as QEMU's multifd channels; the link cap is shared between them.
@@ -69,6 +94,12 @@ pub struct VmArgs {
     /// Maximum downtime, ms.
     #[arg(long, default_value_t = 30)]
     max_downtime_ms: u64,
+    /// Socket buffer of the migration stream on each side, KiB (0: the kernel's
+    /// autotuning, up to tens of MiB). What sits in the buffers when the guest stops is
+    /// applied by the destination inside the downtime: the bound keeps it to a few ms at
+    /// 1 GB/s. Raise it for a link with more than that in flight (bandwidth x round trip).
+    #[arg(long, default_value_t = DEFAULT_STREAM_BUFFER_KIB)]
+    stream_buffer_kib: u64,
     /// Pre-copy rounds before the stop is forced although the rest does not fit the
     /// downtime (a last resort: the migration then reports the budget not met).
     #[arg(long, default_value_t = 30)]
@@ -167,6 +198,8 @@ pub struct DemoArgs {
 
 /// `dmalog migrate`: the two halves of the demo for two hosts.
 #[derive(clap::Subcommand, Debug)]
+// Parsed once per process: the size of a variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum MigrateCommand {
     /// Run the source VM against a running `dmalog serve` and migrate it to a destination.
     #[command(after_help = EXIT_STATUS_HELP)]
@@ -209,6 +242,10 @@ pub enum MigrateCommand {
         /// (repeat for more; e.g. 1 for BAR1), to compare with the source's.
         #[arg(long, value_name = "INDEX")]
         region_digest: Vec<u32>,
+        /// Socket buffer of the migration stream, KiB (0: the kernel's autotuning); see
+        /// `migrate source --stream-buffer-kib`.
+        #[arg(long, default_value_t = DEFAULT_STREAM_BUFFER_KIB)]
+        stream_buffer_kib: u64,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -362,6 +399,7 @@ fn run_source(
     }
     let layout = default_layout(guest_bytes);
     let memory = Arc::new(GuestMemory::new(&layout).context("source guest memory")?);
+    prefill(&memory, vm_args.prefill_pct)?;
     map_all(&mut src, &memory).map_err(anyhow::Error::msg)?;
     // The device's working set sits a third of the way into the low region (256 MiB for
     // the default 1 GiB guest), the vCPUs' just below it, overlapping it by
@@ -489,6 +527,7 @@ fn migrate_once(
         let stream = connect_within(destination, timeout)
             .with_context(|| format!("connecting to the destination {destination}"))?;
         stream.set_nodelay(true)?;
+        bound_stream_buffers(&stream, vm_args.stream_buffer_kib)?;
         security
             .secure(stream, destination, timeout)
             .with_context(|| format!("securing the link to {destination}"))
@@ -578,12 +617,15 @@ fn run_destination(
     timeout: Duration,
     security: &ServerSide,
     digest_regions: &[u32],
+    stream_buffer_kib: u64,
 ) -> anyhow::Result<DestinationOutcome> {
     // Asked before the migration: after it, every request counts against the device's
     // time running.
     let dma_engine = device_workload::is_dma_engine(&mut dst);
     let memory =
         GuestMemory::new(&default_layout(memory_mib * MIB)).context("destination guest memory")?;
+    // Every channel's socket inherits the listener's buffers.
+    bound_stream_buffers(&listener, stream_buffer_kib)?;
     // Waiting for a source to connect is this side's job and has no limit; once one has,
     // every frame must come within `timeout`.
     let (stream, _) = listener.accept()?;
@@ -696,8 +738,17 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let listener = TcpListener::bind("127.0.0.1:0").context("listening on loopback")?;
     let address = listener.local_addr()?.to_string();
     let memory_mib = vm.memory_mib;
+    let stream_buffer_kib = vm.stream_buffer_kib;
     let destination = std::thread::spawn(move || {
-        run_destination(memory_mib, dst, listener, timeout, &server_side, &[])
+        run_destination(
+            memory_mib,
+            dst,
+            listener,
+            timeout,
+            &server_side,
+            &[],
+            stream_buffer_kib,
+        )
     });
     let source = run_source(vm, src, &[address], &client_side);
     let destination = destination
@@ -741,6 +792,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             json,
             tls,
             region_digest,
+            stream_buffer_kib,
         } => {
             let security = tls.server()?;
             let dst = connect(socket, Duration::from_millis(*timeout_ms))?;
@@ -754,6 +806,7 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
                 Duration::from_millis(*timeout_ms),
                 &security,
                 region_digest,
+                *stream_buffer_kib,
             )?;
             let verified = outcome.verified;
             let mut stdout = std::io::stdout().lock();
@@ -795,4 +848,27 @@ pub fn run_migrate(command: &MigrateCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Writes data into the leading `pct` percent of each guest region: every page differs
+/// (its GPA in its first 8 bytes) and none is zero.
+fn prefill(memory: &GuestMemory, pct: u64) -> anyhow::Result<()> {
+    const CHUNK_BYTES: u64 = 1 << 20;
+    let mut chunk = vec![0xa5u8; CHUNK_BYTES as usize];
+    for region in memory.regions() {
+        let fill_bytes = (region.size / 100 * pct) & !0xfff;
+        let mut done = 0;
+        while done < fill_bytes {
+            let len = (fill_bytes - done).min(CHUNK_BYTES);
+            for (i, page) in chunk[..len as usize].chunks_mut(4096).enumerate() {
+                let gpa = region.gpa + done + i as u64 * 4096;
+                page[..8].copy_from_slice(&gpa.to_le_bytes());
+            }
+            if !memory.write(region.gpa + done, &chunk[..len as usize]) {
+                bail!("prefilling guest memory at {:#x}", region.gpa + done);
+            }
+            done += len;
+        }
+    }
+    Ok(())
 }

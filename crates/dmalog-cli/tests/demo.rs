@@ -144,6 +144,8 @@ fn auto_converge_takes_on_or_off_and_throttles_in_percent_only() {
         &["--throttle-increment", "100"],
         &["--throttle-max", "-1"],
         &["--wss-overlap-pct", "101"],
+        &["--link-mbps", "18446744073709551615"],
+        &["--vcpu-rate-mbps", "10000001"],
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
             .arg("demo")
@@ -178,7 +180,13 @@ fn pre_copy_verifies_with_rounds_and_timings() {
     );
     assert_eq!(rounds.last().unwrap()["final_round"], true);
     assert!(report["downtime_ms"].as_f64().unwrap() > 0.0);
-    assert!(report["bytes_sent"].as_u64().unwrap() >= 64 << 20);
+    // Zero pages cost a flag, not 4 KiB: the stream carries every round and a little more.
+    let rounds_bytes: u64 = rounds
+        .iter()
+        .map(|r| r["bytes_sent"].as_u64().unwrap())
+        .sum();
+    assert!(rounds_bytes > 0);
+    assert!(report["bytes_sent"].as_u64().unwrap() >= rounds_bytes);
     assert!(
         report["device_writes_after_resume"].as_u64().unwrap() > 0,
         "the device runs on at the destination"

@@ -156,10 +156,53 @@ impl WorkloadShared {
     }
 }
 
+/// The workload's pacing: the bytes written since a window opened, at one rate. A new
+/// rate opens a new window: kept, a lower rate would owe the time of every byte written at
+/// the old one, and the workload would stall for a share of all the time since the window
+/// opened (a throttle of 20% after 2 s of running: 0.5 s without a write).
+#[derive(Debug, Clone, Copy)]
+struct Pacer {
+    start: Instant,
+    bytes: u64,
+    rate: u64,
+}
+
+impl Pacer {
+    fn new(now: Instant) -> Self {
+        Pacer {
+            start: now,
+            bytes: 0,
+            rate: 0,
+        }
+    }
+
+    /// Opens a new window at `now`.
+    fn restart(&mut self, now: Instant) {
+        self.start = now;
+        self.bytes = 0;
+    }
+
+    /// Counts a write of `bytes` made at `rate` bytes per second; returns when the next
+    /// write is due (`now` or later).
+    fn wrote(&mut self, now: Instant, rate: u64, bytes: u64) -> Instant {
+        if rate != self.rate {
+            self.rate = rate;
+            self.restart(now);
+        }
+        self.bytes = self.bytes.saturating_add(bytes);
+        // Any rate a peer set: a quotient past what a Duration holds is "forever".
+        let due = Duration::try_from_secs_f64(self.bytes as f64 / rate.max(1) as f64)
+            .unwrap_or(Duration::MAX);
+        self.start
+            .checked_add(due)
+            .unwrap_or(now + Duration::from_secs(3600))
+            .max(now)
+    }
+}
+
 fn run_workload(shared: Arc<WorkloadShared>, mut dma: DmaAccessor) {
     let mut buffer = Vec::new();
-    let mut window_start = Instant::now();
-    let mut window_bytes = 0u64;
+    let mut pacer = Pacer::new(Instant::now());
     loop {
         let params = {
             let mut control = shared.lock();
@@ -168,8 +211,7 @@ fn run_workload(shared: Arc<WorkloadShared>, mut dma: DmaAccessor) {
                     .changed
                     .wait(control)
                     .unwrap_or_else(|p| p.into_inner());
-                window_start = Instant::now();
-                window_bytes = 0;
+                pacer.restart(Instant::now());
             }
             if control.shutdown {
                 return;
@@ -201,28 +243,26 @@ fn run_workload(shared: Arc<WorkloadShared>, mut dma: DmaAccessor) {
             shared.changed.notify_all();
         }
         if params.rate > 0 {
-            window_bytes = window_bytes.saturating_add(buffer.len() as u64);
-            // Any rate a peer set: a quotient past what a Duration holds is "forever".
-            let due = Duration::try_from_secs_f64(window_bytes as f64 / params.rate as f64)
-                .unwrap_or(Duration::MAX);
+            let due = pacer.wrote(Instant::now(), params.rate, buffer.len() as u64);
             // Sleep until the rate allows the next write, in steps short enough to notice a
             // shutdown, a stop or new parameters (any WL_RATE, however small, is honoured).
             loop {
-                let elapsed = window_start.elapsed();
-                if due <= elapsed {
+                let now = Instant::now();
+                if due <= now {
                     break;
                 }
-                std::thread::sleep((due - elapsed).min(Duration::from_millis(100)));
+                std::thread::sleep((due - now).min(Duration::from_millis(100)));
                 let control = shared.lock();
                 if control.shutdown
                     || !(control.enabled && control.allowed)
                     || control.params.rate != params.rate
                 {
-                    window_start = Instant::now();
-                    window_bytes = 0;
+                    pacer.restart(Instant::now());
                     break;
                 }
             }
+        } else {
+            pacer.rate = 0; // unlimited: a later rate starts afresh
         }
     }
 }
@@ -648,5 +688,42 @@ impl Device for DmaEngine {
 
     fn pending_data_bytes(&self) -> Option<u64> {
         Some((self.save_stream.len() - self.save_cursor) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pacer;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_lower_rate_paces_from_now_instead_of_owing_the_past() {
+        let start = Instant::now();
+        let mut pacer = Pacer::new(start);
+        // Two seconds at 100 MB/s, 1 MB a write, each on time.
+        let mut now = start;
+        for _ in 0..200 {
+            now += Duration::from_millis(10);
+            assert!(pacer.wrote(now, 100_000_000, 1_000_000) <= now + Duration::from_millis(10));
+        }
+        // Throttled by 20%: the next write is due one write's time at the new rate later,
+        // not after the 0.5 s the old window would owe at 80 MB/s.
+        now += Duration::from_millis(10);
+        let due = pacer.wrote(now, 80_000_000, 1_000_000);
+        assert_eq!(due, now + Duration::from_micros(12_500));
+        // The same rate again keeps the window.
+        let later = now + Duration::from_millis(1);
+        assert_eq!(
+            pacer.wrote(later, 80_000_000, 1_000_000),
+            now + Duration::from_millis(25)
+        );
+    }
+
+    #[test]
+    fn an_absurd_rate_or_size_is_a_long_wait_not_a_panic() {
+        let now = Instant::now();
+        let mut pacer = Pacer::new(now);
+        assert!(pacer.wrote(now, 1, u64::MAX) > now);
+        assert!(pacer.wrote(now, u64::MAX, u64::MAX) >= now);
     }
 }

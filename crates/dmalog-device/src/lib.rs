@@ -64,4 +64,7 @@ pub use dma_engine::DmaEngine;
 pub use dma_space::{DmaAccessor, DmaBacking, DmaFault, DmaRegion, DmaSpace, MapError};
 pub use dma_table::DmaTable;
 pub use lvu_sample::LvuSample;
-pub use shared_memory::{sealed_memfd, write_pieces, CopyFault, CopyPath, IoPiece, SharedMapping};
+pub use shared_memory::{
+    read_pieces, sealed_memfd, write_pieces, CopyFault, CopyPath, IoPiece, IoPieceMut,
+    SharedMapping,
+};

@@ -366,6 +366,76 @@ pub fn write_pieces(fd: impl AsFd, pieces: &[IoPiece<'_>]) -> std::io::Result<us
     }
 }
 
+/// A byte range of a writable [`SharedMapping`] for the kernel to fill (`readv`), borrowed
+/// for `'a`. As [`IoPiece`], never a Rust reference to shared memory.
+#[derive(Debug, Clone, Copy)]
+pub struct IoPieceMut<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a [u8]>,
+}
+
+impl IoPieceMut<'_> {
+    /// Bytes in the piece.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the piece is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The piece without its first `n_bytes` (all of it when `n_bytes >= len`).
+    pub fn skip(self, n_bytes: usize) -> Self {
+        let n = n_bytes.min(self.len);
+        IoPieceMut {
+            // SAFETY: `n <= len`: the result stays inside (or one past the end of) the
+            // borrowed range.
+            ptr: unsafe { self.ptr.add(n) },
+            len: self.len - n,
+            ..self
+        }
+    }
+}
+
+/// One `readv` from `fd` into up to [`MAX_PIECES`] of `pieces`: the kernel copies socket
+/// bytes straight into guest memory, as a device's DMA would. Returns the bytes read (0:
+/// the end of the stream). A piece of a mapping whose file shrank makes the call fail
+/// with EFAULT, never a signal.
+pub fn read_pieces(fd: impl AsFd, pieces: &[IoPieceMut<'_>]) -> std::io::Result<usize> {
+    let count = pieces.len().min(MAX_PIECES);
+    let mut iovecs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_PIECES];
+    for (iov, piece) in iovecs.iter_mut().zip(&pieces[..count]) {
+        *iov = libc::iovec {
+            iov_base: piece.ptr.cast(),
+            iov_len: piece.len,
+        };
+    }
+    loop {
+        // SAFETY: each iovec describes a piece of a writable mapping that its borrow keeps
+        // mapped for its whole length; no Rust reference to those bytes exists, so the
+        // kernel's stores race with nothing the compiler assumes. `count <= IOV_MAX`.
+        let n = unsafe {
+            libc::readv(
+                fd.as_fd().as_raw_fd(),
+                iovecs.as_ptr(),
+                count as libc::c_int,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 impl SharedMapping {
     /// `len` bytes at `offset` as a piece for [`write_pieces`]; `None` when out of bounds.
     pub fn piece(&self, offset: usize, len: usize) -> Option<IoPiece<'_>> {
@@ -377,6 +447,20 @@ impl SharedMapping {
             ptr: unsafe { self.ptr.as_ptr().add(offset) },
             len,
             path: self.path,
+            _borrow: std::marker::PhantomData,
+        })
+    }
+
+    /// `len` bytes at `offset` as a piece for [`read_pieces`]; `None` when out of bounds or
+    /// read-only.
+    pub fn piece_mut(&self, offset: usize, len: usize) -> Option<IoPieceMut<'_>> {
+        if !self.writable || !self.in_bounds(offset, len) {
+            return None;
+        }
+        Some(IoPieceMut {
+            // SAFETY: `offset + len <= self.len` (checked): inside the mapping.
+            ptr: unsafe { self.ptr.as_ptr().add(offset) },
+            len,
             _borrow: std::marker::PhantomData,
         })
     }
@@ -696,6 +780,17 @@ mod tests {
             let mut got = [0u8; 7];
             std::io::Read::read_exact(&mut a, &mut got).unwrap();
             assert_eq!(got, [1, 2, 3, 0, 9, 0, 0]);
+            let (c, mut d) = std::os::unix::net::UnixStream::pair().unwrap();
+            std::io::Write::write_all(&mut d, &[4, 5, 6]).unwrap();
+            let into = [
+                map.piece_mut(12001, 1).unwrap(),
+                map.piece_mut(11999, 2).unwrap(),
+            ];
+            assert_eq!(read_pieces(&c, &into).unwrap(), 3);
+            let mut back = [0u8; 3];
+            assert!(map.read(11999, &mut back));
+            assert_eq!(back, [5, 6, 4]);
+            assert!(map.piece_mut(8192, 4097).is_none());
             let mut copy = [0u8; 2];
             pieces[1].copy_to(&mut copy).unwrap();
             assert_eq!(copy, [0, 9]);

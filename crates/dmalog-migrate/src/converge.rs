@@ -77,7 +77,8 @@ impl FixedCosts {
 pub enum Decision {
     /// Send this round's pages and look again.
     Continue,
-    /// Stop the guest now: the predicted downtime fits the budget.
+    /// Stop the guest now: the predicted downtime fits half the budget, or the budget
+    /// once the rounds stop shrinking (or at the round limit).
     Stop,
     /// Stop the guest now although the predicted downtime is over the budget: the round
     /// limit is reached (the report says the budget was not met).
@@ -106,11 +107,24 @@ pub struct Convergence {
     max_rounds: u32,
     throttle: ThrottleParams,
     bandwidth_bytes_per_sec: Option<f64>,
-    /// Whether the figure comes from a small send only (the first large one replaces it).
-    bandwidth_from_small_send: bool,
+    /// Whether the figure comes from a small send or the full copy only (the first large
+    /// send of a pre-copy round replaces it).
+    bandwidth_provisional: bool,
     high_rounds: u32,
     throttle_pct: u8,
+    /// The last round's prediction, ms (infinite before the first).
+    last_predicted_ms: f64,
 }
+
+/// The policy stops once the predicted downtime is this share of the budget: the
+/// prediction rests on the last rounds' bandwidth, and a busy machine can make the stop
+/// slower than them (rounds shrink geometrically, so the margin costs a round or so).
+/// Between it and the budget the rounds go on while they shrink or a throttle step is
+/// left.
+pub const AIM_SHARE_OF_BUDGET: f64 = 0.5;
+
+/// A round whose prediction is above this share of the last one's has stopped shrinking.
+const STALLED_SHARE: f64 = 0.9;
 
 /// Sends smaller than this are dominated by per-request latency: they do not update the
 /// bandwidth (which would then predict a long stop for a few pages).
@@ -125,9 +139,10 @@ impl Convergence {
             max_rounds,
             throttle,
             bandwidth_bytes_per_sec: None,
-            bandwidth_from_small_send: false,
+            bandwidth_provisional: false,
             high_rounds: 0,
             throttle_pct: 0,
+            last_predicted_ms: f64::INFINITY,
         }
     }
 
@@ -137,19 +152,30 @@ impl Convergence {
     /// no figure yet (round 0 of a guest of zero pages sends little: a low figure beats
     /// none, which would let nothing fit).
     pub fn sent(&mut self, bytes: u64, secs: f64) {
+        self.sample(bytes, secs, false);
+    }
+
+    /// Records the full copy (round 0): a provisional figure that the first pre-copy
+    /// round replaces. Its time goes mostly to finding zero pages, which cost no bytes on
+    /// the link: as a bandwidth it would be low, and throttle a guest that converges.
+    pub fn sent_full_copy(&mut self, bytes: u64, secs: f64) {
+        self.sample(bytes, secs, true);
+    }
+
+    fn sample(&mut self, bytes: u64, secs: f64, provisional: bool) {
         if bytes == 0 || secs <= 0.0 || !secs.is_finite() {
             return;
         }
-        let small = bytes < MIN_BANDWIDTH_SAMPLE_BYTES;
-        if small && self.bandwidth_bytes_per_sec.is_some() {
+        let provisional = provisional || bytes < MIN_BANDWIDTH_SAMPLE_BYTES;
+        if provisional && self.bandwidth_bytes_per_sec.is_some() {
             return;
         }
         let sample = bytes as f64 / secs;
         self.bandwidth_bytes_per_sec = Some(match self.bandwidth_bytes_per_sec {
-            Some(old) if !self.bandwidth_from_small_send => (old + sample) / 2.0,
+            Some(old) if !self.bandwidth_provisional => (old + sample) / 2.0,
             _ => sample,
         });
-        self.bandwidth_from_small_send = small;
+        self.bandwidth_provisional = provisional;
     }
 
     /// The measured bandwidth, bytes per second.
@@ -190,13 +216,20 @@ impl Convergence {
         };
         let predicted_downtime_ms = self.predict_downtime_ms(pending_bytes, fixed);
         let budget_ms = self.max_downtime.as_secs_f64() * 1e3;
-        let decision = if predicted_downtime_ms <= budget_ms {
+        let within_budget = predicted_downtime_ms <= budget_ms;
+        // No better to wait for: the rounds stopped shrinking and auto-converge will not
+        // step in (off, at its most, or the guest dirtying too slowly to trigger it).
+        let stalled = predicted_downtime_ms >= self.last_predicted_ms * STALLED_SHARE
+            && !self.would_throttle(dirty_bytes_per_sec);
+        let aimed_at = predicted_downtime_ms <= budget_ms * AIM_SHARE_OF_BUDGET;
+        let decision = if aimed_at || within_budget && (stalled || round > self.max_rounds) {
             Decision::Stop
         } else if round > self.max_rounds {
             Decision::ForcedStop
         } else {
             Decision::Continue
         };
+        self.last_predicted_ms = predicted_downtime_ms;
         if decision == Decision::Continue {
             self.consider_throttle(dirty_bytes_per_sec);
         }
@@ -209,17 +242,24 @@ impl Convergence {
         }
     }
 
-    /// Over budget and going on: a round that dirties faster than the trigger share of the
+    /// Whether a round dirtying at `dirty_bytes_per_sec` counts toward a throttle step:
+    /// auto-converge on, a step left, and a dirty rate above the trigger share of the
+    /// bandwidth.
+    fn would_throttle(&self, dirty_bytes_per_sec: f64) -> bool {
+        let params = self.throttle;
+        let Some(bandwidth) = self.bandwidth_bytes_per_sec else {
+            return false;
+        };
+        params.mode == AutoConverge::On
+            && self.throttle_pct < params.max_pct.min(99)
+            && dirty_bytes_per_sec > bandwidth * f64::from(params.trigger_threshold_pct) / 100.0
+    }
+
+    /// Going on over the aim: a round that dirties faster than the trigger share of the
     /// bandwidth counts; every `trigger_rounds` of them step the throttle up.
     fn consider_throttle(&mut self, dirty_bytes_per_sec: f64) {
         let params = self.throttle;
-        if params.mode == AutoConverge::Off {
-            return;
-        }
-        let Some(bandwidth) = self.bandwidth_bytes_per_sec else {
-            return;
-        };
-        if dirty_bytes_per_sec <= bandwidth * f64::from(params.trigger_threshold_pct) / 100.0 {
+        if !self.would_throttle(dirty_bytes_per_sec) {
             return;
         }
         self.high_rounds += 1;
@@ -273,10 +313,42 @@ mod tests {
         assert_eq!(first.decision, Decision::Continue);
         assert!((first.predicted_downtime_ms - 80.7).abs() < 1e-6);
         assert!((first.dirty_bytes_per_sec - 80.0 * MB).abs() < 1.0);
-        // 20 MB: 20 ms plus 0.7 ms of fixed costs, within 30.
+        // 20 MB: 20.7 ms, within the budget but over the half it aims at, and shrinking:
+        // one more round.
         let second = policy.decide(2, 20_000_000, 0.08, &fixed());
-        assert_eq!(second.decision, Decision::Stop);
-        assert_eq!(second.throttle_pct, 0, "a converging guest is not slowed");
+        assert_eq!(second.decision, Decision::Continue);
+        // 5 MB: 5.7 ms.
+        let third = policy.decide(3, 5_000_000, 0.02, &fixed());
+        assert_eq!(third.decision, Decision::Stop);
+        assert_eq!(third.throttle_pct, 0, "a converging guest is not slowed");
+    }
+
+    #[test]
+    fn rounds_that_stop_shrinking_within_the_budget_stop_when_no_throttle_is_left() {
+        // Off: 25 ms, then 24 ms (not 10% better): stop, within the budget.
+        let mut off = policy(AutoConverge::Off, 30);
+        assert_eq!(
+            off.decide(1, 25_000_000, 0.1, &fixed()).decision,
+            Decision::Continue
+        );
+        assert_eq!(
+            off.decide(2, 24_000_000, 0.1, &fixed()).decision,
+            Decision::Stop
+        );
+        // On, dirtying 240 MB/s of a 1000 MB/s link: under the trigger, nothing to wait
+        // for either.
+        let mut slow = policy(AutoConverge::On, 30);
+        slow.decide(1, 25_000_000, 0.1, &fixed());
+        assert_eq!(
+            slow.decide(2, 24_000_000, 0.1, &fixed()).decision,
+            Decision::Stop
+        );
+        // On, dirtying 600 MB/s: a throttle step will come, so it goes on.
+        let mut fast = policy(AutoConverge::On, 30);
+        fast.decide(1, 25_000_000, 0.04, &fixed());
+        let verdict = fast.decide(2, 24_000_000, 0.04, &fixed());
+        assert_eq!(verdict.decision, Decision::Continue);
+        assert_eq!(verdict.throttle_pct, 20);
     }
 
     #[test]
@@ -287,12 +359,15 @@ mod tests {
             reports_ms: 2.0,
             device_data_ms: 2.0,
         };
-        // 10 ms of pages fit alone, not with 19 ms of device requests.
-        let verdict = policy.decide(1, 10_000_000, 1.0, &slow_device);
+        // 12 ms of pages fit the budget alone, not with 19 ms of device requests.
+        let verdict = policy.decide(1, 12_000_000, 1.0, &slow_device);
+        assert!((verdict.predicted_downtime_ms - 31.0).abs() < 1e-6);
+        assert_eq!(verdict.decision, Decision::Continue);
+        // 10 ms of pages: 29 ms, within the budget; the fixed part does not shrink and
+        // 10 MB/s of dirtying will not throttle: stop.
+        let verdict = policy.decide(2, 10_000_000, 1.0, &slow_device);
         assert!((verdict.predicted_downtime_ms - 29.0).abs() < 1e-6);
         assert_eq!(verdict.decision, Decision::Stop);
-        let verdict = policy.decide(2, 12_000_000, 1.0, &slow_device);
-        assert_eq!(verdict.decision, Decision::Continue);
     }
 
     #[test]
@@ -404,6 +479,12 @@ mod tests {
             "the first large send replaces it"
         );
         policy.sent(4096, 1.0); // latency-bound once there is a figure: ignored
+        assert_eq!(policy.bandwidth_bytes_per_sec(), Some(1e9));
+        // The full copy's figure holds only until a pre-copy round measures one.
+        let mut policy = Convergence::new(Duration::from_millis(30), 30, ThrottleParams::default());
+        policy.sent_full_copy(70_000_000, 0.5); // 1 GiB scanned, 70 MB not zero
+        assert_eq!(policy.bandwidth_bytes_per_sec(), Some(140e6));
+        policy.sent(60_000_000, 0.06);
         assert_eq!(policy.bandwidth_bytes_per_sec(), Some(1e9));
         policy.sent(50_000_000, 0.1);
         assert_eq!(policy.bandwidth_bytes_per_sec(), Some(0.75e9));

@@ -14,8 +14,8 @@ use crate::engine::{aborted, expect_kind, MigrateError, PAGE};
 use crate::guest::GuestMemory;
 use crate::round_sync::RoundSync;
 use crate::stream::{
-    Channel, Frame, FrameReader, FrameWriter, Kind, StreamError, DEFAULT_TIMEOUT, HELLO_HEAD_BYTES,
-    MAX_CHANNELS, MAX_PAGES_PER_FRAME, MAX_REASON_BYTES, MAX_RUNS_PER_FRAME,
+    Channel, Frame, FrameReader, FrameWriter, Kind, StreamError, Transport, DEFAULT_TIMEOUT,
+    HELLO_HEAD_BYTES, MAX_CHANNELS, MAX_PAGES_PER_FRAME, MAX_REASON_BYTES, MAX_RUNS_PER_FRAME,
     MAX_ZERO_PAGES_PER_FRAME, PAGES_HEAD_BYTES, RUN_BYTES, RUN_ZERO,
 };
 
@@ -120,6 +120,47 @@ pub struct PageRun<'a> {
 /// and exactly the data pages' bytes after the table. Whether the runs lie in guest memory
 /// is the caller's check.
 pub fn decode_pages(payload: &[u8]) -> Result<Vec<PageRun<'_>>, MigrateError> {
+    let (table, data_bytes) = decode_table(payload)?;
+    let mut data = payload.get(table_end(table.len())..).unwrap_or_default();
+    if data.len() as u64 != data_bytes {
+        return Err(refused(
+            Kind::Pages,
+            "data length differs from the page count",
+        ));
+    }
+    Ok(table
+        .into_iter()
+        .map(|run| {
+            let bytes = (!run.zero).then(|| {
+                // Lengths checked above: the runs' bytes add up to the data.
+                let (bytes, rest) = data.split_at((run.npages * PAGE) as usize);
+                data = rest;
+                bytes
+            });
+            PageRun {
+                gpa: run.gpa,
+                npages: run.npages,
+                data: bytes,
+            }
+        })
+        .collect())
+}
+
+/// One run of a Pages frame's table.
+#[derive(Debug, Clone, Copy)]
+struct RunHead {
+    gpa: u64,
+    npages: u64,
+    zero: bool,
+}
+
+fn table_end(nruns: usize) -> usize {
+    PAGES_HEAD_BYTES + nruns * RUN_BYTES
+}
+
+/// Decodes a Pages frame's head and run table (`payload` may hold page data after it):
+/// the runs, checked as [`decode_pages`] says, and the page data bytes they need.
+fn decode_table(payload: &[u8]) -> Result<(Vec<RunHead>, u64), MigrateError> {
     let malformed = || MigrateError::Stream(StreamError::Malformed(Kind::Pages));
     let nruns = le_u32(payload, 0).ok_or_else(malformed)? as usize;
     let reserved = le_u32(payload, 4).ok_or_else(malformed)?;
@@ -130,8 +171,9 @@ pub fn decode_pages(payload: &[u8]) -> Result<Vec<PageRun<'_>>, MigrateError> {
         return Err(refused(Kind::Pages, "reserved field is not zero"));
     }
     // nruns <= MAX_RUNS_PER_FRAME: no overflow.
-    let table_end = PAGES_HEAD_BYTES + nruns * RUN_BYTES;
-    let mut data = payload.get(table_end..).ok_or_else(malformed)?;
+    if payload.len() < table_end(nruns) {
+        return Err(malformed());
+    }
     let (mut data_pages, mut zero_pages) = (0u64, 0u64);
     let mut runs = Vec::with_capacity(nruns);
     for i in 0..nruns {
@@ -158,40 +200,15 @@ pub fn decode_pages(payload: &[u8]) -> Result<Vec<PageRun<'_>>, MigrateError> {
             if zero_pages > MAX_ZERO_PAGES_PER_FRAME {
                 return Err(refused(Kind::Pages, "too many zero pages in one frame"));
             }
-            runs.push(PageRun {
-                gpa,
-                npages,
-                data: None,
-            });
-            continue;
+        } else {
+            data_pages += npages;
+            if data_pages > MAX_PAGES_PER_FRAME {
+                return Err(refused(Kind::Pages, "too many pages in one frame"));
+            }
         }
-        data_pages += npages;
-        if data_pages > MAX_PAGES_PER_FRAME {
-            return Err(refused(Kind::Pages, "too many pages in one frame"));
-        }
-        // data_pages <= MAX_PAGES_PER_FRAME: the length fits.
-        let len = (npages * PAGE) as usize;
-        if data.len() < len {
-            return Err(refused(
-                Kind::Pages,
-                "data length differs from the page count",
-            ));
-        }
-        let (bytes, rest) = data.split_at(len);
-        data = rest;
-        runs.push(PageRun {
-            gpa,
-            npages,
-            data: Some(bytes),
-        });
+        runs.push(RunHead { gpa, npages, zero });
     }
-    if !data.is_empty() {
-        return Err(refused(
-            Kind::Pages,
-            "data length differs from the page count",
-        ));
-    }
-    Ok(runs)
+    Ok((runs, data_pages * PAGE))
 }
 
 /// A further connection of a multi-channel migration, as the caller accepted it (TLS
@@ -225,7 +242,7 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
     map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
-    input: &mut FrameReader<impl Read>,
+    input: &mut FrameReader<impl Read + Transport>,
     out: &mut FrameWriter<W>,
 ) -> Result<DestinationReport, MigrateError> {
     migrate_destination_channels(memory, device, map_dma, input, out, || {
@@ -246,7 +263,7 @@ pub fn migrate_destination_channels<W: Write, D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
     map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
-    input: &mut FrameReader<impl Read>,
+    input: &mut FrameReader<impl Read + Transport>,
     out: &mut FrameWriter<W>,
     accept: impl FnMut() -> std::io::Result<Incoming>,
 ) -> Result<DestinationReport, MigrateError> {
@@ -377,9 +394,9 @@ fn run_channel(
 ) -> Result<Applied, MigrateError> {
     let mut applied = Applied::default();
     let result = (|| loop {
-        let frame = input.read()?;
+        let (frame, data_bytes) = input.read_deferred()?;
         match frame.kind {
-            Kind::Pages => write_pages(memory, &frame, &mut applied)?,
+            Kind::Pages => write_pages(memory, input, &frame, data_bytes, &mut applied)?,
             Kind::Sync => sync.arrive(index, decode_sync(&frame)?)?,
             Kind::End => {
                 sync.finish();
@@ -411,7 +428,7 @@ fn receive<W: Write, D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
     map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
-    input: &mut FrameReader<impl Read>,
+    input: &mut FrameReader<impl Read + Transport>,
     out: &mut FrameWriter<W>,
     accept: impl FnMut() -> std::io::Result<Incoming>,
     resumed: &mut bool,
@@ -538,15 +555,15 @@ fn receive<W: Write, D: MigrationDevice>(
 fn receive_main<D: MigrationDevice>(
     memory: &GuestMemory,
     device: &mut D,
-    input: &mut FrameReader<impl Read>,
+    input: &mut FrameReader<impl Read + Transport>,
     sync: &RoundSync,
     applied: &mut Applied,
     report: &mut DestinationReport,
 ) -> Result<(), MigrateError> {
     loop {
-        let frame = input.read()?;
+        let (frame, data_bytes) = input.read_deferred()?;
         match frame.kind {
-            Kind::Pages => write_pages(memory, &frame, applied)?,
+            Kind::Pages => write_pages(memory, input, &frame, data_bytes, applied)?,
             Kind::Sync => sync.arrive(0, decode_sync(&frame)?)?,
             Kind::DeviceData => {
                 device.write_migration_data(&frame.payload)?;
@@ -562,19 +579,53 @@ fn receive_main<D: MigrationDevice>(
     }
 }
 
-/// Writes one Pages frame into guest memory, every run checked before any is written.
+/// Writes one Pages frame into guest memory, every run checked before any is written:
+/// its page bytes are in the frame, or (`data_bytes` > 0, a plaintext socket) still on the
+/// socket, read straight into guest memory.
 fn write_pages(
     memory: &GuestMemory,
+    input: &mut FrameReader<impl Read + Transport>,
     frame: &Frame,
+    data_bytes: usize,
     applied: &mut Applied,
 ) -> Result<(), MigrateError> {
-    let runs = decode_pages(&frame.payload)?;
-    // decode_pages bounds npages * PAGE (no overflow).
-    let inside = |run: &PageRun<'_>| {
-        usize::try_from(run.npages * PAGE).is_ok_and(|len| memory.piece(run.gpa, len).is_some())
+    let outside = || refused(Kind::Pages, "pages outside guest memory");
+    // decode_table bounds npages * PAGE (no overflow).
+    let inside = |gpa: u64, npages: u64| {
+        usize::try_from(npages * PAGE).is_ok_and(|len| memory.piece(gpa, len).is_some())
     };
-    if !runs.iter().all(inside) {
-        return Err(refused(Kind::Pages, "pages outside guest memory"));
+    if data_bytes > 0 {
+        let (runs, needed) = decode_table(&frame.payload)?;
+        if frame.payload.len() != table_end(runs.len()) || needed != data_bytes as u64 {
+            return Err(refused(
+                Kind::Pages,
+                "data length differs from the page count",
+            ));
+        }
+        if !runs.iter().all(|r| inside(r.gpa, r.npages)) {
+            return Err(outside());
+        }
+        let pieces = runs
+            .iter()
+            .filter(|r| !r.zero)
+            .map(|r| memory.piece_mut(r.gpa, (r.npages * PAGE) as usize))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(outside)?;
+        input.read_pages_data(&pieces)?;
+        for run in &runs {
+            if run.zero {
+                applied.zero_pages += run.npages;
+                if !memory.zero_pages(run.gpa, run.npages, PAGE as usize) {
+                    return Err(outside());
+                }
+            }
+            applied.pages += run.npages;
+        }
+        return Ok(());
+    }
+    let runs = decode_pages(&frame.payload)?;
+    if !runs.iter().all(|r| inside(r.gpa, r.npages)) {
+        return Err(outside());
     }
     for run in &runs {
         let written = match run.data {
@@ -585,7 +636,7 @@ fn write_pages(
             }
         };
         if !written {
-            return Err(refused(Kind::Pages, "pages outside guest memory"));
+            return Err(outside());
         }
         applied.pages += run.npages;
     }

@@ -1,18 +1,21 @@
 //! The pre-copy migration engine (SPEC 7): dirty sources through [`DirtyTracker`], device
-//! state through [`MigrationDevice`], guest pages and device data over the migration
+//! state through [`MigrationDevice`](dmalog::MigrationDevice), guest pages and device data over the migration
 //! stream. The engine knows no transport beyond `Read`/`Write`.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
-use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, TrackerError};
 use tracing::{info, warn};
 
 use crate::converge::{Convergence, Decision, FixedCosts, ThrottleParams};
 use crate::dirty::{collect_dirty, Bitmaps, Tracking};
 use crate::guest::GuestMemory;
+pub use crate::report::{MigrationReport, RoundStats, StopTimes};
 use crate::sender::Sender;
+use crate::source_device::Throttle;
+pub use crate::source_device::{SourceDevice, Unthrottled};
 use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError, Transport};
 use crate::vcpu::VcpuWorkload;
 
@@ -77,99 +80,6 @@ pub struct SourceConfig {
     pub max_rounds: u32,
     /// Auto-converge: when and how much to slow the guest down.
     pub throttle: ThrottleParams,
-}
-
-/// One pre-copy round.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct RoundStats {
-    /// 0 is the full copy; the last one is the final (stopped) round.
-    pub round: u32,
-    /// Pages only the device dirtied.
-    pub pages_device: u64,
-    /// Pages only the vCPUs dirtied.
-    pub pages_cpu: u64,
-    /// Pages both dirtied (sent once).
-    pub pages_both: u64,
-    /// Pages sent.
-    pub pages_sent: u64,
-    /// Bytes sent in the round (pages, device data, framing).
-    pub bytes_sent: u64,
-    /// Device migration data bytes sent in the round.
-    pub device_bytes: u64,
-    /// Wall time of the round, ms.
-    pub round_ms: f64,
-    /// Time spent in REPORTs, ms.
-    pub report_ms: f64,
-    /// Whether this was the final round (guest stopped).
-    pub final_round: bool,
-    /// REPORT errors in this round (each: range treated as dirty, tracking restarted).
-    pub report_errors: u32,
-    /// The link's bandwidth as measured so far, bytes per second (what the prediction
-    /// uses; 0 before anything was sent).
-    pub bandwidth_bytes_per_sec: f64,
-    /// Distinct pages dirtied per second since the REPORTs before, in bytes.
-    pub dirty_bytes_per_sec: f64,
-    /// The downtime had the guest stopped at this round's REPORTs, ms (none for round 0
-    /// and stop-and-copy; for the final round, the prediction it stopped on, next to
-    /// its actual `round_ms`).
-    pub predicted_downtime_ms: Option<f64>,
-    /// The vCPU throttle while this round was sent, percent of their time (auto-converge).
-    pub throttle_pct: u8,
-    /// Whether the device's own workload was slowed by the same share in this round.
-    pub device_throttled: bool,
-}
-
-/// What a migration did.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct MigrationReport {
-    /// The mode.
-    pub mode: Mode,
-    /// Whether the destination's memory hashes matched the source's.
-    pub verified: bool,
-    /// From pausing the vCPUs to the destination device RUNNING with all pages in place.
-    pub downtime_ms: f64,
-    /// The whole migration, ms (verification excluded).
-    pub total_ms: f64,
-    /// Bytes on the stream.
-    pub bytes_sent: u64,
-    /// Guest memory bytes.
-    pub guest_bytes: u64,
-    /// Rounds.
-    pub rounds: Vec<RoundStats>,
-    /// Whether device dirty tracking was used (false: fell back to "all dirty").
-    pub device_tracking: bool,
-    /// Whether the device went through PRE_COPY (false: it offers no PRE_COPY, or the mode
-    /// is stop-and-copy; its state moved in STOP_COPY only).
-    pub device_pre_copy: bool,
-    /// Device migration data bytes sent, all rounds.
-    pub device_bytes: u64,
-    /// The downtime budget, ms.
-    pub max_downtime_ms: f64,
-    /// Whether the migration stopped because the rest fitted the budget and the downtime
-    /// did stay within it (false: `max_rounds` forced the stop, or the stop took longer).
-    pub downtime_budget_met: bool,
-    /// Whether `max_rounds` forced the stop with the predicted downtime over the budget.
-    pub forced_stop: bool,
-    /// Where the downtime went.
-    pub stop: StopTimes,
-}
-
-/// The downtime, phase by phase (ms): they add up to the downtime.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
-pub struct StopTimes {
-    /// Pausing the vCPUs.
-    pub pause_ms: f64,
-    /// The device to STOP_COPY (its DMA ends).
-    pub stop_copy_ms: f64,
-    /// The final REPORTs of every dirty source.
-    pub reports_ms: f64,
-    /// Sending the last dirty pages.
-    pub pages_ms: f64,
-    /// Sending the device's STOP_COPY data and End.
-    pub device_data_ms: f64,
-    /// From End sent to the destination's Resumed (its last writes, device load and
-    /// resume, the link's round trip), its hashing excluded.
-    pub destination_ms: f64,
 }
 
 /// Why a migration failed.
@@ -242,107 +152,6 @@ impl From<TrackerError> for MigrateError {
 impl From<std::io::Error> for MigrateError {
     fn from(err: std::io::Error) -> Self {
         MigrateError::Stream(StreamError::Io(err))
-    }
-}
-
-/// A migratable device that also tracks its DMA, and may be slowed down.
-pub trait SourceDevice: DirtyTracker + MigrationDevice {
-    /// Slows the device's own DMA by `percent` of its speed for auto-converge (0: its full
-    /// speed back). `Ok(false)`: this device cannot be slowed (the default; a real
-    /// device's DMA is its guest's business, an emulated workload's is not).
-    fn throttle_dma(&mut self, percent: u8) -> Result<bool, TrackerError> {
-        let _ = percent;
-        Ok(false)
-    }
-}
-
-/// Any dirty-tracking migratable device as a [`SourceDevice`] that cannot be slowed.
-pub struct Unthrottled<'a, D: ?Sized>(pub &'a mut D);
-
-impl<D: DirtyTracker + ?Sized> DirtyTracker for Unthrottled<'_, D> {
-    fn probe(&mut self) -> Result<bool, TrackerError> {
-        self.0.probe()
-    }
-    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
-        self.0.start(ranges, page_size)
-    }
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        self.0.report(iova, length, page_size, bitmap)
-    }
-    fn stop(&mut self) -> Result<(), TrackerError> {
-        self.0.stop()
-    }
-}
-
-impl<D: MigrationDevice + ?Sized> MigrationDevice for Unthrottled<'_, D> {
-    fn migration_flags(&mut self) -> Result<u64, TrackerError> {
-        self.0.migration_flags()
-    }
-    fn device_state(&mut self) -> Result<DeviceState, TrackerError> {
-        self.0.device_state()
-    }
-    fn set_device_state(&mut self, state: DeviceState) -> Result<(), TrackerError> {
-        self.0.set_device_state(state)
-    }
-    fn read_migration_data(&mut self, buf: &mut [u8]) -> Result<usize, TrackerError> {
-        self.0.read_migration_data(buf)
-    }
-    fn write_migration_data(&mut self, data: &[u8]) -> Result<(), TrackerError> {
-        self.0.write_migration_data(data)
-    }
-    fn pending_migration_bytes(&mut self) -> Result<Option<PendingBytes>, TrackerError> {
-        self.0.pending_migration_bytes()
-    }
-}
-
-impl<D: DirtyTracker + MigrationDevice + ?Sized> SourceDevice for Unthrottled<'_, D> {}
-
-/// The throttle in force on the vCPUs and the device.
-#[derive(Debug, Default)]
-struct Throttle {
-    pct: u8,
-    /// Whether the device took it.
-    device: bool,
-}
-
-impl Throttle {
-    /// Sets `pct` on the vCPUs and the device when it changes. A device that refuses is
-    /// left at its speed (a lost device server fails the migration).
-    fn apply(
-        &mut self,
-        pct: u8,
-        vcpus: Option<&VcpuWorkload>,
-        device: &mut dyn SourceDevice,
-    ) -> Result<(), MigrateError> {
-        if pct == self.pct {
-            return Ok(());
-        }
-        if let Some(vcpus) = vcpus {
-            vcpus.set_throttle(pct);
-        }
-        self.device = match device.throttle_dma(pct) {
-            Ok(slowed) => slowed && pct > 0,
-            Err(err @ TrackerError::Transport(_)) => return Err(err.into()),
-            Err(err) => {
-                warn!(%err, pct, "the device workload could not be throttled");
-                false
-            }
-        };
-        if pct > 0 {
-            info!(
-                pct,
-                device = self.device,
-                "auto-converge: throttling the guest"
-            );
-        }
-        self.pct = pct;
-        Ok(())
     }
 }
 
@@ -531,7 +340,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         config.ranges,
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
-    let mut extra = crate::sender::send_hello(out, channels, connect, memory)?;
+    let extra = crate::sender::send_hello(out, channels, connect, memory)?;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -567,7 +376,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     let mut rounds = Vec::new();
     let mut policy = Convergence::new(config.max_downtime, config.max_rounds, config.throttle);
     let mut throttle = Throttle::default();
-    let mut sender = Sender::new(out, &mut extra, memory);
+    let mut sender = Sender::new(out, extra, memory);
 
     // The round the stop takes over (its REPORTs found what the final round sends).
     let mut stopping = None;
@@ -592,7 +401,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         };
         let bytes_sent = sender.out.bytes() - bytes_before;
         let elapsed = round_start.elapsed().as_secs_f64();
-        policy.sent(bytes_sent, elapsed);
+        policy.sent_full_copy(bytes_sent, elapsed);
         let stats = RoundStats {
             round: 0,
             pages_sent: sent,

@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
 use dmalog::IovaRange;
-use dmalog_device::{IoPiece, SharedMapping};
+use dmalog_device::{IoPiece, IoPieceMut, SharedMapping};
 
 /// One region of guest memory.
 #[derive(Debug)]
@@ -99,6 +99,13 @@ impl GuestMemory {
     pub fn piece(&self, gpa: u64, len_bytes: usize) -> Option<IoPiece<'_>> {
         let (region, offset) = self.locate(gpa, len_bytes)?;
         region.map.piece(offset, len_bytes)
+    }
+
+    /// `len_bytes` at `gpa` (within one region) as a piece the kernel can fill straight
+    /// from a socket ([`dmalog_device::read_pieces`]); `None` when outside.
+    pub fn piece_mut(&self, gpa: u64, len_bytes: usize) -> Option<IoPieceMut<'_>> {
+        let (region, offset) = self.locate(gpa, len_bytes)?;
+        region.map.piece_mut(offset, len_bytes)
     }
 
     /// Whether `len_bytes` at `gpa` (within one region) are zero right now (read with

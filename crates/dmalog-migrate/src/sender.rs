@@ -220,7 +220,7 @@ fn send_share<W: Write + Transport>(
 pub struct Sender<'a, W: Write> {
     /// Channel 0: the control frames and a share of the pages.
     pub(crate) out: &'a mut FrameWriter<W>,
-    extra: &'a mut [FrameWriter<W>],
+    extra: Vec<FrameWriter<W>>,
     memory: &'a GuestMemory,
     round: u32,
     skip_zero: bool,
@@ -234,7 +234,7 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
     /// [`send_hello`]).
     pub(crate) fn new(
         out: &'a mut FrameWriter<W>,
-        extra: &'a mut [FrameWriter<W>],
+        extra: Vec<FrameWriter<W>>,
         memory: &'a GuestMemory,
     ) -> Self {
         let channels = extra.len() + 1;
@@ -335,6 +335,54 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
         self.out.write(Kind::End, &[])?;
         self.out.flush()?;
         Ok(())
+    }
+}
+
+/// Guest pages over a migration stream without the engine (no device, no dirty tracking):
+/// the Hello, rounds of pages from bitmaps, the End; a destination takes it as a migration
+/// without device data. For benchmarks and tools.
+pub struct PageStream<'a, W: Write> {
+    sender: Sender<'a, W>,
+}
+
+impl<'a, W: Write + Transport + Send> PageStream<'a, W> {
+    /// Sends the Hello on `out` and opens `channels - 1` further channels with `connect`.
+    pub fn start(
+        out: &'a mut FrameWriter<W>,
+        channels: u32,
+        connect: &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<W>>,
+        memory: &'a GuestMemory,
+    ) -> Result<Self, MigrateError> {
+        let extra = send_hello(out, channels, connect, memory)?;
+        Ok(PageStream {
+            sender: Sender::new(out, extra, memory),
+        })
+    }
+
+    /// Whether zero pages go as flagged runs without bytes (the default) or as data.
+    pub fn set_skip_zero(&mut self, skip_zero: bool) {
+        self.sender.skip_zero = skip_zero;
+    }
+
+    /// Sends one round: the pages whose bits are set in `words` (one bitmap of `u64`
+    /// words per region, bit n = page n). Returns the pages sent.
+    pub fn send_round(&mut self, words: &[Vec<u64>]) -> Result<u64, MigrateError> {
+        self.sender.send_words(words)
+    }
+
+    /// Zero pages sent without their bytes so far.
+    pub fn zero_pages(&self) -> u64 {
+        self.sender.zero_pages
+    }
+
+    /// Bytes written so far, every channel.
+    pub fn bytes(&self) -> u64 {
+        self.sender.out.bytes()
+    }
+
+    /// Ends the stream (End on every channel).
+    pub fn end(&mut self) -> Result<(), MigrateError> {
+        self.sender.end()
     }
 }
 

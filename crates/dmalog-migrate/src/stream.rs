@@ -33,7 +33,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use dmalog_device::IoPiece;
+use dmalog_device::{IoPiece, IoPieceMut};
 
 /// "DMLS" as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMLS");
@@ -183,6 +183,14 @@ impl Transport for UnixStream {
     fn shut_down(&self) {
         let _ = self.shutdown(std::net::Shutdown::Both);
     }
+}
+
+/// Bytes in memory (tests, fuzzing): read as a whole.
+impl Transport for &[u8] {
+    fn vectored_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    fn shut_down(&self) {}
 }
 
 /// A buffer (tests): pages are copied into it.
@@ -636,6 +644,21 @@ impl<W: Write + IoTimeouts> FrameWriter<W> {
 pub struct FrameReader<R> {
     inner: R,
     timeout: Option<FrameTimeout<R>>,
+    /// Page bytes of the last frame still unread ([`FrameReader::read_deferred`]) and the
+    /// frame's deadline.
+    pending: Option<(usize, Option<Instant>)>,
+}
+
+fn check_crc(kind: Kind, checked: &[u8], expected: u32) -> Result<(), StreamError> {
+    let actual = crc32c::crc32c(checked);
+    if actual != expected {
+        return Err(StreamError::Checksum {
+            kind,
+            expected,
+            actual,
+        });
+    }
+    Ok(())
 }
 
 impl<R: Read> FrameReader<R> {
@@ -644,6 +667,7 @@ impl<R: Read> FrameReader<R> {
         FrameReader {
             inner,
             timeout: None,
+            pending: None,
         }
     }
 
@@ -664,11 +688,28 @@ impl<R: Read> FrameReader<R> {
 
     /// The next frame. Allocates no more than the bytes received (plus one chunk).
     pub fn read(&mut self) -> Result<Frame, StreamError> {
-        // A timeout too large to add to the clock is no limit.
-        let deadline = self
-            .timeout
+        let deadline = self.deadline();
+        let (kind, len, expected) = self.read_header(deadline)?;
+        let mut payload = Vec::new();
+        self.read_payload(&mut payload, len, deadline)?;
+        let checked = checked_bytes(kind, &payload, len).ok_or(StreamError::Malformed(kind))?;
+        check_crc(kind, &payload[..checked], expected)?;
+        Ok(Frame { kind, payload })
+    }
+
+    /// The deadline of a frame started now (a timeout too large to add to the clock is no
+    /// limit).
+    fn deadline(&self) -> Option<Instant> {
+        self.timeout
             .as_ref()
-            .and_then(|t| Instant::now().checked_add(t.timeout));
+            .and_then(|t| Instant::now().checked_add(t.timeout))
+    }
+
+    /// A frame header, checked: its kind, payload length and checksum.
+    fn read_header(
+        &mut self,
+        deadline: Option<Instant>,
+    ) -> Result<(Kind, usize, u32), StreamError> {
         let mut header = [0u8; FRAME_HEADER_BYTES];
         self.read_exact(&mut header, deadline)?;
         let word = |at: usize| {
@@ -686,7 +727,6 @@ impl<R: Read> FrameReader<R> {
             return Err(StreamError::Reserved(header[7]));
         }
         let len_bytes = word(8);
-        let expected = word(12);
         let limit_bytes = kind.max_payload();
         if u64::from(len_bytes) > limit_bytes as u64 {
             return Err(StreamError::TooLarge {
@@ -695,23 +735,23 @@ impl<R: Read> FrameReader<R> {
                 limit_bytes,
             });
         }
-        let len = len_bytes as usize;
-        let mut payload = Vec::new();
-        while payload.len() < len {
+        Ok((kind, len_bytes as usize, word(12)))
+    }
+
+    /// Appends `len` bytes to `payload`, buffered only as they arrive.
+    fn read_payload(
+        &mut self,
+        payload: &mut Vec<u8>,
+        len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<(), StreamError> {
+        let end = payload.len() + len;
+        while payload.len() < end {
             let at = payload.len();
-            payload.resize(at + (len - at).min(READ_CHUNK), 0);
+            payload.resize(at + (end - at).min(READ_CHUNK), 0);
             self.read_exact(&mut payload[at..], deadline)?;
         }
-        let checked = checked_bytes(kind, &payload, len).ok_or(StreamError::Malformed(kind))?;
-        let actual = crc32c::crc32c(&payload[..checked]);
-        if actual != expected {
-            return Err(StreamError::Checksum {
-                kind,
-                expected,
-                actual,
-            });
-        }
-        Ok(Frame { kind, payload })
+        Ok(())
     }
 
     fn read_exact(
@@ -733,6 +773,87 @@ impl<R: Read> FrameReader<R> {
                 Err(err) if err.kind() == ErrorKind::Interrupted => {}
                 Err(err) if is_timeout(&err) => return Err(StreamError::TimedOut(limit.timeout)),
                 Err(err) => return Err(StreamError::Io(err)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<R: Read + Transport> FrameReader<R> {
+    /// As [`FrameReader::read`], except that on a plaintext socket a Pages frame comes with
+    /// its head and run table only (checked against the checksum): the rest of it, the
+    /// page bytes, must then be read with [`FrameReader::read_pages_data`] straight into
+    /// guest memory before anything else. Returns the frame and how many page bytes
+    /// remain (0 for every other frame, and on any other transport).
+    pub fn read_deferred(&mut self) -> Result<(Frame, usize), StreamError> {
+        if self.pending.is_some() {
+            return Err(StreamError::Io(std::io::Error::other(
+                "the last frame's page data was not read",
+            )));
+        }
+        if self.inner.vectored_fd().is_none() {
+            return self.read().map(|frame| (frame, 0));
+        }
+        let deadline = self.deadline();
+        let (kind, len, expected) = self.read_header(deadline)?;
+        let mut payload = Vec::new();
+        if kind != Kind::Pages {
+            self.read_payload(&mut payload, len, deadline)?;
+            check_crc(kind, &payload, expected)?;
+            return Ok((Frame { kind, payload }, 0));
+        }
+        // The head, then the table it announces (bounded by the frame's length).
+        self.read_payload(&mut payload, len.min(PAGES_HEAD_BYTES), deadline)?;
+        let table = checked_bytes(kind, &payload, len).ok_or(StreamError::Malformed(kind))?;
+        let rest = table - payload.len();
+        self.read_payload(&mut payload, rest, deadline)?;
+        check_crc(kind, &payload, expected)?;
+        let data_bytes = len - table;
+        if data_bytes > 0 {
+            self.pending = Some((data_bytes, deadline));
+        }
+        Ok((Frame { kind, payload }, data_bytes))
+    }
+
+    /// Reads the page bytes [`FrameReader::read_deferred`] left, straight into `pieces`
+    /// (exactly that many bytes in all) within the frame's deadline.
+    pub fn read_pages_data(&mut self, pieces: &[IoPieceMut<'_>]) -> Result<(), StreamError> {
+        let (left, deadline) = self.pending.take().unwrap_or((0, None));
+        if pieces.iter().map(|p| p.len()).sum::<usize>() != left {
+            return Err(StreamError::Io(std::io::Error::other(
+                "page data pieces differ from the frame's page bytes",
+            )));
+        }
+        let mut pieces: Vec<IoPieceMut<'_>> = pieces.to_vec();
+        let mut first = 0;
+        while first < pieces.len() {
+            if let (Some(limit), Some(deadline)) = (&self.timeout, deadline) {
+                match limit.arm(&self.inner, deadline) {
+                    Err(err) if is_timeout(&err) => {
+                        return Err(StreamError::TimedOut(limit.timeout))
+                    }
+                    other => other?,
+                }
+            }
+            let fd = self
+                .inner
+                .vectored_fd()
+                .ok_or_else(|| StreamError::Io(ErrorKind::Unsupported.into()))?;
+            let mut n = match dmalog_device::read_pieces(fd, &pieces[first..]) {
+                Ok(0) => return Err(StreamError::Io(ErrorKind::UnexpectedEof.into())),
+                Ok(n) => n,
+                Err(err) if is_timeout(&err) => {
+                    let timeout = self.timeout.as_ref().map_or(DEFAULT_TIMEOUT, |t| t.timeout);
+                    return Err(StreamError::TimedOut(timeout));
+                }
+                Err(err) => return Err(StreamError::Io(err)),
+            };
+            while first < pieces.len() && n >= pieces[first].len() {
+                n -= pieces[first].len();
+                first += 1;
+            }
+            if n > 0 {
+                pieces[first] = pieces[first].skip(n);
             }
         }
         Ok(())

@@ -1,5 +1,5 @@
-//! Auto-converge end to end in process: vCPUs dirtying memory faster than a capped link
-//! can send it converge only when the engine throttles them; without it, `max_rounds`
+//! Auto-converge end to end in process: a guest dirtying memory faster than a capped link
+//! can send it converges only when the engine throttles it; without it, `max_rounds`
 //! forces the stop and the report says the downtime budget was not met.
 
 use std::os::unix::net::UnixStream;
@@ -17,10 +17,29 @@ use dmalog_migrate::{
     SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
 
-/// The link: 20 MB/s. The vCPUs: 100 MB/s over 2 MiB, five times what the link sends, so
-/// every round finds nearly the whole working set dirty again (2 MiB: 100 ms to send,
-/// ten times the budget).
+/// The link: 20 MB/s.
 const LINK_BYTES_PER_SEC: u64 = 20_000_000;
+/// The guest's working set: 2 MiB at 1 MiB, 100 ms to send, ten times the budget.
+const WSS_BASE: u64 = 1 << 20;
+const WSS_PAGES: u64 = 512;
+
+/// The guest, deterministically: after each round, it writes the share of its working
+/// set that the vCPU throttle leaves it (all of it unthrottled, 5 pages at 99%), as a
+/// vCPU slowed that much would in a round's time, recorded in the vCPU log. A running
+/// vCPU thread adds a little more (4 MB/s), slowed by the real throttle.
+fn dirty_the_working_set(
+    memory: &GuestMemory,
+    recorder: &mut dmalog::WriteRecorder,
+    throttle_pct: u8,
+    round: u32,
+) {
+    let pages = WSS_PAGES * u64::from(100 - throttle_pct) / 100;
+    for page in 0..pages {
+        let gpa = WSS_BASE + page * 4096;
+        memory.write(gpa, &[round as u8 + 1; 64]);
+        recorder.record_write(gpa, 64);
+    }
+}
 
 /// The report, the highest vCPU throttle seen, and the device's throttles with the number
 /// of states it had been set to at each.
@@ -29,20 +48,21 @@ fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8
     let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
     device.can_throttle = true;
     let cpu_driver = SoftDriver::new();
-    let recorder = cpu_driver.recorder();
+    let mut recorder = cpu_driver.recorder();
     let mut cpu = InProcessTracker::new(cpu_driver);
     let vcpus = VcpuWorkload::start(
         Arc::clone(&memory),
-        recorder,
+        recorder.clone(),
         VcpuParams {
             threads: 1,
-            base: 1 << 20,
-            span: 2 << 20,
-            rate: 100_000_000,
+            base: WSS_BASE,
+            span: WSS_PAGES * 4096,
+            rate: 4_000_000,
             seed: 3,
         },
     )
     .unwrap();
+    dirty_the_working_set(&memory, &mut recorder, 0, 0);
     let (a, b) = UnixStream::pair().unwrap();
     let destination = std::thread::spawn(move || {
         let memory = GuestMemory::new(&LAYOUT).unwrap();
@@ -81,9 +101,11 @@ fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8
         vcpus: Some(&vcpus),
     };
     let mut throttle_seen = 0u8;
+    let writer_memory = Arc::clone(&memory);
     let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
         if !round.final_round {
             throttle_seen = throttle_seen.max(vcpus.throttle());
+            dirty_the_working_set(&writer_memory, &mut recorder, vcpus.throttle(), round.round);
         }
     })
     .unwrap();
@@ -137,23 +159,29 @@ fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
         "steps up only: {throttles:?}"
     );
     assert_eq!(
-        device_throttles[0].0, 50,
-        "the device is slowed with the vCPUs"
+        device_throttles.first().map(|t| t.0),
+        Some(50),
+        "the device is slowed with the vCPUs: {table:?}"
     );
     assert!(report
         .rounds
         .iter()
         .all(|r| r.device_throttled == (r.throttle_pct > 0)));
     for round in &report.rounds[1..] {
-        assert!(round.bandwidth_bytes_per_sec > 0.0);
+        assert!(round.bandwidth_bytes_per_sec > 0.0, "{table:?}");
         assert!(round.predicted_downtime_ms.is_some());
     }
 
     let (report, throttle_seen, device_throttles) = migrate(AutoConverge::Off, 4);
+    let table: Vec<_> = report
+        .rounds
+        .iter()
+        .map(|r| (r.pages_sent, r.predicted_downtime_ms, r.throttle_pct))
+        .collect();
     assert_eq!(throttle_seen, 0, "off: never throttled");
     assert!(device_throttles.is_empty(), "{device_throttles:?}");
     assert!(report.rounds.iter().all(|r| r.throttle_pct == 0));
-    assert!(report.forced_stop, "max_rounds forced the stop");
+    assert!(report.forced_stop, "max_rounds forced the stop: {table:?}");
     assert_eq!(
         report.rounds.len() as u32,
         4 + 2,
@@ -172,20 +200,21 @@ fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
     let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
     device.can_throttle = true;
     let cpu_driver = SoftDriver::new();
-    let recorder = cpu_driver.recorder();
+    let mut recorder = cpu_driver.recorder();
     let mut cpu = InProcessTracker::new(cpu_driver);
     let vcpus = VcpuWorkload::start(
         Arc::clone(&memory),
-        recorder,
+        recorder.clone(),
         VcpuParams {
             threads: 1,
-            base: 1 << 20,
-            span: 2 << 20,
-            rate: 100_000_000,
+            base: WSS_BASE,
+            span: WSS_PAGES * 4096,
+            rate: 4_000_000,
             seed: 3,
         },
     )
     .unwrap();
+    dirty_the_working_set(&memory, &mut recorder, 0, 0);
     let (a, b) = UnixStream::pair().unwrap();
     // A destination that takes everything and never answers.
     let sink = std::thread::spawn(move || {
@@ -212,9 +241,12 @@ fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
         vcpus: Some(&vcpus),
     };
     // The link goes down as soon as a round was sent throttled.
+    let writer_memory = Arc::clone(&memory);
     let result = migrate_source(&config, vm, &mut out, &mut replies, |round| {
         if round.throttle_pct > 0 {
             let _ = cut.shutdown(std::net::Shutdown::Both);
+        } else {
+            dirty_the_working_set(&writer_memory, &mut recorder, 0, round.round);
         }
     });
     assert!(result.is_err());

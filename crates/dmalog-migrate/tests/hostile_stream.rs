@@ -365,3 +365,46 @@ fn a_zero_run_zeroes_pages_written_earlier() {
     outcome.memory.read(8192, &mut page);
     assert!(page.iter().all(|&b| b == 7), "the next page kept");
 }
+
+/// On a socket the destination reads page bytes straight into guest memory once the run
+/// table is checked: the same refusals hold there, before any page is written.
+#[test]
+fn on_a_socket_bad_runs_are_refused_before_any_page_is_written() {
+    let region0_end = LAYOUT[0].1;
+    for (runs, data_len, why) in [
+        (vec![(region0_end - 4096, 2u32, 0u32)], 8192usize, "outside"),
+        (vec![(0, 1, 0), (1, 1, 0)], 8192, "page-aligned"),
+        (vec![(0, 2, 0)], 4096, "data length"),
+        (vec![(0, 1, 0), (4096, 1, RUN_ZERO)], 8192, "data length"),
+    ] {
+        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let stream = [
+            frame(Kind::Hello, &hello(&LAYOUT)),
+            frame(Kind::Pages, &pages_payload(&runs, &vec![7u8; data_len])),
+        ]
+        .concat();
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = theirs.write_all(&stream);
+            theirs
+        });
+        let (mut device, _) = FakeDevice::new(Vec::new());
+        let mut sink = FrameWriter::new(Vec::new(), None);
+        let result = migrate_destination(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut FrameReader::new(ours),
+            &mut sink,
+        );
+        drop(writer.join().unwrap());
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains(why), "{runs:?}: {err}");
+        let mut page = [0u8; 4096];
+        memory.read(0, &mut page);
+        assert!(page.iter().all(|&b| b == 0), "{runs:?}: nothing written");
+        memory.read(region0_end - 4096, &mut page);
+        assert!(page.iter().all(|&b| b == 0), "{runs:?}: nothing written");
+    }
+}

@@ -7,33 +7,35 @@
 //!
 //! # The no-lost-dirty-page protocol (SPEC 3.4)
 //! Writer, per word touched: `W0` load the word (Acquire); if it already holds the bits,
-//! make sure the summary bit is set (load, and RMW only if clear) and stop. Otherwise `W1` fetch_or the
-//! bits (Release) then `W2` fetch_or the summary bit (Release), unconditionally.
+//! go to `W2`. Otherwise `W1` fetch_or the bits (AcqRel). `W2`: load the summary word and,
+//! only if the word's summary bit is clear, fetch_or it (Release).
 //! Reader, per summary word: `R1` fetch_and the summary bits off (AcqRel), then for each
-//! word that was flagged `R2` swap the word to 0 (AcqRel, even if it reads 0) - or, for a word only partly inside
-//! the report, fetch_and its reported bits off and `R3` put the summary bit back if bits
-//! remain.
+//! word that was flagged `R2` swap the word to 0 (AcqRel, even if it reads 0) - or, for a
+//! word only partly inside the report, fetch_and its reported bits off and `R3` put the
+//! summary bit back if bits remain.
 //!
-//! Why nothing is lost: `W2` and `R1` are read-modify-writes of the same summary word, so
-//! one comes first. If `W2` comes first, `R1` reads from `W2`'s release sequence, so `W1`
-//! happens-before `R2`, and `R2` (an RMW that sees every earlier write) takes the bits.
-//! If `R1` comes first, the summary bit is set again by `W2` after the reader cleared it,
-//! so the bits are either taken by `R2` now or found through the summary by the next
-//! report. A writer that finds its bits already set (`W0`) relies on the writer that set
-//! them; that writer's `W2` is either before `R1` (reported now) or after it (next report),
-//! and the writer's own summary check covers the window where that other writer has set the
-//! word but not yet the summary. That check must not read a summary bit older than the
-//! report that last cleared the word: `W0` is an Acquire load, and the bits it sees were set
-//! by RMWs after that report's `R2` (a release), so it synchronises with `R2` and hence sees
-//! `R1`'s clear. The loom models in `tests/loom_dirty_log.rs` check all of this (two
-//! writers on one page, with and without an earlier report).
+//! Why nothing is lost: take the last report `R` whose `R2` on the word comes before the
+//! writer's `W0` / `W1` (in the word's modification order). Both read from `R2`'s release
+//! sequence (every later write to the word is an RMW, until the next report's `R2`) and
+//! acquire, so `R`'s `R1` happens-before the writer's summary load, which therefore reads
+//! `R1`'s clear or a later value. If it reads the bit clear, the writer sets it (an RMW,
+//! after `R1`), and the next report's `R1` finds it and its `R2` takes the word, after the
+//! writer's bits are in it. If it reads the bit set, that set came after `R1` (from another
+//! writer's `W2`, or an `R3`), and the next report to clear it is a report after `R`, whose
+//! `R2` therefore comes after the writer's `W0` / `W1` and takes its bits (for `W0` they
+//! were there already: set by an RMW after `R2`). Without the Acquire on `W0` / `W1` the
+//! summary load could see a set bit from before `R1` and skip the repair of a word that
+//! another writer has set but not yet flagged. `R2` is an RMW even on a clean flagged word
+//! so that it heads a release sequence. The loom models in `tests/loom_dirty_log.rs` check
+//! all of this (two writers on one page, with and without an earlier report).
 //!
 //! Data ordering: the page data must be in memory before the bit can be seen, or a report
 //! could clear the bit before a consumer copies stale data. The RMW path orders the data
 //! store before `W1` (Release), and `R2` acquires it. The no-RMW path (`W0`) orders
 //! nothing by itself, nor does a plain-store clear of an all-ones word, so
 //! [`DirtyLog::record_write`] issues one SeqCst fence between the data copy and the mark
-//! (one fence per write, not per page: the hot-path entry point for DMA writes) and every
+//! (one fence per write, not per page: the hot-path entry point for DMA writes; on x86-64
+//! the RMW path's locked instruction is that fence, see `fence_then_rmw`) and every
 //! clearing report ends with one: a writer whose access to a word came before the report's
 //! clear of it has its fence ordered before the report's, so its data is visible after the
 //! report.
@@ -75,6 +77,16 @@ const GROUP_WORDS: u64 = 2;
 /// The summary bits of a whole group.
 const GROUP_MASK: u64 = u64::MAX >> (64 - GROUP_WORDS);
 
+/// `count` zeroed atomics from `alloc_zeroed`: the OS hands out zero pages on first touch,
+/// so a log over a large range costs memory only where it is marked or reported.
+#[cfg(not(loom))]
+fn zeroed_atomics(count: u64, what: &'static str) -> LogResult<Box<[AtomicU64]>> {
+    let count = usize::try_from(count).map_err(|_| LogError::OutOfMemory(what))?;
+    bytemuck::allocation::try_zeroed_slice_box(count).map_err(|()| LogError::OutOfMemory(what))
+}
+
+/// loom's atomics are not plain zeroable memory: one at a time (model logs are tiny).
+#[cfg(loom)]
 fn zeroed_atomics(count: u64, what: &'static str) -> LogResult<Box<[AtomicU64]>> {
     let count = usize::try_from(count).map_err(|_| LogError::OutOfMemory(what))?;
     let mut words = Vec::new();
@@ -127,6 +139,51 @@ fn counted_summary_rmw() {
 #[inline]
 fn bit_span(lo: u64, hi: u64) -> u64 {
     (u64::MAX >> (63 - hi)) & (u64::MAX << lo)
+}
+
+/// W1 of a write whose data must be ordered before its bit: a SeqCst fence, then the
+/// `fetch_or`. On x86-64 (outside loom) the fence is left out: the `fetch_or` compiles to a
+/// `lock or`, and a locked instruction is itself a full barrier (Intel SDM vol. 3A 10.2.2,
+/// "reads or writes cannot be reordered with ... locked instructions"; AMD APM vol. 2
+/// 7.4.2), so `lock or` alone orders the data stores before the bit and every later load
+/// after it, exactly as the fence's own `lock or $0` on the stack followed by this one
+/// would. The compiler keeps the data before it and later loads after it because the RMW
+/// is AcqRel. Elsewhere (and in the loom models, which check this path) the fence stays:
+/// the memory model does not make an RMW of the word order earlier stores before later
+/// loads of other locations.
+#[inline(always)]
+fn fence_then_rmw(word: &AtomicU64, mask: u64) {
+    #[cfg(not(all(target_arch = "x86_64", not(loom))))]
+    fence(Ordering::SeqCst);
+    counted_word_rmw();
+    word.fetch_or(mask, Ordering::AcqRel); // W1
+}
+
+/// The index of the first non-zero summary word of `summary`. Out of line, so that the
+/// scan of a sparse log's summary keeps its loop in registers whatever the caller inlines.
+#[inline(never)]
+fn first_flagged(summary: &[AtomicU64]) -> Option<usize> {
+    let flagged_in = |words: &[AtomicU64]| {
+        words
+            .iter()
+            .position(|word| word.load(Ordering::Relaxed) != 0)
+    };
+    // Eight words per test and branch: a clean stretch costs about two instructions a word.
+    let mut chunks = summary.chunks_exact(8);
+    let mut base = 0;
+    for chunk in &mut chunks {
+        if chunk
+            .iter()
+            .fold(0, |any, word| any | word.load(Ordering::Relaxed))
+            != 0
+        {
+            if let Some(offset) = flagged_in(chunk) {
+                return Some(base + offset);
+            }
+        }
+        base += 8;
+    }
+    flagged_in(chunks.remainder()).map(|offset| base + offset)
 }
 
 /// How dirty log pages become report bits; chosen once per report.
@@ -228,18 +285,64 @@ impl DirtyLog {
         ))
     }
 
-    /// Records a DMA write of `[iova, iova+len)` whose data is already in memory: one
-    /// SeqCst fence (so the data cannot be seen after the bit; see the module comment),
-    /// then [`DirtyLog::mark`]. The entry point for device write paths.
+    /// Records a DMA write of `[iova, iova+len)` whose data is already in memory: the
+    /// mark of [`DirtyLog::mark`], ordered after the data (so the data cannot be seen after
+    /// the bit; see the module comment). The entry point for device write paths.
+    ///
+    /// Formally one SeqCst fence comes before the first word's mark. It is issued after
+    /// the span and the word addresses are computed (a fence holds back every later load,
+    /// the log's own fields too), and a word that a plain load shows is not yet dirty takes
+    /// the RMW path through [`fence_then_rmw`]: on x86-64 its locked RMW is the fence.
     #[inline]
     pub fn record_write(&self, iova: u64, len: u64) {
-        fence(Ordering::SeqCst);
-        self.mark(iova, len);
+        let Some((first, last)) = self.page_span(iova, len) else {
+            // Nothing logged: nothing to order.
+            return;
+        };
+        let (first_word, last_word) = (first / 64, last / 64);
+        let mut fenced = false;
+        if first_word == last_word {
+            let mask = if first == last {
+                1u64 << (first % 64)
+            } else {
+                bit_span(first % 64, last % 64)
+            };
+            self.record_word(first_word as usize, mask, &mut fenced);
+            return;
+        }
+        self.record_word(first_word as usize, bit_span(first % 64, 63), &mut fenced);
+        for word in first_word + 1..last_word {
+            self.record_word(word as usize, u64::MAX, &mut fenced);
+        }
+        self.record_word(last_word as usize, bit_span(0, last % 64), &mut fenced);
+    }
+
+    /// One word of [`DirtyLog::record_write`]: `fenced` says whether the write's fence (or
+    /// on x86-64 a locked RMW, which is one) has been issued.
+    #[inline(always)]
+    fn record_word(&self, word_index: usize, mask: u64, fenced: &mut bool) {
+        let summary = &self.summary[word_index / GROUP_WORDS as usize];
+        let summary_bit = 1u64 << (word_index as u64 % GROUP_WORDS);
+        let word = &self.words[word_index];
+        if !*fenced {
+            *fenced = true;
+            // A hint, not a decision: the RMW path is right whatever the word holds, and
+            // the no-RMW path decides on its own load, after the fence.
+            if word.load(Ordering::Relaxed) & mask != mask {
+                fence_then_rmw(word, mask);
+                Self::set_summary(summary, summary_bit);
+                return;
+            }
+            fence(Ordering::SeqCst);
+        }
+        Self::mark_word_at(word, summary, summary_bit, mask);
     }
 
     /// Marks every page `[iova, iova+len)` touches as dirty; the parts outside the log are
     /// ignored. At most one atomic RMW per 64-page word (plus one on the summary the first
-    /// time a word turns dirty), and none when the word already holds the bits.
+    /// time a word of its group turns dirty), and none when the word already holds the bits.
+    /// Orders nothing before the mark: a DMA write uses [`DirtyLog::record_write`] (or
+    /// issues a SeqCst fence first, as [`crate::WriteRecorder`] does).
     #[inline]
     pub fn mark(&self, iova: u64, len: u64) {
         let Some((first, last)) = self.page_span(iova, len) else {
@@ -264,25 +367,41 @@ impl DirtyLog {
 
     #[inline]
     fn mark_word(&self, word_index: usize, mask: u64) {
-        let summary = &self.summary[word_index / GROUP_WORDS as usize];
-        let summary_bit = 1u64 << (word_index as u64 % GROUP_WORDS);
-        let word = &self.words[word_index];
+        Self::mark_word_at(
+            &self.words[word_index],
+            &self.summary[word_index / GROUP_WORDS as usize],
+            1u64 << (word_index as u64 % GROUP_WORDS),
+            mask,
+        );
+    }
+
+    #[inline(always)]
+    fn mark_word_at(word: &AtomicU64, summary: &AtomicU64, summary_bit: u64, mask: u64) {
         // W0. Acquire: if the bits were set after a report cleared this word, the load reads
         // from that report's R2 release sequence, so the summary load below cannot see a
         // summary bit from before that report's R1 (a stale "set" would skip the repair).
         if word.load(Ordering::Acquire) & mask == mask {
             // Already dirty. The writer that set these bits may not have reached its
             // summary update yet; make sure the summary points here before returning.
-            if summary.load(Ordering::Relaxed) & summary_bit == 0 {
-                counted_summary_rmw();
-                summary.fetch_or(summary_bit, Ordering::Release);
-            }
+            Self::set_summary(summary, summary_bit);
             return;
         }
         counted_word_rmw();
-        word.fetch_or(mask, Ordering::Release); // W1
-        counted_summary_rmw();
-        summary.fetch_or(summary_bit, Ordering::Release); // W2
+        word.fetch_or(mask, Ordering::AcqRel); // W1
+        Self::set_summary(summary, summary_bit);
+    }
+
+    /// W2: sets the word's summary bit unless it is set already. Runs after the word's W0
+    /// (Acquire) or W1 (AcqRel), either of which synchronises with the R2 of the report
+    /// that last cleared the word, so a set bit seen here is not one that report's R1
+    /// cleared: it is from a later W2 (or R3), and the report that clears it takes the word
+    /// after this writer's bits were in it.
+    #[inline(always)]
+    fn set_summary(summary: &AtomicU64, summary_bit: u64) {
+        if summary.load(Ordering::Relaxed) & summary_bit == 0 {
+            counted_summary_rmw();
+            summary.fetch_or(summary_bit, Ordering::Release);
+        }
     }
 
     /// Whether any page of `[iova, iova+len)` is dirty (a read; clears nothing).
@@ -429,6 +548,89 @@ impl DirtyLog {
         self.clear_walk(iova, len, &mut PageSink { page });
     }
 
+    /// Takes a group wholly inside the report (its summary word read non-zero).
+    #[inline]
+    fn clear_interior_group(
+        &self,
+        summary_index: u64,
+        summary: &AtomicU64,
+        exclusive: bool,
+        sink: &mut impl WordSink,
+    ) {
+        let group_first_word = summary_index * GROUP_WORDS;
+        counted_report_summary_rmw();
+        // R1 of the whole group: the same as a fetch_and of all its bits, one locked
+        // exchange without a compare loop.
+        let mut flagged = summary.swap(0, Ordering::AcqRel) & GROUP_MASK;
+        if flagged == 0 || sink.interior_group(self, group_first_word, flagged, exclusive) {
+            return;
+        }
+        while flagged != 0 {
+            let word_index = group_first_word + flagged.trailing_zeros() as u64;
+            flagged &= flagged - 1;
+            if let Some(value) = Self::take_whole_word(&self.words[word_index as usize], exclusive)
+            {
+                sink.word(self, word_index, value);
+            }
+        }
+    }
+
+    /// Takes the words of the report's pages `[first, last]` in an edge group (the group of
+    /// the first or the last page), partial words included.
+    fn clear_edge_group(
+        &self,
+        summary_index: u64,
+        first: u64,
+        last: u64,
+        exclusive: bool,
+        sink: &mut impl WordSink,
+    ) {
+        let (first_word, last_word) = (first / 64, last / 64);
+        let group_first_word = summary_index * GROUP_WORDS;
+        let group_last_word = group_first_word + GROUP_WORDS - 1;
+        let lo_word = first_word.max(group_first_word);
+        let hi_word = last_word.min(group_last_word);
+        let summary_mask = bit_span(lo_word % GROUP_WORDS, hi_word % GROUP_WORDS);
+        let summary = &self.summary[summary_index as usize];
+        if summary.load(Ordering::Relaxed) & summary_mask == 0 {
+            return;
+        }
+        counted_report_summary_rmw();
+        let mut flagged = summary.fetch_and(!summary_mask, Ordering::AcqRel) & summary_mask; // R1
+        while flagged != 0 {
+            let word_index = group_first_word + flagged.trailing_zeros() as u64;
+            flagged &= flagged - 1;
+            let lo = if word_index == first_word {
+                first % 64
+            } else {
+                0
+            };
+            let hi = if word_index == last_word {
+                last % 64
+            } else {
+                63
+            };
+            let page_mask = bit_span(lo, hi);
+            let word = &self.words[word_index as usize];
+            let value = if page_mask == u64::MAX {
+                match Self::take_whole_word(word, exclusive) {
+                    Some(value) => value,
+                    None => continue,
+                }
+            } else {
+                let old = word.fetch_and(!page_mask, Ordering::AcqRel); // R2, partial word
+                if old & !page_mask != 0 {
+                    summary.fetch_or(1u64 << (word_index % GROUP_WORDS), Ordering::Release);
+                    // R3
+                }
+                old & page_mask
+            };
+            if value != 0 {
+                sink.word(self, word_index, value);
+            }
+        }
+    }
+
     /// The clearing walk shared by every kind of report: summary words, then the flagged
     /// words, whole or (at the range edges) partial, handed to `sink`.
     fn clear_walk(&self, iova: u64, len: u64, sink: &mut impl WordSink) {
@@ -438,67 +640,22 @@ impl DirtyLog {
         // Reports normally run one at a time (the logging core serialises them); if two
         // overlap, the second uses only read-modify-writes.
         let exclusive = !self.reporting.swap(true, Ordering::Acquire);
-        let (first_word, last_word) = (first / 64, last / 64);
-        for summary_index in first_word / GROUP_WORDS..=last_word / GROUP_WORDS {
-            let group_first_word = summary_index * GROUP_WORDS;
-            let group_last_word = group_first_word + GROUP_WORDS - 1;
-            let lo_word = first_word.max(group_first_word);
-            let hi_word = last_word.min(group_last_word);
-            let summary_mask = bit_span(lo_word % GROUP_WORDS, hi_word % GROUP_WORDS);
-            let summary = &self.summary[summary_index as usize];
-            if summary.load(Ordering::Relaxed) & summary_mask == 0 {
-                continue;
+        let (first_group, last_group) = (first / 64 / GROUP_WORDS, last / 64 / GROUP_WORDS);
+        self.clear_edge_group(first_group, first, last, exclusive, sink);
+        if last_group > first_group {
+            // Interior groups lie wholly inside the range: a tight scan of the summary (one
+            // load per 4096 pages), whole words only.
+            let (interior_first, interior_end) = (first_group + 1, last_group);
+            let mut at = interior_first;
+            while let Some(offset) =
+                first_flagged(&self.summary[at as usize..interior_end as usize])
+            {
+                let summary_index = at + offset as u64;
+                let summary = &self.summary[summary_index as usize];
+                self.clear_interior_group(summary_index, summary, exclusive, sink);
+                at = summary_index + 1;
             }
-            counted_report_summary_rmw();
-            let mut flagged = summary.fetch_and(!summary_mask, Ordering::AcqRel) & summary_mask; // R1
-            if group_first_word > first_word && group_last_word < last_word {
-                // Interior group: only whole words.
-                if sink.interior_group(self, group_first_word, flagged, exclusive) {
-                    continue;
-                }
-                while flagged != 0 {
-                    let word_index = group_first_word + flagged.trailing_zeros() as u64;
-                    flagged &= flagged - 1;
-                    if let Some(value) =
-                        Self::take_whole_word(&self.words[word_index as usize], exclusive)
-                    {
-                        sink.word(self, word_index, value);
-                    }
-                }
-                continue;
-            }
-            while flagged != 0 {
-                let word_index = group_first_word + flagged.trailing_zeros() as u64;
-                flagged &= flagged - 1;
-                let lo = if word_index == first_word {
-                    first % 64
-                } else {
-                    0
-                };
-                let hi = if word_index == last_word {
-                    last % 64
-                } else {
-                    63
-                };
-                let page_mask = bit_span(lo, hi);
-                let word = &self.words[word_index as usize];
-                let value = if page_mask == u64::MAX {
-                    match Self::take_whole_word(word, exclusive) {
-                        Some(value) => value,
-                        None => continue,
-                    }
-                } else {
-                    let old = word.fetch_and(!page_mask, Ordering::AcqRel); // R2, partial word
-                    if old & !page_mask != 0 {
-                        summary.fetch_or(1u64 << (word_index % GROUP_WORDS), Ordering::Release);
-                        // R3
-                    }
-                    old & page_mask
-                };
-                if value != 0 {
-                    sink.word(self, word_index, value);
-                }
-            }
+            self.clear_edge_group(last_group, first, last, exclusive, sink);
         }
         // Pairs with the fence in `record_write`: a writer whose load or RMW of a word came
         // before this walk's clear of it (so its page is reported now, perhaps without an
@@ -853,6 +1010,56 @@ mod tests {
         let (w1, s1) = rmws();
         log.mark(60 * 4096, 200 * 4096);
         assert_eq!(rmws(), (w1, s1));
+    }
+
+    #[test]
+    fn the_interior_scan_finds_a_page_in_every_group_position() {
+        // 21 groups of 4096 pages: 19 interior ones, scanned eight summary words at a time
+        // plus a remainder of three. One page in groups at chunk edges, and both edges.
+        let log = DirtyLog::new(0, 21 * 4096 * 4096, 4096).unwrap();
+        let groups = [0u64, 1, 2, 8, 9, 10, 16, 17, 18, 19, 20];
+        let pages: Vec<u64> = groups.iter().map(|g| g * 4096 + 7 * g + 3).collect();
+        for &page in &pages {
+            log.mark(page * 4096, 1);
+        }
+        assert_eq!(report(&log, 0, 21 * 4096 * 4096, 4096), pages);
+        for &page in &pages {
+            log.mark(page * 4096, 1);
+        }
+        let mut drained = Vec::new();
+        log.drain_pages(0, 21 * 4096 * 4096, |iova| drained.push(iova / 4096));
+        assert_eq!(drained, pages);
+        assert!(report(&log, 0, 21 * 4096 * 4096, 4096).is_empty());
+    }
+
+    #[test]
+    fn a_fresh_page_in_a_flagged_word_costs_only_the_word_rmw() {
+        let log = DirtyLog::new(0, 1 << 30, 4096).unwrap();
+        for record in [false, true] {
+            let mark = |iova: u64, len: u64| {
+                if record {
+                    log.record_write(iova, len);
+                } else {
+                    log.mark(iova, len);
+                }
+            };
+            let base = if record { 1 << 20 } else { 0 };
+            mark(base, 1); // word turns dirty: word and summary RMW
+            let (w0, s0) = rmws();
+            mark(base + 5 * 4096, 1); // same word, a fresh page
+            assert_eq!(
+                rmws(),
+                (w0 + 1, s0),
+                "record {record}: summary bit already set"
+            );
+            mark(base + 64 * 4096, 2 * 4096); // the next word: its own summary bit
+            assert_eq!(rmws(), (w0 + 2, s0 + 1), "record {record}");
+            mark(base + 5 * 4096, 70 * 4096); // pages 5..75: fresh pages in both words
+            assert_eq!(rmws(), (w0 + 4, s0 + 1), "record {record}");
+        }
+        let mut pages = report(&log, 0, 2 << 20, 4096);
+        pages.retain(|&p| p < 256);
+        assert_eq!(pages, [0].into_iter().chain(5..75).collect::<Vec<_>>());
     }
 
     #[test]
