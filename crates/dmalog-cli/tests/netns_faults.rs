@@ -35,9 +35,11 @@ const SHAPE: Shape = Shape {
     loss: true,
 };
 const GUEST_MIB: u64 = 64;
-/// Guest memory the device fills before the migration (pages that are not zero: zero
-/// pages cross the link as flags, and a guest of them would be over in a few frames).
-const FILL_MIB: u64 = 32;
+/// Share of guest memory holding data (not zero) before the migration: zero pages cross
+/// the link as flags, and a guest of them would be over in a few frames.
+const PREFILL_PCT: u64 = 50;
+/// Bytes of that data.
+const FILL_BYTES: u64 = (GUEST_MIB << 20) / 100 * PREFILL_PCT;
 /// Both sides' `--timeout-ms` where the link is cut: a silent peer is found out after
 /// this. Generous against the other side's honest work (the destination hashes the guest
 /// between End and Ready, slowly on a loaded machine), as short as that allows.
@@ -225,17 +227,7 @@ fn source(
         ])
         // No pacing in the process: the link's tbf is the cap.
         .args(["--link-mbps", "100000"])
-        // dma-engine FILLs guest memory [0, FILL_MIB) before the migration starts (DST,
-        // LEN, PATTERN, OP = FILL, DOORBELL).
-        .args(["--region-write-u64", "0:0x8=0"])
-        .args(["--region-write-u64", &format!("0:0x18={}", FILL_MIB << 20)])
-        .args([
-            "--region-write-u64",
-            "0:0x20=1",
-            "--region-write-u64",
-            "0:0x28=1",
-        ])
-        .args(["--region-write-u64", "0:0x30=1"])
+        .args(["--prefill-pct", &PREFILL_PCT.to_string()])
         .args(["--timeout-ms", &timeout_ms.to_string()]);
     for destination in destinations {
         command.args(["--connect", &destination.to_string()]);
@@ -370,7 +362,7 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
         net.dropped_packets(),
         net.shaped_events()
     );
-    assert!(relay.forwarded.load(Ordering::SeqCst) >= FILL_MIB << 20);
+    assert!(relay.forwarded.load(Ordering::SeqCst) >= FILL_BYTES);
     assert!(net.shaped_events() > 0, "tbf never held a packet back");
     match &net.loss_unavailable {
         None => assert!(net.dropped_packets() > 0, "no packet was dropped"),
