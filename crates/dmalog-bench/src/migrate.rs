@@ -288,13 +288,17 @@ impl MigrateLoopback {
         stream.end().expect("End");
         let zero_pages = stream.zero_pages();
         let wire_bytes = stream.bytes();
-        let resumed = replies.read().expect("Resumed");
+        // The destination has every page once it is Ready (it resumes only on Go).
+        let ready = replies.read().expect("Ready");
         let elapsed = started.elapsed();
-        assert_eq!(resumed.kind, Kind::Resumed);
-        let hash_ns = resumed
+        assert_eq!(ready.kind, Kind::Ready);
+        let hash_ns = ready
             .payload
             .get(..8)
             .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        out.write(Kind::Go, &[]).expect("Go");
+        out.flush().expect("flush");
+        assert_eq!(replies.read().expect("Resumed").kind, Kind::Resumed);
         out.write(Kind::Verified, &[&[1]]).expect("Verified");
         out.flush().expect("flush");
         Transfer {
