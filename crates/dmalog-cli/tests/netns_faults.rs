@@ -214,8 +214,6 @@ fn source(
     let mut command = net.source.command(dmalog());
     command
         .args(["migrate", "source", "--json"])
-        // Only the device fills memory (FILL_MIB): the kill points are counted in its bytes.
-        .args(["--prefill-pct", "0"])
         .args(["--memory-mib", &GUEST_MIB.to_string()])
         .args(["--device-wss-mib", "8", "--device-rate-mbps", "1"])
         .args(["--vcpu-wss-mib", "4", "--vcpu-rate-mbps", "1"])
