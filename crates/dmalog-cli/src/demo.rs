@@ -559,7 +559,24 @@ fn migrate_once(
     let mut connect_extra = |_| {
         link()
             .map(|l| FrameWriter::new(l, rate).with_timeout(timeout))
-            .map_err(|err| std::io::Error::other(format!("{err:#}")))
+            .map_err(|err| {
+                // The kind says whether the destination hung up (then the engine looks for
+                // the reason it sent on the first channel).
+                let kind = err
+                    .chain()
+                    .find_map(|cause| {
+                        cause.downcast_ref::<std::io::Error>().or_else(|| {
+                            match cause.downcast_ref::<dmalog_migrate::tls::TlsError>() {
+                                Some(dmalog_migrate::tls::TlsError::Handshake {
+                                    cause, ..
+                                }) => Some(cause),
+                                _ => None,
+                            }
+                        })
+                    })
+                    .map_or(std::io::ErrorKind::Other, std::io::Error::kind);
+                std::io::Error::new(kind, format!("{err:#}"))
+            })
     };
     let mut replies = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
     let mut out = FrameWriter::new(stream, rate).with_timeout(timeout);

@@ -415,11 +415,27 @@ fn a_source_device_server_that_stops_answering_fails_the_migration_within_the_ti
 
 #[test]
 fn a_layout_mismatch_fails_the_source_with_the_destination_s_reason() {
+    layout_mismatch_on_channels(1);
+}
+
+/// With further channels, the one that finds the destination gone (refused or reset)
+/// must not hide the reason the destination sent on the first.
+#[test]
+fn a_layout_mismatch_on_two_channels_fails_the_source_with_the_destination_s_reason() {
+    layout_mismatch_on_channels(2);
+}
+
+fn layout_mismatch_on_channels(channels: u32) {
     let src_server = ServerProcess::start("soft");
     let dst_server = ServerProcess::start("soft");
     let destination = destination(&dst_server.socket, &["--memory-mib", "128"]);
+    let channels = channels.to_string();
     let out = wait_guarded(
-        source(&destination.address, &src_server.socket, &[]),
+        source(
+            &destination.address,
+            &src_server.socket,
+            &["--channels", &channels],
+        ),
         "dmalog migrate source",
     );
     let (dst_out, dst_stderr) = destination.wait();

@@ -288,11 +288,16 @@ fn recover(
 /// sent while we were still writing): that reason is the error, not the broken pipe.
 /// Without one, the error says that the destination closed the connection.
 fn why_the_peer_hung_up(err: MigrateError, replies: &mut FrameReader<impl Read>) -> MigrateError {
-    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionRefused, ConnectionReset};
+    // Refused: a further channel found the destination's listener closed, which it does
+    // when it has given up (it stops listening once it fails).
     let hung_up = matches!(
         &err,
         MigrateError::Stream(StreamError::Io(io))
-            if matches!(io.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
+            if matches!(
+                io.kind(),
+                BrokenPipe | ConnectionReset | ConnectionAborted | ConnectionRefused
+            )
     );
     if !hung_up {
         return err.closed_by("destination");
