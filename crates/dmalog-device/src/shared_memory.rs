@@ -335,27 +335,38 @@ pub const MAX_PIECES: usize = 1024;
 /// the caller's to continue with [`IoPiece::skip`]). A piece of a mapping whose file shrank
 /// makes the call fail with EFAULT, never a signal (the kernel's user copies fail cleanly).
 pub fn write_pieces(fd: impl AsFd, pieces: &[IoPiece<'_>]) -> std::io::Result<usize> {
-    let count = pieces.len().min(MAX_PIECES);
+    let (iovecs, count) = iovec_table(pieces.iter().map(|p| (p.ptr.cast_mut(), p.len)));
+    retry_interrupted(|| {
+        // SAFETY: each iovec describes a piece that its borrow keeps mapped and readable
+        // for its whole length; `writev` only reads them. `count <= IOV_MAX`.
+        unsafe { libc::writev(fd.as_fd().as_raw_fd(), iovecs.as_ptr(), count) }
+    })
+}
+
+/// The iovecs of the first [`MAX_PIECES`] of `ranges` (pointer, length), and how many.
+fn iovec_table(
+    ranges: impl Iterator<Item = (*mut u8, usize)>,
+) -> ([libc::iovec; MAX_PIECES], libc::c_int) {
     let mut iovecs = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,
     }; MAX_PIECES];
-    for (iov, piece) in iovecs.iter_mut().zip(&pieces[..count]) {
+    let mut count = 0;
+    for (iov, (ptr, len)) in iovecs.iter_mut().zip(ranges) {
         *iov = libc::iovec {
-            iov_base: piece.ptr.cast_mut().cast(),
-            iov_len: piece.len,
+            iov_base: ptr.cast(),
+            iov_len: len,
         };
+        count += 1;
     }
+    (iovecs, count)
+}
+
+/// Repeats `call` (a `readv`/`writev`) while a signal interrupts it: its byte count, or
+/// the OS error.
+fn retry_interrupted(mut call: impl FnMut() -> libc::ssize_t) -> std::io::Result<usize> {
     loop {
-        // SAFETY: each iovec describes a piece that its borrow keeps mapped and readable
-        // for its whole length; `writev` only reads them. `count <= IOV_MAX`.
-        let n = unsafe {
-            libc::writev(
-                fd.as_fd().as_raw_fd(),
-                iovecs.as_ptr(),
-                count as libc::c_int,
-            )
-        };
+        let n = call();
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -423,36 +434,13 @@ impl IoPieceMut<'_> {
 /// the end of the stream). A piece of a mapping whose file shrank makes the call fail
 /// with EFAULT, never a signal.
 pub fn read_pieces(fd: impl AsFd, pieces: &[IoPieceMut<'_>]) -> std::io::Result<usize> {
-    let count = pieces.len().min(MAX_PIECES);
-    let mut iovecs = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; MAX_PIECES];
-    for (iov, piece) in iovecs.iter_mut().zip(&pieces[..count]) {
-        *iov = libc::iovec {
-            iov_base: piece.ptr.cast(),
-            iov_len: piece.len,
-        };
-    }
-    loop {
+    let (iovecs, count) = iovec_table(pieces.iter().map(|p| (p.ptr, p.len)));
+    retry_interrupted(|| {
         // SAFETY: each iovec describes a piece of a writable mapping that its borrow keeps
         // mapped for its whole length; no Rust reference to those bytes exists, so the
         // kernel's stores race with nothing the compiler assumes. `count <= IOV_MAX`.
-        let n = unsafe {
-            libc::readv(
-                fd.as_fd().as_raw_fd(),
-                iovecs.as_ptr(),
-                count as libc::c_int,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+        unsafe { libc::readv(fd.as_fd().as_raw_fd(), iovecs.as_ptr(), count) }
+    })
 }
 
 impl SharedMapping {
