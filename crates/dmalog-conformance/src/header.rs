@@ -6,7 +6,7 @@ use dmalog::uapi::{
 };
 use dmalog::user_memory::SegmentedUserMemory;
 
-use crate::requests::{REPORT_GET, START_SET, STOP_SET};
+use crate::requests::{header_only, REPORT_GET, START_SET, STOP_SET};
 use crate::{MakeTarget, Variant, EINVAL, PAGE, RANGE_A};
 
 /// SPEC 3.1: the feature header rows, in both dialects.
@@ -25,22 +25,22 @@ pub fn header_errnos(make: MakeTarget<'_>) {
         ),
         (
             "reserved flag bit 19",
-            feature_request(8, STOP_SET | 1 << 19, &[]),
+            header_only(STOP_SET | 1 << 19),
             EINVAL,
         ),
         (
             "reserved flag bit 31",
-            feature_request(8, STOP_SET | 1 << 31, &[]),
+            header_only(STOP_SET | 1 << 31),
             EINVAL,
         ),
         (
             "GET|SET without PROBE",
-            feature_request(8, STOP_SET | FEATURE_GET, &[]),
+            header_only(STOP_SET | FEATURE_GET),
             EINVAL,
         ),
         (
             "unknown feature",
-            feature_request(8, 0x1234 | FEATURE_GET, &[]),
+            header_only(0x1234 | FEATURE_GET),
             libc::ENOTTY,
         ),
         (
@@ -59,50 +59,34 @@ pub fn header_errnos(make: MakeTarget<'_>) {
         ),
         (
             "PROBE START",
-            feature_request(8, FEATURE_DMA_LOGGING_START | FEATURE_PROBE, &[]),
+            header_only(FEATURE_DMA_LOGGING_START | FEATURE_PROBE),
             0,
         ),
-        (
-            "PROBE START|SET",
-            feature_request(8, START_SET | FEATURE_PROBE, &[]),
-            0,
-        ),
+        ("PROBE START|SET", header_only(START_SET | FEATURE_PROBE), 0),
         (
             "PROBE START|GET",
-            feature_request(
-                8,
-                FEATURE_DMA_LOGGING_START | FEATURE_GET | FEATURE_PROBE,
-                &[],
-            ),
+            header_only(FEATURE_DMA_LOGGING_START | FEATURE_GET | FEATURE_PROBE),
             EINVAL,
         ),
         (
             "PROBE REPORT|GET",
-            feature_request(8, REPORT_GET | FEATURE_PROBE, &[]),
+            header_only(REPORT_GET | FEATURE_PROBE),
             0,
         ),
         (
             "PROBE REPORT|SET",
-            feature_request(
-                8,
-                FEATURE_DMA_LOGGING_REPORT | FEATURE_SET | FEATURE_PROBE,
-                &[],
-            ),
+            header_only(FEATURE_DMA_LOGGING_REPORT | FEATURE_SET | FEATURE_PROBE),
             EINVAL,
         ),
-        (
-            "PROBE STOP|SET",
-            feature_request(8, STOP_SET | FEATURE_PROBE, &[]),
-            0,
-        ),
+        ("PROBE STOP|SET", header_only(STOP_SET | FEATURE_PROBE), 0),
         (
             "PROBE GET|SET on START",
-            feature_request(8, START_SET | FEATURE_GET | FEATURE_PROBE, &[]),
+            header_only(START_SET | FEATURE_GET | FEATURE_PROBE),
             EINVAL,
         ),
         (
             "neither GET nor SET",
-            feature_request(8, FEATURE_DMA_LOGGING_STOP, &[]),
+            header_only(FEATURE_DMA_LOGGING_STOP),
             EINVAL,
         ),
         (
@@ -120,7 +104,7 @@ pub fn header_errnos(make: MakeTarget<'_>) {
             feature_request(8 + 32 + 8, REPORT_GET, &[0u8; 23]),
             EINVAL,
         ),
-        ("STOP with no payload", feature_request(8, STOP_SET, &[]), 0),
+        ("STOP with no payload", header_only(STOP_SET), 0),
     ];
     for (name, request, expected) in &user_rows {
         let got = t.feature_vfio_user(request);
@@ -136,19 +120,11 @@ pub fn header_errnos(make: MakeTarget<'_>) {
     // Kernel dialect rows (argsz is the ioctl's, payload minimums 24/32/0).
     let kernel_rows: Vec<(&str, Vec<u8>, i32)> = vec![
         ("argsz below 8", feature_request(7, STOP_SET, &[]), EINVAL),
-        (
-            "reserved flag",
-            feature_request(8, STOP_SET | 1 << 20, &[]),
-            EINVAL,
-        ),
-        (
-            "GET|SET",
-            feature_request(8, STOP_SET | FEATURE_GET, &[]),
-            EINVAL,
-        ),
+        ("reserved flag", header_only(STOP_SET | 1 << 20), EINVAL),
+        ("GET|SET", header_only(STOP_SET | FEATURE_GET), EINVAL),
         (
             "unknown feature",
-            feature_request(8, 0x99 | FEATURE_GET, &[]),
+            header_only(0x99 | FEATURE_GET),
             libc::ENOTTY,
         ),
         (
@@ -161,24 +137,16 @@ pub fn header_errnos(make: MakeTarget<'_>) {
             feature_request(8 + 31, REPORT_GET, &[0u8; 31]),
             EINVAL,
         ),
-        ("STOP argsz 8", feature_request(8, STOP_SET, &[]), 0),
-        (
-            "PROBE START|SET",
-            feature_request(8, START_SET | FEATURE_PROBE, &[]),
-            0,
-        ),
+        ("STOP argsz 8", header_only(STOP_SET), 0),
+        ("PROBE START|SET", header_only(START_SET | FEATURE_PROBE), 0),
         (
             "PROBE REPORT|SET",
-            feature_request(
-                8,
-                FEATURE_DMA_LOGGING_REPORT | FEATURE_SET | FEATURE_PROBE,
-                &[],
-            ),
+            header_only(FEATURE_DMA_LOGGING_REPORT | FEATURE_SET | FEATURE_PROBE),
             EINVAL,
         ),
         (
             "neither GET nor SET",
-            feature_request(8, FEATURE_DMA_LOGGING_REPORT, &[]),
+            header_only(FEATURE_DMA_LOGGING_REPORT),
             EINVAL,
         ),
     ];

@@ -20,6 +20,11 @@ pub const REPORT_GET: u32 = FEATURE_DMA_LOGGING_REPORT | FEATURE_GET;
 const RANGES_ADDR: u64 = 0x7000_0000;
 const BITMAP_ADDR: u64 = 0x9000_0000;
 
+/// A request of the feature header alone (argsz 8, no payload).
+pub fn header_only(flags: u32) -> Vec<u8> {
+    feature_request(8, flags, &[])
+}
+
 /// A vfio-user REPORT request of `argsz` bytes (header, payload and the bitmap's room).
 pub fn user_report_request(argsz: u32, iova: u64, length: u64, page_size: u64) -> Vec<u8> {
     let report = UserLoggingReport {
@@ -50,8 +55,7 @@ pub fn user_start(
 
 /// vfio-user STOP.
 pub fn user_stop(t: &mut dyn ConformanceTarget) -> Result<(), i32> {
-    t.feature_vfio_user(&feature_request(8, STOP_SET, &[]))
-        .map(|_| ())
+    t.feature_vfio_user(&header_only(STOP_SET)).map(|_| ())
 }
 
 /// vfio-user REPORT into fresh words.
