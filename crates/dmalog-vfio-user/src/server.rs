@@ -13,16 +13,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
+use dmalog::feature::{DeviceFeatures, FeatureError, FeatureRequest, MigrationFeatures};
 use dmalog::mlx5::{CapsError, Mlx5Faults};
 use dmalog::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
-use dmalog::uapi::{
-    DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
-    FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
-};
-use dmalog::{
-    Dialect, IovaRange, LiveLog, LogDriver, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver,
-};
+use dmalog::uapi::DeviceState;
+use dmalog::{IovaRange, LiveLog, LogDriver, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver};
 use dmalog_device::{
     Device, DeviceError, DmaBacking, DmaRegion, DmaSpace, MessageDma, MigrationMachine,
     SharedMapping,
@@ -893,79 +888,32 @@ impl Server {
         Reply::payload(payload[..8].to_vec())
     }
 
+    /// DEVICE_FEATURE through the core's dispatcher: logging to the logging core,
+    /// migration to the device's migration state machine.
     fn device_feature(&mut self, payload: &[u8]) -> Result<Reply, i32> {
-        let dialect = Dialect::VfioUser {
-            max_data_xfer_size: u64::from(self.negotiated_xfer),
-        };
-        let header = check_feature_header(payload, dialect).map_err(|e| e.errno())?;
-        if is_logging_feature(header.index()) {
-            if header.index() == dmalog::uapi::FEATURE_DMA_LOGGING_REPORT
-                && header.is_get()
-                && !header.is_probe()
-            {
-                self.reports_seen += 1;
-                if let (Some((at, fault)), Some(faults)) = (self.config.fault_plan, &self.faults) {
-                    if at == self.reports_seen {
-                        warn!(?fault, report = at, "injecting an mlx5 fault");
-                        faults.inject(fault);
-                    }
+        let request = FeatureRequest::vfio_user(payload, u64::from(self.negotiated_xfer))
+            .map_err(|e| e.errno())?;
+        if request.is_report() {
+            self.reports_seen += 1;
+            if let (Some((at, fault)), Some(faults)) = (self.config.fault_plan, &self.faults) {
+                if at == self.reports_seen {
+                    warn!(?fault, report = at, "injecting an mlx5 fault");
+                    faults.inject(fault);
                 }
             }
-            let mut reply = std::mem::take(&mut self.spare_reply);
-            self.core
-                .handle_vfio_user(payload, u64::from(self.negotiated_xfer), &mut reply)
-                .map_err(|e| e.errno())?;
-            return Reply::payload(reply);
         }
-        let data = &payload[FEATURE_HEADER_BYTES..];
-        let supported = match header.index() {
-            FEATURE_MIGRATION => FEATURE_GET,
-            FEATURE_MIG_DEVICE_STATE => FEATURE_GET | FEATURE_SET,
-            _ => return Err(libc::ENOTTY),
+        let mut reply = std::mem::take(&mut self.spare_reply);
+        let mut migration = ServedMigration {
+            machine: &mut self.machine,
+            device: self.device.as_mut(),
         };
-        if check_access(&header, supported).map_err(|e| e.errno())? {
-            return Reply::payload(payload.to_vec());
+        DeviceFeatures {
+            logging: &mut self.core,
+            migration: Some(&mut migration),
         }
-        let reply_header = |argsz: u32| {
-            FeatureHeader {
-                argsz,
-                flags: header.flags,
-            }
-            .encode()
-        };
-        match (header.index(), header.is_set()) {
-            (FEATURE_MIGRATION, _) => {
-                if (header.argsz as usize) < FEATURE_HEADER_BYTES + 8 {
-                    return Err(libc::EINVAL);
-                }
-                let mut reply = reply_header((FEATURE_HEADER_BYTES + 8) as u32).to_vec();
-                reply.extend_from_slice(&self.device.migration_flags().to_le_bytes());
-                Reply::payload(reply)
-            }
-            (_, false) => {
-                if (header.argsz as usize) < FEATURE_HEADER_BYTES + 8 {
-                    return Err(libc::EINVAL);
-                }
-                let mut reply = reply_header((FEATURE_HEADER_BYTES + 8) as u32).to_vec();
-                reply.extend_from_slice(
-                    &MigDeviceStatePayload {
-                        device_state: self.machine.state() as u32,
-                        data_fd: -1,
-                    }
-                    .encode(),
-                );
-                Reply::payload(reply)
-            }
-            (_, true) => {
-                let request = MigDeviceStatePayload::decode(data).map_err(|_| libc::EINVAL)?;
-                let target = DeviceState::from_u32(request.device_state).ok_or(libc::EINVAL)?;
-                self.machine
-                    .set_state(self.device.as_mut(), target)
-                    .map_err(dev_err)?;
-                debug!(?target, "migration state");
-                Reply::payload(payload.to_vec())
-            }
-        }
+        .vfio_user(request, &mut reply)
+        .map_err(|e| e.errno())?;
+        Reply::payload(reply)
     }
 
     fn mig_data_read(&mut self, payload: &[u8]) -> Result<Reply, i32> {
@@ -1001,6 +949,30 @@ impl Server {
             .write_data(self.device.as_mut(), data)
             .map_err(dev_err)?;
         Reply::payload(Vec::new())
+    }
+}
+
+/// The migration features of a served device: its state machine over the device.
+struct ServedMigration<'a> {
+    machine: &'a mut MigrationMachine,
+    device: &'a mut dyn Device,
+}
+
+impl MigrationFeatures for ServedMigration<'_> {
+    fn migration_flags(&self) -> u64 {
+        self.device.migration_flags()
+    }
+
+    fn device_state(&self) -> DeviceState {
+        self.machine.state()
+    }
+
+    fn set_device_state(&mut self, target: DeviceState) -> Result<i32, FeatureError> {
+        self.machine
+            .set_state(self.device, target)
+            .map_err(|err| FeatureError::migration(err.errno(), err))?;
+        debug!(?target, "migration state");
+        Ok(-1) // vfio-user has no data fd: migration data goes by MIG_DATA_READ/WRITE
     }
 }
 

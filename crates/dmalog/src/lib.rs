@@ -38,7 +38,9 @@
 //! - [`dirty_log`]: the lock-free dirty log DMA writers mark.
 //! - [`budget`]: the one memory budget every tracker charges its state to.
 //! - [`ranges`]: START range validation and the smallest-gap merge.
-//! - [`logging_core`]: DEVICE_FEATURE validation per SPEC 3, driving a [`driver::LogDriver`].
+//! - [`feature`]: the one DEVICE_FEATURE dispatcher (header checked once, one function per
+//!   feature, both dialects).
+//! - [`logging_core`]: DMA logging validation per SPEC 3, driving a [`driver::LogDriver`].
 //! - [`soft`]: the software tracker (SPEC 5.1).
 //! - [`mlx5`]: a model of the mlx5 hardware tracker, device and driver halves (SPEC 5.2).
 //! - [`pds`]: a model of the pds tracker's seq/ack bitmaps (SPEC 5.3).
@@ -63,6 +65,7 @@ pub mod conformance;
 pub mod dirty_log;
 pub mod driver;
 pub mod error;
+pub mod feature;
 pub mod iova_bitmap;
 mod log_index;
 pub mod logging_core;
@@ -79,6 +82,7 @@ pub mod user_memory;
 pub use dirty_log::DirtyLog;
 pub use driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 pub use error::{LogError, LogResult};
+pub use feature::{DeviceFeatures, FeatureError, FeatureRequest, MigrationFeatures};
 pub use iova_bitmap::IovaBitmap;
 pub use logging_core::{Dialect, LoggingCore};
 pub use mlx5::{Mlx5Caps, Mlx5Driver, Mlx5Fault};
