@@ -74,6 +74,35 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header of command `cmd` with id `msg_id` (`msg_size` is filled in on sending).
+    pub fn command(msg_id: u16, cmd: u16) -> Self {
+        Header {
+            msg_id,
+            cmd,
+            flags: TYPE_COMMAND,
+            ..Header::default()
+        }
+    }
+
+    /// The header of a successful reply to `command`.
+    pub fn reply_to(command: &Header) -> Self {
+        Header {
+            msg_id: command.msg_id,
+            cmd: command.cmd,
+            flags: TYPE_REPLY,
+            ..Header::default()
+        }
+    }
+
+    /// The header of an error reply to `command`, carrying `errno`.
+    pub fn error_reply_to(command: &Header, errno: i32) -> Self {
+        Header {
+            flags: TYPE_REPLY | FLAG_ERROR,
+            error_no: errno as u32,
+            ..Header::reply_to(command)
+        }
+    }
+
     /// Decodes 16 bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         Ok(Header {
