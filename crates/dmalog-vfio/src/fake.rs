@@ -12,12 +12,9 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::IntoRawFd;
 
-use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
-use dmalog::uapi::{
-    DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
-    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
-};
-use dmalog::{Dialect, DirtyLog, IovaBitmap, LogDriver, LoggingCore};
+use dmalog::feature::{DeviceFeatures, FeatureError, FeatureRequest, MigrationFeatures};
+use dmalog::uapi::DeviceState;
+use dmalog::{DirtyLog, IovaBitmap, LogDriver, LoggingCore};
 
 use crate::seam::{BorrowedUserMemory, Errno, IoctlTarget, VfioIoctl};
 use crate::uapi::{
@@ -126,8 +123,7 @@ impl FakeMigration {
         Ok(fd)
     }
 
-    fn transition(&mut self, target: u32) -> Result<i32, Errno> {
-        let target = DeviceState::from_u32(target).ok_or(Errno(libc::EINVAL))?;
+    fn transition(&mut self, target: DeviceState) -> Result<i32, Errno> {
         if self.flags & dmalog::uapi::MIGRATION_PRE_COPY == 0
             && matches!(target, DeviceState::PreCopy | DeviceState::PreCopyP2p)
         {
@@ -206,57 +202,47 @@ impl<D: LogDriver> FakeVfioDevice<D> {
         FakeVfioDevice { core, migration }
     }
 
+    /// VFIO_DEVICE_FEATURE through the core's dispatcher: logging to the core, migration
+    /// to the [`FakeMigration`] (ENOTTY without one).
     fn feature(&mut self, arg: &mut [u8], referenced: &mut [&mut [u8]]) -> Result<i32, Errno> {
-        let header = check_feature_header(arg, Dialect::Kernel).map_err(errno)?;
-        if is_logging_feature(header.index()) {
-            let mut user = BorrowedUserMemory::new(referenced);
-            return self
-                .core
-                .handle_kernel(arg, &mut user)
-                .map(|()| 0)
-                .map_err(errno);
-        }
-        let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
-        let payload_len = header.argsz as usize - FEATURE_HEADER_BYTES;
-        let payload = arg
-            .get_mut(FEATURE_HEADER_BYTES..)
-            .ok_or(Errno(libc::EFAULT))?;
-        let (supported, minimum) = match header.index() {
-            FEATURE_MIGRATION => (FEATURE_GET, 8),
-            FEATURE_MIG_DEVICE_STATE => (FEATURE_GET | FEATURE_SET, 8),
-            FEATURE_MIG_DATA_SIZE => (FEATURE_GET, 8),
-            _ => return Err(Errno(libc::ENOTTY)),
+        let request = FeatureRequest::kernel(arg).map_err(feature_errno)?;
+        let mut user = BorrowedUserMemory::new(referenced);
+        let mut features = DeviceFeatures {
+            logging: &mut self.core,
+            migration: self
+                .migration
+                .as_mut()
+                .map(|m| m as &mut dyn MigrationFeatures),
         };
-        if check_access(&header, supported).map_err(errno)? {
-            return Ok(0);
-        }
-        if payload_len < minimum || payload.len() < minimum {
-            return Err(Errno(libc::EINVAL));
-        }
-        match (header.index(), FeatureHeader::is_set(&header)) {
-            (FEATURE_MIGRATION, _) => payload[..8].copy_from_slice(&migration.flags.to_le_bytes()),
-            (FEATURE_MIG_DATA_SIZE, _) => {
-                payload[..8].copy_from_slice(&migration.remaining_bytes().to_le_bytes())
-            }
-            (_, false) => {
-                let reply = MigDeviceStatePayload {
-                    device_state: migration.state as u32,
-                    data_fd: -1,
-                };
-                payload[..8].copy_from_slice(&reply.encode());
-            }
-            (_, true) => {
-                let request =
-                    MigDeviceStatePayload::decode(payload).map_err(|_| Errno(libc::EINVAL))?;
-                let data_fd = migration.transition(request.device_state)?;
-                let reply = MigDeviceStatePayload {
-                    device_state: migration.state as u32,
-                    data_fd,
-                };
-                payload[..8].copy_from_slice(&reply.encode());
-            }
-        }
+        features.kernel(request, &mut user).map_err(feature_errno)?;
         Ok(0)
+    }
+}
+
+fn feature_errno(err: FeatureError) -> Errno {
+    Errno(err.errno())
+}
+
+impl MigrationFeatures for FakeMigration {
+    fn migration_flags(&self) -> u64 {
+        self.flags
+    }
+
+    fn device_state(&self) -> DeviceState {
+        self.state
+    }
+
+    fn set_device_state(&mut self, target: DeviceState) -> Result<i32, FeatureError> {
+        self.transition(target)
+            .map_err(|Errno(errno)| FeatureError::migration(errno, "migration arc refused"))
+    }
+
+    fn has_data_size(&self) -> bool {
+        true
+    }
+
+    fn data_size(&mut self) -> Result<u64, FeatureError> {
+        Ok(self.remaining_bytes())
     }
 }
 
