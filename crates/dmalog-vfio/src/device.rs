@@ -16,7 +16,7 @@ use dmalog::uapi::{
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
 use tracing::debug;
 
-use crate::seam::{Errno, IoctlTarget, VfioIoctl};
+use crate::seam::{Errno, IoctlCall, IoctlTarget, VfioIoctl};
 use crate::uapi::{PrecopyInfo, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO};
 
 /// Why a kernel VFIO request failed.
@@ -163,10 +163,7 @@ impl<I: VfioIoctl> VfioDevice<I> {
         // `report_bytes`: checked against `report_bytes(length, page_size)`).
         let result = unsafe {
             self.ioctl.ioctl(
-                IoctlTarget::Device,
-                VFIO_DEVICE_FEATURE,
-                &mut self.request,
-                referenced,
+                IoctlCall::device(VFIO_DEVICE_FEATURE, &mut self.request).lending(referenced),
             )
         };
         match result {
@@ -375,10 +372,7 @@ impl<I: VfioIoctl> VfioDevice<I> {
         // length) with no embedded pointers; `fd` stays open, owned by `self.data_file`.
         unsafe {
             self.ioctl.ioctl(
-                IoctlTarget::DataFd(fd),
-                VFIO_MIG_GET_PRECOPY_INFO,
-                &mut arg,
-                &mut [],
+                IoctlCall::device(VFIO_MIG_GET_PRECOPY_INFO, &mut arg).to(IoctlTarget::DataFd(fd)),
             )
         }
         .map_err(|errno| VfioError::Kernel {

@@ -19,7 +19,7 @@ use dmalog::uapi::{
 };
 use dmalog::{Dialect, DirtyLog, IovaBitmap, LogDriver, LoggingCore};
 
-use crate::seam::{BorrowedUserMemory, Errno, IoctlTarget, VfioIoctl};
+use crate::seam::{BorrowedUserMemory, Errno, IoctlCall, IoctlTarget, VfioIoctl};
 use crate::uapi::{
     GetDirtyBitmap, PrecopyInfo, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES,
     IOMMU_HWPT_DIRTY_TRACKING_ENABLE, IOMMU_HWPT_GET_DIRTY_BITMAP,
@@ -263,15 +263,15 @@ impl<D: LogDriver> FakeVfioDevice<D> {
 // SAFETY: every pointer in a request is resolved inside `referenced` only
 // (`BorrowedUserMemory`), and the data fds it reports are memfds it created for the caller.
 unsafe impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
-    unsafe fn ioctl(
-        &mut self,
-        target: IoctlTarget,
-        request: u32,
-        arg: &mut [u8],
-        referenced: &mut [&mut [u8]],
-    ) -> Result<i32, Errno> {
-        match (target, request) {
-            (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(arg, referenced),
+    unsafe fn ioctl(&mut self, call: IoctlCall<'_, '_>) -> Result<i32, Errno> {
+        let IoctlCall {
+            target,
+            nr,
+            arg,
+            lent,
+        } = call;
+        match (target, nr) {
+            (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(arg, lent),
             (IoctlTarget::DataFd(_), VFIO_MIG_GET_PRECOPY_INFO) => {
                 let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
                 // PRE_COPY and PRE_COPY_P2P both answer (as mtty and the uAPI do).
@@ -433,18 +433,16 @@ impl FakeIommu {
 
 // SAFETY: the bitmap pointer is resolved inside `referenced` only, and no fd is returned.
 unsafe impl VfioIoctl for FakeIommu {
-    unsafe fn ioctl(
-        &mut self,
-        target: IoctlTarget,
-        request: u32,
-        arg: &mut [u8],
-        referenced: &mut [&mut [u8]],
-    ) -> Result<i32, Errno> {
-        match (target, request) {
+    unsafe fn ioctl(&mut self, call: IoctlCall<'_, '_>) -> Result<i32, Errno> {
+        let IoctlCall {
+            target,
+            nr,
+            arg,
+            lent,
+        } = call;
+        match (target, nr) {
             (IoctlTarget::Device, IOMMU_HWPT_SET_DIRTY_TRACKING) => self.set_dirty_tracking(arg),
-            (IoctlTarget::Device, IOMMU_HWPT_GET_DIRTY_BITMAP) => {
-                self.get_dirty_bitmap(arg, referenced)
-            }
+            (IoctlTarget::Device, IOMMU_HWPT_GET_DIRTY_BITMAP) => self.get_dirty_bitmap(arg, lent),
             _ => Err(Errno(libc::ENOTTY)),
         }
     }

@@ -9,7 +9,7 @@ use dmalog::error::LogError;
 use dmalog::tracker::{checked_report_words, words_as_bytes};
 use dmalog::{DirtyTracker, IovaRange, TrackerError};
 
-use crate::seam::{Errno, IoctlTarget, VfioIoctl};
+use crate::seam::{Errno, IoctlCall, VfioIoctl};
 use crate::uapi::{
     GetDirtyBitmap, SetDirtyTracking, IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
     IOMMU_HWPT_GET_DIRTY_BITMAP, IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
@@ -77,12 +77,8 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
         // SAFETY: SET_DIRTY_TRACKING is a plain structure (`arg`, its size field the
         // buffer's length) with no embedded pointers.
         unsafe {
-            self.ioctl.ioctl(
-                IoctlTarget::Device,
-                IOMMU_HWPT_SET_DIRTY_TRACKING,
-                &mut arg,
-                &mut [],
-            )
+            self.ioctl
+                .ioctl(IoctlCall::device(IOMMU_HWPT_SET_DIRTY_TRACKING, &mut arg))
         }
         .map(|_| ())
     }
@@ -117,10 +113,7 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
         // `referenced` and checked above to hold every byte the kernel writes.
         unsafe {
             self.ioctl.ioctl(
-                IoctlTarget::Device,
-                IOMMU_HWPT_GET_DIRTY_BITMAP,
-                &mut arg,
-                &mut [bitmap],
+                IoctlCall::device(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut arg).lending(&mut [bitmap]),
             )
         }
         .map_err(kernel_error)?;

@@ -9,23 +9,24 @@
 //! the size. All fields are native-endian (x86_64: little-endian), like the rest of
 //! [`crate::uapi`].
 
+use crate::seam::IoctlNr;
 use crate::uapi::{io, IOMMUFD_TYPE};
 use dmalog::uapi::{VFIO_BASE, VFIO_TYPE};
 
 /// `IOMMU_DESTROY` = `_IO(';', 0x80)`.
-pub const IOMMU_DESTROY: u32 = io(IOMMUFD_TYPE, 0x80);
+pub const IOMMU_DESTROY: IoctlNr = io(IOMMUFD_TYPE, 0x80);
 /// `IOMMU_IOAS_ALLOC` = `_IO(';', 0x81)`.
-pub const IOMMU_IOAS_ALLOC: u32 = io(IOMMUFD_TYPE, 0x81);
+pub const IOMMU_IOAS_ALLOC: IoctlNr = io(IOMMUFD_TYPE, 0x81);
 /// `IOMMU_IOAS_MAP` = `_IO(';', 0x85)`.
-pub const IOMMU_IOAS_MAP: u32 = io(IOMMUFD_TYPE, 0x85);
+pub const IOMMU_IOAS_MAP: IoctlNr = io(IOMMUFD_TYPE, 0x85);
 /// `IOMMU_HWPT_ALLOC` = `_IO(';', 0x89)`.
-pub const IOMMU_HWPT_ALLOC: u32 = io(IOMMUFD_TYPE, 0x89);
+pub const IOMMU_HWPT_ALLOC: IoctlNr = io(IOMMUFD_TYPE, 0x89);
 /// `IOMMU_TEST_CMD` = `_IO(';', 0x80 + 32)`: one ioctl, `op` selects the test operation.
-pub const IOMMU_TEST_CMD: u32 = io(IOMMUFD_TYPE, 0x80 + 32);
+pub const IOMMU_TEST_CMD: IoctlNr = io(IOMMUFD_TYPE, 0x80 + 32);
 /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` = `_IO(';', 100 + 19)`.
-pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u32 = io(VFIO_TYPE, VFIO_BASE + 19);
+pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: IoctlNr = io(VFIO_TYPE, VFIO_BASE + 19);
 /// `VFIO_DEVICE_DETACH_IOMMUFD_PT` = `_IO(';', 100 + 20)`.
-pub const VFIO_DEVICE_DETACH_IOMMUFD_PT: u32 = io(VFIO_TYPE, VFIO_BASE + 20);
+pub const VFIO_DEVICE_DETACH_IOMMUFD_PT: IoctlNr = io(VFIO_TYPE, VFIO_BASE + 20);
 
 /// `struct iommu_destroy` (8 bytes).
 pub const DESTROY_BYTES: usize = 8;

@@ -63,4 +63,4 @@ pub mod uapi;
 
 pub use device::{VfioDevice, VfioError};
 pub use iommufd::IommufdDirtyTracker;
-pub use seam::{Errno, IoctlTarget, KernelIoctl, VfioIoctl};
+pub use seam::{Errno, IoctlCall, IoctlNr, IoctlTarget, KernelIoctl, VfioIoctl};

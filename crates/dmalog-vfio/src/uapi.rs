@@ -4,24 +4,30 @@
 //! the VFIO ones against `vfio-bindings` and the system header.
 
 use dmalog::uapi::{read_u32, read_u64, DecodeError, VFIO_BASE, VFIO_TYPE};
+use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE};
 
-/// `_IO(type, nr)`: no direction or size bits.
-pub const fn io(ty: u8, nr: u32) -> u32 {
-    ((ty as u32) << 8) | nr
+use crate::seam::IoctlNr;
+
+/// `_IO(type, nr)`: no direction or size bits. `vmm-sys-util`'s `ioctl_expr` rather than its
+/// `ioctl_io_nr!` macro, which declares functions: constants can be matched on (the fakes
+/// dispatch on them) and used in `const` items.
+pub const fn io(ty: u8, nr: u32) -> IoctlNr {
+    ioctl_expr(_IOC_NONE, ty as u32, nr, 0)
 }
 
-/// `VFIO_DEVICE_FEATURE` = `_IO(';', 100 + 17)`.
-pub const VFIO_DEVICE_FEATURE: u32 = io(VFIO_TYPE, VFIO_BASE + 17);
+/// `VFIO_DEVICE_FEATURE` = `_IO(';', 100 + 17)`. The one definition: the core decodes the
+/// feature payloads but issues no ioctl.
+pub const VFIO_DEVICE_FEATURE: IoctlNr = io(VFIO_TYPE, VFIO_BASE + 17);
 /// `VFIO_DEVICE_BIND_IOMMUFD` = `_IO(';', 100 + 18)`.
-pub const VFIO_DEVICE_BIND_IOMMUFD: u32 = io(VFIO_TYPE, VFIO_BASE + 18);
+pub const VFIO_DEVICE_BIND_IOMMUFD: IoctlNr = io(VFIO_TYPE, VFIO_BASE + 18);
 /// `VFIO_MIG_GET_PRECOPY_INFO` = `_IO(';', 100 + 21)`, issued on the migration data fd.
-pub const VFIO_MIG_GET_PRECOPY_INFO: u32 = io(VFIO_TYPE, VFIO_BASE + 21);
+pub const VFIO_MIG_GET_PRECOPY_INFO: IoctlNr = io(VFIO_TYPE, VFIO_BASE + 21);
 /// `IOMMUFD_TYPE`, the ioctl type of `/dev/iommu`.
 pub const IOMMUFD_TYPE: u8 = b';';
 /// `IOMMU_HWPT_SET_DIRTY_TRACKING` = `_IO(';', 0x8b)`.
-pub const IOMMU_HWPT_SET_DIRTY_TRACKING: u32 = io(IOMMUFD_TYPE, 0x8b);
+pub const IOMMU_HWPT_SET_DIRTY_TRACKING: IoctlNr = io(IOMMUFD_TYPE, 0x8b);
 /// `IOMMU_HWPT_GET_DIRTY_BITMAP` = `_IO(';', 0x8c)`.
-pub const IOMMU_HWPT_GET_DIRTY_BITMAP: u32 = io(IOMMUFD_TYPE, 0x8c);
+pub const IOMMU_HWPT_GET_DIRTY_BITMAP: IoctlNr = io(IOMMUFD_TYPE, 0x8c);
 /// `IOMMU_HWPT_DIRTY_TRACKING_ENABLE`.
 pub const IOMMU_HWPT_DIRTY_TRACKING_ENABLE: u32 = 1;
 /// `IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR`: read without clearing.

@@ -3,7 +3,7 @@
 use dmalog::{DirtyTracker, IovaRange};
 use dmalog_vfio::fake::FakeIommu;
 use dmalog_vfio::uapi::{GetDirtyBitmap, IOMMU_HWPT_GET_DIRTY_BITMAP};
-use dmalog_vfio::{Errno, IoctlTarget, IommufdDirtyTracker, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, IommufdDirtyTracker, VfioIoctl};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 1 << 30;
@@ -88,10 +88,7 @@ fn kernel_checks_in_order() {
         // SAFETY: `data` points at `buf`, lent in full; the fake resolves it there only.
         let got = unsafe {
             t.ioctl_mut().ioctl(
-                IoctlTarget::Device,
-                IOMMU_HWPT_GET_DIRTY_BITMAP,
-                &mut arg,
-                &mut [&mut buf],
+                IoctlCall::device(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut arg).lending(&mut [&mut buf]),
             )
         };
         assert_eq!(

@@ -12,7 +12,7 @@ use dmalog::{
 };
 use dmalog_vfio::fake::FakeVfioDevice;
 use dmalog_vfio::uapi::VFIO_DEVICE_FEATURE;
-use dmalog_vfio::{Errno, IoctlTarget, VfioDevice, VfioError, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, VfioDevice, VfioError, VfioIoctl};
 use proptest::prelude::*;
 
 const PAGE: u64 = 4096;
@@ -153,10 +153,7 @@ fn pointers_outside_the_lent_buffers_are_efault() {
         // breaking the caller's half of the contract here cannot touch other memory.
         let got = unsafe {
             fake.ioctl(
-                IoctlTarget::Device,
-                VFIO_DEVICE_FEATURE,
-                &mut request,
-                &mut [&mut lent],
+                IoctlCall::device(VFIO_DEVICE_FEATURE, &mut request).lending(&mut [&mut lent]),
             )
         };
         assert_eq!(got, Err(Errno(libc::EFAULT)), "{what}");

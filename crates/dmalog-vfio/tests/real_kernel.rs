@@ -496,18 +496,18 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
             if side == 0 {
                 dmalog_vfio::VfioIoctl::ioctl(
                     real.ioctl_mut(),
-                    dmalog_vfio::IoctlTarget::Device,
-                    dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
-                    &mut arg,
-                    &mut [],
+                    dmalog_vfio::IoctlCall::device(
+                        dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
+                        &mut arg,
+                    ),
                 )
             } else {
                 dmalog_vfio::VfioIoctl::ioctl(
                     fake.ioctl_mut(),
-                    dmalog_vfio::IoctlTarget::Device,
-                    dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
-                    &mut arg,
-                    &mut [],
+                    dmalog_vfio::IoctlCall::device(
+                        dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
+                        &mut arg,
+                    ),
                 )
             }
         };

@@ -9,8 +9,6 @@
 pub const VFIO_TYPE: u8 = b';';
 /// `VFIO_BASE`, the first VFIO ioctl number.
 pub const VFIO_BASE: u32 = 100;
-/// `VFIO_DEVICE_FEATURE` = `_IO(';', 100 + 17)`.
-pub const VFIO_DEVICE_FEATURE: u32 = ((VFIO_TYPE as u32) << 8) | (VFIO_BASE + 17);
 
 /// Feature index mask of the `flags` word.
 pub const FEATURE_MASK: u32 = 0xffff;

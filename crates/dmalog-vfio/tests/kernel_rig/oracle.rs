@@ -13,7 +13,7 @@ use dmalog::uapi::{
     FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET,
 };
 use dmalog_vfio::uapi::VFIO_DEVICE_FEATURE;
-use dmalog_vfio::{Errno, IoctlTarget, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, IoctlTarget, VfioIoctl};
 use libc::{E2BIG, EFAULT, EINVAL, ENOTTY, EOVERFLOW};
 
 const PAGE: u64 = 4096;
@@ -339,12 +339,12 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
     // purpose: the kernel pins the bitmap page-wise and mtty never sets a bit, so nothing is
     // written there), both lent here, or `NOT_USER`, which no side dereferences (EFAULT).
     let result = unsafe {
-        dev.ioctl(
-            IoctlTarget::Device,
-            VFIO_DEVICE_FEATURE,
-            &mut arg,
-            &mut [&mut ranges_buf, &mut bitmap_buf],
-        )
+        dev.ioctl(IoctlCall {
+            target: IoctlTarget::Device,
+            nr: VFIO_DEVICE_FEATURE,
+            arg: &mut arg,
+            lent: &mut [&mut ranges_buf, &mut bitmap_buf],
+        })
     };
     match result {
         Ok(_) => 0,
