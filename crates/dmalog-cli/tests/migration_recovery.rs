@@ -4,6 +4,7 @@
 
 mod common;
 
+use dmalog::uapi::UapiStruct;
 use std::os::fd::AsFd;
 
 use common::{engine_op, guest_memory, reg, ServerProcess};

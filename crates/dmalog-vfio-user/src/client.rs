@@ -3,6 +3,7 @@
 //! with REPORTs larger than one message split transparently into the caller's buffer) and a
 //! [`MigrationDevice`].
 
+use dmalog::uapi::UapiStruct;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;

@@ -6,6 +6,7 @@
 //! again, partial migration data dropped), and the server waits for the next client. The
 //! device's registers live on.
 
+use dmalog::uapi::UapiStruct;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -1,6 +1,7 @@
 //! A VFIO device reached through its kernel file descriptor: DMA logging as a
 //! [`DirtyTracker`] and migration v2 as a [`MigrationDevice`].
 
+use dmalog::uapi::UapiStruct;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -8,16 +9,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use dmalog::error::LogError;
 use dmalog::tracker::{checked_report_words, report_words};
 use dmalog::uapi::{
-    feature_request, DeviceState, KernelLoggingControl, KernelLoggingReport, LoggingRange,
-    MigDeviceStatePayload, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
-    FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_MIGRATION,
-    FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET,
+    feature_request, vfio_device_feature_mig_data_size, vfio_device_feature_migration, DeviceState,
+    KernelLoggingControl, KernelLoggingReport, LoggingRange, MigDeviceStatePayload,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
+    FEATURE_HEADER_BYTES, FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
+    FEATURE_PROBE, FEATURE_SET,
 };
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
 use tracing::debug;
 
 use crate::seam::{Errno, IoctlCall, IoctlTarget, VfioIoctl};
-use crate::uapi::{PrecopyInfo, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO};
+use crate::uapi::{precopy_info, PrecopyInfo, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO};
 
 /// Why a kernel VFIO request failed.
 #[derive(Debug, thiserror::Error)]
@@ -209,8 +211,8 @@ impl<I: VfioIoctl> VfioDevice<I> {
         let control = KernelLoggingControl {
             page_size,
             num_ranges: ranges.len() as u32,
-            reserved: 0,
-            ranges_addr: self.ranges.as_ptr() as u64,
+            __reserved: 0,
+            ranges: self.ranges.as_ptr() as u64,
         };
         let mut payload = control.encode();
         let mut ranges_buf = std::mem::take(&mut self.ranges);
@@ -253,7 +255,7 @@ impl<I: VfioIoctl> VfioDevice<I> {
             iova,
             length,
             page_size,
-            bitmap_addr: bitmap.as_mut_ptr() as u64,
+            bitmap: bitmap.as_mut_ptr() as u64,
         };
         let mut payload = report.encode();
         self.feature(
@@ -277,14 +279,16 @@ impl<I: VfioIoctl> VfioDevice<I> {
 
     /// The MIGRATION feature flags.
     pub fn migration_flags(&mut self) -> Result<u64, VfioError> {
-        let mut payload = [0u8; 8];
+        let mut payload = vfio_device_feature_migration::default().encode();
         self.feature(
             "MIGRATION",
             FEATURE_MIGRATION | FEATURE_GET,
             &mut payload,
             &mut [],
         )?;
-        Ok(u64::from_le_bytes(payload))
+        let reply = vfio_device_feature_migration::decode(&payload)
+            .map_err(|_| VfioError::Protocol("short MIGRATION reply"))?;
+        Ok(reply.flags)
     }
 
     /// The current migration state.
@@ -367,7 +371,7 @@ impl<I: VfioIoctl> VfioDevice<I> {
             .as_ref()
             .ok_or(VfioError::Protocol("no migration data fd"))?
             .as_raw_fd();
-        let mut arg = PrecopyInfo::request();
+        let mut arg = precopy_info(0, 0).encode();
         // SAFETY: PRECOPY_INFO is a plain in/out structure (`arg`, its argsz the buffer's
         // length) with no embedded pointers; `fd` stays open, owned by `self.data_file`.
         unsafe {
@@ -384,14 +388,16 @@ impl<I: VfioIoctl> VfioDevice<I> {
 
     /// MIG_DATA_SIZE: the device's estimate of its STOP_COPY data, in bytes.
     pub fn mig_data_size(&mut self) -> Result<u64, VfioError> {
-        let mut payload = [0u8; 8];
+        let mut payload = vfio_device_feature_mig_data_size::default().encode();
         self.feature(
             "MIG_DATA_SIZE",
             FEATURE_MIG_DATA_SIZE | FEATURE_GET,
             &mut payload,
             &mut [],
         )?;
-        Ok(u64::from_le_bytes(payload))
+        let reply = vfio_device_feature_mig_data_size::decode(&payload)
+            .map_err(|_| VfioError::Protocol("short MIG_DATA_SIZE reply"))?;
+        Ok(reply.stop_copy_length)
     }
 }
 

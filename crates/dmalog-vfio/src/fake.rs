@@ -8,6 +8,7 @@
 //! - [`FakeIommu`]: `IOMMU_HWPT_SET_DIRTY_TRACKING` and `IOMMU_HWPT_GET_DIRTY_BITMAP` with
 //!   the kernel's checks, in order, over a [`DirtyLog`].
 
+use dmalog::uapi::UapiStruct;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::IntoRawFd;
@@ -21,7 +22,7 @@ use dmalog::{Dialect, DirtyLog, IovaBitmap, LogDriver, LoggingCore};
 
 use crate::seam::{BorrowedUserMemory, Errno, IoctlCall, IoctlTarget, VfioIoctl};
 use crate::uapi::{
-    GetDirtyBitmap, PrecopyInfo, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES,
+    precopy_info, GetDirtyBitmap, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES,
     IOMMU_HWPT_DIRTY_TRACKING_ENABLE, IOMMU_HWPT_GET_DIRTY_BITMAP,
     IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, IOMMU_HWPT_SET_DIRTY_TRACKING, PRECOPY_INFO_BYTES,
     SET_DIRTY_TRACKING_BYTES, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO,
@@ -260,43 +261,39 @@ impl<D: LogDriver> FakeVfioDevice<D> {
     }
 }
 
-// SAFETY: every pointer in a request is resolved inside `referenced` only
+// SAFETY: every pointer in a request is resolved inside `lent` only
 // (`BorrowedUserMemory`), and the data fds it reports are memfds it created for the caller.
 unsafe impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
     unsafe fn ioctl(&mut self, call: IoctlCall<'_, '_>) -> Result<i32, Errno> {
-        let IoctlCall {
-            target,
-            nr,
-            arg,
-            lent,
-        } = call;
-        match (target, nr) {
-            (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(arg, lent),
-            (IoctlTarget::DataFd(_), VFIO_MIG_GET_PRECOPY_INFO) => {
-                let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
-                // PRE_COPY and PRE_COPY_P2P both answer (as mtty and the uAPI do).
-                if arg.len() < PRECOPY_INFO_BYTES
-                    || !matches!(
-                        migration.state,
-                        DeviceState::PreCopy | DeviceState::PreCopyP2p
-                    )
-                {
-                    return Err(Errno(libc::EINVAL));
-                }
-                let read = migration
-                    .file
-                    .as_mut()
-                    .and_then(|f| f.stream_position().ok())
-                    .unwrap_or(0);
-                let info = PrecopyInfo {
-                    initial_bytes: (migration.initial.len() as u64).saturating_sub(read),
-                    dirty_bytes: 0,
-                };
-                arg[..PRECOPY_INFO_BYTES].copy_from_slice(&info.encode());
-                Ok(0)
-            }
+        match (call.target, call.nr) {
+            (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(call.arg, call.lent),
+            (IoctlTarget::DataFd(_), VFIO_MIG_GET_PRECOPY_INFO) => self.precopy_info(call.arg),
             _ => Err(Errno(libc::ENOTTY)),
         }
+    }
+}
+
+impl<D: LogDriver> FakeVfioDevice<D> {
+    /// `VFIO_MIG_GET_PRECOPY_INFO` on the data fd.
+    fn precopy_info(&mut self, arg: &mut [u8]) -> Result<i32, Errno> {
+        let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
+        // PRE_COPY and PRE_COPY_P2P both answer (as mtty and the uAPI do).
+        if arg.len() < PRECOPY_INFO_BYTES
+            || !matches!(
+                migration.state,
+                DeviceState::PreCopy | DeviceState::PreCopyP2p
+            )
+        {
+            return Err(Errno(libc::EINVAL));
+        }
+        let read = migration
+            .file
+            .as_mut()
+            .and_then(|f| f.stream_position().ok())
+            .unwrap_or(0);
+        let info = precopy_info((migration.initial.len() as u64).saturating_sub(read), 0);
+        arg[..PRECOPY_INFO_BYTES].copy_from_slice(&info.encode());
+        Ok(0)
     }
 }
 
@@ -351,12 +348,11 @@ impl FakeIommu {
     }
 
     fn set_dirty_tracking(&mut self, arg: &[u8]) -> Result<i32, Errno> {
-        let (size, request, reserved) =
-            SetDirtyTracking::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
-        if (size as usize) < SET_DIRTY_TRACKING_BYTES {
+        let request = SetDirtyTracking::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
+        if (request.size as usize) < SET_DIRTY_TRACKING_BYTES {
             return Err(Errno(libc::EINVAL));
         }
-        if request.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 || reserved != 0 {
+        if request.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 || request.reserved != 0 {
             return Err(Errno(libc::EOPNOTSUPP));
         }
         if request.hwpt_id != self.hwpt_id {
@@ -376,8 +372,8 @@ impl FakeIommu {
     }
 
     fn get_dirty_bitmap(&mut self, arg: &[u8], referenced: &mut [&mut [u8]]) -> Result<i32, Errno> {
-        let (size, request) = GetDirtyBitmap::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
-        if (size as usize) < GET_DIRTY_BITMAP_BYTES {
+        let request = GetDirtyBitmap::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
+        if (request.size as usize) < GET_DIRTY_BITMAP_BYTES {
             return Err(Errno(libc::EINVAL));
         }
         if request.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || request.reserved != 0 {
@@ -431,18 +427,16 @@ impl FakeIommu {
     }
 }
 
-// SAFETY: the bitmap pointer is resolved inside `referenced` only, and no fd is returned.
+// SAFETY: the bitmap pointer is resolved inside `lent` only, and no fd is returned.
 unsafe impl VfioIoctl for FakeIommu {
     unsafe fn ioctl(&mut self, call: IoctlCall<'_, '_>) -> Result<i32, Errno> {
-        let IoctlCall {
-            target,
-            nr,
-            arg,
-            lent,
-        } = call;
-        match (target, nr) {
-            (IoctlTarget::Device, IOMMU_HWPT_SET_DIRTY_TRACKING) => self.set_dirty_tracking(arg),
-            (IoctlTarget::Device, IOMMU_HWPT_GET_DIRTY_BITMAP) => self.get_dirty_bitmap(arg, lent),
+        match (call.target, call.nr) {
+            (IoctlTarget::Device, IOMMU_HWPT_SET_DIRTY_TRACKING) => {
+                self.set_dirty_tracking(call.arg)
+            }
+            (IoctlTarget::Device, IOMMU_HWPT_GET_DIRTY_BITMAP) => {
+                self.get_dirty_bitmap(call.arg, call.lent)
+            }
             _ => Err(Errno(libc::ENOTTY)),
         }
     }

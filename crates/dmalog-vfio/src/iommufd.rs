@@ -7,13 +7,13 @@
 
 use dmalog::error::LogError;
 use dmalog::tracker::{checked_report_words, words_as_bytes};
+use dmalog::uapi::UapiStruct;
 use dmalog::{DirtyTracker, IovaRange, TrackerError};
 
 use crate::seam::{Errno, IoctlCall, VfioIoctl};
 use crate::uapi::{
-    GetDirtyBitmap, SetDirtyTracking, IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
-    IOMMU_HWPT_GET_DIRTY_BITMAP, IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
-    IOMMU_HWPT_SET_DIRTY_TRACKING,
+    GetDirtyBitmap, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES, IOMMU_HWPT_GET_DIRTY_BITMAP,
+    IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, IOMMU_HWPT_SET_DIRTY_TRACKING,
 };
 
 /// Smallest report page size accepted (the IOMMU's base page).
@@ -64,16 +64,7 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
     }
 
     fn set_tracking(&mut self, enable: bool) -> Result<(), Errno> {
-        let flags = if enable {
-            IOMMU_HWPT_DIRTY_TRACKING_ENABLE
-        } else {
-            0
-        };
-        let mut arg = SetDirtyTracking {
-            flags,
-            hwpt_id: self.hwpt_id,
-        }
-        .encode();
+        let mut arg = SetDirtyTracking::new(enable, self.hwpt_id).encode();
         // SAFETY: SET_DIRTY_TRACKING is a plain structure (`arg`, its size field the
         // buffer's length) with no embedded pointers.
         unsafe {
@@ -96,6 +87,7 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
     ) -> Result<(), TrackerError> {
         crate::device::check_bitmap_len(length, page_size, bitmap.len()).map_err(kernel_error)?;
         let request = GetDirtyBitmap {
+            size: GET_DIRTY_BITMAP_BYTES as u32,
             hwpt_id: self.hwpt_id,
             flags: if clear {
                 0
@@ -110,7 +102,7 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
         };
         let mut arg = request.encode();
         // SAFETY: the only pointer in `arg` is `data`, the start of `bitmap`, lent in
-        // `referenced` and checked above to hold every byte the kernel writes.
+        // `lent` and checked above to hold every byte the kernel writes.
         unsafe {
             self.ioctl.ioctl(
                 IoctlCall::device(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut arg).lending(&mut [bitmap]),

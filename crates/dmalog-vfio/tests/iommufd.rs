@@ -1,5 +1,6 @@
 //! iommufd HWPT dirty tracking through the seam against a model of the kernel's checks.
 
+use dmalog::uapi::UapiStruct;
 use dmalog::{DirtyTracker, IovaRange};
 use dmalog_vfio::fake::FakeIommu;
 use dmalog_vfio::uapi::{GetDirtyBitmap, IOMMU_HWPT_GET_DIRTY_BITMAP};
@@ -76,6 +77,7 @@ fn kernel_checks_in_order() {
     ] {
         let mut buf = [0u8; 8];
         let request = GetDirtyBitmap {
+            size: 48,
             hwpt_id: 7,
             flags,
             reserved,

@@ -3,6 +3,7 @@
 //! tracker, EFAULT for pointers outside the lent buffers, the mlx5 model's errnos, and
 //! devices without logging.
 
+use dmalog::uapi::UapiStruct;
 use dmalog::uapi::{
     feature_request, KernelLoggingReport, LoggingRange, FEATURE_DMA_LOGGING_REPORT, FEATURE_GET,
 };
@@ -142,7 +143,7 @@ fn pointers_outside_the_lent_buffers_are_efault() {
             iova: 0,
             length: 64 * PAGE,
             page_size: PAGE,
-            bitmap_addr: addr,
+            bitmap: addr,
         };
         let mut request = feature_request(
             40,

@@ -12,6 +12,7 @@
 
 mod kernel_rig;
 
+use dmalog::uapi::UapiStruct;
 use dmalog::uapi::{
     DeviceState, LoggingRange, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
 };
@@ -479,6 +480,7 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
     fake.start(&[range], 4096).unwrap();
     dirty_both(&mut real, &mut fake, &rig, &[10, 20]);
     let request = dmalog_vfio::uapi::GetDirtyBitmap {
+        size: 48,
         hwpt_id: rig.hwpt_id,
         flags: 0,
         reserved: 0,

@@ -9,6 +9,7 @@
 //! Layout of the IOVA space the suite uses (a target maps `[0, SUITE_SPAN)` if it needs
 //! DMA mappings): range A `[16 MiB, 24 MiB)`, a hole, range B `[32 MiB, 36 MiB)`.
 
+use crate::uapi::UapiStruct;
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
@@ -236,8 +237,8 @@ pub fn kernel_start(
     let control = KernelLoggingControl {
         page_size,
         num_ranges: ranges.len() as u32,
-        reserved: 0,
-        ranges_addr: RANGES_ADDR,
+        __reserved: 0,
+        ranges: RANGES_ADDR,
     };
     let mut request = feature_request(8 + 24, START_SET, &control.encode());
     let result = t.feature_kernel(&mut request, &mut user)?;
@@ -258,7 +259,7 @@ pub fn kernel_report(
         iova,
         length,
         page_size,
-        bitmap_addr: BITMAP_ADDR,
+        bitmap: BITMAP_ADDR,
     };
     let mut request = feature_request(8 + 32, REPORT_GET, &report.encode());
     let result = t.feature_kernel(&mut request, &mut user)?;
@@ -622,8 +623,8 @@ pub fn start_errnos(make: &mut dyn FnMut(Variant) -> Box<dyn ConformanceTarget>)
         &KernelLoggingControl {
             page_size: PAGE,
             num_ranges: 1,
-            reserved: 0,
-            ranges_addr: 0xdead_0000,
+            __reserved: 0,
+            ranges: 0xdead_0000,
         }
         .encode(),
     );

@@ -1,6 +1,7 @@
 //! The logging core: validates DEVICE_FEATURE requests for DMA logging in either dialect
 //! and drives a [`LogDriver`] (the kernel's `vfio_main.c` part), exactly per SPEC 3.1-3.4.
 
+use crate::uapi::UapiStruct;
 use std::collections::BTreeMap;
 
 use crate::driver::LogDriver;
@@ -501,10 +502,10 @@ impl<D: LogDriver> LoggingCore<D> {
                 let mut raw = [0u8; RANGE_BYTES];
                 for index in 0..u64::from(control.num_ranges) {
                     let addr = control
-                        .ranges_addr
+                        .ranges
                         .checked_add(index * RANGE_BYTES as u64)
                         .ok_or(LogError::Fault {
-                            addr: control.ranges_addr,
+                            addr: control.ranges,
                             len: RANGE_BYTES as u64,
                         })?;
                     user.read(addr, &mut raw)?;
@@ -539,7 +540,7 @@ impl<D: LogDriver> LoggingCore<D> {
                     return Err(LogError::Invalid("logging not started"));
                 }
                 let bytes = report_bytes(report.length, report.page_size)?;
-                let bitmap = user.bytes_mut(report.bitmap_addr, bytes)?;
+                let bitmap = user.bytes_mut(report.bitmap, bytes)?;
                 self.report_checked(report.iova, report.length, report.page_size, bitmap)
             }
         }

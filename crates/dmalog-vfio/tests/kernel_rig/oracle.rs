@@ -7,6 +7,7 @@
 //! core, following SPEC 3, decides itself: a driver like mtty's stub answers 0 there. They
 //! are listed so that either side changing shows up.
 
+use dmalog::uapi::UapiStruct;
 use dmalog::uapi::{
     feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange,
     FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
@@ -285,8 +286,8 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
             let control = KernelLoggingControl {
                 page_size: *page_size,
                 num_ranges: ranges.len() as u32,
-                reserved: *reserved,
-                ranges_addr: ranges_buf.as_ptr() as u64,
+                __reserved: *reserved,
+                ranges: ranges_buf.as_ptr() as u64,
             };
             feature_request(32, START, &control.encode())
         }
@@ -297,8 +298,8 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
             let control = KernelLoggingControl {
                 page_size: PAGE,
                 num_ranges: *num_ranges,
-                reserved: 0,
-                ranges_addr: *ranges_addr,
+                __reserved: 0,
+                ranges: *ranges_addr,
             };
             feature_request(32, START, &control.encode())
         }
@@ -314,7 +315,7 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
                 iova: *iova,
                 length: *length,
                 page_size: *page_size,
-                bitmap_addr: bitmap_buf.as_ptr() as u64 + 1,
+                bitmap: bitmap_buf.as_ptr() as u64 + 1,
             };
             feature_request(40, REPORT, &report.encode())
         }
@@ -328,7 +329,7 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
                 iova: *iova,
                 length: *length,
                 page_size: *page_size,
-                bitmap_addr: *bitmap_addr,
+                bitmap: *bitmap_addr,
             };
             feature_request(40, REPORT, &report.encode())
         }
