@@ -1,6 +1,7 @@
 //! The ioctl seam: every kernel call of the consumers goes through [`VfioIoctl`]. The real
 //! implementation ([`KernelIoctl`]) calls the kernel; the test implementations in
-//! [`crate::fake`] serve the same requests from the logging core in the kernel dialect.
+//! `crate::fake` (feature `testing`) serve the same requests from the logging core in the
+//! kernel dialect.
 //!
 //! A request is the struct the kernel would copy in (`arg`), plus the buffers its embedded
 //! pointers point into (`lent`): START's range array, REPORT's bitmap. The kernel
@@ -13,8 +14,10 @@ use std::os::raw::c_ulong;
 
 use vmm_sys_util::ioctl::ioctl_with_mut_ptr;
 
+#[cfg(feature = "testing")]
 use dmalog::error::{LogError, LogResult};
-use dmalog::user_memory::UserMemory;
+#[cfg(feature = "testing")]
+use dmalog::user_memory::{window_mut, UserMemory};
 
 /// Which file descriptor an ioctl goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,42 +153,29 @@ unsafe impl VfioIoctl for KernelIoctl {
 }
 
 /// [`UserMemory`] over the buffers a request lends: a user address resolves only inside one
-/// of them, at its real address in this process.
+/// of them, at its real address in this process. For the test implementations of the seam.
+#[cfg(feature = "testing")]
 pub struct BorrowedUserMemory<'r, 'b> {
     buffers: &'r mut [&'b mut [u8]],
 }
 
+#[cfg(feature = "testing")]
 impl<'r, 'b> BorrowedUserMemory<'r, 'b> {
     /// Memory made of `buffers`.
     pub fn new(buffers: &'r mut [&'b mut [u8]]) -> Self {
         BorrowedUserMemory { buffers }
     }
-
-    fn locate(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]> {
-        for buffer in self.buffers.iter_mut() {
-            let base = buffer.as_ptr() as u64;
-            if addr >= base {
-                let offset = addr - base;
-                if offset
-                    .checked_add(len)
-                    .is_some_and(|end| end <= buffer.len() as u64)
-                {
-                    return Ok(&mut buffer[offset as usize..(offset + len) as usize]);
-                }
-            }
-        }
-        Err(LogError::Fault { addr, len })
-    }
 }
 
+#[cfg(feature = "testing")]
 impl UserMemory for BorrowedUserMemory<'_, '_> {
-    fn read(&mut self, addr: u64, out: &mut [u8]) -> LogResult<()> {
-        let src = self.locate(addr, out.len() as u64)?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-
     fn bytes_mut(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]> {
-        self.locate(addr, len)
+        self.buffers
+            .iter_mut()
+            .find_map(|buffer| {
+                let base = buffer.as_ptr() as u64;
+                window_mut(buffer, base, addr, len)
+            })
+            .ok_or(LogError::Fault { addr, len })
     }
 }
