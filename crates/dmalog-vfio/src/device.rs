@@ -7,7 +7,8 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use dmalog::error::LogError;
-use dmalog::tracker::{checked_report_words, report_words};
+use dmalog::report_split::report_parts;
+use dmalog::tracker::checked_report_words;
 use dmalog::uapi::{
     feature_request, vfio_device_feature_mig_data_size, vfio_device_feature_migration, DeviceState,
     KernelLoggingControl, KernelLoggingReport, LoggingRange, MigDeviceStatePayload,
@@ -120,11 +121,12 @@ impl<I: VfioIoctl> VfioDevice<I> {
         }
     }
 
-    /// Splits REPORTs of more than `bytes` of IOVA into several ioctls (rounded down to a
-    /// multiple of 64 report pages so each part starts on a whole bitmap word). The kernel
-    /// takes any size; this bounds the time one ioctl holds the device's lock.
-    pub fn with_report_chunk(mut self, bytes: u64) -> Self {
-        self.report_chunk_bytes = Some(bytes);
+    /// Splits REPORTs of more than `max_len_bytes` of IOVA into several ioctls (rounded down
+    /// to a multiple of 64 report pages, at least 64, so each part starts on a whole bitmap
+    /// word: [`report_parts`]). The kernel takes any size; this bounds the time one ioctl
+    /// holds the device's lock.
+    pub fn with_report_chunk(mut self, max_len_bytes: u64) -> Self {
+        self.report_chunk_bytes = Some(max_len_bytes);
         self
     }
 
@@ -197,16 +199,16 @@ impl<I: VfioIoctl> VfioDevice<I> {
         }
     }
 
-    /// START with raw ranges, exactly as given (the kernel checks them); returns the page size
-    /// the device chose.
-    pub fn start_logging(
+    /// START with ranges exactly as given (raw [`LoggingRange`]s or checked [`IovaRange`]s;
+    /// the kernel checks them); returns the page size the device chose.
+    pub fn start_logging<R: Copy + Into<LoggingRange>>(
         &mut self,
-        ranges: &[LoggingRange],
+        ranges: &[R],
         page_size: u64,
     ) -> Result<u64, VfioError> {
         self.ranges.clear();
-        for range in ranges {
-            self.ranges.extend_from_slice(&range.encode());
+        for &range in ranges {
+            self.ranges.extend_from_slice(&range.into().encode());
         }
         let control = KernelLoggingControl {
             page_size,
@@ -237,23 +239,28 @@ impl<I: VfioIoctl> VfioDevice<I> {
         Ok(chosen)
     }
 
-    /// REPORT into `bitmap` bytes, one ioctl. The kernel writes `ceil(length / page_size /
-    /// 8)` bytes through the pointer; a shorter `bitmap` is refused (EFAULT, as the kernel
-    /// answers for memory that is not there) before anything is issued.
+    /// REPORT of `[iova, iova + len_bytes)` into `bitmap` bytes, one ioctl, with the values
+    /// exactly as given (the kernel checks them: a wrapping range is its EOVERFLOW). The
+    /// kernel writes `ceil(len_bytes / page_size / 8)` bytes through the pointer; a shorter
+    /// `bitmap` is refused (EFAULT, as the kernel answers for memory that is not there), and
+    /// a zero length or a page size that is not a power of two (EINVAL), before anything is
+    /// issued.
     pub fn report_bytes(
         &mut self,
         iova: u64,
-        length: u64,
+        len_bytes: u64,
         page_size: u64,
         bitmap: &mut [u8],
     ) -> Result<(), VfioError> {
-        check_bitmap_len(length, page_size, bitmap.len()).map_err(|errno| VfioError::Kernel {
-            op: "DMA_LOGGING_REPORT",
-            errno,
+        check_bitmap_len(len_bytes, page_size, bitmap.len()).map_err(|errno| {
+            VfioError::Kernel {
+                op: "DMA_LOGGING_REPORT",
+                errno,
+            }
         })?;
         let report = KernelLoggingReport {
             iova,
-            length,
+            length: len_bytes,
             page_size,
             bitmap: bitmap.as_mut_ptr() as u64,
         };
@@ -402,15 +409,15 @@ impl<I: VfioIoctl> VfioDevice<I> {
 }
 
 /// Checks that a bitmap of `bitmap_len_bytes` holds every byte a kernel report of
-/// `length` bytes at `page_size` writes (`ceil(bits / 8)`); EINVAL for a report the kernel
+/// `len_bytes` at `page_size` writes (`ceil(bits / 8)`); EINVAL for a report the kernel
 /// would refuse anyway (so the size cannot be computed), EFAULT for a short buffer.
 pub(crate) fn check_bitmap_len(
-    length: u64,
+    len_bytes: u64,
     page_size: u64,
     bitmap_len_bytes: usize,
 ) -> Result<(), Errno> {
-    let needed =
-        dmalog::iova_bitmap::report_bytes(length, page_size).map_err(|err| Errno(err.errno()))?;
+    let needed = dmalog::iova_bitmap::report_bytes(len_bytes, page_size)
+        .map_err(|err| Errno(err.errno()))?;
     if (bitmap_len_bytes as u64) < needed {
         return Err(Errno(libc::EFAULT));
     }
@@ -423,30 +430,14 @@ impl<I: VfioIoctl> DirtyTracker for VfioDevice<I> {
     }
 
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
-        let raw: Vec<LoggingRange> = ranges.iter().map(|r| LoggingRange::from(*r)).collect();
-        Ok(self.start_logging(&raw, page_size)?)
+        Ok(self.start_logging(ranges, page_size)?)
     }
 
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let (iova, length) = (range.iova(), range.length());
-        checked_report_words(length, page_size, bitmap.len())?;
-        let chunk = match self.report_chunk_bytes {
-            Some(bytes) => {
-                let unit = page_size.saturating_mul(64);
-                (bytes / unit).max(1).saturating_mul(unit)
-            }
-            None => length,
-        };
-        let mut done = 0u64;
-        while done < length {
-            let part = chunk.min(length - done);
-            let first_word = (done / page_size / 64) as usize;
-            let words = report_words(part, page_size)? as usize;
-            let bytes =
-                dmalog::tracker::words_as_bytes(&mut bitmap[first_word..first_word + words]);
-            let bits_bytes = dmalog::iova_bitmap::report_bytes(part, page_size)? as usize;
-            self.report_bytes(iova + done, part, page_size, &mut bytes[..bits_bytes])?;
-            done += part;
+        checked_report_words(range.length(), page_size, bitmap.len())?;
+        for part in report_parts(range, page_size, self.report_chunk_bytes)? {
+            let (iova, len_bytes) = (part.range.iova(), part.range.length());
+            self.report_bytes(iova, len_bytes, page_size, part.bytes_of(bitmap))?;
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use dmalog::uapi::{
     DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
     FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
 };
-use dmalog::{Dialect, DirtyLog, IovaBitmap, LogDriver, LoggingCore};
+use dmalog::{Dialect, DirtyLog, IovaBitmap, IovaRange, LogDriver, LoggingCore};
 
 use crate::seam::{BorrowedUserMemory, Errno, IoctlCall, IoctlTarget, VfioIoctl};
 use crate::uapi::{
@@ -310,35 +310,44 @@ pub struct FakeIommu {
 pub const FAKE_IOMMU_PAGE: u64 = 4096;
 
 impl FakeIommu {
-    /// HWPT `hwpt_id` over `[iova, iova+length)`; `dirty_capable == false` models an IOMMU
-    /// without dirty tracking (EOPNOTSUPP).
-    pub fn new(hwpt_id: u32, iova: u64, length: u64, dirty_capable: bool) -> Self {
-        Self::with_io_page(hwpt_id, iova, length, FAKE_IOMMU_PAGE, dirty_capable)
+    /// HWPT `hwpt_id` over the IO address space `ioas`; `dirty_capable == false` models an
+    /// IOMMU without dirty tracking (EOPNOTSUPP).
+    ///
+    /// # Panics
+    ///
+    /// If `ioas` is not aligned to [`FAKE_IOMMU_PAGE`] (a test's own mistake).
+    pub fn new(hwpt_id: u32, ioas: IovaRange, dirty_capable: bool) -> Self {
+        Self::with_io_page(hwpt_id, ioas, FAKE_IOMMU_PAGE, dirty_capable)
     }
 
-    /// Like [`FakeIommu::new`] with IO pages (and IOVA alignment) of `io_page` bytes: the
-    /// iommufd self-test mock domain has 2 KiB pages.
+    /// Like [`FakeIommu::new`] with IO pages (and IOVA alignment) of `io_page_size` bytes:
+    /// the iommufd self-test mock domain has 2 KiB pages.
+    ///
+    /// # Panics
+    ///
+    /// If `io_page_size` is not a power of two or `ioas` is not aligned to it.
     pub fn with_io_page(
         hwpt_id: u32,
-        iova: u64,
-        length: u64,
-        io_page: u64,
+        ioas: IovaRange,
+        io_page_size: u64,
         dirty_capable: bool,
     ) -> Self {
-        let log = DirtyLog::new(iova, length, io_page).expect("fake IOAS geometry");
+        let log =
+            DirtyLog::new(ioas.iova(), ioas.length(), io_page_size).expect("fake IOAS geometry");
         FakeIommu {
             hwpt_id,
-            io_page,
+            io_page: io_page_size,
             dirty_capable,
             tracking: false,
             log,
         }
     }
 
-    /// A DMA write by an attached device: the IOMMU marks it while tracking is on.
-    pub fn dma_write(&self, iova: u64, len: u64) {
+    /// A DMA write of `len_bytes` at `iova` by an attached device: the IOMMU marks it while
+    /// tracking is on.
+    pub fn dma_write(&self, iova: u64, len_bytes: u64) {
         if self.tracking {
-            self.log.record_write(iova, len);
+            self.log.record_write(iova, len_bytes);
         }
     }
 

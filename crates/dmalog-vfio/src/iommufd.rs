@@ -6,7 +6,8 @@
 //! the kernel (they only bound what the caller reports). Enabling clears stale dirty bits.
 
 use dmalog::error::LogError;
-use dmalog::tracker::{checked_report_words, words_as_bytes};
+use dmalog::report_split::report_parts;
+use dmalog::tracker::checked_report_words;
 use dmalog::uapi::UapiStruct;
 use dmalog::{DirtyTracker, IovaRange, TrackerError, TrackerResult};
 
@@ -74,18 +75,20 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
         .map(|_| ())
     }
 
-    /// GET_DIRTY_BITMAP into `bitmap` bytes (`ceil(bits/8)` of them are written); with
+    /// GET_DIRTY_BITMAP of `[iova, iova + len_bytes)` into `bitmap` bytes (`ceil(bits/8)` of
+    /// them are written), with the values exactly as given (the kernel checks them); with
     /// `clear == false` the IOMMU keeps the dirty bits (read before an unmap). A `bitmap`
     /// shorter than that is refused (EFAULT) before anything is issued.
     pub fn report_bytes(
         &mut self,
         iova: u64,
-        length: u64,
+        len_bytes: u64,
         page_size: u64,
         bitmap: &mut [u8],
         clear: bool,
     ) -> Result<(), TrackerError> {
-        crate::device::check_bitmap_len(length, page_size, bitmap.len()).map_err(kernel_error)?;
+        crate::device::check_bitmap_len(len_bytes, page_size, bitmap.len())
+            .map_err(kernel_error)?;
         let request = GetDirtyBitmap {
             size: GET_DIRTY_BITMAP_BYTES as u32,
             hwpt_id: self.hwpt_id,
@@ -96,7 +99,7 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
             },
             reserved: 0,
             iova,
-            length,
+            length: len_bytes,
             page_size,
             data: bitmap.as_mut_ptr() as u64,
         };
@@ -115,31 +118,28 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
     /// Like [`DirtyTracker::report`] but leaves the bits in the IOMMU.
     pub fn report_no_clear(
         &mut self,
-        iova: u64,
-        length: u64,
+        range: IovaRange,
         page_size: u64,
         bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        self.report_words(iova, length, page_size, bitmap, false)
+    ) -> TrackerResult {
+        self.report_words(range, page_size, bitmap, false)
     }
 
+    /// One GET_DIRTY_BITMAP into the report's bytes of `bitmap` (the IOMMU has no lock
+    /// held across a report, so it is not split).
     fn report_words(
         &mut self,
-        iova: u64,
-        length: u64,
+        range: IovaRange,
         page_size: u64,
         bitmap: &mut [u64],
         clear: bool,
-    ) -> Result<(), TrackerError> {
-        checked_report_words(length, page_size, bitmap.len())?;
-        let bytes = dmalog::iova_bitmap::report_bytes(length, page_size)? as usize;
-        self.report_bytes(
-            iova,
-            length,
-            page_size,
-            &mut words_as_bytes(bitmap)[..bytes],
-            clear,
-        )
+    ) -> TrackerResult {
+        checked_report_words(range.length(), page_size, bitmap.len())?;
+        for part in report_parts(range, page_size, None)? {
+            let (iova, len_bytes) = (part.range.iova(), part.range.length());
+            self.report_bytes(iova, len_bytes, page_size, part.bytes_of(bitmap), clear)?;
+        }
+        Ok(())
     }
 }
 
@@ -173,11 +173,10 @@ impl<I: VfioIoctl> DirtyTracker for IommufdDirtyTracker<I> {
     }
 
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let (iova, length) = (range.iova(), range.length());
         if !self.enabled {
             return Err(LogError::Invalid("dirty tracking not enabled").into());
         }
-        self.report_words(iova, length, page_size, bitmap, true)
+        self.report_words(range, page_size, bitmap, true)
     }
 
     fn stop(&mut self) -> Result<(), TrackerError> {

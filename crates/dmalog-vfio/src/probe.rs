@@ -96,7 +96,7 @@ pub fn probe_device<I: VfioIoctl>(
             stop_ok: false,
             error: None,
         };
-        match device.start_logging(&[range.into()], hint) {
+        match device.start_logging(&[range], hint) {
             Ok(chosen) => {
                 outcome.chosen_page_size = Some(chosen);
                 let bytes = dmalog::iova_bitmap::report_bytes(range.length(), chosen).unwrap_or(0);

@@ -10,7 +10,10 @@ const PAGE: u64 = 4096;
 const BASE: u64 = 1 << 30;
 
 fn tracker() -> IommufdDirtyTracker<FakeIommu> {
-    IommufdDirtyTracker::new(FakeIommu::new(7, BASE, 64 << 20, true), 7)
+    IommufdDirtyTracker::new(
+        FakeIommu::new(7, IovaRange::new(BASE, 64 << 20).unwrap(), true),
+        7,
+    )
 }
 
 #[test]
@@ -29,7 +32,7 @@ fn enable_clears_stale_bits_and_reports_clear_unless_no_clear() {
         .unwrap();
     assert_eq!(bitmap[0], 0, "enabling took a clean snapshot");
     t.ioctl().dma_write(BASE + 3 * PAGE, 2 * PAGE);
-    t.report_no_clear(BASE, 64 * PAGE, PAGE, &mut bitmap)
+    t.report_no_clear(IovaRange::new(BASE, 64 * PAGE).unwrap(), PAGE, &mut bitmap)
         .unwrap();
     assert_eq!(bitmap[0], 0b11 << 3);
     let mut again = [0u64; 1];
@@ -151,7 +154,10 @@ fn bitmaps_at_any_alignment_get_exactly_their_bytes() {
 
 #[test]
 fn an_iommu_without_dirty_tracking_says_so() {
-    let mut t = IommufdDirtyTracker::new(FakeIommu::new(7, BASE, 1 << 20, false), 7);
+    let mut t = IommufdDirtyTracker::new(
+        FakeIommu::new(7, IovaRange::new(BASE, 1 << 20).unwrap(), false),
+        7,
+    );
     assert!(!t.probe().unwrap());
     let err = t
         .start(&[IovaRange::new(BASE, 1 << 20).unwrap()], PAGE)
@@ -161,7 +167,10 @@ fn an_iommu_without_dirty_tracking_says_so() {
         libc::ENOTTY,
         "EOPNOTSUPP from the kernel means: no dirty tracking here"
     );
-    let mut wrong_hwpt = IommufdDirtyTracker::new(FakeIommu::new(7, BASE, 1 << 20, true), 8);
+    let mut wrong_hwpt = IommufdDirtyTracker::new(
+        FakeIommu::new(7, IovaRange::new(BASE, 1 << 20).unwrap(), true),
+        8,
+    );
     assert_eq!(
         wrong_hwpt
             .start(&[IovaRange::new(BASE, 1 << 20).unwrap()], PAGE)

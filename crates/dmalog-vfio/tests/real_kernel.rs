@@ -78,7 +78,12 @@ fn trackers() -> (
     let mut rig = MockDirty::new(MAP_BYTES);
     let real = IommufdDirtyTracker::new(rig.iommufd.take().unwrap(), rig.hwpt_id);
     let fake = IommufdDirtyTracker::new(
-        FakeIommu::with_io_page(rig.hwpt_id, rig.iova, MAP_BYTES, MOCK_IO_PAGE_SIZE, true),
+        FakeIommu::with_io_page(
+            rig.hwpt_id,
+            IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+            MOCK_IO_PAGE_SIZE,
+            true,
+        ),
         rig.hwpt_id,
     );
     (real, fake, rig)

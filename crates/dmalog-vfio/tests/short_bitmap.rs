@@ -63,7 +63,7 @@ fn vfio_device_refuses_a_short_bitmap_before_the_ioctl() {
 #[test]
 fn iommufd_tracker_refuses_a_short_bitmap_before_the_ioctl() {
     let seam = CountingSeam {
-        inner: FakeIommu::new(7, BASE, 64 << 20, true),
+        inner: FakeIommu::new(7, IovaRange::new(BASE, 64 << 20).unwrap(), true),
         requests_with_buffers: 0,
     };
     let mut t = IommufdDirtyTracker::new(seam, 7);

@@ -71,6 +71,7 @@ pub mod migration;
 pub mod mlx5;
 pub mod pds;
 pub mod ranges;
+pub mod report_split;
 pub mod soft;
 mod sync;
 pub mod tracker;
