@@ -284,17 +284,21 @@ impl<I: VfioIoctl> VfioDevice<I> {
         )
     }
 
+    /// GET of feature `index` whose payload is one `T` (sent zeroed).
+    fn get_feature<T: UapiStruct + Default>(
+        &mut self,
+        op: &'static str,
+        index: u32,
+    ) -> Result<T, VfioError> {
+        let mut payload = T::default().encode();
+        self.feature(op, index | FEATURE_GET, payload.as_mut(), &mut [])?;
+        T::decode(payload.as_ref()).map_err(|_| VfioError::Protocol("short feature reply"))
+    }
+
     /// The MIGRATION feature flags.
     pub fn migration_flags(&mut self) -> Result<u64, VfioError> {
-        let mut payload = vfio_device_feature_migration::default().encode();
-        self.feature(
-            "MIGRATION",
-            FEATURE_MIGRATION | FEATURE_GET,
-            &mut payload,
-            &mut [],
-        )?;
-        let reply = vfio_device_feature_migration::decode(&payload)
-            .map_err(|_| VfioError::Protocol("short MIGRATION reply"))?;
+        let reply: vfio_device_feature_migration =
+            self.get_feature("MIGRATION", FEATURE_MIGRATION)?;
         Ok(reply.flags)
     }
 
@@ -395,15 +399,8 @@ impl<I: VfioIoctl> VfioDevice<I> {
 
     /// MIG_DATA_SIZE: the device's estimate of its STOP_COPY data, in bytes.
     pub fn mig_data_size(&mut self) -> Result<u64, VfioError> {
-        let mut payload = vfio_device_feature_mig_data_size::default().encode();
-        self.feature(
-            "MIG_DATA_SIZE",
-            FEATURE_MIG_DATA_SIZE | FEATURE_GET,
-            &mut payload,
-            &mut [],
-        )?;
-        let reply = vfio_device_feature_mig_data_size::decode(&payload)
-            .map_err(|_| VfioError::Protocol("short MIG_DATA_SIZE reply"))?;
+        let reply: vfio_device_feature_mig_data_size =
+            self.get_feature("MIG_DATA_SIZE", FEATURE_MIG_DATA_SIZE)?;
         Ok(reply.stop_copy_length)
     }
 }

@@ -356,6 +356,18 @@ impl FakeIommu {
         self.tracking
     }
 
+    /// After the flag checks, as iommufd: ENOENT for another object, EOPNOTSUPP for a HWPT
+    /// without dirty tracking.
+    fn check_hwpt(&self, hwpt_id: u32) -> Result<(), Errno> {
+        if hwpt_id != self.hwpt_id {
+            return Err(Errno(libc::ENOENT));
+        }
+        if !self.dirty_capable {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        Ok(())
+    }
+
     fn set_dirty_tracking(&mut self, arg: &[u8]) -> Result<i32, Errno> {
         let request = SetDirtyTracking::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
         if (request.size as usize) < SET_DIRTY_TRACKING_BYTES {
@@ -364,12 +376,7 @@ impl FakeIommu {
         if request.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 || request.reserved != 0 {
             return Err(Errno(libc::EOPNOTSUPP));
         }
-        if request.hwpt_id != self.hwpt_id {
-            return Err(Errno(libc::ENOENT));
-        }
-        if !self.dirty_capable {
-            return Err(Errno(libc::EOPNOTSUPP));
-        }
+        self.check_hwpt(request.hwpt_id)?;
         let enable = request.flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0;
         if enable {
             // A clean snapshot: enabling clears every stale dirty bit first.
@@ -388,12 +395,7 @@ impl FakeIommu {
         if request.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || request.reserved != 0 {
             return Err(Errno(libc::EOPNOTSUPP));
         }
-        if request.hwpt_id != self.hwpt_id {
-            return Err(Errno(libc::ENOENT));
-        }
-        if !self.dirty_capable {
-            return Err(Errno(libc::EOPNOTSUPP));
-        }
+        self.check_hwpt(request.hwpt_id)?;
         // iommufd_check_iova_range, in order.
         let last = request
             .iova
