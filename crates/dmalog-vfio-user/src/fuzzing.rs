@@ -2,11 +2,11 @@
 //! the default test run: the message decoders, the server's dispatcher fed a byte stream
 //! over a socket pair, and the client against a scripted hostile server.
 
-use dmalog::uapi::UapiStruct;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
+use dmalog::uapi::UapiStruct;
 use dmalog_device::{Device, DmaEngine, LvuSample};
 
 use crate::server::{Server, ServerConfig, TrackerKind};

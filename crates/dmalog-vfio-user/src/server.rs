@@ -6,7 +6,6 @@
 //! again, partial migration data dropped), and the server waits for the next client. The
 //! device's registers live on.
 
-use dmalog::uapi::UapiStruct;
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -18,8 +17,8 @@ use dmalog::logging_core::{check_access, check_feature_header, is_logging_featur
 use dmalog::mlx5::{CapsError, Mlx5Faults};
 use dmalog::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
 use dmalog::uapi::{
-    DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
-    FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
+    DeviceState, FeatureHeader, MigDeviceStatePayload, UapiStruct, FEATURE_GET,
+    FEATURE_HEADER_BYTES, FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
 };
 use dmalog::{
     Dialect, IovaRange, LiveLog, LogDriver, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver,

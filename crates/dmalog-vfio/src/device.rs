@@ -1,7 +1,6 @@
 //! A VFIO device reached through its kernel file descriptor: DMA logging as a
 //! [`DirtyTracker`] and migration v2 as a [`MigrationDevice`].
 
-use dmalog::uapi::UapiStruct;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -11,7 +10,7 @@ use dmalog::report_split::report_parts;
 use dmalog::tracker::checked_report_words;
 use dmalog::uapi::{
     feature_request, vfio_device_feature_mig_data_size, vfio_device_feature_migration, DeviceState,
-    KernelLoggingControl, KernelLoggingReport, LoggingRange, MigDeviceStatePayload,
+    KernelLoggingControl, KernelLoggingReport, LoggingRange, MigDeviceStatePayload, UapiStruct,
     FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
     FEATURE_HEADER_BYTES, FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
     FEATURE_PROBE, FEATURE_SET,

@@ -8,15 +8,15 @@
 //! - [`FakeIommu`]: `IOMMU_HWPT_SET_DIRTY_TRACKING` and `IOMMU_HWPT_GET_DIRTY_BITMAP` with
 //!   the kernel's checks, in order, over a [`DirtyLog`].
 
-use dmalog::uapi::UapiStruct;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::IntoRawFd;
 
 use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
 use dmalog::uapi::{
-    DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
-    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
+    DeviceState, FeatureHeader, MigDeviceStatePayload, UapiStruct, FEATURE_GET,
+    FEATURE_HEADER_BYTES, FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
+    FEATURE_SET,
 };
 use dmalog::{Dialect, DirtyLog, IovaBitmap, IovaRange, LogDriver, LoggingCore};
 

@@ -3,9 +3,9 @@
 //! tracker, EFAULT for pointers outside the lent buffers, the mlx5 model's errnos, and
 //! devices without logging.
 
-use dmalog::uapi::UapiStruct;
 use dmalog::uapi::{
-    feature_request, KernelLoggingReport, LoggingRange, FEATURE_DMA_LOGGING_REPORT, FEATURE_GET,
+    feature_request, KernelLoggingReport, LoggingRange, UapiStruct, FEATURE_DMA_LOGGING_REPORT,
+    FEATURE_GET,
 };
 use dmalog::{
     DirtyTracker, InProcessTracker, IovaRange, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver,

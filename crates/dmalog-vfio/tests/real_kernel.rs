@@ -12,9 +12,8 @@
 
 mod kernel_rig;
 
-use dmalog::uapi::UapiStruct;
 use dmalog::uapi::{
-    DeviceState, LoggingRange, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
+    DeviceState, LoggingRange, UapiStruct, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
 };
 use dmalog::IovaRange;
 use dmalog::{DirtyTracker, LoggingCore, SoftDriver};

@@ -9,7 +9,6 @@
 //! Layout of the IOVA space the suite uses (a target maps `[0, SUITE_SPAN)` if it needs
 //! DMA mappings): range A `[16 MiB, 24 MiB)`, a hole, range B `[32 MiB, 36 MiB)`.
 
-use crate::uapi::UapiStruct;
 use std::collections::BTreeSet;
 
 use proptest::prelude::*;
@@ -18,8 +17,8 @@ use proptest::test_runner::{Config, TestRunner};
 use crate::driver::{LogDriver, WriteRecorder};
 use crate::logging_core::LoggingCore;
 use crate::uapi::{
-    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl,
-    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange, UapiStruct,
+    UserLoggingControl, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_PROBE, FEATURE_SET,
 };
 use crate::user_memory::SegmentedUserMemory;

@@ -1,7 +1,6 @@
 //! The logging core: validates DEVICE_FEATURE requests for DMA logging in either dialect
 //! and drives a [`LogDriver`] (the kernel's `vfio_main.c` part), exactly per SPEC 3.1-3.4.
 
-use crate::uapi::UapiStruct;
 use std::collections::BTreeMap;
 
 use crate::driver::LogDriver;
@@ -9,8 +8,8 @@ use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::{report_bytes, IovaBitmap};
 use crate::ranges::{merge_ranges, validate_ranges, IovaRange, DEFAULT_MAX_RANGES};
 use crate::uapi::{
-    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl,
-    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UapiStruct,
+    UserLoggingControl, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_RESERVED_MASK,
     FEATURE_SET, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES, RANGE_BYTES, USER_CONTROL_BYTES,
     USER_REPORT_BYTES,

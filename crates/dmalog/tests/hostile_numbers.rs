@@ -3,8 +3,9 @@
 //! or a silently lost page (SPEC 8).
 
 use dmalog::pds::PdsDriver;
-use dmalog::uapi::UapiStruct;
-use dmalog::uapi::{feature_request, KernelLoggingControl, FEATURE_DMA_LOGGING_START, FEATURE_SET};
+use dmalog::uapi::{
+    feature_request, KernelLoggingControl, UapiStruct, FEATURE_DMA_LOGGING_START, FEATURE_SET,
+};
 use dmalog::user_memory::SegmentedUserMemory;
 use dmalog::{Dialect, IovaRange, LoggingCore, SoftDriver};
 

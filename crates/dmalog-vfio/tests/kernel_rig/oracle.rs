@@ -7,9 +7,8 @@
 //! core, following SPEC 3, decides itself: a driver like mtty's stub answers 0 there. They
 //! are listed so that either side changing shows up.
 
-use dmalog::uapi::UapiStruct;
 use dmalog::uapi::{
-    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange,
+    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange, UapiStruct,
     FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
     FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET,
 };
