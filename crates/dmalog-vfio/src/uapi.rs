@@ -118,12 +118,10 @@ dmalog::uapi_struct! {
 
 /// `struct vfio_device_bind_iommufd` (16-byte form): binds a VFIO cdev to an iommufd.
 pub fn bind_iommufd_request(iommufd: i32) -> [u8; BIND_IOMMUFD_BYTES] {
-    let bind = vfio_device_bind_iommufd {
+    vfio_device_bind_iommufd {
         argsz: BIND_IOMMUFD_BYTES as u32,
         iommufd,
         ..Default::default()
-    };
-    let mut out = [0u8; BIND_IOMMUFD_BYTES];
-    out.copy_from_slice(&bind.encode()[..BIND_IOMMUFD_BYTES]);
-    out
+    }
+    .encode_prefix()
 }

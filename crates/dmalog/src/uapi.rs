@@ -231,6 +231,16 @@ pub trait UapiStruct: Sized {
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         Self::decode_at(bytes, 0)
     }
+
+    /// The first `N` bytes of the encoding: an older kernel's shorter form of a struct that
+    /// grew at its end (its size field set to `N` by the caller). `N > BYTES` does not
+    /// compile.
+    fn encode_prefix<const N: usize>(&self) -> [u8; N] {
+        const { assert!(N <= Self::BYTES) };
+        let mut out = [0u8; N];
+        out.copy_from_slice(&self.encode().as_ref()[..N]);
+        out
+    }
 }
 
 /// Implements [`UapiStruct`] for `#[repr(C)]` structs of [`UapiField`] fields: list every
@@ -460,6 +470,9 @@ mod tests {
                 length: 1
             })
         );
+        // The shorter form of a struct is its encoding cut at `N`.
+        let prefix: [u8; 9] = range.unwrap().encode_prefix();
+        assert_eq!(prefix, [0x34, 0x12, 0, 0, 0, 0, 0, 0, 1]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod oracle;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use dmalog::uapi::UapiStruct;
 use dmalog_vfio::iommufd_uapi::*;
 use dmalog_vfio::uapi::{bind_iommufd_request, VFIO_DEVICE_BIND_IOMMUFD};
 use dmalog_vfio::{Errno, IoctlCall, IoctlNr, KernelIoctl, VfioDevice, VfioIoctl};
@@ -38,9 +39,9 @@ pub fn plain_ioctl(fd: &mut KernelIoctl, request: IoctlNr, arg: &mut [u8]) -> Re
 
 /// `IOMMU_IOAS_ALLOC`.
 pub fn ioas_alloc(iommufd: &mut KernelIoctl) -> u32 {
-    let mut arg = ioas_alloc_request();
+    let mut arg = IoasAlloc::request().encode();
     plain_ioctl(iommufd, IOMMU_IOAS_ALLOC, &mut arg).expect("IOAS_ALLOC");
-    get_u32(&arg, IOAS_ALLOC_OUT_ID)
+    IoasAlloc::decode(&arg).unwrap().out_ioas_id
 }
 
 /// Page-aligned memory lent to the kernel (IOAS_MAP pins it for as long as it is mapped;
@@ -109,6 +110,7 @@ impl MockDirty {
             user_va: buffer.as_mut_ptr() as u64,
             length: map_len_bytes,
             iova: MOCK_APERTURE_START,
+            ..IoasMap::request()
         }
         .encode();
         // SAFETY: the only pointer in IOAS_MAP is `user_va`, the start of `buffer`
@@ -122,12 +124,13 @@ impl MockDirty {
             flags: HWPT_ALLOC_DIRTY_TRACKING,
             dev_id: mock.idev_id,
             pt_id: ioas,
+            ..HwptAlloc::request()
         }
         .encode();
         plain_ioctl(&mut iommufd, IOMMU_HWPT_ALLOC, &mut alloc).expect("HWPT_ALLOC");
         MockDirty {
             iommufd: Some(iommufd),
-            hwpt_id: get_u32(&alloc, HWPT_ALLOC_OUT_ID),
+            hwpt_id: HwptAlloc::decode(&alloc).unwrap().out_hwpt_id,
             plain_hwpt_id: mock.hwpt_id,
             iova: MOCK_APERTURE_START,
             map_len_bytes,
