@@ -10,8 +10,8 @@ use std::path::Path;
 use dmalog::error::LogError;
 use dmalog::tracker::{checked_report_words, report_words};
 use dmalog::uapi::{
-    feature_request, DeviceState, LoggingRange, MigDeviceStatePayload, UserLoggingControl,
-    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    feature_request, DeviceState, LoggingRange, MigDeviceStatePayload, UapiStruct,
+    UserLoggingControl, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_MIGRATION,
     FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET, USER_REPORT_BYTES,
 };

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
+use dmalog::uapi::UapiStruct;
 use dmalog_device::{Device, DmaEngine, LvuSample};
 
 use crate::server::{ServedTracker, Server, ServerConfig};

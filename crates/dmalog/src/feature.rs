@@ -16,11 +16,11 @@ use crate::logging_core::{Dialect, LoggingCore};
 use crate::ranges::DEFAULT_MAX_RANGES;
 use crate::uapi::{
     DeviceState, FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange,
-    MigDeviceStatePayload, UserLoggingControl, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT,
-    FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES,
-    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_RESERVED_MASK,
-    FEATURE_SET, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES, RANGE_BYTES, USER_CONTROL_BYTES,
-    USER_REPORT_BYTES,
+    MigDeviceStatePayload, UapiStruct, UserLoggingControl, UserLoggingReport,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
+    FEATURE_HEADER_BYTES, FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
+    FEATURE_RESERVED_MASK, FEATURE_SET, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES, RANGE_BYTES,
+    USER_CONTROL_BYTES, USER_REPORT_BYTES,
 };
 use crate::user_memory::UserMemory;
 
@@ -471,10 +471,10 @@ fn logging_start<D: LogDriver>(
             let mut raw = [0u8; RANGE_BYTES];
             for index in 0..u64::from(control.num_ranges) {
                 let addr = control
-                    .ranges_addr
+                    .ranges
                     .checked_add(index * RANGE_BYTES as u64)
                     .ok_or(LogError::Fault {
-                        addr: control.ranges_addr,
+                        addr: control.ranges,
                         len: RANGE_BYTES as u64,
                     })?;
                 user.read(addr, &mut raw)?;
@@ -560,7 +560,7 @@ fn logging_report<D: LogDriver>(
             LoggingCore::<D>::check_report(dialect, report.iova, report.length, report.page_size)?;
             core.require_started()?;
             let bytes = report_bytes(report.length, report.page_size)?;
-            let bitmap = user.bytes_mut(report.bitmap_addr, bytes)?;
+            let bitmap = user.bytes_mut(report.bitmap, bytes)?;
             Ok(core.report_checked(report.iova, report.length, report.page_size, bitmap)?)
         }
     }

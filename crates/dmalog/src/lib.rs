@@ -65,6 +65,7 @@ mod log_index;
 pub mod logging_core;
 pub mod migration;
 pub mod ranges;
+pub mod report_split;
 pub mod soft;
 mod sync;
 pub mod tracker;
