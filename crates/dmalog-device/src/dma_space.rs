@@ -199,6 +199,17 @@ impl DmaSpace {
         self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
+    /// The accessors' slots, locked, with those of dropped accessors removed.
+    fn live_accessors(&self) -> std::sync::MutexGuard<'_, Vec<Weak<AccessSlot>>> {
+        let mut accessors = self
+            .shared
+            .accessors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        accessors.retain(|slot| slot.strong_count() > 0);
+        accessors
+    }
+
     /// Waits until no access based on a snapshot older than `generation` is in flight.
     ///
     /// Why this is enough: an accessor announces `(its snapshot's generation, active)` with
@@ -207,15 +218,11 @@ impl DmaSpace {
     /// sees the new generation and drops its old snapshot before any access, or we see its
     /// announcement and wait for it to end.
     fn wait_for_accesses_before(&self, generation: u64) {
-        let slots: Vec<Arc<AccessSlot>> = {
-            let mut accessors = self
-                .shared
-                .accessors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            accessors.retain(|slot| slot.strong_count() > 0);
-            accessors.iter().filter_map(Weak::upgrade).collect()
-        };
+        let slots: Vec<Arc<AccessSlot>> = self
+            .live_accessors()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         let start = std::time::Instant::now();
         let mut warned = false;
         for slot in slots {
@@ -279,15 +286,7 @@ impl DmaSpace {
     /// A handle for one DMA thread.
     pub fn accessor(&self) -> DmaAccessor {
         let slot = Arc::new(AccessSlot::default());
-        {
-            let mut accessors = self
-                .shared
-                .accessors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            accessors.retain(|slot| slot.strong_count() > 0);
-            accessors.push(Arc::downgrade(&slot));
-        }
+        self.live_accessors().push(Arc::downgrade(&slot));
         // The generation first: the table loaded after it is at least that new.
         let generation = self.shared.generation.load(Ordering::SeqCst);
         DmaAccessor {
