@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
-use dmalog::{LiveLog, WriteRecorder};
+use dmalog::{IovaRange, LiveLog, WriteRecorder};
 
 use crate::dma_table::DmaTable;
 
@@ -245,15 +245,13 @@ impl DmaSpace {
     /// Adds a mapping; EEXIST when it overlaps one. O(log n).
     pub fn map(&self, region: DmaRegion) -> Result<(), MapError> {
         let (iova, size) = (region.iova, region.size);
-        if size == 0 || iova.checked_add(size).is_none() {
-            return Err(MapError::Invalid { iova, size });
-        }
+        let range = IovaRange::new(iova, size).map_err(|_| MapError::Invalid { iova, size })?;
         let _changes = self.lock_changes();
         let table = self.shared.table.load_full();
         if table.len() >= self.shared.max_maps {
             return Err(MapError::TooMany(self.shared.max_maps));
         }
-        if table.overlaps(iova, size) {
+        if table.overlaps(range) {
             return Err(MapError::Overlap { iova, size });
         }
         self.publish(table.inserted(region));
