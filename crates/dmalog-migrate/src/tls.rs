@@ -215,10 +215,7 @@ pub fn accept(
     timeout: Duration,
 ) -> Result<TlsStream, TlsError> {
     let peer = peer_of(&tcp);
-    let failed = |cause| TlsError::Handshake {
-        peer: peer.clone(),
-        cause,
-    };
+    let failed = handshake_failed(&peer);
     let conn = ServerConnection::new(Arc::clone(config))?;
     let mut stream = established(conn, tcp, timeout).map_err(failed)?;
     stream
@@ -239,10 +236,7 @@ pub fn connect(
     timeout: Duration,
 ) -> Result<TlsStream, TlsError> {
     let peer = peer_of(&tcp);
-    let failed = |cause| TlsError::Handshake {
-        peer: peer.clone(),
-        cause,
-    };
+    let failed = handshake_failed(&peer);
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
     let conn = ClientConnection::new(Arc::clone(config), name)?;
@@ -285,6 +279,14 @@ where
     let stream = StreamOwned::new(conn, Socket::new(tcp));
     arm(&stream.sock.tcp, deadline, timeout)?;
     Ok(stream)
+}
+
+/// The error of a handshake with `peer` that `cause` ended.
+fn handshake_failed(peer: &str) -> impl Fn(std::io::Error) -> TlsError + Copy + '_ {
+    move |cause| TlsError::Handshake {
+        peer: peer.to_owned(),
+        cause,
+    }
 }
 
 fn peer_of(tcp: &TcpStream) -> String {
