@@ -109,6 +109,108 @@ fn set_bits(bytes: &[u8]) -> Vec<u64> {
         .collect()
 }
 
+/// Starts both trackers over the whole mock mapping at 4 KiB pages; returns the range.
+fn start_both(
+    real: &mut IommufdDirtyTracker<KernelIoctl>,
+    fake: &mut IommufdDirtyTracker<FakeIommu>,
+    rig: &MockDirty,
+) -> dmalog::IovaRange {
+    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
+    real.start(&[range], 4096).unwrap();
+    fake.start(&[range], 4096).unwrap();
+    range
+}
+
+/// On the real kernel only (else `None`, the test skipped): the trackers, started over
+/// the whole mock mapping at 4 KiB pages with mock pages `dirty_pages` dirtied on both
+/// sides, the rig and the range.
+fn started_trackers(
+    test: &str,
+    dirty_pages: &[u64],
+) -> Option<(
+    IommufdDirtyTracker<KernelIoctl>,
+    IommufdDirtyTracker<FakeIommu>,
+    MockDirty,
+    dmalog::IovaRange,
+)> {
+    if !real_kernel(test) {
+        return None;
+    }
+    let (mut real, mut fake, rig) = trackers();
+    let range = start_both(&mut real, &mut fake, &rig);
+    if !dirty_pages.is_empty() {
+        dirty_both(&mut real, &mut fake, &rig, dirty_pages);
+    }
+    Some((real, fake, rig, range))
+}
+
+/// A clearing report on both sides finds no dirty page (`what`: why).
+fn assert_no_dirty_pages(
+    real: &mut IommufdDirtyTracker<KernelIoctl>,
+    fake: &mut IommufdDirtyTracker<FakeIommu>,
+    rig: &MockDirty,
+    what: &str,
+) {
+    for side in 0..2 {
+        assert_eq!(
+            side_of(side, real, fake).take_dirty_pages(rig.iova),
+            Vec::<u64>::new(),
+            "side {side}: {what}"
+        );
+    }
+}
+
+/// The tracker of `side`: 0 the kernel's, 1 the fake.
+fn side_of<'a>(
+    side: usize,
+    real: &'a mut IommufdDirtyTracker<KernelIoctl>,
+    fake: &'a mut IommufdDirtyTracker<FakeIommu>,
+) -> Side<'a> {
+    if side == 0 {
+        Side::Kernel(real)
+    } else {
+        Side::Fake(fake)
+    }
+}
+
+/// One of the two trackers run side by side.
+enum Side<'a> {
+    Kernel(&'a mut IommufdDirtyTracker<KernelIoctl>),
+    Fake(&'a mut IommufdDirtyTracker<FakeIommu>),
+}
+
+impl Side<'_> {
+    fn report_bytes(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+        clear: bool,
+    ) -> Result<(), dmalog::TrackerError> {
+        match self {
+            Side::Kernel(real) => real.report_bytes(iova, length, page_size, bitmap, clear),
+            Side::Fake(fake) => fake.report_bytes(iova, length, page_size, bitmap, clear),
+        }
+    }
+
+    /// `DirtyTracker::report` of the whole mock mapping at 2 KiB pages.
+    fn report_all(&mut self, iova: u64, bitmap: &mut [u64]) -> Result<(), dmalog::TrackerError> {
+        match self {
+            Side::Kernel(real) => real.report(iova, MAP_BYTES, 2048, bitmap),
+            Side::Fake(fake) => fake.report(iova, MAP_BYTES, 2048, bitmap),
+        }
+    }
+
+    /// A clearing report of the whole mock mapping at 2 KiB pages: the pages set.
+    fn take_dirty_pages(&mut self, iova: u64) -> Vec<u64> {
+        let mut bitmap = vec![0u8; 128];
+        self.report_bytes(iova, MAP_BYTES, 2048, &mut bitmap, true)
+            .unwrap();
+        set_bits(&bitmap)
+    }
+}
+
 #[test]
 fn mock_domain_start_report_stop() {
     if !real_kernel("mock_domain_start_report_stop") {
@@ -137,11 +239,8 @@ fn mock_domain_start_report_stop() {
                 let mut buffer = vec![0xA5u8; offset + nbytes + 8];
                 buffer[offset..offset + nbytes].fill(0);
                 let bitmap = &mut buffer[offset..offset + nbytes];
-                let result = if side == 0 {
-                    real.report_bytes(rig.iova, length, page_size, bitmap, false)
-                } else {
-                    fake.report_bytes(rig.iova, length, page_size, bitmap, false)
-                };
+                let result = side_of(side, &mut real, &mut fake)
+                    .report_bytes(rig.iova, length, page_size, bitmap, false);
                 result.unwrap_or_else(|e| {
                     panic!("side {side} NO_CLEAR ps {page_size} len {length}: {e}")
                 });
@@ -176,23 +275,16 @@ fn mock_domain_start_report_stop() {
     }
     // A clearing read reports the same, then nothing is left; the caller's bits stay.
     for side in 0..2 {
+        let mut tracker = side_of(side, &mut real, &mut fake);
         let mut bitmap = vec![0u64; 16];
-        if side == 0 {
-            real.report(rig.iova, MAP_BYTES, 2048, &mut bitmap).unwrap();
-        } else {
-            fake.report(rig.iova, MAP_BYTES, 2048, &mut bitmap).unwrap();
-        }
+        tracker.report_all(rig.iova, &mut bitmap).unwrap();
         let bits: Vec<u64> = (0..1024)
             .filter(|k| bitmap[k / 64] >> (k % 64) & 1 == 1)
             .map(|k| k as u64)
             .collect();
         assert_eq!(bits, pages, "side {side}: clearing report");
         let mut again = vec![1u64 << 63; 16];
-        if side == 0 {
-            real.report(rig.iova, MAP_BYTES, 2048, &mut again).unwrap();
-        } else {
-            fake.report(rig.iova, MAP_BYTES, 2048, &mut again).unwrap();
-        }
+        tracker.report_all(rig.iova, &mut again).unwrap();
         assert_eq!(
             again,
             vec![1u64 << 63; 16],
@@ -205,14 +297,11 @@ fn mock_domain_start_report_stop() {
 
 #[test]
 fn mock_domain_tracking_off_and_restart() {
-    if !real_kernel("mock_domain_tracking_off_and_restart") {
+    let Some((mut real, mut fake, rig, _)) =
+        started_trackers("mock_domain_tracking_off_and_restart", &[3, 4])
+    else {
         return;
-    }
-    let (mut real, mut fake, rig) = trackers();
-    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
-    dirty_both(&mut real, &mut fake, &rig, &[3, 4]);
+    };
     real.stop().unwrap();
     fake.stop().unwrap();
     // Tracking off: OP_DIRTY is refused, and GET_DIRTY_BITMAP succeeds with no bits (6.12
@@ -223,50 +312,19 @@ fn mock_domain_tracking_off_and_restart() {
         Err(dmalog_vfio::Errno(libc::EINVAL)),
         "OP_DIRTY with tracking off"
     );
-    for side in 0..2 {
-        let mut bitmap = vec![0u8; 128];
-        if side == 0 {
-            real.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        } else {
-            fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        }
-        assert_eq!(
-            set_bits(&bitmap),
-            Vec::<u64>::new(),
-            "side {side}: no bits with tracking off"
-        );
-    }
+    assert_no_dirty_pages(&mut real, &mut fake, &rig, "no bits with tracking off");
     // Enabling again clears what was dirty before.
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
-    for side in 0..2 {
-        let mut bitmap = vec![0u8; 128];
-        if side == 0 {
-            real.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        } else {
-            fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        }
-        assert_eq!(
-            set_bits(&bitmap),
-            Vec::<u64>::new(),
-            "side {side}: enabling cleared stale bits"
-        );
-    }
+    start_both(&mut real, &mut fake, &rig);
+    assert_no_dirty_pages(&mut real, &mut fake, &rig, "enabling cleared stale bits");
 }
 
 #[test]
 fn mock_domain_errors_are_typed_like_the_fake() {
-    if !real_kernel("mock_domain_errors_are_typed_like_the_fake") {
+    let Some((mut real, mut fake, rig, range)) =
+        started_trackers("mock_domain_errors_are_typed_like_the_fake", &[])
+    else {
         return;
-    }
-    let (mut real, mut fake, rig) = trackers();
-    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
+    };
     let base = rig.iova;
     // (name, iova, length, page size, expected errno)
     let rows: &[(&str, u64, u64, u64, i32)] = &[
@@ -470,14 +528,12 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
     // 6.12 pins the user bitmap only when it sets a bit, and a pin failure drops the bit
     // (iova_bitmap_set returns) while the IOMMU's copy is cleared: the ioctl succeeds and
     // the dirty pages are gone. The fake refuses such a pointer (EFAULT) instead.
-    if !real_kernel("mock_domain_bad_bitmap_pointer_loses_bits_silently") {
+    let Some((mut real, mut fake, rig, _)) = started_trackers(
+        "mock_domain_bad_bitmap_pointer_loses_bits_silently",
+        &[10, 20],
+    ) else {
         return;
-    }
-    let (mut real, mut fake, rig) = trackers();
-    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
-    dirty_both(&mut real, &mut fake, &rig, &[10, 20]);
+    };
     let request = dmalog_vfio::uapi::GetDirtyBitmap {
         hwpt_id: rig.hwpt_id,
         flags: 0,
@@ -514,17 +570,16 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
         answers.push(result.map(|_| ()).map_err(|e| e.0));
     }
     assert_eq!(answers, vec![Ok(()), Err(libc::EFAULT)], "kernel, fake");
-    let mut bitmap = [0u8; 128];
-    real.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-        .unwrap();
     assert_eq!(
-        set_bits(&bitmap),
+        Side::Kernel(&mut real).take_dirty_pages(rig.iova),
         Vec::<u64>::new(),
         "the kernel cleared the bits it could not report"
     );
-    fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-        .unwrap();
-    assert_eq!(set_bits(&bitmap), vec![10, 20], "the fake kept them");
+    assert_eq!(
+        Side::Fake(&mut fake).take_dirty_pages(rig.iova),
+        vec![10, 20],
+        "the fake kept them"
+    );
 }
 
 #[test]

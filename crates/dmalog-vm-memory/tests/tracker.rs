@@ -28,8 +28,8 @@ fn report(tracker: &mut impl DirtyTracker, gpa: u64, len: u64) -> Vec<u64> {
     pages
 }
 
-#[test]
-fn reports_by_gpa_across_regions_and_only_inside_started_ranges() {
+/// Logged guest memory of two 1 MiB regions, at GPA 0 and at 1 GiB.
+fn two_regions() -> (Arc<DirtyRegions>, GuestMemoryMmap<DmalogBitmap>) {
     let regions = DirtyRegions::new(PAGE).unwrap();
     let memory = regions
         .guest_memory(&[
@@ -37,6 +37,12 @@ fn reports_by_gpa_across_regions_and_only_inside_started_ranges() {
             (GuestAddress(GIB), (1 << 20) as usize, None),
         ])
         .unwrap();
+    (regions, memory)
+}
+
+#[test]
+fn reports_by_gpa_across_regions_and_only_inside_started_ranges() {
+    let (regions, memory) = two_regions();
     memory.write_obj(1u8, GuestAddress(7 * PAGE)).unwrap(); // before START: not reported
     let mut tracker = regions.tracker();
     tracker
@@ -129,13 +135,7 @@ fn bitmaps_vm_memory_makes_are_detached_until_attached() {
 
 #[test]
 fn a_dropped_region_stops_being_reported() {
-    let regions = DirtyRegions::new(PAGE).unwrap();
-    let memory = regions
-        .guest_memory(&[
-            (GuestAddress(0), (1 << 20) as usize, None),
-            (GuestAddress(GIB), (1 << 20) as usize, None),
-        ])
-        .unwrap();
+    let (regions, memory) = two_regions();
     let mut tracker = regions.tracker();
     tracker
         .start(&[IovaRange::new(0, 2 * GIB).unwrap()], PAGE)
