@@ -180,11 +180,10 @@ enum Side<'a> {
 }
 
 impl Side<'_> {
+    /// `report_bytes` of `length` bytes from `iova` at `page_size`.
     fn report_bytes(
         &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
+        (iova, length, page_size): (u64, u64, u64),
         bitmap: &mut [u8],
         clear: bool,
     ) -> Result<(), dmalog::TrackerError> {
@@ -205,7 +204,7 @@ impl Side<'_> {
     /// A clearing report of the whole mock mapping at 2 KiB pages: the pages set.
     fn take_dirty_pages(&mut self, iova: u64) -> Vec<u64> {
         let mut bitmap = vec![0u8; 128];
-        self.report_bytes(iova, MAP_BYTES, 2048, &mut bitmap, true)
+        self.report_bytes((iova, MAP_BYTES, 2048), &mut bitmap, true)
             .unwrap();
         set_bits(&bitmap)
     }
@@ -239,8 +238,11 @@ fn mock_domain_start_report_stop() {
                 let mut buffer = vec![0xA5u8; offset + nbytes + 8];
                 buffer[offset..offset + nbytes].fill(0);
                 let bitmap = &mut buffer[offset..offset + nbytes];
-                let result = side_of(side, &mut real, &mut fake)
-                    .report_bytes(rig.iova, length, page_size, bitmap, false);
+                let result = side_of(side, &mut real, &mut fake).report_bytes(
+                    (rig.iova, length, page_size),
+                    bitmap,
+                    false,
+                );
                 result.unwrap_or_else(|e| {
                     panic!("side {side} NO_CLEAR ps {page_size} len {length}: {e}")
                 });
