@@ -4,7 +4,6 @@
 
 mod common;
 
-
 use common::{engine_op, guest_memory, map_and_start_logging, reg, ServerProcess};
 use dmalog::uapi::{
     feature_request, DeviceState, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_GET,

@@ -15,6 +15,7 @@ mod kernel_rig;
 use dmalog::uapi::{
     DeviceState, LoggingRange, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
 };
+use dmalog::IovaRange;
 use dmalog::{DirtyTracker, LoggingCore, SoftDriver};
 use dmalog_vfio::fake::{FakeIommu, FakeMigration, FakeVfioDevice};
 use dmalog_vfio::iommufd_uapi::MOCK_IO_PAGE_SIZE;
@@ -114,8 +115,8 @@ fn start_both(
     real: &mut IommufdDirtyTracker<KernelIoctl>,
     fake: &mut IommufdDirtyTracker<FakeIommu>,
     rig: &MockDirty,
-) -> dmalog::IovaRange {
-    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
+) -> IovaRange {
+    let range = IovaRange::new(rig.iova, MAP_BYTES).unwrap();
     real.start(&[range], 4096).unwrap();
     fake.start(&[range], 4096).unwrap();
     range
@@ -131,7 +132,7 @@ fn started_trackers(
     IommufdDirtyTracker<KernelIoctl>,
     IommufdDirtyTracker<FakeIommu>,
     MockDirty,
-    dmalog::IovaRange,
+    IovaRange,
 )> {
     if !real_kernel(test) {
         return None;
@@ -194,10 +195,11 @@ impl Side<'_> {
     }
 
     /// `DirtyTracker::report` of the whole mock mapping at 2 KiB pages.
-    fn report_all(&mut self, iova: u64, bitmap: &mut [u64]) -> Result<(), dmalog::TrackerError> {
+    fn report_all(&mut self, iova: u64, bitmap: &mut [u64]) -> dmalog::TrackerResult {
+        let range = IovaRange::new(iova, MAP_BYTES).unwrap();
         match self {
-            Side::Kernel(real) => real.report(iova, MAP_BYTES, 2048, bitmap),
-            Side::Fake(fake) => fake.report(iova, MAP_BYTES, 2048, bitmap),
+            Side::Kernel(real) => real.report(range, 2048, bitmap),
+            Side::Fake(fake) => fake.report(range, 2048, bitmap),
         }
     }
 

@@ -17,12 +17,18 @@ fn range(iova: u64, length: u64) -> IovaRange {
 
 /// The dirty pages (relative page numbers) of `[iova, iova+len)`, or the errno.
 fn report<D: LogDriver>(core: &mut LoggingCore<D>, iova: u64, len: u64) -> Result<Vec<u64>, i32> {
-    let mut bytes = vec![0u8; (len / PAGE).div_ceil(8) as usize];
+    let npages = len / PAGE;
+    let mut bytes = vec![0u8; npages.div_ceil(8) as usize];
     core.report(USER, iova, len, PAGE, &mut bytes)
         .map_err(|e| e.errno())?;
-    Ok((0..len / PAGE)
+    Ok(set_bits(&bytes, npages))
+}
+
+/// The bits set among the first `nbits` of `bytes` (bit `k` is bit `k % 8` of byte `k / 8`).
+fn set_bits(bytes: &[u8], nbits: u64) -> Vec<u64> {
+    (0..nbits)
         .filter(|k| bytes[(k / 8) as usize] >> (k % 8) & 1 == 1)
-        .collect())
+        .collect()
 }
 
 fn soft() -> (LoggingCore<SoftDriver>, WriteRecorder) {
