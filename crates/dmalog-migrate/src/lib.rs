@@ -33,6 +33,7 @@ pub mod converge;
 pub mod destination;
 mod dirty;
 pub mod engine;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod guest;
 mod known_zero;
