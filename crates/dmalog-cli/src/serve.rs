@@ -9,10 +9,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::Context;
-use dmalog::mlx5::CapsError;
-use dmalog::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
-use dmalog::{LiveLog, Mlx5Caps, Mlx5Driver, Mlx5Fault, SoftDriver};
+use dmalog::{LiveLog, SoftDriver};
 use dmalog_device::{DmaEngine, LvuSample};
+use dmalog_models::mlx5::CapsError;
+use dmalog_models::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
+use dmalog_models::{Mlx5Caps, Mlx5Driver, Mlx5Fault};
 use dmalog_vfio_user::{ServedTracker, Server, ServerConfig};
 
 /// Options of `dmalog serve`.

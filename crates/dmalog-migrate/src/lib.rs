@@ -33,6 +33,7 @@ pub mod converge;
 pub mod destination;
 mod dirty;
 pub mod engine;
+mod error;
 #[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod guest;
@@ -41,6 +42,7 @@ pub mod peer_text;
 pub mod pki;
 mod report;
 mod round_sync;
+pub mod scenario;
 pub mod sender;
 mod source_device;
 pub mod stream;

@@ -6,6 +6,7 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
+use dmalog::uapi::UapiStruct;
 use dmalog_device::{Device, DmaEngine, LvuSample};
 
 use crate::server::{ServedTracker, Server, ServerConfig};
@@ -48,7 +49,7 @@ pub enum FuzzTracker {
     /// The software tracker.
     Soft,
     /// The mlx5 model with these capabilities.
-    Mlx5(dmalog::Mlx5Caps),
+    Mlx5(dmalog_models::Mlx5Caps),
 }
 
 impl FuzzTracker {
@@ -56,10 +57,9 @@ impl FuzzTracker {
         match self {
             FuzzTracker::None => ServedTracker::none(),
             FuzzTracker::Soft => ServedTracker::soft(live),
-            FuzzTracker::Mlx5(caps) => ServedTracker::new(dmalog::Mlx5Driver::with_live_log(
-                *caps,
-                std::sync::Arc::clone(live),
-            )),
+            FuzzTracker::Mlx5(caps) => ServedTracker::new(
+                dmalog_models::Mlx5Driver::with_live_log(*caps, std::sync::Arc::clone(live)),
+            ),
         }
     }
 }

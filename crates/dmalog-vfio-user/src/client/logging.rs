@@ -4,7 +4,7 @@
 
 use dmalog::tracker::{checked_report_words, report_words};
 use dmalog::uapi::{
-    feature_request, LoggingRange, UserLoggingControl, UserLoggingReport,
+    feature_request, LoggingRange, UapiStruct, UserLoggingControl, UserLoggingReport,
     FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
     FEATURE_HEADER_BYTES, FEATURE_PROBE, FEATURE_SET, USER_REPORT_BYTES,
 };

@@ -2,8 +2,8 @@
 //! MIG_DEVICE_STATE features, MIG_DATA_READ / MIG_DATA_WRITE).
 
 use dmalog::uapi::{
-    feature_request, DeviceState, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
-    FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
+    feature_request, DeviceState, MigDeviceStatePayload, UapiStruct, FEATURE_GET,
+    FEATURE_HEADER_BYTES, FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
 };
 use dmalog::{MigrationDevice, PendingBytes, TrackerError};
 

@@ -7,9 +7,9 @@ use crate::iova_bitmap::report_bytes;
 use crate::logging_core::LoggingCore;
 use crate::ranges::DEFAULT_MAX_RANGES;
 use crate::uapi::{
-    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl,
-    UserLoggingReport, FEATURE_HEADER_BYTES, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES,
-    RANGE_BYTES, USER_CONTROL_BYTES, USER_REPORT_BYTES,
+    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UapiStruct,
+    UserLoggingControl, UserLoggingReport, FEATURE_HEADER_BYTES, KERNEL_CONTROL_BYTES,
+    KERNEL_REPORT_BYTES, RANGE_BYTES, USER_CONTROL_BYTES, USER_REPORT_BYTES,
 };
 
 /// DMA_LOGGING_START (SET): decode the ranges (inline, or through the user pointer), start,
@@ -47,10 +47,10 @@ pub(super) fn logging_start<D: LogDriver>(
             let mut raw = [0u8; RANGE_BYTES];
             for index in 0..u64::from(control.num_ranges) {
                 let addr = control
-                    .ranges_addr
+                    .ranges
                     .checked_add(index * RANGE_BYTES as u64)
                     .ok_or(LogError::Fault {
-                        addr: control.ranges_addr,
+                        addr: control.ranges,
                         len: RANGE_BYTES as u64,
                     })?;
                 user.read(addr, &mut raw)?;
@@ -136,7 +136,7 @@ pub(super) fn logging_report<D: LogDriver>(
             LoggingCore::<D>::check_report(dialect, report.iova, report.length, report.page_size)?;
             core.require_started()?;
             let bytes = report_bytes(report.length, report.page_size)?;
-            let bitmap = user.bytes_mut(report.bitmap_addr, bytes)?;
+            let bitmap = user.bytes_mut(report.bitmap, bytes)?;
             Ok(core.report_checked(report.iova, report.length, report.page_size, bitmap)?)
         }
     }

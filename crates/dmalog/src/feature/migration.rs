@@ -3,7 +3,9 @@
 
 use super::{kernel_payload, FeatureResult, Payload};
 use crate::error::LogError;
-use crate::uapi::{DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_HEADER_BYTES};
+use crate::uapi::{
+    DeviceState, FeatureHeader, MigDeviceStatePayload, UapiStruct, FEATURE_HEADER_BYTES,
+};
 
 /// The migration features of a device (its migration state machine): what MIGRATION,
 /// MIG_DEVICE_STATE and MIG_DATA_SIZE are served by. Errors become the errno of the reply.
