@@ -8,7 +8,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use dmalog::error::LogError;
-use dmalog::tracker::{checked_report_words, report_words};
+use dmalog::report_split::report_parts;
+use dmalog::tracker::checked_report_words;
 use dmalog::uapi::{
     feature_request, DeviceState, LoggingRange, MigDeviceStatePayload, UapiStruct,
     UserLoggingControl, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
@@ -749,27 +750,28 @@ impl DirtyTracker for Client {
         let room_words = (self.max_data_xfer_size as u64)
             .saturating_sub((FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64)
             / 8;
-        let chunk_pages = room_words.max(1).saturating_mul(64);
-        let chunk_bytes = chunk_pages.saturating_mul(page_size);
+        let max_part_len_bytes = room_words
+            .max(1)
+            .saturating_mul(64)
+            .saturating_mul(page_size);
+        let mut parts = report_parts(range, page_size, Some(max_part_len_bytes))?.peekable();
         // Pipelined: up to REPORT_PIPELINE_DEPTH parts in flight. After a refusal no more
         // parts are sent; the ones in flight are still taken so the stream stays in step.
         let mut in_flight = std::collections::VecDeque::with_capacity(REPORT_PIPELINE_DEPTH);
         let mut refused: Option<ClientError> = None;
-        let mut done = 0u64;
-        while done < length || !in_flight.is_empty() {
-            if done < length && refused.is_none() && in_flight.len() < REPORT_PIPELINE_DEPTH {
-                let part = chunk_bytes.min(length - done);
-                let first_word = (done / page_size / 64) as usize;
-                let words = report_words(part, page_size)? as usize;
-                let id = self.send_report(iova + done, part, page_size, words)?;
-                in_flight.push_back((id, first_word, words));
-                done += part;
-                continue;
+        while parts.peek().is_some() || !in_flight.is_empty() {
+            if refused.is_none() && in_flight.len() < REPORT_PIPELINE_DEPTH {
+                if let Some(part) = parts.next() {
+                    let (iova, len_bytes) = (part.range.iova(), part.range.length());
+                    let id = self.send_report(iova, len_bytes, page_size, part.words)?;
+                    in_flight.push_back((id, part));
+                    continue;
+                }
             }
-            let Some((id, first_word, words)) = in_flight.pop_front() else {
+            let Some((id, part)) = in_flight.pop_front() else {
                 break; // refused, nothing left in flight
             };
-            match self.take_report(id, &mut bitmap[first_word..first_word + words]) {
+            match self.take_report(id, part.words_of(bitmap)) {
                 Ok(()) => {}
                 Err(err @ ClientError::Refused { .. }) => {
                     refused.get_or_insert(err);
