@@ -159,6 +159,15 @@ pub fn max_log_bytes(max_log_mib: u64) -> anyhow::Result<u64> {
         .context("--max-log-mib is too large")
 }
 
+/// `--inject-fault FAULT@N`: the mlx5 fault and the REPORT (1-based) it comes before.
+pub fn parse_fault_plan(spec: &str) -> anyhow::Result<(u64, Mlx5Fault)> {
+    let (fault, at) = spec
+        .split_once('@')
+        .context("--inject-fault wants FAULT@N")?;
+    let fault: Mlx5Fault = fault.parse().map_err(anyhow::Error::msg)?;
+    Ok((at.parse::<u64>().context("--inject-fault N")?, fault))
+}
+
 /// Runs the server until killed.
 pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let tracker: TrackerKind = args
@@ -169,16 +178,11 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     // Before the device exists: no other thread yet, so the umask change in `listen` is
     // seen by nothing else.
     let Bound { listener, file } = listen(&args.socket)?;
-    let fault_plan = match &args.inject_fault {
-        Some(spec) => {
-            let (fault, at) = spec
-                .split_once('@')
-                .context("--inject-fault wants FAULT@N")?;
-            let fault: Mlx5Fault = fault.parse().map_err(anyhow::Error::msg)?;
-            Some((at.parse::<u64>().context("--inject-fault N")?, fault))
-        }
-        None => None,
-    };
+    let fault_plan = args
+        .inject_fault
+        .as_deref()
+        .map(parse_fault_plan)
+        .transpose()?;
     let config = ServerConfig {
         max_data_xfer_size: args.max_data_xfer_size,
         peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),

@@ -499,30 +499,26 @@ mod tests {
                 done: 0x10
             }
         );
-        let mut bitmap = [0u64; 4];
-        dmalog::DirtyTracker::report(
-            &mut core,
-            dmalog::IovaRange::new(0, 256 * 4096).unwrap(),
-            4096,
-            &mut bitmap,
-        )
-        .unwrap();
+        // The first 256 pages' dirty bits, read and cleared.
+        let mut dirty = || {
+            let mut bitmap = [0u64; 4];
+            dmalog::DirtyTracker::report(
+                &mut core,
+                dmalog::IovaRange::new(0, 256 * 4096).unwrap(),
+                4096,
+                &mut bitmap,
+            )
+            .unwrap();
+            bitmap
+        };
         assert_eq!(
-            bitmap[0],
+            dirty()[0],
             (1 << 0x17) | (1 << 0x18) | (1 << 0x1f),
             "pages 0x17, 0x18, 0x1f"
         );
         // Reads never dirty.
         dma.read(0x10000, &mut back).unwrap();
-        bitmap = [0; 4];
-        dmalog::DirtyTracker::report(
-            &mut core,
-            dmalog::IovaRange::new(0, 256 * 4096).unwrap(),
-            4096,
-            &mut bitmap,
-        )
-        .unwrap();
-        assert_eq!(bitmap, [0; 4]);
+        assert_eq!(dirty(), [0; 4]);
         // Unmap must match exactly; the accessor sees the change.
         assert_eq!(
             space.unmap(0x10000, 0x1000).unwrap_err().errno(),

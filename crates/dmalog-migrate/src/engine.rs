@@ -95,6 +95,18 @@ pub struct SourceVm<'a> {
     pub vcpus: Option<&'a VcpuWorkload>,
 }
 
+impl SourceVm<'_> {
+    /// The same VM, lent for a shorter while (the caller keeps it for what comes after).
+    fn reborrow(&mut self) -> SourceVm<'_> {
+        SourceVm {
+            memory: self.memory,
+            device: &mut *self.device,
+            cpu: &mut *self.cpu,
+            vcpus: self.vcpus,
+        }
+    }
+}
+
 /// Runs the source side over `stream` (a connected, bidirectional transport): logging on
 /// every source, round 0, pre-copy rounds, the stop, the final round, device state, and
 /// verification. `vcpus` is paused for the final round and stays paused (the guest moved).
@@ -138,22 +150,11 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
-    let SourceVm {
-        memory,
-        device,
-        cpu,
-        vcpus,
-    } = vm;
-    let vm = SourceVm {
-        memory,
-        device: &mut *device,
-        cpu: &mut *cpu,
-        vcpus,
-    };
+    let mut vm = vm;
     let mut committed = false;
     let err = match migrate_source_inner(
         config,
-        vm,
+        vm.reborrow(),
         out,
         (channels, connect),
         replies,
@@ -163,6 +164,9 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
         Ok(report) => return Ok(report),
         Err(err) => err,
     };
+    let SourceVm {
+        device, cpu, vcpus, ..
+    } = vm;
     if committed {
         // The destination was told to resume: the guest is its own now, and must not run
         // here again. Logging off, the device stopped, the vCPUs stay paused (their

@@ -147,10 +147,10 @@ pub struct DemoArgs {
     #[command(flatten)]
     pub(crate) vm: VmArgs,
     /// Device tracker of the source server: soft, pds, pds:REGIONS, mlx5, mlx5:PRESET.
-    #[arg(long, default_value = "soft")]
+    #[arg(long, default_value = "soft", value_parser = tracker_name)]
     pub(crate) tracker: String,
     /// Inject an mlx5 tracker fault into the source server: FAULT@N (see `dmalog serve`).
-    #[arg(long, value_name = "FAULT@N")]
+    #[arg(long, value_name = "FAULT@N", value_parser = fault_spec)]
     pub(crate) inject_fault: Option<String>,
     /// Write a convergence chart (dirty pages and MiB sent per round) to this SVG file.
     #[arg(long, value_name = "FILE.svg")]
@@ -279,6 +279,21 @@ pub fn parse_register_write(text: &str) -> Result<RegisterWrite, String> {
     })
 }
 
+/// `--tracker`: a name `dmalog serve` takes (checked here, passed on as given), so that a
+/// typo is a usage error before any server starts.
+fn tracker_name(text: &str) -> Result<String, String> {
+    text.parse::<crate::serve::TrackerKind>()
+        .map(|_| text.to_owned())
+        .map_err(|err| err.to_string())
+}
+
+/// `--inject-fault`: a FAULT@N `dmalog serve` takes (checked here, passed on as given).
+fn fault_spec(text: &str) -> Result<String, String> {
+    crate::serve::parse_fault_plan(text)
+        .map(|_| text.to_owned())
+        .map_err(|err| format!("{err:#}"))
+}
+
 /// Bytes of `mib` MiB (saturating: a size past 16 EiB fails where it is used).
 fn mib_bytes(mib: u64) -> u64 {
     mib.saturating_mul(MIB)
@@ -349,6 +364,42 @@ impl VmArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `dmalog demo`'s flags alone.
+    #[derive(clap::Parser, Debug)]
+    struct Demo {
+        #[command(flatten)]
+        args: DemoArgs,
+    }
+
+    fn demo(flags: &[&str]) -> Result<Demo, clap::Error> {
+        <Demo as clap::Parser>::try_parse_from(std::iter::once("demo").chain(flags.iter().copied()))
+    }
+
+    #[test]
+    fn a_bad_tracker_or_fault_is_refused_when_parsed() {
+        for good in [
+            &["--tracker", "mlx5:cx7", "--inject-fault", "malformed@2"][..],
+            &["--tracker", "pds:2"],
+            &["--tracker", "soft"],
+        ] {
+            assert!(demo(good).is_ok(), "{good:?}");
+        }
+        for bad in [
+            &["--tracker", "bogus"][..],
+            &["--tracker", "pds:0"],
+            &["--inject-fault", "malformed"],
+            &["--inject-fault", "nosuchfault@1"],
+            &["--inject-fault", "malformed@x"],
+        ] {
+            let err = demo(bad).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bad:?}"
+            );
+        }
+    }
 
     #[test]
     fn register_writes_parse_and_refuse_garbage() {
