@@ -26,7 +26,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
-//! No features. MSRV: Rust 1.88 (rcgen 0.14.10 through `time` 0.3.55), held by clippy's
+//! Features: `testing` adds the fuzzing entry points (`fuzzing`). MSRV: Rust 1.88 (rcgen 0.14.10 through `time` 0.3.55), held by clippy's
 //! `incompatible_msrv`.
 
 pub mod converge;
