@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use crate::budget::{LogBudget, DEFAULT_MAX_LOG_BYTES};
 use crate::error::LogResult;
 use crate::iova_bitmap::IovaBitmap;
 use crate::ranges::IovaRange;
@@ -20,14 +21,9 @@ pub trait LogDriver: Send {
     /// Stops tracking and frees the log. Must succeed in any state.
     fn stop(&mut self);
 
-    /// Reports the dirty pages of `[iova, iova+length)` into `bitmap` (OR) and clears them
-    /// from the log. Any IOVA range may be asked for; untracked IOVA reports nothing.
-    fn read_and_clear(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()>;
+    /// Reports the dirty pages of `range` into `bitmap` (OR) and clears them from the log.
+    /// Any IOVA range may be asked for; untracked IOVA reports nothing.
+    fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()>;
 
     /// The most ranges the driver tracks; the core merges longer lists down to it.
     fn max_ranges(&self) -> usize {
@@ -56,13 +52,8 @@ impl<T: LogDriver + ?Sized> LogDriver for Box<T> {
         (**self).stop()
     }
 
-    fn read_and_clear(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()> {
-        (**self).read_and_clear(iova, length, bitmap)
+    fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
+        (**self).read_and_clear(range, bitmap)
     }
 
     fn max_ranges(&self) -> usize {
@@ -76,9 +67,69 @@ impl<T: LogDriver + ?Sized> LogDriver for Box<T> {
 
 /// The part of a live log that DMA writers touch: mark pages dirty, lock-free.
 pub trait DirtyMarker: Send + Sync {
-    /// Marks every page `[iova, iova+len)` touches; IOVA outside the log is ignored. The
-    /// caller has ordered its data writes before this call (see [`WriteRecorder`]).
-    fn mark(&self, iova: u64, len: u64);
+    /// Marks every page `[iova, iova+len_bytes)` touches; IOVA outside the log is ignored
+    /// (and so is `len_bytes == 0`). The caller has ordered its data writes before this
+    /// call (see [`WriteRecorder`]).
+    fn mark(&self, iova: u64, len_bytes: u64);
+}
+
+/// What a driver keeps beside its log: the [`LiveLog`] its DMA writers record through and
+/// the [`LogBudget`] its START charges. Every driver publishes, retracts and charges
+/// through it the same way.
+#[derive(Debug)]
+pub struct LogPublisher {
+    live: Arc<LiveLog>,
+    budget: LogBudget,
+}
+
+impl LogPublisher {
+    /// A publisher into `live` with the default budget ([`DEFAULT_MAX_LOG_BYTES`]).
+    pub fn new(live: Arc<LiveLog>) -> Self {
+        LogPublisher {
+            live,
+            budget: LogBudget::new(DEFAULT_MAX_LOG_BYTES),
+        }
+    }
+
+    /// Caps the bytes of tracker state a started log may be charged (nothing charged).
+    pub fn set_max_log_bytes(&mut self, max_log_bytes: u64) {
+        self.budget = LogBudget::new(max_log_bytes);
+    }
+
+    /// The budget, to charge a START's or an added range's state against.
+    pub fn budget_mut(&mut self) -> &mut LogBudget {
+        &mut self.budget
+    }
+
+    /// Bytes of tracker state the started log holds (what the budget is charged).
+    pub fn used_bytes(&self) -> u64 {
+        self.budget.used_bytes()
+    }
+
+    /// A recorder for one DMA writer thread.
+    pub fn recorder(&self) -> WriteRecorder {
+        self.live.recorder()
+    }
+
+    /// The live log writers record through.
+    pub fn live_log(&self) -> &Arc<LiveLog> {
+        &self.live
+    }
+
+    /// Publishes `log` to the writers (START, or a range added after it).
+    pub fn publish<M: DirtyMarker + 'static>(&self, log: &Arc<M>) {
+        self.live
+            .publish(Some(Arc::clone(log) as Arc<dyn DirtyMarker>));
+    }
+
+    /// Retracts the published log, if `was_started`, and forgets every charge (STOP, or a
+    /// START that failed after charging).
+    pub fn retract(&mut self, was_started: bool) {
+        if was_started {
+            self.live.publish(None);
+        }
+        self.budget.reset();
+    }
 }
 
 /// The currently published log of a driver, shared between the driver (which publishes on
@@ -170,13 +221,13 @@ impl std::fmt::Debug for WriteRecorder {
 }
 
 impl WriteRecorder {
-    /// Records a DMA write of `[iova, iova+len)` whose data is already in memory.
+    /// Records a DMA write of `[iova, iova+len_bytes)` whose data is already in memory.
     ///
     /// The SeqCst fence orders the data before both the generation check and the mark, so
     /// a report (or a START) that misses this write's bit cannot also miss its data: it
     /// pairs with the fences that end [`LiveLog::publish`] and every clearing report.
     #[inline]
-    pub fn record_write(&mut self, iova: u64, len: u64) {
+    pub fn record_write(&mut self, iova: u64, len_bytes: u64) {
         fence(Ordering::SeqCst);
         // Relaxed: the fences order it against a publish, and the snapshot takes the lock.
         if self.live.generation.load(Ordering::Relaxed) != self.generation {
@@ -185,7 +236,7 @@ impl WriteRecorder {
             self.cached = cached;
         }
         if let Some(marker) = &self.cached {
-            marker.mark(iova, len);
+            marker.mark(iova, len_bytes);
         }
     }
 

@@ -15,13 +15,22 @@ pub struct IovaRange {
 
 impl IovaRange {
     /// A range, or an error for a zero length (`Invalid`) or an end past 2^64 (`Overflow`).
-    pub fn new(iova: u64, length: u64) -> LogResult<Self> {
-        if length == 0 {
-            return Err(LogError::Invalid("zero-length range"));
+    pub fn new(iova: u64, len_bytes: u64) -> LogResult<Self> {
+        if len_bytes == 0 {
+            return Err(LogError::Invalid("zero-len_bytes range"));
         }
-        iova.checked_add(length)
-            .ok_or(LogError::Overflow { iova, length })?;
-        Ok(IovaRange { iova, length })
+        iova.checked_add(len_bytes)
+            .ok_or(LogError::Overflow { iova, len_bytes })?;
+        Ok(IovaRange {
+            iova,
+            length: len_bytes,
+        })
+    }
+
+    /// A range the caller has already checked (non-empty, no wrap): debug builds assert it.
+    pub(crate) fn within_checked(iova: u64, length: u64) -> Self {
+        debug_assert!(length > 0 && iova.checked_add(length).is_some());
+        IovaRange { iova, length }
     }
 
     /// First IOVA.
@@ -45,8 +54,11 @@ impl IovaRange {
     }
 
     /// Whether `[iova, iova+len)` lies wholly inside this range.
-    pub fn contains(&self, iova: u64, len: u64) -> bool {
-        iova >= self.iova && iova.checked_add(len).is_some_and(|end| end <= self.end())
+    pub fn contains(&self, iova: u64, len_bytes: u64) -> bool {
+        iova >= self.iova
+            && iova
+                .checked_add(len_bytes)
+                .is_some_and(|end| end <= self.end())
     }
 }
 
