@@ -5,6 +5,7 @@
 //! target/release/examples/vm_memory_ops record_write_4k 100000`.
 //! Workloads: record_write_4k, record_write_64k, set_addr_range_4k, set_addr_range_64k,
 //! write_{ours,atomic,plain}_{64b,4k,64k}, report_{ours,atomic}.
+use dmalog::IovaRange;
 use std::hint::black_box;
 
 use dmalog_bench::vm_memory::{GuestFinalReport, GuestWrites};
@@ -186,7 +187,9 @@ fn log_report(ours: bool, ops: u64) {
         }
         ns += if ours {
             measured(1, &mut words, |words| {
-                tracker.report(0, 8 * REGION, 4096, words).unwrap()
+                tracker
+                    .report(IovaRange::new(0, 8 * REGION).unwrap(), 4096, words)
+                    .unwrap()
             })
         } else {
             measured(1, &mut (), |_| {

@@ -65,7 +65,11 @@ impl GuestPair {
     /// Our final report of the whole guest into the reused words.
     pub fn ours_report(&mut self) {
         self.tracker
-            .report(0, self.span, PAGE, &mut self.words)
+            .report(
+                IovaRange::new(0, self.span).expect("span checked in new"),
+                PAGE,
+                &mut self.words,
+            )
             .expect("report");
     }
 

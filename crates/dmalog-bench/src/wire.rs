@@ -92,7 +92,11 @@ impl SocketReport {
         self.client
             .as_mut()
             .expect("connected")
-            .report(0, self.span, PAGE, &mut self.words)
+            .report(
+                IovaRange::new(0, self.span).expect("span checked in new"),
+                PAGE,
+                &mut self.words,
+            )
             .expect("REPORT");
     }
 
@@ -211,7 +215,11 @@ impl FillThroughput {
     pub fn dirty_pages(&mut self) -> u64 {
         let mut words = vec![0u64; (self.span / PAGE).div_ceil(64) as usize];
         self.tracker
-            .report(0, self.span, PAGE, &mut words)
+            .report(
+                IovaRange::new(0, self.span).expect("span checked in new"),
+                PAGE,
+                &mut words,
+            )
             .expect("REPORT");
         words.iter().map(|w| u64::from(w.count_ones())).sum()
     }

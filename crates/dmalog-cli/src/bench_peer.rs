@@ -107,7 +107,7 @@ fn measure(args: &PeerArgs) -> anyhow::Result<PeerReport> {
         .dma_map(0, guest_bytes, Some(memory.as_fd()), 0, true)
         .context("DMA_MAP")?;
     let range = IovaRange::new(0, guest_bytes)?;
-    let one_word_bytes = (64 * args.page_size).min(guest_bytes);
+    let one_word_range = IovaRange::new(0, (64 * args.page_size).min(guest_bytes))?;
     let mut bitmap = Vec::new();
     let (mut start, mut one_word, mut full, mut stop) = (vec![], vec![], vec![], vec![]);
     let mut chosen_page = args.page_size;
@@ -117,10 +117,10 @@ fn measure(args: &PeerArgs) -> anyhow::Result<PeerReport> {
         start.push(ns);
         let words = dmalog::tracker::report_words(guest_bytes, chosen_page)? as usize;
         bitmap.resize(words, 0);
-        let (result, ns) = timed(|| client.report(0, one_word_bytes, chosen_page, &mut bitmap));
+        let (result, ns) = timed(|| client.report(one_word_range, chosen_page, &mut bitmap));
         result.context("REPORT of one word")?;
         one_word.push(ns);
-        let (result, ns) = timed(|| client.report(0, guest_bytes, chosen_page, &mut bitmap));
+        let (result, ns) = timed(|| client.report(range, chosen_page, &mut bitmap));
         result.context("REPORT of the whole range")?;
         full.push(ns);
         let (result, ns) = timed(|| client.stop());

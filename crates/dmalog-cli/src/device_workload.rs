@@ -5,7 +5,7 @@
 
 use anyhow::Context;
 use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY};
-use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError, TrackerResult};
 use dmalog_migrate::engine::SourceDevice;
 use dmalog_vfio_user::pci_config::{read_config_space, PciConfig};
 use dmalog_vfio_user::Client;
@@ -261,14 +261,8 @@ impl DirtyTracker for MigratedDevice<'_> {
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
         self.client.start(ranges, page_size)
     }
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        self.client.report(iova, length, page_size, bitmap)
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        self.client.report(range, page_size, bitmap)
     }
     fn stop(&mut self) -> Result<(), TrackerError> {
         DirtyTracker::stop(self.client)

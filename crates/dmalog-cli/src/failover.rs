@@ -12,6 +12,7 @@
 //! is reset.
 
 use dmalog::uapi::DeviceState;
+use dmalog::IovaRange;
 use dmalog::{DirtyTracker, MigrationDevice};
 use dmalog_migrate::{MigrateError, VcpuWorkload};
 use dmalog_vfio_user::Client;
@@ -63,11 +64,16 @@ impl VmState {
             Ok(state) => state_name(state),
             Err(err) => format!("unknown ({err})"),
         };
+        // A one-page REPORT succeeds only while logging is on.
+        let first_page = IovaRange::new(first_gpa, page).ok();
+        let mut logging = |tracker: &mut dyn DirtyTracker| {
+            first_page.is_some_and(|range| tracker.report(range, page, &mut bitmap).is_ok())
+        };
         VmState {
             device_state,
             vcpus_running: !vcpus.is_paused(),
-            device_dirty_logging: device.report(first_gpa, page, page, &mut bitmap).is_ok(),
-            cpu_dirty_logging: cpu.report(first_gpa, page, page, &mut bitmap).is_ok(),
+            device_dirty_logging: logging(device),
+            cpu_dirty_logging: logging(cpu),
         }
     }
 

@@ -298,7 +298,7 @@ fn log_check(client: &mut Client, bytes: u64) -> LogCheckOut {
                     as usize
             ];
             client
-                .report(0, bytes, page, &mut bitmap)
+                .report(range, page, &mut bitmap)
                 .map_err(|e| format!("REPORT: {e}"))?;
             out.dirty_pages = Some(bitmap.iter().map(|w| u64::from(w.count_ones())).sum());
             client.stop().map_err(|e| format!("STOP: {e}"))

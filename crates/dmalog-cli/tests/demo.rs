@@ -449,9 +449,14 @@ fn a_dead_destination_fails_the_migration_and_the_source_device_runs_on() {
     );
     let mut bitmap = [0u64; 1];
     assert_eq!(
-        dmalog::DirtyTracker::report(&mut client, 0, 4096, 4096, &mut bitmap)
-            .unwrap_err()
-            .errno(),
+        dmalog::DirtyTracker::report(
+            &mut client,
+            dmalog::IovaRange::new(0, 4096).unwrap(),
+            4096,
+            &mut bitmap
+        )
+        .unwrap_err()
+        .errno(),
         libc::EINVAL
     );
     let _ = server.kill();

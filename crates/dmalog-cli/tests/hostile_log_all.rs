@@ -5,6 +5,7 @@
 
 mod common;
 
+use dmalog::IovaRange;
 use std::os::fd::AsFd;
 
 use common::{engine_op, guest_memory, ServerProcess};
@@ -23,7 +24,7 @@ fn spread(k: u64) -> u64 {
 fn dirty_pages(client: &mut Client, iova: u64, length: u64) -> Result<Vec<u64>, i32> {
     let mut bitmap = vec![0u64; dmalog::tracker::report_words(length, PAGE).unwrap() as usize];
     client
-        .report(iova, length, PAGE, &mut bitmap)
+        .report(IovaRange::new(iova, length).unwrap(), PAGE, &mut bitmap)
         .map_err(|e| e.errno())?;
     Ok((0..length / PAGE)
         .filter(|p| bitmap[(p / 64) as usize] >> (p % 64) & 1 == 1)

@@ -134,9 +134,14 @@ fn assert_device_ready_for_a_retry(server: &ServerProcess) {
     );
     let mut bitmap = [0u64; 1];
     assert_eq!(
-        dmalog::DirtyTracker::report(&mut client, 0, 4096, 4096, &mut bitmap)
-            .unwrap_err()
-            .errno(),
+        dmalog::DirtyTracker::report(
+            &mut client,
+            dmalog::IovaRange::new(0, 4096).unwrap(),
+            4096,
+            &mut bitmap
+        )
+        .unwrap_err()
+        .errno(),
         libc::EINVAL,
         "logging is off"
     );

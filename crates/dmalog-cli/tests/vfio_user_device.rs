@@ -15,7 +15,9 @@ const GUEST: u64 = 16 << 20;
 
 fn dirty_pages(client: &mut dmalog_vfio_user::Client, length: u64) -> Vec<u64> {
     let mut bitmap = vec![0u64; dmalog::tracker::report_words(length, PAGE).unwrap() as usize];
-    client.report(0, length, PAGE, &mut bitmap).unwrap();
+    client
+        .report(IovaRange::new(0, length).unwrap(), PAGE, &mut bitmap)
+        .unwrap();
     (0..length / PAGE)
         .filter(|p| bitmap[(p / 64) as usize] >> (p % 64) & 1 == 1)
         .collect()
@@ -116,7 +118,9 @@ fn ops_reports_irqs_and_faults() {
     // bitmap, above the 1 MiB max_data_xfer_size.
     let mut big = vec![0u64; dmalog::tracker::report_words(64 << 30, PAGE).unwrap() as usize];
     big[0] = 1;
-    client.report(0, 64 << 30, PAGE, &mut big).unwrap();
+    client
+        .report(IovaRange::new(0, 64 << 30).unwrap(), PAGE, &mut big)
+        .unwrap();
     assert_eq!(big[0], 1, "ORs into the caller's buffer");
 
     // The workload writes only inside its working set.
@@ -158,7 +162,7 @@ fn a_disconnect_stops_logging_and_unmaps_everything() {
     let mut bitmap = [0u64; 1];
     assert_eq!(
         client
-            .report(0, 64 * PAGE, PAGE, &mut bitmap)
+            .report(IovaRange::new(0, 64 * PAGE).unwrap(), PAGE, &mut bitmap)
             .unwrap_err()
             .errno(),
         libc::EINVAL

@@ -5,6 +5,7 @@
 
 mod common;
 
+use dmalog::IovaRange;
 use std::os::fd::AsFd;
 use std::time::Duration;
 
@@ -81,7 +82,9 @@ fn the_sample_client_sequence() {
     // server's direct writes.
     for iova in [0x10000u64, 0x20000] {
         let mut bitmap = [0u64; 1];
-        client.report(iova, PAGE, PAGE, &mut bitmap).unwrap();
+        client
+            .report(IovaRange::new(iova, PAGE).unwrap(), PAGE, &mut bitmap)
+            .unwrap();
         assert_eq!(bitmap[0], 1, "region at {iova:#x}");
     }
     client.stop().unwrap();

@@ -503,7 +503,13 @@ mod tests {
             }
         );
         let mut bitmap = [0u64; 4];
-        dmalog::DirtyTracker::report(&mut core, 0, 256 * 4096, 4096, &mut bitmap).unwrap();
+        dmalog::DirtyTracker::report(
+            &mut core,
+            dmalog::IovaRange::new(0, 256 * 4096).unwrap(),
+            4096,
+            &mut bitmap,
+        )
+        .unwrap();
         assert_eq!(
             bitmap[0],
             (1 << 0x17) | (1 << 0x18) | (1 << 0x1f),
@@ -512,7 +518,13 @@ mod tests {
         // Reads never dirty.
         dma.read(0x10000, &mut back).unwrap();
         bitmap = [0; 4];
-        dmalog::DirtyTracker::report(&mut core, 0, 256 * 4096, 4096, &mut bitmap).unwrap();
+        dmalog::DirtyTracker::report(
+            &mut core,
+            dmalog::IovaRange::new(0, 256 * 4096).unwrap(),
+            4096,
+            &mut bitmap,
+        )
+        .unwrap();
         assert_eq!(bitmap, [0; 4]);
         // Unmap must match exactly; the accessor sees the change.
         assert_eq!(

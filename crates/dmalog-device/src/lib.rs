@@ -42,7 +42,7 @@
 //! assert!(dma.write(iova + size, b"!").is_err(), "past the mapping: a fault, no write");
 //!
 //! let mut bitmap = vec![0u64; report_words(size, 4096)? as usize];
-//! tracker.report(iova, size, 4096, &mut bitmap)?;
+//! tracker.report(IovaRange::new(iova, size)?, 4096, &mut bitmap)?;
 //! assert_eq!(bitmap[0], 1 << 3);
 //! let mut back = [0u8; 5];
 //! dma.read(iova + 3 * 4096 + 10, &mut back)?;

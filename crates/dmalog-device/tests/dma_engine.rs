@@ -57,7 +57,9 @@ fn read(engine: &mut DmaEngine, offset: u64) -> u64 {
 
 fn dirty_pages(tracker: &mut InProcessTracker<SoftDriver>) -> Vec<u64> {
     let mut bitmap = vec![0u64; (GUEST / PAGE / 64) as usize];
-    tracker.report(0, GUEST, PAGE, &mut bitmap).unwrap();
+    tracker
+        .report(IovaRange::new(0, GUEST).unwrap(), PAGE, &mut bitmap)
+        .unwrap();
     (0..GUEST / PAGE)
         .filter(|p| bitmap[(p / 64) as usize] >> (p % 64) & 1 == 1)
         .collect()

@@ -57,7 +57,7 @@ fn report_source(
     bitmaps: &mut Bitmaps,
 ) -> u32 {
     for (index, region) in memory.regions().iter().enumerate() {
-        if let Err(err) = source.report(region.gpa, region.size, PAGE, &mut bitmaps.words[index]) {
+        if let Err(err) = source.report(region.range(), PAGE, &mut bitmaps.words[index]) {
             warn!(%err, gpa = region.gpa, "REPORT failed: all guest memory is sent again, tracking restarts");
             bitmaps.fill(memory);
             let _ = source.stop();

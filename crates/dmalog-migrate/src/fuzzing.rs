@@ -156,7 +156,7 @@ pub fn good_hello() -> Vec<u8> {
 /// the good Hello when the first byte is odd. A record of kind 0x80 + n is a Pages frame
 /// of one run of n & 0x1f pages (a zero run when bit 5 of the kind is set) at a
 /// page-aligned address in guest memory chosen by the payload's first byte; kind 0x7f is
-/// a Pages frame of many runs ([`record_frame`]).
+/// a Pages frame of many runs (see `record_frame`).
 pub fn frames_from(data: &[u8]) -> Vec<u8> {
     let Some((&first, mut rest)) = data.split_first() else {
         return Vec::new();

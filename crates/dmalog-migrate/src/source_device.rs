@@ -4,7 +4,7 @@
 //! device together.
 
 use dmalog::uapi::DeviceState;
-use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError, TrackerResult};
 use tracing::{info, warn};
 
 use crate::engine::MigrateError;
@@ -31,14 +31,8 @@ impl<D: DirtyTracker + ?Sized> DirtyTracker for Unthrottled<'_, D> {
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
         self.0.start(ranges, page_size)
     }
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        self.0.report(iova, length, page_size, bitmap)
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        self.0.report(range, page_size, bitmap)
     }
     fn stop(&mut self) -> Result<(), TrackerError> {
         self.0.stop()

@@ -207,7 +207,7 @@ pub fn host_of(address: &str) -> &str {
 }
 
 /// Accepts a source on `tcp`: the handshake, the source's certificate verified, and the
-/// [`ACCEPTED`] byte sent, all within `timeout`. Nothing is read from a refused peer beyond
+/// acceptance byte sent, all within `timeout`. Nothing is read from a refused peer beyond
 /// its handshake.
 pub fn accept(
     config: &Arc<ServerConfig>,

@@ -6,6 +6,7 @@
 
 mod common;
 
+use dmalog::IovaRange;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
@@ -88,7 +89,9 @@ fn source_against(peer: impl FnOnce(UnixStream) + Send + 'static) -> SourceAfter
         let err = migrate_source(&config(), vm, &mut out, &mut replies, |_| {}).unwrap_err();
         let elapsed = started.elapsed();
         let mut bitmap = [0u64; 32];
-        let cpu_logging_refused = cpu.report(0, 4096, 4096, &mut bitmap).is_err();
+        let cpu_logging_refused = cpu
+            .report(IovaRange::new(0, 4096).unwrap(), 4096, &mut bitmap)
+            .is_err();
         // The vCPUs run again: their write count moves (waited for, not timed; not at all
         // when they are paused).
         let before = vcpus.writes();

@@ -40,7 +40,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // One bit per page, 64 pages a word; REPORT also clears what it returns.
     let mut bitmap = vec![0u64; report_words(GUEST_BYTES, page_size)? as usize];
-    device.report(0, GUEST_BYTES, page_size, &mut bitmap)?;
+    device.report(
+        IovaRange::new(0, GUEST_BYTES).unwrap(),
+        page_size,
+        &mut bitmap,
+    )?;
     device.stop()?;
     let dirty: Vec<u64> = (0..GUEST_BYTES / page_size)
         .filter(|&page| bitmap[(page / 64) as usize] >> (page % 64) & 1 == 1)

@@ -15,7 +15,7 @@ use dmalog::uapi::{
     FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_MIGRATION,
     FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET, USER_REPORT_BYTES,
 };
-use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError, TrackerResult};
 
 use crate::transport::{Message, Received, RecvError, Transport};
 use crate::wire::*;
@@ -759,13 +759,8 @@ impl DirtyTracker for Client {
     }
 
     /// Splits reports whose reply would exceed `max_data_xfer_size` at 64-page boundaries.
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        let (iova, length) = (range.iova(), range.length());
         let need_words = checked_report_words(length, page_size, bitmap.len())?;
         let room_words = (self.max_data_xfer_size as u64)
             .saturating_sub((FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64)

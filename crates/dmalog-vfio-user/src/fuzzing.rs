@@ -219,11 +219,11 @@ pub fn client_against_script(script: &[u8]) -> usize {
         let _ = client.read_u64(0, 0);
         let _ = client.write_u64(0, 8, 1);
         let _ = client.probe();
+        let mut bitmap = vec![0u64; 8];
         if let Ok(range) = IovaRange::new(0, 2 << 20) {
             let _ = client.start(&[range], 4096);
+            let _ = client.report(range, 4096, &mut bitmap);
         }
-        let mut bitmap = vec![0u64; 8];
-        let _ = client.report(0, 2 << 20, 4096, &mut bitmap);
         let _ = client.stop();
         let _ = client.migration_flags();
         let _ = client.device_state();

@@ -45,7 +45,7 @@
 //! assert_eq!(client.read_u64(0, reg::STATUS)?, 0);
 //!
 //! let mut bitmap = vec![0u64; report_words(1 << 20, page_size)? as usize];
-//! client.report(0, 1 << 20, page_size, &mut bitmap)?;
+//! client.report(IovaRange::new(0, 1 << 20)?, page_size, &mut bitmap)?;
 //! assert_eq!(bitmap[0], 0b11 << 5);
 //! client.stop()?;
 //! drop(client);

@@ -35,7 +35,9 @@ fn split_reports_arrive_in_order_and_refusals_keep_the_stream_in_step() {
     let mut words = vec![0u64; (span / PAGE / 64) as usize];
 
     // Before START every part is refused: one EINVAL, then the next command still works.
-    let err = client.report(0, span, PAGE, &mut words).unwrap_err();
+    let err = client
+        .report(IovaRange::new(0, span).unwrap(), PAGE, &mut words)
+        .unwrap_err();
     assert_eq!(err.errno(), libc::EINVAL, "{err}");
     assert!(client.probe().unwrap());
 
@@ -47,7 +49,9 @@ fn split_reports_arrive_in_order_and_refusals_keep_the_stream_in_step() {
     for &page in &pages {
         dma.record_write(page * PAGE, 1);
     }
-    client.report(0, span, PAGE, &mut words).unwrap();
+    client
+        .report(IovaRange::new(0, span).unwrap(), PAGE, &mut words)
+        .unwrap();
     let reported: Vec<u64> = (0..span / PAGE)
         .filter(|&p| words[(p / 64) as usize] >> (p % 64) & 1 == 1)
         .collect();
@@ -56,11 +60,13 @@ fn split_reports_arrive_in_order_and_refusals_keep_the_stream_in_step() {
     // A report the caller's buffer cannot hold is refused before anything is sent.
     let mut short = vec![0u64; 1];
     assert!(matches!(
-        client.report(0, span, PAGE, &mut short),
+        client.report(IovaRange::new(0, span).unwrap(), PAGE, &mut short),
         Err(TrackerError::BufferTooSmall { .. })
     ));
     words.fill(0);
-    client.report(0, span, PAGE, &mut words).unwrap();
+    client
+        .report(IovaRange::new(0, span).unwrap(), PAGE, &mut words)
+        .unwrap();
     assert!(words.iter().all(|&w| w == 0), "the first report cleared it");
     client.stop().unwrap();
     drop(client);
@@ -90,7 +96,9 @@ fn a_split_report_keeps_the_callers_bits_in_every_part() {
     expected.extend((6 * part_words as u64 + 100) * 64..(6 * part_words as u64 + 101) * 64);
     expected.sort_unstable();
     expected.dedup();
-    client.report(0, span, PAGE, &mut words).unwrap();
+    client
+        .report(IovaRange::new(0, span).unwrap(), PAGE, &mut words)
+        .unwrap();
     let reported: Vec<u64> = (0..span / PAGE)
         .filter(|&p| words[(p / 64) as usize] >> (p % 64) & 1 == 1)
         .collect();

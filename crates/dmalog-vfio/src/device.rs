@@ -13,7 +13,7 @@ use dmalog::uapi::{
     FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_MIGRATION,
     FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET,
 };
-use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError, TrackerResult};
 use tracing::debug;
 
 use crate::seam::{Errno, IoctlTarget, VfioIoctl};
@@ -427,13 +427,8 @@ impl<I: VfioIoctl> DirtyTracker for VfioDevice<I> {
         Ok(self.start_logging(&raw, page_size)?)
     }
 
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        let (iova, length) = (range.iova(), range.length());
         checked_report_words(length, page_size, bitmap.len())?;
         let chunk = match self.report_chunk_bytes {
             Some(bytes) => {

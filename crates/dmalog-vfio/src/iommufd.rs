@@ -7,7 +7,7 @@
 
 use dmalog::error::LogError;
 use dmalog::tracker::{checked_report_words, words_as_bytes};
-use dmalog::{DirtyTracker, IovaRange, TrackerError};
+use dmalog::{DirtyTracker, IovaRange, TrackerError, TrackerResult};
 
 use crate::seam::{Errno, IoctlTarget, VfioIoctl};
 use crate::uapi::{
@@ -187,13 +187,8 @@ impl<I: VfioIoctl> DirtyTracker for IommufdDirtyTracker<I> {
         Ok(page_size.max(IOMMU_MIN_PAGE_SIZE))
     }
 
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        let (iova, length) = (range.iova(), range.length());
         if !self.enabled {
             return Err(LogError::Invalid("dirty tracking not enabled").into());
         }

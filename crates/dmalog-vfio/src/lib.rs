@@ -42,10 +42,11 @@
 //! let mut dma = driver.recorder(); // what the device's DMA engine would mark
 //! let mut device = VfioDevice::new(FakeVfioDevice::new(LoggingCore::new(driver), None));
 //! assert!(device.probe()?);
-//! let page_size = device.start(&[IovaRange::new(0, 1 << 20)?], 4096)?;
+//! let logged = IovaRange::new(0, 1 << 20)?;
+//! let page_size = device.start(&[logged], 4096)?;
 //! dma.record_write(9 * 4096, 4096);
 //! let mut bitmap = vec![0u64; report_words(1 << 20, page_size)? as usize];
-//! device.report(0, 1 << 20, page_size, &mut bitmap)?;
+//! device.report(logged, page_size, &mut bitmap)?;
 //! assert_eq!(bitmap[0], 1 << 9);
 //! device.stop()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())

@@ -119,7 +119,8 @@ fn spec3_rows_through_the_consumer() {
     // And the log survived all of it.
     writes.record_write(3 * PAGE, 1);
     let mut bitmap = [0u64; 1];
-    dev.report(0, 64 * PAGE, PAGE, &mut bitmap).unwrap();
+    dev.report(IovaRange::new(0, 64 * PAGE).unwrap(), PAGE, &mut bitmap)
+        .unwrap();
     assert_eq!(bitmap[0], 1 << 3);
     dev.stop_logging().unwrap();
 }
@@ -195,17 +196,18 @@ fn the_mlx5_model_behind_the_kernel_consumer() {
     );
     writes.record_write(5 << 20, 1);
     let mut bitmap = [0u64; 8];
-    dev.report(0, 1 << 30, 2 << 20, &mut bitmap).unwrap();
+    dev.report(IovaRange::new(0, 1 << 30).unwrap(), 2 << 20, &mut bitmap)
+        .unwrap();
     assert_eq!(bitmap[0], 1 << 2);
     faults.inject(dmalog_models::Mlx5Fault::Catastrophic);
     assert_eq!(
-        dev.report(0, 1 << 30, 2 << 20, &mut bitmap)
+        dev.report(IovaRange::new(0, 1 << 30).unwrap(), 2 << 20, &mut bitmap)
             .unwrap_err()
             .errno(),
         libc::EIO
     );
     assert_eq!(
-        dev.report(0, 1 << 30, 2 << 20, &mut bitmap)
+        dev.report(IovaRange::new(0, 1 << 30).unwrap(), 2 << 20, &mut bitmap)
             .unwrap_err()
             .errno(),
         libc::EIO,
@@ -233,8 +235,11 @@ fn reports_split_into_chunks_equal_one_report() {
     }
     let mut a = vec![0u64; 64];
     let mut b = vec![0u64; 64];
-    dev.report(0, 4096 * PAGE, PAGE, &mut a).unwrap();
-    whole.report(0, 4096 * PAGE, PAGE, &mut b).unwrap();
+    dev.report(IovaRange::new(0, 4096 * PAGE).unwrap(), PAGE, &mut a)
+        .unwrap();
+    whole
+        .report(IovaRange::new(0, 4096 * PAGE).unwrap(), PAGE, &mut b)
+        .unwrap();
     assert_eq!(a, b);
     assert_eq!(a.iter().map(|w| w.count_ones()).sum::<u32>(), 6);
 }
@@ -267,8 +272,8 @@ proptest! {
             let words = dmalog::tracker::report_words(length, page).unwrap() as usize;
             let mut got = vec![preset; words];
             let mut want = vec![preset; words];
-            dev.report(iova, length, page, &mut got).unwrap();
-            model.report(iova, length, page, &mut want).unwrap();
+            dev.report(IovaRange::new(iova, length).unwrap(), page, &mut got).unwrap();
+            model.report(IovaRange::new(iova, length).unwrap(), page, &mut want).unwrap();
             prop_assert_eq!(got, want);
         }
     }

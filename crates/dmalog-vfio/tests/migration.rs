@@ -83,7 +83,8 @@ fn source_and_destination_of_a_precopy_migration() {
     for round in 0..3u64 {
         dma.record_write(round * (1 << 20), 3 * PAGE);
         bitmap.fill(0);
-        src.report(0, 1 << 30, page, &mut bitmap).unwrap();
+        src.report(IovaRange::new(0, 1 << 30).unwrap(), page, &mut bitmap)
+            .unwrap();
         let dirty: u32 = bitmap.iter().map(|w| w.count_ones()).sum();
         assert_eq!(dirty, 3, "round {round}");
     }
@@ -103,7 +104,8 @@ fn source_and_destination_of_a_precopy_migration() {
     // STOP_COPY: no more DMA; the final report, then the rest of the state until EOF.
     MigrationDevice::set_device_state(&mut src, DeviceState::StopCopy).unwrap();
     bitmap.fill(0);
-    src.report(0, 1 << 30, page, &mut bitmap).unwrap();
+    src.report(IovaRange::new(0, 1 << 30).unwrap(), page, &mut bitmap)
+        .unwrap();
     assert!(
         bitmap.iter().all(|&w| w == 0),
         "nothing written since the last round"

@@ -15,6 +15,7 @@ mod kernel_rig;
 use dmalog::uapi::{
     DeviceState, LoggingRange, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
 };
+use dmalog::IovaRange;
 use dmalog::{DirtyTracker, LoggingCore, SoftDriver};
 use dmalog_vfio::fake::{FakeIommu, FakeMigration, FakeVfioDevice};
 use dmalog_vfio::iommufd_uapi::MOCK_IO_PAGE_SIZE;
@@ -178,9 +179,19 @@ fn mock_domain_start_report_stop() {
     for side in 0..2 {
         let mut bitmap = vec![0u64; 16];
         if side == 0 {
-            real.report(rig.iova, MAP_BYTES, 2048, &mut bitmap).unwrap();
+            real.report(
+                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+                2048,
+                &mut bitmap,
+            )
+            .unwrap();
         } else {
-            fake.report(rig.iova, MAP_BYTES, 2048, &mut bitmap).unwrap();
+            fake.report(
+                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+                2048,
+                &mut bitmap,
+            )
+            .unwrap();
         }
         let bits: Vec<u64> = (0..1024)
             .filter(|k| bitmap[k / 64] >> (k % 64) & 1 == 1)
@@ -189,9 +200,19 @@ fn mock_domain_start_report_stop() {
         assert_eq!(bits, pages, "side {side}: clearing report");
         let mut again = vec![1u64 << 63; 16];
         if side == 0 {
-            real.report(rig.iova, MAP_BYTES, 2048, &mut again).unwrap();
+            real.report(
+                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+                2048,
+                &mut again,
+            )
+            .unwrap();
         } else {
-            fake.report(rig.iova, MAP_BYTES, 2048, &mut again).unwrap();
+            fake.report(
+                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+                2048,
+                &mut again,
+            )
+            .unwrap();
         }
         assert_eq!(
             again,

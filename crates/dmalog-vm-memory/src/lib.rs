@@ -19,10 +19,11 @@
 //!     .guest_memory(&[(GuestAddress(0), 1 << 20, None)])
 //!     .unwrap();
 //! let mut tracker = regions.tracker();
-//! tracker.start(&[dmalog::IovaRange::new(0, 1 << 20).unwrap()], 4096).unwrap();
+//! let logged = dmalog::IovaRange::new(0, 1 << 20).unwrap();
+//! tracker.start(&[logged], 4096).unwrap();
 //! memory.write_obj(7u32, GuestAddress(5 * 4096)).unwrap();
 //! let mut bitmap = vec![0u64; report_words(1 << 20, 4096).unwrap() as usize];
-//! tracker.report(0, 1 << 20, 4096, &mut bitmap).unwrap();
+//! tracker.report(logged, 4096, &mut bitmap).unwrap();
 //! assert_eq!(bitmap[0], 1 << 5);
 //! ```
 //!

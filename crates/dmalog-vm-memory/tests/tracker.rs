@@ -16,7 +16,9 @@ const GIB: u64 = 1 << 30;
 /// Dirty GPA pages of `[gpa, gpa + len)` reported at 4 KiB (page numbers from `gpa`).
 fn report(tracker: &mut impl DirtyTracker, gpa: u64, len: u64) -> Vec<u64> {
     let mut words = vec![0u64; report_words(len, PAGE).unwrap() as usize];
-    tracker.report(gpa, len, PAGE, &mut words).unwrap();
+    tracker
+        .report(IovaRange::new(gpa, len).unwrap(), PAGE, &mut words)
+        .unwrap();
     let mut pages = Vec::new();
     for (w, word) in words.iter().enumerate() {
         for bit in 0..64 {
@@ -274,11 +276,12 @@ fn requests_at_the_top_of_the_address_space() {
         .write_obj(1u8, GuestAddress(top + (1 << 20) - 1))
         .unwrap();
     let mut words = [0u64; 4];
-    tracker.report(top, 1 << 20, PAGE, &mut words).unwrap();
+    tracker
+        .report(IovaRange::new(top, 1 << 20).unwrap(), PAGE, &mut words)
+        .unwrap();
     assert_eq!(words[3], 1 << 63, "the last page");
-    let err = tracker
-        .report(u64::MAX - PAGE + 1, 2 * PAGE, PAGE, &mut words)
-        .unwrap_err();
+    // A report past 2^64 cannot even be asked for: the range is refused.
+    let err = IovaRange::new(u64::MAX - PAGE + 1, 2 * PAGE).unwrap_err();
     assert_eq!(err.errno(), libc::EOVERFLOW);
     tracker.stop().unwrap();
     // A 64 KiB tracker page at the top: whole tracker pages, no overflow.
@@ -288,7 +291,9 @@ fn requests_at_the_top_of_the_address_space() {
         .write_obj(1u8, GuestAddress(top + (1 << 20) - 1))
         .unwrap();
     let mut words = [0u64; 4];
-    tracker.report(top, 1 << 20, PAGE, &mut words).unwrap();
+    tracker
+        .report(IovaRange::new(top, 1 << 20).unwrap(), PAGE, &mut words)
+        .unwrap();
     assert_eq!(words[3], 0xffff << 48, "the last 64 KiB");
 
     // Log pages of 64 KiB, a 4 KiB hint for the last 4 KiB page below 2^64: aligned out to

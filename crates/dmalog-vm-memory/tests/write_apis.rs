@@ -68,7 +68,9 @@ impl Pair {
     /// GPA pages our tracker reports, cleared.
     fn our_pages(&mut self) -> BTreeSet<u64> {
         let mut words = vec![0u64; report_words(SPAN, PAGE).unwrap() as usize];
-        self.tracker.report(0, SPAN, PAGE, &mut words).unwrap();
+        self.tracker
+            .report(IovaRange::new(0, SPAN).unwrap(), PAGE, &mut words)
+            .unwrap();
         let mut pages = BTreeSet::new();
         for (w, word) in words.iter().enumerate() {
             for bit in 0..64 {
@@ -290,7 +292,9 @@ fn slices_at_offsets_mark_region_pages() {
         .unwrap();
     slice.mark_dirty(5, 1);
     let mut words = [0u64; 4];
-    tracker.report(gpa, 256 * PAGE, PAGE, &mut words).unwrap();
+    tracker
+        .report(IovaRange::new(gpa, 256 * PAGE).unwrap(), PAGE, &mut words)
+        .unwrap();
     assert_eq!(words, [1 << 4 | 1 << 12, 0, 0, 0]);
     let _: &Arc<DirtyRegions> = &regions;
 }

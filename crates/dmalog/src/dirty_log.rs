@@ -292,7 +292,7 @@ impl DirtyLog {
     /// Formally one SeqCst fence comes before the first word's mark. It is issued after
     /// the span and the word addresses are computed (a fence holds back every later load,
     /// the log's own fields too), and a word that a plain load shows is not yet dirty takes
-    /// the RMW path through [`fence_then_rmw`]: on x86-64 its locked RMW is the fence.
+    /// the RMW path through `fence_then_rmw`: on x86-64 its locked RMW is the fence.
     #[inline]
     pub fn record_write(&self, iova: u64, len_bytes: u64) {
         let Some((first, last)) = self.page_span(iova, len_bytes) else {

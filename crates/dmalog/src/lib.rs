@@ -20,13 +20,14 @@
 //! let mut device = driver.recorder(); // the device side: one per DMA thread
 //! let mut tracker = InProcessTracker::new(driver); // the VMM side
 //! assert!(tracker.probe()?);
-//! let page_size = tracker.start(&[IovaRange::new(1 << 30, 1 << 20)?], 4096)?;
+//! let logged = IovaRange::new(1 << 30, 1 << 20)?; // 1 MiB at 1 GiB
+//! let page_size = tracker.start(&[logged], 4096)?;
 //!
 //! device.record_write((1 << 30) + 5 * 4096, 100); // after the data is in memory
 //! device.record_write((1 << 30) + 8 * 4096 - 1, 2); // across pages 7 and 8
 //!
 //! let mut bitmap = vec![0u64; report_words(1 << 20, page_size)? as usize];
-//! tracker.report(1 << 30, 1 << 20, page_size, &mut bitmap)?; // reads and clears
+//! tracker.report(logged, page_size, &mut bitmap)?; // reads and clears
 //! assert_eq!(bitmap[0], 1 << 5 | 1 << 7 | 1 << 8);
 //! tracker.stop()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -74,7 +75,9 @@ pub use iova_bitmap::IovaBitmap;
 pub use logging_core::{Dialect, LoggingCore};
 pub use ranges::IovaRange;
 pub use soft::SoftDriver;
-pub use tracker::{DirtyTracker, InProcessTracker, MigrationDevice, PendingBytes, TrackerError};
+pub use tracker::{
+    DirtyTracker, InProcessTracker, MigrationDevice, PendingBytes, TrackerError, TrackerResult,
+};
 
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

@@ -40,6 +40,9 @@ impl TrackerError {
     }
 }
 
+/// What a [`DirtyTracker`] call returns.
+pub type TrackerResult<T = ()> = Result<T, TrackerError>;
+
 /// A source of dirty pages: a device tracker reached in-process, over vfio-user, through a
 /// kernel ioctl, or the VMM's own CPU-write log.
 ///
@@ -53,15 +56,10 @@ pub trait DirtyTracker {
     /// Starts logging `ranges` with a page size hint; returns the chosen page size.
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError>;
 
-    /// ORs the dirty pages of `[iova, iova+length)` at `page_size` into `bitmap` (bit `k` of
-    /// the range is bit `k % 64` of word `k / 64`) and clears them from the log.
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError>;
+    /// ORs the dirty pages of `range` at `page_size` (bytes) into `bitmap` (bit `k` of the
+    /// range is bit `k % 64` of word `k / 64`; `bitmap` needs at least
+    /// `ceil(range.length() / page_size / 64)` words) and clears them from the log.
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult;
 
     /// Stops logging. Succeeds when not started.
     fn stop(&mut self) -> Result<(), TrackerError>;
@@ -127,6 +125,17 @@ pub fn checked_report_words(
     Ok(need_words)
 }
 
+/// The first bytes of `bitmap` that a report of `length` bytes at `page_size` fills, or
+/// [`TrackerError::BufferTooSmall`] when `bitmap` is shorter than the report needs.
+pub fn report_bitmap_bytes(
+    length: u64,
+    page_size: u64,
+    bitmap: &mut [u64],
+) -> Result<&mut [u8], TrackerError> {
+    let need_words = checked_report_words(length, page_size, bitmap.len())?;
+    Ok(words_as_bytes(&mut bitmap[..need_words as usize]))
+}
+
 /// A [`DirtyTracker`] over a logging core in the same process: a VMM using a soft (or
 /// modelled hardware) tracker directly, with every request checked by the core's rules
 /// (kernel dialect: at least one range, report pages of at least 4 KiB).
@@ -176,15 +185,9 @@ impl<D: LogDriver> DirtyTracker for InProcessTracker<D> {
         Ok(self.core.start(Dialect::Kernel, page_size, &self.ranges)?)
     }
 
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        let need_words = checked_report_words(length, page_size, bitmap.len())?;
-        let bytes = words_as_bytes(&mut bitmap[..need_words as usize]);
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        let bytes = report_bitmap_bytes(range.length(), page_size, bitmap)?;
+        let (iova, length) = (range.iova(), range.length());
         Ok(self
             .core
             .report(Dialect::Kernel, iova, length, page_size, bytes)?)

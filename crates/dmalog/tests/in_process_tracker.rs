@@ -27,17 +27,23 @@ fn a_vmm_round_trip_through_the_trait() {
     // The caller's buffer is reused and ORed into: bit 0 stays set.
     let mut bitmap = vec![0u64; report_words(1 << 30, PAGE).unwrap() as usize];
     bitmap[0] = 1;
-    tracker.report(0, 1 << 30, PAGE, &mut bitmap).unwrap();
+    tracker
+        .report(IovaRange::new(0, 1 << 30).unwrap(), PAGE, &mut bitmap)
+        .unwrap();
     assert_eq!(bitmap[0], 1 | 1 << 5);
     assert!(bitmap[1..].iter().all(|&w| w == 0));
 
     let mut high = [0u64; 1];
-    tracker.report(4 << 30, 64 * PAGE, PAGE, &mut high).unwrap();
+    tracker
+        .report(IovaRange::new(4 << 30, 64 * PAGE).unwrap(), PAGE, &mut high)
+        .unwrap();
     assert_eq!(high[0], 0b11 << 3);
 
     // A buffer too short for the report is refused, not overrun.
     let mut short = [0u64; 1];
-    let err = tracker.report(0, 65 * PAGE, PAGE, &mut short).unwrap_err();
+    let err = tracker
+        .report(IovaRange::new(0, 65 * PAGE).unwrap(), PAGE, &mut short)
+        .unwrap_err();
     assert!(matches!(
         err,
         TrackerError::BufferTooSmall {
@@ -53,7 +59,9 @@ fn a_vmm_round_trip_through_the_trait() {
         !device.is_logging(),
         "after STOP writes are no longer logged"
     );
-    let err = tracker.report(0, PAGE, PAGE, &mut short).unwrap_err();
+    let err = tracker
+        .report(IovaRange::new(0, PAGE).unwrap(), PAGE, &mut short)
+        .unwrap_err();
     assert_eq!(err.errno(), libc::EINVAL, "REPORT after STOP");
     tracker.stop().unwrap();
 }
@@ -71,7 +79,7 @@ fn kernel_rules_apply_in_process() {
     let mut bitmap = [0u64; 1];
     assert_eq!(
         tracker
-            .report(0, PAGE, 2048, &mut bitmap)
+            .report(IovaRange::new(0, PAGE).unwrap(), 2048, &mut bitmap)
             .unwrap_err()
             .errno(),
         libc::EINVAL

@@ -170,7 +170,11 @@ fn run(writers: u64, writes_per_writer: u64) -> (Vec<Write>, Vec<Report>) {
                 bitmap[..words].fill(0);
                 let begin = clock.fetch_add(1, Ordering::SeqCst);
                 tracker
-                    .report(BASE + from * PAGE, pages * PAGE, PAGE, &mut bitmap[..words])
+                    .report(
+                        IovaRange::new(BASE + from * PAGE, pages * PAGE).unwrap(),
+                        PAGE,
+                        &mut bitmap[..words],
+                    )
                     .unwrap();
                 let end = clock.fetch_add(1, Ordering::SeqCst);
                 let mut seen = Vec::new();

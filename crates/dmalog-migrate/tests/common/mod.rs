@@ -8,7 +8,7 @@ use std::time::Duration;
 use dmalog::uapi::DeviceState;
 use dmalog::{
     DirtyTracker, InProcessTracker, IovaRange, MigrationDevice, PendingBytes, SoftDriver,
-    TrackerError, WriteRecorder,
+    TrackerError, TrackerResult, WriteRecorder,
 };
 use dmalog_migrate::{Mode, SourceConfig};
 
@@ -87,14 +87,8 @@ impl DirtyTracker for FakeDevice {
         self.logging = true;
         self.tracker.start(ranges, page_size)
     }
-    fn report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        page_size: u64,
-        bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        self.tracker.report(iova, length, page_size, bitmap)
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        self.tracker.report(range, page_size, bitmap)
     }
     fn stop(&mut self) -> Result<(), TrackerError> {
         self.answer()?;
