@@ -454,7 +454,7 @@ impl LogDriver for Mlx5Driver {
             return Err(LogError::Unsupported("more ranges than max_num_range"));
         }
         // log2(next power of two of the summed lengths), gaps between merged ranges count.
-        let total: u128 = ranges.iter().map(|r| u128::from(r.length())).sum();
+        let total: u128 = ranges.iter().map(|r| u128::from(r.len_bytes())).sum();
         let log_addr_space = total.next_power_of_two().trailing_zeros();
         if log_addr_space < u32::from(caps.log_min_addr_space)
             || log_addr_space > u32::from(caps.log_max_addr_space)
@@ -465,7 +465,7 @@ impl LogDriver for Mlx5Driver {
         }
         self.publisher.retract(false);
         let cost = ranges.iter().fold(caps.ring_bytes(), |sum: u64, range| {
-            sum.saturating_add(log_cost(range.length(), tracked_page_size))
+            sum.saturating_add(log_cost(range.len_bytes(), tracked_page_size))
         });
         self.publisher
             .budget_mut()

@@ -169,7 +169,7 @@ impl LogDriver for PdsDriver {
         let mut cost = 0u64;
         for range in ranges {
             let span = page_span(*range, *page_size)?;
-            let pages = span.length() >> page_shift;
+            let pages = span.len_bytes() >> page_shift;
             cost = cost
                 .saturating_add(bitmap_bytes(pages).saturating_mul(2))
                 .saturating_add(PDS_REGION_OVERHEAD_BYTES);
@@ -216,7 +216,7 @@ impl LogDriver for PdsDriver {
     }
 
     fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
-        let (iova, length) = (range.iova(), range.length());
+        let (iova, length) = (range.iova(), range.len_bytes());
         let log = self
             .log
             .as_ref()

@@ -203,7 +203,7 @@ enum Conversion {
 }
 
 impl DirtyLog {
-    /// A clean log covering `[iova, iova+length)` rounded out to whole pages of
+    /// A clean log covering `[iova, iova+len_bytes)` rounded out to whole pages of
     /// `page_size` (a power of two).
     pub fn new(iova: u64, len_bytes: u64, page_size: u64) -> LogResult<Self> {
         if page_size == 0 || !page_size.is_power_of_two() {
@@ -241,8 +241,14 @@ impl DirtyLog {
     }
 
     /// Bytes covered (a multiple of the page size).
-    pub fn length(&self) -> u64 {
+    pub fn len_bytes(&self) -> u64 {
         self.length
+    }
+
+    /// The old name of [`DirtyLog::len_bytes`], kept while branches that call it are merged.
+    #[doc(hidden)]
+    pub fn length(&self) -> u64 {
+        self.len_bytes()
     }
 
     /// Log page size in bytes.
@@ -285,7 +291,7 @@ impl DirtyLog {
         ))
     }
 
-    /// Records a DMA write of `[iova, iova+len)` whose data is already in memory: the
+    /// Records a DMA write of `[iova, iova+len_bytes)` whose data is already in memory: the
     /// mark of [`DirtyLog::mark`], ordered after the data (so the data cannot be seen after
     /// the bit; see the module comment). The entry point for device write paths.
     ///
@@ -338,7 +344,7 @@ impl DirtyLog {
         Self::mark_word_at(word, summary, summary_bit, mask);
     }
 
-    /// Marks every page `[iova, iova+len)` touches as dirty; the parts outside the log are
+    /// Marks every page `[iova, iova+len_bytes)` touches as dirty; the parts outside the log are
     /// ignored. At most one atomic RMW per 64-page word (plus one on the summary the first
     /// time a word of its group turns dirty), and none when the word already holds the bits.
     /// Orders nothing before the mark: a DMA write uses [`DirtyLog::record_write`] (or
@@ -404,7 +410,7 @@ impl DirtyLog {
         }
     }
 
-    /// Whether any page of `[iova, iova+len)` is dirty (a read; clears nothing).
+    /// Whether any page of `[iova, iova+len_bytes)` is dirty (a read; clears nothing).
     pub fn is_dirty(&self, iova: u64, len_bytes: u64) -> bool {
         let Some((first, last)) = self.page_span(iova, len_bytes) else {
             return false;
@@ -493,7 +499,7 @@ impl DirtyLog {
         }
     }
 
-    /// Reports and clears the dirty pages of `[iova, iova+len)` into `bitmap`, converting
+    /// Reports and clears the dirty pages of `[iova, iova+len_bytes)` into `bitmap`, converting
     /// to its page size: a report page is set when any dirty log page overlaps it. Log pages
     /// overlapping the range are cleared; others are untouched. Bits are only ORed into the
     /// bitmap, never cleared. Cost: one summary load per 4096 log pages of the range plus
@@ -508,7 +514,7 @@ impl DirtyLog {
         sink.emitter.finish(sink.bitmap);
     }
 
-    /// Reports the dirty pages of `[iova, iova+len)` into `bitmap` like
+    /// Reports the dirty pages of `[iova, iova+len_bytes)` into `bitmap` like
     /// [`DirtyLog::read_and_clear`], but leaves the log as it is (the iommufd NO_CLEAR read).
     pub fn read(&self, iova: u64, len_bytes: u64, bitmap: &mut IovaBitmap<'_>) {
         let Some((first, last)) = self.page_span(iova, len_bytes) else {
@@ -541,7 +547,7 @@ impl DirtyLog {
         emitter.finish(bitmap);
     }
 
-    /// Clears the dirty pages of `[iova, iova+len)` and calls `page(iova)` with the first
+    /// Clears the dirty pages of `[iova, iova+len_bytes)` and calls `page(iova)` with the first
     /// IOVA of each, in increasing order: how a hardware tracker walks its log to send
     /// page addresses. `page` may block (a full receive ring): the walk simply waits.
     pub fn drain_pages(&self, iova: u64, len_bytes: u64, page: impl FnMut(u64)) {
@@ -1255,7 +1261,7 @@ mod window_tests {
                 &mut window,
                 |bm| {
                     let window = bm.window_range();
-                    windowed_log.read_and_clear(window.iova(), window.length(), bm);
+                    windowed_log.read_and_clear(window.iova(), window.len_bytes(), bm);
                     Ok(())
                 },
                 |offset, chunk| {

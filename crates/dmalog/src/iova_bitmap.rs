@@ -29,7 +29,7 @@ pub struct IovaBitmap<'a> {
     ahead_end_bit: u64,
 }
 
-/// Bits in a report of `length` bytes at `page_size`: `ceil(length / page_size)`.
+/// Bits in a report of `len_bytes` bytes at `page_size`: `ceil(length / page_size)`.
 pub fn report_bits(len_bytes: u64, page_size: u64) -> LogResult<u64> {
     if page_size == 0 || !page_size.is_power_of_two() {
         return Err(LogError::Invalid("page size is not a power of two"));
@@ -40,7 +40,7 @@ pub fn report_bits(len_bytes: u64, page_size: u64) -> LogResult<u64> {
     Ok(((len_bytes - 1) >> page_size.trailing_zeros()) + 1)
 }
 
-/// Bytes of a report bitmap of `length` bytes at `page_size`: `ceil(bits / 8)`.
+/// Bytes of a report bitmap of `len_bytes` bytes at `page_size`: `ceil(bits / 8)`.
 pub fn report_bytes(len_bytes: u64, page_size: u64) -> LogResult<u64> {
     Ok(report_bits(len_bytes, page_size)?.div_ceil(8))
 }
@@ -55,7 +55,7 @@ fn check_range(iova: u64, length: u64) -> LogResult<()> {
 }
 
 impl<'a> IovaBitmap<'a> {
-    /// A bitmap over `[iova, iova+length)` at `page_size` (a power of two, any size from
+    /// A bitmap over `[iova, iova+len_bytes)` at `page_size` (a power of two, any size from
     /// 1 byte) writing into the first `ceil(bits/8)` bytes of `bytes`.
     ///
     /// Errors: page size not a power of two or zero length (`Invalid`), `iova + length`
@@ -88,8 +88,14 @@ impl<'a> IovaBitmap<'a> {
     }
 
     /// Bytes covered by the whole report.
-    pub fn length(&self) -> u64 {
+    pub fn len_bytes(&self) -> u64 {
         self.length
+    }
+
+    /// The old name of [`IovaBitmap::len_bytes`], kept while branches that call it are merged.
+    #[doc(hidden)]
+    pub fn length(&self) -> u64 {
+        self.len_bytes()
     }
 
     /// Report page size in bytes.
@@ -120,7 +126,7 @@ impl<'a> IovaBitmap<'a> {
         IovaRange::within_checked(start, end - start)
     }
 
-    /// Marks every report page that `[iova, iova+len)` touches (partial pages count).
+    /// Marks every report page that `[iova, iova+len_bytes)` touches (partial pages count).
     /// Parts outside the report are ignored; bits are only set.
     pub fn set(&mut self, iova: u64, len_bytes: u64) {
         if len_bytes == 0 {

@@ -39,8 +39,14 @@ impl IovaRange {
     }
 
     /// Length in bytes.
-    pub fn length(&self) -> u64 {
+    pub fn len_bytes(&self) -> u64 {
         self.length
+    }
+
+    /// The old name of [`IovaRange::len_bytes`], kept while branches that call it are merged.
+    #[doc(hidden)]
+    pub fn length(&self) -> u64 {
+        self.len_bytes()
     }
 
     /// One past the last IOVA (never wraps).
@@ -53,7 +59,7 @@ impl IovaRange {
         self.iova < other.end() && other.iova < self.end()
     }
 
-    /// Whether `[iova, iova+len)` lies wholly inside this range.
+    /// Whether `[iova, iova+len_bytes)` lies wholly inside this range.
     pub fn contains(&self, iova: u64, len_bytes: u64) -> bool {
         iova >= self.iova
             && iova

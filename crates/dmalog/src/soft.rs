@@ -77,7 +77,7 @@ impl SoftLog {
     /// Clears the dirty pages of `range` and calls `page` with each one's IOVA (log by
     /// log, in increasing IOVA).
     pub fn drain_pages(&self, range: IovaRange, mut page: impl FnMut(u64)) {
-        let (iova, len_bytes) = (range.iova(), range.length());
+        let (iova, len_bytes) = (range.iova(), range.len_bytes());
         self.index.for_each_overlapping(iova, len_bytes, |log| {
             log.drain_pages(iova, len_bytes, &mut page)
         });
@@ -85,7 +85,7 @@ impl SoftLog {
 
     /// Reports and clears `range` from every log it overlaps.
     pub fn read_and_clear(&self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) {
-        let (iova, len_bytes) = (range.iova(), range.length());
+        let (iova, len_bytes) = (range.iova(), range.len_bytes());
         self.index.for_each_overlapping(iova, len_bytes, |log| {
             log.read_and_clear(iova, len_bytes, bitmap)
         });
@@ -164,7 +164,7 @@ impl SoftDriver {
 
     fn charge_logs(&mut self, spans: &[IovaRange], page_size: u64) -> LogResult<()> {
         let cost = spans.iter().fold(0u64, |sum, span| {
-            sum.saturating_add(log_cost(span.length(), page_size))
+            sum.saturating_add(log_cost(span.len_bytes(), page_size))
         });
         self.publisher
             .budget_mut()
@@ -220,7 +220,7 @@ impl SoftDriver {
     }
 }
 
-/// The budget charge of a [`DirtyLog`] over `length` bytes at `page_size`, before
+/// The budget charge of a [`DirtyLog`] over `len_bytes` bytes at `page_size`, before
 /// allocating it: its words, its summary and [`SOFT_LOG_OVERHEAD_BYTES`].
 pub fn log_cost(len_bytes: u64, page_size: u64) -> u64 {
     // One page more than the len_bytes needs: an unaligned range may touch one extra.
@@ -237,7 +237,7 @@ pub fn page_span(range: IovaRange, page_size: u64) -> LogResult<IovaRange> {
     let mask = page_size - 1;
     let overflow = LogError::Overflow {
         iova: range.iova(),
-        len_bytes: range.length(),
+        len_bytes: range.len_bytes(),
     };
     let end = range.end().checked_add(mask).ok_or(overflow)? & !mask;
     let start = range.iova() & !mask;
@@ -270,7 +270,7 @@ fn dirty_logs(spans: &[IovaRange], page_size: u64) -> LogResult<Vec<DirtyLog>> {
     logs.try_reserve_exact(spans.len())
         .map_err(|_| LogError::OutOfMemory("soft log ranges"))?;
     for span in spans {
-        logs.push(DirtyLog::new(span.iova(), span.length(), page_size)?);
+        logs.push(DirtyLog::new(span.iova(), span.len_bytes(), page_size)?);
     }
     Ok(logs)
 }
