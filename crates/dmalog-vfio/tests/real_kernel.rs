@@ -13,7 +13,7 @@
 mod kernel_rig;
 
 use dmalog::uapi::{
-    DeviceState, LoggingRange, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
+    DeviceState, LoggingRange, UapiStruct, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
 };
 use dmalog::IovaRange;
 use dmalog::{DirtyTracker, LoggingCore, SoftDriver};
@@ -68,6 +68,20 @@ fn oracle_kernel_column_on_mtty() {
 // ---------------------------------------------------------------------------------------
 // iommufd mock domain
 
+/// `$body` with `$t` bound to the kernel's tracker on side 0 and to the fake on side 1 (two
+/// types, so no closure over `dyn`).
+macro_rules! on_side {
+    ($side:expr, $real:expr, $fake:expr, |$t:ident| $body:expr) => {
+        if $side == 0 {
+            let $t = &mut $real;
+            $body
+        } else {
+            let $t = &mut $fake;
+            $body
+        }
+    };
+}
+
 /// The real tracker and a fake one shaped like the mock (same IOVA span, 2 KiB pages).
 fn trackers() -> (
     IommufdDirtyTracker<KernelIoctl>,
@@ -77,10 +91,55 @@ fn trackers() -> (
     let mut rig = MockDirty::new(MAP_BYTES);
     let real = IommufdDirtyTracker::new(rig.iommufd.take().unwrap(), rig.hwpt_id);
     let fake = IommufdDirtyTracker::new(
-        FakeIommu::with_io_page(rig.hwpt_id, rig.iova, MAP_BYTES, MOCK_IO_PAGE_SIZE, true),
+        FakeIommu::with_io_page(
+            rig.hwpt_id,
+            IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+            MOCK_IO_PAGE_SIZE,
+            true,
+        ),
         rig.hwpt_id,
     );
     (real, fake, rig)
+}
+
+/// On a kernel built for it: [`trackers`], both started over the whole mapping at 4 KiB.
+fn started_trackers(
+    test: &str,
+) -> Option<(
+    IommufdDirtyTracker<KernelIoctl>,
+    IommufdDirtyTracker<FakeIommu>,
+    MockDirty,
+    IovaRange,
+)> {
+    if !real_kernel(test) {
+        return None;
+    }
+    let (mut real, mut fake, rig) = trackers();
+    let range = IovaRange::new(rig.iova, MAP_BYTES).unwrap();
+    real.start(&[range], 4096).unwrap();
+    fake.start(&[range], 4096).unwrap();
+    Some((real, fake, rig, range))
+}
+
+/// A clearing GET_DIRTY_BITMAP of the whole mapping at 2 KiB pages on each side: the
+/// indices of the bits set, kernel first.
+fn whole_map_bits(
+    real: &mut IommufdDirtyTracker<KernelIoctl>,
+    fake: &mut IommufdDirtyTracker<FakeIommu>,
+    rig: &MockDirty,
+) -> [Vec<u64>; 2] {
+    [0, 1].map(|side| {
+        let mut bitmap = vec![0u8; 128];
+        on_side!(side, *real, *fake, |t| t.report_bytes(
+            rig.iova,
+            MAP_BYTES,
+            2048,
+            &mut bitmap,
+            true
+        ))
+        .unwrap();
+        set_bits(&bitmap)
+    })
 }
 
 /// Dirties mock pages `pages` on both sides; checks the kernel marked them all.
@@ -138,11 +197,9 @@ fn mock_domain_start_report_stop() {
                 let mut buffer = vec![0xA5u8; offset + nbytes + 8];
                 buffer[offset..offset + nbytes].fill(0);
                 let bitmap = &mut buffer[offset..offset + nbytes];
-                let result = if side == 0 {
-                    real.report_bytes(rig.iova, length, page_size, bitmap, false)
-                } else {
-                    fake.report_bytes(rig.iova, length, page_size, bitmap, false)
-                };
+                let result = on_side!(side, real, fake, |t| {
+                    t.report_bytes(rig.iova, length, page_size, bitmap, false)
+                });
                 result.unwrap_or_else(|e| {
                     panic!("side {side} NO_CLEAR ps {page_size} len {length}: {e}")
                 });
@@ -178,42 +235,24 @@ fn mock_domain_start_report_stop() {
     // A clearing read reports the same, then nothing is left; the caller's bits stay.
     for side in 0..2 {
         let mut bitmap = vec![0u64; 16];
-        if side == 0 {
-            real.report(
-                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
-                2048,
-                &mut bitmap,
-            )
-            .unwrap();
-        } else {
-            fake.report(
-                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
-                2048,
-                &mut bitmap,
-            )
-            .unwrap();
-        }
+        on_side!(side, real, fake, |t| t.report(
+            IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+            2048,
+            &mut bitmap,
+        ))
+        .unwrap();
         let bits: Vec<u64> = (0..1024)
             .filter(|k| bitmap[k / 64] >> (k % 64) & 1 == 1)
             .map(|k| k as u64)
             .collect();
         assert_eq!(bits, pages, "side {side}: clearing report");
         let mut again = vec![1u64 << 63; 16];
-        if side == 0 {
-            real.report(
-                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
-                2048,
-                &mut again,
-            )
-            .unwrap();
-        } else {
-            fake.report(
-                IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
-                2048,
-                &mut again,
-            )
-            .unwrap();
-        }
+        on_side!(side, real, fake, |t| t.report(
+            IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+            2048,
+            &mut again,
+        ))
+        .unwrap();
         assert_eq!(
             again,
             vec![1u64 << 63; 16],
@@ -226,13 +265,11 @@ fn mock_domain_start_report_stop() {
 
 #[test]
 fn mock_domain_tracking_off_and_restart() {
-    if !real_kernel("mock_domain_tracking_off_and_restart") {
+    let Some((mut real, mut fake, rig, range)) =
+        started_trackers("mock_domain_tracking_off_and_restart")
+    else {
         return;
-    }
-    let (mut real, mut fake, rig) = trackers();
-    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
+    };
     dirty_both(&mut real, &mut fake, &rig, &[3, 4]);
     real.stop().unwrap();
     fake.stop().unwrap();
@@ -244,50 +281,28 @@ fn mock_domain_tracking_off_and_restart() {
         Err(dmalog_vfio::Errno(libc::EINVAL)),
         "OP_DIRTY with tracking off"
     );
-    for side in 0..2 {
-        let mut bitmap = vec![0u8; 128];
-        if side == 0 {
-            real.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        } else {
-            fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        }
-        assert_eq!(
-            set_bits(&bitmap),
-            Vec::<u64>::new(),
-            "side {side}: no bits with tracking off"
-        );
-    }
+    assert_eq!(
+        whole_map_bits(&mut real, &mut fake, &rig),
+        [vec![], vec![]],
+        "kernel, fake: no bits with tracking off"
+    );
     // Enabling again clears what was dirty before.
     real.start(&[range], 4096).unwrap();
     fake.start(&[range], 4096).unwrap();
-    for side in 0..2 {
-        let mut bitmap = vec![0u8; 128];
-        if side == 0 {
-            real.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        } else {
-            fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-                .unwrap();
-        }
-        assert_eq!(
-            set_bits(&bitmap),
-            Vec::<u64>::new(),
-            "side {side}: enabling cleared stale bits"
-        );
-    }
+    assert_eq!(
+        whole_map_bits(&mut real, &mut fake, &rig),
+        [vec![], vec![]],
+        "kernel, fake: enabling cleared stale bits"
+    );
 }
 
 #[test]
 fn mock_domain_errors_are_typed_like_the_fake() {
-    if !real_kernel("mock_domain_errors_are_typed_like_the_fake") {
+    let Some((mut real, mut fake, rig, range)) =
+        started_trackers("mock_domain_errors_are_typed_like_the_fake")
+    else {
         return;
-    }
-    let (mut real, mut fake, rig) = trackers();
-    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
+    };
     let base = rig.iova;
     // (name, iova, length, page size, expected errno)
     let rows: &[(&str, u64, u64, u64, i32)] = &[
@@ -491,15 +506,14 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
     // 6.12 pins the user bitmap only when it sets a bit, and a pin failure drops the bit
     // (iova_bitmap_set returns) while the IOMMU's copy is cleared: the ioctl succeeds and
     // the dirty pages are gone. The fake refuses such a pointer (EFAULT) instead.
-    if !real_kernel("mock_domain_bad_bitmap_pointer_loses_bits_silently") {
+    let Some((mut real, mut fake, rig, _)) =
+        started_trackers("mock_domain_bad_bitmap_pointer_loses_bits_silently")
+    else {
         return;
-    }
-    let (mut real, mut fake, rig) = trackers();
-    let range = dmalog::IovaRange::new(rig.iova, MAP_BYTES).unwrap();
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
+    };
     dirty_both(&mut real, &mut fake, &rig, &[10, 20]);
     let request = dmalog_vfio::uapi::GetDirtyBitmap {
+        size: 48,
         hwpt_id: rig.hwpt_id,
         flags: 0,
         reserved: 0,
@@ -514,38 +528,24 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
         // SAFETY: `data` is a kernel-half address: the kernel's access_ok refuses it before
         // any write (and the fake resolves it in no lent buffer), so nothing is written.
         let result = unsafe {
-            if side == 0 {
-                dmalog_vfio::VfioIoctl::ioctl(
-                    real.ioctl_mut(),
-                    dmalog_vfio::IoctlTarget::Device,
+            on_side!(side, real, fake, |t| dmalog_vfio::VfioIoctl::ioctl(
+                t.ioctl_mut(),
+                dmalog_vfio::IoctlCall::device(
                     dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
                     &mut arg,
-                    &mut [],
-                )
-            } else {
-                dmalog_vfio::VfioIoctl::ioctl(
-                    fake.ioctl_mut(),
-                    dmalog_vfio::IoctlTarget::Device,
-                    dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
-                    &mut arg,
-                    &mut [],
-                )
-            }
+                ),
+            ))
         };
         answers.push(result.map(|_| ()).map_err(|e| e.0));
     }
     assert_eq!(answers, vec![Ok(()), Err(libc::EFAULT)], "kernel, fake");
-    let mut bitmap = [0u8; 128];
-    real.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-        .unwrap();
+    let [kernel_bits, fake_bits] = whole_map_bits(&mut real, &mut fake, &rig);
     assert_eq!(
-        set_bits(&bitmap),
+        kernel_bits,
         Vec::<u64>::new(),
         "the kernel cleared the bits it could not report"
     );
-    fake.report_bytes(rig.iova, MAP_BYTES, 2048, &mut bitmap, true)
-        .unwrap();
-    assert_eq!(set_bits(&bitmap), vec![10, 20], "the fake kept them");
+    assert_eq!(fake_bits, vec![10, 20], "the fake kept them");
 }
 
 #[test]
