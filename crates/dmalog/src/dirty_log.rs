@@ -245,12 +245,6 @@ impl DirtyLog {
         self.length
     }
 
-    /// The old name of [`DirtyLog::len_bytes`], kept while branches that call it are merged.
-    #[doc(hidden)]
-    pub fn length(&self) -> u64 {
-        self.len_bytes()
-    }
-
     /// Log page size in bytes.
     pub fn page_size(&self) -> u64 {
         1u64 << self.page_shift

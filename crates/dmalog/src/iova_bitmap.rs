@@ -92,12 +92,6 @@ impl<'a> IovaBitmap<'a> {
         self.length
     }
 
-    /// The old name of [`IovaBitmap::len_bytes`], kept while branches that call it are merged.
-    #[doc(hidden)]
-    pub fn length(&self) -> u64 {
-        self.len_bytes()
-    }
-
     /// Report page size in bytes.
     pub fn page_size(&self) -> u64 {
         1u64 << self.page_shift
