@@ -33,12 +33,9 @@ src_tar="/usr/src/linux-source-$kver.tar.xz"
 src_dir="$work/linux-source-$kver"
 bzimage="$work/bzImage"
 
-say() { echo "== kernel-vm: $*"; }
-die() { echo "kernel-vm: FAIL: $*" >&2; exit 1; }
-
-phase_start=0
-phase() { phase_start=$(date +%s); say "$*"; }
-phase_done() { say "$1 took $(($(date +%s) - phase_start)) s"; }
+script_name=kernel-vm
+# shellcheck source=scripts/lib/phases.sh
+. "$repo/scripts/lib/phases.sh"
 script_start=$(date +%s)
 
 mkdir -p "$work"

@@ -35,12 +35,9 @@ chroot_dir="$repo/target/qemu-chroot"
 run_rel="tmp/dmalog-qemu"
 run_dir="$chroot_dir/$run_rel"
 
-say() { echo "== qemu-interop: $*"; }
-die() { echo "qemu-interop: FAIL: $*" >&2; exit 1; }
-
-phase_start=0
-phase() { phase_start=$(date +%s); say "$*"; }
-phase_done() { say "$1 took $(($(date +%s) - phase_start)) s"; }
+script_name=qemu-interop
+# shellcheck source=scripts/lib/phases.sh
+. "$repo/scripts/lib/phases.sh"
 
 # Prints the pids of the processes below $1, each before its own children.
 descendants() {

@@ -91,6 +91,17 @@ fn main() {
     eprintln!("{workload}: {:.1} ns per op", ns as f64 / ops as f64);
 }
 
+/// Prints the median of each `samples` (nanoseconds per batch of `ops`) per op, by name.
+fn print_medians(names: [&str; 3], mut samples: [Vec<u128>; 3], ops: u64) {
+    for (name, s) in names.iter().zip(&mut samples) {
+        s.sort_unstable();
+        eprintln!(
+            "{name}: {:.2} ns per op (median)",
+            s[s.len() / 2] as f64 / ops as f64
+        );
+    }
+}
+
 /// Medians of interleaved batches: the old record_write (fence, then mark), the new one,
 /// and vm-memory's set_addr_range, on already-dirty pages.
 fn ab_mark(size: u64, ops: u64) {
@@ -107,16 +118,11 @@ fn ab_mark(size: u64, ops: u64) {
         samples[1].push(measured(ops, &mut w, |w| w.ours_record_write()));
         samples[2].push(measured(ops, &mut w, |w| w.vm_memory()));
     }
-    for (name, s) in ["fence+mark", "record_write", "set_addr_range"]
-        .iter()
-        .zip(&mut samples)
-    {
-        s.sort_unstable();
-        eprintln!(
-            "{name}: {:.2} ns per op (median)",
-            s[s.len() / 2] as f64 / ops as f64
-        );
-    }
+    print_medians(
+        ["fence+mark", "record_write", "set_addr_range"],
+        samples,
+        ops,
+    );
 }
 
 /// Medians of interleaved batches of guest writes, each batch from clean logs (as the
@@ -132,16 +138,7 @@ fn ab_write(size: usize, ops: u64) {
         w.reset();
         samples[2].push(measured(ops, &mut w, |w| w.plain()));
     }
-    for (name, s) in ["DmalogBitmap", "AtomicBitmap", "no bitmap"]
-        .iter()
-        .zip(&mut samples)
-    {
-        s.sort_unstable();
-        eprintln!(
-            "{name}: {:.2} ns per op (median)",
-            s[s.len() / 2] as f64 / ops as f64
-        );
-    }
+    print_medians(["DmalogBitmap", "AtomicBitmap", "no bitmap"], samples, ops);
 }
 
 /// The final report of a 64 GiB guest (8 regions, 1,000 dirty pages) on the bitmaps alone,

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use dmalog_migrate::fuzzing::LoadingDevice;
 use dmalog_migrate::sender::PageStream;
-use dmalog_migrate::stream::{Channel, FrameReader, FrameWriter, Kind};
+use dmalog_migrate::stream::{Channel, FrameReader, FrameWriter, IoTimeouts, Kind, Transport};
 use dmalog_migrate::tls::{self, ClientConfig, ServerConfig, TlsConfig};
-use dmalog_migrate::{migrate_destination_channels, GuestMemory, Incoming};
+use dmalog_migrate::{migrate_destination_channels, DestinationReport, GuestMemory, Incoming};
 
 use crate::workloads::{next_random, Row, Target};
 
@@ -76,6 +76,27 @@ fn acceptor<'l>(
     }
 }
 
+/// Takes one migration from `input`, replying on `out`, its further channels from
+/// `accept`, into `memory` (a fresh device each time).
+fn take_migration(
+    memory: &GuestMemory,
+    input: impl Read + IoTimeouts + Transport,
+    out: impl Write + IoTimeouts,
+    accept: impl FnMut() -> std::io::Result<Incoming>,
+) -> Result<DestinationReport, String> {
+    let mut input = FrameReader::new(input).with_timeout(TIMEOUT);
+    let mut out = FrameWriter::new(out, None).with_timeout(TIMEOUT);
+    migrate_destination_channels(
+        memory,
+        &mut LoadingDevice::default(),
+        &mut |_, _| Ok(()),
+        &mut input,
+        &mut out,
+        accept,
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// Takes migrations on `listener` until the process ends, into one guest memory.
 fn destination(listener: TcpListener, layout: Vec<(u64, u64)>, tls: Option<Arc<ServerConfig>>) {
     let memory = GuestMemory::new(&layout).expect("destination guest memory");
@@ -84,38 +105,17 @@ fn destination(listener: TcpListener, layout: Vec<(u64, u64)>, tls: Option<Arc<S
             return;
         };
         let _ = tcp.set_nodelay(true);
-        let mut device = LoadingDevice::default();
         let accept = acceptor(&listener, tls.as_ref());
         let result = match &tls {
             Some(config) => tls::accept(config, tcp, TIMEOUT)
                 .map_err(|e| e.to_string())
                 .and_then(|stream| {
-                    let mut input =
-                        FrameReader::new(stream.try_clone().expect("clone")).with_timeout(TIMEOUT);
-                    let mut out = FrameWriter::new(stream, None).with_timeout(TIMEOUT);
-                    migrate_destination_channels(
-                        &memory,
-                        &mut device,
-                        &mut |_, _| Ok(()),
-                        &mut input,
-                        &mut out,
-                        accept,
-                    )
-                    .map_err(|e| e.to_string())
+                    let input = stream.try_clone().expect("clone");
+                    take_migration(&memory, input, stream, accept)
                 }),
             None => {
-                let mut input =
-                    FrameReader::new(tcp.try_clone().expect("clone")).with_timeout(TIMEOUT);
-                let mut out = FrameWriter::new(tcp, None).with_timeout(TIMEOUT);
-                migrate_destination_channels(
-                    &memory,
-                    &mut device,
-                    &mut |_, _| Ok(()),
-                    &mut input,
-                    &mut out,
-                    accept,
-                )
-                .map_err(|e| e.to_string())
+                let input = tcp.try_clone().expect("clone");
+                take_migration(&memory, input, tcp, accept)
             }
         };
         assert!(

@@ -216,6 +216,16 @@ impl GuestFinalReport {
     }
 }
 
+/// Paired batches of `ops` writes: ours against `baseline`, each batch after a reset.
+fn guest_writes_paired(
+    w: &mut GuestWrites,
+    batches: usize,
+    ops: u64,
+    baseline: impl FnMut(&mut GuestWrites),
+) -> crate::workloads::Paired {
+    crate::workloads::paired_median_ns(batches, ops, w, |w| w.reset(), |w| w.ours(), baseline)
+}
+
 /// The guest-memory rows of the quick run: writes of 64 B, 4 KiB and 64 KiB through
 /// `write_slice` (the copy and the mark), and the final report of a 64 GiB guest. Each
 /// speedup is the median ratio of back-to-back pairs of batches (see
@@ -232,32 +242,21 @@ pub(crate) fn quick_rows(rows: &mut Vec<crate::Row>, progress: &mut dyn FnMut(&s
             "guest writes of {label} into GuestMemoryMmap, both bitmaps"
         ));
         let mut w = GuestWrites::new(write_bytes, 256 << 20);
-        let paired = paired_median_ns(
-            batches,
-            ops,
-            &mut w,
-            |w| w.reset(),
-            |w| w.ours(),
-            |w| w.vm_memory(),
-        );
+        let measurement = format!("guest write_slice {label}, random, 256 MiB, DmalogBitmap");
+        let paired = guest_writes_paired(&mut w, batches, ops, |w| w.vm_memory());
+        let baseline = "GuestMemoryMmap<AtomicBitmap>";
         rows.push(crate::Row::paired(
-            &format!("guest write_slice {label}, random, 256 MiB, DmalogBitmap"),
+            &measurement,
             paired,
-            "GuestMemoryMmap<AtomicBitmap>",
+            baseline,
             Target::Faster(target),
         ));
-        let paired = paired_median_ns(
-            batches,
-            ops,
-            &mut w,
-            |w| w.reset(),
-            |w| w.ours(),
-            |w| w.plain(),
-        );
+        let paired = guest_writes_paired(&mut w, batches, ops, |w| w.plain());
+        let baseline = "GuestMemoryMmap<()> (the copy alone)";
         rows.push(crate::Row::paired(
-            &format!("guest write_slice {label}, random, 256 MiB, DmalogBitmap"),
+            &measurement,
             paired,
-            "GuestMemoryMmap<()> (the copy alone)",
+            baseline,
             Target::None,
         ));
     }

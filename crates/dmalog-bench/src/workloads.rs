@@ -521,84 +521,30 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     // included (the load-first mark needs StoreLoad ordering after the data, so one fence
     // per write is the floor on x86). The median ratio of many short back-to-back pairs of
     // batches keeps met / missed stable from run to run on a shared machine.
-    let mark_batches = 101;
-    progress("mark 64 KiB writes at random offsets in 1 GiB");
-    let mut w = MarkRandom::new(64 * KIB);
-    let ops = 1 << 13;
-    let paired = paired_median_ns(
-        mark_batches,
-        ops,
-        &mut w,
-        |_| {},
-        |w| w.ours_record_write(),
-        |w| w.vm_memory(),
+    mark_rows(
+        &mut rows,
+        &mut progress,
+        MarkRows {
+            write_bytes: 64 * KIB,
+            what: "mark 64 KiB writes at random offsets in 1 GiB",
+            label: "64 KiB",
+            pages: "16 pages",
+            target: 4.0,
+            with_naive: true,
+        },
     );
-    let vmm = paired.b_ns;
-    let ours = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
-    let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
-    let naive = best_ns(batches, ops, &mut w, |_| {}, |w| w.naive());
-    rows.push(Row::paired(
-        "record_write 64 KiB (16 pages, fence + mark), random, 1 GiB",
-        paired,
-        "vm-memory set_addr_range",
-        Target::Faster(4.0),
-    ));
-    rows.push(Row::new(
-        "mark 64 KiB (no fence), random, 1 GiB",
-        ours,
-        "vm-memory set_addr_range",
-        vmm,
-        Target::None,
-    ));
-    rows.push(Row::new(
-        "mark 64 KiB (no fence), random, 1 GiB",
-        ours,
-        "byte-atomic (libvfio-user)",
-        bytes,
-        Target::None,
-    ));
-    rows.push(Row::new(
-        "mark 64 KiB (no fence), random, 1 GiB",
-        ours,
-        "per-bit loop",
-        naive,
-        Target::None,
-    ));
-
-    progress("mark single 4 KiB pages at random offsets in 1 GiB");
-    let mut w = MarkRandom::new(PAGE);
-    let paired = paired_median_ns(
-        mark_batches,
-        ops,
-        &mut w,
-        |_| {},
-        |w| w.ours_record_write(),
-        |w| w.vm_memory(),
+    mark_rows(
+        &mut rows,
+        &mut progress,
+        MarkRows {
+            write_bytes: PAGE,
+            what: "mark single 4 KiB pages at random offsets in 1 GiB",
+            label: "4 KiB",
+            pages: "1 page",
+            target: 1.0,
+            with_naive: false,
+        },
     );
-    let vmm = paired.b_ns;
-    let ours = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
-    let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
-    rows.push(Row::paired(
-        "record_write 4 KiB (1 page, fence + mark), random, 1 GiB",
-        paired,
-        "vm-memory set_addr_range",
-        Target::Faster(1.0),
-    ));
-    rows.push(Row::new(
-        "mark 4 KiB (no fence), random, 1 GiB",
-        ours,
-        "vm-memory set_addr_range",
-        vmm,
-        Target::None,
-    ));
-    rows.push(Row::new(
-        "mark 4 KiB (no fence), random, 1 GiB",
-        ours,
-        "byte-atomic (libvfio-user)",
-        bytes,
-        Target::None,
-    ));
-    drop(w);
 
     crate::vm_memory::quick_rows(&mut rows, &mut progress);
 
@@ -608,13 +554,12 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     let found = w.reported_pages();
     let vmm = best_ns(5, 1, &mut w, |w| w.prepare(), |w| w.vm_memory());
     assert!(found > 990, "the sparse report found {found} pages");
-    rows.push(Row::new(
+    push_against(
+        &mut rows,
         "sparse report 1 TiB @4 KiB, 1000 dirty",
         ours,
-        "vm-memory get_and_reset",
-        vmm,
-        Target::Faster(100.0),
-    ));
+        &[("vm-memory get_and_reset", vmm, Target::Faster(100.0))],
+    );
     drop(w);
 
     progress("dense report: 64 GiB at 4 KiB, all dirty");
@@ -635,27 +580,20 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
         |w| w.byte_atomic(),
     );
     let memcpy = best_ns(batches, 1, &mut w, |_| {}, |w| w.memcpy());
-    rows.push(Row::new(
+    push_against(
+        &mut rows,
         "dense report 64 GiB @4 KiB, all dirty",
         ours,
-        "vm-memory get_and_reset",
-        vmm,
-        Target::Faster(1.0),
-    ));
-    rows.push(Row::new(
-        "dense report 64 GiB @4 KiB, all dirty",
-        ours,
-        "byte-atomic (libvfio-user)",
-        bytes,
-        Target::None,
-    ));
-    rows.push(Row::new(
-        "dense report 64 GiB @4 KiB, all dirty",
-        ours,
-        "memcpy of the bitmap (physical limit)",
-        memcpy,
-        Target::None,
-    ));
+        &[
+            ("vm-memory get_and_reset", vmm, Target::Faster(1.0)),
+            ("byte-atomic (libvfio-user)", bytes, Target::None),
+            (
+                "memcpy of the bitmap (physical limit)",
+                memcpy,
+                Target::None,
+            ),
+        ],
+    );
 
     progress("page-size conversion");
     let at_2m = best_ns(
@@ -665,13 +603,12 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
         |w| w.prepare_ours(),
         |w| w.ours_at(2 * MIB),
     );
-    rows.push(Row::new(
+    push_against(
+        &mut rows,
         "4 KiB log reported at 2 MiB, 64 GiB",
         at_2m,
-        "same log reported at 4 KiB",
-        ours,
-        Target::Within(3.0),
-    ));
+        &[("same log reported at 4 KiB", ours, Target::Within(3.0))],
+    );
     let to_4k = best_ns(
         batches,
         1,
@@ -680,13 +617,12 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
         |w| w.ours_2m_at_4k(),
     );
     let memset = best_ns(batches, 1, &mut w, |_| {}, |w| w.memset());
-    rows.push(Row::new(
+    push_against(
+        &mut rows,
         "2 MiB log reported at 4 KiB, 64 GiB",
         to_4k,
-        "memset of the output bitmap",
-        memset,
-        Target::Within(3.0),
-    ));
+        &[("memset of the output bitmap", memset, Target::Within(3.0))],
+    );
     drop(w);
 
     progress("mlx5 model: report pipeline");
@@ -710,33 +646,27 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
     let soft = best_ns(batches, 1, &mut w, |w| w.dirty(entries), |w| w.soft());
     // The target is a rate: 50 M entries/s is this many ns for the batch.
     let target_ns = entries as f64 / 50e6 * 1e9;
-    rows.push(Row::new(
+    push_against(
+        &mut rows,
         "mlx5 report pipeline, 1 Mi dirty entries",
         mlx5,
-        "the 50 M entries/s target",
-        target_ns,
-        Target::Faster(1.0),
-    ));
-    rows.push(Row::new(
-        "mlx5 report pipeline, 1 Mi dirty entries",
-        mlx5,
-        "soft driver, same pages",
-        soft,
-        Target::None,
-    ));
+        &[
+            ("the 50 M entries/s target", target_ns, Target::Faster(1.0)),
+            ("soft driver, same pages", soft, Target::None),
+        ],
+    );
     drop(w);
 
     progress("mlx5 model: empty report over 2^42 bytes");
     let mut w = TrackerReports::new(1 << 42);
     let mlx5 = best_ns(batches, 1, &mut w, |_| {}, |w| w.mlx5());
     let soft = best_ns(batches, 1, &mut w, |_| {}, |w| w.soft());
-    rows.push(Row::new(
+    push_against(
+        &mut rows,
         "mlx5 empty report, 2^42 bytes at 4 KiB",
         mlx5,
-        "soft driver, same report",
-        soft,
-        Target::Within(2.0),
-    ));
+        &[("soft driver, same report", soft, Target::Within(2.0))],
+    );
     drop(w);
 
     rows.push(socket_report_row(batches, &mut progress));
@@ -763,6 +693,84 @@ pub fn quick_run(mut progress: impl FnMut(&str)) -> Vec<Row> {
         ));
     }
     rows
+}
+
+/// Pushes one row per baseline: `measurement` at `ours_ns` against each
+/// `(baseline, baseline_ns, target)`, in order.
+fn push_against(
+    rows: &mut Vec<Row>,
+    measurement: &str,
+    ours_ns: f64,
+    baselines: &[(&str, f64, Target)],
+) {
+    for &(baseline, baseline_ns, target) in baselines {
+        rows.push(Row::new(
+            measurement,
+            ours_ns,
+            baseline,
+            baseline_ns,
+            target,
+        ));
+    }
+}
+
+/// One size of the mark rows.
+struct MarkRows {
+    write_bytes: u64,
+    /// What the progress line says.
+    what: &'static str,
+    /// The write size in words ("64 KiB").
+    label: &'static str,
+    /// The pages one write covers, in words ("16 pages").
+    pages: &'static str,
+    /// The speedup `record_write` must show over vm-memory.
+    target: f64,
+    /// Whether the per-bit loop is measured too.
+    with_naive: bool,
+}
+
+/// The mark rows for writes of `size.write_bytes` at random offsets in 1 GiB:
+/// `record_write` against vm-memory (paired batches), then the bare mark against
+/// vm-memory, the byte-atomic tracker and (`with_naive`) the per-bit loop.
+fn mark_rows(rows: &mut Vec<Row>, progress: &mut impl FnMut(&str), size: MarkRows) {
+    let (batches, mark_batches, ops) = (11, 101, 1 << 13);
+    progress(size.what);
+    let mut w = MarkRandom::new(size.write_bytes);
+    let paired = paired_median_ns(
+        mark_batches,
+        ops,
+        &mut w,
+        |_| {},
+        |w| w.ours_record_write(),
+        |w| w.vm_memory(),
+    );
+    let vmm = paired.b_ns;
+    let ours = best_ns(batches, ops, &mut w, |_| {}, |w| w.ours());
+    let bytes = best_ns(batches, ops, &mut w, |_| {}, |w| w.byte_atomic());
+    let naive = size
+        .with_naive
+        .then(|| best_ns(batches, ops, &mut w, |_| {}, |w| w.naive()));
+    let label = size.label;
+    rows.push(Row::paired(
+        &format!(
+            "record_write {label} ({}, fence + mark), random, 1 GiB",
+            size.pages
+        ),
+        paired,
+        "vm-memory set_addr_range",
+        Target::Faster(size.target),
+    ));
+    let mut baselines = vec![
+        ("vm-memory set_addr_range", vmm, Target::None),
+        ("byte-atomic (libvfio-user)", bytes, Target::None),
+    ];
+    baselines.extend(naive.map(|naive| ("per-bit loop", naive, Target::None)));
+    push_against(
+        rows,
+        &format!("mark {label} (no fence), random, 1 GiB"),
+        ours,
+        &baselines,
+    );
 }
 
 /// The vfio-user REPORT row: 64 GiB at 4 KiB, all dirty, over a UNIX socket, against a

@@ -1,35 +1,26 @@
 //! `dmalog demo` as a user runs it, small: every mode verifies, and an mlx5 REPORT fault
 //! on the source still gives identical memory.
 
-use std::process::Command;
+mod common;
+
+use std::process::Stdio;
+
+use common::migrate::{
+    self, assert_device_ready_for_a_retry, dmalog, gen_certs, json, migrated, run_guarded, text,
+    tls_args, Destination,
+};
+use common::{ServerProcess, TempDir};
 
 fn demo(extra: &[&str]) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "demo",
-            "--json",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            "--max-rounds",
-            "8",
-        ])
+    let out = migrate::demo()
+        .args(["--json", "--max-rounds", "8"])
         .args(extra)
         .output()
         .unwrap();
     // 3: verified, over the downtime budget (a busy machine may not meet 30 ms; these
     // tests are about other things).
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "{:?}\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(migrated(&out), "{:?}\n{}", out.status, text(&out));
+    let report = json(&out);
     assert_eq!(
         out.status.code() == Some(0),
         report["downtime_budget_met"] == true,
@@ -78,16 +69,9 @@ fn rounds_carry_rate_prediction_and_throttle_and_the_report_the_budget() {
 fn a_stop_forced_over_the_budget_exits_3_and_says_so() {
     // vCPUs dirtying ten times what the link sends, no auto-converge, a 1 ms budget and two
     // rounds: the stop is forced over the budget.
-    let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
+    let out = migrate::demo()
         .args([
-            "demo",
             "--json",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
             "--link-mbps",
             "100",
             "--vcpu-rate-mbps",
@@ -154,17 +138,10 @@ fn auto_converge_takes_on_or_off_and_throttles_in_percent_only() {
         &["--link-mbps", "18446744073709551615"],
         &["--vcpu-rate-mbps", "10000001"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-            .arg("demo")
-            .args(bad)
-            .output()
-            .unwrap();
+        let out = dmalog().arg("demo").args(bad).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad:?}: {out:?}");
     }
-    let help = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args(["demo", "--help"])
-        .output()
-        .unwrap();
+    let help = dmalog().args(["demo", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(
         help.contains("Exit status") && help.contains("3 when"),
@@ -210,16 +187,21 @@ fn stop_and_copy_and_no_device_tracking_verify() {
     assert_eq!(report["device_tracking"], false);
 }
 
-#[test]
-fn a_report_fault_resends_memory_and_still_verifies() {
-    let report = demo(&["--tracker", "mlx5:cx7", "--inject-fault", "malformed@2"]);
-    assert_eq!(report["verified"], true);
-    let errors: u64 = report["rounds"]
+/// REPORTs that failed, over all rounds.
+fn report_errors(report: &serde_json::Value) -> u64 {
+    report["rounds"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r["report_errors"].as_u64().unwrap())
-        .sum();
+        .sum()
+}
+
+#[test]
+fn a_report_fault_resends_memory_and_still_verifies() {
+    let report = demo(&["--tracker", "mlx5:cx7", "--inject-fault", "malformed@2"]);
+    assert_eq!(report["verified"], true);
+    let errors = report_errors(&report);
     assert_eq!(errors, 1, "one REPORT failed");
 }
 
@@ -229,36 +211,8 @@ fn the_pds_tracker_with_two_regions_verifies() {
     let report = demo(&["--tracker", "pds:2"]);
     assert_eq!(report["verified"], true);
     assert_eq!(report["device_tracking"], true);
-    let errors: u64 = report["rounds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["report_errors"].as_u64().unwrap())
-        .sum();
+    let errors = report_errors(&report);
     assert_eq!(errors, 0, "no REPORT spanned regions");
-}
-
-/// `dmalog migrate source` with a small VM (`memory_mib` of guest memory, 8 MiB device and
-/// 4 MiB vCPU working sets) connecting to `address`, its device server at `socket` (TLS or
-/// `--insecure-plaintext` is the caller's to add).
-fn migrate_source(memory_mib: &str, address: &str, socket: &std::path::Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_dmalog"));
-    command
-        .args([
-            "migrate",
-            "source",
-            "--memory-mib",
-            memory_mib,
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            "--connect",
-            address,
-            "--socket",
-        ])
-        .arg(socket);
-    command
 }
 
 #[test]
@@ -273,109 +227,39 @@ fn migrate_on_three_channels_as_separate_processes() {
 }
 
 fn migrate_as_separate_processes(channels: u32) {
-    let dir = std::env::temp_dir().join(format!(
-        "dmalog-migrate-test-{}-{channels}",
-        std::process::id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = env!("CARGO_BIN_EXE_dmalog");
-    let mut servers: Vec<std::process::Child> = ["src.sock", "dst.sock"]
-        .iter()
-        .map(|name| {
-            Command::new(exe)
-                .args(["serve", "--socket"])
-                .arg(dir.join(name))
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let port = 40000 + ((std::process::id() + channels * 1000) % 20000) as u16;
-    let address = format!("127.0.0.1:{port}");
+    let dir = TempDir::new("migrate-test");
+    let (src_dev, dst_dev) = (ServerProcess::start("soft"), ServerProcess::start("soft"));
     // Mutual TLS with a set from `migrate gen-certs`.
-    let certs = dir.join("certs");
-    let status = Command::new(exe)
-        .args(["migrate", "gen-certs", "--dir"])
-        .arg(&certs)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let tls = |cert: &str, key: &str| {
-        [
-            "--tls-ca".into(),
-            certs.join("ca.pem"),
-            "--tls-cert".into(),
-            certs.join(cert),
-            "--tls-key".into(),
-            certs.join(key),
-        ]
-    };
-    let destination = Command::new(exe)
-        .args([
-            "migrate",
-            "destination",
-            "--json",
-            "--memory-mib",
-            "64",
-            "--listen",
-            &address,
-            "--socket",
-        ])
-        .arg(dir.join("dst.sock"))
-        .args(tls("server.pem", "server-key.pem"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The destination listens once its device server answers; the source retries connecting.
-    let mut source = None;
-    for _ in 0..100 {
-        let out = migrate_source("64", &address, &dir.join("src.sock"))
+    let certs = gen_certs(&dir.0, "certs", &[]);
+    let mut destination = migrate::destination(&dst_dev.socket);
+    destination
+        .args(["--json", "--memory-mib", "64"])
+        .args(tls_args(&certs, "server"));
+    let destination = Destination::spawn(destination);
+    let source = run_guarded(
+        migrate::source("64", &destination.address, &src_dev.socket)
             .arg("--json")
             .args(["--channels", &channels.to_string()])
-            .args(tls("client.pem", "client-key.pem"))
-            .output()
-            .unwrap();
-        // 3: verified over the downtime budget.
-        if matches!(out.status.code(), Some(0 | 3)) {
-            source = Some(out);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let source = source.expect("the source migrated");
-    assert!(matches!(source.status.code(), Some(0 | 3)), "{source:?}");
-    let report: serde_json::Value = serde_json::from_slice(&source.stdout).unwrap();
+            .args(tls_args(&certs, "client")),
+        "dmalog migrate source",
+    );
+    // 3: verified over the downtime budget.
+    assert!(migrated(&source), "{}", text(&source));
+    let report = json(&source);
     assert_eq!(report["verified"], true);
-    let destination = destination.wait_with_output().unwrap();
-    assert!(destination.status.success());
-    let dst: serde_json::Value = serde_json::from_slice(&destination.stdout).unwrap();
+    let (destination, stderr) = destination.wait();
+    assert!(destination.status.success(), "{stderr}");
+    let dst = json(&destination);
     assert_eq!(dst["verified"], true);
     assert_eq!(dst["channels"], channels);
     assert!(dst["device_writes_after_resume"].as_u64().unwrap() > 0);
-    for server in &mut servers {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn the_chart_is_an_svg_with_the_rounds() {
     let path = std::env::temp_dir().join(format!("dmalog-chart-{}.svg", std::process::id()));
-    let out = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "demo",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            "--chart",
-        ])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(matches!(out.status.code(), Some(0 | 3)), "{out:?}");
+    let out = migrate::demo().arg("--chart").arg(&path).output().unwrap();
+    assert!(migrated(&out), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("VERIFIED"));
     let svg = std::fs::read_to_string(&path).unwrap();
     let _ = std::fs::remove_file(&path);
@@ -415,76 +299,38 @@ fn dying_destination(read_bytes: Option<usize>) -> String {
     address
 }
 
-fn serve(dir: &std::path::Path, name: &str) -> std::process::Child {
-    let child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args(["serve", "--socket"])
-        .arg(dir.join(name))
-        .spawn()
-        .unwrap();
-    while !dir.join(name).exists() {
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    child
-}
-
 #[test]
 fn a_dead_destination_fails_the_migration_and_the_source_device_runs_on() {
-    let dir = std::env::temp_dir().join(format!("dmalog-dead-dst-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut server = serve(&dir, "src.sock");
+    let server = ServerProcess::start("soft");
     let address = dying_destination(Some(1 << 20));
-    let out = migrate_source("64", &address, &dir.join("src.sock"))
-        .arg("--insecure-plaintext")
-        .output()
-        .unwrap();
+    let out = run_guarded(
+        migrate::source("64", &address, &server.socket).arg("--insecure-plaintext"),
+        "dmalog migrate source",
+    );
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("migration"), "{stderr}");
     // The source device is RUNNING again (not left in PRE_COPY), with no logging.
-    let mut client = dmalog_vfio_user::Client::connect(&dir.join("src.sock")).unwrap();
-    assert_eq!(
-        dmalog::MigrationDevice::device_state(&mut client).unwrap(),
-        dmalog::uapi::DeviceState::Running
-    );
-    let mut bitmap = [0u64; 1];
-    assert_eq!(
-        dmalog::DirtyTracker::report(
-            &mut client,
-            dmalog::IovaRange::new(0, 4096).unwrap(),
-            4096,
-            &mut bitmap
-        )
-        .unwrap_err()
-        .errno(),
-        libc::EINVAL
-    );
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    assert_device_ready_for_a_retry(&server);
 }
 
 #[test]
 fn a_device_server_that_dies_fails_the_migration_with_a_clear_message() {
-    let dir = std::env::temp_dir().join(format!("dmalog-dead-dev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut server = serve(&dir, "src.sock");
+    let mut server = ServerProcess::start("soft");
     let address = dying_destination(None);
-    let source = migrate_source("128", &address, &dir.join("src.sock"))
+    let source = migrate::source("128", &address, &server.socket)
         .args(["--link-mbps", "100", "--insecure-plaintext"])
-        .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(600)); // round 0 takes over a second
-    let _ = server.kill();
-    let _ = server.wait();
-    let out = source.wait_with_output().unwrap();
+    server.kill();
+    let out = migrate::wait_guarded(source, "dmalog migrate source");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("device") && stderr.contains("connection"),
         "{stderr}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -161,23 +161,8 @@ fn serve_rejects_an_overflowing_max_log_mib() {
 fn demo_passes_max_log_mib_to_its_servers() {
     // A budget of 0 MiB: the device START is ENOMEM, so the demo migrates without device
     // tracking (every page dirty every round) and still verifies.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "demo",
-            "--json",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-        ])
-        .args([
-            "--vcpu-wss-mib",
-            "4",
-            "--max-rounds",
-            "3",
-            "--max-log-mib",
-            "0",
-        ])
+    let out = common::migrate::demo()
+        .args(["--json", "--max-rounds", "3", "--max-log-mib", "0"])
         .output()
         .unwrap();
     // Exit 3: verified, but with all memory dirty every round the rest never fits the

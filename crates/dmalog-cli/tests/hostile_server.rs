@@ -124,6 +124,16 @@ impl Raw {
         }
     }
 
+    /// VERSION 0.2 without capabilities.
+    fn version(&mut self) {
+        let version = Version {
+            major: 0,
+            minor: 2,
+            json: None,
+        };
+        assert_eq!(self.request(cmd::VERSION, &version.encode()), 0);
+    }
+
     /// VERSION, then a message-only DMA mapping (no fd: the device's DMA to it is DMA_READ
     /// and DMA_WRITE messages to this client), then lvu-sample's timer armed to fire now.
     fn arm_message_dma(&mut self) {
@@ -262,12 +272,7 @@ fn a_huge_msg_size_is_not_allocated() {
 fn a_client_stopping_in_the_middle_of_a_message_is_dropped() {
     let mut server = Serve::start(&["--peer-timeout-ms", "200"]);
     let mut raw = Raw::connect(&server.socket);
-    let version = Version {
-        major: 0,
-        minor: 2,
-        json: None,
-    };
-    assert_eq!(raw.request(cmd::VERSION, &version.encode()), 0);
+    raw.version();
     // Idle for longer than the peer timeout: fine, nothing is owed.
     std::thread::sleep(Duration::from_millis(500));
     let info = DeviceInfo {
@@ -299,12 +304,7 @@ fn a_client_stopping_in_the_middle_of_a_message_is_dropped() {
 fn a_client_that_does_not_read_its_replies_is_dropped() {
     let server = Serve::start(&["--device", "lvu-sample", "--peer-timeout-ms", "200"]);
     let mut raw = Raw::connect(&server.socket);
-    let version = Version {
-        major: 0,
-        minor: 2,
-        json: None,
-    };
-    assert_eq!(raw.request(cmd::VERSION, &version.encode()), 0);
+    raw.version();
     // 1024 reads of BAR1 (16 KiB replies, 16 MiB in all) whose replies are never read:
     // the server's send blocks once the socket buffers are full.
     let read_bar1 = RegionAccess {

@@ -5,9 +5,9 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::Output;
 
+use common::migrate::{self, json, migrated, run_guarded, text, Destination};
 use common::ServerProcess;
 
 const BAR1_BYTES: usize = 0x4000;
@@ -37,43 +37,24 @@ fn free_address() -> String {
 }
 
 fn migrate_source(src: &ServerProcess, address: &str, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "migrate",
-            "source",
-            "--json",
-            // TLS has its own tests (migrate_tls.rs); this one is about the device.
-            "--insecure-plaintext",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            // Few, quiet rounds: this test is about the device, not convergence.
-            "--max-rounds",
-            "2",
-            "--vcpus",
-            "1",
-            "--vcpu-rate-mbps",
-            "1",
-            "--region-digest",
-            "1",
-            "--connect",
-            address,
-            "--socket",
-        ])
-        .arg(&src.socket)
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    run_guarded(
+        migrate::source("64", address, &src.socket)
+            .args([
+                "--json",
+                // TLS has its own tests (migrate_tls.rs); this one is about the device.
+                "--insecure-plaintext",
+                // Few, quiet rounds: this test is about the device, not convergence.
+                "--max-rounds",
+                "2",
+                "--vcpus",
+                "1",
+                "--vcpu-rate-mbps",
+                "1",
+                "--region-digest",
+                "1",
+            ])
+            .args(extra),
+        "dmalog migrate source",
     )
 }
 
@@ -95,49 +76,27 @@ fn migrate_lvu_sample(extra: &[&str]) -> serde_json::Value {
     }
     assert_ne!(read_bar1(&dst), bar1, "the destination starts without it");
 
-    let address = free_address();
-    let destination = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "migrate",
-            "destination",
-            "--json",
-            "--insecure-plaintext",
-            "--memory-mib",
-            "64",
-            "--region-digest",
-            "1",
-            "--listen",
-            &address,
-            "--socket",
-        ])
-        .arg(&dst.socket)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The destination listens once its device server answered; until then the source
-    // fails to connect and is run again.
-    let mut source = None;
-    for _ in 0..100 {
-        let out = migrate_source(&src, &address, extra);
-        // 3: verified over the downtime budget (a busy machine).
-        if matches!(out.status.code(), Some(0 | 3)) {
-            source = Some(out);
-            break;
-        }
-        let why = text(&out);
-        assert!(
-            why.contains("connecting to the destination"),
-            "the source failed for another reason: {why}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let source = source.expect("the source migrated");
-    let report: serde_json::Value = serde_json::from_slice(&source.stdout)
-        .unwrap_or_else(|err| panic!("{err}: {}", text(&source)));
-    let destination = destination.wait_with_output().unwrap();
-    assert!(destination.status.success(), "{}", text(&destination));
-    let dst_report: serde_json::Value = serde_json::from_slice(&destination.stdout).unwrap();
+    let mut destination = migrate::destination(&dst.socket);
+    destination.args([
+        "--json",
+        "--insecure-plaintext",
+        "--memory-mib",
+        "64",
+        "--region-digest",
+        "1",
+    ]);
+    let destination = Destination::spawn(destination);
+    let source = migrate_source(&src, &destination.address, extra);
+    // 3: verified over the downtime budget (a busy machine).
+    assert!(migrated(&source), "{}", text(&source));
+    let report = json(&source);
+    let (destination, stderr) = destination.wait();
+    assert!(
+        destination.status.success(),
+        "{}{stderr}",
+        text(&destination)
+    );
+    let dst_report = json(&destination);
 
     assert_eq!(report["verified"], true);
     assert_eq!(dst_report["verified"], true);

@@ -7,66 +7,28 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
+use common::migrate::{
+    self, assert_device_ready_for_a_retry, json, migrated, spawn_piped, wait_guarded, Destination,
+    Reaped, HANG_GUARD,
+};
 use common::ServerProcess;
 use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind};
 
-/// Generous: a hang guard, not a speed check (a loaded 2-core machine runs these slowly).
-const HANG_GUARD: Duration = Duration::from_secs(180);
-
-/// Waits for `child` to exit (killing it and failing the test past the guard).
-fn wait_guarded(mut child: Child, what: &str) -> Output {
-    let deadline = Instant::now() + HANG_GUARD;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{what}: still running after {HANG_GUARD:?} (a hang)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 /// `dmalog migrate source` with a small VM (64 MiB of guest memory).
 fn source(address: &str, socket: &Path, extra: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args([
-            "migrate",
-            "source",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            "--connect",
-            address,
+    spawn_piped(
+        migrate::source("64", address, socket)
             // The hostile peers here speak the frames in plaintext (tests/migrate_tls.rs
             // covers TLS).
-            "--insecure-plaintext",
-            "--socket",
-        ])
-        .arg(socket)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-/// A running `dmalog migrate destination` and the address it listens on.
-struct Destination {
-    child: Child,
-    address: String,
-    /// The rest of its stderr, once it exits.
-    stderr: mpsc::Receiver<String>,
+            .arg("--insecure-plaintext")
+            .args(extra),
+    )
 }
 
 /// `dmalog migrate destination` for a 64 MiB guest (unless `extra` says otherwise).
@@ -76,75 +38,12 @@ fn destination(socket: &Path, extra: &[&str]) -> Destination {
     } else {
         &["--memory-mib", "64"][..]
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args(["migrate", "destination", "--json"])
+    let mut command = migrate::destination(socket);
+    command
+        .args(["--json", "--insecure-plaintext"])
         .args(memory_mib)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--insecure-plaintext",
-            "--socket",
-        ])
-        .arg(socket)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap());
-    let (address_tx, address_rx) = mpsc::channel();
-    let (stderr_tx, stderr) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let mut line = String::new();
-        while lines.read_line(&mut line).unwrap_or(0) > 0 {
-            if let Some(address) = line.trim().strip_prefix("waiting for a migration on ") {
-                let _ = address_tx.send(address.to_string());
-            } else {
-                rest.push_str(&line);
-            }
-            line.clear();
-        }
-        let _ = stderr_tx.send(rest);
-    });
-    let address = address_rx
-        .recv_timeout(HANG_GUARD)
-        .expect("the destination listens");
-    Destination {
-        child,
-        address,
-        stderr,
-    }
-}
-
-impl Destination {
-    fn wait(self) -> (Output, String) {
-        let output = wait_guarded(self.child, "dmalog migrate destination");
-        let stderr = self.stderr.recv_timeout(HANG_GUARD).unwrap_or_default();
-        (output, stderr)
-    }
-}
-
-/// The source device is RUNNING with logging off (a new migration could START).
-fn assert_device_ready_for_a_retry(server: &ServerProcess) {
-    let mut client = server.connect();
-    assert_eq!(
-        dmalog::MigrationDevice::device_state(&mut client).unwrap(),
-        dmalog::uapi::DeviceState::Running
-    );
-    let mut bitmap = [0u64; 1];
-    assert_eq!(
-        dmalog::DirtyTracker::report(
-            &mut client,
-            dmalog::IovaRange::new(0, 4096).unwrap(),
-            4096,
-            &mut bitmap
-        )
-        .unwrap_err()
-        .errno(),
-        libc::EINVAL,
-        "logging is off"
-    );
+        .args(extra);
+    Destination::spawn(command)
 }
 
 /// A fake destination: takes frames up to End, then does `after_end` with the stream (the
@@ -251,7 +150,7 @@ fn an_abort_reason_from_the_source_is_printed_escaped() {
 fn killing_proxy(
     upstream: String,
     kill_after_bytes: u64,
-    mut victim: Child,
+    mut victim: Reaped,
 ) -> (String, std::thread::JoinHandle<bool>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
@@ -277,17 +176,13 @@ fn killing_proxy(
             }
             forwarded += n as u64;
             if !killed && forwarded >= kill_after_bytes {
-                victim.kill().unwrap();
-                victim.wait().unwrap();
+                victim.kill();
                 killed = true;
             }
         }
         // The destination is gone: so is the source's connection.
         let _ = from_source.shutdown(std::net::Shutdown::Both);
-        if !killed {
-            let _ = victim.kill();
-            let _ = victim.wait();
-        }
+        drop(victim);
         killed
     });
     (address, proxy)
@@ -331,15 +226,10 @@ fn killed_then_retried(same_destination_server: bool) {
     let (dst_out, dst_stderr) = second.wait();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // 3: verified over the downtime budget (a busy machine).
-    assert!(
-        matches!(out.status.code(), Some(0 | 3)),
-        "{stderr}\n{dst_stderr}"
-    );
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["verified"], true);
+    assert!(migrated(&out), "{stderr}\n{dst_stderr}");
+    assert_eq!(json(&out)["verified"], true);
     assert!(dst_out.status.success(), "{dst_stderr}");
-    let dst: serde_json::Value = serde_json::from_slice(&dst_out.stdout).unwrap();
-    assert_eq!(dst["verified"], true);
+    assert_eq!(json(&dst_out)["verified"], true);
 }
 
 #[test]
@@ -362,9 +252,9 @@ fn signal(pid: u32, sig: &str) -> bool {
 
 /// A child process that is continued (if stopped) and killed on drop, even when the test
 /// fails half-way.
-struct Reaped(Child);
+struct ContinuedAndKilled(Child);
 
-impl Drop for Reaped {
+impl Drop for ContinuedAndKilled {
     fn drop(&mut self) {
         signal(self.0.id(), "-CONT");
         let _ = self.0.kill();
@@ -376,7 +266,7 @@ impl Drop for Reaped {
 fn a_source_device_server_that_stops_answering_fails_the_migration_within_the_timeout() {
     let dir = common::TempDir::new("hung-dev");
     let socket = dir.0.join("src.sock");
-    let server = Reaped(
+    let server = ContinuedAndKilled(
         Command::new(env!("CARGO_BIN_EXE_dmalog"))
             .args(["serve", "--socket"])
             .arg(&socket)

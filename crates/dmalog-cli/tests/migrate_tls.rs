@@ -3,146 +3,31 @@
 //! plaintext source and a source whose certificate is another CA's, exiting non-zero with
 //! the reason; a source refuses a destination whose certificate has another name.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 mod common;
 
+use common::migrate::{self, dmalog, gen_certs, run_guarded, tls_args, Destination, HANG_GUARD};
 use common::{ServerProcess, TempDir};
 use dmalog_migrate::stream::{FrameWriter, Kind};
 
-/// A hang guard only.
-const HANG_GUARD: Duration = Duration::from_secs(60);
-
-fn dmalog() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_dmalog"))
-}
-
-fn wait_guarded(mut child: Child, what: &str) -> Output {
-    let deadline = Instant::now() + HANG_GUARD;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what}: still running after {HANG_GUARD:?} (a hang)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-/// `dmalog migrate gen-certs` into `dir`/`name`.
-fn gen_certs(dir: &Path, name: &str) -> PathBuf {
-    let certs = dir.join(name);
-    let out = dmalog()
-        .args(["migrate", "gen-certs", "--dir"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    certs
-}
-
-/// `--tls-ca`, `--tls-cert`, `--tls-key` from a gen-certs directory; `role` is "server"
-/// or "client".
-fn tls_args(certs: &Path, role: &str) -> Vec<PathBuf> {
-    vec![
-        "--tls-ca".into(),
-        certs.join("ca.pem"),
-        "--tls-cert".into(),
-        certs.join(format!("{role}.pem")),
-        "--tls-key".into(),
-        certs.join(format!("{role}-key.pem")),
-    ]
-}
-
-/// A listening `dmalog migrate destination` (64 MiB guest) with `extra` options: the child,
-/// its address, and its stderr before and after the listening line.
-struct Destination {
-    child: Child,
-    address: String,
-    before: String,
-    rest: mpsc::Receiver<String>,
-}
-
+/// A listening `dmalog migrate destination` (64 MiB guest) with `extra` options.
 fn destination(socket: &Path, extra: &[PathBuf]) -> Destination {
-    let mut child = dmalog()
-        .args([
-            "migrate",
-            "destination",
-            "--memory-mib",
-            "64",
-            "--listen",
-            "127.0.0.1:0",
-            "--socket",
-        ])
-        .arg(socket)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap());
-    let (address_tx, address_rx) = mpsc::channel();
-    let (rest_tx, rest) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut text = String::new();
-        let mut line = String::new();
-        while lines.read_line(&mut line).unwrap_or(0) > 0 {
-            if let Some(address) = line.trim().strip_prefix("waiting for a migration on ") {
-                let _ = address_tx.send((address.to_string(), std::mem::take(&mut text)));
-            } else {
-                text.push_str(&line);
-            }
-            line.clear();
-        }
-        let _ = rest_tx.send(text);
-    });
-    let (address, before) = address_rx
-        .recv_timeout(HANG_GUARD)
-        .expect("the destination listens");
-    Destination {
-        child,
-        address,
-        before,
-        rest,
-    }
-}
-
-impl Destination {
-    /// Its exit and the stderr after the listening line.
-    fn wait(self) -> (Output, String) {
-        let out = wait_guarded(self.child, "dmalog migrate destination");
-        (out, self.rest.recv_timeout(HANG_GUARD).unwrap_or_default())
-    }
+    let mut command = migrate::destination(socket);
+    command.args(["--memory-mib", "64"]).args(extra);
+    Destination::spawn(command)
 }
 
 /// `dmalog migrate source` (64 MiB guest, small working sets) to `address` with `extra`.
 fn source(address: &str, socket: &Path, extra: &[PathBuf]) -> Output {
-    let child = dmalog()
-        .args([
-            "migrate",
-            "source",
-            "--memory-mib",
-            "64",
-            "--device-wss-mib",
-            "8",
-            "--vcpu-wss-mib",
-            "4",
-            "--connect",
-            address,
-            "--socket",
-        ])
-        .arg(socket)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_guarded(child, "dmalog migrate source")
+    run_guarded(
+        migrate::source("64", address, socket).args(extra),
+        "dmalog migrate source",
+    )
 }
 
 #[test]
@@ -192,15 +77,13 @@ fn insecure_plaintext_warns_on_stderr() {
         "{}",
         dst.before
     );
-    let mut child = dst.child;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(dst);
 }
 
 #[test]
 fn a_tls_destination_refuses_a_plaintext_source_before_any_frame() {
     let dir = TempDir::new("tls-plain");
-    let certs = gen_certs(&dir.0, "certs");
+    let certs = gen_certs(&dir.0, "certs", &[]);
     let server = ServerProcess::start("soft");
     server.wait_listening();
     let dst = destination(&server.socket, &tls_args(&certs, "server"));
@@ -229,8 +112,8 @@ fn a_tls_destination_refuses_a_plaintext_source_before_any_frame() {
 #[test]
 fn a_tls_destination_refuses_a_source_certified_by_another_ca() {
     let dir = TempDir::new("tls-ca");
-    let ours = gen_certs(&dir.0, "ours");
-    let theirs = gen_certs(&dir.0, "theirs");
+    let ours = gen_certs(&dir.0, "ours", &[]);
+    let theirs = gen_certs(&dir.0, "theirs", &[]);
     let dst_server = ServerProcess::start("soft");
     let src_server = ServerProcess::start("soft");
     dst_server.wait_listening();
@@ -261,7 +144,7 @@ fn a_tls_destination_refuses_a_source_certified_by_another_ca() {
 #[test]
 fn a_source_refuses_a_destination_with_another_name() {
     let dir = TempDir::new("tls-name");
-    let certs = gen_certs(&dir.0, "certs");
+    let certs = gen_certs(&dir.0, "certs", &[]);
     let dst_server = ServerProcess::start("soft");
     let src_server = ServerProcess::start("soft");
     dst_server.wait_listening();

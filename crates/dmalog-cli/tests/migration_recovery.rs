@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::os::fd::AsFd;
-
-use common::{engine_op, guest_memory, reg, ServerProcess};
+use common::{engine_op, guest_memory, map_and_start_logging, reg, ServerProcess};
 use dmalog::uapi::{
     feature_request, DeviceState, UapiStruct, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT,
     FEATURE_GET, FEATURE_HEADER_BYTES, USER_REPORT_BYTES,
@@ -102,12 +100,7 @@ fn failed_resuming_then_device_reset_is_running_with_logging_stopped() {
     let server = ServerProcess::start("soft");
     let mut client = server.connect();
     let memory = guest_memory(GUEST);
-    client
-        .dma_map(0, GUEST, Some(memory.as_fd()), 0, true)
-        .unwrap();
-    client
-        .start(&[IovaRange::new(0, GUEST).unwrap()], PAGE)
-        .unwrap();
+    map_and_start_logging(&mut client, &memory, GUEST, PAGE);
     assert_eq!(report_errno(&mut client), 0, "logging is on");
 
     client.set_device_state(DeviceState::Resuming).unwrap();

@@ -7,29 +7,51 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::migrate::{dmalog, wait_guarded};
 use common::{ServerProcess, TempDir};
 
-/// Runs `dmalog serve --socket P ARGS` expecting it to give up at once; its output.
-fn serve_refused(socket: &Path) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args(["serve", "--socket"])
+/// `dmalog serve ARGS --socket P`, its stderr to `stderr`.
+fn serve(args: &[&str], socket: &Path, stderr: Stdio) -> Child {
+    dmalog()
+        .arg("serve")
+        .args(args)
+        .arg("--socket")
         .arg(socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// Runs `dmalog serve --socket P` expecting it to give up at once; its output.
+fn serve_refused(socket: &Path) -> Output {
+    wait_guarded(serve(&[], socket, Stdio::piped()), "dmalog serve")
+}
+
+/// Connects to the `child` server at `socket`, retrying while it starts (and failing the
+/// test if it exits instead).
+fn connect(child: &mut Child, socket: &Path) -> dmalog_vfio_user::Client {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("dmalog serve kept running on {}", socket.display());
+    loop {
+        match dmalog_vfio_user::Client::connect(socket) {
+            Ok(client) => break client,
+            Err(err) => {
+                assert!(
+                    child.try_wait().unwrap().is_none(),
+                    "dmalog serve exited: {err}"
+                );
+                assert!(
+                    Instant::now() < deadline,
+                    "no server on {}",
+                    socket.display()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().unwrap()
 }
 
 #[test]
@@ -83,27 +105,8 @@ fn a_stale_socket_is_replaced_and_the_socket_is_mode_0600() {
         .unwrap()
         .file_type()
         .is_socket());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args(["serve", "--socket"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let client = loop {
-        match dmalog_vfio_user::Client::connect(&path) {
-            Ok(client) => break client,
-            Err(err) => {
-                assert!(
-                    child.try_wait().unwrap().is_none(),
-                    "dmalog serve exited: {err}"
-                );
-                assert!(Instant::now() < deadline, "no server on the stale path");
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    };
+    let mut child = serve(&[], &path, Stdio::inherit());
+    let client = connect(&mut child, &path);
     drop(client);
     let mode = std::fs::symlink_metadata(&path)
         .unwrap()
@@ -118,33 +121,11 @@ fn a_stale_socket_is_replaced_and_the_socket_is_mode_0600() {
 fn once_exits_zero_after_the_first_client_disconnects() {
     let dir = TempDir::new("sock-once");
     let path = dir.0.join("sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_dmalog"))
-        .args(["serve", "--once", "--socket"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut client = loop {
-        match dmalog_vfio_user::Client::connect(&path) {
-            Ok(client) => break client,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
-            Err(err) => panic!("connect: {err}"),
-        }
-    };
+    let mut child = serve(&["--once"], &path, Stdio::inherit());
+    let mut client = connect(&mut child, &path);
     assert_eq!(client.device_info().unwrap().num_regions, 9);
     assert!(child.try_wait().unwrap().is_none(), "serving the client");
     drop(client);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("--once kept running after its client left");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_guarded(child, "dmalog serve --once after its client left").status;
     assert!(status.success(), "{status}");
 }

@@ -6,7 +6,7 @@ mod common;
 use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 
-use common::{engine_op, guest_memory, read_guest, reg, ServerProcess};
+use common::{engine_op, guest_memory, map_and_start_logging, read_guest, reg, ServerProcess};
 use dmalog::uapi::DeviceState;
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice};
 
@@ -150,12 +150,7 @@ fn a_disconnect_stops_logging_and_unmaps_everything() {
     let memory = guest_memory(GUEST);
     {
         let mut client = server.connect();
-        client
-            .dma_map(0, GUEST, Some(memory.as_fd()), 0, true)
-            .unwrap();
-        client
-            .start(&[IovaRange::new(0, GUEST).unwrap()], PAGE)
-            .unwrap();
+        map_and_start_logging(&mut client, &memory, GUEST, PAGE);
     }
     let mut client = server.connect();
     // Logging was stopped: REPORT is EINVAL; the mapping is gone: the same DMA_MAP works.

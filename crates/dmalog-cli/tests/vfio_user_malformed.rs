@@ -60,6 +60,15 @@ impl Raw {
         (errno, reply.payload)
     }
 
+    /// DEVICE_GET_INFO with a 16-byte argsz: the errno and the reply.
+    fn get_info(&mut self) -> (i32, Vec<u8>) {
+        let info = DeviceInfo {
+            argsz: 16,
+            ..Default::default()
+        };
+        self.send(cmd::DEVICE_GET_INFO, &info.encode(), &[])
+    }
+
     fn version(&mut self) {
         let v = Version {
             major: 0,
@@ -75,19 +84,7 @@ fn every_malformed_message_gets_its_errno_and_the_server_keeps_serving() {
     let server = ServerProcess::start("soft");
     let mut raw = Raw::connect(&server);
     // Before VERSION, nothing else is accepted.
-    assert_eq!(
-        raw.send(
-            cmd::DEVICE_GET_INFO,
-            &DeviceInfo {
-                argsz: 16,
-                ..Default::default()
-            }
-            .encode(),
-            &[]
-        )
-        .0,
-        libc::EINVAL
-    );
+    assert_eq!(raw.get_info().0, libc::EINVAL);
     assert_eq!(
         raw.send(cmd::VERSION, b"\x01\0\x02\0", &[]).0,
         libc::ENOTSUP,
@@ -445,15 +442,7 @@ fn every_malformed_message_gets_its_errno_and_the_server_keeps_serving() {
         error_no: 0,
     };
     raw.transport.send(header, &[], &[]).unwrap();
-    let (errno, info) = raw.send(
-        cmd::DEVICE_GET_INFO,
-        &DeviceInfo {
-            argsz: 16,
-            ..Default::default()
-        }
-        .encode(),
-        &[],
-    );
+    let (errno, info) = raw.get_info();
     assert_eq!(
         (errno, DeviceInfo::decode(&info).unwrap().num_regions),
         (0, 9)
@@ -461,19 +450,7 @@ fn every_malformed_message_gets_its_errno_and_the_server_keeps_serving() {
     // Oversized: the server reads it all and answers E2BIG; the stream stays in step.
     let big = vec![0u8; 3 << 20];
     assert_eq!(raw.send(cmd::REGION_WRITE, &big, &[]).0, libc::E2BIG);
-    assert_eq!(
-        raw.send(
-            cmd::DEVICE_GET_INFO,
-            &DeviceInfo {
-                argsz: 16,
-                ..Default::default()
-            }
-            .encode(),
-            &[]
-        )
-        .0,
-        0
-    );
+    assert_eq!(raw.get_info().0, 0);
     drop(raw);
 
     // msg_size below the header, written by hand: an error reply, then a clean close.

@@ -7,58 +7,28 @@
 mod common;
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{config, FakeDevice, LAYOUT};
-use dmalog::{InProcessTracker, SoftDriver};
+use common::{
+    accept_channel, config, destination_on_loopback, start_vcpus, DestinationThread, FakeDevice,
+    Vcpus, LAYOUT,
+};
 use dmalog_migrate::fuzzing::LoadingDevice;
 use dmalog_migrate::stream::{hello_payload, pages_payload, FrameReader, FrameWriter, Kind};
-use dmalog_migrate::{
-    migrate_destination_channels, migrate_source_channels, DestinationReport, GuestMemory,
-    Incoming, MigrateError, SourceVm, VcpuParams, VcpuWorkload,
-};
+use dmalog_migrate::{migrate_source_channels, GuestMemory, SourceVm};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Accepts on `listener` (owned: dropped, so no longer listening, once every channel has
-/// joined).
-fn acceptor(listener: TcpListener) -> impl FnMut() -> std::io::Result<Incoming> {
-    move || {
-        let (tcp, _) = listener.accept()?;
-        Ok(Incoming {
-            reader: Box::new(tcp.try_clone()?),
-            handle: Box::new(tcp),
-        })
-    }
-}
-
-/// What a destination thread gives back: its result and its guest memory.
-type Destination = std::thread::JoinHandle<(Result<DestinationReport, MigrateError>, GuestMemory)>;
-
-/// A destination on a fresh listener, on its own thread.
+/// A destination on a fresh listener, on its own thread; the listener is dropped (no
+/// longer listening) once every channel has joined.
 fn destination<D: dmalog::MigrationDevice + Send + 'static>(
-    mut device: D,
-) -> (String, Destination) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let thread = std::thread::spawn(move || {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
-        let (main, _) = listener.accept().unwrap();
-        let mut input = FrameReader::new(main.try_clone().unwrap()).with_timeout(TIMEOUT);
-        let mut out = FrameWriter::new(main, None).with_timeout(TIMEOUT);
-        let result = migrate_destination_channels(
-            &memory,
-            &mut device,
-            &mut |_, _| Ok(()),
-            &mut input,
-            &mut out,
-            acceptor(listener),
-        );
-        (result, memory)
-    });
-    (address, thread)
+    device: D,
+) -> (String, DestinationThread<D>) {
+    destination_on_loopback(&LAYOUT, TIMEOUT, device, |listener| {
+        move || accept_channel(&listener)
+    })
 }
 
 fn connect(address: &str) -> FrameWriter<TcpStream> {
@@ -78,21 +48,11 @@ fn a_migration_on_three_channels_verifies_with_vcpus_writing() {
         assert!(memory.write(gpa, &pattern));
     }
     let (mut device, _) = FakeDevice::new(vec![9u8; 3000]);
-    let cpu_driver = SoftDriver::new();
-    let recorder = cpu_driver.recorder();
-    let mut cpu = InProcessTracker::new(cpu_driver);
-    let vcpus = VcpuWorkload::start(
-        Arc::clone(&memory),
-        recorder,
-        VcpuParams {
-            threads: 1,
-            base: 0,
-            span: 4 << 20,
-            rate: 20 << 20,
-            seed: 5,
-        },
-    )
-    .unwrap();
+    let Vcpus {
+        mut cpu,
+        workload: vcpus,
+        ..
+    } = start_vcpus(&memory, (0, 4 << 20), 20 << 20, 5);
     let mut out = connect(&address);
     let mut replies = FrameReader::new(out.get_mut().try_clone().unwrap()).with_timeout(TIMEOUT);
     let mut connect_extra = |_| Ok(connect(&address));
@@ -114,7 +74,7 @@ fn a_migration_on_three_channels_verifies_with_vcpus_writing() {
     .unwrap();
     assert!(report.verified, "{report:?}");
     assert!(report.rounds.len() >= 2);
-    let (dst, _) = destination.join().unwrap();
+    let (dst, _, _) = destination.join().unwrap();
     let dst = dst.unwrap();
     assert!(dst.verified);
     assert_eq!(dst.channels, 3);
@@ -207,7 +167,7 @@ fn a_two_channel_destination_refuses_other_sessions_and_a_third_connection() {
     );
     main.write(Kind::Verified, &[&[1]]).unwrap();
     main.flush().unwrap();
-    let (report, memory) = destination.join().unwrap();
+    let (report, memory, _) = destination.join().unwrap();
     let report = report.unwrap();
     assert!(report.verified);
     assert_eq!(report.channels, 2);
@@ -241,7 +201,7 @@ fn an_old_copy_on_a_slow_channel_never_overwrites_a_newer_one() {
     finish(&mut main, &mut slow);
     main.write(Kind::Verified, &[&[1]]).unwrap();
     main.flush().unwrap();
-    let (report, memory) = destination.join().unwrap();
+    let (report, memory, _) = destination.join().unwrap();
     report.unwrap();
     let mut p = [0u8; 4096];
     memory.read(P, &mut p);
@@ -268,7 +228,7 @@ fn a_failing_channel_fails_the_migration_with_its_reason() {
         .write(Kind::Pages, &[&pages_payload(&[(1, 1, 0)], &[0; 4096])])
         .unwrap();
     second.flush().unwrap();
-    let (report, _) = destination.join().unwrap();
+    let (report, _, _) = destination.join().unwrap();
     let err = report.unwrap_err();
     assert!(err.to_string().contains("page-aligned"), "{err}");
     // The source is told on the main channel.

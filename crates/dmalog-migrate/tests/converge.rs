@@ -6,15 +6,15 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmalog::{InProcessTracker, SoftDriver};
 mod common;
 
-use common::{FakeDevice, LAYOUT};
+use common::{spawn_destination, start_vcpus, FakeDevice, Vcpus, LAYOUT};
+use dmalog::{InProcessTracker, SoftDriver};
 use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
-    migrate_destination, migrate_source, GuestMemory, MigrationReport, Mode, RangePlan,
-    SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
+    migrate_source, GuestMemory, MigrateError, MigrationReport, RoundStats, SourceConfig, SourceVm,
+    VcpuWorkload,
 };
 
 /// The link: 20 MB/s.
@@ -41,77 +41,90 @@ fn dirty_the_working_set(
     }
 }
 
-/// The report, the highest vCPU throttle seen, and the device's throttles with the number
-/// of states it had been set to at each.
-fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8, usize)>) {
+/// The source side: its guest memory (the working set dirtied once), a fake device that
+/// can be throttled, and one vCPU thread writing the working set at 4 MB/s.
+fn source() -> (Arc<GuestMemory>, FakeDevice, Vcpus) {
     let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
     let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
     device.can_throttle = true;
-    let cpu_driver = SoftDriver::new();
-    let mut recorder = cpu_driver.recorder();
-    let mut cpu = InProcessTracker::new(cpu_driver);
-    let vcpus = VcpuWorkload::start(
-        Arc::clone(&memory),
-        recorder.clone(),
-        VcpuParams {
-            threads: 1,
-            base: WSS_BASE,
-            span: WSS_PAGES * 4096,
-            rate: 4_000_000,
-            seed: 3,
-        },
-    )
-    .unwrap();
-    dirty_the_working_set(&memory, &mut recorder, 0, 0);
-    let (a, b) = UnixStream::pair().unwrap();
-    let destination = std::thread::spawn(move || {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
-        let (mut device, _) = FakeDevice::new(Vec::new());
-        let mut input = FrameReader::new(b.try_clone().unwrap());
-        let mut out = FrameWriter::new(b, None);
-        migrate_destination(
-            &memory,
-            &mut device,
-            &mut |_, _| Ok(()),
-            &mut input,
-            &mut out,
-        )
-        .unwrap()
-    });
-    let config = SourceConfig {
-        ranges: RangePlan::Exact,
-        mode: Mode::PreCopy,
+    let mut vcpus = start_vcpus(&memory, (WSS_BASE, WSS_PAGES * 4096), 4_000_000, 3);
+    dirty_the_working_set(&memory, &mut vcpus.recorder, 0, 0);
+    (memory, device, vcpus)
+}
+
+/// The engine settings of these tests: a 10 ms budget.
+fn config(max_rounds: u32, throttle: ThrottleParams) -> SourceConfig {
+    SourceConfig {
         max_downtime: Duration::from_millis(10),
         max_rounds,
+        throttle,
+        ..common::config()
+    }
+}
+
+/// Migrates the source VM (its memory, device, CPU log and vCPUs) over `link`, capped at
+/// [`LINK_BYTES_PER_SEC`], calling `on_round` after each round.
+fn migrate_over(
+    link: UnixStream,
+    config: &SourceConfig,
+    (memory, device, cpu, vcpus): (
+        &GuestMemory,
+        &mut FakeDevice,
+        &mut InProcessTracker<SoftDriver>,
+        &VcpuWorkload,
+    ),
+    on_round: impl FnMut(&RoundStats),
+) -> Result<MigrationReport, MigrateError> {
+    let mut replies = FrameReader::new(link.try_clone().unwrap());
+    let mut out = FrameWriter::new(link, Some(LINK_BYTES_PER_SEC));
+    let vm = SourceVm {
+        memory,
+        device,
+        cpu,
+        vcpus: Some(vcpus),
+    };
+    migrate_source(config, vm, &mut out, &mut replies, on_round)
+}
+
+/// The report, the highest vCPU throttle seen, and the device's throttles with the number
+/// of states it had been set to at each.
+fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8, usize)>) {
+    let (memory, mut device, mut vcpus) = source();
+    let (a, b) = UnixStream::pair().unwrap();
+    let destination = spawn_destination(b);
+    let config = config(
+        max_rounds,
         // Quick steps, so that the test is short: 50, 70, 90, 99.
-        throttle: ThrottleParams {
+        ThrottleParams {
             mode,
             initial_pct: 50,
             increment_pct: 20,
             trigger_rounds: 1,
             ..ThrottleParams::default()
         },
-    };
-    let mut replies = FrameReader::new(a.try_clone().unwrap());
-    let mut out = FrameWriter::new(a, Some(LINK_BYTES_PER_SEC));
-    let vm = SourceVm {
-        memory: &memory,
-        device: &mut device,
-        cpu: &mut cpu,
-        vcpus: Some(&vcpus),
-    };
+    );
     let mut throttle_seen = 0u8;
     let writer_memory = Arc::clone(&memory);
-    let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
+    let vm = (&*memory, &mut device, &mut vcpus.cpu, &vcpus.workload);
+    let report = migrate_over(a, &config, vm, |round| {
         if !round.final_round {
-            throttle_seen = throttle_seen.max(vcpus.throttle());
-            dirty_the_working_set(&writer_memory, &mut recorder, vcpus.throttle(), round.round);
+            throttle_seen = throttle_seen.max(vcpus.workload.throttle());
+            dirty_the_working_set(
+                &writer_memory,
+                &mut vcpus.recorder,
+                vcpus.workload.throttle(),
+                round.round,
+            );
         }
     })
     .unwrap();
     assert!(report.verified);
-    assert!(destination.join().unwrap().verified);
-    assert_eq!(vcpus.throttle(), 0, "the throttle is lifted after the stop");
+    assert!(destination.join().unwrap().0.unwrap().verified);
+    assert_eq!(
+        vcpus.workload.throttle(),
+        0,
+        "the throttle is lifted after the stop"
+    );
     assert_eq!(
         device.states.last(),
         Some(&dmalog::uapi::DeviceState::Stop),
@@ -196,63 +209,39 @@ fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
 
 #[test]
 fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
-    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
-    let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
-    device.can_throttle = true;
-    let cpu_driver = SoftDriver::new();
-    let mut recorder = cpu_driver.recorder();
-    let mut cpu = InProcessTracker::new(cpu_driver);
-    let vcpus = VcpuWorkload::start(
-        Arc::clone(&memory),
-        recorder.clone(),
-        VcpuParams {
-            threads: 1,
-            base: WSS_BASE,
-            span: WSS_PAGES * 4096,
-            rate: 4_000_000,
-            seed: 3,
-        },
-    )
-    .unwrap();
-    dirty_the_working_set(&memory, &mut recorder, 0, 0);
+    let (memory, mut device, mut vcpus) = source();
     let (a, b) = UnixStream::pair().unwrap();
     // A destination that takes everything and never answers.
     let sink = std::thread::spawn(move || {
         let _ = std::io::copy(&mut &b, &mut std::io::sink());
     });
     let cut = a.try_clone().unwrap();
-    let config = SourceConfig {
-        ranges: RangePlan::Exact,
-        mode: Mode::PreCopy,
-        max_downtime: Duration::from_millis(10),
-        max_rounds: 50,
-        throttle: ThrottleParams {
+    let config = config(
+        50,
+        ThrottleParams {
             initial_pct: 50,
             trigger_rounds: 1,
             ..ThrottleParams::default()
         },
-    };
-    let mut replies = FrameReader::new(a.try_clone().unwrap());
-    let mut out = FrameWriter::new(a, Some(LINK_BYTES_PER_SEC));
-    let vm = SourceVm {
-        memory: &memory,
-        device: &mut device,
-        cpu: &mut cpu,
-        vcpus: Some(&vcpus),
-    };
+    );
     // The link goes down as soon as a round was sent throttled.
     let writer_memory = Arc::clone(&memory);
-    let result = migrate_source(&config, vm, &mut out, &mut replies, |round| {
+    let vm = (&*memory, &mut device, &mut vcpus.cpu, &vcpus.workload);
+    let result = migrate_over(a, &config, vm, |round| {
         if round.throttle_pct > 0 {
             let _ = cut.shutdown(std::net::Shutdown::Both);
         } else {
-            dirty_the_working_set(&writer_memory, &mut recorder, 0, round.round);
+            dirty_the_working_set(&writer_memory, &mut vcpus.recorder, 0, round.round);
         }
     });
     assert!(result.is_err());
     sink.join().unwrap();
-    assert_eq!(vcpus.throttle(), 0, "the vCPUs run at full speed again");
-    assert!(!vcpus.is_paused());
+    assert_eq!(
+        vcpus.workload.throttle(),
+        0,
+        "the vCPUs run at full speed again"
+    );
+    assert!(!vcpus.workload.is_paused());
     assert_eq!(device.state, dmalog::uapi::DeviceState::Running);
     assert_eq!(
         device.throttles.first().map(|t| t.0),

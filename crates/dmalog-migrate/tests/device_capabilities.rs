@@ -7,10 +7,9 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use dmalog::uapi::{DeviceState, MIGRATION_STOP_COPY};
-use dmalog::{InProcessTracker, SoftDriver};
 mod common;
 
-use common::{config, FakeDevice, LAYOUT};
+use common::{config, cpu_log, FakeDevice, LAYOUT};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
     migrate_destination, migrate_source, GuestMemory, MigrateError, MigrationReport, SourceVm,
@@ -20,9 +19,7 @@ use dmalog_migrate::{
 /// Returns the source report and what the destination device loaded.
 fn migrate(device: &mut FakeDevice) -> (Result<MigrationReport, MigrateError>, Vec<u8>) {
     let src_memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
-    let cpu_driver = SoftDriver::new();
-    let mut vcpu_writes = cpu_driver.recorder();
-    let mut cpu = InProcessTracker::new(cpu_driver);
+    let (mut cpu, mut vcpu_writes) = cpu_log();
     let (a, b) = UnixStream::pair().unwrap();
     let destination = std::thread::spawn(move || {
         let memory = GuestMemory::new(&LAYOUT).unwrap();

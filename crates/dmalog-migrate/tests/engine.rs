@@ -7,38 +7,20 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use dmalog::uapi::DeviceState;
-use dmalog::{InProcessTracker, SoftDriver};
 mod common;
 
-use common::{config, FakeDevice, LAYOUT};
+use common::{config, cpu_log, run_destination, spawn_destination, FakeDevice, LAYOUT};
 use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
-use dmalog_migrate::{migrate_destination, migrate_source, GuestMemory, MigrateError, SourceVm};
+use dmalog_migrate::{migrate_source, GuestMemory, MigrateError, SourceVm};
 
 #[test]
 fn a_migration_over_a_socket_pair_verifies() {
     let src_memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
     src_memory.write(4096, &[7u8; 100]);
     let (mut device, mut dma) = FakeDevice::new(vec![3u8; 5000]);
-    let cpu_driver = SoftDriver::new();
-    let mut cpu = InProcessTracker::new(cpu_driver);
+    let (mut cpu, _) = cpu_log();
     let (a, b) = UnixStream::pair().unwrap();
-    let destination = std::thread::spawn(move || {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
-        let (mut device, _) = FakeDevice::new(Vec::new());
-        let mut input = FrameReader::new(b.try_clone().unwrap());
-        let mut out = FrameWriter::new(b, None);
-        let report = migrate_destination(
-            &memory,
-            &mut device,
-            &mut |_, _| Ok(()),
-            &mut input,
-            &mut out,
-        )
-        .unwrap();
-        let mut page = [0u8; 100];
-        memory.read((1 << 32) + 8192, &mut page);
-        (report, device.loaded, device.state, page)
-    });
+    let destination = spawn_destination(b);
     let mut replies = FrameReader::new(a.try_clone().unwrap());
     let mut out = FrameWriter::new(a, None);
     // The device writes while the migration runs (logged through its recorder).
@@ -59,10 +41,16 @@ fn a_migration_over_a_socket_pair_verifies() {
     })
     .unwrap();
     assert!(report.verified);
-    let (dst, loaded, state, page) = destination.join().unwrap();
-    assert!(dst.verified);
-    assert_eq!(loaded.len(), 5000 * 2, "PRE_COPY and STOP_COPY data");
-    assert_eq!(state, DeviceState::Running);
+    let (dst, memory, dst_device) = destination.join().unwrap();
+    assert!(dst.unwrap().verified);
+    let mut page = [0u8; 100];
+    memory.read((1 << 32) + 8192, &mut page);
+    assert_eq!(
+        dst_device.loaded.len(),
+        5000 * 2,
+        "PRE_COPY and STOP_COPY data"
+    );
+    assert_eq!(dst_device.state, DeviceState::Running);
     assert!(
         page.iter().all(|&b| b == page[0] && b > 0),
         "the last device write arrived"
@@ -77,7 +65,6 @@ fn a_migration_over_a_socket_pair_verifies() {
 
 #[test]
 fn a_corrupt_or_truncated_stream_fails_loudly() {
-    let memory = GuestMemory::new(&LAYOUT).unwrap();
     let mut good = FrameWriter::new(Vec::new(), None);
     let hello = common::hello(&LAYOUT);
     good.write(Kind::Hello, &[&hello]).unwrap();
@@ -86,15 +73,11 @@ fn a_corrupt_or_truncated_stream_fails_loudly() {
         .unwrap();
     let bytes = good.get_mut().clone();
     let run = |stream: &[u8]| {
-        let (mut device, _) = FakeDevice::new(Vec::new());
-        let mut sink = FrameWriter::new(Vec::new(), None);
-        migrate_destination(
-            &memory,
-            &mut device,
-            &mut |_, _| Ok(()),
+        run_destination(
             &mut FrameReader::new(stream),
-            &mut sink,
+            &mut FrameWriter::new(Vec::new(), None),
         )
+        .0
     };
     let mut corrupt = bytes.clone();
     // A byte of the run's guest address.
@@ -146,7 +129,7 @@ fn a_corrupt_or_truncated_stream_fails_loudly() {
 fn a_dead_destination_leaves_the_source_running_with_logging_off() {
     let memory = GuestMemory::new(&LAYOUT).unwrap();
     let (mut device, _) = FakeDevice::new(vec![1u8; 10]);
-    let mut cpu = InProcessTracker::new(SoftDriver::new());
+    let (mut cpu, _) = cpu_log();
     let (a, b) = UnixStream::pair().unwrap();
     drop(b); // the destination is gone
     let mut replies = FrameReader::new(a.try_clone().unwrap());

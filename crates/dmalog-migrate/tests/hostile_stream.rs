@@ -7,12 +7,12 @@ mod common;
 
 use std::io::Read;
 
-use common::{hello, FakeDevice, LAYOUT};
+use common::{hello, run_destination, LAYOUT};
 use dmalog_migrate::stream::{
     pages_payload, FrameReader, FrameWriter, Kind, StreamError, FRAME_HEADER_BYTES, MAGIC,
     MAX_PAYLOAD, RUN_ZERO, VERSION,
 };
-use dmalog_migrate::{migrate_destination, GuestMemory, MigrateError};
+use dmalog_migrate::{GuestMemory, MigrateError};
 
 /// Bytes from a slice, recording the largest buffer the reader offers to fill: the
 /// reader allocates its payload buffer before filling it, so this bounds the allocation.
@@ -57,24 +57,28 @@ struct Outcome {
     memory: GuestMemory,
 }
 
+/// The destination refused the stream: a `kind` frame was malformed.
+fn assert_malformed(outcome: &Outcome, kind: Kind) {
+    assert!(
+        matches!(
+            &outcome.result,
+            Err(MigrateError::Stream(StreamError::Malformed(k))) if *k == kind
+        ),
+        "{:?}",
+        outcome.result.as_ref().err()
+    );
+}
+
 /// The destination fed `stream` (prefixed with a good Hello unless `with_hello` is false).
 fn run(with_hello: bool, stream: &[u8]) -> Outcome {
-    let memory = GuestMemory::new(&LAYOUT).unwrap();
     let mut bytes = if with_hello {
         frame(Kind::Hello, &hello(&LAYOUT))
     } else {
         Vec::new()
     };
     bytes.extend_from_slice(stream);
-    let (mut device, _) = FakeDevice::new(Vec::new());
     let mut sink = FrameWriter::new(Vec::new(), None);
-    let result = migrate_destination(
-        &memory,
-        &mut device,
-        &mut |_, _| Ok(()),
-        &mut FrameReader::new(&bytes[..]),
-        &mut sink,
-    );
+    let (result, memory, _) = run_destination(&mut FrameReader::new(&bytes[..]), &mut sink);
     Outcome {
         result,
         replies: std::mem::take(sink.get_mut()),
@@ -207,14 +211,7 @@ fn page_counts_must_match_the_data_and_be_bounded() {
         pages_payload(&[(0, 1, 0); 3], &[])[..40].to_vec(),
     ] {
         let outcome = run(true, &frame(Kind::Pages, &payload));
-        assert!(
-            matches!(
-                outcome.result,
-                Err(MigrateError::Stream(StreamError::Malformed(Kind::Pages)))
-            ),
-            "{:?}",
-            outcome.result.err()
-        );
+        assert_malformed(&outcome, Kind::Pages);
     }
 }
 
@@ -269,14 +266,7 @@ fn the_hello_is_decoded_exactly() {
     trailing.push(0);
     for payload in [huge_count, trailing, vec![0u8; 7], vec![0u8; 23]] {
         let outcome = run(false, &frame(Kind::Hello, &payload));
-        assert!(
-            matches!(
-                outcome.result,
-                Err(MigrateError::Stream(StreamError::Malformed(Kind::Hello)))
-            ),
-            "{:?}",
-            outcome.result.err()
-        );
+        assert_malformed(&outcome, Kind::Hello);
     }
     // The channel count is 1 to 16, the reserved word zero; one channel only here.
     for (at, value, why) in [
@@ -338,10 +328,7 @@ fn round_markers_come_in_order_and_well_formed() {
     let outcome = run(true, &two_rounds);
     assert_eq!(refusal(&outcome), "round marker out of order");
     let outcome = run(true, &frame(Kind::Sync, &[0u8; 3]));
-    assert!(matches!(
-        outcome.result,
-        Err(MigrateError::Stream(StreamError::Malformed(Kind::Sync)))
-    ));
+    assert_malformed(&outcome, Kind::Sync);
     // A Join belongs on a further channel only.
     let outcome = run(true, &frame(Kind::Join, &[0u8; 12]));
     assert!(matches!(outcome.result, Err(MigrateError::Peer(_))));
@@ -377,7 +364,6 @@ fn on_a_socket_bad_runs_are_refused_before_any_page_is_written() {
         (vec![(0, 2, 0)], 4096, "data length"),
         (vec![(0, 1, 0), (4096, 1, RUN_ZERO)], 8192, "data length"),
     ] {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
         let stream = [
             frame(Kind::Hello, &hello(&LAYOUT)),
             frame(Kind::Pages, &pages_payload(&runs, &vec![7u8; data_len])),
@@ -389,14 +375,9 @@ fn on_a_socket_bad_runs_are_refused_before_any_page_is_written() {
             let _ = theirs.write_all(&stream);
             theirs
         });
-        let (mut device, _) = FakeDevice::new(Vec::new());
-        let mut sink = FrameWriter::new(Vec::new(), None);
-        let result = migrate_destination(
-            &memory,
-            &mut device,
-            &mut |_, _| Ok(()),
+        let (result, memory, _) = run_destination(
             &mut FrameReader::new(ours),
-            &mut sink,
+            &mut FrameWriter::new(Vec::new(), None),
         );
         drop(writer.join().unwrap());
         let err = result.unwrap_err().to_string();

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{accept_channel, destination_on_loopback, DestinationThread};
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -198,46 +200,25 @@ type Outcome = (
 /// `timeout`. `accept` wraps the listener's accept (a test injects failures there).
 fn destination(
     timeout: Duration,
-    accept: impl FnMut(&TcpListener) -> std::io::Result<Incoming> + Send + 'static,
-) -> (String, std::thread::JoinHandle<Outcome>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let thread = std::thread::spawn(move || {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
-        let (main, _) = listener.accept().unwrap();
-        let mut input = FrameReader::new(main.try_clone().unwrap()).with_timeout(timeout);
-        let mut out = FrameWriter::new(main, None).with_timeout(timeout);
-        let mut device = LoadingDevice::default();
-        let mut accept = accept;
-        let result = migrate_destination_channels(
-            &memory,
-            &mut device,
-            &mut |_, _| Ok(()),
-            &mut input,
-            &mut out,
-            || accept(&listener),
-        );
-        (result, memory, device.state)
-    });
-    (address, thread)
-}
-
-fn plain_accept(listener: &TcpListener) -> std::io::Result<Incoming> {
-    let (tcp, _) = listener.accept()?;
-    Ok(Incoming {
-        reader: Box::new(tcp.try_clone()?),
-        handle: Box::new(tcp),
-    })
+    mut accept: impl FnMut(&TcpListener) -> std::io::Result<Incoming> + Send + 'static,
+) -> (String, DestinationThread<LoadingDevice>) {
+    destination_on_loopback(
+        &LAYOUT,
+        timeout,
+        LoadingDevice::default(),
+        move |listener| move || accept(&listener),
+    )
 }
 
 /// Waits for the destination, failing the test (not hanging) past the hang guard.
-fn outcome(thread: std::thread::JoinHandle<Outcome>) -> Outcome {
+fn outcome(thread: DestinationThread<LoadingDevice>) -> Outcome {
     let start = Instant::now();
     while !thread.is_finished() {
         assert!(start.elapsed() < HANG_GUARD, "the destination hangs");
         std::thread::sleep(Duration::from_millis(10));
     }
-    thread.join().unwrap()
+    let (result, memory, device) = thread.join().unwrap();
+    (result, memory, device.state)
 }
 
 struct Peer(FrameWriter<TcpStream>);
@@ -307,7 +288,7 @@ fn a_connection_that_fails_its_handshake_does_not_end_the_migration() {
     let failures = Arc::new(AtomicU32::new(1));
     let left = Arc::clone(&failures);
     let (address, dst) = destination(HANG_GUARD, move |listener| {
-        let incoming = plain_accept(listener)?;
+        let incoming = accept_channel(listener)?;
         if left.load(Ordering::SeqCst) > 0 {
             left.fetch_sub(1, Ordering::SeqCst);
             // As the CLI's acceptor reports a failed handshake.
@@ -331,7 +312,7 @@ fn a_connection_that_fails_its_handshake_does_not_end_the_migration() {
 
     // Every connection fails: the migration ends after the bound, with a clear error.
     let (address, dst) = destination(HANG_GUARD, move |listener| {
-        plain_accept(listener)?;
+        accept_channel(listener)?;
         Err(std::io::Error::other(
             "TLS handshake: no client certificate",
         ))
@@ -370,7 +351,7 @@ fn refusal(peer: &mut Peer) -> String {
 /// reason, and the migration goes on with its real channels.
 #[test]
 fn joins_that_are_not_this_migrations_channels_are_refused() {
-    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let (address, dst) = destination(HANG_GUARD, accept_channel);
     let mut main = Peer::main(&address, 3);
     for (session, index, why) in [
         (SESSION, 0u32, "a channel this migration does not have"),
@@ -421,7 +402,7 @@ fn joins_that_are_not_this_migrations_channels_are_refused() {
     assert!(read_page(&memory, 4096).iter().all(|&b| b == 2));
 
     // Guessing the session costs a connection each, and the guesses are bounded.
-    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let (address, dst) = destination(HANG_GUARD, accept_channel);
     let _main = Peer::main(&address, 2);
     let guesses: Vec<_> = (1..=9)
         .map(|guess| Peer::join(&address, SESSION ^ guess, 1))
@@ -456,7 +437,7 @@ fn the_hello_channel_count_and_a_join_before_the_hello() {
         );
         assert_eq!(device.state, DeviceState::Running, "untouched");
     }
-    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let (address, dst) = destination(HANG_GUARD, accept_channel);
     let _join = Peer::join(&address, SESSION, 1);
     let err = outcome(dst).0.unwrap_err();
     assert!(
@@ -473,7 +454,7 @@ fn a_stalled_channel_fails_the_migration_within_the_timeout() {
     let timeout = Duration::from_millis(500);
     assert!(timeout < SHORT_TIMEOUT);
     for stalled in ["further", "main", "further after End"] {
-        let (address, dst) = destination(timeout, plain_accept);
+        let (address, dst) = destination(timeout, accept_channel);
         let mut main = Peer::main(&address, 2);
         let mut second = Peer::join(&address, SESSION, 1);
         match stalled {
@@ -500,7 +481,7 @@ fn a_stalled_channel_fails_the_migration_within_the_timeout() {
 #[test]
 fn a_channel_that_closes_early_fails_the_migration() {
     for main_waits_at_the_marker in [false, true] {
-        let (address, dst) = destination(SHORT_TIMEOUT, plain_accept);
+        let (address, dst) = destination(SHORT_TIMEOUT, accept_channel);
         let mut main = Peer::main(&address, 2);
         let mut second = Peer::join(&address, SESSION, 1);
         second.page(0, 9);
@@ -530,7 +511,7 @@ fn a_channel_that_closes_early_fails_the_migration() {
 #[test]
 fn round_markers_and_frames_out_of_place_on_a_further_channel() {
     let run = |script: &dyn Fn(&mut Peer, &mut Peer)| {
-        let (address, dst) = destination(SHORT_TIMEOUT, plain_accept);
+        let (address, dst) = destination(SHORT_TIMEOUT, accept_channel);
         let mut main = Peer::main(&address, 2);
         let mut second = Peer::join(&address, SESSION, 1);
         script(&mut main, &mut second);
@@ -571,7 +552,7 @@ fn round_markers_and_frames_out_of_place_on_a_further_channel() {
 /// failed channel's reason instead of going on for as long as the source sends.
 #[test]
 fn a_failed_channel_stops_the_others_at_their_next_frame() {
-    let (address, dst) = destination(HANG_GUARD, plain_accept);
+    let (address, dst) = destination(HANG_GUARD, accept_channel);
     let mut main = Peer::main(&address, 2);
     let mut second = Peer::join(&address, SESSION, 1);
     // Unaligned: channel 1 fails.

@@ -13,14 +13,11 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config, hello, FakeDevice, LAYOUT};
+use common::{config, hello, run_destination, start_vcpus, FakeDevice, Vcpus, LAYOUT};
 use dmalog::uapi::DeviceState;
-use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
+use dmalog::DirtyTracker;
 use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind, StreamError};
-use dmalog_migrate::{
-    migrate_destination, migrate_source, GuestMemory, MigrateError, SourceVm, VcpuParams,
-    VcpuWorkload,
-};
+use dmalog_migrate::{migrate_source, GuestMemory, MigrateError, SourceVm};
 
 /// The time limit given to the side under test.
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -62,21 +59,11 @@ fn source_against(peer: impl FnOnce(UnixStream) + Send + 'static) -> SourceAfter
             assert!(memory.write(gpa, &vec![0x5a; size as usize]));
         }
         let (mut device, _) = FakeDevice::new(vec![5u8; 3000]);
-        let cpu_driver = SoftDriver::new();
-        let recorder = cpu_driver.recorder();
-        let mut cpu = InProcessTracker::new(cpu_driver);
-        let vcpus = VcpuWorkload::start(
-            Arc::clone(&memory),
-            recorder,
-            VcpuParams {
-                threads: 1,
-                base: 0,
-                span: 1 << 20,
-                rate: 4 << 20,
-                seed: 3,
-            },
-        )
-        .unwrap();
+        let Vcpus {
+            mut cpu,
+            workload: vcpus,
+            ..
+        } = start_vcpus(&memory, (0, 1 << 20), 4 << 20, 3);
         let mut replies = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
         let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
         let started = Instant::now();
@@ -208,18 +195,19 @@ fn destination_against(
     let (ours, theirs) = UnixStream::pair().unwrap();
     std::thread::spawn(move || peer(theirs));
     within_guard("the destination", move || {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
-        let (mut device, _) = FakeDevice::new(Vec::new());
         let mut input = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
         let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
-        migrate_destination(
-            &memory,
-            &mut device,
-            &mut |_, _| Ok(()),
-            &mut input,
-            &mut out,
-        )
+        run_destination(&mut input, &mut out).0
     })
+}
+
+/// The destination gave up: a frame did not arrive within the timeout.
+fn assert_timed_out(result: Result<dmalog_migrate::DestinationReport, MigrateError>) {
+    assert!(
+        matches!(result, Err(MigrateError::Stream(StreamError::TimedOut(_)))),
+        "{:?}",
+        result.err()
+    );
 }
 
 #[test]
@@ -232,11 +220,7 @@ fn a_destination_facing_a_silent_source_times_out() {
         let _ = hold.recv_timeout(HANG_GUARD);
     });
     drop(release);
-    assert!(
-        matches!(result, Err(MigrateError::Stream(StreamError::TimedOut(_)))),
-        "{:?}",
-        result.err()
-    );
+    assert_timed_out(result);
 }
 
 #[test]
@@ -256,11 +240,7 @@ fn a_trickling_source_does_not_hold_the_destination() {
         }
     });
     drop(release);
-    assert!(
-        matches!(result, Err(MigrateError::Stream(StreamError::TimedOut(_)))),
-        "{:?}",
-        result.err()
-    );
+    assert_timed_out(result);
 }
 
 #[test]
@@ -285,21 +265,11 @@ fn a_silent_device_is_not_asked_again_before_the_vcpus_resume() {
     // request would wait out the timeout again with the guest paused.
     let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
     let (mut device, _) = FakeDevice::new(vec![1u8; 10]);
-    let cpu_driver = SoftDriver::new();
-    let recorder = cpu_driver.recorder();
-    let mut cpu = InProcessTracker::new(cpu_driver);
-    let vcpus = VcpuWorkload::start(
-        Arc::clone(&memory),
-        recorder,
-        VcpuParams {
-            threads: 1,
-            base: 0,
-            span: 1 << 20,
-            rate: 1 << 20,
-            seed: 1,
-        },
-    )
-    .unwrap();
+    let Vcpus {
+        mut cpu,
+        workload: vcpus,
+        ..
+    } = start_vcpus(&memory, (0, 1 << 20), 1 << 20, 1);
     let (ours, theirs) = UnixStream::pair().unwrap();
     std::thread::spawn(move || {
         let _ = std::io::copy(&mut &theirs, &mut std::io::sink());

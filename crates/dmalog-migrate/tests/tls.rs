@@ -9,14 +9,13 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmalog::{InProcessTracker, SoftDriver};
 mod common;
 
-use common::{config, hello, FakeDevice, LAYOUT};
+use common::{config, cpu_log, hello, run_destination, FakeDevice, LAYOUT};
 use dmalog_migrate::pki::{Authority, Leaf};
 use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
 use dmalog_migrate::tls::{self, TlsConfig, TlsError};
-use dmalog_migrate::{migrate_destination, migrate_source, GuestMemory, SourceVm};
+use dmalog_migrate::{migrate_source, GuestMemory, SourceVm};
 use rustls::pki_types::ServerName;
 
 /// A hang guard only.
@@ -49,26 +48,23 @@ fn destination(
     listener: TcpListener,
 ) -> std::thread::JoinHandle<(Result<bool, String>, bool)> {
     std::thread::spawn(move || {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
         let pristine = GuestMemory::new(&LAYOUT).unwrap().region_hashes();
         let (tcp, _) = listener.accept().unwrap();
-        let result = tls::accept(&server.server_config().unwrap(), tcp, TIMEOUT)
-            .map_err(|e| e.to_string())
-            .and_then(|stream| {
-                let (mut device, _) = FakeDevice::new(Vec::new());
+        match tls::accept(&server.server_config().unwrap(), tcp, TIMEOUT) {
+            // Refused at the handshake: guest memory was not touched.
+            Err(err) => (Err(err.to_string()), true),
+            Ok(stream) => {
                 let mut input = FrameReader::new(stream.try_clone().unwrap()).with_timeout(TIMEOUT);
                 let mut out = FrameWriter::new(stream, None).with_timeout(TIMEOUT);
-                migrate_destination(
-                    &memory,
-                    &mut device,
-                    &mut |_, _| Ok(()),
-                    &mut input,
-                    &mut out,
+                let (result, memory, _) = run_destination(&mut input, &mut out);
+                (
+                    result
+                        .map(|report| report.verified)
+                        .map_err(|e| e.to_string()),
+                    memory.region_hashes() == pristine,
                 )
-                .map(|report| report.verified)
-                .map_err(|e| e.to_string())
-            });
-        (result, memory.region_hashes() == pristine)
+            }
+        }
     })
 }
 
@@ -90,7 +86,7 @@ fn a_tls_migration_between_authenticated_hosts_verifies() {
     let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
     memory.write(4096, &[7u8; 100]);
     let (mut device, _) = FakeDevice::new(vec![3u8; 5000]);
-    let mut cpu = InProcessTracker::new(SoftDriver::new());
+    let (mut cpu, _) = cpu_log();
     let mut replies = FrameReader::new(stream.try_clone().unwrap()).with_timeout(TIMEOUT);
     let mut out = FrameWriter::new(stream, None).with_timeout(TIMEOUT);
     let vm = SourceVm {

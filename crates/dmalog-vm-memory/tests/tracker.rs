@@ -30,8 +30,8 @@ fn report(tracker: &mut impl DirtyTracker, gpa: u64, len: u64) -> Vec<u64> {
     pages
 }
 
-#[test]
-fn reports_by_gpa_across_regions_and_only_inside_started_ranges() {
+/// Logged guest memory of two 1 MiB regions, at GPA 0 and at 1 GiB.
+fn two_regions() -> (Arc<DirtyRegions>, GuestMemoryMmap<DmalogBitmap>) {
     let regions = DirtyRegions::new(PAGE).unwrap();
     let memory = regions
         .guest_memory(&[
@@ -39,6 +39,12 @@ fn reports_by_gpa_across_regions_and_only_inside_started_ranges() {
             (GuestAddress(GIB), (1 << 20) as usize, None),
         ])
         .unwrap();
+    (regions, memory)
+}
+
+#[test]
+fn reports_by_gpa_across_regions_and_only_inside_started_ranges() {
+    let (regions, memory) = two_regions();
     memory.write_obj(1u8, GuestAddress(7 * PAGE)).unwrap(); // before START: not reported
     let mut tracker = regions.tracker();
     tracker
@@ -131,13 +137,7 @@ fn bitmaps_vm_memory_makes_are_detached_until_attached() {
 
 #[test]
 fn a_dropped_region_stops_being_reported() {
-    let regions = DirtyRegions::new(PAGE).unwrap();
-    let memory = regions
-        .guest_memory(&[
-            (GuestAddress(0), (1 << 20) as usize, None),
-            (GuestAddress(GIB), (1 << 20) as usize, None),
-        ])
-        .unwrap();
+    let (regions, memory) = two_regions();
     let mut tracker = regions.tracker();
     tracker
         .start(&[IovaRange::new(0, 2 * GIB).unwrap()], PAGE)
@@ -259,6 +259,19 @@ fn concurrent_writers_lose_no_page() {
     );
 }
 
+/// Writes the last byte of `range` in `memory`; the 4 KiB report of `range` (4 words).
+fn write_last_byte_and_report(
+    memory: &GuestMemoryMmap<DmalogBitmap>,
+    tracker: &mut impl DirtyTracker,
+    range: IovaRange,
+) -> [u64; 4] {
+    let last = range.iova() + (range.length() - 1);
+    memory.write_obj(1u8, GuestAddress(last)).unwrap();
+    let mut words = [0u64; 4];
+    tracker.report(range, PAGE, &mut words).unwrap();
+    words
+}
+
 /// Requests at the top of the address space: refused or reported, never a panic or an
 /// overflow.
 #[test]
@@ -272,13 +285,7 @@ fn requests_at_the_top_of_the_address_space() {
     let range = IovaRange::new(top, 1 << 20).unwrap();
     let mut tracker = regions.tracker();
     tracker.start(&[range], PAGE).unwrap();
-    memory
-        .write_obj(1u8, GuestAddress(top + (1 << 20) - 1))
-        .unwrap();
-    let mut words = [0u64; 4];
-    tracker
-        .report(IovaRange::new(top, 1 << 20).unwrap(), PAGE, &mut words)
-        .unwrap();
+    let words = write_last_byte_and_report(&memory, &mut tracker, range);
     assert_eq!(words[3], 1 << 63, "the last page");
     // A report past 2^64 cannot even be asked for: the range is refused.
     let err = IovaRange::new(u64::MAX - PAGE + 1, 2 * PAGE).unwrap_err();
@@ -287,13 +294,7 @@ fn requests_at_the_top_of_the_address_space() {
     // A 64 KiB tracker page at the top: whole tracker pages, no overflow.
     let page = tracker.start(&[range], 64 << 10).unwrap();
     assert_eq!(page, 64 << 10);
-    memory
-        .write_obj(1u8, GuestAddress(top + (1 << 20) - 1))
-        .unwrap();
-    let mut words = [0u64; 4];
-    tracker
-        .report(IovaRange::new(top, 1 << 20).unwrap(), PAGE, &mut words)
-        .unwrap();
+    let words = write_last_byte_and_report(&memory, &mut tracker, range);
     assert_eq!(words[3], 0xffff << 48, "the last 64 KiB");
 
     // Log pages of 64 KiB, a 4 KiB hint for the last 4 KiB page below 2^64: aligned out to

@@ -29,35 +29,64 @@ fn page_bit(page: u64) -> u128 {
     1u128 << page
 }
 
+/// A log of [`LEN`] bytes, shared with the model's threads.
+fn new_log() -> Arc<DirtyLog> {
+    Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap())
+}
+
+/// Two writer threads: writer `i` marks the pages `pages[i]` in order, then flags that it
+/// is done (Release).
+struct Writers {
+    threads: Vec<thread::JoinHandle<()>>,
+    done: Arc<[AtomicBool; 2]>,
+}
+
+impl Writers {
+    fn spawn(log: &Arc<DirtyLog>, pages: [&'static [u64]; 2]) -> Self {
+        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
+        let threads = pages
+            .into_iter()
+            .enumerate()
+            .map(|(i, pages)| {
+                let (log, done) = (Arc::clone(log), Arc::clone(&done));
+                thread::spawn(move || {
+                    for page in pages {
+                        log.mark(page * PAGE, 1);
+                    }
+                    done[i].store(true, Ordering::Release);
+                })
+            })
+            .collect();
+        Writers { threads, done }
+    }
+
+    /// Which writers have flagged that they are done (Acquire), writer 0 first.
+    fn finished(&self) -> [bool; 2] {
+        [
+            self.done[0].load(Ordering::Acquire),
+            self.done[1].load(Ordering::Acquire),
+        ]
+    }
+
+    fn join(self) {
+        for writer in self.threads {
+            writer.join().unwrap();
+        }
+    }
+}
+
 /// Two writers (one turning a word dirty, one re-marking a page already set in the other
 /// word, and one touching both words) race a full report; every completed mark is in that
 /// report, and nothing is lost across it and a final report.
 #[test]
 fn concurrent_marks_are_never_lost() {
     loom::model(|| {
-        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        let log = new_log();
         log.mark(70 * PAGE, 1); // word 1 already dirty
-        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
-        let writers: Vec<_> = [(3u64, 70u64), (63, 64)]
-            .into_iter()
-            .enumerate()
-            .map(|(i, (first, second))| {
-                let (log, done) = (Arc::clone(&log), Arc::clone(&done));
-                thread::spawn(move || {
-                    log.mark(first * PAGE, 1);
-                    log.mark(second * PAGE, 1);
-                    done[i].store(true, Ordering::Release);
-                })
-            })
-            .collect();
-        let finished_before = [
-            done[0].load(Ordering::Acquire),
-            done[1].load(Ordering::Acquire),
-        ];
+        let writers = Writers::spawn(&log, [&[3, 70], &[63, 64]]);
+        let finished_before = writers.finished();
         let first = report(&log, 0, LEN);
-        for writer in writers {
-            writer.join().unwrap();
-        }
+        writers.join();
         let second = report(&log, 0, LEN);
         let expected = [page_bit(3) | page_bit(70), page_bit(63) | page_bit(64)];
         for (i, pages) in expected.iter().enumerate() {
@@ -90,25 +119,11 @@ fn concurrent_marks_are_never_lost() {
 #[test]
 fn two_writers_on_one_page_one_reporter() {
     loom::model(|| {
-        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
-        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
-        let writers: Vec<_> = (0..2)
-            .map(|i| {
-                let (log, done) = (Arc::clone(&log), Arc::clone(&done));
-                thread::spawn(move || {
-                    log.mark(5 * PAGE, 1);
-                    done[i].store(true, Ordering::Release);
-                })
-            })
-            .collect();
-        let finished_before = [
-            done[0].load(Ordering::Acquire),
-            done[1].load(Ordering::Acquire),
-        ];
+        let log = new_log();
+        let writers = Writers::spawn(&log, [&[5], &[5]]);
+        let finished_before = writers.finished();
         let first = report(&log, 0, LEN);
-        for writer in writers {
-            writer.join().unwrap();
-        }
+        writers.join();
         let last = report(&log, 0, LEN);
         if finished_before.contains(&true) {
             assert_eq!(
@@ -133,27 +148,13 @@ fn two_writers_on_one_page_one_reporter() {
 #[test]
 fn already_dirty_page_after_a_report_cleared_the_summary() {
     loom::model(|| {
-        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        let log = new_log();
         log.mark(6 * PAGE, 1);
-        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
-        let writers: Vec<_> = (0..2)
-            .map(|i| {
-                let (log, done) = (Arc::clone(&log), Arc::clone(&done));
-                thread::spawn(move || {
-                    log.mark(5 * PAGE, 1);
-                    done[i].store(true, Ordering::Release);
-                })
-            })
-            .collect();
+        let writers = Writers::spawn(&log, [&[5], &[5]]);
         let first = report(&log, 0, LEN);
-        let finished_before = [
-            done[0].load(Ordering::Acquire),
-            done[1].load(Ordering::Acquire),
-        ];
+        let finished_before = writers.finished();
         let second = report(&log, 0, LEN);
-        for writer in writers {
-            writer.join().unwrap();
-        }
+        writers.join();
         let last = report(&log, 0, LEN);
         assert_eq!(first & page_bit(6), page_bit(6), "marked before any report");
         if finished_before.contains(&true) {
@@ -177,7 +178,7 @@ fn already_dirty_page_after_a_report_cleared_the_summary() {
 #[test]
 fn partial_word_reports_keep_the_rest() {
     loom::model(|| {
-        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        let log = new_log();
         let writer = {
             let log = Arc::clone(&log);
             thread::spawn(move || {
@@ -207,7 +208,7 @@ fn partial_word_reports_keep_the_rest() {
 #[test]
 fn a_reported_page_has_its_data_visible() {
     loom::model(|| {
-        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        let log = new_log();
         let data = Arc::new(AtomicU64::new(0));
         let writer = {
             let (log, data) = (Arc::clone(&log), Arc::clone(&data));
@@ -238,7 +239,7 @@ fn a_flagged_clean_word_is_still_cleared_by_an_rmw() {
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = builder.preemption_bound.map(|bound| bound.max(3));
     builder.check(|| {
-        let log = Arc::new(DirtyLog::new(0, LEN, PAGE).unwrap());
+        let log = new_log();
         // Phase 1: one writer races a report of a word already dirty (page 4); when its W1
         // lands before the report takes the word and its W2 after the report cleared the
         // summary, page 5's summary bit stays set with the word clean.
@@ -250,28 +251,14 @@ fn a_flagged_clean_word_is_still_cleared_by_an_rmw() {
         let r1 = report(&log, 0, LEN);
         early.join().unwrap();
         // Phase 2: two writers on the same page race two reports.
-        let done = Arc::new([AtomicBool::new(false), AtomicBool::new(false)]);
-        let writers: Vec<_> = (0..2)
-            .map(|i| {
-                let (log, done) = (Arc::clone(&log), Arc::clone(&done));
-                thread::spawn(move || {
-                    log.mark(5 * PAGE, 1);
-                    done[i].store(true, Ordering::Release);
-                })
-            })
-            .collect();
+        let writers = Writers::spawn(&log, [&[5], &[5]]);
         let r2 = report(&log, 0, LEN);
         // A scheduling point (not a preemption): lets the writers run between the reports
         // within the preemption bound.
         thread::yield_now();
-        let finished_before = [
-            done[0].load(Ordering::Acquire),
-            done[1].load(Ordering::Acquire),
-        ];
+        let finished_before = writers.finished();
         let r3 = report(&log, 0, LEN);
-        for writer in writers {
-            writer.join().unwrap();
-        }
+        writers.join();
         let r4 = report(&log, 0, LEN);
         assert_eq!(
             r1 & page_bit(4),

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod migrate;
+
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -33,6 +35,26 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Maps `memory` at IOVA 0 for `len_bytes` (readable and writable) and starts dirty
+/// logging of it at `page_size`.
+pub fn map_and_start_logging(
+    client: &mut Client,
+    memory: &OwnedFd,
+    len_bytes: u64,
+    page_size: u64,
+) {
+    use std::os::fd::AsFd;
+    client
+        .dma_map(0, len_bytes, Some(memory.as_fd()), 0, true)
+        .unwrap();
+    dmalog::DirtyTracker::start(
+        client,
+        &[dmalog::IovaRange::new(0, len_bytes).unwrap()],
+        page_size,
+    )
+    .unwrap();
 }
 
 impl ServerProcess {
@@ -89,6 +111,12 @@ impl ServerProcess {
 
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Kills the server now (a device server that dies under its client).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

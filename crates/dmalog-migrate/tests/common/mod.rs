@@ -3,6 +3,11 @@
 
 #![allow(dead_code)]
 
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use dmalog::uapi::DeviceState;
@@ -10,7 +15,11 @@ use dmalog::{
     DirtyTracker, InProcessTracker, IovaRange, MigrationDevice, PendingBytes, SoftDriver,
     TrackerError, TrackerResult, WriteRecorder,
 };
-use dmalog_migrate::{Mode, SourceConfig};
+use dmalog_migrate::stream::{FrameReader, FrameWriter, Transport};
+use dmalog_migrate::{
+    migrate_destination, migrate_destination_channels, DestinationReport, GuestMemory, Incoming,
+    MigrateError, Mode, SourceConfig, VcpuParams, VcpuWorkload,
+};
 
 /// A migratable device in memory: its state, the image it saves, what it loaded.
 pub struct FakeDevice {
@@ -159,4 +168,124 @@ pub fn config() -> SourceConfig {
 /// The Hello payload for `layout` at 4 KiB pages.
 pub fn hello(layout: &[(u64, u64)]) -> Vec<u8> {
     dmalog_migrate::stream::hello_payload(4096, 0x5e55, 1, layout)
+}
+
+/// A CPU dirty log (soft-tracked) and the recorder the vCPUs' writes go through.
+pub fn cpu_log() -> (InProcessTracker<SoftDriver>, WriteRecorder) {
+    let driver = SoftDriver::new();
+    let recorder = driver.recorder();
+    (InProcessTracker::new(driver), recorder)
+}
+
+/// The vCPU side of a source VM: its CPU dirty log, the recorder, and one vCPU thread.
+pub struct Vcpus {
+    pub cpu: InProcessTracker<SoftDriver>,
+    pub recorder: WriteRecorder,
+    pub workload: VcpuWorkload,
+}
+
+/// One vCPU thread writing pages of `memory` in `span_bytes` from `base` at
+/// `bytes_per_sec`, its page sequence from `seed`, recorded in a fresh CPU dirty log.
+pub fn start_vcpus(
+    memory: &Arc<GuestMemory>,
+    (base, span_bytes): (u64, u64),
+    bytes_per_sec: u64,
+    seed: u64,
+) -> Vcpus {
+    let (cpu, recorder) = cpu_log();
+    let workload = VcpuWorkload::start(
+        Arc::clone(memory),
+        recorder.clone(),
+        VcpuParams {
+            threads: 1,
+            base,
+            span: span_bytes,
+            rate: bytes_per_sec,
+            seed,
+        },
+    )
+    .unwrap();
+    Vcpus {
+        cpu,
+        recorder,
+        workload,
+    }
+}
+
+/// A fresh destination (the [`LAYOUT`] guest, a fake device, every DMA mapping accepted)
+/// taking a migration from `input`, replying on `out`: its result, memory and device.
+pub fn run_destination<R: Read + Transport, W: Write>(
+    input: &mut FrameReader<R>,
+    out: &mut FrameWriter<W>,
+) -> (
+    Result<DestinationReport, MigrateError>,
+    GuestMemory,
+    FakeDevice,
+) {
+    let memory = GuestMemory::new(&LAYOUT).unwrap();
+    let (mut device, _) = FakeDevice::new(Vec::new());
+    let result = migrate_destination(&memory, &mut device, &mut |_, _| Ok(()), input, out);
+    (result, memory, device)
+}
+
+/// [`run_destination`] on its own thread, on `stream` (no timeouts).
+pub fn spawn_destination(
+    stream: UnixStream,
+) -> JoinHandle<(
+    Result<DestinationReport, MigrateError>,
+    GuestMemory,
+    FakeDevice,
+)> {
+    std::thread::spawn(move || {
+        let mut input = FrameReader::new(stream.try_clone().unwrap());
+        let mut out = FrameWriter::new(stream, None);
+        run_destination(&mut input, &mut out)
+    })
+}
+
+/// Accepts a further channel of a migration on `listener`.
+pub fn accept_channel(listener: &TcpListener) -> std::io::Result<Incoming> {
+    let (tcp, _) = listener.accept()?;
+    Ok(Incoming {
+        reader: Box::new(tcp.try_clone()?),
+        handle: Box::new(tcp),
+    })
+}
+
+/// What a destination thread gives back: its result, guest memory and device.
+pub type DestinationThread<D> =
+    JoinHandle<(Result<DestinationReport, MigrateError>, GuestMemory, D)>;
+
+/// A destination on a fresh loopback listener, on its own thread: a guest of `layout`,
+/// `device` loading what arrives, every frame within `timeout`, every DMA mapping
+/// accepted, further channels through the acceptor `accept` makes of the listener (which
+/// it owns: dropping it stops listening). Returns the address and the thread.
+pub fn destination_on_loopback<D, A>(
+    layout: &'static [(u64, u64)],
+    timeout: Duration,
+    mut device: D,
+    accept: impl FnOnce(TcpListener) -> A + Send + 'static,
+) -> (String, DestinationThread<D>)
+where
+    D: MigrationDevice + Send + 'static,
+    A: FnMut() -> std::io::Result<Incoming>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let thread = std::thread::spawn(move || {
+        let memory = GuestMemory::new(layout).unwrap();
+        let (main, _) = listener.accept().unwrap();
+        let mut input = FrameReader::new(main.try_clone().unwrap()).with_timeout(timeout);
+        let mut out = FrameWriter::new(main, None).with_timeout(timeout);
+        let result = migrate_destination_channels(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut input,
+            &mut out,
+            accept(listener),
+        );
+        (result, memory, device)
+    });
+    (address, thread)
 }
