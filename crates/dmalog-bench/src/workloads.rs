@@ -478,7 +478,7 @@ impl TrackerReports {
     pub fn mlx5(&mut self) {
         let mut bitmap = IovaBitmap::new(0, self.span, PAGE, &mut self.output).expect("bitmap");
         self.mlx5
-            .read_and_clear(0, self.span, &mut bitmap)
+            .read_and_clear(IovaRange::new(0, self.span).expect("span"), &mut bitmap)
             .expect("mlx5 report");
     }
 
@@ -486,7 +486,7 @@ impl TrackerReports {
     pub fn soft(&mut self) {
         let mut bitmap = IovaBitmap::new(0, self.span, PAGE, &mut self.output).expect("bitmap");
         self.soft
-            .read_and_clear(0, self.span, &mut bitmap)
+            .read_and_clear(IovaRange::new(0, self.span).expect("span"), &mut bitmap)
             .expect("soft report");
     }
 

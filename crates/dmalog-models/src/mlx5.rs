@@ -1,10 +1,10 @@
 //! A model of the mlx5 hardware page tracker (SPEC 5.2): both halves, device and driver,
 //! with the hardware's limits and failure modes, as a [`LogDriver`].
 //!
-//! - The **device half** ("firmware") runs on its own thread, the one thread a tracker model starts:
+//! - The **device half** ("firmware") runs on its own thread (the one thread of the model):
 //!   it owns the hardware log (marked by DMA writes through the same lock-free
-//!   [`DirtyMarker`] path as the soft tracker) and, for each "modify to REPORTING over
-//!   `[iova, length)`" command, walks the log and sends the dirty page addresses as 8-byte
+//!   [`DirtyMarker`](dmalog::DirtyMarker) path as the soft tracker) and, for each "modify
+//!   to REPORTING over `[iova, length)`" command, walks the log and sends the dirty page addresses as 8-byte
 //!   big-endian entries (high 32 bits, then low 32 bits) in messages written into receive
 //!   buffers the host posted. Each message completes with a completion entry whose immediate
 //!   data carries the tracker state in its top 4 bits: REPORTING while more follow, TRACKING
@@ -31,9 +31,7 @@ use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
 
-use dmalog::budget::{LogBudget, DEFAULT_MAX_LOG_BYTES};
-use dmalog::dirty_log::DirtyLog;
-use dmalog::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
+use dmalog::driver::{LiveLog, LogDriver, LogPublisher, WriteRecorder};
 use dmalog::error::{LogError, LogResult};
 use dmalog::iova_bitmap::IovaBitmap;
 use dmalog::ranges::{ranges_cover, IovaRange};
@@ -133,8 +131,8 @@ enum HostEvent {
 /// A firmware command.
 #[derive(Debug)]
 enum Command {
-    /// Modify the tracker object to REPORTING over `[iova, iova+length)`.
-    ModifyReporting { iova: u64, length: u64 },
+    /// Modify the tracker object to REPORTING over a range.
+    ModifyReporting(IovaRange),
 }
 
 /// The device half.
@@ -155,8 +153,8 @@ struct HostGone;
 impl Firmware {
     fn run(self) {
         self.stats.live_threads.fetch_add(1, Ordering::SeqCst);
-        while let Ok(Command::ModifyReporting { iova, length }) = self.commands.recv() {
-            if self.report(iova, length).is_err() {
+        while let Ok(Command::ModifyReporting(range)) = self.commands.recv() {
+            if self.report(range).is_err() {
                 break;
             }
         }
@@ -208,7 +206,7 @@ impl Firmware {
         self.send(HostEvent::Completion(completion))
     }
 
-    fn report(&self, iova: u64, length: u64) -> Result<(), HostGone> {
+    fn report(&self, range: IovaRange) -> Result<(), HostGone> {
         self.stats.reports.fetch_add(1, Ordering::Relaxed);
         let mut fault = self
             .faults
@@ -236,7 +234,7 @@ impl Firmware {
         let mut current: Option<(RecvBuffer, usize)> = None;
         let mut outcome = Ok(());
         let mut entries = 0u64;
-        self.log.drain_pages(iova, length, |page| {
+        self.log.drain_pages(range, |page| {
             if outcome.is_err() {
                 return; // the host is gone; the log is being torn down
             }
@@ -349,11 +347,10 @@ impl Session {
 /// The mlx5 tracker model as a driver of the logging core.
 pub struct Mlx5Driver {
     caps: Mlx5Caps,
-    live: Arc<LiveLog>,
+    publisher: LogPublisher,
     faults: Arc<FaultState>,
     stats: Arc<Mlx5Stats>,
     session: Option<Session>,
-    budget: LogBudget,
 }
 
 impl std::fmt::Debug for Mlx5Driver {
@@ -377,11 +374,10 @@ impl Mlx5Driver {
     pub fn with_live_log(caps: Mlx5Caps, live: Arc<LiveLog>) -> Self {
         Mlx5Driver {
             caps,
-            live,
+            publisher: LogPublisher::new(live),
             faults: Arc::default(),
             stats: Arc::default(),
             session: None,
-            budget: LogBudget::new(DEFAULT_MAX_LOG_BYTES),
         }
     }
 
@@ -389,13 +385,8 @@ impl Mlx5Driver {
     /// log (which a real device keeps in its own memory; here it is ours) and the host's
     /// receive ring. START fails with ENOMEM above it.
     pub fn with_max_log_bytes(mut self, max_log_bytes: u64) -> Self {
-        self.budget = LogBudget::new(max_log_bytes);
+        self.publisher.set_max_log_bytes(max_log_bytes);
         self
-    }
-
-    /// Bytes of tracker state the started tracker holds (what the budget is charged).
-    pub fn used_bytes(&self) -> u64 {
-        self.budget.used_bytes()
     }
 
     /// The capabilities.
@@ -403,14 +394,19 @@ impl Mlx5Driver {
         &self.caps
     }
 
+    /// Bytes of tracker state the started tracker holds (what the budget is charged).
+    pub fn used_bytes(&self) -> u64 {
+        self.publisher.used_bytes()
+    }
+
     /// A recorder for one DMA writer thread (marks the hardware log).
     pub fn recorder(&self) -> WriteRecorder {
-        self.live.recorder()
+        self.publisher.recorder()
     }
 
     /// The live log writers record through.
     pub fn live_log(&self) -> &Arc<LiveLog> {
-        &self.live
+        self.publisher.live_log()
     }
 
     /// The fault-injection and statistics handle.
@@ -458,7 +454,7 @@ impl LogDriver for Mlx5Driver {
             return Err(LogError::Unsupported("more ranges than max_num_range"));
         }
         // log2(next power of two of the summed lengths), gaps between merged ranges count.
-        let total: u128 = ranges.iter().map(|r| u128::from(r.length())).sum();
+        let total: u128 = ranges.iter().map(|r| u128::from(r.len_bytes())).sum();
         let log_addr_space = total.next_power_of_two().trailing_zeros();
         if log_addr_space < u32::from(caps.log_min_addr_space)
             || log_addr_space > u32::from(caps.log_max_addr_space)
@@ -467,15 +463,16 @@ impl LogDriver for Mlx5Driver {
                 "address space outside the tracker's limits",
             ));
         }
-        self.budget.reset();
+        self.publisher.retract(false);
         let cost = ranges.iter().fold(caps.ring_bytes(), |sum: u64, range| {
-            sum.saturating_add(log_cost(range.length(), tracked_page_size))
+            sum.saturating_add(log_cost(range.len_bytes(), tracked_page_size))
         });
-        self.budget
+        self.publisher
+            .budget_mut()
             .charge(cost, "mlx5 tracker state above the memory budget")?;
         let started = self.start_charged(ranges, tracked_page_size, log_addr_space);
         if started.is_err() {
-            self.budget.reset();
+            self.publisher.retract(false);
         }
         started?;
         *page_size = tracked_page_size;
@@ -483,20 +480,15 @@ impl LogDriver for Mlx5Driver {
     }
 
     fn stop(&mut self) {
-        if self.session.take().is_some() {
-            self.live.publish(None);
+        let was_started = self.session.take().is_some();
+        self.publisher.retract(was_started);
+        if was_started {
             debug!("mlx5 tracker stopped");
         }
-        self.budget.reset();
     }
 
-    fn read_and_clear(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()> {
-        self.session_report(iova, length, bitmap)
+    fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
+        self.session_report(range, bitmap)
     }
 
     fn max_ranges(&self) -> usize {
@@ -533,11 +525,7 @@ impl Mlx5Driver {
         let caps = self.caps;
         // Ranges aligned to a smaller hint may share a tracked page: one log for them.
         let spans = page_spans(ranges, tracked_page_size)?;
-        let mut logs = Vec::with_capacity(spans.len());
-        for (start, end) in spans {
-            logs.push(DirtyLog::new(start, end - start, tracked_page_size)?);
-        }
-        let log = Arc::new(SoftLog::fixed(logs));
+        let log = Arc::new(SoftLog::over_spans(&spans, tracked_page_size)?);
         // The receive ring: max(2 MiB, 4 x max_msg_size) in max_msg_size buffers, all posted.
         let max_msg_size = caps.max_msg_size();
         let buffers = (caps.ring_bytes() / max_msg_size as u64) as usize;
@@ -573,8 +561,7 @@ impl Mlx5Driver {
             .name("mlx5-firmware".into())
             .spawn(move || firmware.run())
             .map_err(|_| LogError::OutOfMemory("mlx5 device thread"))?;
-        self.live
-            .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
+        self.publisher.publish(&log);
         self.session = Some(Session {
             log,
             ranges: ranges.to_vec(),
@@ -600,12 +587,7 @@ impl Mlx5Driver {
     }
 
     /// REPORT: the modify command, then the completions until TRACKING.
-    fn session_report(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()> {
+    fn session_report(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
         let detached = self.detached();
         let session = self
             .session
@@ -617,7 +599,7 @@ impl Mlx5Driver {
         if session.is_err {
             return Err(LogError::TrackerError("tracker in error state"));
         }
-        let command = Command::ModifyReporting { iova, length };
+        let command = Command::ModifyReporting(range);
         if session
             .commands
             .as_ref()

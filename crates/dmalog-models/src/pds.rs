@@ -7,11 +7,12 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use dmalog::budget::{bitmap_bytes, LogBudget, DEFAULT_MAX_LOG_BYTES};
-use dmalog::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
+use dmalog::budget::bitmap_bytes;
+use dmalog::driver::{DirtyMarker, LiveLog, LogDriver, LogPublisher, WriteRecorder};
 use dmalog::error::{LogError, LogResult};
 use dmalog::iova_bitmap::IovaBitmap;
 use dmalog::ranges::{ranges_cover, IovaRange};
+use dmalog::soft::page_span;
 
 /// Regions the default model tracks (the device's `max_regions`).
 pub const PDS_DEFAULT_MAX_REGIONS: usize = 8;
@@ -53,14 +54,25 @@ impl std::fmt::Debug for PdsLog {
     }
 }
 
+/// The words of a region's bitmaps that hold pages `[first, last]` (region-relative), each
+/// with the mask of those pages' bits in it.
+fn word_masks(first: u64, last: u64) -> impl Iterator<Item = (usize, u64)> {
+    (first / 64..=last / 64).map(move |word| {
+        let lo = if word == first / 64 { first % 64 } else { 0 };
+        let hi = if word == last / 64 { last % 64 } else { 63 };
+        // A region's words are in memory, so `word` fits a usize.
+        (word as usize, (u64::MAX >> (63 - hi)) & (u64::MAX << lo))
+    })
+}
+
 impl DirtyMarker for PdsLog {
     /// The device marks a page by making its `seq` bit differ from its `ack` bit (a
     /// compare-and-swap, so that two writers of one page cannot flip it back).
-    fn mark(&self, iova: u64, len: u64) {
-        if len == 0 {
+    fn mark(&self, iova: u64, len_bytes: u64) {
+        if len_bytes == 0 {
             return;
         }
-        let end = iova.saturating_add(len);
+        let end = iova.saturating_add(len_bytes);
         for region in self.overlapping(iova, end) {
             let (start, stop) = (iova.max(region.iova), end.min(region.end));
             if start >= stop {
@@ -68,11 +80,8 @@ impl DirtyMarker for PdsLog {
             }
             let first = (start - region.iova) >> self.page_shift;
             let last = (stop - 1 - region.iova) >> self.page_shift;
-            for word in first / 64..=last / 64 {
-                let lo = if word == first / 64 { first % 64 } else { 0 };
-                let hi = if word == last / 64 { last % 64 } else { 63 };
-                let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-                let (seq, ack) = (&region.seq[word as usize], &region.ack[word as usize]);
+            for (word, mask) in word_masks(first, last) {
+                let (seq, ack) = (&region.seq[word], &region.ack[word]);
                 let mut current = seq.load(Ordering::SeqCst);
                 loop {
                     let clean = !(current ^ ack.load(Ordering::SeqCst)) & mask;
@@ -98,11 +107,10 @@ impl DirtyMarker for PdsLog {
 #[derive(Debug)]
 pub struct PdsDriver {
     max_regions: usize,
-    live: Arc<LiveLog>,
+    publisher: LogPublisher,
     log: Option<Arc<PdsLog>>,
     /// The regions' ranges as started (sorted, disjoint), for `add_range`.
     ranges: Vec<IovaRange>,
-    budget: LogBudget,
 }
 
 impl PdsDriver {
@@ -115,28 +123,27 @@ impl PdsDriver {
     pub fn with_live_log(max_regions: usize, live: Arc<LiveLog>) -> Self {
         PdsDriver {
             max_regions: max_regions.max(1),
-            live,
+            publisher: LogPublisher::new(live),
             log: None,
             ranges: Vec::new(),
-            budget: LogBudget::new(DEFAULT_MAX_LOG_BYTES),
         }
     }
 
     /// Caps the memory of the `seq` and `ack` bitmaps one START allocates (the device's
     /// and the host's; in this model both are ours). START fails with ENOMEM above it.
     pub fn with_max_log_bytes(mut self, max_log_bytes: u64) -> Self {
-        self.budget = LogBudget::new(max_log_bytes);
+        self.publisher.set_max_log_bytes(max_log_bytes);
         self
     }
 
     /// Bytes of tracker state the started tracker holds (what the budget is charged).
     pub fn used_bytes(&self) -> u64 {
-        self.budget.used_bytes()
+        self.publisher.used_bytes()
     }
 
     /// A recorder for one DMA writer thread.
     pub fn recorder(&self) -> WriteRecorder {
-        self.live.recorder()
+        self.publisher.recorder()
     }
 }
 
@@ -157,25 +164,20 @@ impl LogDriver for PdsDriver {
             return Err(LogError::Invalid("page size is not a power of two"));
         }
         let page_shift = page_size.trailing_zeros();
-        let mask = *page_size - 1;
         // Regions cover whole pages: the mappings of "log all" need not be aligned.
         let mut spans = Vec::with_capacity(ranges.len());
         let mut cost = 0u64;
         for range in ranges {
-            let overflow = LogError::Overflow {
-                iova: range.iova(),
-                length: range.length(),
-            };
-            let start = range.iova() & !mask;
-            let end = range.end().checked_add(mask).ok_or(overflow)? & !mask;
-            let pages = (end - start) >> page_shift;
+            let span = page_span(*range, *page_size)?;
+            let pages = span.len_bytes() >> page_shift;
             cost = cost
                 .saturating_add(bitmap_bytes(pages).saturating_mul(2))
                 .saturating_add(PDS_REGION_OVERHEAD_BYTES);
-            spans.push((start, end, pages));
+            spans.push((span.iova(), span.end(), pages));
         }
-        self.budget.reset();
-        self.budget
+        self.publisher.retract(false);
+        self.publisher
+            .budget_mut()
             .charge(cost, "pds bitmaps above the memory budget")?;
         let mut regions = Vec::with_capacity(spans.len());
         for (start, end, pages) in spans {
@@ -186,7 +188,7 @@ impl LogDriver for PdsDriver {
             let (seq, ack) = match bitmaps {
                 Ok(bitmaps) => bitmaps,
                 Err(err) => {
-                    self.budget.reset();
+                    self.publisher.retract(false);
                     return Err(err);
                 }
             };
@@ -202,26 +204,19 @@ impl LogDriver for PdsDriver {
             page_shift,
             regions,
         });
-        self.live
-            .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
+        self.publisher.publish(&log);
         self.log = Some(log);
         Ok(()) // the page size is returned unchanged, as the pds driver does
     }
 
     fn stop(&mut self) {
-        if self.log.take().is_some() {
-            self.live.publish(None);
-        }
+        let was_started = self.log.take().is_some();
+        self.publisher.retract(was_started);
         self.ranges.clear();
-        self.budget.reset();
     }
 
-    fn read_and_clear(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()> {
+    fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
+        let (iova, length) = (range.iova(), range.len_bytes());
         let log = self
             .log
             .as_ref()
@@ -231,24 +226,21 @@ impl LogDriver for PdsDriver {
             .next()
             .filter(|r| iova >= r.iova)
             .ok_or(LogError::Invalid("no region holds the IOVA"))?;
-        if length == 0 || iova.checked_add(length).is_none_or(|end| end > region.end) {
+        if range.end() > region.end {
             return Err(LogError::Invalid("a report may not span regions"));
         }
         let first = (iova - region.iova) >> log.page_shift;
         let last = (iova + length - 1 - region.iova) >> log.page_shift;
-        for word in first / 64..=last / 64 {
-            let lo = if word == first / 64 { first % 64 } else { 0 };
-            let hi = if word == last / 64 { last % 64 } else { 63 };
-            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+        for (word, mask) in word_masks(first, last) {
             // READ_SEQ, then WRITE_ACK of what was read: a page the device marks in between
             // differs again from its ack and is reported next time.
-            let seq = region.seq[word as usize].load(Ordering::SeqCst);
-            let ack = &region.ack[word as usize];
+            let seq = region.seq[word].load(Ordering::SeqCst);
+            let ack = &region.ack[word];
             let old_ack = ack.load(Ordering::SeqCst);
             let mut dirty = (seq ^ old_ack) & mask;
             ack.store((old_ack & !mask) | (seq & mask), Ordering::SeqCst);
             while dirty != 0 {
-                let page = word * 64 + u64::from(dirty.trailing_zeros());
+                let page = word as u64 * 64 + u64::from(dirty.trailing_zeros());
                 dirty &= dirty - 1;
                 bitmap.set(
                     region.iova + (page << log.page_shift),

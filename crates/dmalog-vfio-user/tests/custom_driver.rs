@@ -50,14 +50,9 @@ impl LogDriver for SetDriver {
         self.pages.0.lock().unwrap().clear();
     }
 
-    fn read_and_clear(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()> {
+    fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
         self.reports.fetch_add(1, Ordering::SeqCst);
-        let end = iova.saturating_add(length);
+        let (iova, end) = (range.iova(), range.end());
         let mut pages = self.pages.0.lock().unwrap();
         let wanted: Vec<u64> = pages
             .range(iova / PAGE_BYTES..end.div_ceil(PAGE_BYTES))

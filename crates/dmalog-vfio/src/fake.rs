@@ -366,7 +366,7 @@ impl FakeIommu {
         if enable {
             // A clean snapshot: enabling clears every stale dirty bit first.
             self.log
-                .drain_pages(self.log.base_iova(), self.log.length(), |_| {});
+                .drain_pages(self.log.base_iova(), self.log.len_bytes(), |_| {});
         }
         self.tracking = enable;
         Ok(0)

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use dmalog::soft::page_span;
 use dmalog::{IovaBitmap, IovaRange, LogDriver, LogError, LogResult};
 use tracing::debug;
 
@@ -52,14 +53,11 @@ impl VmMemoryDriver {
     }
 }
 
-/// `range` aligned out to `page_size`, or `Overflow` at the top of the address space.
+/// `range` aligned out to `page_size` as `[start, end)`, or `Overflow` at the top of the
+/// address space.
 fn aligned_span(range: IovaRange, page_size: u64) -> LogResult<(u64, u64)> {
-    let mask = page_size - 1;
-    let end = range.end().checked_add(mask).ok_or(LogError::Overflow {
-        iova: range.iova(),
-        length: range.length(),
-    })? & !mask;
-    Ok((range.iova() & !mask, end))
+    let span = page_span(range, page_size)?;
+    Ok((span.iova(), span.end()))
 }
 
 /// Sorts `spans` and joins the overlapping or adjacent ones.
@@ -107,17 +105,12 @@ impl LogDriver for VmMemoryDriver {
         self.started = None;
     }
 
-    fn read_and_clear(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()> {
+    fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
         let started = self
             .started
             .as_ref()
             .ok_or(LogError::Invalid("logging not started"))?;
-        let end = iova.saturating_add(length);
+        let (iova, end) = (range.iova(), range.end());
         let (tracker_page, log_page) = (started.page_size, self.regions.page_size());
         let tracker_mask = tracker_page - 1;
         for &(span_start, span_end) in &started.spans {

@@ -203,23 +203,23 @@ enum Conversion {
 }
 
 impl DirtyLog {
-    /// A clean log covering `[iova, iova+length)` rounded out to whole pages of
+    /// A clean log covering `[iova, iova+len_bytes)` rounded out to whole pages of
     /// `page_size` (a power of two).
-    pub fn new(iova: u64, length: u64, page_size: u64) -> LogResult<Self> {
+    pub fn new(iova: u64, len_bytes: u64, page_size: u64) -> LogResult<Self> {
         if page_size == 0 || !page_size.is_power_of_two() {
             return Err(LogError::Invalid("page size is not a power of two"));
         }
-        if length == 0 {
-            return Err(LogError::Invalid("zero-length range"));
+        if len_bytes == 0 {
+            return Err(LogError::Invalid("zero-len_bytes range"));
         }
         let end = iova
-            .checked_add(length)
-            .ok_or(LogError::Overflow { iova, length })?;
+            .checked_add(len_bytes)
+            .ok_or(LogError::Overflow { iova, len_bytes })?;
         let mask = page_size - 1;
         let base_iova = iova & !mask;
         let end = end
             .checked_add(mask)
-            .ok_or(LogError::Overflow { iova, length })?
+            .ok_or(LogError::Overflow { iova, len_bytes })?
             & !mask;
         let page_shift = page_size.trailing_zeros();
         let npages = (end - base_iova) >> page_shift;
@@ -241,7 +241,7 @@ impl DirtyLog {
     }
 
     /// Bytes covered (a multiple of the page size).
-    pub fn length(&self) -> u64 {
+    pub fn len_bytes(&self) -> u64 {
         self.length
     }
 
@@ -285,7 +285,7 @@ impl DirtyLog {
         ))
     }
 
-    /// Records a DMA write of `[iova, iova+len)` whose data is already in memory: the
+    /// Records a DMA write of `[iova, iova+len_bytes)` whose data is already in memory: the
     /// mark of [`DirtyLog::mark`], ordered after the data (so the data cannot be seen after
     /// the bit; see the module comment). The entry point for device write paths.
     ///
@@ -294,8 +294,8 @@ impl DirtyLog {
     /// the log's own fields too), and a word that a plain load shows is not yet dirty takes
     /// the RMW path through `fence_then_rmw`: on x86-64 its locked RMW is the fence.
     #[inline]
-    pub fn record_write(&self, iova: u64, len: u64) {
-        let Some((first, last)) = self.page_span(iova, len) else {
+    pub fn record_write(&self, iova: u64, len_bytes: u64) {
+        let Some((first, last)) = self.page_span(iova, len_bytes) else {
             // Nothing logged: nothing to order.
             return;
         };
@@ -338,14 +338,14 @@ impl DirtyLog {
         Self::mark_word_at(word, summary, summary_bit, mask);
     }
 
-    /// Marks every page `[iova, iova+len)` touches as dirty; the parts outside the log are
+    /// Marks every page `[iova, iova+len_bytes)` touches as dirty; the parts outside the log are
     /// ignored. At most one atomic RMW per 64-page word (plus one on the summary the first
     /// time a word of its group turns dirty), and none when the word already holds the bits.
     /// Orders nothing before the mark: a DMA write uses [`DirtyLog::record_write`] (or
     /// issues a SeqCst fence first, as [`crate::WriteRecorder`] does).
     #[inline]
-    pub fn mark(&self, iova: u64, len: u64) {
-        let Some((first, last)) = self.page_span(iova, len) else {
+    pub fn mark(&self, iova: u64, len_bytes: u64) {
+        let Some((first, last)) = self.page_span(iova, len_bytes) else {
             return;
         };
         let (first_word, last_word) = (first / 64, last / 64);
@@ -404,9 +404,9 @@ impl DirtyLog {
         }
     }
 
-    /// Whether any page of `[iova, iova+len)` is dirty (a read; clears nothing).
-    pub fn is_dirty(&self, iova: u64, len: u64) -> bool {
-        let Some((first, last)) = self.page_span(iova, len) else {
+    /// Whether any page of `[iova, iova+len_bytes)` is dirty (a read; clears nothing).
+    pub fn is_dirty(&self, iova: u64, len_bytes: u64) -> bool {
+        let Some((first, last)) = self.page_span(iova, len_bytes) else {
             return false;
         };
         (first / 64..=last / 64).any(|w| {
@@ -493,25 +493,25 @@ impl DirtyLog {
         }
     }
 
-    /// Reports and clears the dirty pages of `[iova, iova+len)` into `bitmap`, converting
+    /// Reports and clears the dirty pages of `[iova, iova+len_bytes)` into `bitmap`, converting
     /// to its page size: a report page is set when any dirty log page overlaps it. Log pages
     /// overlapping the range are cleared; others are untouched. Bits are only ORed into the
     /// bitmap, never cleared. Cost: one summary load per 4096 log pages of the range plus
     /// one RMW per dirty word.
-    pub fn read_and_clear(&self, iova: u64, len: u64, bitmap: &mut IovaBitmap<'_>) {
+    pub fn read_and_clear(&self, iova: u64, len_bytes: u64, bitmap: &mut IovaBitmap<'_>) {
         let emitter = Emitter {
             conversion: self.conversion(bitmap),
             pending_bit: NO_PENDING_BIT,
         };
         let mut sink = BitmapSink { emitter, bitmap };
-        self.clear_walk(iova, len, &mut sink);
+        self.clear_walk(iova, len_bytes, &mut sink);
         sink.emitter.finish(sink.bitmap);
     }
 
-    /// Reports the dirty pages of `[iova, iova+len)` into `bitmap` like
+    /// Reports the dirty pages of `[iova, iova+len_bytes)` into `bitmap` like
     /// [`DirtyLog::read_and_clear`], but leaves the log as it is (the iommufd NO_CLEAR read).
-    pub fn read(&self, iova: u64, len: u64, bitmap: &mut IovaBitmap<'_>) {
-        let Some((first, last)) = self.page_span(iova, len) else {
+    pub fn read(&self, iova: u64, len_bytes: u64, bitmap: &mut IovaBitmap<'_>) {
+        let Some((first, last)) = self.page_span(iova, len_bytes) else {
             return;
         };
         let mut emitter = Emitter {
@@ -541,11 +541,11 @@ impl DirtyLog {
         emitter.finish(bitmap);
     }
 
-    /// Clears the dirty pages of `[iova, iova+len)` and calls `page(iova)` with the first
+    /// Clears the dirty pages of `[iova, iova+len_bytes)` and calls `page(iova)` with the first
     /// IOVA of each, in increasing order: how a hardware tracker walks its log to send
     /// page addresses. `page` may block (a full receive ring): the walk simply waits.
-    pub fn drain_pages(&self, iova: u64, len: u64, page: impl FnMut(u64)) {
-        self.clear_walk(iova, len, &mut PageSink { page });
+    pub fn drain_pages(&self, iova: u64, len_bytes: u64, page: impl FnMut(u64)) {
+        self.clear_walk(iova, len_bytes, &mut PageSink { page });
     }
 
     /// Takes a group wholly inside the report (its summary word read non-zero).
@@ -1254,8 +1254,8 @@ mod window_tests {
                 report_page,
                 &mut window,
                 |bm| {
-                    let (start, len) = bm.window_range();
-                    windowed_log.read_and_clear(start, len, bm);
+                    let window = bm.window_range();
+                    windowed_log.read_and_clear(window.iova(), window.len_bytes(), bm);
                     Ok(())
                 },
                 |offset, chunk| {

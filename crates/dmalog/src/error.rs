@@ -26,13 +26,13 @@ pub enum LogError {
         /// The negotiated maximum.
         max_bytes: u64,
     },
-    /// `iova + length` wraps past 2^64 (EOVERFLOW).
-    #[error("iova {iova:#x} + length {length:#x} overflows")]
+    /// `iova + len_bytes` wraps past 2^64 (EOVERFLOW).
+    #[error("iova {iova:#x} + length {len_bytes:#x} overflows")]
     Overflow {
         /// Start of the range.
         iova: u64,
         /// Length in bytes.
-        length: u64,
+        len_bytes: u64,
     },
     /// Unknown feature index, or the device has no DMA logging (ENOTTY).
     #[error("feature not supported: {0}")]
@@ -84,7 +84,10 @@ impl LogError {
                 num_ranges: 0,
                 limit: 0,
             },
-            libc::EOVERFLOW => LogError::Overflow { iova: 0, length: 0 },
+            libc::EOVERFLOW => LogError::Overflow {
+                iova: 0,
+                len_bytes: 0,
+            },
             libc::ENOTTY => LogError::NotSupported("reported by the device"),
             libc::EOPNOTSUPP => LogError::Unsupported("reported by the device"),
             libc::EIO => LogError::TrackerError("reported by the device"),

@@ -13,6 +13,7 @@
 //! the next one instead of being lost.
 
 use crate::error::{LogError, LogResult};
+use crate::ranges::IovaRange;
 
 /// A report bitmap over one IOVA range, writing into a borrowed buffer.
 #[derive(Debug)]
@@ -28,37 +29,40 @@ pub struct IovaBitmap<'a> {
     ahead_end_bit: u64,
 }
 
-/// Bits in a report of `length` bytes at `page_size`: `ceil(length / page_size)`.
-pub fn report_bits(length: u64, page_size: u64) -> LogResult<u64> {
+/// Bits in a report of `len_bytes` bytes at `page_size`: `ceil(length / page_size)`.
+pub fn report_bits(len_bytes: u64, page_size: u64) -> LogResult<u64> {
     if page_size == 0 || !page_size.is_power_of_two() {
         return Err(LogError::Invalid("page size is not a power of two"));
     }
-    if length == 0 {
-        return Err(LogError::Invalid("length is zero"));
+    if len_bytes == 0 {
+        return Err(LogError::Invalid("len_bytes is zero"));
     }
-    Ok(((length - 1) >> page_size.trailing_zeros()) + 1)
+    Ok(((len_bytes - 1) >> page_size.trailing_zeros()) + 1)
 }
 
-/// Bytes of a report bitmap of `length` bytes at `page_size`: `ceil(bits / 8)`.
-pub fn report_bytes(length: u64, page_size: u64) -> LogResult<u64> {
-    Ok(report_bits(length, page_size)?.div_ceil(8))
+/// Bytes of a report bitmap of `len_bytes` bytes at `page_size`: `ceil(bits / 8)`.
+pub fn report_bytes(len_bytes: u64, page_size: u64) -> LogResult<u64> {
+    Ok(report_bits(len_bytes, page_size)?.div_ceil(8))
 }
 
 fn check_range(iova: u64, length: u64) -> LogResult<()> {
     iova.checked_add(length)
         .map(|_| ())
-        .ok_or(LogError::Overflow { iova, length })
+        .ok_or(LogError::Overflow {
+            iova,
+            len_bytes: length,
+        })
 }
 
 impl<'a> IovaBitmap<'a> {
-    /// A bitmap over `[iova, iova+length)` at `page_size` (a power of two, any size from
+    /// A bitmap over `[iova, iova+len_bytes)` at `page_size` (a power of two, any size from
     /// 1 byte) writing into the first `ceil(bits/8)` bytes of `bytes`.
     ///
     /// Errors: page size not a power of two or zero length (`Invalid`), `iova + length`
     /// wrapping (`Overflow`), a buffer shorter than the bitmap (`Invalid`).
-    pub fn new(iova: u64, length: u64, page_size: u64, bytes: &'a mut [u8]) -> LogResult<Self> {
-        let total_bits = report_bits(length, page_size)?;
-        check_range(iova, length)?;
+    pub fn new(iova: u64, len_bytes: u64, page_size: u64, bytes: &'a mut [u8]) -> LogResult<Self> {
+        let total_bits = report_bits(len_bytes, page_size)?;
+        check_range(iova, len_bytes)?;
         let need = total_bits.div_ceil(8);
         if (bytes.len() as u64) < need {
             return Err(LogError::Invalid(
@@ -68,7 +72,7 @@ impl<'a> IovaBitmap<'a> {
         let bytes = &mut bytes[..need as usize];
         Ok(IovaBitmap {
             iova,
-            length,
+            length: len_bytes,
             page_shift: page_size.trailing_zeros(),
             total_bits,
             window_first_bit: 0,
@@ -84,7 +88,7 @@ impl<'a> IovaBitmap<'a> {
     }
 
     /// Bytes covered by the whole report.
-    pub fn length(&self) -> u64 {
+    pub fn len_bytes(&self) -> u64 {
         self.length
     }
 
@@ -104,7 +108,7 @@ impl<'a> IovaBitmap<'a> {
     }
 
     /// The IOVA range this bitmap (or its current window) can record.
-    pub fn window_range(&self) -> (u64, u64) {
+    pub fn window_range(&self) -> IovaRange {
         let start = self.iova + (self.window_first_bit << self.page_shift);
         let end_bit = self.window_first_bit + self.window_bits;
         let end = if end_bit >= self.total_bits {
@@ -112,17 +116,18 @@ impl<'a> IovaBitmap<'a> {
         } else {
             self.iova + (end_bit << self.page_shift)
         };
-        (start, end - start)
+        // A window holds at least one bit of a range that does not wrap.
+        IovaRange::within_checked(start, end - start)
     }
 
-    /// Marks every report page that `[iova, iova+len)` touches (partial pages count).
+    /// Marks every report page that `[iova, iova+len_bytes)` touches (partial pages count).
     /// Parts outside the report are ignored; bits are only set.
-    pub fn set(&mut self, iova: u64, len: u64) {
-        if len == 0 {
+    pub fn set(&mut self, iova: u64, len_bytes: u64) {
+        if len_bytes == 0 {
             return;
         }
         let start = iova.max(self.iova);
-        let end = iova.saturating_add(len).min(self.iova + self.length);
+        let end = iova.saturating_add(len_bytes).min(self.iova + self.length);
         if start >= end {
             return;
         }
@@ -167,10 +172,14 @@ impl<'a> IovaBitmap<'a> {
         }
     }
 
+    // The dirty log's fast paths. Crate-private, and signed: a log's words and bits are
+    // numbered from the report's first page, so a log that starts before the report has
+    // negative ones (the parts outside are dropped). Other callers use `set` and `set_bits`.
+
     /// The bytes of report words `[word, word+count)` when they lie wholly inside the current
     /// window at a byte boundary (for callers that OR many whole words).
     #[inline]
-    pub fn aligned_words_mut(&mut self, word: i128, count: usize) -> Option<&mut [u8]> {
+    pub(crate) fn aligned_words_mut(&mut self, word: i128, count: usize) -> Option<&mut [u8]> {
         let rel_bit = 64 * word - self.window_first_bit as i128;
         if rel_bit < 0
             || rel_bit % 8 != 0
@@ -185,7 +194,7 @@ impl<'a> IovaBitmap<'a> {
     /// ORs `value` into report word `word` (bits `[64*word, 64*word+64)`; `word` may be
     /// negative or past the end: parts outside are dropped).
     #[inline]
-    pub fn or_word(&mut self, word: i128, value: u64) {
+    pub(crate) fn or_word(&mut self, word: i128, value: u64) {
         let rel_bit = 64 * word - self.window_first_bit as i128;
         if rel_bit >= 0 && rel_bit % 8 == 0 && rel_bit + 64 <= self.window_bits as i128 {
             let byte = (rel_bit / 8) as usize;
@@ -202,7 +211,7 @@ impl<'a> IovaBitmap<'a> {
     /// ORs the 64 bits of `value` into report bits `[bit, bit+64)`; `bit` may be negative
     /// and the run may hang over either end: the parts outside the report are dropped.
     #[inline]
-    pub fn or_bits(&mut self, bit: i128, value: u64) {
+    pub(crate) fn or_bits(&mut self, bit: i128, value: u64) {
         if value == 0 {
             return;
         }
@@ -392,7 +401,7 @@ mod tests {
             page,
             &mut window,
             |bm| {
-                let (start, _) = bm.window_range();
+                let start = bm.window_range().iova();
                 // A big set that begins inside this window only.
                 if start == 500 * page {
                     // never: windows start at multiples of 512 pages

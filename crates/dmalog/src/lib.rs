@@ -73,7 +73,7 @@ pub mod uapi;
 pub mod user_memory;
 
 pub use dirty_log::DirtyLog;
-pub use driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
+pub use driver::{DirtyMarker, LiveLog, LogDriver, LogPublisher, WriteRecorder};
 pub use error::{LogError, LogResult};
 pub use feature::{DeviceFeatures, FeatureError, FeatureRequest, MigrationFeatures};
 pub use iova_bitmap::IovaBitmap;

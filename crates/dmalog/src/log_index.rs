@@ -129,7 +129,7 @@ impl LogIndex {
             .into_iter()
             .map(|log| Entry {
                 base_iova: log.base_iova(),
-                end_iova: log.base_iova() + log.length(),
+                end_iova: log.base_iova() + log.len_bytes(),
                 log,
             })
             .collect();
@@ -158,7 +158,7 @@ impl LogIndex {
     pub(crate) fn with(&self, log: Arc<DirtyLog>) -> LogIndex {
         let entry = Entry {
             base_iova: log.base_iova(),
-            end_iova: log.base_iova() + log.length(),
+            end_iova: log.base_iova() + log.len_bytes(),
             log,
         };
         let root = match self.root.with(entry) {
@@ -195,7 +195,7 @@ impl LogIndex {
     fn spans(&self) -> Vec<(u64, u64)> {
         let mut out = Vec::new();
         self.for_each_overlapping(0, u64::MAX, |log| {
-            out.push((log.base_iova(), log.base_iova() + log.length()))
+            out.push((log.base_iova(), log.base_iova() + log.len_bytes()))
         });
         out
     }

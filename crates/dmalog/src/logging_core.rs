@@ -306,8 +306,10 @@ impl<D: LogDriver> LoggingCore<D> {
                 "report page size is not a supported power of two",
             ));
         }
-        iova.checked_add(length)
-            .ok_or(LogError::Overflow { iova, length })?;
+        iova.checked_add(length).ok_or(LogError::Overflow {
+            iova,
+            len_bytes: length,
+        })?;
         if length == 0 {
             return Err(LogError::Invalid("zero-length report"));
         }
@@ -343,7 +345,7 @@ impl<D: LogDriver> LoggingCore<D> {
             .driver
             .as_mut()
             .ok_or(LogError::NotSupported("device has no DMA logging"))?;
-        driver.read_and_clear(iova, length, &mut bitmap)
+        driver.read_and_clear(IovaRange::new(iova, length)?, &mut bitmap)
     }
 
     /// Handles a DMA logging DEVICE_FEATURE in the vfio-user dialect, for a device that has

@@ -15,13 +15,22 @@ pub struct IovaRange {
 
 impl IovaRange {
     /// A range, or an error for a zero length (`Invalid`) or an end past 2^64 (`Overflow`).
-    pub fn new(iova: u64, length: u64) -> LogResult<Self> {
-        if length == 0 {
-            return Err(LogError::Invalid("zero-length range"));
+    pub fn new(iova: u64, len_bytes: u64) -> LogResult<Self> {
+        if len_bytes == 0 {
+            return Err(LogError::Invalid("zero-len_bytes range"));
         }
-        iova.checked_add(length)
-            .ok_or(LogError::Overflow { iova, length })?;
-        Ok(IovaRange { iova, length })
+        iova.checked_add(len_bytes)
+            .ok_or(LogError::Overflow { iova, len_bytes })?;
+        Ok(IovaRange {
+            iova,
+            length: len_bytes,
+        })
+    }
+
+    /// A range the caller has already checked (non-empty, no wrap): debug builds assert it.
+    pub(crate) fn within_checked(iova: u64, length: u64) -> Self {
+        debug_assert!(length > 0 && iova.checked_add(length).is_some());
+        IovaRange { iova, length }
     }
 
     /// First IOVA.
@@ -30,8 +39,14 @@ impl IovaRange {
     }
 
     /// Length in bytes.
-    pub fn length(&self) -> u64 {
+    pub fn len_bytes(&self) -> u64 {
         self.length
+    }
+
+    /// The old name of [`IovaRange::len_bytes`], kept while branches that call it are merged.
+    #[doc(hidden)]
+    pub fn length(&self) -> u64 {
+        self.len_bytes()
     }
 
     /// One past the last IOVA (never wraps).
@@ -44,9 +59,12 @@ impl IovaRange {
         self.iova < other.end() && other.iova < self.end()
     }
 
-    /// Whether `[iova, iova+len)` lies wholly inside this range.
-    pub fn contains(&self, iova: u64, len: u64) -> bool {
-        iova >= self.iova && iova.checked_add(len).is_some_and(|end| end <= self.end())
+    /// Whether `[iova, iova+len_bytes)` lies wholly inside this range.
+    pub fn contains(&self, iova: u64, len_bytes: u64) -> bool {
+        iova >= self.iova
+            && iova
+                .checked_add(len_bytes)
+                .is_some_and(|end| end <= self.end())
     }
 }
 

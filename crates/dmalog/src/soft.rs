@@ -13,9 +13,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::budget::{bitmap_bytes, LogBudget, DEFAULT_MAX_LOG_BYTES};
+use crate::budget::{bitmap_bytes, DEFAULT_MAX_LOG_BYTES};
 use crate::dirty_log::DirtyLog;
-use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
+use crate::driver::{DirtyMarker, LiveLog, LogDriver, LogPublisher, WriteRecorder};
 use crate::error::{LogError, LogResult};
 use crate::iova_bitmap::IovaBitmap;
 use crate::log_index::LogIndex;
@@ -48,12 +48,15 @@ impl std::fmt::Debug for SoftLog {
 }
 
 impl SoftLog {
-    /// A log over fixed ranges: sorted by IOVA and disjoint (see [`page_spans`]); what a
-    /// tracker model whose ranges are fixed at START (`dmalog-models`) marks and drains.
-    pub fn fixed(ranges: Vec<DirtyLog>) -> SoftLog {
-        SoftLog {
-            index: LogIndex::from_sorted(ranges.into_iter().map(Arc::new)),
-        }
+    /// A log over `spans` (sorted, disjoint and page-aligned, as [`page_spans`] makes
+    /// them) at `page_size`: what the soft tracker starts with, and what a tracker model
+    /// whose ranges are fixed at START (`dmalog-models`) marks and drains. ENOMEM when the
+    /// logs cannot be allocated.
+    pub fn over_spans(spans: &[IovaRange], page_size: u64) -> LogResult<SoftLog> {
+        let logs = dirty_logs(spans, page_size)?;
+        Ok(SoftLog {
+            index: LogIndex::from_sorted(logs.into_iter().map(Arc::new)),
+        })
     }
 
     /// This log plus `added` (disjoint from each other and from every log here): the
@@ -71,35 +74,38 @@ impl SoftLog {
         self.index.len()
     }
 
-    /// Clears the dirty pages of `[iova, iova+length)` and calls `page` with each one's
-    /// IOVA (log by log, in increasing IOVA).
-    pub fn drain_pages(&self, iova: u64, length: u64, mut page: impl FnMut(u64)) {
-        self.index
-            .for_each_overlapping(iova, length, |log| log.drain_pages(iova, length, &mut page));
+    /// Clears the dirty pages of `range` and calls `page` with each one's IOVA (log by
+    /// log, in increasing IOVA).
+    pub fn drain_pages(&self, range: IovaRange, mut page: impl FnMut(u64)) {
+        let (iova, len_bytes) = (range.iova(), range.len_bytes());
+        self.index.for_each_overlapping(iova, len_bytes, |log| {
+            log.drain_pages(iova, len_bytes, &mut page)
+        });
     }
 
-    /// Reports and clears `[iova, iova+length)` from every range it overlaps.
-    pub fn read_and_clear(&self, iova: u64, length: u64, bitmap: &mut IovaBitmap<'_>) {
-        self.index
-            .for_each_overlapping(iova, length, |log| log.read_and_clear(iova, length, bitmap));
+    /// Reports and clears `range` from every log it overlaps.
+    pub fn read_and_clear(&self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) {
+        let (iova, len_bytes) = (range.iova(), range.len_bytes());
+        self.index.for_each_overlapping(iova, len_bytes, |log| {
+            log.read_and_clear(iova, len_bytes, bitmap)
+        });
     }
 }
 
 impl DirtyMarker for SoftLog {
     #[inline]
-    fn mark(&self, iova: u64, len: u64) {
+    fn mark(&self, iova: u64, len_bytes: u64) {
         self.index
-            .for_each_overlapping(iova, len, |log| log.mark(iova, len));
+            .for_each_overlapping(iova, len_bytes, |log| log.mark(iova, len_bytes));
     }
 }
 
 /// The soft driver.
 #[derive(Debug)]
 pub struct SoftDriver {
-    live: Arc<LiveLog>,
+    publisher: LogPublisher,
     log: Option<Arc<SoftLog>>,
     page_size: u64,
-    budget: LogBudget,
     /// The IOVA the logs cover, page-aligned, as disjoint non-adjacent intervals
     /// (start -> end): what tells an added range's uncovered parts in O(log n).
     covered: BTreeMap<u64, u64>,
@@ -120,10 +126,9 @@ impl SoftDriver {
     /// A stopped soft tracker publishing into `live` (shared with the device's writers).
     pub fn with_live_log(live: Arc<LiveLog>) -> Self {
         SoftDriver {
-            live,
+            publisher: LogPublisher::new(live),
             log: None,
             page_size: 0,
-            budget: LogBudget::new(SOFT_DEFAULT_MAX_LOG_BYTES),
             covered: BTreeMap::new(),
         }
     }
@@ -131,23 +136,23 @@ impl SoftDriver {
     /// Caps the memory a started log may use, ranges added after START included (START
     /// fails with ENOMEM above it, `add_range` too).
     pub fn with_max_log_bytes(mut self, max_log_bytes: u64) -> Self {
-        self.budget = LogBudget::new(max_log_bytes);
+        self.publisher.set_max_log_bytes(max_log_bytes);
         self
     }
 
     /// Bytes of tracker state the started log holds (what the budget is charged).
     pub fn used_bytes(&self) -> u64 {
-        self.budget.used_bytes()
+        self.publisher.used_bytes()
     }
 
     /// A recorder for one DMA writer thread.
     pub fn recorder(&self) -> WriteRecorder {
-        self.live.recorder()
+        self.publisher.recorder()
     }
 
     /// The live log writers record through.
     pub fn live_log(&self) -> &Arc<LiveLog> {
-        &self.live
+        self.publisher.live_log()
     }
 
     /// The started log, if any (for in-process writers that mark directly). A range added
@@ -157,15 +162,18 @@ impl SoftDriver {
         self.log.as_ref()
     }
 
-    fn charge_logs(&mut self, spans: &[(u64, u64)], page_size: u64) -> LogResult<()> {
-        let cost = spans.iter().fold(0u64, |sum, &(start, end)| {
-            sum.saturating_add(log_cost(end - start, page_size))
+    fn charge_logs(&mut self, spans: &[IovaRange], page_size: u64) -> LogResult<()> {
+        let cost = spans.iter().fold(0u64, |sum, span| {
+            sum.saturating_add(log_cost(span.len_bytes(), page_size))
         });
-        self.budget.charge(cost, "soft log above the memory budget")
+        self.publisher
+            .budget_mut()
+            .charge(cost, "soft log above the memory budget")
     }
 
-    /// Marks `[start, end)` covered, joining the intervals it touches.
-    fn cover(&mut self, mut start: u64, mut end: u64) {
+    /// Marks `span` covered, joining the intervals it touches.
+    fn cover(&mut self, span: IovaRange) {
+        let (mut start, mut end) = (span.iova(), span.end());
         if let Some((&before, &before_end)) = self.covered.range(..=start).next_back() {
             if before_end >= start {
                 start = before;
@@ -182,8 +190,11 @@ impl SoftDriver {
         self.covered.insert(start, end);
     }
 
-    /// The parts of `[start, end)` no log covers yet, in order.
-    fn uncovered(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+    /// The parts of `span` no log covers yet, in order.
+    fn uncovered(&self, span: IovaRange) -> Vec<IovaRange> {
+        let (start, end) = (span.iova(), span.end());
+        // Non-empty, inside `span`: never an error.
+        let gap = |from: u64, to: u64| IovaRange::new(from, to - from).expect("a gap");
         let mut gaps = Vec::new();
         let mut at = start;
         if let Some((_, &before_end)) = self.covered.range(..=start).next_back() {
@@ -191,59 +202,77 @@ impl SoftDriver {
         }
         for (&next, &next_end) in self.covered.range(start..end) {
             if next > at {
-                gaps.push((at, next));
+                gaps.push(gap(at, next));
             }
             at = at.max(next_end);
         }
         if at < end {
-            gaps.push((at, end));
+            gaps.push(gap(at, end));
         }
         gaps
     }
 
+    /// Retracts the published log (if any) and forgets the charges and the coverage.
     fn reset(&mut self) {
-        self.budget.reset();
+        let was_started = self.log.take().is_some();
+        self.publisher.retract(was_started);
         self.covered.clear();
     }
 }
 
-/// The budget charge of a [`DirtyLog`] over `length` bytes at `page_size`, before
+/// The budget charge of a [`DirtyLog`] over `len_bytes` bytes at `page_size`, before
 /// allocating it: its words, its summary and [`SOFT_LOG_OVERHEAD_BYTES`].
-pub fn log_cost(length: u64, page_size: u64) -> u64 {
-    // One page more than the length needs: an unaligned range may touch one extra.
-    let pages = length.div_ceil(page_size).saturating_add(1);
+pub fn log_cost(len_bytes: u64, page_size: u64) -> u64 {
+    // One page more than the len_bytes needs: an unaligned range may touch one extra.
+    let pages = len_bytes.div_ceil(page_size).saturating_add(1);
     let words = bitmap_bytes(pages);
     words
         .saturating_add(bitmap_bytes(words / 8))
         .saturating_add(SOFT_LOG_OVERHEAD_BYTES)
 }
 
-/// `[iova, iova+length)` rounded out to whole pages of `page_size`, or `Overflow` at the
-/// top of the IOVA space.
-fn page_span(range: IovaRange, page_size: u64) -> LogResult<(u64, u64)> {
+/// `range` rounded out to whole pages of `page_size` (a power of two), or `Overflow` at
+/// the top of the IOVA space.
+pub fn page_span(range: IovaRange, page_size: u64) -> LogResult<IovaRange> {
     let mask = page_size - 1;
-    let end = range.end().checked_add(mask).ok_or(LogError::Overflow {
+    let overflow = LogError::Overflow {
         iova: range.iova(),
-        length: range.length(),
-    })? & !mask;
-    Ok((range.iova() & !mask, end))
+        len_bytes: range.len_bytes(),
+    };
+    let end = range.end().checked_add(mask).ok_or(overflow)? & !mask;
+    let start = range.iova() & !mask;
+    IovaRange::new(start, end - start)
 }
 
 /// Sorted, disjoint `ranges` rounded out to whole pages of `page_size`, those that then
-/// share a page joined: the spans of disjoint logs (what [`SoftLog`] requires).
-pub fn page_spans(ranges: &[IovaRange], page_size: u64) -> LogResult<Vec<(u64, u64)>> {
-    let mut spans: Vec<(u64, u64)> = Vec::new();
+/// share a page joined: the spans of disjoint logs (what [`SoftLog::over_spans`] takes).
+pub fn page_spans(ranges: &[IovaRange], page_size: u64) -> LogResult<Vec<IovaRange>> {
+    let mut spans: Vec<IovaRange> = Vec::new();
     spans
         .try_reserve_exact(ranges.len())
         .map_err(|_| LogError::OutOfMemory("log ranges"))?;
     for range in ranges {
-        let (start, end) = page_span(*range, page_size)?;
+        let span = page_span(*range, page_size)?;
         match spans.last_mut() {
-            Some(last) if start < last.1 => last.1 = last.1.max(end),
-            _ => spans.push((start, end)),
+            Some(last) if span.iova() < last.end() => {
+                let end = last.end().max(span.end());
+                *last = IovaRange::new(last.iova(), end - last.iova())?;
+            }
+            _ => spans.push(span),
         }
     }
     Ok(spans)
+}
+
+/// One [`DirtyLog`] per span at `page_size`; ENOMEM when they cannot be allocated.
+fn dirty_logs(spans: &[IovaRange], page_size: u64) -> LogResult<Vec<DirtyLog>> {
+    let mut logs = Vec::new();
+    logs.try_reserve_exact(spans.len())
+        .map_err(|_| LogError::OutOfMemory("soft log ranges"))?;
+    for span in spans {
+        logs.push(DirtyLog::new(span.iova(), span.len_bytes(), page_size)?);
+    }
+    Ok(logs)
 }
 
 impl LogDriver for SoftDriver {
@@ -257,24 +286,17 @@ impl LogDriver for SoftDriver {
         self.reset();
         let spans = page_spans(ranges, chosen)?;
         self.charge_logs(&spans, chosen)?;
-        let mut logs = Vec::new();
-        if logs.try_reserve_exact(spans.len()).is_err() {
-            self.reset();
-            return Err(LogError::OutOfMemory("soft log ranges"));
-        }
-        for &(start, end) in &spans {
-            match DirtyLog::new(start, end - start, chosen) {
-                Ok(log) => logs.push(log),
-                Err(err) => {
-                    self.reset();
-                    return Err(err);
-                }
+        let log = match SoftLog::over_spans(&spans, chosen) {
+            Ok(log) => Arc::new(log),
+            Err(err) => {
+                self.reset();
+                return Err(err);
             }
-            self.cover(start, end);
+        };
+        for span in &spans {
+            self.cover(*span);
         }
-        let log = Arc::new(SoftLog::fixed(logs));
-        self.live
-            .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
+        self.publisher.publish(&log);
         self.log = Some(log);
         self.page_size = chosen;
         *page_size = chosen;
@@ -282,23 +304,15 @@ impl LogDriver for SoftDriver {
     }
 
     fn stop(&mut self) {
-        if self.log.take().is_some() {
-            self.live.publish(None);
-        }
         self.reset();
     }
 
-    fn read_and_clear(
-        &mut self,
-        iova: u64,
-        length: u64,
-        bitmap: &mut IovaBitmap<'_>,
-    ) -> LogResult<()> {
+    fn read_and_clear(&mut self, range: IovaRange, bitmap: &mut IovaBitmap<'_>) -> LogResult<()> {
         let log = self
             .log
             .as_ref()
             .ok_or(LogError::Invalid("logging not started"))?;
-        log.read_and_clear(iova, length, bitmap);
+        log.read_and_clear(range, bitmap);
         Ok(())
     }
 
@@ -309,27 +323,23 @@ impl LogDriver for SoftDriver {
         let Some(current) = self.log.clone() else {
             return Err(LogError::Invalid("logging not started"));
         };
-        let (start, end) = page_span(range, page_size)?;
-        let gaps = self.uncovered(start, end);
+        let span = page_span(range, page_size)?;
+        let gaps = self.uncovered(span);
         if gaps.is_empty() {
             return Ok(()); // a re-map of covered IOVA: its log is still there
         }
-        let before = self.budget;
+        let before = *self.publisher.budget_mut();
         self.charge_logs(&gaps, page_size)?;
-        let mut added = Vec::with_capacity(gaps.len());
-        for &(gap_start, gap_end) in &gaps {
-            match DirtyLog::new(gap_start, gap_end - gap_start, page_size) {
-                Ok(log) => added.push(Arc::new(log)),
-                Err(err) => {
-                    self.budget = before;
-                    return Err(err);
-                }
+        let added = match dirty_logs(&gaps, page_size) {
+            Ok(logs) => logs.into_iter().map(Arc::new).collect(),
+            Err(err) => {
+                *self.publisher.budget_mut() = before;
+                return Err(err);
             }
-        }
-        self.cover(start, end);
+        };
+        self.cover(span);
         let log = Arc::new(current.with_added(added));
-        self.live
-            .publish(Some(Arc::clone(&log) as Arc<dyn DirtyMarker>));
+        self.publisher.publish(&log);
         self.log = Some(log);
         Ok(())
     }
@@ -387,7 +397,7 @@ mod tests {
             }
             let mut bytes = [0u8; 34];
             let mut bitmap = IovaBitmap::new(0, 270 * P, P, &mut bytes).unwrap();
-            driver.read_and_clear(0, 270 * P, &mut bitmap).unwrap();
+            driver.read_and_clear(IovaRange::new(0, 270 * P).unwrap(), &mut bitmap).unwrap();
             for k in 0..270 {
                 proptest::prop_assert_eq!(bytes[k / 8] >> (k % 8) & 1 == 1, written[k], "page {}", k);
             }
@@ -409,7 +419,9 @@ mod tests {
         dma.record_write(8192 + 5, 1);
         let mut bytes = [0u8; 1];
         let mut bitmap = IovaBitmap::new(0, 3 * 4096, 4096, &mut bytes).unwrap();
-        driver.read_and_clear(0, 3 * 4096, &mut bitmap).unwrap();
+        driver
+            .read_and_clear(IovaRange::new(0, 3 * 4096).unwrap(), &mut bitmap)
+            .unwrap();
         assert_eq!(bytes[0], 0b101);
     }
 }

@@ -103,19 +103,19 @@ pub fn words_as_bytes(words: &mut [u64]) -> &mut [u8] {
     bytemuck::cast_slice_mut(words)
 }
 
-/// u64 words a report of `length` bytes at `page_size` needs.
-pub fn report_words(length: u64, page_size: u64) -> Result<u64, LogError> {
-    Ok(report_bits(length, page_size)?.div_ceil(64))
+/// u64 words a report of `len_bytes` bytes at `page_size` needs.
+pub fn report_words(len_bytes: u64, page_size: u64) -> Result<u64, LogError> {
+    Ok(report_bits(len_bytes, page_size)?.div_ceil(64))
 }
 
-/// The words a report of `length` bytes at `page_size` needs, checked against the caller's
+/// The words a report of `len_bytes` bytes at `page_size` needs, checked against the caller's
 /// buffer of `have_words` words ([`TrackerError::BufferTooSmall`] when it is shorter).
 pub fn checked_report_words(
-    length: u64,
+    len_bytes: u64,
     page_size: u64,
     have_words: usize,
 ) -> Result<u64, TrackerError> {
-    let need_words = report_words(length, page_size)?;
+    let need_words = report_words(len_bytes, page_size)?;
     if (have_words as u64) < need_words {
         return Err(TrackerError::BufferTooSmall {
             need_words,
@@ -125,14 +125,14 @@ pub fn checked_report_words(
     Ok(need_words)
 }
 
-/// The first bytes of `bitmap` that a report of `length` bytes at `page_size` fills, or
+/// The first bytes of `bitmap` that a report of `len_bytes` bytes at `page_size` fills, or
 /// [`TrackerError::BufferTooSmall`] when `bitmap` is shorter than the report needs.
 pub fn report_bitmap_bytes(
-    length: u64,
+    len_bytes: u64,
     page_size: u64,
     bitmap: &mut [u64],
 ) -> Result<&mut [u8], TrackerError> {
-    let need_words = checked_report_words(length, page_size, bitmap.len())?;
+    let need_words = checked_report_words(len_bytes, page_size, bitmap.len())?;
     Ok(words_as_bytes(&mut bitmap[..need_words as usize]))
 }
 
@@ -186,8 +186,8 @@ impl<D: LogDriver> DirtyTracker for InProcessTracker<D> {
     }
 
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let bytes = report_bitmap_bytes(range.length(), page_size, bitmap)?;
-        let (iova, length) = (range.iova(), range.length());
+        let bytes = report_bitmap_bytes(range.len_bytes(), page_size, bitmap)?;
+        let (iova, length) = (range.iova(), range.len_bytes());
         Ok(self
             .core
             .report(Dialect::Kernel, iova, length, page_size, bytes)?)

@@ -1,6 +1,7 @@
 //! loom model of the live log: a DMA writer's `WriteRecorder::record_write` racing a START
 //! or STOP (`LiveLog::publish`) and a report. The generation counter, the fences and the
-//! publish lock go through `crate::sync`, so loom checks all of them.
+//! cell the log is published in (`arc-swap`, a loom shim of it here) go through
+//! `crate::sync`, so loom checks all of them.
 //!
 //! Opt-in: `RUSTFLAGS="--cfg loom" cargo test -p dmalog --test loom_live_log --release`.
 #![cfg(loom)]
