@@ -26,8 +26,8 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
-//! Features: `testing` adds the fuzzing entry points (`fuzzing`). MSRV: Rust 1.88 (rcgen 0.14.10 through `time` 0.3.55), held by clippy's
-//! `incompatible_msrv`.
+//! Features: `testing` adds the fuzzing entry points (`fuzzing`). MSRV: Rust 1.88 (rcgen
+//! 0.14.10 through `time` 0.3.55), held by clippy's `incompatible_msrv`.
 
 pub mod converge;
 pub mod destination;

@@ -430,9 +430,9 @@ impl<I: VfioIoctl> DirtyTracker for VfioDevice<I> {
     }
 
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        checked_report_words(range.length(), page_size, bitmap.len())?;
+        checked_report_words(range.len_bytes(), page_size, bitmap.len())?;
         for part in report_parts(range, page_size, self.report_chunk_bytes)? {
-            let (iova, len_bytes) = (part.range.iova(), part.range.length());
+            let (iova, len_bytes) = (part.range.iova(), part.range.len_bytes());
             self.report_bytes(iova, len_bytes, page_size, part.bytes_of(bitmap))?;
         }
         Ok(())

@@ -318,7 +318,7 @@ impl FakeIommu {
         dirty_capable: bool,
     ) -> Self {
         let log =
-            DirtyLog::new(ioas.iova(), ioas.length(), io_page_size).expect("fake IOAS geometry");
+            DirtyLog::new(ioas.iova(), ioas.len_bytes(), io_page_size).expect("fake IOAS geometry");
         FakeIommu {
             hwpt_id,
             io_page: io_page_size,

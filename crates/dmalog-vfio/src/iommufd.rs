@@ -134,9 +134,9 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
         bitmap: &mut [u64],
         clear: bool,
     ) -> TrackerResult {
-        checked_report_words(range.length(), page_size, bitmap.len())?;
+        checked_report_words(range.len_bytes(), page_size, bitmap.len())?;
         for part in report_parts(range, page_size, None)? {
-            let (iova, len_bytes) = (part.range.iova(), part.range.length());
+            let (iova, len_bytes) = (part.range.iova(), part.range.len_bytes());
             self.report_bytes(iova, len_bytes, page_size, part.bytes_of(bitmap), clear)?;
         }
         Ok(())

@@ -89,7 +89,7 @@ pub fn probe_device<I: VfioIoctl>(
     let try_start = try_start.map(|(range, hint)| {
         let mut outcome = TryStart {
             iova: range.iova(),
-            length: range.length(),
+            length: range.len_bytes(),
             page_size_hint: hint,
             chosen_page_size: None,
             report_ok: false,
@@ -99,9 +99,10 @@ pub fn probe_device<I: VfioIoctl>(
         match device.start_logging(&[range], hint) {
             Ok(chosen) => {
                 outcome.chosen_page_size = Some(chosen);
-                let bytes = dmalog::iova_bitmap::report_bytes(range.length(), chosen).unwrap_or(0);
+                let bytes =
+                    dmalog::iova_bitmap::report_bytes(range.len_bytes(), chosen).unwrap_or(0);
                 let mut bitmap = vec![0u8; bytes as usize];
-                match device.report_bytes(range.iova(), range.length(), chosen, &mut bitmap) {
+                match device.report_bytes(range.iova(), range.len_bytes(), chosen, &mut bitmap) {
                     Ok(()) => outcome.report_ok = true,
                     Err(err) => outcome.error = Some(format!("REPORT: {err}")),
                 }

@@ -265,7 +265,7 @@ fn write_last_byte_and_report(
     tracker: &mut impl DirtyTracker,
     range: IovaRange,
 ) -> [u64; 4] {
-    let last = range.iova() + (range.length() - 1);
+    let last = range.iova() + (range.len_bytes() - 1);
     memory.write_obj(1u8, GuestAddress(last)).unwrap();
     let mut words = [0u64; 4];
     tracker.report(range, PAGE, &mut words).unwrap();

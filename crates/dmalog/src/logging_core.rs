@@ -125,7 +125,7 @@ impl<D: LogDriver> LoggingCore<D> {
     /// and a new START, so the consumer resends everything (SPEC 3.4) instead of trusting
     /// a log that misses this mapping's writes.
     pub fn dma_mapped(&mut self, range: IovaRange) {
-        self.dma_mappings.insert(range.iova(), range.length());
+        self.dma_mappings.insert(range.iova(), range.len_bytes());
         self.cover_mapping(range);
     }
 
@@ -151,7 +151,7 @@ impl<D: LogDriver> LoggingCore<D> {
         if let Err(err) = driver.add_range(range) {
             warn!(
                 iova = range.iova(),
-                length = range.length(),
+                length = range.len_bytes(),
                 %err,
                 "DMA mapping made while logging all mapped space is not tracked: REPORT fails with EIO until STOP and a new START"
             );
@@ -163,7 +163,7 @@ impl<D: LogDriver> LoggingCore<D> {
     /// Forgets a DMA mapping (exactly `range`, as mapped). Logged writes of its IOVA stay
     /// in the log (the log is indexed by IOVA, not by mapping).
     pub fn dma_unmapped(&mut self, range: IovaRange) {
-        if self.dma_mappings.get(&range.iova()) == Some(&range.length()) {
+        if self.dma_mappings.get(&range.iova()) == Some(&range.len_bytes()) {
             self.dma_mappings.remove(&range.iova());
         }
     }

@@ -43,12 +43,6 @@ impl IovaRange {
         self.length
     }
 
-    /// The old name of [`IovaRange::len_bytes`], kept while branches that call it are merged.
-    #[doc(hidden)]
-    pub fn length(&self) -> u64 {
-        self.len_bytes()
-    }
-
     /// One past the last IOVA (never wraps).
     pub fn end(&self) -> u64 {
         self.iova + self.length

@@ -58,13 +58,13 @@ pub fn report_parts(
     page_size: u64,
     max_part_len_bytes: Option<u64>,
 ) -> LogResult<ReportParts> {
-    report_bits(range.length(), page_size)?;
+    report_bits(range.len_bytes(), page_size)?;
     let part_len_bytes = match max_part_len_bytes {
-        Some(max) if max < range.length() => {
+        Some(max) if max < range.len_bytes() => {
             let word_len_bytes = page_size.saturating_mul(64);
             (max / word_len_bytes).max(1).saturating_mul(word_len_bytes)
         }
-        _ => range.length(),
+        _ => range.len_bytes(),
     };
     Ok(ReportParts {
         range,
@@ -78,7 +78,7 @@ impl Iterator for ReportParts {
     type Item = ReportPart;
 
     fn next(&mut self) -> Option<ReportPart> {
-        let left_bytes = self.range.length() - self.done_bytes;
+        let left_bytes = self.range.len_bytes() - self.done_bytes;
         if left_bytes == 0 {
             return None;
         }
@@ -117,13 +117,13 @@ mod tests {
         // 200 pages and a bit, at most 100 pages a part: rounded down to 64 pages.
         let (base, len) = (1 << 30, 200 * PAGE + 1);
         let got = parts(base, len, Some(100 * PAGE));
-        let lens: Vec<u64> = got.iter().map(|p| p.range.length()).collect();
+        let lens: Vec<u64> = got.iter().map(|p| p.range.len_bytes()).collect();
         assert_eq!(lens, [64 * PAGE, 64 * PAGE, 64 * PAGE, 8 * PAGE + 1]);
         let mut next_iova = base;
         for (i, part) in got.iter().enumerate() {
             assert_eq!(part.range.iova(), next_iova);
             assert_eq!(part.first_word, i);
-            let part_len = part.range.length();
+            let part_len = part.range.len_bytes();
             assert_eq!(part.words as u64, report_words(part_len, PAGE).unwrap());
             assert_eq!(
                 part.bitmap_bytes as u64,
@@ -143,7 +143,10 @@ mod tests {
         }
         let tiny = parts(0, 130 * PAGE, Some(1));
         assert_eq!(tiny.len(), 3);
-        assert!(tiny.iter().take(2).all(|p| p.range.length() == 64 * PAGE));
+        assert!(tiny
+            .iter()
+            .take(2)
+            .all(|p| p.range.len_bytes() == 64 * PAGE));
         // A page size so large that a word of it overflows: one part.
         let huge = report_parts(IovaRange::new(0, u64::MAX).unwrap(), 1 << 60, Some(1 << 61));
         assert_eq!(huge.unwrap().count(), 1);

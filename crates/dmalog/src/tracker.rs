@@ -58,7 +58,7 @@ pub trait DirtyTracker {
 
     /// ORs the dirty pages of `range` at `page_size` (bytes) into `bitmap` (bit `k` of the
     /// range is bit `k % 64` of word `k / 64`; `bitmap` needs at least
-    /// `ceil(range.length() / page_size / 64)` words) and clears them from the log.
+    /// `ceil(range.len_bytes() / page_size / 64)` words) and clears them from the log.
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult;
 
     /// Stops logging. Succeeds when not started.

@@ -133,7 +133,7 @@ impl DirtyTracker for Client {
 
     /// Splits reports whose reply would exceed `max_data_xfer_size` at 64-page boundaries.
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let (iova, length) = (range.iova(), range.length());
+        let (iova, length) = (range.iova(), range.len_bytes());
         let need_words = checked_report_words(length, page_size, bitmap.len())?;
         let room_words = (self.max_data_xfer_size as u64)
             .saturating_sub((FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64)
@@ -150,7 +150,7 @@ impl DirtyTracker for Client {
         while parts.peek().is_some() || !in_flight.is_empty() {
             if refused.is_none() && in_flight.len() < REPORT_PIPELINE_DEPTH {
                 if let Some(part) = parts.next() {
-                    let (iova, len_bytes) = (part.range.iova(), part.range.length());
+                    let (iova, len_bytes) = (part.range.iova(), part.range.len_bytes());
                     let id = self.send_report(iova, len_bytes, page_size, part.words)?;
                     in_flight.push_back((id, part));
                     continue;
