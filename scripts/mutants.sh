@@ -17,11 +17,14 @@ if [ "$#" -gt 0 ]; then
     files=("$@")
 else
     files=(
-        crates/dmalog/src/dirty_log.rs
+        crates/dmalog/src/dirty_log/mod.rs
+        crates/dmalog/src/dirty_log/sink.rs
         crates/dmalog/src/bits.rs
         crates/dmalog/src/iova_bitmap.rs
         crates/dmalog/src/ranges.rs
         crates/dmalog/src/logging_core.rs
+        crates/dmalog/src/feature/mod.rs
+        crates/dmalog/src/feature/logging.rs
         crates/dmalog/src/soft.rs
         crates/dmalog-models/src/mlx5.rs
         crates/dmalog-vfio-user/src/wire.rs
