@@ -23,7 +23,7 @@ else
         crates/dmalog/src/ranges.rs
         crates/dmalog/src/logging_core.rs
         crates/dmalog/src/soft.rs
-        crates/dmalog/src/mlx5.rs
+        crates/dmalog-models/src/mlx5.rs
         crates/dmalog-vfio-user/src/wire.rs
     )
 fi
@@ -35,7 +35,7 @@ for file in "${files[@]}"; do
 done
 
 # Missed mutants make cargo-mutants exit non-zero; the counts below are the result.
-nice -n 10 cargo mutants --package dmalog --package dmalog-vfio-user "${file_args[@]}" \
+nice -n 10 cargo mutants --package dmalog --package dmalog-models --package dmalog-vfio-user "${file_args[@]}" \
     --jobs "${MUTANTS_JOBS:-1}" --timeout "${MUTANTS_TIMEOUT:-120}" --output "$out" \
     --exclude-re 'tests::|impl std::fmt::Debug' || true
 

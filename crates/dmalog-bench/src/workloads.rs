@@ -4,7 +4,8 @@ use std::hint::black_box;
 use std::num::NonZeroUsize;
 use std::time::Instant;
 
-use dmalog::{DirtyLog, IovaBitmap, IovaRange, LogDriver, Mlx5Caps, Mlx5Driver, SoftDriver};
+use dmalog::{DirtyLog, IovaBitmap, IovaRange, LogDriver, SoftDriver};
+use dmalog_models::{Mlx5Caps, Mlx5Driver};
 use vm_memory::bitmap::AtomicBitmap;
 
 use crate::baselines::{ByteAtomicLog, NaiveBitLog};

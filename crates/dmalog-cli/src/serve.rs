@@ -75,7 +75,7 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             let (fault, at) = spec
                 .split_once('@')
                 .context("--inject-fault wants FAULT@N")?;
-            let fault: dmalog::Mlx5Fault = fault.parse().map_err(anyhow::Error::msg)?;
+            let fault: dmalog_models::Mlx5Fault = fault.parse().map_err(anyhow::Error::msg)?;
             Some((at.parse::<u64>().context("--inject-fault N")?, fault))
         }
         None => None,

@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
 
 use common::{engine_op, guest_memory, ServerProcess};
-use dmalog::conformance::{ConformanceTarget, Variant, SUITE_SPAN};
 use dmalog::user_memory::SegmentedUserMemory;
+use dmalog_conformance::{ConformanceTarget, Variant, SUITE_SPAN};
 use dmalog_vfio_user::Client;
 
 /// Mappings are made on demand in 1 MiB chunks, so that "log all DMA-mapped space" sees
@@ -100,9 +100,9 @@ fn make(tracker: &'static str) -> impl FnMut(Variant) -> Box<dyn ConformanceTarg
 }
 
 mod soft {
-    dmalog::conformance_tests!(super::make("soft"));
+    dmalog_conformance::conformance_tests!(super::make("soft"));
 }
 
 mod mlx5 {
-    dmalog::conformance_tests!(super::make("mlx5:unlimited"));
+    dmalog_conformance::conformance_tests!(super::make("mlx5:unlimited"));
 }

@@ -14,19 +14,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
-use dmalog::mlx5::{CapsError, Mlx5Faults};
-use dmalog::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
 use dmalog::uapi::{
     DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
     FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
 };
-use dmalog::{
-    Dialect, IovaRange, LiveLog, LogDriver, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver,
-};
+use dmalog::{Dialect, IovaRange, LiveLog, LogDriver, LoggingCore, SoftDriver};
 use dmalog_device::{
     Device, DeviceError, DmaBacking, DmaRegion, DmaSpace, MessageDma, MigrationMachine,
     SharedMapping,
 };
+use dmalog_models::mlx5::{CapsError, Mlx5Faults};
+use dmalog_models::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
+use dmalog_models::{Mlx5Caps, Mlx5Driver};
 use tracing::{debug, info, warn};
 
 use crate::transport::{Message, RecvError, Transport};
@@ -99,7 +98,7 @@ pub struct ServerConfig {
     pub max_dma_maps: u32,
     /// mlx5 tracker only: inject this fault before the n-th REPORT (1-based) the server
     /// handles, once, for testing consumers' error paths.
-    pub fault_plan: Option<(u64, dmalog::Mlx5Fault)>,
+    pub fault_plan: Option<(u64, dmalog_models::Mlx5Fault)>,
     /// How long a client may keep the server waiting (the reply to a server
     /// DMA_READ/DMA_WRITE, the rest of a message it began, reading the server's reply)
     /// before it is dropped; a DMA waiting for it fails (EIO). An idle client (between

@@ -59,7 +59,7 @@ fn random_streams_are_all_answered() {
         let tracker = if seed % 2 == 0 {
             TrackerKind::Soft
         } else {
-            TrackerKind::Mlx5(dmalog::Mlx5Caps::tiny())
+            TrackerKind::Mlx5(dmalog_models::Mlx5Caps::tiny())
         };
         let replies = dispatch_stream(&with_version(&body), tracker);
         assert_eq!(replies, count + 1, "seed {seed}: every command answered");

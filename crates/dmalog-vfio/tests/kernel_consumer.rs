@@ -6,10 +6,8 @@
 use dmalog::uapi::{
     feature_request, KernelLoggingReport, LoggingRange, FEATURE_DMA_LOGGING_REPORT, FEATURE_GET,
 };
-use dmalog::{
-    DirtyTracker, InProcessTracker, IovaRange, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver,
-    WriteRecorder,
-};
+use dmalog::{DirtyTracker, InProcessTracker, IovaRange, LoggingCore, SoftDriver, WriteRecorder};
+use dmalog_models::{Mlx5Caps, Mlx5Driver};
 use dmalog_vfio::fake::FakeVfioDevice;
 use dmalog_vfio::uapi::VFIO_DEVICE_FEATURE;
 use dmalog_vfio::{Errno, IoctlTarget, VfioDevice, VfioError, VfioIoctl};
@@ -201,7 +199,7 @@ fn the_mlx5_model_behind_the_kernel_consumer() {
     dev.report(IovaRange::new(0, 1 << 30).unwrap(), 2 << 20, &mut bitmap)
         .unwrap();
     assert_eq!(bitmap[0], 1 << 2);
-    faults.inject(dmalog::Mlx5Fault::Catastrophic);
+    faults.inject(dmalog_models::Mlx5Fault::Catastrophic);
     assert_eq!(
         dev.report(IovaRange::new(0, 1 << 30).unwrap(), 2 << 20, &mut bitmap)
             .unwrap_err()

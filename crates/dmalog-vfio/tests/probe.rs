@@ -1,7 +1,8 @@
 //! `dmalog probe`'s report, on fake devices (no VFIO hardware here).
 
 use dmalog::uapi::{MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
-use dmalog::{IovaRange, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver};
+use dmalog::{IovaRange, LoggingCore, SoftDriver};
+use dmalog_models::{Mlx5Caps, Mlx5Driver};
 use dmalog_vfio::fake::{FakeMigration, FakeVfioDevice};
 use dmalog_vfio::probe::probe_device;
 use dmalog_vfio::VfioDevice;

@@ -5,9 +5,8 @@
 
 use std::sync::Arc;
 
-use dmalog::conformance::{ConformanceTarget, CoreTarget, Variant, SUITE_SPAN};
-use dmalog::user_memory::SegmentedUserMemory;
-use dmalog::{IovaRange, LoggingCore};
+use dmalog::LoggingCore;
+use dmalog_conformance::{ConformanceTarget, CoreTarget, DmaWriter, Variant, SUITE_SPAN};
 use dmalog_vm_memory::{DirtyRegions, DmalogBitmap, VmMemoryDriver};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -15,54 +14,30 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 const FIRST_END: u64 = (20 << 20) + 3 * 4096;
 const SECOND_END: u64 = 34 << 20;
 
-struct VmMemoryTarget {
-    core: LoggingCore<VmMemoryDriver>,
-    memory: GuestMemoryMmap<DmalogBitmap>,
-    data: Vec<u8>,
-    writes: u64,
-}
-
-impl ConformanceTarget for VmMemoryTarget {
-    fn feature_vfio_user(&mut self, request: &[u8]) -> Result<Vec<u8>, i32> {
-        let mut reply = Vec::new();
-        self.core
-            .handle_vfio_user(request, 1 << 20, &mut reply)
-            .map_err(|e| e.errno())?;
-        Ok(reply)
-    }
-
-    fn feature_kernel(
-        &mut self,
-        request: &mut [u8],
-        user: &mut SegmentedUserMemory,
-    ) -> Option<Result<(), i32>> {
-        Some(
-            self.core
-                .handle_kernel(request, user)
-                .map_err(|e| e.errno()),
-        )
-    }
-
-    /// A guest write through a different vm-memory API each time.
-    fn dma_write(&mut self, iova: u64, len: u64) {
+/// A guest write through a different vm-memory API each time (the data is in guest
+/// memory, and logged by `DmalogBitmap`, when vm-memory returns).
+fn guest_writer(memory: GuestMemoryMmap<DmalogBitmap>) -> DmaWriter {
+    let mut data = Vec::new();
+    let mut writes = 0u64;
+    Box::new(move |iova, len| {
         let len = len as usize;
-        if self.data.len() < len {
-            self.data.resize(len, 0xa5);
+        if data.len() < len {
+            data.resize(len, 0xa5);
         }
-        let data = &self.data[..len];
+        let data = &data[..len];
         let addr = GuestAddress(iova);
-        self.writes += 1;
-        match self.writes % 3 {
-            0 => self.memory.write_slice(data, addr).unwrap(),
+        writes += 1;
+        match writes % 3 {
+            0 => memory.write_slice(data, addr).unwrap(),
             1 => {
                 let mut src = data;
-                self.memory
+                memory
                     .read_exact_volatile_from(addr, &mut src, len)
                     .unwrap()
             }
             _ => {
                 let mut at = 0;
-                for slice in self.memory.get_slices(addr, len) {
+                for slice in memory.get_slices(addr, len) {
                     let slice = slice.unwrap();
                     slice.copy_from(&data[at..at + slice.len()]);
                     at += slice.len();
@@ -70,17 +45,7 @@ impl ConformanceTarget for VmMemoryTarget {
                 assert_eq!(at, len);
             }
         }
-    }
-
-    fn dma_map(&mut self, iova: u64, len: u64) {
-        if let Ok(range) = IovaRange::new(iova, len) {
-            self.core.dma_mapped(range);
-        }
-    }
-
-    fn max_data_xfer_size(&self) -> u64 {
-        1 << 20
-    }
+    })
 }
 
 fn make(variant: Variant) -> Box<dyn ConformanceTarget> {
@@ -103,12 +68,10 @@ fn make(variant: Variant) -> Box<dyn ConformanceTarget> {
                 ])
                 .unwrap();
             assert_eq!(memory.num_regions(), 3);
-            Box::new(VmMemoryTarget {
-                core: LoggingCore::new(VmMemoryDriver::new(Arc::clone(&regions))),
-                memory,
-                data: Vec::new(),
-                writes: 0,
-            })
+            Box::new(CoreTarget::with_dma_writer(
+                LoggingCore::new(VmMemoryDriver::new(Arc::clone(&regions))),
+                Some(guest_writer(memory)),
+            ))
         }
         Variant::NoLogging => Box::new(CoreTarget::new(
             LoggingCore::<VmMemoryDriver>::unsupported(),
@@ -117,4 +80,4 @@ fn make(variant: Variant) -> Box<dyn ConformanceTarget> {
     }
 }
 
-dmalog::conformance_tests!(make);
+dmalog_conformance::conformance_tests!(make);

@@ -4,7 +4,7 @@
 //! records each DMA write on a [`WriteRecorder`] (lock-free, allocation-free); a VMM drives
 //! logging through the consumer trait [`DirtyTracker`] (PROBE, START, REPORT, STOP) and a
 //! device's migration v2 through [`MigrationDevice`], whatever is behind them: this crate's
-//! trackers in process ([`InProcessTracker`]), a vfio-user device (`dmalog-vfio-user`), a
+//! drivers in process ([`InProcessTracker`]), a vfio-user device (`dmalog-vfio-user`), a
 //! kernel VFIO device or iommufd (`dmalog-vfio`). `dmalog-device` (the DMA space devices
 //! write through) and `dmalog-migrate` (the pre-copy engine) build on it.
 //!
@@ -40,27 +40,20 @@
 //! - [`budget`]: the one memory budget every tracker charges its state to.
 //! - [`ranges`]: START range validation and the smallest-gap merge.
 //! - [`logging_core`]: DEVICE_FEATURE validation per SPEC 3, driving a [`driver::LogDriver`].
-//! - [`soft`]: the software tracker (SPEC 5.1).
-//! - [`mlx5`]: a model of the mlx5 hardware tracker, device and driver halves (SPEC 5.2).
-//! - [`pds`]: a model of the pds tracker's seq/ack bitmaps (SPEC 5.3).
+//! - [`soft`]: the software tracker (SPEC 5.1). The models of hardware trackers (mlx5,
+//!   pds), which run threads of their own, are in `dmalog-models`.
 //! - [`tracker`]: the consumer trait [`tracker::DirtyTracker`] and its in-process backend.
-//! - `conformance` (feature `conformance`): the suite every driver runs.
 //!
-//! # Features
-//! - `conformance` (off by default): the shared conformance suite, for the tests of a
-//!   driver or a transport built on dmalog (it pulls in `proptest`).
+//! The suite every driver and transport runs is `dmalog-conformance` (a dev-dependency).
 //!
-//! # MSRV
-//! Rust 1.85 (1.88 with `conformance`, for proptest 1.12), held by clippy's
-//! `incompatible_msrv`.
+//! # Features, MSRV
+//! No features. Rust 1.85, held by clippy's `incompatible_msrv`.
 
 #[cfg(target_endian = "big")]
 compile_error!("dmalog assumes a little-endian host (bitmaps are shared as u64 words and bytes)");
 
 mod bits;
 pub mod budget;
-#[cfg(feature = "conformance")]
-pub mod conformance;
 pub mod dirty_log;
 pub mod driver;
 pub mod error;
@@ -68,8 +61,6 @@ pub mod iova_bitmap;
 mod log_index;
 pub mod logging_core;
 pub mod migration;
-pub mod mlx5;
-pub mod pds;
 pub mod ranges;
 pub mod soft;
 mod sync;
@@ -82,7 +73,6 @@ pub use driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 pub use error::{LogError, LogResult};
 pub use iova_bitmap::IovaBitmap;
 pub use logging_core::{Dialect, LoggingCore};
-pub use mlx5::{Mlx5Caps, Mlx5Driver, Mlx5Fault};
 pub use ranges::IovaRange;
 pub use soft::SoftDriver;
 pub use tracker::{

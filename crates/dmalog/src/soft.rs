@@ -48,8 +48,9 @@ impl std::fmt::Debug for SoftLog {
 }
 
 impl SoftLog {
-    /// A log over fixed ranges: sorted by IOVA and disjoint (see [`page_spans`]).
-    pub(crate) fn fixed(ranges: Vec<DirtyLog>) -> SoftLog {
+    /// A log over fixed ranges: sorted by IOVA and disjoint (see [`page_spans`]); what a
+    /// tracker model whose ranges are fixed at START (`dmalog-models`) marks and drains.
+    pub fn fixed(ranges: Vec<DirtyLog>) -> SoftLog {
         SoftLog {
             index: LogIndex::from_sorted(ranges.into_iter().map(Arc::new)),
         }
@@ -208,7 +209,7 @@ impl SoftDriver {
 
 /// The budget charge of a [`DirtyLog`] over `length` bytes at `page_size`, before
 /// allocating it: its words, its summary and [`SOFT_LOG_OVERHEAD_BYTES`].
-pub(crate) fn log_cost(length: u64, page_size: u64) -> u64 {
+pub fn log_cost(length: u64, page_size: u64) -> u64 {
     // One page more than the length needs: an unaligned range may touch one extra.
     let pages = length.div_ceil(page_size).saturating_add(1);
     let words = bitmap_bytes(pages);
@@ -230,7 +231,7 @@ fn page_span(range: IovaRange, page_size: u64) -> LogResult<(u64, u64)> {
 
 /// Sorted, disjoint `ranges` rounded out to whole pages of `page_size`, those that then
 /// share a page joined: the spans of disjoint logs (what [`SoftLog`] requires).
-pub(crate) fn page_spans(ranges: &[IovaRange], page_size: u64) -> LogResult<Vec<(u64, u64)>> {
+pub fn page_spans(ranges: &[IovaRange], page_size: u64) -> LogResult<Vec<(u64, u64)>> {
     let mut spans: Vec<(u64, u64)> = Vec::new();
     spans
         .try_reserve_exact(ranges.len())

@@ -1,20 +1,12 @@
 //! The shared conformance suite against the soft driver, in process.
 
-use dmalog::conformance::{ConformanceTarget, CoreTarget, Variant};
-use dmalog::{LoggingCore, SoftDriver};
+use dmalog::SoftDriver;
 
-fn make(variant: Variant) -> Box<dyn ConformanceTarget> {
-    match variant {
-        Variant::Logging => {
-            let driver = SoftDriver::new();
-            let recorder = driver.recorder();
-            Box::new(CoreTarget::new(LoggingCore::new(driver), Some(recorder)))
-        }
-        Variant::NoLogging => Box::new(CoreTarget::new(
-            LoggingCore::<SoftDriver>::unsupported(),
-            None,
-        )),
-    }
-}
-
-dmalog::conformance_tests!(make);
+dmalog_conformance::conformance_tests!(dmalog_conformance::core_targets(
+    || {
+        let driver = SoftDriver::new();
+        let recorder = driver.recorder();
+        (driver, recorder)
+    },
+    false
+));

@@ -2,33 +2,13 @@
 //! lot after START: every mapping's writes are reported, or every REPORT fails with EIO
 //! until STOP and a new START (SPEC 8); never a silently clean page.
 
-use dmalog::pds::PdsDriver;
-use dmalog::{Dialect, IovaRange, LogDriver, LoggingCore, Mlx5Caps, Mlx5Driver, SoftDriver};
-use dmalog::{LiveLog, WriteRecorder};
+use dmalog::{IovaRange, LoggingCore, SoftDriver, WriteRecorder};
+use dmalog_conformance::drivers::{dirty_pages as report, USER};
 
 const PAGE: u64 = 4096;
-const USER: Dialect = Dialect::VfioUser {
-    max_data_xfer_size: u64::MAX,
-};
 
 fn range(iova: u64, length: u64) -> IovaRange {
     IovaRange::new(iova, length).unwrap()
-}
-
-/// The dirty pages (relative page numbers) of `[iova, iova+len)`, or the errno.
-fn report<D: LogDriver>(core: &mut LoggingCore<D>, iova: u64, len: u64) -> Result<Vec<u64>, i32> {
-    let npages = len / PAGE;
-    let mut bytes = vec![0u8; npages.div_ceil(8) as usize];
-    core.report(USER, iova, len, PAGE, &mut bytes)
-        .map_err(|e| e.errno())?;
-    Ok(set_bits(&bytes, npages))
-}
-
-/// The bits set among the first `nbits` of `bytes` (bit `k` is bit `k % 8` of byte `k / 8`).
-fn set_bits(bytes: &[u8], nbits: u64) -> Vec<u64> {
-    (0..nbits)
-        .filter(|k| bytes[(k / 8) as usize] >> (k % 8) & 1 == 1)
-        .collect()
 }
 
 fn soft() -> (LoggingCore<SoftDriver>, WriteRecorder) {
@@ -119,54 +99,6 @@ fn soft_keeps_marks_across_added_ranges_and_remaps() {
         Ok(vec![7, 11]),
         "a write before the re-map is kept, one after it is reported"
     );
-}
-
-/// A fixed-range tracker in log-all mode: `[0, 1 MiB)` and `[2 MiB, 3 MiB)` mapped and
-/// merged into one range `[0, 3 MiB)` at START.
-fn fixed_range_case<D: LogDriver>(mut core: LoggingCore<D>, mut dma: WriteRecorder) {
-    core.dma_mapped(range(0, 1 << 20));
-    core.dma_mapped(range(2 << 20, 1 << 20));
-    assert_eq!(core.start(USER, PAGE, &[]), Ok(PAGE));
-    // Inside the hardware range: covered, no error.
-    core.dma_mapped(range(1 << 20, 1 << 20));
-    dma.record_write((1 << 20) + 5 * PAGE, 1);
-    assert_eq!(report(&mut core, 1 << 20, 1 << 20), Ok(vec![5]));
-    // Outside: the log is latched into error, every REPORT is EIO.
-    assert!(!core.is_untracked_mapping_latched());
-    core.dma_mapped(range(8 << 20, 1 << 20));
-    assert!(core.is_untracked_mapping_latched());
-    dma.record_write(8 << 20, 1);
-    assert_eq!(report(&mut core, 8 << 20, 1 << 20), Err(libc::EIO));
-    assert_eq!(
-        report(&mut core, 0, 1 << 20),
-        Err(libc::EIO),
-        "every REPORT"
-    );
-    assert_eq!(report(&mut core, 0, 1 << 20), Err(libc::EIO), "until STOP");
-    // STOP and a new START (which now covers the new mapping) clear it.
-    core.stop().unwrap();
-    assert_eq!(core.start(USER, PAGE, &[]), Ok(PAGE));
-    assert!(!core.is_untracked_mapping_latched());
-    dma.record_write((8 << 20) + PAGE, 1);
-    assert_eq!(report(&mut core, 8 << 20, 1 << 20), Ok(vec![1]));
-}
-
-#[test]
-fn mlx5_mapping_outside_its_ranges_latches_eio() {
-    let caps = Mlx5Caps {
-        max_num_range: 1,
-        ..Mlx5Caps::tiny()
-    };
-    let driver = Mlx5Driver::with_live_log(caps, LiveLog::new());
-    let dma = driver.recorder();
-    fixed_range_case(LoggingCore::new(driver), dma);
-}
-
-#[test]
-fn pds_mapping_outside_its_ranges_latches_eio() {
-    let driver = PdsDriver::new(1);
-    let dma = driver.recorder();
-    fixed_range_case(LoggingCore::new(driver), dma);
 }
 
 #[test]

@@ -4,6 +4,7 @@
 use dmalog::uapi::*;
 use dmalog::user_memory::SegmentedUserMemory;
 use dmalog::{LoggingCore, SoftDriver};
+use dmalog_conformance::drivers::{peer_op, run_peer};
 use proptest::prelude::*;
 
 fn flags() -> impl Strategy<Value = u32> {
@@ -112,115 +113,12 @@ proptest! {
     }
 }
 
-/// One step of a peer driving DMA mappings and logging against a tracker.
-#[derive(Debug, Clone)]
-enum PeerOp {
-    Map(u64, u64),
-    Unmap(u64, u64),
-    StartAll(u64),
-    StartRanges(u64, Vec<(u64, u64)>),
-    Write(u64, u64),
-    Report(u64, u64, u64),
-    Stop,
-}
-
-/// An address biased towards the edges of the IOVA space, where arithmetic wraps.
-fn edge_address() -> impl Strategy<Value = u64> {
-    prop_oneof![
-        0u64..(1 << 24),
-        (0u64..(1 << 16)).prop_map(|back| u64::MAX - back),
-        any::<u64>(),
-    ]
-}
-
-fn peer_op() -> impl Strategy<Value = PeerOp> {
-    let len = prop_oneof![1u64..(1 << 20), any::<u64>()];
-    let page = (0u32..40).prop_map(|shift| 1u64 << shift);
-    prop_oneof![
-        3 => (edge_address(), len.clone()).prop_map(|(a, l)| PeerOp::Map(a, l)),
-        1 => (edge_address(), len.clone()).prop_map(|(a, l)| PeerOp::Unmap(a, l)),
-        1 => page.clone().prop_map(PeerOp::StartAll),
-        1 => (page.clone(), prop::collection::vec((edge_address(), len.clone()), 0..4))
-            .prop_map(|(p, r)| PeerOp::StartRanges(p, r)),
-        2 => (edge_address(), len.clone()).prop_map(|(a, l)| PeerOp::Write(a, l)),
-        2 => (edge_address(), len, page).prop_map(|(a, l, p)| PeerOp::Report(a, l, p)),
-        1 => Just(PeerOp::Stop),
-    ]
-}
-
-/// Runs `ops` against `core`: every error carries an errno, nothing panics.
-fn run_peer<D: dmalog::LogDriver>(
-    mut core: LoggingCore<D>,
-    mut dma: dmalog::WriteRecorder,
-    ops: Vec<PeerOp>,
-) -> Result<(), TestCaseError> {
-    let user = dmalog::Dialect::VfioUser {
-        max_data_xfer_size: 1 << 16,
-    };
-    let mut bitmap = vec![0u8; 1 << 16];
-    for op in ops {
-        let result = match op {
-            PeerOp::Map(iova, len) => {
-                if let Ok(range) = dmalog::IovaRange::new(iova, len) {
-                    core.dma_mapped(range);
-                }
-                Ok(())
-            }
-            PeerOp::Unmap(iova, len) => {
-                if let Ok(range) = dmalog::IovaRange::new(iova, len) {
-                    core.dma_unmapped(range);
-                }
-                Ok(())
-            }
-            PeerOp::StartAll(page) => core.start(user, page, &[]).map(|_| ()),
-            PeerOp::StartRanges(page, ranges) => {
-                let ranges: Vec<LoggingRange> = ranges
-                    .into_iter()
-                    .map(|(iova, length)| LoggingRange {
-                        iova: iova & !(page - 1),
-                        length: length & !(page - 1),
-                    })
-                    .collect();
-                core.start(user, page, &ranges).map(|_| ())
-            }
-            PeerOp::Write(iova, len) => {
-                dma.record_write(iova, len);
-                Ok(())
-            }
-            PeerOp::Report(iova, len, page) => {
-                let need = len.checked_div(page).unwrap_or(0).div_ceil(8) + 1;
-                let bytes = need.min(bitmap.len() as u64) as usize;
-                core.report(user, iova, len, page, &mut bitmap[..bytes])
-            }
-            PeerOp::Stop => core.stop(),
-        };
-        if let Err(err) = result {
-            prop_assert!(err.errno() > 0);
-        }
-    }
-    Ok(())
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
 
     #[test]
     fn soft_never_panics_on_peer_mappings(ops in prop::collection::vec(peer_op(), 1..24)) {
         let driver = SoftDriver::new().with_max_log_bytes(16 << 20);
-        let dma = driver.recorder();
-        run_peer(LoggingCore::new(driver), dma, ops)?;
-    }
-
-    #[test]
-    fn pds_never_panics_on_peer_mappings(ops in prop::collection::vec(peer_op(), 1..24)) {
-        let driver = dmalog::pds::PdsDriver::new(2).with_max_log_bytes(16 << 20);
-        let dma = driver.recorder();
-        run_peer(LoggingCore::new(driver), dma, ops)?;
-    }
-
-    #[test]
-    fn mlx5_never_panics_on_peer_mappings(ops in prop::collection::vec(peer_op(), 1..24)) {
-        let driver = dmalog::Mlx5Driver::new(dmalog::Mlx5Caps::tiny()).with_max_log_bytes(16 << 20);
         let dma = driver.recorder();
         run_peer(LoggingCore::new(driver), dma, ops)?;
     }

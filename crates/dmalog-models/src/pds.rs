@@ -7,11 +7,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::budget::{bitmap_bytes, LogBudget, DEFAULT_MAX_LOG_BYTES};
-use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
-use crate::error::{LogError, LogResult};
-use crate::iova_bitmap::IovaBitmap;
-use crate::ranges::{ranges_cover, IovaRange};
+use dmalog::budget::{bitmap_bytes, LogBudget, DEFAULT_MAX_LOG_BYTES};
+use dmalog::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
+use dmalog::error::{LogError, LogResult};
+use dmalog::iova_bitmap::IovaBitmap;
+use dmalog::ranges::{ranges_cover, IovaRange};
 
 /// Regions the default model tracks (the device's `max_regions`).
 pub const PDS_DEFAULT_MAX_REGIONS: usize = 8;
@@ -283,22 +283,11 @@ impl LogDriver for PdsDriver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uapi::LoggingRange;
-    use crate::{Dialect, LoggingCore};
+    use dmalog::uapi::LoggingRange;
+    use dmalog::LoggingCore;
+    use dmalog_conformance::drivers::{dirty_pages as report, USER};
 
     const PAGE: u64 = 4096;
-    const USER: Dialect = Dialect::VfioUser {
-        max_data_xfer_size: u64::MAX,
-    };
-
-    fn report(core: &mut LoggingCore<PdsDriver>, iova: u64, len: u64) -> Result<Vec<u64>, i32> {
-        let mut bytes = vec![0u8; (len / PAGE).div_ceil(8) as usize];
-        core.report(USER, iova, len, PAGE, &mut bytes)
-            .map_err(|e| e.errno())?;
-        Ok((0..len / PAGE)
-            .filter(|k| bytes[(k / 8) as usize] >> (k % 8) & 1 == 1)
-            .collect())
-    }
 
     #[test]
     fn seq_xor_ack_regions_and_merging() {

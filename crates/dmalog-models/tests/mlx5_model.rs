@@ -3,14 +3,13 @@
 
 use std::sync::atomic::Ordering;
 
-use dmalog::mlx5::{Mlx5Faults, Mlx5Stats};
 use dmalog::uapi::LoggingRange;
-use dmalog::{Dialect, LoggingCore, Mlx5Caps, Mlx5Driver, Mlx5Fault, WriteRecorder};
+use dmalog::{Dialect, LoggingCore, WriteRecorder};
+use dmalog_conformance::drivers::{dirty_pages as report, USER};
+use dmalog_models::mlx5::{Mlx5Faults, Mlx5Stats};
+use dmalog_models::{Mlx5Caps, Mlx5Driver, Mlx5Fault};
 
 const PAGE: u64 = 4096;
-const USER: Dialect = Dialect::VfioUser {
-    max_data_xfer_size: u64::MAX,
-};
 
 struct Rig {
     core: LoggingCore<Mlx5Driver>,
@@ -31,16 +30,6 @@ fn rig(caps: Mlx5Caps) -> Rig {
 
 fn range(iova: u64, length: u64) -> LoggingRange {
     LoggingRange { iova, length }
-}
-
-/// A report at 4 KiB as a list of set bits.
-fn report(core: &mut LoggingCore<Mlx5Driver>, iova: u64, length: u64) -> Result<Vec<u64>, i32> {
-    let mut bitmap = vec![0u8; (length / PAGE).div_ceil(8) as usize];
-    core.report(USER, iova, length, PAGE, &mut bitmap)
-        .map_err(|e| e.errno())?;
-    Ok((0..length / PAGE)
-        .filter(|k| bitmap[(k / 8) as usize] >> (k % 8) & 1 == 1)
-        .collect())
 }
 
 fn live_threads(stats: &Mlx5Stats) -> u64 {

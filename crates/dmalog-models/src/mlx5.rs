@@ -1,7 +1,7 @@
 //! A model of the mlx5 hardware page tracker (SPEC 5.2): both halves, device and driver,
 //! with the hardware's limits and failure modes, as a [`LogDriver`].
 //!
-//! - The **device half** ("firmware") runs on its own thread, the one thread the core starts:
+//! - The **device half** ("firmware") runs on its own thread, the one thread a tracker model starts:
 //!   it owns the hardware log (marked by DMA writes through the same lock-free
 //!   [`DirtyMarker`] path as the soft tracker) and, for each "modify to REPORTING over
 //!   `[iova, length)`" command, walks the log and sends the dirty page addresses as 8-byte
@@ -31,13 +31,13 @@ use std::thread::JoinHandle;
 
 use tracing::{debug, warn};
 
-use crate::budget::{LogBudget, DEFAULT_MAX_LOG_BYTES};
-use crate::dirty_log::DirtyLog;
-use crate::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
-use crate::error::{LogError, LogResult};
-use crate::iova_bitmap::IovaBitmap;
-use crate::ranges::{ranges_cover, IovaRange};
-use crate::soft::{log_cost, page_spans, SoftLog};
+use dmalog::budget::{LogBudget, DEFAULT_MAX_LOG_BYTES};
+use dmalog::dirty_log::DirtyLog;
+use dmalog::driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
+use dmalog::error::{LogError, LogResult};
+use dmalog::iova_bitmap::IovaBitmap;
+use dmalog::ranges::{ranges_cover, IovaRange};
+use dmalog::soft::{log_cost, page_spans, SoftLog};
 
 mod caps;
 pub use caps::{CapsError, Mlx5Caps, Mlx5Fault, MIN_RING_BYTES};

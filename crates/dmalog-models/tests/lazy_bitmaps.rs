@@ -2,9 +2,9 @@
 //! bitmaps come from `alloc_zeroed`, so untouched pages cost no memory (one test in its
 //! own binary, so that no other test's allocations move the resident size).
 
-use dmalog::pds::PdsDriver;
 use dmalog::uapi::LoggingRange;
 use dmalog::{Dialect, LoggingCore};
+use dmalog_models::PdsDriver;
 
 const PAGE: u64 = 4096;
 
