@@ -3,8 +3,8 @@
 #![no_main]
 
 use dmalog_vfio_user::fuzzing::{dispatch_stream_to, with_version, FuzzDevice};
-use dmalog_vfio_user::TrackerKind;
+use dmalog_vfio_user::fuzzing::FuzzTracker;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    dispatch_stream_to(&with_version(data), TrackerKind::Soft, FuzzDevice::LvuSample);
+    dispatch_stream_to(&with_version(data), FuzzTracker::Soft, FuzzDevice::LvuSample);
 });

@@ -2,8 +2,8 @@
 #![no_main]
 
 use dmalog_vfio_user::fuzzing::{dispatch_stream, with_version};
-use dmalog_vfio_user::TrackerKind;
+use dmalog_vfio_user::fuzzing::FuzzTracker;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    dispatch_stream(&with_version(data), TrackerKind::Soft);
+    dispatch_stream(&with_version(data), FuzzTracker::Soft);
 });

@@ -32,6 +32,51 @@ pub fn write_svg(report: &MigrationReport, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A panel's chart: the margins and label areas every panel has.
+fn panel<'a, 'b, DB: DrawingBackend>(area: &'a DrawingArea<DB, Shift>) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(70);
+    builder
+}
+
+/// The grid and axis labels of a panel (x: rounds).
+fn draw_mesh<'a, X, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    y_desc: &str,
+) -> anyhow::Result<()>
+where
+    X: Ranged<FormatOption = plotters::coord::ranged1d::DefaultFormatting>
+        + plotters::coord::ranged1d::ValueFormatter<X::ValueType>,
+    Y: Ranged<FormatOption = plotters::coord::ranged1d::DefaultFormatting>
+        + plotters::coord::ranged1d::ValueFormatter<Y::ValueType>,
+{
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc(y_desc)
+        .draw()
+        .context("chart mesh")?;
+    Ok(())
+}
+
+/// A panel's legend, boxed, at `position`.
+fn draw_legend<'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, CT>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .context("chart legend")?;
+    Ok(())
+}
+
 fn rounds_axis(report: &MigrationReport) -> std::ops::Range<u32> {
     0u32..(report.rounds.len() as u32).max(2)
 }
@@ -61,19 +106,11 @@ fn draw_pages(
         report.bytes_sent as f64 / report.guest_bytes as f64
     );
     let rounds = report.rounds.len() as u32;
-    let mut chart = ChartBuilder::on(area)
+    let mut chart = panel(area)
         .caption(title, ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
         .build_cartesian_2d(1u32..rounds.max(2), 0u64..max_pages + max_pages / 10)
         .context("chart axes")?;
-    chart
-        .configure_mesh()
-        .x_desc("round")
-        .y_desc("dirty pages")
-        .draw()
-        .context("chart mesh")?;
+    draw_mesh(&mut chart, "dirty pages")?;
     let series: [Series; 3] = [
         ("device only", BLUE, |r| r.pages_device),
         ("vCPU only", RED, |r| r.pages_cpu),
@@ -89,13 +126,7 @@ fn draw_pages(
             .label(label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .context("chart legend")?;
+    draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
     Ok(())
 }
 
@@ -155,18 +186,10 @@ fn draw_bytes(
         .iter()
         .map(|r| mib(r.bytes_sent))
         .fold(1.0, f64::max);
-    let mut chart = ChartBuilder::on(area)
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
+    let mut chart = panel(area)
         .build_cartesian_2d(rounds_axis(report), (MIN_MIB..max_mib * 2.0).log_scale())
         .context("chart axes")?;
-    chart
-        .configure_mesh()
-        .x_desc("round")
-        .y_desc("MiB sent (log scale)")
-        .draw()
-        .context("chart mesh")?;
+    draw_mesh(&mut chart, "MiB sent (log scale)")?;
     shade_throttled(report, &mut chart, MIN_MIB, max_mib * 2.0)?;
     chart
         .draw_series(LineSeries::new(
@@ -184,13 +207,7 @@ fn draw_bytes(
                 .map(|r| Circle::new((r.round, mib(r.bytes_sent)), 3, BLACK.filled())),
         )
         .context("chart points")?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .context("chart legend")?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
     Ok(())
 }
 
@@ -221,18 +238,10 @@ fn draw_downtime(
         .chain([report.max_downtime_ms])
         .fold(1.0, f64::max);
     let top = max_ms * 2.0;
-    let mut chart = ChartBuilder::on(area)
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(70)
+    let mut chart = panel(area)
         .build_cartesian_2d(rounds_axis(report), (MIN_MS..top).log_scale())
         .context("chart axes")?;
-    chart
-        .configure_mesh()
-        .x_desc("round")
-        .y_desc("downtime, ms (log scale)")
-        .draw()
-        .context("chart mesh")?;
+    draw_mesh(&mut chart, "downtime, ms (log scale)")?;
     shade_throttled(report, &mut chart, MIN_MS, top)?;
     let end = rounds_axis(report).end;
     let budget = report.max_downtime_ms.max(MIN_MS);
@@ -266,13 +275,7 @@ fn draw_downtime(
             .label("actual downtime")
             .legend(|(x, y)| Cross::new((x + 10, y), 5, BLACK.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .context("chart legend")?;
+    draw_legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
     Ok(())
 }
 

@@ -19,8 +19,6 @@ mod bench;
 mod bench_peer;
 mod chart;
 mod demo;
-mod device_workload;
-mod failover;
 mod inspect;
 mod probe;
 mod progress;

@@ -6,9 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use dmalog::{LiveLog, SoftDriver};
 use dmalog_device::{DmaEngine, LvuSample};
-use dmalog_vfio_user::{Server, ServerConfig, TrackerKind};
+use dmalog_models::mlx5::CapsError;
+use dmalog_models::pds::{PdsDriver, PDS_DEFAULT_MAX_REGIONS};
+use dmalog_models::{Mlx5Caps, Mlx5Driver, Mlx5Fault};
+use dmalog_vfio_user::{ServedTracker, Server, ServerConfig};
 
 /// Options of `dmalog serve`.
 #[derive(clap::Args, Debug)]
@@ -50,6 +56,99 @@ pub struct ServeArgs {
     max_log_mib: u64,
 }
 
+/// Which tracker logs the device's DMA writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrackerKind {
+    /// No DMA logging (the logging features are ENOTTY).
+    None,
+    /// The software tracker.
+    Soft,
+    /// The mlx5 model with these capabilities.
+    Mlx5(Mlx5Caps),
+    /// The pds (AMD/Pensando) model with this many regions.
+    Pds(usize),
+}
+
+/// Why a tracker name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TrackerKindError {
+    /// Not one of the tracker names.
+    #[error("unknown tracker {0:?} (known: soft, none, pds, pds:REGIONS, mlx5, mlx5:PRESET[,field=value...])")]
+    Unknown(String),
+    /// `pds:` followed by something other than a region count of at least 1.
+    #[error("bad pds region count {0:?} (a number of at least 1)")]
+    PdsRegions(String),
+    /// The mlx5 capabilities did not parse.
+    #[error(transparent)]
+    Mlx5(#[from] CapsError),
+}
+
+impl std::str::FromStr for TrackerKind {
+    type Err = TrackerKindError;
+
+    /// `soft`, `none`, `pds`, `pds:REGIONS`, `mlx5`, or `mlx5:PRESET[,field=value...]`.
+    fn from_str(text: &str) -> Result<Self, TrackerKindError> {
+        match text {
+            "soft" => Ok(TrackerKind::Soft),
+            "none" => Ok(TrackerKind::None),
+            "mlx5" => Ok(TrackerKind::Mlx5(Mlx5Caps::cx7())),
+            "pds" => Ok(TrackerKind::Pds(PDS_DEFAULT_MAX_REGIONS)),
+            other => {
+                if let Some(regions) = other.strip_prefix("pds:") {
+                    return match regions.parse::<usize>() {
+                        Ok(count) if count > 0 => Ok(TrackerKind::Pds(count)),
+                        _ => Err(TrackerKindError::PdsRegions(regions.to_string())),
+                    };
+                }
+                match other.strip_prefix("mlx5:") {
+                    Some(spec) => Ok(TrackerKind::Mlx5(Mlx5Caps::parse(spec)?)),
+                    None => Err(TrackerKindError::Unknown(other.to_string())),
+                }
+            }
+        }
+    }
+}
+
+/// `--inject-fault FAULT@N`: the mlx5 fault to inject before the N-th REPORT (1-based) the
+/// server carries out, once.
+pub type FaultPlan = (u64, Mlx5Fault);
+
+/// The `--tracker` driver over the server's live log, its state capped at `max_log_bytes`,
+/// with the mlx5 `fault_plan` (ignored by the other trackers).
+pub fn build_tracker(
+    kind: &TrackerKind,
+    max_log_bytes: u64,
+    fault_plan: Option<FaultPlan>,
+    live: &Arc<LiveLog>,
+) -> ServedTracker {
+    let live = Arc::clone(live);
+    match kind {
+        TrackerKind::None => ServedTracker::none(),
+        TrackerKind::Soft => {
+            ServedTracker::new(SoftDriver::with_live_log(live).with_max_log_bytes(max_log_bytes))
+        }
+        TrackerKind::Mlx5(caps) => {
+            let driver = Mlx5Driver::with_live_log(*caps, live).with_max_log_bytes(max_log_bytes);
+            let faults = driver.faults();
+            let tracker = ServedTracker::new(driver);
+            let Some((at, fault)) = fault_plan else {
+                return tracker;
+            };
+            let mut reports_seen = 0u64;
+            tracker.before_each_report(move || {
+                reports_seen += 1;
+                if reports_seen == at {
+                    tracing::warn!(?fault, report = at, "injecting an mlx5 fault");
+                    faults.inject(fault);
+                }
+            })
+        }
+        TrackerKind::Pds(max_regions) => ServedTracker::new(
+            PdsDriver::with_live_log(*max_regions, live).with_max_log_bytes(max_log_bytes),
+        ),
+    }
+}
+
 /// The default `--max-log-mib` (the core's default budget).
 pub const DEFAULT_MAX_LOG_MIB: u64 = dmalog::budget::DEFAULT_MAX_LOG_BYTES >> 20;
 
@@ -75,21 +174,19 @@ pub fn run(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             let (fault, at) = spec
                 .split_once('@')
                 .context("--inject-fault wants FAULT@N")?;
-            let fault: dmalog_models::Mlx5Fault = fault.parse().map_err(anyhow::Error::msg)?;
+            let fault: Mlx5Fault = fault.parse().map_err(anyhow::Error::msg)?;
             Some((at.parse::<u64>().context("--inject-fault N")?, fault))
         }
         None => None,
     };
     let config = ServerConfig {
-        tracker,
         max_data_xfer_size: args.max_data_xfer_size,
-        fault_plan,
         peer_timeout: std::time::Duration::from_millis(args.peer_timeout_ms),
-        max_log_bytes,
         ..ServerConfig::default()
     };
-    let mut server = Server::try_new(
+    let mut server = Server::try_with_tracker(
         config,
+        |live| build_tracker(&tracker, max_log_bytes, fault_plan, live),
         |space| -> std::io::Result<Box<dyn dmalog_device::Device>> {
             Ok(match args.device.as_str() {
                 "lvu-sample" => Box::new(LvuSample::with_bar1_size(space, args.lvu_bar1_size)?),
@@ -158,5 +255,36 @@ fn remove_own_socket(path: &Path, file: (u64, u64)) {
         if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == file {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracker_kinds_parse_and_bad_ones_are_errors() {
+        assert_eq!("soft".parse(), Ok(TrackerKind::Soft));
+        assert_eq!("none".parse(), Ok(TrackerKind::None));
+        assert_eq!("pds".parse(), Ok(TrackerKind::Pds(PDS_DEFAULT_MAX_REGIONS)));
+        assert_eq!("pds:3".parse(), Ok(TrackerKind::Pds(3)));
+        assert_eq!("mlx5".parse(), Ok(TrackerKind::Mlx5(Mlx5Caps::cx7())));
+        for bad in ["pds:0", "pds:x", "pds:"] {
+            assert!(
+                matches!(
+                    bad.parse::<TrackerKind>(),
+                    Err(TrackerKindError::PdsRegions(_))
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            "hisi".parse::<TrackerKind>(),
+            Err(TrackerKindError::Unknown("hisi".into()))
+        );
+        assert!(matches!(
+            "mlx5:nope".parse::<TrackerKind>(),
+            Err(TrackerKindError::Mlx5(CapsError::UnknownPreset(_)))
+        ));
     }
 }

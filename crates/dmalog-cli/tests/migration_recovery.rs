@@ -6,8 +6,8 @@ mod common;
 
 use common::{engine_op, guest_memory, map_and_start_logging, reg, ServerProcess};
 use dmalog::uapi::{
-    feature_request, DeviceState, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_GET,
-    FEATURE_HEADER_BYTES, USER_REPORT_BYTES,
+    feature_request, DeviceState, UapiStruct, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT,
+    FEATURE_GET, FEATURE_HEADER_BYTES, USER_REPORT_BYTES,
 };
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice};
 use dmalog_vfio_user::Client;

@@ -3,8 +3,8 @@
 
 use dmalog::tracker::report_words;
 use dmalog::uapi::{
-    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl,
-    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange, UapiStruct,
+    UserLoggingControl, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_SET,
 };
 use dmalog::user_memory::SegmentedUserMemory;
@@ -99,8 +99,8 @@ pub fn kernel_start(
     let control = KernelLoggingControl {
         page_size,
         num_ranges: ranges.len() as u32,
-        reserved: 0,
-        ranges_addr: RANGES_ADDR,
+        __reserved: 0,
+        ranges: RANGES_ADDR,
     };
     let mut request = feature_request(8 + 24, START_SET, &control.encode());
     let result = t.feature_kernel(&mut request, &mut user)?;
@@ -121,7 +121,7 @@ pub fn kernel_report(
         iova,
         length,
         page_size,
-        bitmap_addr: BITMAP_ADDR,
+        bitmap: BITMAP_ADDR,
     };
     let mut request = feature_request(8 + 32, REPORT_GET, &report.encode());
     let result = t.feature_kernel(&mut request, &mut user)?;

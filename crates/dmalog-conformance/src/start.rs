@@ -1,6 +1,6 @@
 //! START (SPEC 3.2) and STOP (SPEC 3.3): each refused START leaves logging stopped and usable.
 
-use dmalog::uapi::{feature_request, KernelLoggingControl, LoggingRange};
+use dmalog::uapi::{feature_request, KernelLoggingControl, LoggingRange, UapiStruct};
 use dmalog::user_memory::SegmentedUserMemory;
 
 use crate::requests::{kernel_start, user_dirty, user_report, user_start, user_stop, START_SET};
@@ -135,8 +135,8 @@ pub fn start_errnos(make: MakeTarget<'_>) {
         &KernelLoggingControl {
             page_size: PAGE,
             num_ranges: 1,
-            reserved: 0,
-            ranges_addr: 0xdead_0000,
+            __reserved: 0,
+            ranges: 0xdead_0000,
         }
         .encode(),
     );

@@ -102,12 +102,16 @@ pub trait Device: Send {
     fn flags(&self) -> u32 {
         DEVICE_FLAGS_PCI | DEVICE_FLAGS_RESET
     }
-    /// Number of regions.
-    fn num_regions(&self) -> u32;
+    /// Number of regions (a PCI device's by default: BAR0-5, ROM, config, VGA).
+    fn num_regions(&self) -> u32 {
+        PCI_NUM_REGIONS
+    }
     /// A region's info (None: no such index).
     fn region_info(&self, index: u32) -> Option<RegionInfo>;
-    /// Number of IRQ indexes.
-    fn num_irqs(&self) -> u32;
+    /// Number of IRQ indexes (a PCI device's by default: INTx, MSI, MSI-X, ERR, REQ).
+    fn num_irqs(&self) -> u32 {
+        PCI_NUM_IRQS
+    }
     /// An IRQ index's info.
     fn irq_info(&self, index: u32) -> Option<IrqInfo>;
     /// Sets eventfds for vectors `[start, start + fds.len())` of IRQ `index` (None: unset).
@@ -263,6 +267,15 @@ impl IrqTable {
                 .map(|&n| (0..n).map(|_| None).collect())
                 .collect(),
         }
+    }
+
+    /// GET_IRQ_INFO of `index`: its vectors, signalled by eventfd; `None` past the table.
+    pub fn info(&self, index: u32) -> Option<IrqInfo> {
+        let vectors = self.fds.get(index as usize)?;
+        Some(IrqInfo {
+            count: vectors.len() as u32,
+            flags: IRQ_INFO_EVENTFD,
+        })
     }
 
     /// Sets (or clears) eventfds; EINVAL when the vectors do not exist.

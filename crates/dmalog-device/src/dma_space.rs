@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use arc_swap::ArcSwap;
-use dmalog::{LiveLog, WriteRecorder};
+use dmalog::{IovaRange, LiveLog, WriteRecorder};
 
 use crate::dma_table::DmaTable;
 
@@ -199,6 +199,17 @@ impl DmaSpace {
         self.shared.generation.fetch_add(1, Ordering::SeqCst) + 1
     }
 
+    /// The accessors' slots, locked, with those of dropped accessors removed.
+    fn live_accessors(&self) -> std::sync::MutexGuard<'_, Vec<Weak<AccessSlot>>> {
+        let mut accessors = self
+            .shared
+            .accessors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        accessors.retain(|slot| slot.strong_count() > 0);
+        accessors
+    }
+
     /// Waits until no access based on a snapshot older than `generation` is in flight.
     ///
     /// Why this is enough: an accessor announces `(its snapshot's generation, active)` with
@@ -207,15 +218,11 @@ impl DmaSpace {
     /// sees the new generation and drops its old snapshot before any access, or we see its
     /// announcement and wait for it to end.
     fn wait_for_accesses_before(&self, generation: u64) {
-        let slots: Vec<Arc<AccessSlot>> = {
-            let mut accessors = self
-                .shared
-                .accessors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            accessors.retain(|slot| slot.strong_count() > 0);
-            accessors.iter().filter_map(Weak::upgrade).collect()
-        };
+        let slots: Vec<Arc<AccessSlot>> = self
+            .live_accessors()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         let start = std::time::Instant::now();
         let mut warned = false;
         for slot in slots {
@@ -238,15 +245,13 @@ impl DmaSpace {
     /// Adds a mapping; EEXIST when it overlaps one. O(log n).
     pub fn map(&self, region: DmaRegion) -> Result<(), MapError> {
         let (iova, size) = (region.iova, region.size);
-        if size == 0 || iova.checked_add(size).is_none() {
-            return Err(MapError::Invalid { iova, size });
-        }
+        let range = IovaRange::new(iova, size).map_err(|_| MapError::Invalid { iova, size })?;
         let _changes = self.lock_changes();
         let table = self.shared.table.load_full();
         if table.len() >= self.shared.max_maps {
             return Err(MapError::TooMany(self.shared.max_maps));
         }
-        if table.overlaps(iova, size) {
+        if table.overlaps(range) {
             return Err(MapError::Overlap { iova, size });
         }
         self.publish(table.inserted(region));
@@ -279,15 +284,7 @@ impl DmaSpace {
     /// A handle for one DMA thread.
     pub fn accessor(&self) -> DmaAccessor {
         let slot = Arc::new(AccessSlot::default());
-        {
-            let mut accessors = self
-                .shared
-                .accessors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            accessors.retain(|slot| slot.strong_count() > 0);
-            accessors.push(Arc::downgrade(&slot));
-        }
+        self.live_accessors().push(Arc::downgrade(&slot));
         // The generation first: the table loaded after it is at least that new.
         let generation = self.shared.generation.load(Ordering::SeqCst);
         DmaAccessor {

@@ -16,6 +16,8 @@
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
+use dmalog::IovaRange;
+
 use crate::dma_space::DmaRegion;
 
 type Link = Option<Arc<Node>>;
@@ -110,12 +112,12 @@ impl DmaTable {
         self.floor(iova).filter(|r| iova - r.iova < r.size)
     }
 
-    /// Whether some region shares a byte with `[iova, iova + size)` (`size > 0`, no wrap).
-    pub fn overlaps(&self, iova: u64, size: u64) -> bool {
+    /// Whether some region shares a byte with `range`.
+    pub fn overlaps(&self, range: IovaRange) -> bool {
         // The region starting last at or before our last byte is the only candidate:
         // regions are disjoint and sorted.
-        self.floor(iova + (size - 1))
-            .is_some_and(|r| r.iova + (r.size - 1) >= iova)
+        self.floor(range.end() - 1)
+            .is_some_and(|r| r.iova + (r.size - 1) >= range.iova())
     }
 
     /// The region starting exactly at `iova`.
@@ -125,7 +127,7 @@ impl DmaTable {
 
     /// A new table with `region` added; the caller checked it overlaps nothing.
     pub fn inserted(&self, region: DmaRegion) -> DmaTable {
-        debug_assert!(!self.overlaps(region.iova, region.size));
+        debug_assert!(IovaRange::new(region.iova, region.size).is_ok_and(|r| !self.overlaps(r)));
         let node = Node {
             priority: mix(region.iova ^ self.seed),
             region,
@@ -244,6 +246,10 @@ mod tests {
     use super::*;
     use crate::dma_space::DmaBacking;
 
+    fn range(iova: u64, len_bytes: u64) -> IovaRange {
+        IovaRange::new(iova, len_bytes).unwrap()
+    }
+
     fn region(iova: u64, size: u64) -> DmaRegion {
         DmaRegion {
             iova,
@@ -281,7 +287,7 @@ mod tests {
                 model.remove(at);
                 table = after;
             } else {
-                assert!(!table.overlaps(iova, size), "step {step}");
+                assert!(!table.overlaps(range(iova, size)), "step {step}");
                 table = table.inserted(region(iova, size));
                 model.push((iova, size));
                 model.sort();
@@ -311,13 +317,13 @@ mod tests {
         }
         assert_eq!(table.len(), 65_536);
         assert!(depth(&table.root) < 64, "depth {}", depth(&table.root));
-        assert!(table.overlaps(0x0fff_f000, 0x2000));
-        assert!(!table.overlaps(0x1000_0000, 0x1000));
+        assert!(table.overlaps(range(0x0fff_f000, 0x2000)));
+        assert!(!table.overlaps(range(0x1000_0000, 0x1000)));
         assert_eq!(table.get(0x5000).map(|r| r.iova), Some(0x5000));
         assert!(table.get(0x5001).is_none());
         // Top of the IOVA space.
         let top = DmaTable::new().inserted(region(u64::MAX - 0x1000, 0x1000));
-        assert!(top.overlaps(u64::MAX - 1, 1));
+        assert!(top.overlaps(range(u64::MAX - 1, 1)));
         assert_eq!(
             top.containing(u64::MAX - 1).map(|r| r.iova),
             Some(u64::MAX - 0x1000)

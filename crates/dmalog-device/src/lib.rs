@@ -56,15 +56,15 @@ pub mod device;
 pub mod dma_engine;
 pub mod dma_space;
 pub mod dma_table;
+pub mod io_piece;
 pub mod lvu_sample;
+pub mod pci;
 pub mod shared_memory;
 
 pub use device::{Device, DeviceError, IrqInfo, MessageDma, MigrationMachine, RegionInfo};
 pub use dma_engine::DmaEngine;
 pub use dma_space::{DmaAccessor, DmaBacking, DmaFault, DmaRegion, DmaSpace, MapError};
 pub use dma_table::DmaTable;
+pub use io_piece::{read_pieces, write_pieces, IoPiece, IoPieceMut};
 pub use lvu_sample::LvuSample;
-pub use shared_memory::{
-    read_pieces, sealed_memfd, write_pieces, CopyFault, CopyPath, IoPiece, IoPieceMut,
-    SharedMapping,
-};
+pub use shared_memory::{sealed_memfd, CopyFault, CopyPath, SharedMapping};

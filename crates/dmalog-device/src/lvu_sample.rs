@@ -15,10 +15,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
 
 use crate::device::{
-    Device, DeviceError, IrqInfo, IrqTable, MessageDma, RegionInfo, IRQ_INFO_EVENTFD,
-    PCI_CONFIG_REGION_INDEX, PCI_NUM_IRQS, PCI_NUM_REGIONS, REGION_MMAP, REGION_READ, REGION_WRITE,
+    Device, DeviceError, IrqInfo, IrqTable, MessageDma, RegionInfo, PCI_CONFIG_REGION_INDEX,
+    PCI_NUM_IRQS, REGION_MMAP, REGION_READ, REGION_WRITE,
 };
 use crate::dma_space::{DmaAccessor, DmaBacking, DmaSpace};
+use crate::pci::{self, ConfigSpace, MigrationBuffers};
 use crate::shared_memory::{sealed_memfd, SharedMapping};
 
 /// Bytes of BAR1 (SPEC 6.2; libvfio-user's sample after its BAR-size fix).
@@ -29,6 +30,8 @@ pub const BAR1_SPARSE: [(u64, u64); 2] = [(0, 0x1000), (0x2000, 0x1000)];
 pub const WRITE_CHUNK: usize = 1024;
 /// Bytes of one read unit.
 pub const READ_CHUNK: usize = 2048;
+/// Vectors per IRQ index: INTx only.
+const IRQ_COUNTS: [u32; PCI_NUM_IRQS as usize] = [1, 0, 0, 0, 0];
 
 fn now_secs() -> i64 {
     SystemTime::now()
@@ -70,7 +73,7 @@ pub struct ExpiryReport {
 
 /// The lvu-sample device.
 pub struct LvuSample {
-    config: [u8; 256],
+    config: ConfigSpace,
     bar0: i64,
     bar1_fd: Arc<OwnedFd>,
     bar1: SharedMapping,
@@ -80,9 +83,7 @@ pub struct LvuSample {
     irqs: IrqTable,
     running: bool,
     deadline: Option<Instant>,
-    save_stream: Vec<u8>,
-    save_cursor: usize,
-    load_buffer: Vec<u8>,
+    migration: MigrationBuffers,
     /// What the timer did.
     pub expiry: ExpiryReport,
 }
@@ -112,11 +113,9 @@ impl LvuSample {
         // mapping (SIGBUS) or grow it.
         let fd = sealed_memfd("lvu-sample-bar1", bar1_size)?;
         let bar1 = SharedMapping::map(&fd, 0, bar1_size as usize, true)?;
-        let mut config = [0u8; 256];
-        config[0..2].copy_from_slice(&0xdeadu16.to_le_bytes());
-        config[2..4].copy_from_slice(&0xbeefu16.to_le_bytes());
-        config[0x2c..0x2e].copy_from_slice(&0xcafeu16.to_le_bytes());
-        config[0x2e..0x30].copy_from_slice(&0xbabeu16.to_le_bytes());
+        let mut config = ConfigSpace::new(0xdead, 0xbeef);
+        config.set_u16(0x2c, 0xcafe); // subsystem vendor
+        config.set_u16(0x2e, 0xbabe); // subsystem
         Ok(LvuSample {
             config,
             bar0: 0,
@@ -125,12 +124,13 @@ impl LvuSample {
             bar1_size,
             dma: space.accessor(),
             space: space.clone(),
-            irqs: IrqTable::new(&[1, 0, 0, 0, 0]),
+            irqs: IrqTable::new(&IRQ_COUNTS),
             running: true,
             deadline: None,
-            save_stream: Vec::new(),
-            save_cursor: 0,
-            load_buffer: Vec::new(),
+            migration: MigrationBuffers::new(
+                4 * (bar1_size as usize + 8),
+                "more migration data than an lvu-sample has",
+            ),
             expiry: ExpiryReport::default(),
         })
     }
@@ -158,12 +158,8 @@ impl Device for LvuSample {
         "lvu-sample"
     }
 
-    fn num_regions(&self) -> u32 {
-        PCI_NUM_REGIONS
-    }
-
     fn region_info(&self, index: u32) -> Option<RegionInfo> {
-        match index {
+        pci::region_info(index, |bar| match bar {
             0 => Some(RegionInfo {
                 size: 8,
                 flags: REGION_READ | REGION_WRITE,
@@ -175,26 +171,12 @@ impl Device for LvuSample {
                 sparse_mmap: BAR1_SPARSE.to_vec(),
                 mmap_fd: Some(Arc::clone(&self.bar1_fd)),
             }),
-            PCI_CONFIG_REGION_INDEX => Some(RegionInfo {
-                size: 256,
-                flags: REGION_READ | REGION_WRITE,
-                ..RegionInfo::default()
-            }),
-            i if i < PCI_NUM_REGIONS => Some(RegionInfo::default()),
             _ => None,
-        }
-    }
-
-    fn num_irqs(&self) -> u32 {
-        PCI_NUM_IRQS
+        })
     }
 
     fn irq_info(&self, index: u32) -> Option<IrqInfo> {
-        let count = [1, 0, 0, 0, 0].get(index as usize).copied()?;
-        Some(IrqInfo {
-            count,
-            flags: IRQ_INFO_EVENTFD,
-        })
+        self.irqs.info(index)
     }
 
     fn set_irq_eventfds(
@@ -224,14 +206,7 @@ impl Device for LvuSample {
                     .try_read(offset, out)
                     .map_err(|_| DeviceError::Fault("BAR1 memory is gone"))
             }
-            PCI_CONFIG_REGION_INDEX => {
-                let end = offset
-                    .checked_add(out.len() as u64)
-                    .filter(|&e| e <= 256)
-                    .ok_or(DeviceError::Invalid("config read out of range"))?;
-                out.copy_from_slice(&self.config[offset as usize..end as usize]);
-                Ok(())
-            }
+            PCI_CONFIG_REGION_INDEX => self.config.read(offset, out),
             _ => Err(DeviceError::Invalid("no such region or empty region")),
         }
     }
@@ -253,13 +228,8 @@ impl Device for LvuSample {
                     .try_write(offset, data)
                     .map_err(|_| DeviceError::Fault("BAR1 memory is gone"))
             }
-            PCI_CONFIG_REGION_INDEX => {
-                offset
-                    .checked_add(data.len() as u64)
-                    .filter(|&e| e <= 256)
-                    .ok_or(DeviceError::Invalid("config write out of range"))?;
-                Ok(()) // config space is read-only here
-            }
+            // Config space is read-only here.
+            PCI_CONFIG_REGION_INDEX => self.config.write(offset, data, 0..0),
             _ => Err(DeviceError::Invalid("no such region or empty region")),
         }
     }
@@ -271,9 +241,7 @@ impl Device for LvuSample {
     }
 
     fn abort_migration(&mut self) {
-        self.save_stream.clear();
-        self.save_cursor = 0;
-        self.load_buffer.clear();
+        self.migration.clear();
         self.running = true;
         self.arm();
     }
@@ -285,20 +253,16 @@ impl Device for LvuSample {
     fn migration_arc(&mut self, from: DeviceState, to: DeviceState) -> Result<(), DeviceError> {
         use DeviceState::*;
         match (from, to) {
-            (Running, PreCopy) => {
-                self.save_stream = self.bar1_bytes();
-                self.save_cursor = 0;
-            }
+            (Running, PreCopy) => self.migration.save(self.bar1_bytes()),
             (PreCopy, StopCopy) | (Stop, StopCopy) => {
                 // As the reference: STOP_COPY's data is BAR1 then BAR0, afresh.
-                self.save_stream = self.bar1_bytes();
-                self.save_stream.extend_from_slice(&self.bar0.to_le_bytes());
-                self.save_cursor = 0;
+                self.migration.save(self.bar1_bytes());
+                self.migration.save_more(&self.bar0.to_le_bytes());
             }
-            (Stop, Resuming) => self.load_buffer.clear(),
+            (Stop, Resuming) => self.migration.clear_load(),
             (Resuming, Stop) => {
                 let need = self.bar1_size as usize + 8;
-                let buffer = std::mem::take(&mut self.load_buffer);
+                let buffer = self.migration.take_loaded();
                 if buffer.len() < need {
                     return Err(DeviceError::Invalid("incomplete lvu-sample state"));
                 }
@@ -310,10 +274,7 @@ impl Device for LvuSample {
                         .map_err(|_| DeviceError::Invalid("BAR0"))?,
                 );
             }
-            (StopCopy, Stop) | (PreCopy, Running) => {
-                self.save_stream.clear();
-                self.save_cursor = 0;
-            }
+            (StopCopy, Stop) | (PreCopy, Running) => self.migration.clear_save(),
             _ => {}
         }
         self.running = matches!(to, Running | PreCopy);
@@ -322,25 +283,15 @@ impl Device for LvuSample {
     }
 
     fn save_data(&mut self, out: &mut [u8]) -> Result<usize, DeviceError> {
-        let rest = &self.save_stream[self.save_cursor..];
-        let n = rest.len().min(out.len());
-        out[..n].copy_from_slice(&rest[..n]);
-        self.save_cursor += n;
-        Ok(n)
+        Ok(self.migration.read_saved(out))
     }
 
     fn load_data(&mut self, data: &[u8]) -> Result<(), DeviceError> {
-        if self.load_buffer.len() + data.len() > 4 * (self.bar1_size as usize + 8) {
-            return Err(DeviceError::Invalid(
-                "more migration data than an lvu-sample has",
-            ));
-        }
-        self.load_buffer.extend_from_slice(data);
-        Ok(())
+        self.migration.load(data)
     }
 
     fn pending_data_bytes(&self) -> Option<u64> {
-        Some((self.save_stream.len() - self.save_cursor) as u64)
+        Some(self.migration.pending_bytes())
     }
 
     fn next_event(&self) -> Option<Instant> {

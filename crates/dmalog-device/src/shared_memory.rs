@@ -22,7 +22,7 @@
 //!   pinning; see the crate's measurements. Where a sandbox forbids these syscalls a
 //!   guarded mapping cannot be made (its error is returned: seal the file instead).
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::OnceLock;
 
@@ -115,10 +115,10 @@ fn kernel_copy_available() -> std::io::Result<()> {
 /// A shared mapping of `len` bytes, unmapped on drop.
 #[derive(Debug)]
 pub struct SharedMapping {
-    ptr: NonNull<u8>,
+    pub(crate) ptr: NonNull<u8>,
     len: usize,
-    writable: bool,
-    path: CopyPath,
+    pub(crate) writable: bool,
+    pub(crate) path: CopyPath,
 }
 
 // SAFETY: the mapping is plain shared memory with no thread affinity; all access goes
@@ -202,7 +202,7 @@ impl SharedMapping {
         self.path
     }
 
-    fn in_bounds(&self, offset: usize, count: usize) -> bool {
+    pub(crate) fn in_bounds(&self, offset: usize, count: usize) -> bool {
         offset.checked_add(count).is_some_and(|end| end <= self.len)
     }
 
@@ -261,218 +261,7 @@ impl SharedMapping {
     }
 }
 
-/// A byte range for the kernel to read (`writev`): a range of a [`SharedMapping`] or of a
-/// Rust buffer, borrowed for `'a` so that the memory stays mapped. It is never a Rust
-/// reference to shared memory: the kernel copies it (the bytes may change as it does; the
-/// copy is then some mix of old and new, which page migration tolerates: a page written
-/// during the copy is dirty again and sent again).
-#[derive(Debug, Clone, Copy)]
-pub struct IoPiece<'a> {
-    ptr: *const u8,
-    len: usize,
-    /// The mapping's copy path (a Rust buffer: `Direct`).
-    path: CopyPath,
-    _borrow: std::marker::PhantomData<&'a [u8]>,
-}
-
-impl<'a> IoPiece<'a> {
-    /// A Rust buffer as a piece.
-    pub fn from_bytes(bytes: &'a [u8]) -> Self {
-        IoPiece {
-            ptr: bytes.as_ptr(),
-            len: bytes.len(),
-            path: CopyPath::Direct,
-            _borrow: std::marker::PhantomData,
-        }
-    }
-
-    /// Bytes in the piece.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the piece is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The piece without its first `n_bytes` (all of it when `n_bytes >= len`).
-    pub fn skip(self, n_bytes: usize) -> Self {
-        let n = n_bytes.min(self.len);
-        IoPiece {
-            // SAFETY: `n <= len`: the result stays inside (or one past the end of) the
-            // borrowed range.
-            ptr: unsafe { self.ptr.add(n) },
-            len: self.len - n,
-            ..self
-        }
-    }
-
-    /// Copies the piece into `out` (exactly `len` bytes long): volatile loads from a
-    /// sealed mapping, the kernel's fault-tolerant copy from any other.
-    pub fn copy_to(&self, out: &mut [u8]) -> Result<(), CopyFault> {
-        if out.len() != self.len {
-            return Err(CopyFault { copied_bytes: 0 });
-        }
-        match self.path {
-            // SAFETY: the piece is `len` readable bytes kept mapped by the borrow `'a`, and
-            // `out` is a separate Rust buffer of the same length.
-            CopyPath::Direct => unsafe { volatile_load(out.as_mut_ptr(), self.ptr, self.len) },
-            // SAFETY: as above; the kernel only reads the mapping and writes `out`.
-            CopyPath::Guarded => unsafe {
-                return kernel_copy(self.ptr.cast_mut(), out.as_mut_ptr(), self.len, false);
-            },
-        }
-        Ok(())
-    }
-}
-
-/// Most pieces one [`write_pieces`] call hands the kernel (Linux's `IOV_MAX`).
-pub const MAX_PIECES: usize = 1024;
-
-/// One `writev` of up to [`MAX_PIECES`] of `pieces` to `fd`: the kernel copies the bytes
-/// straight from guest memory into the socket. Returns the bytes written (a short write is
-/// the caller's to continue with [`IoPiece::skip`]). A piece of a mapping whose file shrank
-/// makes the call fail with EFAULT, never a signal (the kernel's user copies fail cleanly).
-pub fn write_pieces(fd: impl AsFd, pieces: &[IoPiece<'_>]) -> std::io::Result<usize> {
-    let (iovecs, count) = iovec_table(pieces.iter().map(|p| (p.ptr.cast_mut(), p.len)));
-    retry_interrupted(|| {
-        // SAFETY: each iovec describes a piece that its borrow keeps mapped and readable
-        // for its whole length; `writev` only reads them. `count <= IOV_MAX`.
-        unsafe { libc::writev(fd.as_fd().as_raw_fd(), iovecs.as_ptr(), count) }
-    })
-}
-
-/// The iovecs of the first [`MAX_PIECES`] of `ranges` (pointer, length), and how many.
-fn iovec_table(
-    ranges: impl Iterator<Item = (*mut u8, usize)>,
-) -> ([libc::iovec; MAX_PIECES], libc::c_int) {
-    let mut iovecs = [libc::iovec {
-        iov_base: std::ptr::null_mut(),
-        iov_len: 0,
-    }; MAX_PIECES];
-    let mut count = 0;
-    for (iov, (ptr, len)) in iovecs.iter_mut().zip(ranges) {
-        *iov = libc::iovec {
-            iov_base: ptr.cast(),
-            iov_len: len,
-        };
-        count += 1;
-    }
-    (iovecs, count)
-}
-
-/// Repeats `call` (a `readv`/`writev`) while a signal interrupts it: its byte count, or
-/// the OS error.
-fn retry_interrupted(mut call: impl FnMut() -> libc::ssize_t) -> std::io::Result<usize> {
-    loop {
-        let n = call();
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
-}
-
-/// A byte range of a writable [`SharedMapping`] for the kernel to fill (`readv`), borrowed
-/// for `'a`. As [`IoPiece`], never a Rust reference to shared memory.
-#[derive(Debug, Clone, Copy)]
-pub struct IoPieceMut<'a> {
-    ptr: *mut u8,
-    len: usize,
-    path: CopyPath,
-    _borrow: std::marker::PhantomData<&'a [u8]>,
-}
-
-impl IoPieceMut<'_> {
-    /// Bytes in the piece.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the piece is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The piece without its first `n_bytes` (all of it when `n_bytes >= len`).
-    pub fn skip(self, n_bytes: usize) -> Self {
-        let n = n_bytes.min(self.len);
-        IoPieceMut {
-            // SAFETY: `n <= len`: the result stays inside (or one past the end of) the
-            // borrowed range.
-            ptr: unsafe { self.ptr.add(n) },
-            len: self.len - n,
-            ..self
-        }
-    }
-
-    /// Copies `data` (at most `len` bytes) to the start of the piece: volatile stores into
-    /// a sealed mapping, the kernel's fault-tolerant copy into any other.
-    pub fn copy_from(&self, data: &[u8]) -> Result<(), CopyFault> {
-        if data.len() > self.len {
-            return Err(CopyFault { copied_bytes: 0 });
-        }
-        match self.path {
-            // SAFETY: `data.len() <= len` writable bytes kept mapped by the borrow `'a`;
-            // `data` is a separate Rust buffer.
-            CopyPath::Direct => unsafe { volatile_store(self.ptr, data.as_ptr(), data.len()) },
-            // SAFETY: as above; the kernel only reads `data` and writes the mapping.
-            CopyPath::Guarded => unsafe {
-                return kernel_copy(self.ptr, data.as_ptr().cast_mut(), data.len(), true);
-            },
-        }
-        Ok(())
-    }
-}
-
-/// One `readv` from `fd` into up to [`MAX_PIECES`] of `pieces`: the kernel copies socket
-/// bytes straight into guest memory, as a device's DMA would. Returns the bytes read (0:
-/// the end of the stream). A piece of a mapping whose file shrank makes the call fail
-/// with EFAULT, never a signal.
-pub fn read_pieces(fd: impl AsFd, pieces: &[IoPieceMut<'_>]) -> std::io::Result<usize> {
-    let (iovecs, count) = iovec_table(pieces.iter().map(|p| (p.ptr, p.len)));
-    retry_interrupted(|| {
-        // SAFETY: each iovec describes a piece of a writable mapping that its borrow keeps
-        // mapped for its whole length; no Rust reference to those bytes exists, so the
-        // kernel's stores race with nothing the compiler assumes. `count <= IOV_MAX`.
-        unsafe { libc::readv(fd.as_fd().as_raw_fd(), iovecs.as_ptr(), count) }
-    })
-}
-
 impl SharedMapping {
-    /// `len` bytes at `offset` as a piece for [`write_pieces`]; `None` when out of bounds.
-    pub fn piece(&self, offset: usize, len: usize) -> Option<IoPiece<'_>> {
-        if !self.in_bounds(offset, len) {
-            return None;
-        }
-        Some(IoPiece {
-            // SAFETY: `offset + len <= self.len` (checked): inside the mapping.
-            ptr: unsafe { self.ptr.as_ptr().add(offset) },
-            len,
-            path: self.path,
-            _borrow: std::marker::PhantomData,
-        })
-    }
-
-    /// `len` bytes at `offset` as a piece for [`read_pieces`]; `None` when out of bounds or
-    /// read-only.
-    pub fn piece_mut(&self, offset: usize, len: usize) -> Option<IoPieceMut<'_>> {
-        if !self.writable || !self.in_bounds(offset, len) {
-            return None;
-        }
-        Some(IoPieceMut {
-            // SAFETY: `offset + len <= self.len` (checked): inside the mapping.
-            ptr: unsafe { self.ptr.as_ptr().add(offset) },
-            len,
-            path: self.path,
-            _borrow: std::marker::PhantomData,
-        })
-    }
-
     /// Whether the `len` bytes at `offset` are all zero, read as they are now (another
     /// writer may change them right after); `None` when out of bounds or faulted.
     pub fn is_zero(&self, offset: usize, len: usize) -> Option<bool> {
@@ -555,7 +344,7 @@ unsafe fn volatile_is_zero(src: *const u8, len: usize) -> bool {
 /// # Safety
 /// `dst` is valid for `len` bytes of writes, `src` for `len` bytes of reads, and the two
 /// do not overlap.
-unsafe fn volatile_store(dst: *mut u8, src: *const u8, len: usize) {
+pub(crate) unsafe fn volatile_store(dst: *mut u8, src: *const u8, len: usize) {
     let head = dst.align_offset(8).min(len);
     let words = (len - head) / 8;
     // SAFETY (all three loops): every index is below `len`, inside both buffers as the
@@ -585,7 +374,7 @@ unsafe fn volatile_store(dst: *mut u8, src: *const u8, len: usize) {
 ///
 /// # Safety
 /// `src` is valid for `len` bytes of reads, `dst` for `len` bytes of writes, no overlap.
-unsafe fn volatile_load(dst: *mut u8, src: *const u8, len: usize) {
+pub(crate) unsafe fn volatile_load(dst: *mut u8, src: *const u8, len: usize) {
     let head = src.align_offset(8).min(len);
     let words = (len - head) / 8;
     // SAFETY (all three loops): indexes below `len`, inside both buffers; word loads at
@@ -616,7 +405,7 @@ unsafe fn volatile_load(dst: *mut u8, src: *const u8, len: usize) {
 /// `mapped` is valid for `len` bytes inside one of our shared mappings (written only when
 /// `to_mapping`), `buffer` for `len` bytes of a Rust buffer (written only when not): the
 /// kernel writes wherever the destination iovec points.
-unsafe fn kernel_copy(
+pub(crate) unsafe fn kernel_copy(
     mapped: *mut u8,
     buffer: *mut u8,
     len: usize,
@@ -668,6 +457,7 @@ impl Drop for SharedMapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io_piece::{read_pieces, write_pieces, IoPiece};
 
     #[test]
     fn copies_stay_inside_the_mapping() {

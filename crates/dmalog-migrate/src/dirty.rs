@@ -77,43 +77,68 @@ pub(crate) struct Tracking {
     pub(crate) cpu: bool,
 }
 
-/// One round's REPORTs: each tracking source into its bitmaps (an untracked source counts
-/// everything dirty), merged into the migration bitmap, counted into `stats`. With
-/// `accumulate`, the REPORTs add to what the bitmaps hold (REPORT ORs) and the counts are
-/// of the union: the final round sends what the deciding round found and what was
-/// dirtied since.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn collect_dirty(
-    ranges: &[IovaRange],
+/// A round's dirty pages: each source's bitmaps and their union (what the round sends),
+/// reused every round, over the START `ranges` (a failed REPORT restarts tracking on them).
+pub(crate) struct DirtyPages<'r> {
+    ranges: &'r [IovaRange],
     tracking: Tracking,
-    device: &mut dyn SourceDevice,
-    cpu: &mut dyn DirtyTracker,
-    memory: &GuestMemory,
-    [device_bitmaps, cpu_bitmaps, merged]: [&mut Bitmaps; 3],
-    stats: &mut RoundStats,
-    accumulate: bool,
-) {
-    let report_start = Instant::now();
-    for (tracked, source, bitmaps) in [
-        (
-            tracking.device,
-            device as &mut dyn DirtyTracker,
-            &mut *device_bitmaps,
-        ),
-        (tracking.cpu, cpu, &mut *cpu_bitmaps),
-    ] {
-        if tracked {
-            if !accumulate {
-                bitmaps.clear();
-            }
-            stats.report_errors += report_source(source, memory, ranges, bitmaps);
-        } else {
-            bitmaps.fill(memory);
-        }
+    device: Bitmaps,
+    cpu: Bitmaps,
+    /// The union of the sources' dirty pages.
+    pub(crate) merged: Bitmaps,
+}
+
+impl<'r> DirtyPages<'r> {
+    /// Empty bitmaps for every region of `memory`.
+    pub(crate) fn new(
+        memory: &GuestMemory,
+        ranges: &'r [IovaRange],
+        tracking: Tracking,
+    ) -> Result<Self, MigrateError> {
+        Ok(DirtyPages {
+            ranges,
+            tracking,
+            device: Bitmaps::new(memory)?,
+            cpu: Bitmaps::new(memory)?,
+            merged: Bitmaps::new(memory)?,
+        })
     }
-    stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
-    (stats.pages_device, stats.pages_cpu, stats.pages_both) = (0, 0, 0);
-    count_dirty(device_bitmaps, cpu_bitmaps, merged, stats);
+
+    /// One round's REPORTs: each tracking source into its bitmaps (an untracked source
+    /// counts everything dirty), merged into [`DirtyPages::merged`], counted into `stats`.
+    /// With `accumulate`, the REPORTs add to what the bitmaps hold (REPORT ORs) and the
+    /// counts are of the union: the final round sends what the deciding round found and
+    /// what was dirtied since.
+    pub(crate) fn collect(
+        &mut self,
+        device: &mut dyn SourceDevice,
+        cpu: &mut dyn DirtyTracker,
+        memory: &GuestMemory,
+        stats: &mut RoundStats,
+        accumulate: bool,
+    ) {
+        let report_start = Instant::now();
+        for (tracked, source, bitmaps) in [
+            (
+                self.tracking.device,
+                device as &mut dyn DirtyTracker,
+                &mut self.device,
+            ),
+            (self.tracking.cpu, cpu, &mut self.cpu),
+        ] {
+            if tracked {
+                if !accumulate {
+                    bitmaps.clear();
+                }
+                stats.report_errors += report_source(source, memory, self.ranges, bitmaps);
+            } else {
+                bitmaps.fill(memory);
+            }
+        }
+        stats.report_ms = report_start.elapsed().as_secs_f64() * 1e3;
+        (stats.pages_device, stats.pages_cpu, stats.pages_both) = (0, 0, 0);
+        count_dirty(&self.device, &self.cpu, &mut self.merged, stats);
+    }
 }
 
 fn count_dirty(device: &Bitmaps, cpu: &Bitmaps, merged: &mut Bitmaps, stats: &mut RoundStats) {

@@ -10,7 +10,8 @@ use dmalog::{DirtyTracker, IovaRange, TrackerError};
 use tracing::{info, warn};
 
 use crate::converge::{Convergence, Decision, FixedCosts, ThrottleParams};
-use crate::dirty::{collect_dirty, Bitmaps, Tracking};
+use crate::dirty::{DirtyPages, Tracking};
+pub use crate::error::MigrateError;
 use crate::guest::GuestMemory;
 pub use crate::report::{MigrationReport, RoundStats, StopTimes};
 use crate::sender::Sender;
@@ -80,79 +81,6 @@ pub struct SourceConfig {
     pub max_rounds: u32,
     /// Auto-converge: when and how much to slow the guest down.
     pub throttle: ThrottleParams,
-}
-
-/// Why a migration failed.
-#[derive(Debug, thiserror::Error)]
-pub enum MigrateError {
-    /// The stream failed (connection lost, corrupt frame).
-    #[error(transparent)]
-    Stream(#[from] StreamError),
-    /// The device failed.
-    #[error("device: {0}")]
-    Device(TrackerError),
-    /// The connection to the device (its server) failed: the device is gone.
-    #[error("lost the connection to the device server ({0}); the migration cannot go on")]
-    DeviceLost(std::io::Error),
-    /// The device server stopped answering (its socket timed out): as good as gone.
-    #[error("the device server did not answer in time ({0}); the migration cannot go on")]
-    DeviceSilent(std::io::Error),
-    /// The other side gave up or answered out of turn.
-    #[error("peer: {0}")]
-    Peer(String),
-    /// The destination was told to resume the guest and did not confirm it: the guest may
-    /// run there, so the source VM stays paused (the guest never runs on both hosts).
-    #[error("the destination was told to resume the guest and did not confirm it ({0}); the VM stays paused here: the guest may be running at the destination")]
-    Unconfirmed(Box<MigrateError>),
-
-    /// Guest memory access failed.
-    #[error("guest memory: {0}")]
-    Memory(&'static str),
-    /// The device offers no STOP_COPY (its MIGRATION flags): its state cannot be saved.
-    #[error("the device cannot migrate: its MIGRATION flags {0:#x} lack STOP_COPY")]
-    NotMigratable(u64),
-}
-
-impl MigrateError {
-    /// This error as [`StreamError::PeerClosed`] by `peer` when it is the connection
-    /// ending (the end of the stream, a reset, a broken pipe); otherwise unchanged.
-    pub fn closed_by(self, peer: &'static str) -> Self {
-        use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-        match self {
-            MigrateError::Stream(StreamError::Io(io))
-                if matches!(
-                    io.kind(),
-                    UnexpectedEof | BrokenPipe | ConnectionReset | ConnectionAborted
-                ) =>
-            {
-                MigrateError::Stream(StreamError::PeerClosed { peer, io })
-            }
-            other => other,
-        }
-    }
-}
-
-impl From<TrackerError> for MigrateError {
-    fn from(err: TrackerError) -> Self {
-        match err {
-            TrackerError::Transport(io)
-                if matches!(
-                    io.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                MigrateError::DeviceSilent(io)
-            }
-            TrackerError::Transport(io) => MigrateError::DeviceLost(io),
-            other => MigrateError::Device(other),
-        }
-    }
-}
-
-impl From<std::io::Error> for MigrateError {
-    fn from(err: std::io::Error) -> Self {
-        MigrateError::Stream(StreamError::Io(err))
-    }
 }
 
 /// The source VM as the engine sees it.
@@ -375,9 +303,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     let device_tracking = tracking.device;
     // The dirty logs run from here: the first REPORT covers everything dirtied since.
     let mut last_report = Instant::now();
-    let mut device_bitmaps = Bitmaps::new(memory)?;
-    let mut cpu_bitmaps = Bitmaps::new(memory)?;
-    let mut merged = Bitmaps::new(memory)?;
+    let mut dirty = DirtyPages::new(memory, &ranges, tracking)?;
     let mut rounds = Vec::new();
     let mut policy = Convergence::new(config.max_downtime, config.max_rounds, config.throttle);
     let mut throttle = Throttle::default();
@@ -387,20 +313,19 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     let mut stopping = None;
     if config.mode != Mode::StopAndCopy {
         if device_pre_copy {
-            let change = Instant::now();
-            device.set_device_state(DeviceState::PreCopy)?;
-            fixed.device_state_ms = change.elapsed().as_secs_f64() * 1e3;
+            timed(&mut fixed.device_state_ms, || {
+                device.set_device_state(DeviceState::PreCopy)
+            })?;
         }
         // Round 0: everything.
         let round_start = Instant::now();
         let bytes_before = sender.out.bytes();
-        merged.fill(memory);
-        let sent = sender.send_dirty(&merged)?;
+        dirty.merged.fill(memory);
+        let sent = sender.send_dirty(&dirty.merged)?;
         let device_bytes = if device_pre_copy {
-            let device_start = Instant::now();
-            let bytes = sender.send_device_data(device)?;
-            fixed.device_data_ms = device_start.elapsed().as_secs_f64() * 1e3;
-            bytes
+            timed(&mut fixed.device_data_ms, || {
+                sender.send_device_data(device)
+            })?
         } else {
             0
         };
@@ -427,16 +352,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
                 round,
                 ..RoundStats::default()
             };
-            collect_dirty(
-                &ranges,
-                tracking,
-                device,
-                cpu,
-                memory,
-                [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
-                &mut stats,
-                false,
-            );
+            dirty.collect(device, cpu, memory, &mut stats, false);
             fixed.reports_ms = stats.report_ms;
             let window_secs = (round_start - last_report).as_secs_f64();
             last_report = round_start;
@@ -456,11 +372,11 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             stats.device_throttled = throttle.device;
             let send_start = Instant::now();
             let bytes_before = sender.out.bytes();
-            stats.pages_sent = sender.send_dirty(&merged)?;
+            stats.pages_sent = sender.send_dirty(&dirty.merged)?;
             if device_pre_copy {
-                let device_start = Instant::now();
-                stats.device_bytes = sender.send_device_data(device)?;
-                fixed.device_data_ms = device_start.elapsed().as_secs_f64() * 1e3;
+                stats.device_bytes = timed(&mut fixed.device_data_ms, || {
+                    sender.send_device_data(device)
+                })?;
             }
             stats.bytes_sent = sender.out.bytes() - bytes_before;
             policy.sent(stats.bytes_sent, send_start.elapsed().as_secs_f64());
@@ -494,22 +410,13 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     };
     stats.final_round = true;
     if config.mode == Mode::StopAndCopy {
-        merged.fill(memory);
-        stats.pages_sent = sender.send_dirty(&merged)?;
+        dirty.merged.fill(memory);
+        stats.pages_sent = sender.send_dirty(&dirty.merged)?;
     } else {
         // Onto what the deciding REPORTs found: the little dirtied since.
-        collect_dirty(
-            &ranges,
-            tracking,
-            device,
-            cpu,
-            memory,
-            [&mut device_bitmaps, &mut cpu_bitmaps, &mut merged],
-            &mut stats,
-            true,
-        );
+        dirty.collect(device, cpu, memory, &mut stats, true);
         stop.reports_ms = lap.ms();
-        stats.pages_sent = sender.send_dirty(&merged)?;
+        stats.pages_sent = sender.send_dirty(&dirty.merged)?;
     }
     stop.pages_ms = lap.ms();
     stats.device_bytes = sender.send_device_data(device)?;
@@ -599,6 +506,14 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
 }
 
 /// A stopwatch of consecutive phases.
+/// Runs `step`, keeping how long it took in `ms` (the cost the stop will have again).
+fn timed<T>(ms: &mut f64, step: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = step();
+    *ms = start.elapsed().as_secs_f64() * 1e3;
+    out
+}
+
 struct Lap(Instant);
 
 impl Lap {

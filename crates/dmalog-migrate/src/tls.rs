@@ -215,17 +215,9 @@ pub fn accept(
     timeout: Duration,
 ) -> Result<TlsStream, TlsError> {
     let peer = peer_of(&tcp);
-    let failed = |cause| TlsError::Handshake {
-        peer: peer.clone(),
-        cause,
-    };
-    let mut conn = ServerConnection::new(Arc::clone(config))?;
-    let mut tcp = tcp;
-    let deadline = Instant::now() + timeout;
-    handshake(&mut conn, &mut tcp, deadline, timeout).map_err(failed)?;
-    conn.set_buffer_limit(Some(TLS_BUFFER_BYTES));
-    let mut stream = StreamOwned::new(conn, Socket::new(tcp));
-    arm(&stream.sock.tcp, deadline, timeout).map_err(failed)?;
+    let failed = handshake_failed(&peer);
+    let conn = ServerConnection::new(Arc::clone(config))?;
+    let mut stream = established(conn, tcp, timeout).map_err(failed)?;
     stream
         .write_all(&[ACCEPTED])
         .and_then(|()| stream.flush())
@@ -244,19 +236,11 @@ pub fn connect(
     timeout: Duration,
 ) -> Result<TlsStream, TlsError> {
     let peer = peer_of(&tcp);
-    let failed = |cause| TlsError::Handshake {
-        peer: peer.clone(),
-        cause,
-    };
+    let failed = handshake_failed(&peer);
     let name = ServerName::try_from(server_name.to_owned())
         .map_err(|_| TlsError::ServerName(server_name.to_owned()))?;
-    let mut conn = ClientConnection::new(Arc::clone(config), name)?;
-    let mut tcp = tcp;
-    let deadline = Instant::now() + timeout;
-    handshake(&mut conn, &mut tcp, deadline, timeout).map_err(failed)?;
-    conn.set_buffer_limit(Some(TLS_BUFFER_BYTES));
-    let mut stream = StreamOwned::new(conn, Socket::new(tcp));
-    arm(&stream.sock.tcp, deadline, timeout).map_err(failed)?;
+    let conn = ClientConnection::new(Arc::clone(config), name)?;
+    let mut stream = established(conn, tcp, timeout).map_err(failed)?;
     let mut accepted = [0u8; 1];
     match stream.read_exact(&mut accepted) {
         Ok(()) if accepted[0] == ACCEPTED => {}
@@ -276,6 +260,33 @@ pub fn connect(
     }
     debug!(%peer, "TLS destination verified");
     TlsStream::new(Inner::Client(stream)).map_err(failed)
+}
+
+/// `conn`'s handshake on `tcp`, within `timeout`; then the stream of both, its socket
+/// reads and writes bounded by what is left of `timeout` (for the last handshake byte).
+fn established<C, D>(
+    mut conn: C,
+    mut tcp: TcpStream,
+    timeout: Duration,
+) -> std::io::Result<StreamOwned<C, Socket>>
+where
+    C: std::ops::DerefMut<Target = ConnectionCommon<D>>,
+    D: SideData,
+{
+    let deadline = Instant::now() + timeout;
+    handshake(&mut conn, &mut tcp, deadline, timeout)?;
+    conn.set_buffer_limit(Some(TLS_BUFFER_BYTES));
+    let stream = StreamOwned::new(conn, Socket::new(tcp));
+    arm(&stream.sock.tcp, deadline, timeout)?;
+    Ok(stream)
+}
+
+/// The error of a handshake with `peer` that `cause` ended.
+fn handshake_failed(peer: &str) -> impl Fn(std::io::Error) -> TlsError + Copy + '_ {
+    move |cause| TlsError::Handshake {
+        peer: peer.to_owned(),
+        cause,
+    }
 }
 
 fn peer_of(tcp: &TcpStream) -> String {

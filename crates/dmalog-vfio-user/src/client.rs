@@ -10,8 +10,8 @@ use std::path::Path;
 use dmalog::error::LogError;
 use dmalog::tracker::{checked_report_words, report_words};
 use dmalog::uapi::{
-    feature_request, DeviceState, LoggingRange, MigDeviceStatePayload, UserLoggingControl,
-    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    feature_request, DeviceState, LoggingRange, MigDeviceStatePayload, UapiStruct,
+    UserLoggingControl, UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
     FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_MIGRATION,
     FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET, USER_REPORT_BYTES,
 };
@@ -246,13 +246,7 @@ impl Client {
     ) -> Result<u16, ClientError> {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
-        let header = Header {
-            msg_id: id,
-            cmd: command,
-            msg_size: 0,
-            flags: TYPE_COMMAND,
-            error_no: 0,
-        };
+        let header = Header::command(id, command);
         if self.out_of_step {
             return Err(Self::timed_out());
         }
@@ -391,21 +385,11 @@ impl Client {
     fn serve_server_command(&mut self, header: Header, payload: &[u8]) -> Result<(), ClientError> {
         let result = self.serve_dma(header.cmd, payload);
         self.served_dma += 1;
-        let reply_header = |flags, errno: i32| Header {
-            msg_id: header.msg_id,
-            cmd: header.cmd,
-            msg_size: 0,
-            flags,
-            error_no: errno as u32,
-        };
         let sent = match result {
-            Ok(reply) => self
+            Ok(reply) => self.transport.send(Header::reply_to(&header), &reply, &[]),
+            Err(errno) => self
                 .transport
-                .send(reply_header(TYPE_REPLY, 0), &reply, &[]),
-            Err(errno) => {
-                self.transport
-                    .send(reply_header(TYPE_REPLY | FLAG_ERROR, errno), &[], &[])
-            }
+                .send(Header::error_reply_to(&header, errno), &[], &[]),
         };
         sent.map_err(|err| {
             self.out_of_step = true;

@@ -6,9 +6,10 @@ use std::io::{Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 
+use dmalog::uapi::UapiStruct;
 use dmalog_device::{Device, DmaEngine, LvuSample};
 
-use crate::server::{Server, ServerConfig, TrackerKind};
+use crate::server::{ServedTracker, Server, ServerConfig};
 use crate::wire::*;
 
 /// Runs every decoder on `data` (at every offset up to 16); none may panic.
@@ -40,20 +41,42 @@ pub enum FuzzDevice {
     LvuSample,
 }
 
+/// Which tracker a fuzzed server runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FuzzTracker {
+    /// No DMA logging.
+    None,
+    /// The software tracker.
+    Soft,
+    /// The mlx5 model with these capabilities.
+    Mlx5(dmalog_models::Mlx5Caps),
+}
+
+impl FuzzTracker {
+    fn build(&self, live: &std::sync::Arc<dmalog::LiveLog>) -> ServedTracker {
+        match self {
+            FuzzTracker::None => ServedTracker::none(),
+            FuzzTracker::Soft => ServedTracker::soft(live),
+            FuzzTracker::Mlx5(caps) => ServedTracker::new(
+                dmalog_models::Mlx5Driver::with_live_log(*caps, std::sync::Arc::clone(live)),
+            ),
+        }
+    }
+}
+
 /// Feeds `stream_bytes` to a fresh server (dma-engine, `tracker`) as if a client sent them,
 /// then closes the connection; returns the number of replies the server sent. The server
 /// must neither panic nor hang, whatever the bytes.
-pub fn dispatch_stream(stream_bytes: &[u8], tracker: TrackerKind) -> usize {
+pub fn dispatch_stream(stream_bytes: &[u8], tracker: FuzzTracker) -> usize {
     dispatch_stream_to(stream_bytes, tracker, FuzzDevice::DmaEngine)
 }
 
 /// As [`dispatch_stream`], with the device chosen. Server-to-client DMA messages the device
 /// sends (lvu-sample) are read like replies and never answered: the server must give up on
 /// them (the peer timeout, or the end of the stream) instead of waiting for ever.
-pub fn dispatch_stream_to(stream_bytes: &[u8], tracker: TrackerKind, device: FuzzDevice) -> usize {
+pub fn dispatch_stream_to(stream_bytes: &[u8], tracker: FuzzTracker, device: FuzzDevice) -> usize {
     let (client, server_end) = UnixStream::pair().expect("socketpair");
     let config = ServerConfig {
-        tracker,
         max_data_xfer_size: 64 << 10,
         // A fuzzed stream never answers the device's DMA messages: give up quickly.
         peer_timeout: std::time::Duration::from_millis(200),
@@ -61,12 +84,16 @@ pub fn dispatch_stream_to(stream_bytes: &[u8], tracker: TrackerKind, device: Fuz
     };
     let server = std::thread::spawn(move || {
         let server = match device {
-            FuzzDevice::DmaEngine => Server::try_new(config, |space| {
-                Ok::<_, std::io::Error>(Box::new(DmaEngine::new(space)) as Box<dyn Device>)
-            }),
-            FuzzDevice::LvuSample => Server::try_new(config, |space| {
-                Ok::<_, std::io::Error>(Box::new(LvuSample::new(space)?) as Box<dyn Device>)
-            }),
+            FuzzDevice::DmaEngine => Server::try_with_tracker(
+                config,
+                |live| tracker.build(live),
+                |space| Ok::<_, std::io::Error>(Box::new(DmaEngine::new(space)) as Box<dyn Device>),
+            ),
+            FuzzDevice::LvuSample => Server::try_with_tracker(
+                config,
+                |live| tracker.build(live),
+                |space| Ok::<_, std::io::Error>(Box::new(LvuSample::new(space)?) as Box<dyn Device>),
+            ),
         };
         // A device that cannot be created (no memfd) is not a finding of the fuzzer.
         if let Ok(mut server) = server {

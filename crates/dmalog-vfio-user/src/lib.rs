@@ -4,8 +4,9 @@
 //!
 //! Device side, [`Server`]: give it a device built over its DMA space and a socket; it maps
 //! the client's memory from DMA_MAP's fds, runs the logging features (PROBE / START / REPORT /
-//! STOP, SPEC 3) on the tracker [`ServerConfig::tracker`] chooses, and migration v2 around the
-//! device's `save_data` / `load_data`. VMM side, [`Client`]: connect, `dma_map` guest memory
+//! STOP, SPEC 3) on the tracker its caller gives it ([`ServedTracker`]: the soft tracker by
+//! default, or any [`dmalog::LogDriver`]), and migration v2 around the device's
+//! `save_data` / `load_data`. VMM side, [`Client`]: connect, `dma_map` guest memory
 //! by fd, then drive logging and migration through the dmalog traits, as with any other
 //! dirty source. Units: IOVAs, sizes and page sizes in bytes; REPORT bitmaps are `u64` words,
 //! one bit per page (see [`dmalog::tracker::report_words`]).
@@ -63,4 +64,4 @@ pub mod transport;
 pub mod wire;
 
 pub use client::{Client, ClientError};
-pub use server::{Server, ServerConfig, TrackerKind, TrackerKindError};
+pub use server::{ServedTracker, Server, ServerConfig};

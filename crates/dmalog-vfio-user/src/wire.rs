@@ -4,6 +4,78 @@
 
 use dmalog::uapi::{read_u32, read_u64, DecodeError};
 
+/// A fixed-layout field of a payload: a little-endian integer.
+trait WireInt: Sized {
+    const BYTES: usize;
+    fn read(bytes: &[u8], at: usize) -> Result<Self, DecodeError>;
+    fn put(self, out: &mut Vec<u8>);
+}
+
+impl WireInt for u32 {
+    const BYTES: usize = 4;
+    fn read(bytes: &[u8], at: usize) -> Result<Self, DecodeError> {
+        read_u32(bytes, at)
+    }
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl WireInt for u64 {
+    const BYTES: usize = 8;
+    fn read(bytes: &[u8], at: usize) -> Result<Self, DecodeError> {
+        read_u64(bytes, at)
+    }
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// A packed little-endian payload struct whose fields are listed once: the struct, its
+/// size on the wire (checked against the fields at compile time), `decode` (an error when
+/// the bytes are short, never a panic) and `encode`, in field order.
+macro_rules! wire_struct {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident [$bytes:literal] {
+            $( $(#[$field_meta:meta])* $field:ident: $ty:ty, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct $name {
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $name {
+            /// Bytes on the wire.
+            pub const BYTES: usize = $bytes;
+
+            /// Decodes the first [`Self::BYTES`] of `b`.
+            #[allow(unused_assignments)] // the offset after the last field
+            pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
+                let mut at = 0;
+                Ok($name {
+                    $( $field: {
+                        let value = <$ty as WireInt>::read(b, at)?;
+                        at += <$ty as WireInt>::BYTES;
+                        value
+                    }, )*
+                })
+            }
+
+            /// Encodes into [`Self::BYTES`] bytes.
+            pub fn encode(&self) -> Vec<u8> {
+                let mut out = Vec::with_capacity(Self::BYTES);
+                $( WireInt::put(self.$field, &mut out); )*
+                out
+            }
+        }
+
+        const _: () = assert!(0 $(+ <$ty as WireInt>::BYTES)* == $bytes);
+    };
+}
+
 /// Bytes of the message header.
 pub const HEADER_BYTES: usize = 16;
 
@@ -74,6 +146,35 @@ pub struct Header {
 }
 
 impl Header {
+    /// The header of command `cmd` with id `msg_id` (`msg_size` is filled in on sending).
+    pub fn command(msg_id: u16, cmd: u16) -> Self {
+        Header {
+            msg_id,
+            cmd,
+            flags: TYPE_COMMAND,
+            ..Header::default()
+        }
+    }
+
+    /// The header of a successful reply to `command`.
+    pub fn reply_to(command: &Header) -> Self {
+        Header {
+            msg_id: command.msg_id,
+            cmd: command.cmd,
+            flags: TYPE_REPLY,
+            ..Header::default()
+        }
+    }
+
+    /// The header of an error reply to `command`, carrying `errno`.
+    pub fn error_reply_to(command: &Header, errno: i32) -> Self {
+        Header {
+            flags: TYPE_REPLY | FLAG_ERROR,
+            error_no: errno as u32,
+            ..Header::reply_to(command)
+        }
+    }
+
     /// Decodes 16 bytes.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         Ok(Header {
@@ -146,162 +247,68 @@ pub const DMA_UNMAP_FLAG_GET_DIRTY_BITMAP: u32 = 1;
 /// DMA_UNMAP flags: unmap everything.
 pub const DMA_UNMAP_FLAG_ALL: u32 = 2;
 
-/// DMA_MAP request (32 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DmaMap {
-    /// 32.
-    pub argsz: u32,
-    /// `DMA_FLAG_*` (libvfio-user adds MMAP 4, FILE_IO 8: accepted).
-    pub flags: u32,
-    /// Offset into the fd.
-    pub offset: u64,
-    /// IOVA.
-    pub addr: u64,
-    /// Bytes.
-    pub size: u64,
-}
-
-impl DmaMap {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 32;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(DmaMap {
-            argsz: read_u32(b, 0)?,
-            flags: read_u32(b, 4)?,
-            offset: read_u64(b, 8)?,
-            addr: read_u64(b, 16)?,
-            size: read_u64(b, 24)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default()
-            .u32(self.argsz)
-            .u32(self.flags)
-            .u64(self.offset)
-            .u64(self.addr)
-            .u64(self.size)
-            .0
+wire_struct! {
+    /// DMA_MAP request (32 bytes).
+    pub struct DmaMap [32] {
+        /// 32.
+        argsz: u32,
+        /// `DMA_FLAG_*` (libvfio-user adds MMAP 4, FILE_IO 8: accepted).
+        flags: u32,
+        /// Offset into the fd.
+        offset: u64,
+        /// IOVA.
+        addr: u64,
+        /// Bytes.
+        size: u64,
     }
 }
 
-/// DMA_UNMAP request and reply (24 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DmaUnmap {
-    /// 24.
-    pub argsz: u32,
-    /// `DMA_UNMAP_FLAG_*`.
-    pub flags: u32,
-    /// IOVA.
-    pub addr: u64,
-    /// Bytes.
-    pub size: u64,
-}
-
-impl DmaUnmap {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 24;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(DmaUnmap {
-            argsz: read_u32(b, 0)?,
-            flags: read_u32(b, 4)?,
-            addr: read_u64(b, 8)?,
-            size: read_u64(b, 16)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default()
-            .u32(self.argsz)
-            .u32(self.flags)
-            .u64(self.addr)
-            .u64(self.size)
-            .0
+wire_struct! {
+    /// DMA_UNMAP request and reply (24 bytes).
+    pub struct DmaUnmap [24] {
+        /// 24.
+        argsz: u32,
+        /// `DMA_UNMAP_FLAG_*`.
+        flags: u32,
+        /// IOVA.
+        addr: u64,
+        /// Bytes.
+        size: u64,
     }
 }
 
-/// DEVICE_GET_INFO reply (16 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DeviceInfo {
-    /// 16.
-    pub argsz: u32,
-    /// `DEVICE_FLAGS_*`.
-    pub flags: u32,
-    /// Regions.
-    pub num_regions: u32,
-    /// IRQ indexes.
-    pub num_irqs: u32,
-}
-
-impl DeviceInfo {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 16;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(DeviceInfo {
-            argsz: read_u32(b, 0)?,
-            flags: read_u32(b, 4)?,
-            num_regions: read_u32(b, 8)?,
-            num_irqs: read_u32(b, 12)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default()
-            .u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.num_regions)
-            .u32(self.num_irqs)
-            .0
+wire_struct! {
+    /// DEVICE_GET_INFO reply (16 bytes).
+    pub struct DeviceInfo [16] {
+        /// 16.
+        argsz: u32,
+        /// `DEVICE_FLAGS_*`.
+        flags: u32,
+        /// Regions.
+        num_regions: u32,
+        /// IRQ indexes.
+        num_irqs: u32,
     }
 }
 
 /// Region info capability id: sparse mmap areas.
 pub const CAP_SPARSE_MMAP: u16 = 1;
 
-/// DEVICE_GET_REGION_INFO request/reply header (32 bytes); capabilities follow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RegionInfoWire {
-    /// Request: room for the reply; reply: the full size.
-    pub argsz: u32,
-    /// `REGION_*`.
-    pub flags: u32,
-    /// Region index.
-    pub index: u32,
-    /// Offset of the first capability (0: none).
-    pub cap_offset: u32,
-    /// Bytes.
-    pub size: u64,
-    /// Offset for mmap of the region fd.
-    pub offset: u64,
-}
-
-impl RegionInfoWire {
-    /// Bytes on the wire before capabilities.
-    pub const BYTES: usize = 32;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(RegionInfoWire {
-            argsz: read_u32(b, 0)?,
-            flags: read_u32(b, 4)?,
-            index: read_u32(b, 8)?,
-            cap_offset: read_u32(b, 12)?,
-            size: read_u64(b, 16)?,
-            offset: read_u64(b, 24)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default()
-            .u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.cap_offset)
-            .u64(self.size)
-            .u64(self.offset)
-            .0
+wire_struct! {
+    /// DEVICE_GET_REGION_INFO request/reply header (32 bytes); capabilities follow.
+    pub struct RegionInfoWire [32] {
+        /// Request: room for the reply; reply: the full size.
+        argsz: u32,
+        /// `REGION_*`.
+        flags: u32,
+        /// Region index.
+        index: u32,
+        /// Offset of the first capability (0: none).
+        cap_offset: u32,
+        /// Bytes.
+        size: u64,
+        /// Offset for mmap of the region fd.
+        offset: u64,
     }
 }
 
@@ -330,39 +337,17 @@ pub fn decode_sparse_mmap(reply: &[u8], offset: usize) -> Result<Vec<(u64, u64)>
     Ok(areas)
 }
 
-/// DEVICE_GET_IRQ_INFO request/reply (16 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct IrqInfoWire {
-    /// 16.
-    pub argsz: u32,
-    /// `IRQ_INFO_*`.
-    pub flags: u32,
-    /// IRQ index.
-    pub index: u32,
-    /// Vectors.
-    pub count: u32,
-}
-
-impl IrqInfoWire {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 16;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(IrqInfoWire {
-            argsz: read_u32(b, 0)?,
-            flags: read_u32(b, 4)?,
-            index: read_u32(b, 8)?,
-            count: read_u32(b, 12)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default()
-            .u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.count)
-            .0
+wire_struct! {
+    /// DEVICE_GET_IRQ_INFO request/reply (16 bytes).
+    pub struct IrqInfoWire [16] {
+        /// 16.
+        argsz: u32,
+        /// `IRQ_INFO_*`.
+        flags: u32,
+        /// IRQ index.
+        index: u32,
+        /// Vectors.
+        count: u32,
     }
 }
 
@@ -379,101 +364,42 @@ pub const IRQ_SET_ACTION_UNMASK: u32 = 16;
 /// SET_IRQS flags: trigger.
 pub const IRQ_SET_ACTION_TRIGGER: u32 = 32;
 
-/// DEVICE_SET_IRQS request (20 bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SetIrqs {
-    /// 20 (+ data).
-    pub argsz: u32,
-    /// `IRQ_SET_*`.
-    pub flags: u32,
-    /// IRQ index.
-    pub index: u32,
-    /// First vector.
-    pub start: u32,
-    /// Vectors.
-    pub count: u32,
-}
-
-impl SetIrqs {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 20;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(SetIrqs {
-            argsz: read_u32(b, 0)?,
-            flags: read_u32(b, 4)?,
-            index: read_u32(b, 8)?,
-            start: read_u32(b, 12)?,
-            count: read_u32(b, 16)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default()
-            .u32(self.argsz)
-            .u32(self.flags)
-            .u32(self.index)
-            .u32(self.start)
-            .u32(self.count)
-            .0
+wire_struct! {
+    /// DEVICE_SET_IRQS request (20 bytes).
+    pub struct SetIrqs [20] {
+        /// 20 (+ data).
+        argsz: u32,
+        /// `IRQ_SET_*`.
+        flags: u32,
+        /// IRQ index.
+        index: u32,
+        /// First vector.
+        start: u32,
+        /// Vectors.
+        count: u32,
     }
 }
 
-/// REGION_READ/REGION_WRITE header (16 bytes); data follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct RegionAccess {
-    /// Offset in the region.
-    pub offset: u64,
-    /// Region index.
-    pub region: u32,
-    /// Bytes.
-    pub count: u32,
-}
-
-impl RegionAccess {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 16;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(RegionAccess {
-            offset: read_u64(b, 0)?,
-            region: read_u32(b, 8)?,
-            count: read_u32(b, 12)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default()
-            .u64(self.offset)
-            .u32(self.region)
-            .u32(self.count)
-            .0
+wire_struct! {
+    /// REGION_READ/REGION_WRITE header (16 bytes); data follows.
+    pub struct RegionAccess [16] {
+        /// Offset in the region.
+        offset: u64,
+        /// Region index.
+        region: u32,
+        /// Bytes.
+        count: u32,
     }
 }
 
-/// DMA_READ/DMA_WRITE header (server to client, 16 bytes); data follows. `count` is a u64,
-/// as libvfio-user sends it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DmaAccess {
-    /// IOVA.
-    pub addr: u64,
-    /// Bytes.
-    pub count: u64,
-}
-
-impl DmaAccess {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 16;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(DmaAccess {
-            addr: read_u64(b, 0)?,
-            count: read_u64(b, 8)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default().u64(self.addr).u64(self.count).0
+wire_struct! {
+    /// DMA_READ/DMA_WRITE header (server to client, 16 bytes); data follows. `count` is a u64,
+    /// as libvfio-user sends it.
+    pub struct DmaAccess [16] {
+        /// IOVA.
+        addr: u64,
+        /// Bytes.
+        count: u64,
     }
 }
 
@@ -502,28 +428,13 @@ pub const WRITE_MULTI_ENTRY_BYTES: usize = 24;
 /// Most entries in one REGION_WRITE_MULTI.
 pub const WRITE_MULTI_MAX_ENTRIES: u64 = 8;
 
-/// MIG_DATA_READ/WRITE header (8 bytes); data follows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct MigData {
-    /// Request: room for the reply.
-    pub argsz: u32,
-    /// Bytes.
-    pub size: u32,
-}
-
-impl MigData {
-    /// Bytes on the wire.
-    pub const BYTES: usize = 8;
-    /// Decodes.
-    pub fn decode(b: &[u8]) -> Result<Self, DecodeError> {
-        Ok(MigData {
-            argsz: read_u32(b, 0)?,
-            size: read_u32(b, 4)?,
-        })
-    }
-    /// Encodes.
-    pub fn encode(&self) -> Vec<u8> {
-        Payload::default().u32(self.argsz).u32(self.size).0
+wire_struct! {
+    /// MIG_DATA_READ/WRITE header (8 bytes); data follows.
+    pub struct MigData [8] {
+        /// Request: room for the reply.
+        argsz: u32,
+        /// Bytes.
+        size: u32,
     }
 }
 

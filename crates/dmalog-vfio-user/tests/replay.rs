@@ -3,12 +3,12 @@
 //! server's dispatcher; nothing may panic or hang, and every message with a whole header is
 //! answered. `DMALOG_REPLAY_CASES` makes it longer.
 
+use dmalog_vfio_user::fuzzing::FuzzTracker;
 use dmalog_vfio_user::fuzzing::{
     client_against_script, decode_everything, dispatch_stream, dispatch_stream_to, with_version,
     FuzzDevice,
 };
 use dmalog_vfio_user::wire::{cmd, Header, HEADER_BYTES};
-use dmalog_vfio_user::TrackerKind;
 
 fn next(state: &mut u64) -> u64 {
     *state ^= *state << 13;
@@ -57,9 +57,9 @@ fn random_streams_are_all_answered() {
         let (body, count) = random_stream(seed, 30);
         decode_everything(&body);
         let tracker = if seed % 2 == 0 {
-            TrackerKind::Soft
+            FuzzTracker::Soft
         } else {
-            TrackerKind::Mlx5(dmalog_models::Mlx5Caps::tiny())
+            FuzzTracker::Mlx5(dmalog_models::Mlx5Caps::tiny())
         };
         let replies = dispatch_stream(&with_version(&body), tracker);
         assert_eq!(replies, count + 1, "seed {seed}: every command answered");
@@ -92,8 +92,8 @@ fn hand_written_seeds() {
         .to_vec(),
     ] {
         decode_everything(&stream);
-        dispatch_stream(&with_version(&stream), TrackerKind::Soft);
-        dispatch_stream(&stream, TrackerKind::None);
+        dispatch_stream(&with_version(&stream), FuzzTracker::Soft);
+        dispatch_stream(&stream, FuzzTracker::None);
     }
 }
 
@@ -123,7 +123,7 @@ fn lvu_sample_streams_are_all_answered() {
     }
     let replies = dispatch_stream_to(
         &with_version(&seeded),
-        TrackerKind::Soft,
+        FuzzTracker::Soft,
         FuzzDevice::LvuSample,
     );
     assert!(
@@ -138,7 +138,7 @@ fn lvu_sample_streams_are_all_answered() {
         let (body, count) = random_stream(seed ^ 0x1f5a, 30);
         let replies = dispatch_stream_to(
             &with_version(&body),
-            TrackerKind::Soft,
+            FuzzTracker::Soft,
             FuzzDevice::LvuSample,
         );
         // The device may also send DMA messages of its own (counted too).

@@ -6,18 +6,20 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use dmalog::error::LogError;
-use dmalog::tracker::{checked_report_words, report_words};
+use dmalog::report_split::report_parts;
+use dmalog::tracker::checked_report_words;
 use dmalog::uapi::{
-    feature_request, DeviceState, KernelLoggingControl, KernelLoggingReport, LoggingRange,
-    MigDeviceStatePayload, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
-    FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_MIGRATION,
-    FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET,
+    feature_request, vfio_device_feature_mig_data_size, vfio_device_feature_migration, DeviceState,
+    KernelLoggingControl, KernelLoggingReport, LoggingRange, MigDeviceStatePayload, UapiStruct,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
+    FEATURE_HEADER_BYTES, FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE,
+    FEATURE_PROBE, FEATURE_SET,
 };
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError, TrackerResult};
 use tracing::debug;
 
-use crate::seam::{Errno, IoctlTarget, VfioIoctl};
-use crate::uapi::{PrecopyInfo, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO};
+use crate::seam::{Errno, IoctlCall, IoctlTarget, VfioIoctl};
+use crate::uapi::{precopy_info, PrecopyInfo, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO};
 
 /// Why a kernel VFIO request failed.
 #[derive(Debug, thiserror::Error)]
@@ -118,11 +120,12 @@ impl<I: VfioIoctl> VfioDevice<I> {
         }
     }
 
-    /// Splits REPORTs of more than `bytes` of IOVA into several ioctls (rounded down to a
-    /// multiple of 64 report pages so each part starts on a whole bitmap word). The kernel
-    /// takes any size; this bounds the time one ioctl holds the device's lock.
-    pub fn with_report_chunk(mut self, bytes: u64) -> Self {
-        self.report_chunk_bytes = Some(bytes);
+    /// Splits REPORTs of more than `max_len_bytes` of IOVA into several ioctls (rounded down
+    /// to a multiple of 64 report pages, at least 64, so each part starts on a whole bitmap
+    /// word: [`report_parts`]). The kernel takes any size; this bounds the time one ioctl
+    /// holds the device's lock.
+    pub fn with_report_chunk(mut self, max_len_bytes: u64) -> Self {
+        self.report_chunk_bytes = Some(max_len_bytes);
         self
     }
 
@@ -163,10 +166,7 @@ impl<I: VfioIoctl> VfioDevice<I> {
         // `report_bytes`: checked against `report_bytes(length, page_size)`).
         let result = unsafe {
             self.ioctl.ioctl(
-                IoctlTarget::Device,
-                VFIO_DEVICE_FEATURE,
-                &mut self.request,
-                referenced,
+                IoctlCall::device(VFIO_DEVICE_FEATURE, &mut self.request).lending(referenced),
             )
         };
         match result {
@@ -198,22 +198,22 @@ impl<I: VfioIoctl> VfioDevice<I> {
         }
     }
 
-    /// START with raw ranges, exactly as given (the kernel checks them); returns the page size
-    /// the device chose.
-    pub fn start_logging(
+    /// START with ranges exactly as given (raw [`LoggingRange`]s or checked [`IovaRange`]s;
+    /// the kernel checks them); returns the page size the device chose.
+    pub fn start_logging<R: Copy + Into<LoggingRange>>(
         &mut self,
-        ranges: &[LoggingRange],
+        ranges: &[R],
         page_size: u64,
     ) -> Result<u64, VfioError> {
         self.ranges.clear();
-        for range in ranges {
-            self.ranges.extend_from_slice(&range.encode());
+        for &range in ranges {
+            self.ranges.extend_from_slice(&range.into().encode());
         }
         let control = KernelLoggingControl {
             page_size,
             num_ranges: ranges.len() as u32,
-            reserved: 0,
-            ranges_addr: self.ranges.as_ptr() as u64,
+            __reserved: 0,
+            ranges: self.ranges.as_ptr() as u64,
         };
         let mut payload = control.encode();
         let mut ranges_buf = std::mem::take(&mut self.ranges);
@@ -238,25 +238,30 @@ impl<I: VfioIoctl> VfioDevice<I> {
         Ok(chosen)
     }
 
-    /// REPORT into `bitmap` bytes, one ioctl. The kernel writes `ceil(length / page_size /
-    /// 8)` bytes through the pointer; a shorter `bitmap` is refused (EFAULT, as the kernel
-    /// answers for memory that is not there) before anything is issued.
+    /// REPORT of `[iova, iova + len_bytes)` into `bitmap` bytes, one ioctl, with the values
+    /// exactly as given (the kernel checks them: a wrapping range is its EOVERFLOW). The
+    /// kernel writes `ceil(len_bytes / page_size / 8)` bytes through the pointer; a shorter
+    /// `bitmap` is refused (EFAULT, as the kernel answers for memory that is not there), and
+    /// a zero length or a page size that is not a power of two (EINVAL), before anything is
+    /// issued.
     pub fn report_bytes(
         &mut self,
         iova: u64,
-        length: u64,
+        len_bytes: u64,
         page_size: u64,
         bitmap: &mut [u8],
     ) -> Result<(), VfioError> {
-        check_bitmap_len(length, page_size, bitmap.len()).map_err(|errno| VfioError::Kernel {
-            op: "DMA_LOGGING_REPORT",
-            errno,
+        check_bitmap_len(len_bytes, page_size, bitmap.len()).map_err(|errno| {
+            VfioError::Kernel {
+                op: "DMA_LOGGING_REPORT",
+                errno,
+            }
         })?;
         let report = KernelLoggingReport {
             iova,
-            length,
+            length: len_bytes,
             page_size,
-            bitmap_addr: bitmap.as_mut_ptr() as u64,
+            bitmap: bitmap.as_mut_ptr() as u64,
         };
         let mut payload = report.encode();
         self.feature(
@@ -278,16 +283,22 @@ impl<I: VfioIoctl> VfioDevice<I> {
         )
     }
 
+    /// GET of feature `index` whose payload is one `T` (sent zeroed).
+    fn get_feature<T: UapiStruct + Default>(
+        &mut self,
+        op: &'static str,
+        index: u32,
+    ) -> Result<T, VfioError> {
+        let mut payload = T::default().encode();
+        self.feature(op, index | FEATURE_GET, payload.as_mut(), &mut [])?;
+        T::decode(payload.as_ref()).map_err(|_| VfioError::Protocol("short feature reply"))
+    }
+
     /// The MIGRATION feature flags.
     pub fn migration_flags(&mut self) -> Result<u64, VfioError> {
-        let mut payload = [0u8; 8];
-        self.feature(
-            "MIGRATION",
-            FEATURE_MIGRATION | FEATURE_GET,
-            &mut payload,
-            &mut [],
-        )?;
-        Ok(u64::from_le_bytes(payload))
+        let reply: vfio_device_feature_migration =
+            self.get_feature("MIGRATION", FEATURE_MIGRATION)?;
+        Ok(reply.flags)
     }
 
     /// The current migration state.
@@ -370,15 +381,12 @@ impl<I: VfioIoctl> VfioDevice<I> {
             .as_ref()
             .ok_or(VfioError::Protocol("no migration data fd"))?
             .as_raw_fd();
-        let mut arg = PrecopyInfo::request();
+        let mut arg = precopy_info(0, 0).encode();
         // SAFETY: PRECOPY_INFO is a plain in/out structure (`arg`, its argsz the buffer's
         // length) with no embedded pointers; `fd` stays open, owned by `self.data_file`.
         unsafe {
             self.ioctl.ioctl(
-                IoctlTarget::DataFd(fd),
-                VFIO_MIG_GET_PRECOPY_INFO,
-                &mut arg,
-                &mut [],
+                IoctlCall::device(VFIO_MIG_GET_PRECOPY_INFO, &mut arg).to(IoctlTarget::DataFd(fd)),
             )
         }
         .map_err(|errno| VfioError::Kernel {
@@ -390,27 +398,22 @@ impl<I: VfioIoctl> VfioDevice<I> {
 
     /// MIG_DATA_SIZE: the device's estimate of its STOP_COPY data, in bytes.
     pub fn mig_data_size(&mut self) -> Result<u64, VfioError> {
-        let mut payload = [0u8; 8];
-        self.feature(
-            "MIG_DATA_SIZE",
-            FEATURE_MIG_DATA_SIZE | FEATURE_GET,
-            &mut payload,
-            &mut [],
-        )?;
-        Ok(u64::from_le_bytes(payload))
+        let reply: vfio_device_feature_mig_data_size =
+            self.get_feature("MIG_DATA_SIZE", FEATURE_MIG_DATA_SIZE)?;
+        Ok(reply.stop_copy_length)
     }
 }
 
 /// Checks that a bitmap of `bitmap_len_bytes` holds every byte a kernel report of
-/// `length` bytes at `page_size` writes (`ceil(bits / 8)`); EINVAL for a report the kernel
+/// `len_bytes` at `page_size` writes (`ceil(bits / 8)`); EINVAL for a report the kernel
 /// would refuse anyway (so the size cannot be computed), EFAULT for a short buffer.
 pub(crate) fn check_bitmap_len(
-    length: u64,
+    len_bytes: u64,
     page_size: u64,
     bitmap_len_bytes: usize,
 ) -> Result<(), Errno> {
-    let needed =
-        dmalog::iova_bitmap::report_bytes(length, page_size).map_err(|err| Errno(err.errno()))?;
+    let needed = dmalog::iova_bitmap::report_bytes(len_bytes, page_size)
+        .map_err(|err| Errno(err.errno()))?;
     if (bitmap_len_bytes as u64) < needed {
         return Err(Errno(libc::EFAULT));
     }
@@ -423,30 +426,14 @@ impl<I: VfioIoctl> DirtyTracker for VfioDevice<I> {
     }
 
     fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
-        let raw: Vec<LoggingRange> = ranges.iter().map(|r| LoggingRange::from(*r)).collect();
-        Ok(self.start_logging(&raw, page_size)?)
+        Ok(self.start_logging(ranges, page_size)?)
     }
 
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let (iova, length) = (range.iova(), range.length());
-        checked_report_words(length, page_size, bitmap.len())?;
-        let chunk = match self.report_chunk_bytes {
-            Some(bytes) => {
-                let unit = page_size.saturating_mul(64);
-                (bytes / unit).max(1).saturating_mul(unit)
-            }
-            None => length,
-        };
-        let mut done = 0u64;
-        while done < length {
-            let part = chunk.min(length - done);
-            let first_word = (done / page_size / 64) as usize;
-            let words = report_words(part, page_size)? as usize;
-            let bytes =
-                dmalog::tracker::words_as_bytes(&mut bitmap[first_word..first_word + words]);
-            let bits_bytes = dmalog::iova_bitmap::report_bytes(part, page_size)? as usize;
-            self.report_bytes(iova + done, part, page_size, &mut bytes[..bits_bytes])?;
-            done += part;
+        checked_report_words(range.length(), page_size, bitmap.len())?;
+        for part in report_parts(range, page_size, self.report_chunk_bytes)? {
+            let (iova, len_bytes) = (part.range.iova(), part.range.length());
+            self.report_bytes(iova, len_bytes, page_size, part.bytes_of(bitmap))?;
         }
         Ok(())
     }

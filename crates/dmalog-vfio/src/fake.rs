@@ -12,16 +12,13 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::IntoRawFd;
 
-use dmalog::logging_core::{check_access, check_feature_header, is_logging_feature};
-use dmalog::uapi::{
-    DeviceState, FeatureHeader, MigDeviceStatePayload, FEATURE_GET, FEATURE_HEADER_BYTES,
-    FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_SET,
-};
-use dmalog::{Dialect, DirtyLog, IovaBitmap, LogDriver, LoggingCore};
+use dmalog::feature::{DeviceFeatures, FeatureError, FeatureRequest, MigrationFeatures};
+use dmalog::uapi::{DeviceState, UapiStruct};
+use dmalog::{DirtyLog, IovaBitmap, IovaRange, LogDriver, LoggingCore};
 
-use crate::seam::{BorrowedUserMemory, Errno, IoctlTarget, VfioIoctl};
+use crate::seam::{BorrowedUserMemory, Errno, IoctlCall, IoctlTarget, VfioIoctl};
 use crate::uapi::{
-    GetDirtyBitmap, PrecopyInfo, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES,
+    precopy_info, GetDirtyBitmap, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES,
     IOMMU_HWPT_DIRTY_TRACKING_ENABLE, IOMMU_HWPT_GET_DIRTY_BITMAP,
     IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, IOMMU_HWPT_SET_DIRTY_TRACKING, PRECOPY_INFO_BYTES,
     SET_DIRTY_TRACKING_BYTES, VFIO_DEVICE_FEATURE, VFIO_MIG_GET_PRECOPY_INFO,
@@ -126,8 +123,7 @@ impl FakeMigration {
         Ok(fd)
     }
 
-    fn transition(&mut self, target: u32) -> Result<i32, Errno> {
-        let target = DeviceState::from_u32(target).ok_or(Errno(libc::EINVAL))?;
+    fn transition(&mut self, target: DeviceState) -> Result<i32, Errno> {
         if self.flags & dmalog::uapi::MIGRATION_PRE_COPY == 0
             && matches!(target, DeviceState::PreCopy | DeviceState::PreCopyP2p)
         {
@@ -206,97 +202,83 @@ impl<D: LogDriver> FakeVfioDevice<D> {
         FakeVfioDevice { core, migration }
     }
 
+    /// VFIO_DEVICE_FEATURE through the core's dispatcher: logging to the core, migration
+    /// to the [`FakeMigration`] (ENOTTY without one).
     fn feature(&mut self, arg: &mut [u8], referenced: &mut [&mut [u8]]) -> Result<i32, Errno> {
-        let header = check_feature_header(arg, Dialect::Kernel).map_err(errno)?;
-        if is_logging_feature(header.index()) {
-            let mut user = BorrowedUserMemory::new(referenced);
-            return self
-                .core
-                .handle_kernel(arg, &mut user)
-                .map(|()| 0)
-                .map_err(errno);
-        }
-        let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
-        let payload_len = header.argsz as usize - FEATURE_HEADER_BYTES;
-        let payload = arg
-            .get_mut(FEATURE_HEADER_BYTES..)
-            .ok_or(Errno(libc::EFAULT))?;
-        let (supported, minimum) = match header.index() {
-            FEATURE_MIGRATION => (FEATURE_GET, 8),
-            FEATURE_MIG_DEVICE_STATE => (FEATURE_GET | FEATURE_SET, 8),
-            FEATURE_MIG_DATA_SIZE => (FEATURE_GET, 8),
-            _ => return Err(Errno(libc::ENOTTY)),
+        let request = FeatureRequest::kernel(arg).map_err(feature_errno)?;
+        let mut user = BorrowedUserMemory::new(referenced);
+        let mut features = DeviceFeatures {
+            logging: &mut self.core,
+            migration: self
+                .migration
+                .as_mut()
+                .map(|m| m as &mut dyn MigrationFeatures),
         };
-        if check_access(&header, supported).map_err(errno)? {
-            return Ok(0);
-        }
-        if payload_len < minimum || payload.len() < minimum {
-            return Err(Errno(libc::EINVAL));
-        }
-        match (header.index(), FeatureHeader::is_set(&header)) {
-            (FEATURE_MIGRATION, _) => payload[..8].copy_from_slice(&migration.flags.to_le_bytes()),
-            (FEATURE_MIG_DATA_SIZE, _) => {
-                payload[..8].copy_from_slice(&migration.remaining_bytes().to_le_bytes())
-            }
-            (_, false) => {
-                let reply = MigDeviceStatePayload {
-                    device_state: migration.state as u32,
-                    data_fd: -1,
-                };
-                payload[..8].copy_from_slice(&reply.encode());
-            }
-            (_, true) => {
-                let request =
-                    MigDeviceStatePayload::decode(payload).map_err(|_| Errno(libc::EINVAL))?;
-                let data_fd = migration.transition(request.device_state)?;
-                let reply = MigDeviceStatePayload {
-                    device_state: migration.state as u32,
-                    data_fd,
-                };
-                payload[..8].copy_from_slice(&reply.encode());
-            }
-        }
+        features.kernel(request, &mut user).map_err(feature_errno)?;
         Ok(0)
     }
 }
 
-// SAFETY: every pointer in a request is resolved inside `referenced` only
+fn feature_errno(err: FeatureError) -> Errno {
+    Errno(err.errno())
+}
+
+impl MigrationFeatures for FakeMigration {
+    fn migration_flags(&self) -> u64 {
+        self.flags
+    }
+
+    fn device_state(&self) -> DeviceState {
+        self.state
+    }
+
+    fn set_device_state(&mut self, target: DeviceState) -> Result<i32, FeatureError> {
+        self.transition(target)
+            .map_err(|Errno(errno)| FeatureError::migration(errno, "migration arc refused"))
+    }
+
+    fn has_data_size(&self) -> bool {
+        true
+    }
+
+    fn data_size(&mut self) -> Result<u64, FeatureError> {
+        Ok(self.remaining_bytes())
+    }
+}
+
+// SAFETY: every pointer in a request is resolved inside `lent` only
 // (`BorrowedUserMemory`), and the data fds it reports are memfds it created for the caller.
 unsafe impl<D: LogDriver> VfioIoctl for FakeVfioDevice<D> {
-    unsafe fn ioctl(
-        &mut self,
-        target: IoctlTarget,
-        request: u32,
-        arg: &mut [u8],
-        referenced: &mut [&mut [u8]],
-    ) -> Result<i32, Errno> {
-        match (target, request) {
-            (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(arg, referenced),
-            (IoctlTarget::DataFd(_), VFIO_MIG_GET_PRECOPY_INFO) => {
-                let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
-                // PRE_COPY and PRE_COPY_P2P both answer (as mtty and the uAPI do).
-                if arg.len() < PRECOPY_INFO_BYTES
-                    || !matches!(
-                        migration.state,
-                        DeviceState::PreCopy | DeviceState::PreCopyP2p
-                    )
-                {
-                    return Err(Errno(libc::EINVAL));
-                }
-                let read = migration
-                    .file
-                    .as_mut()
-                    .and_then(|f| f.stream_position().ok())
-                    .unwrap_or(0);
-                let info = PrecopyInfo {
-                    initial_bytes: (migration.initial.len() as u64).saturating_sub(read),
-                    dirty_bytes: 0,
-                };
-                arg[..PRECOPY_INFO_BYTES].copy_from_slice(&info.encode());
-                Ok(0)
-            }
+    unsafe fn ioctl(&mut self, call: IoctlCall<'_, '_>) -> Result<i32, Errno> {
+        match (call.target, call.nr) {
+            (IoctlTarget::Device, VFIO_DEVICE_FEATURE) => self.feature(call.arg, call.lent),
+            (IoctlTarget::DataFd(_), VFIO_MIG_GET_PRECOPY_INFO) => self.precopy_info(call.arg),
             _ => Err(Errno(libc::ENOTTY)),
         }
+    }
+}
+
+impl<D: LogDriver> FakeVfioDevice<D> {
+    /// `VFIO_MIG_GET_PRECOPY_INFO` on the data fd.
+    fn precopy_info(&mut self, arg: &mut [u8]) -> Result<i32, Errno> {
+        let migration = self.migration.as_mut().ok_or(Errno(libc::ENOTTY))?;
+        // PRE_COPY and PRE_COPY_P2P both answer (as mtty and the uAPI do).
+        if arg.len() < PRECOPY_INFO_BYTES
+            || !matches!(
+                migration.state,
+                DeviceState::PreCopy | DeviceState::PreCopyP2p
+            )
+        {
+            return Err(Errno(libc::EINVAL));
+        }
+        let read = migration
+            .file
+            .as_mut()
+            .and_then(|f| f.stream_position().ok())
+            .unwrap_or(0);
+        let info = precopy_info((migration.initial.len() as u64).saturating_sub(read), 0);
+        arg[..PRECOPY_INFO_BYTES].copy_from_slice(&info.encode());
+        Ok(0)
     }
 }
 
@@ -313,35 +295,44 @@ pub struct FakeIommu {
 pub const FAKE_IOMMU_PAGE: u64 = 4096;
 
 impl FakeIommu {
-    /// HWPT `hwpt_id` over `[iova, iova+length)`; `dirty_capable == false` models an IOMMU
-    /// without dirty tracking (EOPNOTSUPP).
-    pub fn new(hwpt_id: u32, iova: u64, length: u64, dirty_capable: bool) -> Self {
-        Self::with_io_page(hwpt_id, iova, length, FAKE_IOMMU_PAGE, dirty_capable)
+    /// HWPT `hwpt_id` over the IO address space `ioas`; `dirty_capable == false` models an
+    /// IOMMU without dirty tracking (EOPNOTSUPP).
+    ///
+    /// # Panics
+    ///
+    /// If `ioas` is not aligned to [`FAKE_IOMMU_PAGE`] (a test's own mistake).
+    pub fn new(hwpt_id: u32, ioas: IovaRange, dirty_capable: bool) -> Self {
+        Self::with_io_page(hwpt_id, ioas, FAKE_IOMMU_PAGE, dirty_capable)
     }
 
-    /// Like [`FakeIommu::new`] with IO pages (and IOVA alignment) of `io_page` bytes: the
-    /// iommufd self-test mock domain has 2 KiB pages.
+    /// Like [`FakeIommu::new`] with IO pages (and IOVA alignment) of `io_page_size` bytes:
+    /// the iommufd self-test mock domain has 2 KiB pages.
+    ///
+    /// # Panics
+    ///
+    /// If `io_page_size` is not a power of two or `ioas` is not aligned to it.
     pub fn with_io_page(
         hwpt_id: u32,
-        iova: u64,
-        length: u64,
-        io_page: u64,
+        ioas: IovaRange,
+        io_page_size: u64,
         dirty_capable: bool,
     ) -> Self {
-        let log = DirtyLog::new(iova, length, io_page).expect("fake IOAS geometry");
+        let log =
+            DirtyLog::new(ioas.iova(), ioas.length(), io_page_size).expect("fake IOAS geometry");
         FakeIommu {
             hwpt_id,
-            io_page,
+            io_page: io_page_size,
             dirty_capable,
             tracking: false,
             log,
         }
     }
 
-    /// A DMA write by an attached device: the IOMMU marks it while tracking is on.
-    pub fn dma_write(&self, iova: u64, len: u64) {
+    /// A DMA write of `len_bytes` at `iova` by an attached device: the IOMMU marks it while
+    /// tracking is on.
+    pub fn dma_write(&self, iova: u64, len_bytes: u64) {
         if self.tracking {
-            self.log.record_write(iova, len);
+            self.log.record_write(iova, len_bytes);
         }
     }
 
@@ -350,21 +341,27 @@ impl FakeIommu {
         self.tracking
     }
 
-    fn set_dirty_tracking(&mut self, arg: &[u8]) -> Result<i32, Errno> {
-        let (size, request, reserved) =
-            SetDirtyTracking::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
-        if (size as usize) < SET_DIRTY_TRACKING_BYTES {
-            return Err(Errno(libc::EINVAL));
-        }
-        if request.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 || reserved != 0 {
-            return Err(Errno(libc::EOPNOTSUPP));
-        }
-        if request.hwpt_id != self.hwpt_id {
+    /// After the flag checks, as iommufd: ENOENT for another object, EOPNOTSUPP for a HWPT
+    /// without dirty tracking.
+    fn check_hwpt(&self, hwpt_id: u32) -> Result<(), Errno> {
+        if hwpt_id != self.hwpt_id {
             return Err(Errno(libc::ENOENT));
         }
         if !self.dirty_capable {
             return Err(Errno(libc::EOPNOTSUPP));
         }
+        Ok(())
+    }
+
+    fn set_dirty_tracking(&mut self, arg: &[u8]) -> Result<i32, Errno> {
+        let request = SetDirtyTracking::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
+        if (request.size as usize) < SET_DIRTY_TRACKING_BYTES {
+            return Err(Errno(libc::EINVAL));
+        }
+        if request.flags & !IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0 || request.reserved != 0 {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        self.check_hwpt(request.hwpt_id)?;
         let enable = request.flags & IOMMU_HWPT_DIRTY_TRACKING_ENABLE != 0;
         if enable {
             // A clean snapshot: enabling clears every stale dirty bit first.
@@ -376,19 +373,14 @@ impl FakeIommu {
     }
 
     fn get_dirty_bitmap(&mut self, arg: &[u8], referenced: &mut [&mut [u8]]) -> Result<i32, Errno> {
-        let (size, request) = GetDirtyBitmap::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
-        if (size as usize) < GET_DIRTY_BITMAP_BYTES {
+        let request = GetDirtyBitmap::decode(arg).map_err(|_| Errno(libc::EFAULT))?;
+        if (request.size as usize) < GET_DIRTY_BITMAP_BYTES {
             return Err(Errno(libc::EINVAL));
         }
         if request.flags & !IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR != 0 || request.reserved != 0 {
             return Err(Errno(libc::EOPNOTSUPP));
         }
-        if request.hwpt_id != self.hwpt_id {
-            return Err(Errno(libc::ENOENT));
-        }
-        if !self.dirty_capable {
-            return Err(Errno(libc::EOPNOTSUPP));
-        }
+        self.check_hwpt(request.hwpt_id)?;
         // iommufd_check_iova_range, in order.
         let last = request
             .iova
@@ -431,19 +423,15 @@ impl FakeIommu {
     }
 }
 
-// SAFETY: the bitmap pointer is resolved inside `referenced` only, and no fd is returned.
+// SAFETY: the bitmap pointer is resolved inside `lent` only, and no fd is returned.
 unsafe impl VfioIoctl for FakeIommu {
-    unsafe fn ioctl(
-        &mut self,
-        target: IoctlTarget,
-        request: u32,
-        arg: &mut [u8],
-        referenced: &mut [&mut [u8]],
-    ) -> Result<i32, Errno> {
-        match (target, request) {
-            (IoctlTarget::Device, IOMMU_HWPT_SET_DIRTY_TRACKING) => self.set_dirty_tracking(arg),
+    unsafe fn ioctl(&mut self, call: IoctlCall<'_, '_>) -> Result<i32, Errno> {
+        match (call.target, call.nr) {
+            (IoctlTarget::Device, IOMMU_HWPT_SET_DIRTY_TRACKING) => {
+                self.set_dirty_tracking(call.arg)
+            }
             (IoctlTarget::Device, IOMMU_HWPT_GET_DIRTY_BITMAP) => {
-                self.get_dirty_bitmap(arg, referenced)
+                self.get_dirty_bitmap(call.arg, call.lent)
             }
             _ => Err(Errno(libc::ENOTTY)),
         }

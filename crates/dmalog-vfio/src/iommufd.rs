@@ -6,14 +6,15 @@
 //! the kernel (they only bound what the caller reports). Enabling clears stale dirty bits.
 
 use dmalog::error::LogError;
-use dmalog::tracker::{checked_report_words, words_as_bytes};
+use dmalog::report_split::report_parts;
+use dmalog::tracker::checked_report_words;
+use dmalog::uapi::UapiStruct;
 use dmalog::{DirtyTracker, IovaRange, TrackerError, TrackerResult};
 
-use crate::seam::{Errno, IoctlTarget, VfioIoctl};
+use crate::seam::{Errno, IoctlCall, VfioIoctl};
 use crate::uapi::{
-    GetDirtyBitmap, SetDirtyTracking, IOMMU_HWPT_DIRTY_TRACKING_ENABLE,
-    IOMMU_HWPT_GET_DIRTY_BITMAP, IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR,
-    IOMMU_HWPT_SET_DIRTY_TRACKING,
+    GetDirtyBitmap, SetDirtyTracking, GET_DIRTY_BITMAP_BYTES, IOMMU_HWPT_GET_DIRTY_BITMAP,
+    IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, IOMMU_HWPT_SET_DIRTY_TRACKING,
 };
 
 /// Smallest report page size accepted (the IOMMU's base page).
@@ -64,42 +65,32 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
     }
 
     fn set_tracking(&mut self, enable: bool) -> Result<(), Errno> {
-        let flags = if enable {
-            IOMMU_HWPT_DIRTY_TRACKING_ENABLE
-        } else {
-            0
-        };
-        let mut arg = SetDirtyTracking {
-            flags,
-            hwpt_id: self.hwpt_id,
-        }
-        .encode();
+        let mut arg = SetDirtyTracking::new(enable, self.hwpt_id).encode();
         // SAFETY: SET_DIRTY_TRACKING is a plain structure (`arg`, its size field the
         // buffer's length) with no embedded pointers.
         unsafe {
-            self.ioctl.ioctl(
-                IoctlTarget::Device,
-                IOMMU_HWPT_SET_DIRTY_TRACKING,
-                &mut arg,
-                &mut [],
-            )
+            self.ioctl
+                .ioctl(IoctlCall::device(IOMMU_HWPT_SET_DIRTY_TRACKING, &mut arg))
         }
         .map(|_| ())
     }
 
-    /// GET_DIRTY_BITMAP into `bitmap` bytes (`ceil(bits/8)` of them are written); with
+    /// GET_DIRTY_BITMAP of `[iova, iova + len_bytes)` into `bitmap` bytes (`ceil(bits/8)` of
+    /// them are written), with the values exactly as given (the kernel checks them); with
     /// `clear == false` the IOMMU keeps the dirty bits (read before an unmap). A `bitmap`
     /// shorter than that is refused (EFAULT) before anything is issued.
     pub fn report_bytes(
         &mut self,
         iova: u64,
-        length: u64,
+        len_bytes: u64,
         page_size: u64,
         bitmap: &mut [u8],
         clear: bool,
     ) -> Result<(), TrackerError> {
-        crate::device::check_bitmap_len(length, page_size, bitmap.len()).map_err(kernel_error)?;
+        crate::device::check_bitmap_len(len_bytes, page_size, bitmap.len())
+            .map_err(kernel_error)?;
         let request = GetDirtyBitmap {
+            size: GET_DIRTY_BITMAP_BYTES as u32,
             hwpt_id: self.hwpt_id,
             flags: if clear {
                 0
@@ -108,19 +99,16 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
             },
             reserved: 0,
             iova,
-            length,
+            length: len_bytes,
             page_size,
             data: bitmap.as_mut_ptr() as u64,
         };
         let mut arg = request.encode();
         // SAFETY: the only pointer in `arg` is `data`, the start of `bitmap`, lent in
-        // `referenced` and checked above to hold every byte the kernel writes.
+        // `lent` and checked above to hold every byte the kernel writes.
         unsafe {
             self.ioctl.ioctl(
-                IoctlTarget::Device,
-                IOMMU_HWPT_GET_DIRTY_BITMAP,
-                &mut arg,
-                &mut [bitmap],
+                IoctlCall::device(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut arg).lending(&mut [bitmap]),
             )
         }
         .map_err(kernel_error)?;
@@ -130,31 +118,28 @@ impl<I: VfioIoctl> IommufdDirtyTracker<I> {
     /// Like [`DirtyTracker::report`] but leaves the bits in the IOMMU.
     pub fn report_no_clear(
         &mut self,
-        iova: u64,
-        length: u64,
+        range: IovaRange,
         page_size: u64,
         bitmap: &mut [u64],
-    ) -> Result<(), TrackerError> {
-        self.report_words(iova, length, page_size, bitmap, false)
+    ) -> TrackerResult {
+        self.report_words(range, page_size, bitmap, false)
     }
 
+    /// One GET_DIRTY_BITMAP into the report's bytes of `bitmap` (the IOMMU has no lock
+    /// held across a report, so it is not split).
     fn report_words(
         &mut self,
-        iova: u64,
-        length: u64,
+        range: IovaRange,
         page_size: u64,
         bitmap: &mut [u64],
         clear: bool,
-    ) -> Result<(), TrackerError> {
-        checked_report_words(length, page_size, bitmap.len())?;
-        let bytes = dmalog::iova_bitmap::report_bytes(length, page_size)? as usize;
-        self.report_bytes(
-            iova,
-            length,
-            page_size,
-            &mut words_as_bytes(bitmap)[..bytes],
-            clear,
-        )
+    ) -> TrackerResult {
+        checked_report_words(range.length(), page_size, bitmap.len())?;
+        for part in report_parts(range, page_size, None)? {
+            let (iova, len_bytes) = (part.range.iova(), part.range.length());
+            self.report_bytes(iova, len_bytes, page_size, part.bytes_of(bitmap), clear)?;
+        }
+        Ok(())
     }
 }
 
@@ -188,11 +173,10 @@ impl<I: VfioIoctl> DirtyTracker for IommufdDirtyTracker<I> {
     }
 
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let (iova, length) = (range.iova(), range.length());
         if !self.enabled {
             return Err(LogError::Invalid("dirty tracking not enabled").into());
         }
-        self.report_words(iova, length, page_size, bitmap, true)
+        self.report_words(range, page_size, bitmap, true)
     }
 
     fn stop(&mut self) -> Result<(), TrackerError> {

@@ -1,44 +1,51 @@
-//! iommufd and VFIO-cdev structures that neither `vfio-bindings` nor the consumers need in
-//! production, but a rig against a real kernel does: allocating an IO address space,
+//! iommufd and VFIO-cdev structures that the consumers do not need in production, but a
+//! rig against a real kernel does (the VFIO ones are `vfio-bindings`', the iommufd ones
+//! defined here, the crate has none): allocating an IO address space,
 //! mapping memory into it, allocating a dirty-tracking HWPT, attaching a VFIO cdev, and the
 //! iommufd self-test command (`IOMMU_TEST_CMD`, kernels with `CONFIG_IOMMUFD_TEST`) whose
 //! mock domain has dirty tracking without an IOMMU.
 //!
 //! Layouts follow Linux 6.12 `include/uapi/linux/iommufd.h`, `include/uapi/linux/vfio.h`
 //! and `drivers/iommu/iommufd/iommufd_test.h`; the unit tests pin every field's offset and
-//! the size. All fields are native-endian (x86_64: little-endian), like the rest of
-//! [`crate::uapi`].
+//! the size. All fields are little-endian (the `dmalog::uapi` codec), which is native on
+//! every supported host.
 
+use std::mem::{offset_of, size_of};
+
+use dmalog::uapi::{
+    vfio_device_attach_iommufd_pt, vfio_device_bind_iommufd, UapiStruct, VFIO_BASE, VFIO_TYPE,
+};
+
+use crate::seam::IoctlNr;
 use crate::uapi::{io, IOMMUFD_TYPE};
-use dmalog::uapi::{VFIO_BASE, VFIO_TYPE};
 
 /// `IOMMU_DESTROY` = `_IO(';', 0x80)`.
-pub const IOMMU_DESTROY: u32 = io(IOMMUFD_TYPE, 0x80);
+pub const IOMMU_DESTROY: IoctlNr = io(IOMMUFD_TYPE, 0x80);
 /// `IOMMU_IOAS_ALLOC` = `_IO(';', 0x81)`.
-pub const IOMMU_IOAS_ALLOC: u32 = io(IOMMUFD_TYPE, 0x81);
+pub const IOMMU_IOAS_ALLOC: IoctlNr = io(IOMMUFD_TYPE, 0x81);
 /// `IOMMU_IOAS_MAP` = `_IO(';', 0x85)`.
-pub const IOMMU_IOAS_MAP: u32 = io(IOMMUFD_TYPE, 0x85);
+pub const IOMMU_IOAS_MAP: IoctlNr = io(IOMMUFD_TYPE, 0x85);
 /// `IOMMU_HWPT_ALLOC` = `_IO(';', 0x89)`.
-pub const IOMMU_HWPT_ALLOC: u32 = io(IOMMUFD_TYPE, 0x89);
+pub const IOMMU_HWPT_ALLOC: IoctlNr = io(IOMMUFD_TYPE, 0x89);
 /// `IOMMU_TEST_CMD` = `_IO(';', 0x80 + 32)`: one ioctl, `op` selects the test operation.
-pub const IOMMU_TEST_CMD: u32 = io(IOMMUFD_TYPE, 0x80 + 32);
+pub const IOMMU_TEST_CMD: IoctlNr = io(IOMMUFD_TYPE, 0x80 + 32);
 /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT` = `_IO(';', 100 + 19)`.
-pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: u32 = io(VFIO_TYPE, VFIO_BASE + 19);
+pub const VFIO_DEVICE_ATTACH_IOMMUFD_PT: IoctlNr = io(VFIO_TYPE, VFIO_BASE + 19);
 /// `VFIO_DEVICE_DETACH_IOMMUFD_PT` = `_IO(';', 100 + 20)`.
-pub const VFIO_DEVICE_DETACH_IOMMUFD_PT: u32 = io(VFIO_TYPE, VFIO_BASE + 20);
+pub const VFIO_DEVICE_DETACH_IOMMUFD_PT: IoctlNr = io(VFIO_TYPE, VFIO_BASE + 20);
 
 /// `struct iommu_destroy` (8 bytes).
-pub const DESTROY_BYTES: usize = 8;
+pub const DESTROY_BYTES: usize = size_of::<Destroy>();
 /// `struct iommu_ioas_alloc` (12 bytes).
-pub const IOAS_ALLOC_BYTES: usize = 12;
+pub const IOAS_ALLOC_BYTES: usize = size_of::<IoasAlloc>();
 /// `struct iommu_ioas_map` (40 bytes).
-pub const IOAS_MAP_BYTES: usize = 40;
+pub const IOAS_MAP_BYTES: usize = size_of::<IoasMap>();
 /// `struct iommu_hwpt_alloc` (48 bytes; 6.12 accepts 24 and up).
-pub const HWPT_ALLOC_BYTES: usize = 48;
+pub const HWPT_ALLOC_BYTES: usize = size_of::<HwptAlloc>();
 /// `struct iommu_test_cmd` (72 bytes; the kernel accepts 68, the end of `last`).
 pub const TEST_CMD_BYTES: usize = 72;
-/// `struct vfio_device_attach_iommufd_pt` (12 bytes; no pasid in 6.12).
-pub const ATTACH_PT_BYTES: usize = 12;
+/// `struct vfio_device_attach_iommufd_pt` without `pasid` (12 bytes: 6.12 has no pasid).
+pub const ATTACH_PT_BYTES: usize = offset_of!(vfio_device_attach_iommufd_pt, pasid);
 
 /// `IOMMU_IOAS_MAP_FIXED_IOVA`.
 pub const IOAS_MAP_FIXED_IOVA: u32 = 1;
@@ -87,31 +94,40 @@ pub fn get_u64(bytes: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(word)
 }
 
-/// `struct iommu_destroy {size, id}`.
-pub fn destroy_request(id: u32) -> [u8; DESTROY_BYTES] {
-    let mut out = [0u8; DESTROY_BYTES];
-    put_u32(&mut out, 0, DESTROY_BYTES as u32);
-    put_u32(&mut out, 4, id);
-    out
+/// `struct iommu_destroy`: destroys object `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct Destroy {
+    /// Bytes of the struct.
+    pub size: u32,
+    /// The object.
+    pub id: u32,
 }
 
-/// `struct iommu_ioas_alloc {size, flags = 0, out_ioas_id}`.
-pub fn ioas_alloc_request() -> [u8; IOAS_ALLOC_BYTES] {
-    let mut out = [0u8; IOAS_ALLOC_BYTES];
-    put_u32(&mut out, 0, IOAS_ALLOC_BYTES as u32);
-    out
+/// `struct iommu_ioas_alloc`: a new IO address space, returned in `out_ioas_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
+pub struct IoasAlloc {
+    /// Bytes of the struct.
+    pub size: u32,
+    /// Must be 0.
+    pub flags: u32,
+    /// The IOAS allocated.
+    pub out_ioas_id: u32,
 }
-
-/// Offset of `out_ioas_id` in `struct iommu_ioas_alloc`.
-pub const IOAS_ALLOC_OUT_ID: usize = 8;
 
 /// `struct iommu_ioas_map`: maps `length` bytes of this process at `user_va` to `iova`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
 pub struct IoasMap {
+    /// Bytes of the struct.
+    pub size: u32,
     /// `IOAS_MAP_*` flags.
     pub flags: u32,
     /// The IOAS.
     pub ioas_id: u32,
+    /// Must be 0.
+    pub reserved: u32,
     /// Start of the memory to map, in this process.
     pub user_va: u64,
     /// Bytes.
@@ -120,45 +136,61 @@ pub struct IoasMap {
     pub iova: u64,
 }
 
-impl IoasMap {
-    /// Encodes the request (`__reserved` 0).
-    pub fn encode(&self) -> [u8; IOAS_MAP_BYTES] {
-        let mut out = [0u8; IOAS_MAP_BYTES];
-        put_u32(&mut out, 0, IOAS_MAP_BYTES as u32);
-        put_u32(&mut out, 4, self.flags);
-        put_u32(&mut out, 8, self.ioas_id);
-        put_u64(&mut out, 16, self.user_va);
-        put_u64(&mut out, 24, self.length);
-        put_u64(&mut out, 32, self.iova);
-        out
-    }
-}
-
-/// `struct iommu_hwpt_alloc` without driver data or fault object.
+/// `struct iommu_hwpt_alloc`; the rig sends no driver data and no fault object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C)]
 pub struct HwptAlloc {
+    /// Bytes of the struct.
+    pub size: u32,
     /// `HWPT_ALLOC_*` flags.
     pub flags: u32,
     /// The device object (from BIND or a mock domain's `out_idev_id`).
     pub dev_id: u32,
     /// The IOAS the HWPT translates.
     pub pt_id: u32,
+    /// The HWPT allocated.
+    pub out_hwpt_id: u32,
+    /// Must be 0.
+    pub reserved: u32,
+    /// Driver data type (0: none).
+    pub data_type: u32,
+    /// Driver data bytes.
+    pub data_len: u32,
+    /// User address of the driver data.
+    pub data_uptr: u64,
+    /// Fault object (with `FAULT_ID_VALID`).
+    pub fault_id: u32,
+    /// Must be 0.
+    pub reserved2: u32,
 }
 
-/// Offset of `out_hwpt_id` in `struct iommu_hwpt_alloc`.
-pub const HWPT_ALLOC_OUT_ID: usize = 16;
-
-impl HwptAlloc {
-    /// Encodes the request (`data_type` 0 = none, no data, no fault id).
-    pub fn encode(&self) -> [u8; HWPT_ALLOC_BYTES] {
-        let mut out = [0u8; HWPT_ALLOC_BYTES];
-        put_u32(&mut out, 0, HWPT_ALLOC_BYTES as u32);
-        put_u32(&mut out, 4, self.flags);
-        put_u32(&mut out, 8, self.dev_id);
-        put_u32(&mut out, 12, self.pt_id);
-        out
+dmalog::uapi_struct! {
+    Destroy { size, id }
+    IoasAlloc { size, flags, out_ioas_id }
+    IoasMap { size, flags, ioas_id, reserved, user_va, length, iova }
+    HwptAlloc {
+        size, flags, dev_id, pt_id, out_hwpt_id, reserved, data_type, data_len, data_uptr,
+        fault_id, reserved2,
     }
 }
+
+/// A request of a struct that starts with its own `size`: every other field 0.
+macro_rules! sized_request {
+    ($($ty:ident),+) => {$(
+        impl $ty {
+            /// The request with `size` set and every other field 0 (fill in what it needs
+            /// with `..Self::request()`).
+            pub fn request() -> Self {
+                $ty {
+                    size: size_of::<$ty>() as u32,
+                    ..Default::default()
+                }
+            }
+        }
+    )+};
+}
+
+sized_request!(Destroy, IoasAlloc, IoasMap, HwptAlloc);
 
 /// `struct iommu_test_cmd` for the operations a dirty-tracking rig uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,16 +278,18 @@ impl TestCmd {
     }
 }
 
-/// `struct vfio_device_attach_iommufd_pt {argsz, flags = 0, pt_id}`.
+/// `struct vfio_device_attach_iommufd_pt {argsz, flags = 0, pt_id}` (12-byte form).
 pub fn attach_pt_request(pt_id: u32) -> [u8; ATTACH_PT_BYTES] {
-    let mut out = [0u8; ATTACH_PT_BYTES];
-    put_u32(&mut out, 0, ATTACH_PT_BYTES as u32);
-    put_u32(&mut out, 8, pt_id);
-    out
+    vfio_device_attach_iommufd_pt {
+        argsz: ATTACH_PT_BYTES as u32,
+        pt_id,
+        ..Default::default()
+    }
+    .encode_prefix()
 }
 
 /// Offset of `out_devid` in `struct vfio_device_bind_iommufd`.
-pub const BIND_OUT_DEVID: usize = 12;
+pub const BIND_OUT_DEVID: usize = offset_of!(vfio_device_bind_iommufd, out_devid);
 
 #[cfg(test)]
 mod tests {
@@ -274,14 +308,20 @@ mod tests {
 
     #[test]
     fn destroy_and_ioas_alloc_layouts() {
-        let d = destroy_request(0x1234_5678);
+        let d = Destroy {
+            id: 0x1234_5678,
+            ..Destroy::request()
+        }
+        .encode();
         assert_eq!(d.len(), 8);
         assert_eq!((get_u32(&d, 0), get_u32(&d, 4)), (8, 0x1234_5678));
-        let a = ioas_alloc_request();
+        let a = IoasAlloc::request().encode();
         assert_eq!(a.len(), 12);
         assert_eq!(get_u32(&a, 0), 12);
         assert_eq!(a[4..], [0u8; 8]);
-        assert_eq!(IOAS_ALLOC_OUT_ID, 8);
+        let mut reply = a;
+        reply[8] = 0x21;
+        assert_eq!(IoasAlloc::decode(&reply).unwrap().out_ioas_id, 0x21);
     }
 
     #[test]
@@ -292,6 +332,7 @@ mod tests {
             user_va: 0x2222_0000,
             length: 0x3333,
             iova: 0x4444_0000,
+            ..IoasMap::request()
         }
         .encode();
         assert_eq!(m.len(), 40);
@@ -310,6 +351,7 @@ mod tests {
             flags: HWPT_ALLOC_DIRTY_TRACKING,
             dev_id: 5,
             pt_id: 6,
+            ..HwptAlloc::request()
         }
         .encode();
         assert_eq!(h.len(), 48);
@@ -319,7 +361,15 @@ mod tests {
         assert_eq!(get_u32(&h, 12), 6);
         // out_hwpt_id, __reserved, data_type, data_len, data_uptr, fault_id, __reserved2.
         assert_eq!(h[16..], [0u8; 32]);
-        assert_eq!(HWPT_ALLOC_OUT_ID, 16);
+        assert_eq!(
+            [
+                offset_of!(HwptAlloc, out_hwpt_id),
+                offset_of!(HwptAlloc, data_uptr),
+                offset_of!(HwptAlloc, fault_id),
+                offset_of!(HwptAlloc, reserved2),
+            ],
+            [16, 32, 40, 44]
+        );
     }
 
     #[test]
@@ -379,6 +429,7 @@ mod tests {
             (get_u32(&a, 0), get_u32(&a, 4), get_u32(&a, 8)),
             (12, 0, 0x42)
         );
+        assert_eq!(ATTACH_PT_BYTES, 12);
         assert_eq!(BIND_OUT_DEVID, 12);
     }
 }

@@ -6,8 +6,8 @@
 //!   the caller's buffer, STOP) and migration v2 (MIGRATION flags, MIG_DEVICE_STATE with the
 //!   data fd, PRE_COPY info, MIG_DATA_SIZE) on a VFIO device fd.
 //! - [`iommufd::IommufdDirtyTracker`]: iommufd HWPT dirty tracking.
-//! - [`seam`]: the one place that calls `ioctl`, behind a trait; [`fake`] serves the same
-//!   requests from dmalog's kernel-dialect core for tests.
+//! - [`seam`]: the one place that calls `ioctl`, behind a trait; `fake` (feature `testing`)
+//!   serves the same requests from dmalog's kernel-dialect core for tests.
 //! - [`probe`]: what `dmalog probe` reports about a device.
 //!
 //! It sits beside `dmalog-vfio-user` as the other transport under the consumer traits, on
@@ -29,8 +29,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! The same consumer against [`fake::FakeVfioDevice`], which answers the ioctls with the
-//! kernel's rules from dmalog's soft tracker:
+//! The same consumer against `fake::FakeVfioDevice` (feature `testing`), which answers the
+//! ioctls with the kernel's rules from dmalog's soft tracker:
 //!
 //! ```
 //! use dmalog::tracker::report_words;
@@ -52,9 +52,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! No features. MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
+//! Features: `testing` adds the test doubles (`fake`, `seam::BorrowedUserMemory`). MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
 
 pub mod device;
+#[cfg(feature = "testing")]
 pub mod fake;
 pub mod iommufd;
 pub mod iommufd_uapi;
@@ -64,4 +65,4 @@ pub mod uapi;
 
 pub use device::{VfioDevice, VfioError};
 pub use iommufd::IommufdDirtyTracker;
-pub use seam::{Errno, IoctlTarget, KernelIoctl, VfioIoctl};
+pub use seam::{Errno, IoctlCall, IoctlNr, IoctlTarget, KernelIoctl, VfioIoctl};

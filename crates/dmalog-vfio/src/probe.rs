@@ -7,7 +7,7 @@ use dmalog::uapi::{MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY};
 use dmalog::IovaRange;
 
 use crate::device::{VfioDevice, VfioError};
-use crate::seam::{IoctlTarget, KernelIoctl, VfioIoctl};
+use crate::seam::{IoctlCall, KernelIoctl, VfioIoctl};
 use crate::uapi::{bind_iommufd_request, VFIO_DEVICE_BIND_IOMMUFD};
 
 /// Where VFIO device cdevs live.
@@ -96,7 +96,7 @@ pub fn probe_device<I: VfioIoctl>(
             stop_ok: false,
             error: None,
         };
-        match device.start_logging(&[range.into()], hint) {
+        match device.start_logging(&[range], hint) {
             Ok(chosen) => {
                 outcome.chosen_page_size = Some(chosen);
                 let bytes = dmalog::iova_bitmap::report_bytes(range.length(), chosen).unwrap_or(0);
@@ -183,18 +183,12 @@ pub fn open_cdev(path: &Path) -> Result<BoundDevice, OpenError> {
     let mut bind = bind_iommufd_request(iommufd.raw_fd());
     // SAFETY: BIND_IOMMUFD is a plain structure (`bind`, argsz its length) with no embedded
     // pointers; the iommufd it names stays open (owned by the returned `BoundDevice`).
-    unsafe {
-        device.ioctl(
-            IoctlTarget::Device,
-            VFIO_DEVICE_BIND_IOMMUFD,
-            &mut bind,
-            &mut [],
-        )
-    }
-    .map_err(|errno| OpenError::Bind {
-        path: path.display().to_string(),
-        errno,
-    })?;
+    unsafe { device.ioctl(IoctlCall::device(VFIO_DEVICE_BIND_IOMMUFD, &mut bind)) }.map_err(
+        |errno| OpenError::Bind {
+            path: path.display().to_string(),
+            errno,
+        },
+    )?;
     Ok(BoundDevice {
         device: VfioDevice::new(device),
         _iommufd: iommufd,

@@ -40,7 +40,10 @@ fn dirty_bitmap_with_tracking_off_reports_nothing() {
     // 6.12: with tracking off, GET_DIRTY_BITMAP succeeds and sets no bit, also for pages
     // dirtied before tracking was turned off.
     const BASE: u64 = 1 << 24;
-    let mut t = IommufdDirtyTracker::new(FakeIommu::new(7, BASE, 1 << 20, true), 7);
+    let mut t = IommufdDirtyTracker::new(
+        FakeIommu::new(7, IovaRange::new(BASE, 1 << 20).unwrap(), true),
+        7,
+    );
     let range = IovaRange::new(BASE, 1 << 20).unwrap();
     t.start(&[range], 4096).unwrap();
     t.ioctl().dma_write(BASE + 4096, 1);

@@ -1,15 +1,19 @@
 //! iommufd HWPT dirty tracking through the seam against a model of the kernel's checks.
 
+use dmalog::uapi::UapiStruct;
 use dmalog::{DirtyTracker, IovaRange};
 use dmalog_vfio::fake::FakeIommu;
 use dmalog_vfio::uapi::{GetDirtyBitmap, IOMMU_HWPT_GET_DIRTY_BITMAP};
-use dmalog_vfio::{Errno, IoctlTarget, IommufdDirtyTracker, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, IommufdDirtyTracker, VfioIoctl};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 1 << 30;
 
 fn tracker() -> IommufdDirtyTracker<FakeIommu> {
-    IommufdDirtyTracker::new(FakeIommu::new(7, BASE, 64 << 20, true), 7)
+    IommufdDirtyTracker::new(
+        FakeIommu::new(7, IovaRange::new(BASE, 64 << 20).unwrap(), true),
+        7,
+    )
 }
 
 #[test]
@@ -28,7 +32,7 @@ fn enable_clears_stale_bits_and_reports_clear_unless_no_clear() {
         .unwrap();
     assert_eq!(bitmap[0], 0, "enabling took a clean snapshot");
     t.ioctl().dma_write(BASE + 3 * PAGE, 2 * PAGE);
-    t.report_no_clear(BASE, 64 * PAGE, PAGE, &mut bitmap)
+    t.report_no_clear(IovaRange::new(BASE, 64 * PAGE).unwrap(), PAGE, &mut bitmap)
         .unwrap();
     assert_eq!(bitmap[0], 0b11 << 3);
     let mut again = [0u64; 1];
@@ -87,6 +91,7 @@ fn kernel_checks_in_order() {
     ] {
         let mut buf = [0u8; 8];
         let request = GetDirtyBitmap {
+            size: 48,
             hwpt_id: 7,
             flags,
             reserved,
@@ -99,10 +104,7 @@ fn kernel_checks_in_order() {
         // SAFETY: `data` points at `buf`, lent in full; the fake resolves it there only.
         let got = unsafe {
             t.ioctl_mut().ioctl(
-                IoctlTarget::Device,
-                IOMMU_HWPT_GET_DIRTY_BITMAP,
-                &mut arg,
-                &mut [&mut buf],
+                IoctlCall::device(IOMMU_HWPT_GET_DIRTY_BITMAP, &mut arg).lending(&mut [&mut buf]),
             )
         };
         assert_eq!(
@@ -152,7 +154,10 @@ fn bitmaps_at_any_alignment_get_exactly_their_bytes() {
 
 #[test]
 fn an_iommu_without_dirty_tracking_says_so() {
-    let mut t = IommufdDirtyTracker::new(FakeIommu::new(7, BASE, 1 << 20, false), 7);
+    let mut t = IommufdDirtyTracker::new(
+        FakeIommu::new(7, IovaRange::new(BASE, 1 << 20).unwrap(), false),
+        7,
+    );
     assert!(!t.probe().unwrap());
     let err = t
         .start(&[IovaRange::new(BASE, 1 << 20).unwrap()], PAGE)
@@ -162,7 +167,10 @@ fn an_iommu_without_dirty_tracking_says_so() {
         libc::ENOTTY,
         "EOPNOTSUPP from the kernel means: no dirty tracking here"
     );
-    let mut wrong_hwpt = IommufdDirtyTracker::new(FakeIommu::new(7, BASE, 1 << 20, true), 8);
+    let mut wrong_hwpt = IommufdDirtyTracker::new(
+        FakeIommu::new(7, IovaRange::new(BASE, 1 << 20).unwrap(), true),
+        8,
+    );
     assert_eq!(
         wrong_hwpt
             .start(&[IovaRange::new(BASE, 1 << 20).unwrap()], PAGE)

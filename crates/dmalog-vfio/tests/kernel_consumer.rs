@@ -4,13 +4,14 @@
 //! devices without logging.
 
 use dmalog::uapi::{
-    feature_request, KernelLoggingReport, LoggingRange, FEATURE_DMA_LOGGING_REPORT, FEATURE_GET,
+    feature_request, KernelLoggingReport, LoggingRange, UapiStruct, FEATURE_DMA_LOGGING_REPORT,
+    FEATURE_GET,
 };
 use dmalog::{DirtyTracker, InProcessTracker, IovaRange, LoggingCore, SoftDriver, WriteRecorder};
 use dmalog_models::{Mlx5Caps, Mlx5Driver};
 use dmalog_vfio::fake::FakeVfioDevice;
 use dmalog_vfio::uapi::VFIO_DEVICE_FEATURE;
-use dmalog_vfio::{Errno, IoctlTarget, VfioDevice, VfioError, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, VfioDevice, VfioError, VfioIoctl};
 use proptest::prelude::*;
 
 const PAGE: u64 = 4096;
@@ -141,7 +142,7 @@ fn pointers_outside_the_lent_buffers_are_efault() {
             iova: 0,
             length: 64 * PAGE,
             page_size: PAGE,
-            bitmap_addr: addr,
+            bitmap: addr,
         };
         let mut request = feature_request(
             40,
@@ -152,10 +153,7 @@ fn pointers_outside_the_lent_buffers_are_efault() {
         // breaking the caller's half of the contract here cannot touch other memory.
         let got = unsafe {
             fake.ioctl(
-                IoctlTarget::Device,
-                VFIO_DEVICE_FEATURE,
-                &mut request,
-                &mut [&mut lent],
+                IoctlCall::device(VFIO_DEVICE_FEATURE, &mut request).lending(&mut [&mut lent]),
             )
         };
         assert_eq!(got, Err(Errno(libc::EFAULT)), "{what}");

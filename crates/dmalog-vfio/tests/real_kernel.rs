@@ -13,7 +13,7 @@
 mod kernel_rig;
 
 use dmalog::uapi::{
-    DeviceState, LoggingRange, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
+    DeviceState, LoggingRange, UapiStruct, MIGRATION_P2P, MIGRATION_PRE_COPY, MIGRATION_STOP_COPY,
 };
 use dmalog::IovaRange;
 use dmalog::{DirtyTracker, LoggingCore, SoftDriver};
@@ -68,6 +68,20 @@ fn oracle_kernel_column_on_mtty() {
 // ---------------------------------------------------------------------------------------
 // iommufd mock domain
 
+/// `$body` with `$t` bound to the kernel's tracker on side 0 and to the fake on side 1 (two
+/// types, so no closure over `dyn`).
+macro_rules! on_side {
+    ($side:expr, $real:expr, $fake:expr, |$t:ident| $body:expr) => {
+        if $side == 0 {
+            let $t = &mut $real;
+            $body
+        } else {
+            let $t = &mut $fake;
+            $body
+        }
+    };
+}
+
 /// The real tracker and a fake one shaped like the mock (same IOVA span, 2 KiB pages).
 fn trackers() -> (
     IommufdDirtyTracker<KernelIoctl>,
@@ -77,10 +91,55 @@ fn trackers() -> (
     let mut rig = MockDirty::new(MAP_BYTES);
     let real = IommufdDirtyTracker::new(rig.iommufd.take().unwrap(), rig.hwpt_id);
     let fake = IommufdDirtyTracker::new(
-        FakeIommu::with_io_page(rig.hwpt_id, rig.iova, MAP_BYTES, MOCK_IO_PAGE_SIZE, true),
+        FakeIommu::with_io_page(
+            rig.hwpt_id,
+            IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+            MOCK_IO_PAGE_SIZE,
+            true,
+        ),
         rig.hwpt_id,
     );
     (real, fake, rig)
+}
+
+/// On a kernel built for it: [`trackers`], both started over the whole mapping at 4 KiB.
+fn started_trackers(
+    test: &str,
+) -> Option<(
+    IommufdDirtyTracker<KernelIoctl>,
+    IommufdDirtyTracker<FakeIommu>,
+    MockDirty,
+    IovaRange,
+)> {
+    if !real_kernel(test) {
+        return None;
+    }
+    let (mut real, mut fake, rig) = trackers();
+    let range = IovaRange::new(rig.iova, MAP_BYTES).unwrap();
+    real.start(&[range], 4096).unwrap();
+    fake.start(&[range], 4096).unwrap();
+    Some((real, fake, rig, range))
+}
+
+/// A clearing GET_DIRTY_BITMAP of the whole mapping at 2 KiB pages on each side: the
+/// indices of the bits set, kernel first.
+fn whole_map_bits(
+    real: &mut IommufdDirtyTracker<KernelIoctl>,
+    fake: &mut IommufdDirtyTracker<FakeIommu>,
+    rig: &MockDirty,
+) -> [Vec<u64>; 2] {
+    [0, 1].map(|side| {
+        let mut bitmap = vec![0u8; 128];
+        on_side!(side, *real, *fake, |t| t.report_bytes(
+            rig.iova,
+            MAP_BYTES,
+            2048,
+            &mut bitmap,
+            true
+        ))
+        .unwrap();
+        set_bits(&bitmap)
+    })
 }
 
 /// Dirties mock pages `pages` on both sides; checks the kernel marked them all.
@@ -108,108 +167,6 @@ fn set_bits(bytes: &[u8]) -> Vec<u64> {
     (0..bytes.len() as u64 * 8)
         .filter(|k| bytes[(k / 8) as usize] >> (k % 8) & 1 == 1)
         .collect()
-}
-
-/// Starts both trackers over the whole mock mapping at 4 KiB pages; returns the range.
-fn start_both(
-    real: &mut IommufdDirtyTracker<KernelIoctl>,
-    fake: &mut IommufdDirtyTracker<FakeIommu>,
-    rig: &MockDirty,
-) -> IovaRange {
-    let range = IovaRange::new(rig.iova, MAP_BYTES).unwrap();
-    real.start(&[range], 4096).unwrap();
-    fake.start(&[range], 4096).unwrap();
-    range
-}
-
-/// On the real kernel only (else `None`, the test skipped): the trackers, started over
-/// the whole mock mapping at 4 KiB pages with mock pages `dirty_pages` dirtied on both
-/// sides, the rig and the range.
-fn started_trackers(
-    test: &str,
-    dirty_pages: &[u64],
-) -> Option<(
-    IommufdDirtyTracker<KernelIoctl>,
-    IommufdDirtyTracker<FakeIommu>,
-    MockDirty,
-    IovaRange,
-)> {
-    if !real_kernel(test) {
-        return None;
-    }
-    let (mut real, mut fake, rig) = trackers();
-    let range = start_both(&mut real, &mut fake, &rig);
-    if !dirty_pages.is_empty() {
-        dirty_both(&mut real, &mut fake, &rig, dirty_pages);
-    }
-    Some((real, fake, rig, range))
-}
-
-/// A clearing report on both sides finds no dirty page (`what`: why).
-fn assert_no_dirty_pages(
-    real: &mut IommufdDirtyTracker<KernelIoctl>,
-    fake: &mut IommufdDirtyTracker<FakeIommu>,
-    rig: &MockDirty,
-    what: &str,
-) {
-    for side in 0..2 {
-        assert_eq!(
-            side_of(side, real, fake).take_dirty_pages(rig.iova),
-            Vec::<u64>::new(),
-            "side {side}: {what}"
-        );
-    }
-}
-
-/// The tracker of `side`: 0 the kernel's, 1 the fake.
-fn side_of<'a>(
-    side: usize,
-    real: &'a mut IommufdDirtyTracker<KernelIoctl>,
-    fake: &'a mut IommufdDirtyTracker<FakeIommu>,
-) -> Side<'a> {
-    if side == 0 {
-        Side::Kernel(real)
-    } else {
-        Side::Fake(fake)
-    }
-}
-
-/// One of the two trackers run side by side.
-enum Side<'a> {
-    Kernel(&'a mut IommufdDirtyTracker<KernelIoctl>),
-    Fake(&'a mut IommufdDirtyTracker<FakeIommu>),
-}
-
-impl Side<'_> {
-    /// `report_bytes` of `length` bytes from `iova` at `page_size`.
-    fn report_bytes(
-        &mut self,
-        (iova, length, page_size): (u64, u64, u64),
-        bitmap: &mut [u8],
-        clear: bool,
-    ) -> Result<(), dmalog::TrackerError> {
-        match self {
-            Side::Kernel(real) => real.report_bytes(iova, length, page_size, bitmap, clear),
-            Side::Fake(fake) => fake.report_bytes(iova, length, page_size, bitmap, clear),
-        }
-    }
-
-    /// `DirtyTracker::report` of the whole mock mapping at 2 KiB pages.
-    fn report_all(&mut self, iova: u64, bitmap: &mut [u64]) -> dmalog::TrackerResult {
-        let range = IovaRange::new(iova, MAP_BYTES).unwrap();
-        match self {
-            Side::Kernel(real) => real.report(range, 2048, bitmap),
-            Side::Fake(fake) => fake.report(range, 2048, bitmap),
-        }
-    }
-
-    /// A clearing report of the whole mock mapping at 2 KiB pages: the pages set.
-    fn take_dirty_pages(&mut self, iova: u64) -> Vec<u64> {
-        let mut bitmap = vec![0u8; 128];
-        self.report_bytes((iova, MAP_BYTES, 2048), &mut bitmap, true)
-            .unwrap();
-        set_bits(&bitmap)
-    }
 }
 
 #[test]
@@ -240,11 +197,9 @@ fn mock_domain_start_report_stop() {
                 let mut buffer = vec![0xA5u8; offset + nbytes + 8];
                 buffer[offset..offset + nbytes].fill(0);
                 let bitmap = &mut buffer[offset..offset + nbytes];
-                let result = side_of(side, &mut real, &mut fake).report_bytes(
-                    (rig.iova, length, page_size),
-                    bitmap,
-                    false,
-                );
+                let result = on_side!(side, real, fake, |t| {
+                    t.report_bytes(rig.iova, length, page_size, bitmap, false)
+                });
                 result.unwrap_or_else(|e| {
                     panic!("side {side} NO_CLEAR ps {page_size} len {length}: {e}")
                 });
@@ -279,16 +234,25 @@ fn mock_domain_start_report_stop() {
     }
     // A clearing read reports the same, then nothing is left; the caller's bits stay.
     for side in 0..2 {
-        let mut tracker = side_of(side, &mut real, &mut fake);
         let mut bitmap = vec![0u64; 16];
-        tracker.report_all(rig.iova, &mut bitmap).unwrap();
+        on_side!(side, real, fake, |t| t.report(
+            IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+            2048,
+            &mut bitmap,
+        ))
+        .unwrap();
         let bits: Vec<u64> = (0..1024)
             .filter(|k| bitmap[k / 64] >> (k % 64) & 1 == 1)
             .map(|k| k as u64)
             .collect();
         assert_eq!(bits, pages, "side {side}: clearing report");
         let mut again = vec![1u64 << 63; 16];
-        tracker.report_all(rig.iova, &mut again).unwrap();
+        on_side!(side, real, fake, |t| t.report(
+            IovaRange::new(rig.iova, MAP_BYTES).unwrap(),
+            2048,
+            &mut again,
+        ))
+        .unwrap();
         assert_eq!(
             again,
             vec![1u64 << 63; 16],
@@ -301,11 +265,12 @@ fn mock_domain_start_report_stop() {
 
 #[test]
 fn mock_domain_tracking_off_and_restart() {
-    let Some((mut real, mut fake, rig, _)) =
-        started_trackers("mock_domain_tracking_off_and_restart", &[3, 4])
+    let Some((mut real, mut fake, rig, range)) =
+        started_trackers("mock_domain_tracking_off_and_restart")
     else {
         return;
     };
+    dirty_both(&mut real, &mut fake, &rig, &[3, 4]);
     real.stop().unwrap();
     fake.stop().unwrap();
     // Tracking off: OP_DIRTY is refused, and GET_DIRTY_BITMAP succeeds with no bits (6.12
@@ -316,16 +281,25 @@ fn mock_domain_tracking_off_and_restart() {
         Err(dmalog_vfio::Errno(libc::EINVAL)),
         "OP_DIRTY with tracking off"
     );
-    assert_no_dirty_pages(&mut real, &mut fake, &rig, "no bits with tracking off");
+    assert_eq!(
+        whole_map_bits(&mut real, &mut fake, &rig),
+        [vec![], vec![]],
+        "kernel, fake: no bits with tracking off"
+    );
     // Enabling again clears what was dirty before.
-    start_both(&mut real, &mut fake, &rig);
-    assert_no_dirty_pages(&mut real, &mut fake, &rig, "enabling cleared stale bits");
+    real.start(&[range], 4096).unwrap();
+    fake.start(&[range], 4096).unwrap();
+    assert_eq!(
+        whole_map_bits(&mut real, &mut fake, &rig),
+        [vec![], vec![]],
+        "kernel, fake: enabling cleared stale bits"
+    );
 }
 
 #[test]
 fn mock_domain_errors_are_typed_like_the_fake() {
     let Some((mut real, mut fake, rig, range)) =
-        started_trackers("mock_domain_errors_are_typed_like_the_fake", &[])
+        started_trackers("mock_domain_errors_are_typed_like_the_fake")
     else {
         return;
     };
@@ -532,13 +506,14 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
     // 6.12 pins the user bitmap only when it sets a bit, and a pin failure drops the bit
     // (iova_bitmap_set returns) while the IOMMU's copy is cleared: the ioctl succeeds and
     // the dirty pages are gone. The fake refuses such a pointer (EFAULT) instead.
-    let Some((mut real, mut fake, rig, _)) = started_trackers(
-        "mock_domain_bad_bitmap_pointer_loses_bits_silently",
-        &[10, 20],
-    ) else {
+    let Some((mut real, mut fake, rig, _)) =
+        started_trackers("mock_domain_bad_bitmap_pointer_loses_bits_silently")
+    else {
         return;
     };
+    dirty_both(&mut real, &mut fake, &rig, &[10, 20]);
     let request = dmalog_vfio::uapi::GetDirtyBitmap {
+        size: 48,
         hwpt_id: rig.hwpt_id,
         flags: 0,
         reserved: 0,
@@ -553,37 +528,24 @@ fn mock_domain_bad_bitmap_pointer_loses_bits_silently() {
         // SAFETY: `data` is a kernel-half address: the kernel's access_ok refuses it before
         // any write (and the fake resolves it in no lent buffer), so nothing is written.
         let result = unsafe {
-            if side == 0 {
-                dmalog_vfio::VfioIoctl::ioctl(
-                    real.ioctl_mut(),
-                    dmalog_vfio::IoctlTarget::Device,
+            on_side!(side, real, fake, |t| dmalog_vfio::VfioIoctl::ioctl(
+                t.ioctl_mut(),
+                dmalog_vfio::IoctlCall::device(
                     dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
                     &mut arg,
-                    &mut [],
-                )
-            } else {
-                dmalog_vfio::VfioIoctl::ioctl(
-                    fake.ioctl_mut(),
-                    dmalog_vfio::IoctlTarget::Device,
-                    dmalog_vfio::uapi::IOMMU_HWPT_GET_DIRTY_BITMAP,
-                    &mut arg,
-                    &mut [],
-                )
-            }
+                ),
+            ))
         };
         answers.push(result.map(|_| ()).map_err(|e| e.0));
     }
     assert_eq!(answers, vec![Ok(()), Err(libc::EFAULT)], "kernel, fake");
+    let [kernel_bits, fake_bits] = whole_map_bits(&mut real, &mut fake, &rig);
     assert_eq!(
-        Side::Kernel(&mut real).take_dirty_pages(rig.iova),
+        kernel_bits,
         Vec::<u64>::new(),
         "the kernel cleared the bits it could not report"
     );
-    assert_eq!(
-        Side::Fake(&mut fake).take_dirty_pages(rig.iova),
-        vec![10, 20],
-        "the fake kept them"
-    );
+    assert_eq!(fake_bits, vec![10, 20], "the fake kept them");
 }
 
 #[test]

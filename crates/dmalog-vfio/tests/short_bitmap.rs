@@ -5,7 +5,7 @@
 
 use dmalog::{DirtyTracker, IovaRange, LoggingCore, SoftDriver};
 use dmalog_vfio::fake::{FakeIommu, FakeVfioDevice};
-use dmalog_vfio::{Errno, IoctlTarget, IommufdDirtyTracker, VfioDevice, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, IommufdDirtyTracker, VfioDevice, VfioIoctl};
 
 const PAGE: u64 = 4096;
 const BASE: u64 = 1 << 30;
@@ -19,18 +19,12 @@ struct CountingSeam<I> {
 // SAFETY: a pass-through: it touches nothing and returns what `inner` (itself a
 // `VfioIoctl`) returns.
 unsafe impl<I: VfioIoctl> VfioIoctl for CountingSeam<I> {
-    unsafe fn ioctl(
-        &mut self,
-        target: IoctlTarget,
-        request: u32,
-        arg: &mut [u8],
-        referenced: &mut [&mut [u8]],
-    ) -> Result<i32, Errno> {
-        if !referenced.is_empty() {
+    unsafe fn ioctl(&mut self, call: IoctlCall<'_, '_>) -> Result<i32, Errno> {
+        if !call.lent.is_empty() {
             self.requests_with_buffers += 1;
         }
         // SAFETY: forwarded unchanged: the caller's guarantees hold for `inner` as well.
-        unsafe { self.inner.ioctl(target, request, arg, referenced) }
+        unsafe { self.inner.ioctl(call) }
     }
 }
 
@@ -69,7 +63,7 @@ fn vfio_device_refuses_a_short_bitmap_before_the_ioctl() {
 #[test]
 fn iommufd_tracker_refuses_a_short_bitmap_before_the_ioctl() {
     let seam = CountingSeam {
-        inner: FakeIommu::new(7, BASE, 64 << 20, true),
+        inner: FakeIommu::new(7, IovaRange::new(BASE, 64 << 20).unwrap(), true),
         requests_with_buffers: 0,
     };
     let mut t = IommufdDirtyTracker::new(seam, 7);

@@ -39,7 +39,9 @@
 //! - [`dirty_log`]: the lock-free dirty log DMA writers mark.
 //! - [`budget`]: the one memory budget every tracker charges its state to.
 //! - [`ranges`]: START range validation and the smallest-gap merge.
-//! - [`logging_core`]: DEVICE_FEATURE validation per SPEC 3, driving a [`driver::LogDriver`].
+//! - [`feature`]: the one DEVICE_FEATURE dispatcher (header checked once, one function per
+//!   feature, both dialects).
+//! - [`logging_core`]: DMA logging validation per SPEC 3, driving a [`driver::LogDriver`].
 //! - [`soft`]: the software tracker (SPEC 5.1). The models of hardware trackers (mlx5,
 //!   pds), which run threads of their own, are in `dmalog-models`.
 //! - [`tracker`]: the consumer trait [`tracker::DirtyTracker`] and its in-process backend.
@@ -57,11 +59,13 @@ pub mod budget;
 pub mod dirty_log;
 pub mod driver;
 pub mod error;
+pub mod feature;
 pub mod iova_bitmap;
 mod log_index;
 pub mod logging_core;
 pub mod migration;
 pub mod ranges;
+pub mod report_split;
 pub mod soft;
 mod sync;
 pub mod tracker;
@@ -71,6 +75,7 @@ pub mod user_memory;
 pub use dirty_log::DirtyLog;
 pub use driver::{DirtyMarker, LiveLog, LogDriver, WriteRecorder};
 pub use error::{LogError, LogResult};
+pub use feature::{DeviceFeatures, FeatureError, FeatureRequest, MigrationFeatures};
 pub use iova_bitmap::IovaBitmap;
 pub use logging_core::{Dialect, LoggingCore};
 pub use ranges::IovaRange;

@@ -1,19 +1,16 @@
-//! The logging core: validates DEVICE_FEATURE requests for DMA logging in either dialect
-//! and drives a [`LogDriver`] (the kernel's `vfio_main.c` part), exactly per SPEC 3.1-3.4.
+//! The logging core: the DMA logging state of a device, validated per SPEC 3.2-3.4, driving
+//! a [`LogDriver`] (the kernel's `vfio_main.c` part). DEVICE_FEATURE requests reach it
+//! through the one dispatcher, [`crate::feature`], which checks the header (SPEC 3.1).
 
 use std::collections::BTreeMap;
 
 use crate::driver::LogDriver;
 use crate::error::{LogError, LogResult};
-use crate::iova_bitmap::{report_bytes, IovaBitmap};
+use crate::feature::{DeviceFeatures, FeatureError, FeatureRequest};
+use crate::iova_bitmap::IovaBitmap;
 use crate::ranges::{merge_ranges, validate_ranges, IovaRange, DEFAULT_MAX_RANGES};
-use crate::uapi::{
-    FeatureHeader, KernelLoggingControl, KernelLoggingReport, LoggingRange, UserLoggingControl,
-    UserLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
-    FEATURE_DMA_LOGGING_STOP, FEATURE_GET, FEATURE_HEADER_BYTES, FEATURE_RESERVED_MASK,
-    FEATURE_SET, KERNEL_CONTROL_BYTES, KERNEL_REPORT_BYTES, RANGE_BYTES, USER_CONTROL_BYTES,
-    USER_REPORT_BYTES,
-};
+use crate::uapi::LoggingRange;
+use crate::user_memory::UserMemory;
 use tracing::{debug, warn};
 
 /// Which form a request arrives in; the rules differ in a few rows of SPEC 3.
@@ -61,50 +58,6 @@ impl<D> std::fmt::Debug for LoggingCore<D> {
             .field("started", &self.started)
             .finish()
     }
-}
-
-/// Checks the 8-byte feature header (SPEC 3.1 steps 1-3) shared by every feature.
-///
-/// `request` is the whole feature (header then payload). In the vfio-user dialect `argsz` is
-/// the largest reply the client accepts, so a SET or PROBE (answered by an echo) needs
-/// `argsz >= request.len()`.
-pub fn check_feature_header(request: &[u8], dialect: Dialect) -> LogResult<FeatureHeader> {
-    let header = FeatureHeader::decode(request)
-        .map_err(|_| LogError::Invalid("shorter than the feature header"))?;
-    if (header.argsz as usize) < FEATURE_HEADER_BYTES {
-        return Err(LogError::Invalid("argsz below the feature header"));
-    }
-    if matches!(dialect, Dialect::VfioUser { .. })
-        && (header.is_set() || header.is_probe())
-        && (header.argsz as usize) < request.len()
-    {
-        return Err(LogError::Invalid(
-            "argsz below the size of the echoed reply",
-        ));
-    }
-    if header.flags & FEATURE_RESERVED_MASK != 0 {
-        return Err(LogError::Invalid("reserved flag bits set"));
-    }
-    if header.is_get() && header.is_set() && !header.is_probe() {
-        return Err(LogError::Invalid("GET and SET together without PROBE"));
-    }
-    Ok(header)
-}
-
-/// A feature's access rules (SPEC 3.1 steps 6-8) given the accesses it `supported`
-/// (`FEATURE_GET`, `FEATURE_SET` or both): `Ok(true)` when the request is a PROBE that
-/// succeeded, `Ok(false)` when it should be carried out.
-pub fn check_access(header: &FeatureHeader, supported: u32) -> LogResult<bool> {
-    if header.flags & (FEATURE_GET | FEATURE_SET) & !supported != 0 {
-        return Err(LogError::Invalid("access not supported by this feature"));
-    }
-    if header.is_probe() {
-        return Ok(true);
-    }
-    if !header.is_get() && !header.is_set() {
-        return Err(LogError::Invalid("neither GET nor SET"));
-    }
-    Ok(false)
 }
 
 impl<D: LogDriver> LoggingCore<D> {
@@ -235,17 +188,35 @@ impl<D: LogDriver> LoggingCore<D> {
         ranges: &[LoggingRange],
     ) -> LogResult<u64> {
         self.driver_or_enotty()?;
-        if ranges.is_empty() && dialect == Dialect::Kernel {
+        self.check_num_ranges(dialect, ranges.len() as u64)?;
+        self.start_requested(dialect, page_size_hint, ranges)
+    }
+
+    /// The START range count rules (SPEC 3.2): none is EINVAL in the kernel dialect, more
+    /// than the limit E2BIG. Checked before any range is read.
+    pub(crate) fn check_num_ranges(&self, dialect: Dialect, num_ranges: u64) -> LogResult<()> {
+        if num_ranges == 0 && dialect == Dialect::Kernel {
             return Err(LogError::Invalid("no ranges"));
         }
-        if ranges.len() as u64 > u64::from(self.max_ranges) {
+        if num_ranges > u64::from(self.max_ranges) {
             return Err(LogError::TooManyRanges {
-                num_ranges: ranges.len() as u64,
+                num_ranges,
                 limit: u64::from(self.max_ranges),
             });
         }
-        let validated = validate_ranges(ranges.iter().copied(), page_size_hint)?;
-        self.start_validated(dialect, page_size_hint, ranges, validated)
+        Ok(())
+    }
+
+    /// START of `requested` ranges whose count passed [`Self::check_num_ranges`]: validates
+    /// them (SPEC 3.2) and starts the driver. Returns the chosen page size.
+    pub(crate) fn start_requested(
+        &mut self,
+        dialect: Dialect,
+        page_size_hint: u64,
+        requested: &[LoggingRange],
+    ) -> LogResult<u64> {
+        let validated = validate_ranges(requested.iter().copied(), page_size_hint)?;
+        self.start_validated(dialect, page_size_hint, requested, validated)
     }
 
     fn start_validated(
@@ -318,7 +289,13 @@ impl<D: LogDriver> LoggingCore<D> {
         self.report_checked(iova, length, page_size, bitmap)
     }
 
-    fn check_report(dialect: Dialect, iova: u64, length: u64, page_size: u64) -> LogResult<()> {
+    /// The REPORT argument rules (SPEC 3.4) that need no state: page size, wrap, length.
+    pub(crate) fn check_report(
+        dialect: Dialect,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> LogResult<()> {
         let min_page = if dialect == Dialect::Kernel {
             KERNEL_MIN_REPORT_PAGE
         } else {
@@ -337,7 +314,16 @@ impl<D: LogDriver> LoggingCore<D> {
         Ok(())
     }
 
-    fn report_checked(
+    /// Whether logging is started (a REPORT before START is EINVAL).
+    pub(crate) fn require_started(&self) -> LogResult<()> {
+        match self.started {
+            Some(_) => Ok(()),
+            None => Err(LogError::Invalid("logging not started")),
+        }
+    }
+
+    /// REPORT of arguments that passed [`Self::check_report`] into `bitmap` bytes.
+    pub(crate) fn report_checked(
         &mut self,
         iova: u64,
         length: u64,
@@ -360,7 +346,9 @@ impl<D: LogDriver> LoggingCore<D> {
         driver.read_and_clear(iova, length, &mut bitmap)
     }
 
-    /// Handles a DMA logging DEVICE_FEATURE in the vfio-user dialect.
+    /// Handles a DMA logging DEVICE_FEATURE in the vfio-user dialect, for a device that has
+    /// no migration features (those are ENOTTY): [`DeviceFeatures::vfio_user`] with this
+    /// core alone.
     ///
     /// `request` is the feature payload of the message (argsz, flags, data). On success
     /// `reply` holds the reply's feature payload: the request echoed for SET and PROBE (with
@@ -374,85 +362,14 @@ impl<D: LogDriver> LoggingCore<D> {
         reply: &mut Vec<u8>,
     ) -> LogResult<()> {
         reply.clear();
-        let dialect = Dialect::VfioUser { max_data_xfer_size };
-        let header = check_feature_header(request, dialect)?;
-        let data = &request[FEATURE_HEADER_BYTES..];
-        let supported = self.check_logging_feature(&header)?;
-        if check_access(&header, supported)? {
-            reply.extend_from_slice(request);
-            return Ok(());
-        }
-        match header.index() {
-            FEATURE_DMA_LOGGING_START => {
-                if data.len() < USER_CONTROL_BYTES {
-                    return Err(LogError::Invalid("START payload shorter than 16 bytes"));
-                }
-                let control = UserLoggingControl::decode(data)
-                    .map_err(|_| LogError::Invalid("START payload shorter than its ranges"))?;
-                if u64::from(control.num_ranges) > u64::from(self.max_ranges) {
-                    return Err(LogError::TooManyRanges {
-                        num_ranges: u64::from(control.num_ranges),
-                        limit: u64::from(self.max_ranges),
-                    });
-                }
-                let requested: Vec<LoggingRange> = control.ranges().collect();
-                let validated = validate_ranges(requested.iter().copied(), control.page_size)?;
-                let chosen =
-                    self.start_validated(dialect, control.page_size, &requested, validated)?;
-                reply.extend_from_slice(request);
-                reply[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8]
-                    .copy_from_slice(&chosen.to_le_bytes());
-                Ok(())
-            }
-            FEATURE_DMA_LOGGING_STOP => {
-                self.stop()?;
-                reply.extend_from_slice(request);
-                Ok(())
-            }
-            _ => {
-                let report = UserLoggingReport::decode(data)
-                    .map_err(|_| LogError::Invalid("REPORT payload shorter than 24 bytes"))?;
-                Self::check_report(dialect, report.iova, report.length, report.page_size)?;
-                let bitmap_bytes = report_bytes(report.length, report.page_size)?.div_ceil(8) * 8;
-                let reply_bytes = (FEATURE_HEADER_BYTES + USER_REPORT_BYTES) as u64 + bitmap_bytes;
-                if u64::from(header.argsz) < reply_bytes {
-                    return Err(LogError::Invalid("argsz smaller than the report reply"));
-                }
-                if self.started.is_none() {
-                    return Err(LogError::Invalid("logging not started"));
-                }
-                if reply_bytes > max_data_xfer_size || reply_bytes > usize::MAX as u64 {
-                    return Err(LogError::ReplyTooLarge {
-                        reply_bytes,
-                        max_bytes: max_data_xfer_size,
-                    });
-                }
-                let reply_len = reply_bytes as usize;
-                reply
-                    .try_reserve(reply_len)
-                    .map_err(|_| LogError::OutOfMemory("report reply"))?;
-                let header = FeatureHeader {
-                    argsz: reply_len as u32,
-                    flags: header.flags,
-                };
-                reply.extend_from_slice(&header.encode());
-                reply.extend_from_slice(&report.encode());
-                reply.resize(reply_len, 0);
-                let result = self.report_checked(
-                    report.iova,
-                    report.length,
-                    report.page_size,
-                    &mut reply[FEATURE_HEADER_BYTES + USER_REPORT_BYTES..],
-                );
-                if result.is_err() {
-                    reply.clear();
-                }
-                result
-            }
-        }
+        let request = FeatureRequest::vfio_user(request, max_data_xfer_size).map_err(log_error)?;
+        DeviceFeatures::logging_only(self)
+            .vfio_user(request, reply)
+            .map_err(log_error)
     }
 
-    /// Handles a DMA logging DEVICE_FEATURE in the kernel dialect.
+    /// Handles a DMA logging DEVICE_FEATURE in the kernel dialect, for a device that has no
+    /// migration features: [`DeviceFeatures::kernel`] with this core alone.
     ///
     /// `request` is the user's `struct vfio_device_feature` (header then payload, `argsz`
     /// bytes as the ioctl copies them); START's chosen page size is written back into it.
@@ -460,102 +377,20 @@ impl<D: LogDriver> LoggingCore<D> {
     pub fn handle_kernel(
         &mut self,
         request: &mut [u8],
-        user: &mut dyn crate::user_memory::UserMemory,
+        user: &mut dyn UserMemory,
     ) -> LogResult<()> {
-        let header = check_feature_header(request, Dialect::Kernel)?;
-        let supported = self.check_logging_feature(&header)?;
-        if check_access(&header, supported)? {
-            return Ok(());
-        }
-        let payload_len = header.argsz as usize - FEATURE_HEADER_BYTES;
-        let available = request.len() - FEATURE_HEADER_BYTES;
-        let fault = |len: usize| LogError::Fault {
-            addr: 0,
-            len: len as u64,
-        };
-        match header.index() {
-            FEATURE_DMA_LOGGING_START => {
-                if payload_len < KERNEL_CONTROL_BYTES {
-                    return Err(LogError::Invalid("START payload shorter than 24 bytes"));
-                }
-                if available < KERNEL_CONTROL_BYTES {
-                    return Err(fault(KERNEL_CONTROL_BYTES));
-                }
-                let data = &request[FEATURE_HEADER_BYTES..];
-                let control =
-                    KernelLoggingControl::decode(data).map_err(|_| fault(KERNEL_CONTROL_BYTES))?;
-                if control.num_ranges == 0 {
-                    return Err(LogError::Invalid("no ranges"));
-                }
-                if control.num_ranges > self.max_ranges {
-                    return Err(LogError::TooManyRanges {
-                        num_ranges: u64::from(control.num_ranges),
-                        limit: u64::from(self.max_ranges),
-                    });
-                }
-                // Grown as ranges are read, not sized from num_ranges up front: a huge
-                // count whose ranges are not there faults on the first missing one.
-                let mut requested = Vec::with_capacity(
-                    (control.num_ranges as usize).min(DEFAULT_MAX_RANGES as usize),
-                );
-                let mut raw = [0u8; RANGE_BYTES];
-                for index in 0..u64::from(control.num_ranges) {
-                    let addr = control
-                        .ranges_addr
-                        .checked_add(index * RANGE_BYTES as u64)
-                        .ok_or(LogError::Fault {
-                            addr: control.ranges_addr,
-                            len: RANGE_BYTES as u64,
-                        })?;
-                    user.read(addr, &mut raw)?;
-                    requested
-                        .push(LoggingRange::decode_at(&raw, 0).map_err(|_| fault(RANGE_BYTES))?);
-                }
-                let validated = validate_ranges(requested.iter().copied(), control.page_size)?;
-                let chosen = self.start_validated(
-                    Dialect::Kernel,
-                    control.page_size,
-                    &requested,
-                    validated,
-                )?;
-                request[FEATURE_HEADER_BYTES..FEATURE_HEADER_BYTES + 8]
-                    .copy_from_slice(&chosen.to_le_bytes());
-                Ok(())
-            }
-            FEATURE_DMA_LOGGING_STOP => self.stop(),
-            _ => {
-                if payload_len < KERNEL_REPORT_BYTES {
-                    return Err(LogError::Invalid("REPORT payload shorter than 32 bytes"));
-                }
-                let report = KernelLoggingReport::decode(&request[FEATURE_HEADER_BYTES..])
-                    .map_err(|_| fault(KERNEL_REPORT_BYTES))?;
-                Self::check_report(
-                    Dialect::Kernel,
-                    report.iova,
-                    report.length,
-                    report.page_size,
-                )?;
-                if self.started.is_none() {
-                    return Err(LogError::Invalid("logging not started"));
-                }
-                let bytes = report_bytes(report.length, report.page_size)?;
-                let bitmap = user.bytes_mut(report.bitmap_addr, bytes)?;
-                self.report_checked(report.iova, report.length, report.page_size, bitmap)
-            }
-        }
+        let request = FeatureRequest::kernel(request).map_err(log_error)?;
+        DeviceFeatures::logging_only(self)
+            .kernel(request, user)
+            .map_err(log_error)
     }
+}
 
-    /// SPEC 3.1 steps 4-5 for the logging features: the supported accesses of the index.
-    fn check_logging_feature(&self, header: &FeatureHeader) -> LogResult<u32> {
-        let supported = match header.index() {
-            FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP => FEATURE_SET,
-            FEATURE_DMA_LOGGING_REPORT => FEATURE_GET,
-            _ => return Err(LogError::NotSupported("not a DMA logging feature")),
-        };
-        if self.driver.is_none() {
-            return Err(LogError::NotSupported("device has no DMA logging"));
-        }
-        Ok(supported)
+/// The logging error of a dispatch without a migration side (the only kind it can fail with).
+fn log_error(err: FeatureError) -> LogError {
+    match err {
+        FeatureError::Logging(err) => err,
+        FeatureError::Migration { .. } => LogError::NotSupported("no migration features"),
     }
 }
 
@@ -576,12 +411,4 @@ fn mapped_targets(mappings: &BTreeMap<u64, u64>) -> LogResult<Vec<IovaRange>> {
         }
     }
     Ok(targets)
-}
-
-/// Whether a feature index is one of the three DMA logging features this core handles.
-pub fn is_logging_feature(index: u32) -> bool {
-    matches!(
-        index,
-        FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP | FEATURE_DMA_LOGGING_REPORT
-    )
 }

@@ -9,11 +9,24 @@ use crate::error::{LogError, LogResult};
 
 /// Access to the memory a kernel-dialect request points into.
 pub trait UserMemory {
-    /// Copies `out.len()` bytes from user address `addr` (EFAULT if not all readable).
-    fn read(&mut self, addr: u64, out: &mut [u8]) -> LogResult<()>;
-
     /// The `len` writable bytes at user address `addr` (EFAULT if not all there).
     fn bytes_mut(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]>;
+
+    /// Copies `out.len()` bytes from user address `addr` (EFAULT if not all readable).
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> LogResult<()> {
+        out.copy_from_slice(self.bytes_mut(addr, out.len() as u64)?);
+        Ok(())
+    }
+}
+
+/// The `len` bytes at user address `addr` of `buffer`, which starts at user address `base`,
+/// if they lie wholly inside it (no arithmetic wraps).
+pub fn window_mut(buffer: &mut [u8], base: u64, addr: u64, len: u64) -> Option<&mut [u8]> {
+    let offset = addr.checked_sub(base)?;
+    let end = offset
+        .checked_add(len)
+        .filter(|&end| end <= buffer.len() as u64)?;
+    buffer.get_mut(offset as usize..end as usize)
 }
 
 /// User memory made of separately allocated segments at chosen addresses. An access must lie
@@ -42,30 +55,13 @@ impl SegmentedUserMemory {
             .find(|(at, _)| *at == addr)
             .map(|(_, bytes)| bytes.as_slice())
     }
-
-    fn locate(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]> {
-        let fault = LogError::Fault { addr, len };
-        for (base, bytes) in &mut self.segments {
-            if addr >= *base {
-                let offset = addr - *base;
-                let end = offset.checked_add(len).ok_or(fault.clone())?;
-                if end <= bytes.len() as u64 {
-                    return Ok(&mut bytes[offset as usize..end as usize]);
-                }
-            }
-        }
-        Err(fault)
-    }
 }
 
 impl UserMemory for SegmentedUserMemory {
-    fn read(&mut self, addr: u64, out: &mut [u8]) -> LogResult<()> {
-        let src = self.locate(addr, out.len() as u64)?;
-        out.copy_from_slice(src);
-        Ok(())
-    }
-
     fn bytes_mut(&mut self, addr: u64, len: u64) -> LogResult<&mut [u8]> {
-        self.locate(addr, len)
+        self.segments
+            .iter_mut()
+            .find_map(|(base, bytes)| window_mut(bytes, *base, addr, len))
+            .ok_or(LogError::Fault { addr, len })
     }
 }

@@ -2,7 +2,9 @@
 //! each is now an error with the right errno (or a latched EIO), never a panic, an abort
 //! or a silently lost page (SPEC 8).
 
-use dmalog::uapi::{feature_request, KernelLoggingControl, FEATURE_DMA_LOGGING_START, FEATURE_SET};
+use dmalog::uapi::{
+    feature_request, KernelLoggingControl, UapiStruct, FEATURE_DMA_LOGGING_START, FEATURE_SET,
+};
 use dmalog::user_memory::SegmentedUserMemory;
 use dmalog::{Dialect, IovaRange, LoggingCore, SoftDriver};
 
@@ -24,8 +26,8 @@ fn kernel_start_does_not_allocate_for_num_ranges_before_reading_them() {
     let control = KernelLoggingControl {
         page_size: PAGE,
         num_ranges: u32::MAX,
-        reserved: 0,
-        ranges_addr: 0x1000,
+        __reserved: 0,
+        ranges: 0x1000,
     };
     let mut request = feature_request(
         32,

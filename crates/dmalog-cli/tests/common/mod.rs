@@ -142,39 +142,13 @@ pub fn read_guest(fd: &OwnedFd, offset: u64, len: usize) -> Vec<u8> {
     out
 }
 
-/// dma-engine registers.
-pub mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const DST: u64 = 0x008;
-    pub const SRC: u64 = 0x010;
-    pub const LEN: u64 = 0x018;
-    pub const PATTERN: u64 = 0x020;
-    pub const OP: u64 = 0x028;
-    pub const DOORBELL: u64 = 0x030;
-    pub const STATUS: u64 = 0x038;
-    pub const RESULT: u64 = 0x040;
-    pub const BYTES_WRITTEN: u64 = 0x048;
-    pub const OPS_DONE: u64 = 0x050;
-    pub const WL_BASE: u64 = 0x080;
-    pub const WL_SPAN: u64 = 0x088;
-    pub const WL_SIZE: u64 = 0x090;
-    pub const WL_RATE: u64 = 0x098;
-    pub const WL_SEED: u64 = 0x0A0;
-    pub const WL_CTRL: u64 = 0x0A8;
-    pub const WL_WRITES: u64 = 0x0B0;
-}
+/// dma-engine's register map (the device's own definition).
+#[allow(unused_imports)] // not every test binary programs the device by register
+pub use dmalog_device::dma_engine::reg;
 
 /// Runs one dma-engine op and returns STATUS.
 pub fn engine_op(client: &mut Client, op: u64, dst: u64, src: u64, len: u64, pattern: u64) -> u64 {
-    for (offset, value) in [
-        (reg::DST, dst),
-        (reg::SRC, src),
-        (reg::LEN, len),
-        (reg::PATTERN, pattern),
-        (reg::OP, op),
-    ] {
-        client.write_u64(0, offset, value).unwrap();
-    }
-    client.write_u64(0, reg::DOORBELL, 1).unwrap();
-    client.read_u64(0, reg::STATUS).unwrap()
+    dmalog_migrate::scenario::device::dma_engine(client)
+        .run_op(op, dst, src, len, pattern)
+        .unwrap()
 }

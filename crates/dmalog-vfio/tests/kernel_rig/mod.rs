@@ -10,9 +10,10 @@ pub mod oracle;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use dmalog::uapi::UapiStruct;
 use dmalog_vfio::iommufd_uapi::*;
 use dmalog_vfio::uapi::{bind_iommufd_request, VFIO_DEVICE_BIND_IOMMUFD};
-use dmalog_vfio::{Errno, IoctlTarget, KernelIoctl, VfioDevice, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, IoctlNr, KernelIoctl, VfioDevice, VfioIoctl};
 
 /// Whether to run against the real kernel; prints why not.
 pub fn real_kernel(test: &str) -> bool {
@@ -30,17 +31,17 @@ pub fn real_kernel(test: &str) -> bool {
 }
 
 /// Issues a request whose structure holds no user pointers.
-pub fn plain_ioctl(fd: &mut KernelIoctl, request: u32, arg: &mut [u8]) -> Result<i32, Errno> {
+pub fn plain_ioctl(fd: &mut KernelIoctl, request: IoctlNr, arg: &mut [u8]) -> Result<i32, Errno> {
     // SAFETY: callers pass only pointer-free structures (DESTROY, IOAS_ALLOC, HWPT_ALLOC
     // without data, MOCK_DOMAIN, BIND, ATTACH), whole, their size field the buffer length.
-    unsafe { fd.ioctl(IoctlTarget::Device, request, arg, &mut []) }
+    unsafe { fd.ioctl(IoctlCall::device(request, arg)) }
 }
 
 /// `IOMMU_IOAS_ALLOC`.
 pub fn ioas_alloc(iommufd: &mut KernelIoctl) -> u32 {
-    let mut arg = ioas_alloc_request();
+    let mut arg = IoasAlloc::request().encode();
     plain_ioctl(iommufd, IOMMU_IOAS_ALLOC, &mut arg).expect("IOAS_ALLOC");
-    get_u32(&arg, IOAS_ALLOC_OUT_ID)
+    IoasAlloc::decode(&arg).unwrap().out_ioas_id
 }
 
 /// Page-aligned memory lent to the kernel (IOAS_MAP pins it for as long as it is mapped;
@@ -109,23 +110,27 @@ impl MockDirty {
             user_va: buffer.as_mut_ptr() as u64,
             length: map_len_bytes,
             iova: MOCK_APERTURE_START,
+            ..IoasMap::request()
         }
         .encode();
         // SAFETY: the only pointer in IOAS_MAP is `user_va`, the start of `buffer`
         // (lent here, `map_len_bytes` long). The kernel pins it until the IOAS goes away;
         // `memory` is dropped after `iommufd` (field order), which frees the IOAS.
-        unsafe { iommufd.ioctl(IoctlTarget::Device, IOMMU_IOAS_MAP, &mut map, &mut [buffer]) }
-            .expect("IOAS_MAP");
+        unsafe {
+            iommufd.ioctl(IoctlCall::device(IOMMU_IOAS_MAP, &mut map).lending(&mut [buffer]))
+        }
+        .expect("IOAS_MAP");
         let mut alloc = HwptAlloc {
             flags: HWPT_ALLOC_DIRTY_TRACKING,
             dev_id: mock.idev_id,
             pt_id: ioas,
+            ..HwptAlloc::request()
         }
         .encode();
         plain_ioctl(&mut iommufd, IOMMU_HWPT_ALLOC, &mut alloc).expect("HWPT_ALLOC");
         MockDirty {
             iommufd: Some(iommufd),
-            hwpt_id: get_u32(&alloc, HWPT_ALLOC_OUT_ID),
+            hwpt_id: HwptAlloc::decode(&alloc).unwrap().out_hwpt_id,
             plain_hwpt_id: mock.hwpt_id,
             iova: MOCK_APERTURE_START,
             map_len_bytes,
@@ -160,12 +165,7 @@ pub fn mock_dirty(
     // SAFETY: OP_DIRTY reads `ceil(npages / 8)` bytes at `uptr`, the start of `bytes`
     // (lent here, whole u64 words: at least that long).
     unsafe {
-        iommufd.ioctl(
-            IoctlTarget::Device,
-            IOMMU_TEST_CMD,
-            &mut cmd,
-            &mut [&mut bytes],
-        )
+        iommufd.ioctl(IoctlCall::device(IOMMU_TEST_CMD, &mut cmd).lending(&mut [&mut bytes]))
     }?;
     Ok(TestCmd::decode_nr_dirty(&cmd))
 }

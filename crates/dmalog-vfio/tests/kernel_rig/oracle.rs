@@ -8,12 +8,12 @@
 //! are listed so that either side changing shows up.
 
 use dmalog::uapi::{
-    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange,
+    feature_request, KernelLoggingControl, KernelLoggingReport, LoggingRange, UapiStruct,
     FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_GET,
     FEATURE_MIGRATION, FEATURE_MIG_DATA_SIZE, FEATURE_MIG_DEVICE_STATE, FEATURE_PROBE, FEATURE_SET,
 };
 use dmalog_vfio::uapi::VFIO_DEVICE_FEATURE;
-use dmalog_vfio::{Errno, IoctlTarget, VfioIoctl};
+use dmalog_vfio::{Errno, IoctlCall, IoctlTarget, VfioIoctl};
 use libc::{E2BIG, EFAULT, EINVAL, ENOTTY, EOVERFLOW};
 
 const PAGE: u64 = 4096;
@@ -285,8 +285,8 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
             let control = KernelLoggingControl {
                 page_size: *page_size,
                 num_ranges: ranges.len() as u32,
-                reserved: *reserved,
-                ranges_addr: ranges_buf.as_ptr() as u64,
+                __reserved: *reserved,
+                ranges: ranges_buf.as_ptr() as u64,
             };
             feature_request(32, START, &control.encode())
         }
@@ -297,8 +297,8 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
             let control = KernelLoggingControl {
                 page_size: PAGE,
                 num_ranges: *num_ranges,
-                reserved: 0,
-                ranges_addr: *ranges_addr,
+                __reserved: 0,
+                ranges: *ranges_addr,
             };
             feature_request(32, START, &control.encode())
         }
@@ -314,7 +314,7 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
                 iova: *iova,
                 length: *length,
                 page_size: *page_size,
-                bitmap_addr: bitmap_buf.as_ptr() as u64 + 1,
+                bitmap: bitmap_buf.as_ptr() as u64 + 1,
             };
             feature_request(40, REPORT, &report.encode())
         }
@@ -328,7 +328,7 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
                 iova: *iova,
                 length: *length,
                 page_size: *page_size,
-                bitmap_addr: *bitmap_addr,
+                bitmap: *bitmap_addr,
             };
             feature_request(40, REPORT, &report.encode())
         }
@@ -339,12 +339,12 @@ pub fn send<I: VfioIoctl>(dev: &mut I, req: &Req) -> i32 {
     // purpose: the kernel pins the bitmap page-wise and mtty never sets a bit, so nothing is
     // written there), both lent here, or `NOT_USER`, which no side dereferences (EFAULT).
     let result = unsafe {
-        dev.ioctl(
-            IoctlTarget::Device,
-            VFIO_DEVICE_FEATURE,
-            &mut arg,
-            &mut [&mut ranges_buf, &mut bitmap_buf],
-        )
+        dev.ioctl(IoctlCall {
+            target: IoctlTarget::Device,
+            nr: VFIO_DEVICE_FEATURE,
+            arg: &mut arg,
+            lent: &mut [&mut ranges_buf, &mut bitmap_buf],
+        })
     };
     match result {
         Ok(_) => 0,

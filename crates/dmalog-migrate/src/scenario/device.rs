@@ -1,18 +1,21 @@
-//! The device side of `dmalog demo` and `dmalog migrate`: which device the server emulates
-//! (its PCI IDs), dma-engine's DMA workload (started only on a dma-engine, or when asked),
-//! and digests of device regions, so that a migration of any vfio-user device can be
-//! checked region by region.
+//! The device as the scenario drives it over vfio-user: which device the server emulates
+//! (its PCI IDs), dma-engine's DMA workload (started only on a dma-engine, or when asked,
+//! through the typed registers of `dmalog_device::dma_engine`), and digests and fills of
+//! device regions, so that a migration of any vfio-user device can be checked region by
+//! region.
 
-use anyhow::Context;
 use dmalog::uapi::{DeviceState, MIGRATION_PRE_COPY};
 use dmalog::{DirtyTracker, IovaRange, MigrationDevice, PendingBytes, TrackerError, TrackerResult};
-use dmalog_migrate::engine::SourceDevice;
+use dmalog_device::dma_engine::{self, DmaEngineRegs, RegisterAccess, WorkloadConfig};
 use dmalog_vfio_user::pci_config::{read_config_space, PciConfig};
-use dmalog_vfio_user::Client;
+use dmalog_vfio_user::{Client, ClientError};
 use tracing::{info, warn};
 
+use super::{ScenarioError, StepContext};
+use crate::engine::SourceDevice;
+
 /// Whether to start dma-engine's DMA workload on the source device.
-#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceWorkload {
     /// When the device's PCI IDs say dma-engine.
     #[default]
@@ -23,33 +26,31 @@ pub enum DeviceWorkload {
     Off,
 }
 
-// dma-engine workload registers in BAR0 (SPEC 6.1).
-const WL_BASE: u64 = 0x80;
-const WL_SPAN: u64 = 0x88;
-const WL_SIZE: u64 = 0x90;
-const WL_RATE: u64 = 0x98;
-const WL_SEED: u64 = 0xa0;
-const WL_CTRL: u64 = 0xa8;
-const WL_WRITES: u64 = 0xb0;
+/// Region 0 (BAR0) of the device behind a vfio-user client, as 8-byte registers.
+#[derive(Debug)]
+pub struct Bar0<'a>(pub &'a mut Client);
 
-/// The dma-engine workload: `span_bytes` of guest memory from `base`, written at
-/// `rate_bytes_per_sec` in 4 KiB writes.
-#[derive(Debug, Clone, Copy)]
-pub struct WorkloadParams {
-    /// First guest address the device writes.
-    pub base: u64,
-    /// Bytes of its working set.
-    pub span_bytes: u64,
-    /// Bytes per second.
-    pub rate_bytes_per_sec: u64,
+impl RegisterAccess for Bar0<'_> {
+    type Error = ClientError;
+    fn read_register(&mut self, offset: u64) -> Result<u64, ClientError> {
+        self.0.read_u64(0, offset)
+    }
+    fn write_register(&mut self, offset: u64, value: u64) -> Result<(), ClientError> {
+        self.0.write_u64(0, offset, value)
+    }
+}
+
+/// dma-engine's registers through `client`.
+pub fn dma_engine(client: &mut Client) -> DmaEngineRegs<Bar0<'_>> {
+    DmaEngineRegs::new(Bar0(client))
 }
 
 /// Whether the device behind `client` is dma-engine, by its PCI vendor and device IDs. A
 /// device without a readable configuration space is not.
 pub fn is_dma_engine(client: &mut Client) -> bool {
     let ids = read_config_space(client)
-        .map_err(anyhow::Error::from)
-        .and_then(|bytes| PciConfig::parse(&bytes).map_err(anyhow::Error::from));
+        .map_err(|err| err.to_string())
+        .and_then(|bytes| PciConfig::parse(&bytes).map_err(|err| err.to_string()));
     match ids {
         Ok(config) => {
             info!(
@@ -57,11 +58,7 @@ pub fn is_dma_engine(client: &mut Client) -> bool {
                 device = format_args!("{:#06x}", config.device_id),
                 "device identity"
             );
-            (config.vendor_id, config.device_id)
-                == (
-                    dmalog_device::dma_engine::VENDOR_ID,
-                    dmalog_device::dma_engine::DEVICE_ID,
-                )
+            (config.vendor_id, config.device_id) == (dma_engine::VENDOR_ID, dma_engine::DEVICE_ID)
         }
         Err(err) => {
             warn!(%err, "cannot read the device's PCI IDs: taken as not dma-engine");
@@ -79,29 +76,36 @@ pub fn wanted(choice: DeviceWorkload, client: &mut Client) -> bool {
     }
 }
 
-/// Programs and starts dma-engine's workload.
-pub fn start(client: &mut Client, params: WorkloadParams) -> anyhow::Result<()> {
-    for (offset, value) in [
-        (WL_BASE, params.base),
-        (WL_SPAN, params.span_bytes),
-        (WL_SIZE, 4096),
-        (WL_RATE, params.rate_bytes_per_sec),
-        (WL_SEED, 0x5eed),
-        (WL_CTRL, 1),
-    ] {
-        client
-            .write_u64(0, offset, value)
-            .context("programming the dma-engine workload (BAR0 registers 0x80-0xa8)")?;
-    }
-    Ok(())
+/// Programs and starts dma-engine's workload: `span_bytes` from `base_iova`, at
+/// `rate_bytes_per_sec` in 4 KiB writes.
+pub fn start_workload(
+    client: &mut Client,
+    base_iova: u64,
+    span_bytes: u64,
+    rate_bytes_per_sec: u64,
+) -> Result<(), ScenarioError> {
+    let config = WorkloadConfig {
+        base_iova,
+        span_bytes,
+        write_bytes: 4096,
+        rate_bytes_per_sec,
+        seed: 0x5eed,
+    };
+    dma_engine(client)
+        .start_workload(&config)
+        .step(|| "programming the dma-engine workload (BAR0 registers 0x80-0xa8)".into())
 }
 
 /// dma-engine's count of workload writes so far.
-pub fn writes(client: &mut Client) -> anyhow::Result<u64> {
-    client
-        .read_u64(0, WL_WRITES)
-        .context("reading the workload write counter")
+pub fn workload_writes(client: &mut Client) -> Result<u64, ScenarioError> {
+    dma_engine(client)
+        .workload_writes()
+        .step(|| "reading the workload write counter".into())
 }
+
+/// Per region index, what was read of it: its CRC32C, or why not (so that one refusal
+/// does not hide the others).
+pub type RegionDigests = Vec<(u32, Result<u32, String>)>;
 
 /// The byte sizes of regions `indices`, asked while the device runs (some servers answer
 /// REGION_INFO in no other state; libvfio-user takes only region accesses in STOP).
@@ -118,13 +122,17 @@ pub fn region_sizes(client: &mut Client, indices: &[u32]) -> Vec<(u32, Result<u6
         .collect()
 }
 
+/// The largest region a digest reads or a fill writes: these are for registers and small
+/// BARs, not for streaming gigabytes over the socket.
+const MAX_REGION_BYTES: u64 = 256 << 20;
+
 /// The CRC32C of the `size_bytes` of region `index`, read through REGION_READ in pieces
 /// the server takes (so a region mapped only through sparse areas is read whole too).
-pub fn region_digest(client: &mut Client, index: u32, size_bytes: u64) -> anyhow::Result<u32> {
-    // A digest is for registers and small BARs: refuse to stream gigabytes over the socket.
-    const MAX_DIGEST_BYTES: u64 = 256 << 20;
-    if size_bytes > MAX_DIGEST_BYTES {
-        anyhow::bail!("region {index} is {size_bytes} bytes, more than a digest reads");
+pub fn region_digest(client: &mut Client, index: u32, size_bytes: u64) -> Result<u32, String> {
+    if size_bytes > MAX_REGION_BYTES {
+        return Err(format!(
+            "region {index} is {size_bytes} bytes, more than a digest reads"
+        ));
     }
     let piece_bytes = u64::from(client.max_data_xfer_size()).clamp(8, 64 << 10);
     let mut buffer = vec![0u8; piece_bytes as usize];
@@ -134,11 +142,29 @@ pub fn region_digest(client: &mut Client, index: u32, size_bytes: u64) -> anyhow
         let n = (size_bytes - done).min(piece_bytes) as usize;
         client
             .region_read(index, done, &mut buffer[..n])
-            .with_context(|| format!("reading region {index} at {done:#x}"))?;
+            .map_err(|err| {
+                format!(
+                    "reading region {index} at {done:#x}: {}",
+                    super::chain_text(&err)
+                )
+            })?;
         crc = crc32c::crc32c_append(crc, &buffer[..n]);
         done += n as u64;
     }
     Ok(crc)
+}
+
+/// The digests of the regions `sizes` lists ([`region_sizes`], asked before).
+pub fn region_digests(client: &mut Client, sizes: &[(u32, Result<u64, String>)]) -> RegionDigests {
+    sizes
+        .iter()
+        .map(|(index, size)| {
+            let digest = size
+                .clone()
+                .and_then(|size_bytes| region_digest(client, *index, size_bytes));
+            (*index, digest)
+        })
+        .collect()
 }
 
 /// The byte [`fill_region`] writes at `offset` of region `index`: varies with both, so
@@ -149,14 +175,15 @@ pub fn fill_byte(index: u32, offset: u64) -> u8 {
 
 /// Writes [`fill_byte`]s over all of region `index` through REGION_WRITE: device contents
 /// a migration must carry, for devices no guest programs here.
-pub fn fill_region(client: &mut Client, index: u32) -> anyhow::Result<()> {
+pub fn fill_region(client: &mut Client, index: u32) -> Result<(), ScenarioError> {
     let region = client
         .region_info(index)
-        .with_context(|| format!("region {index} info"))?;
-    const MAX_FILL_BYTES: u64 = 256 << 20;
+        .step(|| format!("region {index} info"))?;
     let size_bytes = region.info.size;
-    if size_bytes > MAX_FILL_BYTES {
-        anyhow::bail!("region {index} is {size_bytes} bytes, more than a fill writes");
+    if size_bytes > MAX_REGION_BYTES {
+        return Err(ScenarioError::Failed(format!(
+            "region {index} is {size_bytes} bytes, more than a fill writes"
+        )));
     }
     let piece_bytes = u64::from(client.max_data_xfer_size()).clamp(8, 4096);
     let mut done = 0u64;
@@ -165,36 +192,14 @@ pub fn fill_region(client: &mut Client, index: u32) -> anyhow::Result<()> {
         let piece: Vec<u8> = (done..done + n).map(|at| fill_byte(index, at)).collect();
         client
             .region_write(index, done, &piece)
-            .with_context(|| format!("filling region {index} at {done:#x}"))?;
+            .step(|| format!("filling region {index} at {done:#x}"))?;
         done += n;
     }
     info!(index, size_bytes, "region filled");
     Ok(())
 }
 
-/// Digests of the regions `sizes` lists, as `index -> "0x…"` (a region that cannot be
-/// read maps to its error, so that one refusal does not hide the others).
-pub fn region_digests(
-    client: &mut Client,
-    sizes: &[(u32, Result<u64, String>)],
-) -> serde_json::Map<String, serde_json::Value> {
-    sizes
-        .iter()
-        .map(|(index, size)| {
-            let digest = size.clone().and_then(|size_bytes| {
-                region_digest(client, *index, size_bytes).map_err(|err| format!("{err:#}"))
-            });
-            let value = match digest {
-                Ok(crc) => format!("{crc:#010x}"),
-                Err(err) => format!("error: {err}"),
-            };
-            (index.to_string(), serde_json::Value::String(value))
-        })
-        .collect()
-}
-
-/// One `--region-write-u64 INDEX:OFFSET=VALUE`: a 64-bit register write before the
-/// migration (numbers decimal or 0x-hex).
+/// A 64-bit register write into a device region before the migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegisterWrite {
     /// Region index.
@@ -203,25 +208,6 @@ pub struct RegisterWrite {
     pub offset: u64,
     /// The value written (little-endian, 8 bytes).
     pub value: u64,
-}
-
-fn parse_number(text: &str) -> Result<u64, String> {
-    let parsed = match text.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => text.parse(),
-    };
-    parsed.map_err(|err| format!("{text:?}: {err}"))
-}
-
-/// Parses `INDEX:OFFSET=VALUE`.
-pub fn parse_register_write(text: &str) -> Result<RegisterWrite, String> {
-    let (place, value) = text.split_once('=').ok_or("expected INDEX:OFFSET=VALUE")?;
-    let (index, offset) = place.split_once(':').ok_or("expected INDEX:OFFSET=VALUE")?;
-    Ok(RegisterWrite {
-        index: u32::try_from(parse_number(index)?).map_err(|_| "region index too large")?,
-        offset: parse_number(offset)?,
-        value: parse_number(value)?,
-    })
 }
 
 /// The source device as the migration engine drives it: the vfio-user client, with its
@@ -307,8 +293,8 @@ impl SourceDevice for MigratedDevice<'_> {
         } else {
             throttled_rate(rate, percent)
         };
-        self.client
-            .write_u64(0, WL_RATE, value)
+        dma_engine(self.client)
+            .set_workload_rate(value)
             .map_err(TrackerError::from)?;
         Ok(true)
     }
@@ -317,22 +303,6 @@ impl SourceDevice for MigratedDevice<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn register_writes_parse_and_refuse_garbage() {
-        assert_eq!(
-            parse_register_write("0:0=0x10").unwrap(),
-            RegisterWrite {
-                index: 0,
-                offset: 0,
-                value: 16
-            }
-        );
-        assert_eq!(parse_register_write("1:0x8=7").unwrap().offset, 8);
-        for bad in ["", "0:0", "0=1", "x:0=1", "0:0=", "4294967296:0=1"] {
-            assert!(parse_register_write(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn a_throttled_rate_keeps_the_rest_and_is_never_unlimited() {

@@ -1,22 +1,24 @@
 //! After a failed migration, on both sides.
 //!
-//! `dmalog migrate source --connect A --connect B ...`: destinations tried in turn, as a
-//! VMM's operator would retry a migration. After a failed attempt the VM runs on here (the
-//! engine has resumed the vCPUs, returned the device to RUNNING and stopped dirty logging);
-//! that state is read back from the device and the vCPUs, logged, and kept with the
-//! attempt's outcome for the report, and the next destination is tried, unless the failed
-//! destination had already been told to resume the guest (then the guest may run there,
-//! and must not run anywhere else).
+//! The source: destinations tried in turn, as a VMM's operator would retry a migration.
+//! After a failed attempt the VM runs on here (the engine has resumed the vCPUs, returned
+//! the device to RUNNING and stopped dirty logging); that state is read back from the
+//! device and the vCPUs, logged, and kept with the attempt's outcome for the report, and
+//! the next destination is tried, unless the failed destination had already been told to
+//! resume the guest (then the guest may run there, and must not run anywhere else).
 //!
-//! `dmalog migrate destination`: a device left holding state of a guest it never resumed
-//! is reset.
+//! The destination: a device left holding state of a guest it never resumed is reset.
+
+use std::error::Error;
 
 use dmalog::uapi::DeviceState;
 use dmalog::IovaRange;
 use dmalog::{DirtyTracker, MigrationDevice};
-use dmalog_migrate::{MigrateError, VcpuWorkload};
 use dmalog_vfio_user::Client;
 use tracing::{info, warn};
+
+use super::{causes, chain_text};
+use crate::{MigrateError, VcpuWorkload};
 
 /// One attempt to migrate to one destination.
 #[derive(Debug, serde::Serialize)]
@@ -58,7 +60,7 @@ impl VmState {
         vcpus: &VcpuWorkload,
         first_gpa: u64,
     ) -> Self {
-        let page = dmalog_migrate::engine::PAGE;
+        let page = crate::engine::PAGE;
         let mut bitmap = [0u64; 1];
         let device_state = match device.device_state() {
             Ok(state) => state_name(state),
@@ -87,7 +89,7 @@ impl VmState {
 }
 
 /// The uAPI name of a device state ("STOP_COPY").
-fn state_name(state: DeviceState) -> String {
+pub fn state_name(state: DeviceState) -> String {
     let mut name = String::new();
     for (i, c) in format!("{state:?}").chars().enumerate() {
         if c.is_ascii_uppercase() && i > 0 {
@@ -98,7 +100,7 @@ fn state_name(state: DeviceState) -> String {
     name
 }
 
-/// Every destination failed.
+/// Every destination failed: the attempts, in order.
 #[derive(Debug)]
 pub struct AllFailed(pub Vec<Attempt>);
 
@@ -133,11 +135,12 @@ fn describe(attempts: &[Attempt]) -> String {
 
 /// Tries `destinations` in turn with `migrate` until one succeeds. After each failure,
 /// `read_state` says what the VM is doing now (logged and kept with the attempt). Both get
-/// `vm`, the parts of the VM they use.
-pub fn try_in_turn<V, T>(
+/// `vm`, the parts of the VM they use. No destination is tried after one whose failure
+/// carries [`MigrateError::Unconfirmed`] (it had been told to resume the guest).
+pub fn try_in_turn<V, T, E: Error + 'static>(
     destinations: &[String],
     vm: &mut V,
-    mut migrate: impl FnMut(&mut V, &str) -> anyhow::Result<T>,
+    mut migrate: impl FnMut(&mut V, &str) -> Result<T, E>,
     mut read_state: impl FnMut(&mut V) -> VmState,
 ) -> Result<(T, Vec<Attempt>), AllFailed> {
     let mut attempts = Vec::new();
@@ -153,7 +156,7 @@ pub fn try_in_turn<V, T>(
                 return Ok((done, attempts));
             }
             Err(err) => {
-                let error = format!("{err:#}");
+                let error = chain_text(&err);
                 let state = read_state(vm);
                 let next = destinations.get(i + 1);
                 if state.runs_on() {
@@ -165,7 +168,7 @@ pub fn try_in_turn<V, T>(
                     warn!(%destination, %error, ?state, "migration failed, and the VM is not back to running");
                 }
 
-                let handed_over = err.chain().any(|cause| {
+                let handed_over = causes(&err).any(|cause| {
                     matches!(
                         cause.downcast_ref::<MigrateError>(),
                         Some(MigrateError::Unconfirmed(_))
@@ -190,30 +193,6 @@ pub fn try_in_turn<V, T>(
     Err(AllFailed(attempts))
 }
 
-/// One line per destination that failed before the one that took the VM.
-pub fn print_failed_attempts(
-    out: &mut impl std::io::Write,
-    attempts: &[Attempt],
-) -> std::io::Result<()> {
-    for (i, attempt) in attempts.iter().enumerate().filter(|(_, a)| !a.ok) {
-        let vm = attempt.vm_after_failure.as_ref();
-        writeln!(
-            out,
-            "attempt {} to {} failed: {}; the VM ran on here (device {}, vCPUs {})",
-            i + 1,
-            attempt.destination,
-            attempt.error.as_deref().unwrap_or("?"),
-            vm.map_or("?", |vm| vm.device_state.as_str()),
-            if vm.is_some_and(|vm| vm.vcpus_running) {
-                "running"
-            } else {
-                "paused"
-            },
-        )?;
-    }
-    Ok(())
-}
-
 /// After a failed incoming migration: a device left holding a guest's state it never
 /// resumed (a partial load in RESUMING, a whole one in STOP waiting for the source's Go, or
 /// ERROR) is reset (DEVICE_RESET: registers to defaults, RUNNING, no migration data), so
@@ -236,6 +215,7 @@ pub fn discard_unresumed_load(device: &mut Client) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scenario::ScenarioError;
 
     fn running() -> VmState {
         VmState {
@@ -258,7 +238,7 @@ mod tests {
                 if to == "b" {
                     Ok(7)
                 } else {
-                    Err(anyhow::anyhow!("{to} is down"))
+                    Err(ScenarioError::Failed(format!("{to} is down")))
                 }
             },
             |_| running(),
@@ -281,11 +261,11 @@ mod tests {
         let failed = try_in_turn(
             &destinations,
             &mut tried,
-            |tried, _| -> anyhow::Result<()> {
+            |tried, _| -> Result<(), ScenarioError> {
                 *tried += 1;
                 let unconfirmed =
                     MigrateError::Unconfirmed(Box::new(MigrateError::Peer("x".into())));
-                Err(anyhow::Error::new(unconfirmed).context("migration"))
+                Err(ScenarioError::Migration(unconfirmed))
             },
             |_| running(),
         )

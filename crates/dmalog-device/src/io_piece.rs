@@ -1,0 +1,258 @@
+//! Byte ranges of shared memory handed to the kernel for vectored socket I/O (`writev`
+//! from guest memory, `readv` into it), so that pages move between a socket and guest
+//! memory without a copy through a Rust buffer, and without a Rust reference to memory
+//! another process writes.
+
+use std::marker::PhantomData;
+use std::os::fd::{AsFd, AsRawFd};
+
+use crate::shared_memory::{
+    kernel_copy, volatile_load, volatile_store, CopyFault, CopyPath, SharedMapping,
+};
+
+/// Which way the kernel copies a [`Piece`]: it reads an [`IoPiece`] (`writev`).
+#[derive(Debug, Clone, Copy)]
+pub enum KernelReads {}
+
+/// Which way the kernel copies a [`Piece`]: it writes an [`IoPieceMut`] (`readv`).
+#[derive(Debug, Clone, Copy)]
+pub enum KernelWrites {}
+
+/// A byte range of a [`SharedMapping`] (or, to be read, of a Rust buffer), borrowed for
+/// `'a` so that the memory stays mapped; `D` says which way the kernel copies it. It is
+/// never a Rust reference to shared memory: the kernel copies it (the bytes may change as
+/// it does; the copy is then some mix of old and new, which page migration tolerates: a
+/// page written during the copy is dirty again and sent again).
+#[derive(Debug)]
+pub struct Piece<'a, D> {
+    ptr: *mut u8,
+    len: usize,
+    /// The mapping's copy path (a Rust buffer: `Direct`).
+    path: CopyPath,
+    _borrow: PhantomData<(&'a [u8], D)>,
+}
+
+// Copy whatever the direction (a derive would ask it of `D`).
+impl<D> Clone for Piece<'_, D> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<D> Copy for Piece<'_, D> {}
+
+/// A byte range for the kernel to read (`writev`).
+pub type IoPiece<'a> = Piece<'a, KernelReads>;
+
+/// A byte range of a writable mapping for the kernel to fill (`readv`).
+pub type IoPieceMut<'a> = Piece<'a, KernelWrites>;
+
+impl<D> Piece<'_, D> {
+    /// Bytes in the piece.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the piece is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The piece without its first `n_bytes` (all of it when `n_bytes >= len`).
+    pub fn skip(self, n_bytes: usize) -> Self {
+        let n = n_bytes.min(self.len);
+        Piece {
+            // SAFETY: `n <= len`: the result stays inside (or one past the end of) the
+            // borrowed range.
+            ptr: unsafe { self.ptr.add(n) },
+            len: self.len - n,
+            ..self
+        }
+    }
+}
+
+/// After a vectored call moved `n_bytes` of `pieces[*first..]`: moves `*first` past the
+/// pieces done and cuts the done head off the next one (a short `writev`/`readv`).
+pub fn advance<D>(pieces: &mut [Piece<'_, D>], first: &mut usize, n_bytes: usize) {
+    let mut n = n_bytes;
+    while *first < pieces.len() && n >= pieces[*first].len() {
+        n -= pieces[*first].len();
+        *first += 1;
+    }
+    if n > 0 {
+        pieces[*first] = pieces[*first].skip(n);
+    }
+}
+
+impl<'a> IoPiece<'a> {
+    /// A Rust buffer as a piece.
+    pub fn from_bytes(bytes: &'a [u8]) -> Self {
+        Piece {
+            // The kernel only reads a `KernelReads` piece: the pointer is never written.
+            ptr: bytes.as_ptr().cast_mut(),
+            len: bytes.len(),
+            path: CopyPath::Direct,
+            _borrow: PhantomData,
+        }
+    }
+
+    /// Copies the piece into `out` (exactly `len` bytes long): volatile loads from a
+    /// sealed mapping, the kernel's fault-tolerant copy from any other.
+    pub fn copy_to(&self, out: &mut [u8]) -> Result<(), CopyFault> {
+        if out.len() != self.len {
+            return Err(CopyFault { copied_bytes: 0 });
+        }
+        match self.path {
+            // SAFETY: the piece is `len` readable bytes kept mapped by the borrow `'a`, and
+            // `out` is a separate Rust buffer of the same length.
+            CopyPath::Direct => unsafe { volatile_load(out.as_mut_ptr(), self.ptr, self.len) },
+            // SAFETY: as above; the kernel only reads the mapping and writes `out`.
+            CopyPath::Guarded => unsafe {
+                return kernel_copy(self.ptr, out.as_mut_ptr(), self.len, false);
+            },
+        }
+        Ok(())
+    }
+}
+
+impl IoPieceMut<'_> {
+    /// Copies `data` (at most `len` bytes) to the start of the piece: volatile stores into
+    /// a sealed mapping, the kernel's fault-tolerant copy into any other.
+    pub fn copy_from(&self, data: &[u8]) -> Result<(), CopyFault> {
+        if data.len() > self.len {
+            return Err(CopyFault { copied_bytes: 0 });
+        }
+        match self.path {
+            // SAFETY: `data.len() <= len` writable bytes kept mapped by the borrow `'a`;
+            // `data` is a separate Rust buffer.
+            CopyPath::Direct => unsafe { volatile_store(self.ptr, data.as_ptr(), data.len()) },
+            // SAFETY: as above; the kernel only reads `data` and writes the mapping.
+            CopyPath::Guarded => unsafe {
+                return kernel_copy(self.ptr, data.as_ptr().cast_mut(), data.len(), true);
+            },
+        }
+        Ok(())
+    }
+}
+
+/// Most pieces one [`write_pieces`] or [`read_pieces`] call hands the kernel (Linux's
+/// `IOV_MAX`).
+pub const MAX_PIECES: usize = 1024;
+
+/// The iovecs of the first [`MAX_PIECES`] of `pieces`, and how many.
+fn iovec_table<D>(pieces: &[Piece<'_, D>]) -> ([libc::iovec; MAX_PIECES], libc::c_int) {
+    let mut iovecs = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_PIECES];
+    let mut count = 0;
+    for (iov, piece) in iovecs.iter_mut().zip(pieces) {
+        *iov = libc::iovec {
+            iov_base: piece.ptr.cast(),
+            iov_len: piece.len,
+        };
+        count += 1;
+    }
+    (iovecs, count)
+}
+
+/// Repeats `call` (a `readv`/`writev`) while a signal interrupts it: its byte count, or
+/// the OS error.
+fn retry_interrupted(mut call: impl FnMut() -> libc::ssize_t) -> std::io::Result<usize> {
+    loop {
+        let n = call();
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
+/// One `writev` of up to [`MAX_PIECES`] of `pieces` to `fd`: the kernel copies the bytes
+/// straight from guest memory into the socket. Returns the bytes written (a short write is
+/// the caller's to continue with [`advance`]). A piece of a mapping whose file shrank
+/// makes the call fail with EFAULT, never a signal (the kernel's user copies fail cleanly).
+pub fn write_pieces(fd: impl AsFd, pieces: &[IoPiece<'_>]) -> std::io::Result<usize> {
+    let (iovecs, count) = iovec_table(pieces);
+    retry_interrupted(|| {
+        // SAFETY: each iovec describes a piece that its borrow keeps mapped and readable
+        // for its whole length; `writev` only reads them. `count <= IOV_MAX`.
+        unsafe { libc::writev(fd.as_fd().as_raw_fd(), iovecs.as_ptr(), count) }
+    })
+}
+
+/// One `readv` from `fd` into up to [`MAX_PIECES`] of `pieces`: the kernel copies socket
+/// bytes straight into guest memory, as a device's DMA would. Returns the bytes read (0:
+/// the end of the stream). A piece of a mapping whose file shrank makes the call fail
+/// with EFAULT, never a signal.
+pub fn read_pieces(fd: impl AsFd, pieces: &[IoPieceMut<'_>]) -> std::io::Result<usize> {
+    let (iovecs, count) = iovec_table(pieces);
+    retry_interrupted(|| {
+        // SAFETY: each iovec describes a piece of a writable mapping that its borrow keeps
+        // mapped for its whole length; no Rust reference to those bytes exists, so the
+        // kernel's stores race with nothing the compiler assumes. `count <= IOV_MAX`.
+        unsafe { libc::readv(fd.as_fd().as_raw_fd(), iovecs.as_ptr(), count) }
+    })
+}
+
+impl SharedMapping {
+    /// `len` bytes at `offset` as a piece for the kernel, `None` when out of bounds.
+    fn piece_of<D>(&self, offset: usize, len: usize) -> Option<Piece<'_, D>> {
+        if !self.in_bounds(offset, len) {
+            return None;
+        }
+        Some(Piece {
+            // SAFETY: `offset + len <= self.len` (checked): inside the mapping.
+            ptr: unsafe { self.ptr.as_ptr().add(offset) },
+            len,
+            path: self.path,
+            _borrow: PhantomData,
+        })
+    }
+
+    /// `len` bytes at `offset` as a piece for [`write_pieces`]; `None` when out of bounds.
+    pub fn piece(&self, offset: usize, len: usize) -> Option<IoPiece<'_>> {
+        self.piece_of(offset, len)
+    }
+
+    /// `len` bytes at `offset` as a piece for [`read_pieces`]; `None` when out of bounds or
+    /// read-only.
+    pub fn piece_mut(&self, offset: usize, len: usize) -> Option<IoPieceMut<'_>> {
+        if !self.writable {
+            return None;
+        }
+        self.piece_of(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_passes_the_pieces_done_and_cuts_the_next() {
+        let (a, b, c) = ([1u8; 3], [2u8; 4], [3u8; 5]);
+        let mut pieces = [
+            IoPiece::from_bytes(&a),
+            IoPiece::from_bytes(&b),
+            IoPiece::from_bytes(&c),
+        ];
+        let mut first = 0;
+        advance(&mut pieces, &mut first, 5);
+        assert_eq!((first, pieces[1].len()), (1, 2));
+        let mut rest = [0u8; 2];
+        pieces[1].copy_to(&mut rest).unwrap();
+        assert_eq!(rest, [2, 2]);
+        advance(&mut pieces, &mut first, 2);
+        assert_eq!(
+            (first, pieces[2].len()),
+            (2, 5),
+            "a piece done exactly is passed"
+        );
+        advance(&mut pieces, &mut first, 5);
+        assert_eq!(first, 3);
+    }
+}

@@ -1,0 +1,247 @@
+//! The migration stream's links: TLS 1.3 with mutual certificate authentication, or
+//! plaintext TCP only when the caller asks for it (SPEC 8: otherwise whoever reaches the
+//! destination's port writes the guest's memory); the connect and accept that make them,
+//! with bounded socket buffers.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{chain_text, ScenarioError, StepContext};
+use crate::stream::{IoTimeouts, Transport};
+use crate::tls::{self, TlsConfig, TlsError, TlsStream};
+use crate::Incoming;
+
+/// How the source connects.
+pub enum ClientSide {
+    /// TLS; the destination's certificate must carry `server_name` (default: the host in
+    /// `HOST:PORT`).
+    Tls {
+        /// The rustls configuration.
+        config: Arc<tls::ClientConfig>,
+        /// The name to check, if not the host connected to.
+        server_name: Option<String>,
+    },
+    /// Plaintext, unauthenticated.
+    Plaintext,
+}
+
+/// How the destination accepts.
+pub enum ServerSide {
+    /// TLS, a client certificate required.
+    Tls(Arc<tls::ServerConfig>),
+    /// Plaintext, unauthenticated.
+    Plaintext,
+}
+
+impl ClientSide {
+    /// TLS with `config`'s identity, checking `server_name` (default: the host).
+    pub fn tls(config: &TlsConfig, server_name: Option<&str>) -> Result<Self, TlsError> {
+        Ok(ClientSide::Tls {
+            config: config.client_config()?,
+            server_name: server_name.map(str::to_owned),
+        })
+    }
+
+    /// Secures a connection to `address`.
+    pub fn secure(
+        &self,
+        tcp: TcpStream,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Link, TlsError> {
+        Ok(match self {
+            ClientSide::Tls {
+                config,
+                server_name,
+            } => {
+                let name = server_name.as_deref().unwrap_or(tls::host_of(address));
+                Link::Tls(tls::connect(config, name, tcp, timeout)?)
+            }
+            ClientSide::Plaintext => Link::Plain(tcp),
+        })
+    }
+}
+
+impl ServerSide {
+    /// TLS with `config`'s identity, a client certificate required.
+    pub fn tls(config: &TlsConfig) -> Result<Self, TlsError> {
+        Ok(ServerSide::Tls(config.server_config()?))
+    }
+
+    /// Secures an accepted connection: a source without a valid certificate is refused
+    /// here, before any frame is read.
+    pub fn secure(&self, tcp: TcpStream, timeout: Duration) -> Result<Link, ScenarioError> {
+        Ok(match self {
+            ServerSide::Tls(config) => Link::Tls(
+                tls::accept(config, tcp, timeout).step(|| "refused the migration source".into())?,
+            ),
+            ServerSide::Plaintext => Link::Plain(tcp),
+        })
+    }
+}
+
+/// A migration stream, TLS or plaintext.
+pub enum Link {
+    /// Plaintext.
+    Plain(TcpStream),
+    /// TLS 1.3.
+    Tls(TlsStream),
+}
+
+impl Link {
+    /// A second handle (the engine's reader and writer).
+    pub fn try_clone(&self) -> std::io::Result<Self> {
+        Ok(match self {
+            Link::Plain(s) => Link::Plain(s.try_clone()?),
+            Link::Tls(s) => Link::Tls(s.try_clone()?),
+        })
+    }
+}
+
+/// Forwards a call to the link's stream, whichever it is.
+macro_rules! either {
+    ($link:expr, $s:ident => $call:expr) => {
+        match $link {
+            Link::Plain($s) => $call,
+            Link::Tls($s) => $call,
+        }
+    };
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        either!(self, s => s.read(buf))
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        either!(self, s => s.write(buf))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        either!(self, s => s.flush())
+    }
+}
+
+impl Transport for Link {
+    fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        either!(self, s => s.vectored_fd())
+    }
+    fn shut_down(&self) {
+        either!(self, s => s.shut_down())
+    }
+}
+
+impl IoTimeouts for Link {
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        either!(self, s => s.bound_reads(timeout))
+    }
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        either!(self, s => s.bound_writes(timeout))
+    }
+}
+
+/// Bounds the bytes in flight on `stream` (or every socket a listener accepts) to about
+/// `len_bytes` each way (0: leaves the kernel's autotuning): the destination applies what
+/// is in flight at the stop inside the downtime, and autotuned buffers on loopback hold
+/// tens of MiB.
+pub fn bound_stream_buffers(
+    stream: impl rustix::fd::AsFd,
+    len_bytes: u64,
+) -> Result<(), ScenarioError> {
+    if len_bytes == 0 {
+        return Ok(());
+    }
+    let bytes = usize::try_from(len_bytes).unwrap_or(usize::MAX);
+    rustix::net::sockopt::set_socket_send_buffer_size(&stream, bytes)
+        .step(|| "setting the migration stream's send buffer".into())?;
+    rustix::net::sockopt::set_socket_recv_buffer_size(&stream, bytes)
+        .step(|| "setting the migration stream's receive buffer".into())?;
+    Ok(())
+}
+
+/// A connection to `address` (each of its resolved addresses in turn), each attempt
+/// bounded by `timeout`.
+pub fn connect_within(address: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in address.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(stream) => return Ok(stream),
+            Err(err) => last = Some(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other(format!("{address} resolves to no address"))))
+}
+
+/// The kind of I/O failure under `err` (whether the destination hung up: then the engine
+/// looks for the reason it sent on the first channel), `Other` when none is.
+pub fn io_kind(err: &ScenarioError) -> std::io::ErrorKind {
+    super::causes(err)
+        .find_map(|cause| {
+            cause.downcast_ref::<std::io::Error>().or_else(|| {
+                match cause.downcast_ref::<TlsError>() {
+                    Some(TlsError::Handshake { cause, .. }) => Some(cause),
+                    _ => None,
+                }
+            })
+        })
+        .map_or(std::io::ErrorKind::Other, std::io::Error::kind)
+}
+
+/// The source's link to `destination`: connected within `timeout`, Nagle off, buffers
+/// bounded to `buffer_bytes`, secured as `security` says.
+pub fn connect_link(
+    destination: &str,
+    security: &ClientSide,
+    timeout: Duration,
+    buffer_bytes: u64,
+) -> Result<Link, ScenarioError> {
+    let stream = connect_within(destination, timeout)
+        .step(|| format!("connecting to the destination {destination}"))?;
+    stream.set_nodelay(true)?;
+    bound_stream_buffers(&stream, buffer_bytes)?;
+    security
+        .secure(stream, destination, timeout)
+        .step(|| format!("securing the link to {destination}"))
+}
+
+/// The destination's acceptor of a migration's further channels: each connection on
+/// `listener` within `timeout`, secured as the first one. It owns the listener, so the
+/// destination stops listening once it drops the acceptor (every channel joined) and any
+/// later connection is refused.
+pub fn acceptor(
+    listener: TcpListener,
+    security: &ServerSide,
+    timeout: Duration,
+) -> impl FnMut() -> std::io::Result<Incoming> + '_ {
+    move || {
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + timeout;
+        let tcp = loop {
+            match listener.accept() {
+                Ok((tcp, _)) => break tcp,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no connection within {} ms", timeout.as_millis()),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(err) => return Err(err),
+            }
+        };
+        tcp.set_nonblocking(false)?;
+        tcp.set_nodelay(true)?;
+        let link = security
+            .secure(tcp, timeout)
+            .map_err(|err| std::io::Error::other(chain_text(&err)))?;
+        Ok(Incoming {
+            reader: Box::new(link.try_clone()?),
+            handle: Box::new(link),
+        })
+    }
+}

@@ -1,0 +1,225 @@
+//! [`FrameWriter`]: frames out, paced to a link's rate, every frame taken by the peer
+//! within a timeout; page bytes handed to the kernel straight from guest memory.
+
+use std::io::{ErrorKind, Write};
+use std::time::{Duration, Instant};
+
+use dmalog_device::IoPiece;
+
+use super::*;
+
+/// Writes frames, counting bytes, optionally capped at a bandwidth (a simple pacing model of
+/// a real link).
+pub struct FrameWriter<W> {
+    inner: W,
+    bytes: u64,
+    rate_bytes_per_sec: Option<u64>,
+    /// When the capped link has sent every byte written so far.
+    link_free: Option<Instant>,
+    timeout: Option<FrameTimeout<W>>,
+}
+
+impl<W: Write> FrameWriter<W> {
+    /// A writer; `rate_bytes_per_sec` caps the average rate.
+    pub fn new(inner: W, rate_bytes_per_sec: Option<u64>) -> Self {
+        FrameWriter {
+            inner,
+            bytes: 0,
+            rate_bytes_per_sec,
+            link_free: None,
+            timeout: None,
+        }
+    }
+
+    /// Bytes written so far (headers included).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Writes one frame of `kind` made of `parts` (concatenated). A frame over its kind's
+    /// limit is refused (EINVAL-like `InvalidInput`) before anything is written; with a
+    /// timeout, a peer that does not take the whole frame in time is a `TimedOut` error.
+    pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> std::io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > kind.max_payload() {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "a {kind:?} frame of {len} bytes exceeds the limit of {}",
+                    kind.max_payload()
+                ),
+            ));
+        }
+        let mut head = [0u8; 4];
+        let mut at = 0;
+        for part in parts {
+            let n = part.len().min(4 - at);
+            head[at..at + n].copy_from_slice(&part[..n]);
+            at += n;
+        }
+        // A Pages payload too short for its table (a test's hostile frame): all of it.
+        let mut left = checked_bytes(kind, &head[..at], len).unwrap_or(len);
+        let mut crc = 0u32;
+        for part in parts {
+            let n = part.len().min(left);
+            crc = crc32c::crc32c_append(crc, &part[..n]);
+            left -= n;
+        }
+        let header = frame_header(kind, len, crc);
+        let deadline = self.deadline();
+        self.write_all(&header, deadline)?;
+        for part in parts {
+            self.write_all(part, deadline)?;
+        }
+        self.frame_done(FRAME_HEADER_BYTES + len);
+        Ok(())
+    }
+
+    /// The deadline of a frame started now (a timeout too large to add to the clock is no
+    /// limit).
+    fn deadline(&self) -> Option<Instant> {
+        self.timeout
+            .as_ref()
+            .and_then(|t| Instant::now().checked_add(t.timeout))
+    }
+
+    /// Counts a frame written and paces to the rate cap: a link busy until `link_free`
+    /// takes the frame after what it has, and time it stood idle earns at most
+    /// [`LINK_BURST`] of credit (a real link does not save up bandwidth it did not use).
+    fn frame_done(&mut self, frame_bytes: usize) {
+        self.bytes += frame_bytes as u64;
+        if let Some(rate) = self.rate_bytes_per_sec.filter(|&r| r > 0) {
+            let now = Instant::now();
+            let cost = Duration::from_secs_f64(frame_bytes as f64 / rate as f64);
+            let earliest = now.checked_sub(LINK_BURST).unwrap_or(now);
+            let start = self.link_free.map_or(earliest, |free| free.max(earliest));
+            let free = start + cost;
+            self.link_free = Some(free);
+            if free > now + LINK_BURST {
+                std::thread::sleep(free - now - LINK_BURST);
+            }
+        }
+    }
+
+    /// Counts `n_bytes` another channel of the same migration wrote, so that
+    /// [`FrameWriter::bytes`] is the migration's total.
+    pub fn add_channel_bytes(&mut self, n_bytes: u64) {
+        self.bytes += n_bytes;
+    }
+
+    fn write_all(&mut self, mut bytes: &[u8], deadline: Option<Instant>) -> std::io::Result<()> {
+        let (Some(limit), Some(deadline)) = (&self.timeout, deadline) else {
+            return self.inner.write_all(bytes);
+        };
+        while !bytes.is_empty() {
+            limit.arm(&self.inner, deadline)?;
+            match self.inner.write(bytes) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => bytes = &bytes[n..],
+                Err(err) if err.kind() == ErrorKind::Interrupted => {}
+                Err(err) if is_timeout(&err) => return Err(timed_out(limit.timeout)),
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    }
+
+    /// Flushes the underlying writer.
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+
+    /// The underlying writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+}
+
+impl<W: Write + Transport> FrameWriter<W> {
+    /// Writes one Pages frame: `table` is [`FRAME_HEADER_BYTES`] of room for the header,
+    /// then the Pages head and run table; `data` are the page bytes of the non-zero runs,
+    /// in order. On a plaintext socket the kernel copies `data` straight from guest memory
+    /// (`writev`, several runs a call); otherwise they are copied into `scratch` (reused)
+    /// and written as one buffer.
+    pub fn write_pages(
+        &mut self,
+        table: &mut [u8],
+        data: &[IoPiece<'_>],
+        scratch: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        let invalid = |why: &str| std::io::Error::new(ErrorKind::InvalidInput, why.to_owned());
+        let payload = table
+            .get(FRAME_HEADER_BYTES..)
+            .ok_or_else(|| invalid("no room for the frame header"))?;
+        let len = payload.len() + data.iter().map(|p| p.len()).sum::<usize>();
+        if len > Kind::Pages.max_payload() {
+            return Err(invalid("a Pages frame over the limit"));
+        }
+        let header = frame_header(Kind::Pages, len, crc32c::crc32c(payload));
+        table[..FRAME_HEADER_BYTES].copy_from_slice(&header);
+        let deadline = self.deadline();
+        if self.inner.vectored_fd().is_some() {
+            self.write_vectored_all(table, data, deadline)?;
+        } else {
+            scratch.clear();
+            scratch.extend_from_slice(table);
+            for piece in data {
+                let at = scratch.len();
+                scratch.resize(at + piece.len(), 0);
+                piece
+                    .copy_to(&mut scratch[at..])
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+            }
+            let frame = std::mem::take(scratch);
+            let result = self.write_all(&frame, deadline);
+            *scratch = frame;
+            result?;
+        }
+        self.frame_done(FRAME_HEADER_BYTES + len);
+        Ok(())
+    }
+
+    fn write_vectored_all(
+        &mut self,
+        table: &[u8],
+        data: &[IoPiece<'_>],
+        deadline: Option<Instant>,
+    ) -> std::io::Result<()> {
+        let mut pieces: Vec<IoPiece<'_>> = Vec::with_capacity(data.len() + 1);
+        pieces.push(IoPiece::from_bytes(table));
+        pieces.extend_from_slice(data);
+        let mut first = 0;
+        while first < pieces.len() {
+            if let (Some(limit), Some(deadline)) = (&self.timeout, deadline) {
+                limit.arm(&self.inner, deadline)?;
+            }
+            let fd = self
+                .inner
+                .vectored_fd()
+                .ok_or_else(|| std::io::Error::from(ErrorKind::Unsupported))?;
+            let n = match dmalog_device::write_pieces(fd, &pieces[first..]) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(n) => n,
+                Err(err) if is_timeout(&err) => {
+                    let timeout = self.timeout.as_ref().map_or(DEFAULT_TIMEOUT, |t| t.timeout);
+                    return Err(timed_out(timeout));
+                }
+                Err(err) => return Err(err),
+            };
+            dmalog_device::io_piece::advance(&mut pieces, &mut first, n);
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write + IoTimeouts> FrameWriter<W> {
+    /// Every frame must be taken by the peer within `timeout` (a stalled reader is an
+    /// error, not a hang).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(FrameTimeout {
+            timeout,
+            set: W::bound_writes,
+        });
+        self
+    }
+}
