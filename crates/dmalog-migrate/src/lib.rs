@@ -34,6 +34,7 @@ pub mod destination;
 mod dirty;
 pub mod engine;
 mod error;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod guest;
 mod known_zero;

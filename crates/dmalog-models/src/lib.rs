@@ -11,10 +11,11 @@
 //! let driver = Mlx5Driver::new(Mlx5Caps::tiny());
 //! let mut device = driver.recorder(); // the device's DMA writes
 //! let mut tracker = InProcessTracker::new(driver);
-//! let page_size = tracker.start(&[IovaRange::new(0, 1 << 20)?], 4096)?;
+//! let logged = IovaRange::new(0, 1 << 20)?;
+//! let page_size = tracker.start(&[logged], 4096)?;
 //! device.record_write(3 * page_size, 8);
 //! let mut bitmap = vec![0u64; report_words(1 << 20, page_size)? as usize];
-//! tracker.report(0, 1 << 20, page_size, &mut bitmap)?; // through the device thread
+//! tracker.report(logged, page_size, &mut bitmap)?; // through the device thread
 //! assert_eq!(bitmap[0], 1 << 3);
 //! tracker.stop()?; // joins the device thread
 //! # Ok::<(), Box<dyn std::error::Error>>(())

@@ -54,9 +54,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! No features. MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
+//! # Features
+//! - `testing` (off by default): `fuzzing`, the entry points the fuzz targets and the
+//!   replay test drive (the server fed a byte stream, the client against a scripted server).
+//!
+//! MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
 
 pub mod client;
+#[cfg(feature = "testing")]
 pub mod fuzzing;
 pub mod pci_config;
 pub mod server;
