@@ -103,10 +103,10 @@ fn measure(args: &PeerArgs) -> anyhow::Result<PeerReport> {
     let memory = rustix::fs::memfd_create("dmalog-bench-peer", rustix::fs::MemfdFlags::CLOEXEC)
         .context("memfd_create")?;
     rustix::fs::ftruncate(&memory, guest_bytes).context("sizing the memfd")?;
-    client
-        .dma_map(0, guest_bytes, Some(memory.as_fd()), 0, true)
-        .context("DMA_MAP")?;
     let range = IovaRange::new(0, guest_bytes)?;
+    client
+        .dma_map(range, Some(memory.as_fd()), 0, true)
+        .context("DMA_MAP")?;
     let one_word_range = IovaRange::new(0, (64 * args.page_size).min(guest_bytes))?;
     let mut bitmap = Vec::new();
     let (mut start, mut one_word, mut full, mut stop) = (vec![], vec![], vec![], vec![]);
@@ -127,7 +127,7 @@ fn measure(args: &PeerArgs) -> anyhow::Result<PeerReport> {
         result.context("STOP")?;
         stop.push(ns);
     }
-    client.dma_unmap(0, guest_bytes).context("DMA_UNMAP")?;
+    client.dma_unmap(range).context("DMA_UNMAP")?;
     let bitmap_bytes = dmalog::iova_bitmap::report_bytes(guest_bytes, chosen_page)?;
     let report_full = Spread::of(&mut full);
     let version = client.server_version();

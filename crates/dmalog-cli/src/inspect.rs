@@ -283,10 +283,10 @@ fn log_check(client: &mut Client, bytes: u64) -> LogCheckOut {
         let fd = rustix::fs::memfd_create("dmalog-inspect", rustix::fs::MemfdFlags::CLOEXEC)
             .map_err(|e| e.to_string())?;
         rustix::fs::ftruncate(&fd, bytes).map_err(|e| e.to_string())?;
-        client
-            .dma_map(0, bytes, Some(fd.as_fd()), 0, true)
-            .map_err(|e: ClientError| format!("DMA_MAP: {e}"))?;
         let range = IovaRange::new(0, bytes).map_err(|e| e.to_string())?;
+        client
+            .dma_map(range, Some(fd.as_fd()), 0, true)
+            .map_err(|e: ClientError| format!("DMA_MAP: {e}"))?;
         let outcome = (|| {
             let page = client
                 .start(&[range], 4096)
@@ -304,7 +304,7 @@ fn log_check(client: &mut Client, bytes: u64) -> LogCheckOut {
             client.stop().map_err(|e| format!("STOP: {e}"))
         })();
         let unmapped = client
-            .dma_unmap(0, bytes)
+            .dma_unmap(range)
             .map_err(|e| format!("DMA_UNMAP: {e}"));
         outcome.and(unmapped)
     })();

@@ -4,6 +4,7 @@
 
 mod common;
 
+use dmalog::IovaRange;
 use std::os::fd::{AsFd, OwnedFd};
 
 use common::{engine_op, read_guest, reg, ServerProcess};
@@ -81,7 +82,12 @@ fn a_sealed_memfd_cannot_shrink_and_fill_works() {
     let memory = memfd(MIB);
     rustix::fs::fcntl_add_seals(&memory, SealFlags::SHRINK | SealFlags::GROW).unwrap();
     client
-        .dma_map(0x10_0000, MIB, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0x10_0000, MIB).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     assert!(
         rustix::fs::ftruncate(&memory, 0).is_err(),
@@ -102,7 +108,12 @@ fn an_unsealed_memfd_shrunk_under_a_mapping_gives_efault_and_the_server_keeps_se
     let mut client = server.connect();
     let memory = memfd(MIB);
     client
-        .dma_map(0x10_0000, MIB, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0x10_0000, MIB).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     // Touch it once while whole, so the server's mapping has pages to lose.
     assert_eq!(engine_op(&mut client, FILL, 0x10_0000, 0, MIB, 1), 0);
@@ -131,7 +142,12 @@ fn an_unsealed_memfd_shrunk_under_a_mapping_gives_efault_and_the_server_keeps_se
     // A region that was never touched before the shrink faults the same way.
     let other = memfd(MIB);
     client
-        .dma_map(0x40_0000, MIB, Some(other.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0x40_0000, MIB).unwrap(),
+            Some(other.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     rustix::fs::ftruncate(&other, 0).unwrap();
     assert_eq!(

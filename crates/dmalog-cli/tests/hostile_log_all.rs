@@ -40,10 +40,17 @@ fn soft_reports_a_write_into_the_5000th_mapping_made_after_start() {
     // 4999 message-only mappings (no fd, so neither side holds thousands of fds), then one
     // the device can write.
     for k in 0..4999 {
-        client.dma_map(spread(k), PAGE, None, 0, true).unwrap();
+        client
+            .dma_map(IovaRange::new(spread(k), PAGE).unwrap(), None, 0, true)
+            .unwrap();
     }
     client
-        .dma_map(spread(4999), PAGE, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(spread(4999), PAGE).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     assert_eq!(
         engine_op(&mut client, FILL, spread(4999) + 64, 0, 64, 0xab),
@@ -64,11 +71,20 @@ fn soft_reports_a_write_after_map_unmap_churn() {
     let memory = guest_memory(PAGE);
     client.start_logging(&[], PAGE).unwrap();
     for k in 0..5000 {
-        client.dma_map(spread(k), PAGE, None, 0, true).unwrap();
-        client.dma_unmap(spread(k), PAGE).unwrap();
+        client
+            .dma_map(IovaRange::new(spread(k), PAGE).unwrap(), None, 0, true)
+            .unwrap();
+        client
+            .dma_unmap(IovaRange::new(spread(k), PAGE).unwrap())
+            .unwrap();
     }
     client
-        .dma_map(spread(5000), PAGE, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(spread(5000), PAGE).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     assert_eq!(engine_op(&mut client, FILL, spread(5000), 0, 8, 0x5a), 0);
     assert_eq!(dirty_pages(&mut client, spread(5000), PAGE), Ok(vec![0]));
@@ -81,12 +97,22 @@ fn fixed_range_trackers_fail_reports_for_a_mapping_they_cannot_cover() {
         let mut client = server.connect();
         let memory = guest_memory(16 << 20);
         client
-            .dma_map(0, 1 << 20, Some(memory.as_fd()), 0, true)
+            .dma_map(
+                IovaRange::new(0, 1 << 20).unwrap(),
+                Some(memory.as_fd()),
+                0,
+                true,
+            )
             .unwrap();
         client.start_logging(&[], PAGE).unwrap();
         // Made after START outside the hardware ranges: DMA_MAP succeeds ...
         client
-            .dma_map(8 << 20, 1 << 20, Some(memory.as_fd()), 8 << 20, true)
+            .dma_map(
+                IovaRange::new(8 << 20, 1 << 20).unwrap(),
+                Some(memory.as_fd()),
+                8 << 20,
+                true,
+            )
             .unwrap();
         assert_eq!(engine_op(&mut client, FILL, 8 << 20, 0, 8, 1), 0);
         // ... and every REPORT is EIO, never a silently clean page.

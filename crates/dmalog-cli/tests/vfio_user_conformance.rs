@@ -3,6 +3,7 @@
 
 mod common;
 
+use dmalog::IovaRange;
 use std::collections::BTreeSet;
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -45,8 +46,7 @@ impl WireTarget {
             if self.mapped.insert(chunk) {
                 self.client
                     .dma_map(
-                        chunk * CHUNK,
-                        CHUNK,
+                        IovaRange::new(chunk * CHUNK, CHUNK).unwrap(),
                         Some(self.memory.as_fd()),
                         chunk * CHUNK,
                         true,

@@ -53,11 +53,21 @@ fn ops_reports_irqs_and_faults() {
 
     let memory = guest_memory(GUEST);
     client
-        .dma_map(0, GUEST, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0, GUEST).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     assert_eq!(
         client
-            .dma_map(GUEST - PAGE, 2 * PAGE, Some(memory.as_fd()), 0, true)
+            .dma_map(
+                IovaRange::new(GUEST - PAGE, 2 * PAGE).unwrap(),
+                Some(memory.as_fd()),
+                0,
+                true
+            )
             .unwrap_err()
             .errno(),
         libc::EEXIST
@@ -163,10 +173,17 @@ fn a_disconnect_stops_logging_and_unmaps_everything() {
         libc::EINVAL
     );
     client
-        .dma_map(0, GUEST, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0, GUEST).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
-    client.dma_unmap(0, PAGE).unwrap_err();
-    client.dma_unmap(0, GUEST).unwrap();
+    client
+        .dma_unmap(IovaRange::new(0, PAGE).unwrap())
+        .unwrap_err();
+    client.dma_unmap(IovaRange::new(0, GUEST).unwrap()).unwrap();
     client.dma_unmap_all().unwrap();
 }
 
@@ -175,8 +192,13 @@ fn migration_between_two_server_processes() {
     let memory_src = guest_memory(GUEST);
     let src_server = ServerProcess::start("soft");
     let mut src = src_server.connect();
-    src.dma_map(0, GUEST, Some(memory_src.as_fd()), 0, true)
-        .unwrap();
+    src.dma_map(
+        IovaRange::new(0, GUEST).unwrap(),
+        Some(memory_src.as_fd()),
+        0,
+        true,
+    )
+    .unwrap();
     let (base, span, size, seed) = (0x10_0000u64, 0x40_0000u64, 8192u64, 99u64);
     for (offset, value) in [
         (reg::WL_BASE, base),
@@ -233,8 +255,13 @@ fn migration_between_two_server_processes() {
     );
     dst.write_migration_data(&state).unwrap();
     dst.set_device_state(DeviceState::Stop).unwrap();
-    dst.dma_map(0, GUEST, Some(memory_dst.as_fd()), 0, true)
-        .unwrap();
+    dst.dma_map(
+        IovaRange::new(0, GUEST).unwrap(),
+        Some(memory_dst.as_fd()),
+        0,
+        true,
+    )
+    .unwrap();
     assert_eq!(dst.read_u64(0, reg::WL_WRITES).unwrap(), stopped_at);
     dst.set_device_state(DeviceState::Running).unwrap();
     while dst.read_u64(0, reg::WL_WRITES).unwrap() < stopped_at + 20 {

@@ -47,10 +47,20 @@ fn the_sample_client_sequence() {
     // Two one-page regions from one file.
     let memory = guest_memory(2 * PAGE);
     client
-        .dma_map(0x10000, PAGE, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0x10000, PAGE).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     client
-        .dma_map(0x20000, PAGE, Some(memory.as_fd()), PAGE, true)
+        .dma_map(
+            IovaRange::new(0x20000, PAGE).unwrap(),
+            Some(memory.as_fd()),
+            PAGE,
+            true,
+        )
         .unwrap();
     let eventfd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
     client.set_irq_eventfds(0, 0, &[eventfd.as_fd()]).unwrap();

@@ -27,11 +27,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let socket = std::env::args().nth(1).ok_or("usage: minimal_vmm SOCKET")?;
     let guest = sealed_memfd("guest", GUEST_BYTES)?;
     let mut device = Client::connect(Path::new(&socket))?;
-    device.dma_map(0, GUEST_BYTES, Some(guest.as_fd()), 0, true)?;
+    let guest_range = IovaRange::new(0, GUEST_BYTES)?; // IOVA = guest physical address
+    device.dma_map(guest_range, Some(guest.as_fd()), 0, true)?;
     if !device.probe()? {
         return Err("the device has no DMA logging".into());
     }
-    let page_size = device.start(&[IovaRange::new(0, GUEST_BYTES)?], PAGE_SIZE)?;
+    let page_size = device.start(&[guest_range], PAGE_SIZE)?;
 
     for (iova, len_bytes) in WRITES {
         device.write_u64(0, 0, iova)?; // DST
@@ -40,11 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // One bit per page, 64 pages a word; REPORT also clears what it returns.
     let mut bitmap = vec![0u64; report_words(GUEST_BYTES, page_size)? as usize];
-    device.report(
-        IovaRange::new(0, GUEST_BYTES).unwrap(),
-        page_size,
-        &mut bitmap,
-    )?;
+    device.report(guest_range, page_size, &mut bitmap)?;
     device.stop()?;
     let dirty: Vec<u64> = (0..GUEST_BYTES / page_size)
         .filter(|&page| bitmap[(page / 64) as usize] >> (page % 64) & 1 == 1)

@@ -241,8 +241,11 @@ pub fn client_against_script(script: &[u8]) -> usize {
         let _ = client.device_info();
         let _ = client.region_info(1);
         let _ = client.irq_info(0);
-        let _ = client.dma_map(0, 1 << 20, Some(memory.as_fd()), 0, true);
-        let _ = client.dma_map_message_only(1 << 20, 1 << 20, memory.as_fd(), 0, true);
+        let (low, high) = (IovaRange::new(0, 1 << 20), IovaRange::new(1 << 20, 1 << 20));
+        if let (Ok(low), Ok(high)) = (low, high) {
+            let _ = client.dma_map(low, Some(memory.as_fd()), 0, true);
+            let _ = client.dma_map_message_only(high, memory.as_fd(), 0, true);
+        }
         let _ = client.read_u64(0, 0);
         let _ = client.write_u64(0, 8, 1);
         let _ = client.probe();
@@ -259,7 +262,9 @@ pub fn client_against_script(script: &[u8]) -> usize {
         let _ = client.read_migration_data(&mut buf);
         let _ = client.write_migration_data(&[0u8; 300]);
         let _ = client.serve_requests(std::time::Duration::ZERO);
-        let _ = client.dma_unmap(0, 1 << 20);
+        if let Ok(low) = IovaRange::new(0, 1 << 20) {
+            let _ = client.dma_unmap(low);
+        }
         let _ = client.reset();
     }
     server.join().expect("the fake server panicked")

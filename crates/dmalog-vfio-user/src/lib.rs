@@ -35,8 +35,9 @@
 //!
 //! let guest = sealed_memfd("guest", 1 << 20)?; // 1 MiB at IOVA 0, shared with the device
 //! let mut client = Client::with_stream(vmm_end, 1 << 20)?;
-//! client.dma_map(0, 1 << 20, Some(guest.as_fd()), 0, true)?;
-//! let page_size = client.start(&[IovaRange::new(0, 1 << 20)?], 4096)?;
+//! let mapped = IovaRange::new(0, 1 << 20)?;
+//! client.dma_map(mapped, Some(guest.as_fd()), 0, true)?;
+//! let page_size = client.start(&[mapped], 4096)?;
 //!
 //! // dma-engine's FILL: 8 KiB from IOVA 0x5000 (pages 5 and 6), run by the doorbell.
 //! for (offset, value) in [(reg::DST, 0x5000), (reg::LEN, 8192), (reg::OP, op::FILL)] {

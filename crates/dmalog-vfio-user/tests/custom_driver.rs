@@ -87,7 +87,12 @@ fn a_custom_log_driver_is_served_and_reported_through_the_wire() {
     let guest = sealed_memfd("guest", 1 << 20).unwrap();
     let mut client = Client::with_stream(vmm_end, 1 << 20).unwrap();
     client
-        .dma_map(0, 1 << 20, Some(guest.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0, 1 << 20).unwrap(),
+            Some(guest.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     assert!(client.probe().unwrap());
     let guest_range = IovaRange::new(0, 1 << 20).unwrap();

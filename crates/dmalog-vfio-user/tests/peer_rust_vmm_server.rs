@@ -10,6 +10,7 @@
 //! can be tolerant of that; this test does not send it); its error replies carry errno 0
 //! unless the backend said EINVAL; it replies VERSION 0.0.
 
+use dmalog::IovaRange;
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -238,7 +239,12 @@ fn dmalog_client_drives_the_rust_vmm_server() {
 
         let guest = memfd("guest", 1 << 20);
         client
-            .dma_map(0x10_0000, 1 << 20, Some(guest.as_fd()), 0, true)
+            .dma_map(
+                IovaRange::new(0x10_0000, 1 << 20).unwrap(),
+                Some(guest.as_fd()),
+                0,
+                true,
+            )
             .unwrap();
         client.write_u64(0, REG_DST, 0x10_2000).unwrap();
         client.write_u64(0, REG_LEN, 64).unwrap();
@@ -262,7 +268,9 @@ fn dmalog_client_drives_the_rust_vmm_server() {
         let refused = client.read_u64(0, 0x40).unwrap_err();
         assert_eq!(refused.errno(), libc::EIO);
         assert_eq!(client.read_u64(0, REG_LEN).unwrap(), 64, "still in step");
-        client.dma_unmap(0x10_0000, 1 << 20).unwrap();
+        client
+            .dma_unmap(IovaRange::new(0x10_0000, 1 << 20).unwrap())
+            .unwrap();
         client.reset().unwrap();
         assert_eq!(client.read_u64(0, REG_LEN).unwrap(), 0, "reset cleared LEN");
         drop(client);

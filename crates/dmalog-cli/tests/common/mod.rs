@@ -4,6 +4,7 @@
 
 pub mod migrate;
 
+use dmalog::IovaRange;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -47,7 +48,12 @@ pub fn map_and_start_logging(
 ) {
     use std::os::fd::AsFd;
     client
-        .dma_map(0, len_bytes, Some(memory.as_fd()), 0, true)
+        .dma_map(
+            IovaRange::new(0, len_bytes).unwrap(),
+            Some(memory.as_fd()),
+            0,
+            true,
+        )
         .unwrap();
     dmalog::DirtyTracker::start(
         client,

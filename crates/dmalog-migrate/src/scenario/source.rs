@@ -114,7 +114,7 @@ pub fn prefill(memory: &GuestMemory, pct: u64) -> Result<(), ScenarioError> {
 pub fn map_all(client: &mut Client, memory: &GuestMemory) -> Result<(), String> {
     for region in memory.regions() {
         client
-            .dma_map(region.gpa, region.size, Some(region.fd()), 0, true)
+            .dma_map(region.range(), Some(region.fd()), 0, true)
             .map_err(|e| format!("DMA_MAP to the device server: {e}"))?;
     }
     Ok(())

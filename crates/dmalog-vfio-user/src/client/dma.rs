@@ -3,46 +3,46 @@
 
 use std::os::fd::BorrowedFd;
 
+use dmalog::IovaRange;
+
 use super::{Client, ClientError, ClientMapping};
 use crate::transport::Message;
 use crate::wire::*;
 
 impl Client {
-    /// DMA_MAP `[iova, iova+size)` from `fd` at `offset`. With `fd` the server maps the
-    /// memory; the client keeps a duplicate to serve the server's DMA_READ/DMA_WRITE.
+    /// DMA_MAP `range` from `fd` at byte `offset`. With `fd` the server maps the memory; the
+    /// client keeps a duplicate to serve the server's DMA_READ/DMA_WRITE.
     pub fn dma_map(
         &mut self,
-        iova: u64,
-        size: u64,
+        range: IovaRange,
         fd: Option<BorrowedFd<'_>>,
         offset: u64,
         writable: bool,
     ) -> Result<(), ClientError> {
-        self.dma_map_as(iova, size, fd, offset, writable, true)
+        self.dma_map_as(range, fd, offset, writable, true)
     }
 
     /// DMA_MAP where the server gets no fd ("message-only": every device access to it is a
     /// DMA_READ/DMA_WRITE message the client serves from `fd`).
     pub fn dma_map_message_only(
         &mut self,
-        iova: u64,
-        size: u64,
+        range: IovaRange,
         fd: BorrowedFd<'_>,
         offset: u64,
         writable: bool,
     ) -> Result<(), ClientError> {
-        self.dma_map_as(iova, size, Some(fd), offset, writable, false)
+        self.dma_map_as(range, Some(fd), offset, writable, false)
     }
 
     fn dma_map_as(
         &mut self,
-        iova: u64,
-        size: u64,
+        range: IovaRange,
         fd: Option<BorrowedFd<'_>>,
         offset: u64,
         writable: bool,
         send_fd: bool,
     ) -> Result<(), ClientError> {
+        let (iova, size) = (range.iova(), range.len_bytes());
         let flags = DMA_FLAG_READ | if writable { DMA_FLAG_WRITE } else { 0 };
         let request = DmaMap {
             argsz: DmaMap::BYTES as u32,
@@ -159,8 +159,9 @@ impl Client {
         self.served_dma
     }
 
-    /// DMA_UNMAP of exactly `[iova, iova+size)`.
-    pub fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), ClientError> {
+    /// DMA_UNMAP of exactly `range` (as it was mapped).
+    pub fn dma_unmap(&mut self, range: IovaRange) -> Result<(), ClientError> {
+        let (iova, size) = (range.iova(), range.len_bytes());
         let request = DmaUnmap {
             argsz: DmaUnmap::BYTES as u32,
             flags: 0,
