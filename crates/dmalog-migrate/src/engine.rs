@@ -278,6 +278,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
     let extra = crate::sender::send_hello(out, channels, connect, memory)?;
+    fixed.link_rtt_ms = link_round_trip(out, replies)?.as_secs_f64() * 1e3;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -506,11 +507,34 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         downtime_budget_met,
         forced_stop: forced,
         stop,
+        link_rtt_ms: fixed.link_rtt_ms,
     })
 }
 
 /// A stopwatch of consecutive phases.
 /// Runs `step`, keeping how long it took in `ms` (the cost the stop will have again).
+/// Times one round trip on the link: a Ping on `out`, its Pong on `replies`. Two, and the
+/// second counts: the first also waits out the destination's setup (its channels, DMA
+/// maps, RESUMING).
+fn link_round_trip<W: Write>(
+    out: &mut FrameWriter<W>,
+    replies: &mut FrameReader<impl Read>,
+) -> Result<Duration, MigrateError> {
+    let mut round_trip = Duration::ZERO;
+    for nonce in 1u64..=2 {
+        let sent = Instant::now();
+        out.write(Kind::Ping, &[&nonce.to_le_bytes()])?;
+        out.flush()?;
+        let pong = replies.read()?;
+        expect_kind(&pong, Kind::Pong)?;
+        if pong.payload != nonce.to_le_bytes() {
+            return Err(MigrateError::Peer("a Pong that answers no Ping".into()));
+        }
+        round_trip = sent.elapsed();
+    }
+    Ok(round_trip)
+}
+
 fn timed<T>(ms: &mut f64, step: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let out = step();

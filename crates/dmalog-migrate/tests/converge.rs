@@ -211,10 +211,8 @@ fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
 fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
     let (memory, mut device, mut vcpus) = source();
     let (a, b) = UnixStream::pair().unwrap();
-    // A destination that takes everything and never answers.
-    let sink = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut &b, &mut std::io::sink());
-    });
+    // A destination that takes everything and answers nothing but the Pings.
+    let sink = std::thread::spawn(move || common::take_frames_answering_pings(&b, |_| false));
     let cut = a.try_clone().unwrap();
     let config = config(
         50,

@@ -747,3 +747,34 @@ fn a_destination_that_never_reads_a_further_channel_fails_the_source_in_time() {
     assert_eq!(device.state, DeviceState::Running, "{err}");
     assert!(!device.logging, "device logging stopped");
 }
+
+/// A Ping on the main channel is answered at once with its payload (the source times its
+/// link with it); one over the 8-byte limit is refused before its payload is read, and the
+/// device was never resumed.
+#[test]
+fn pings_are_echoed_and_an_oversized_one_is_refused() {
+    let (address, dst) = destination(HANG_GUARD, accept_channel);
+    let mut main = Peer::main(&address, 1);
+    for payload in [7u64.to_le_bytes().to_vec(), Vec::new()] {
+        main.send(Kind::Ping, &payload);
+        let pong = main.reply();
+        assert_eq!((pong.kind, pong.payload), (Kind::Pong, payload));
+    }
+    main.stream()
+        .write_all(&raw_frame(Kind::Ping as u8, &[0u8; 9]))
+        .unwrap();
+    let (result, _, state) = outcome(dst);
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MigrateError::Stream(StreamError::TooLarge {
+                kind: Kind::Ping,
+                len_bytes: 9,
+                limit_bytes: 8
+            })
+        ),
+        "{err}"
+    );
+    assert_ne!(state, DeviceState::Running);
+}

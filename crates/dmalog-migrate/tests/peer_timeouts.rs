@@ -111,12 +111,7 @@ fn a_destination_silent_after_the_final_data_gives_the_source_its_vm_back() {
     let (release, hold) = mpsc::channel::<()>();
     let after = source_against(move |theirs| {
         // Take every frame up to End, then say nothing (the socket stays open).
-        let mut input = FrameReader::new(theirs.try_clone().unwrap());
-        while let Ok(frame) = input.read() {
-            if frame.kind == Kind::End {
-                break;
-            }
-        }
+        common::take_frames_answering_pings(&theirs, |frame| frame.kind == Kind::End);
         let _ = hold.recv_timeout(HANG_GUARD);
         drop(theirs);
     });
@@ -146,6 +141,10 @@ fn a_destination_silent_after_the_source_s_go_keeps_the_source_paused() {
                     out.flush().unwrap();
                 }
                 Kind::Go => break,
+                Kind::Ping => {
+                    out.write(Kind::Pong, &[&frame.payload]).unwrap();
+                    out.flush().unwrap();
+                }
                 _ => {}
             }
         }
@@ -174,8 +173,13 @@ fn a_destination_silent_after_the_source_s_go_keeps_the_source_paused() {
 fn a_destination_that_stops_reading_gives_the_source_its_vm_back() {
     let (release, hold) = mpsc::channel::<()>();
     let after = source_against(move |theirs| {
-        // Read the Hello, then nothing: the socket buffer fills and the source's writes block.
-        let _ = FrameReader::new(theirs.try_clone().unwrap()).read();
+        // Read the Hello and answer the Pings, then nothing: the socket buffer fills and
+        // the source's writes block.
+        let mut pings = 0;
+        common::take_frames_answering_pings(&theirs, |frame| {
+            pings += u32::from(frame.kind == Kind::Ping);
+            pings == 2
+        });
         let _ = hold.recv_timeout(HANG_GUARD);
         drop(theirs);
     });
@@ -271,9 +275,7 @@ fn a_silent_device_is_not_asked_again_before_the_vcpus_resume() {
         ..
     } = start_vcpus(&memory, (0, 1 << 20), 1 << 20, 1);
     let (ours, theirs) = UnixStream::pair().unwrap();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut &theirs, &mut std::io::sink());
-    });
+    std::thread::spawn(move || common::take_frames_answering_pings(&theirs, |_| false));
     let mut replies = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
     let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
     let mut config = config();

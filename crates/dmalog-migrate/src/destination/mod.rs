@@ -339,7 +339,7 @@ fn receive<W: Write, D: MigrationDevice>(
         let main = receive_main(
             (memory, &known),
             device,
-            input,
+            (input, &mut *out),
             &sync,
             &mut applied,
             &mut report,
@@ -420,11 +420,11 @@ fn receive<W: Write, D: MigrationDevice>(
     Ok(report)
 }
 
-/// The main channel's frames until End.
-fn receive_main<D: MigrationDevice>(
+/// The main channel's frames until End (a Ping answered at once with its Pong).
+fn receive_main<D: MigrationDevice, W: Write>(
     (memory, known): (&GuestMemory, &KnownZero),
     device: &mut D,
-    input: &mut FrameReader<impl Read + Transport>,
+    (input, out): (&mut FrameReader<impl Read + Transport>, &mut FrameWriter<W>),
     sync: &RoundSync,
     applied: &mut Applied,
     report: &mut DestinationReport,
@@ -442,6 +442,11 @@ fn receive_main<D: MigrationDevice>(
             Kind::End => {
                 sync.finish();
                 return Ok(());
+            }
+            // The payload is at most 8 bytes (the reader's limit for the kind).
+            Kind::Ping => {
+                out.write(Kind::Pong, &[&frame.payload])?;
+                out.flush()?;
             }
             Kind::Abort => return Err(aborted(&frame)),
             other => return Err(MigrateError::Peer(format!("unexpected {other:?} frame"))),

@@ -15,7 +15,7 @@ use dmalog::{
     DirtyTracker, InProcessTracker, IovaRange, MigrationDevice, PendingBytes, SoftDriver,
     TrackerError, TrackerResult, WriteRecorder,
 };
-use dmalog_migrate::stream::{FrameReader, FrameWriter, Transport};
+use dmalog_migrate::stream::{Frame, FrameReader, FrameWriter, Kind, Transport};
 use dmalog_migrate::{
     migrate_destination, migrate_destination_channels, DestinationReport, GuestMemory, Incoming,
     MigrateError, Mode, SourceConfig, VcpuParams, VcpuWorkload,
@@ -288,4 +288,22 @@ where
         (result, memory, device)
     });
     (address, thread)
+}
+
+/// A stand-in destination's reading: takes the frames on `stream`, answering each Ping
+/// with its Pong (the source times its link before round 0), until `stop` says so for a
+/// frame taken or the stream ends.
+#[allow(dead_code)]
+pub fn take_frames_answering_pings(stream: &UnixStream, mut stop: impl FnMut(&Frame) -> bool) {
+    let mut input = FrameReader::new(stream.try_clone().unwrap());
+    let mut out = FrameWriter::new(stream.try_clone().unwrap(), None);
+    while let Ok(frame) = input.read() {
+        if frame.kind == Kind::Ping {
+            let _ = out.write(Kind::Pong, &[&frame.payload]);
+            let _ = out.flush();
+        }
+        if stop(&frame) {
+            return;
+        }
+    }
 }
