@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::converge::{Convergence, Decision, FixedCosts, ThrottleParams};
 use crate::dirty::{DirtyPages, Tracking};
 pub use crate::error::MigrateError;
-use crate::guest::GuestMemory;
+use crate::guest::{GuestPages, LoggedGuestMemory};
 pub use crate::report::{MigrationReport, RoundStats, StopTimes};
 use crate::sender::Sender;
 use crate::source_device::Throttle;
@@ -49,7 +49,11 @@ pub enum RangePlan {
 
 /// The START ranges for `memory` under `plan`, never more than `max_ranges` (merged by
 /// smallest gaps, as the logging core would).
-pub fn plan_ranges(memory: &GuestMemory, plan: RangePlan, max_ranges: usize) -> Vec<IovaRange> {
+pub fn plan_ranges(
+    memory: &LoggedGuestMemory,
+    plan: RangePlan,
+    max_ranges: usize,
+) -> Vec<IovaRange> {
     let exact: Vec<IovaRange> = memory.regions().iter().map(|r| r.range()).collect();
     let planned = match plan {
         RangePlan::Exact => exact,
@@ -86,7 +90,7 @@ pub struct SourceConfig {
 /// The source VM as the engine sees it.
 pub struct SourceVm<'a> {
     /// Guest memory.
-    pub memory: &'a GuestMemory,
+    pub memory: &'a LoggedGuestMemory,
     /// The device: a dirty source and migration data.
     pub device: &'a mut dyn SourceDevice,
     /// The VMM's own dirty log (vCPU writes).
@@ -150,6 +154,8 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
+    // Before anything starts: the engine's copies are direct.
+    crate::guest::check_unshrinkable(vm.memory)?;
     let mut vm = vm;
     let mut committed = false;
     let err = match migrate_source_inner(

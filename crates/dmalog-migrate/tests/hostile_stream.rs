@@ -12,7 +12,7 @@ use dmalog_migrate::stream::{
     pages_payload, FrameReader, FrameWriter, Kind, StreamError, FRAME_HEADER_BYTES, MAGIC,
     MAX_PAYLOAD, RUN_ZERO, VERSION,
 };
-use dmalog_migrate::{GuestMemory, MigrateError};
+use dmalog_migrate::{GuestPages, LoggedGuestMemory, MigrateError};
 
 /// Bytes from a slice, recording the largest buffer the reader offers to fill: the
 /// reader allocates its payload buffer before filling it, so this bounds the allocation.
@@ -54,7 +54,7 @@ struct Outcome {
     result: Result<dmalog_migrate::DestinationReport, MigrateError>,
     /// What the destination sent back.
     replies: Vec<u8>,
-    memory: GuestMemory,
+    memory: LoggedGuestMemory,
 }
 
 /// The destination refused the stream: a `kind` frame was malformed.
