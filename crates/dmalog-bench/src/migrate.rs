@@ -168,7 +168,7 @@ impl MigrateLoopback {
                     word.copy_from_slice(&(next_random(&mut rng) | 1).to_le_bytes());
                 }
                 let n = (size - done).min(chunk.len() as u64) as usize;
-                assert!(memory.write(gpa + done, &chunk[..n]));
+                assert!(memory.write_at(gpa + done, &chunk[..n]));
                 done += n as u64;
             }
         }
@@ -502,7 +502,7 @@ pub fn rows(batches: usize, progress: &mut impl FnMut(&str)) -> Vec<Row> {
     let zeros = vec![0u8; PAGE as usize];
     for region in w.memory().regions() {
         for page in (0..region.size / PAGE).filter(|p| p % 20 != 0) {
-            assert!(w.memory().write(region.gpa + page * PAGE, &zeros));
+            assert!(w.memory().write_at(region.gpa + page * PAGE, &zeros));
         }
     }
     let (mut skip_bytes, mut full_bytes) = (0, 0);

@@ -118,8 +118,9 @@ pub fn check_unshrinkable<B: Bitmap>(memory: &GuestMemoryMmap<B>) -> Result<(), 
     Ok(())
 }
 
-/// What the engine reads and writes of guest memory, by GPA. Reads are volatile (vCPUs and
-/// the device write concurrently); [`GuestPages::write`] goes through vm-memory, so the
+/// What the engine reads and writes of guest memory, by GPA (named apart from vm-memory's
+/// `Bytes::read`/`write`, which take a `GuestAddress` and may cross regions). Reads are volatile (vCPUs and
+/// the device write concurrently); [`GuestPages::write_at`] goes through vm-memory, so the
 /// region's bitmap marks it.
 pub trait GuestPages {
     /// The regions, in GPA order.
@@ -130,11 +131,11 @@ pub trait GuestPages {
 
     /// Copies `data` to `gpa` (within one region) through vm-memory (`write_slice`, marked
     /// dirty); false when outside.
-    fn write(&self, gpa: u64, data: &[u8]) -> bool;
+    fn write_at(&self, gpa: u64, data: &[u8]) -> bool;
 
     /// Copies from `gpa` into `out` (within one region) with volatile loads; false when
     /// outside.
-    fn read(&self, gpa: u64, out: &mut [u8]) -> bool;
+    fn read_at(&self, gpa: u64, out: &mut [u8]) -> bool;
 
     /// `len_bytes` at `gpa` (within one region) as a piece the kernel can send straight
     /// from guest memory ([`dmalog_device::write_pieces`]); `None` when outside.
@@ -183,7 +184,7 @@ impl<B: Bitmap> GuestPages for GuestMemoryMmap<B> {
         self.iter().map(|region| region.len()).sum()
     }
 
-    fn write(&self, gpa: u64, data: &[u8]) -> bool {
+    fn write_at(&self, gpa: u64, data: &[u8]) -> bool {
         locate(self, gpa, data.len()).is_some_and(|(region, offset)| {
             region
                 .write_slice(data, MemoryRegionAddress(offset as u64))
@@ -191,7 +192,7 @@ impl<B: Bitmap> GuestPages for GuestMemoryMmap<B> {
         })
     }
 
-    fn read(&self, gpa: u64, out: &mut [u8]) -> bool {
+    fn read_at(&self, gpa: u64, out: &mut [u8]) -> bool {
         self.piece(gpa, out.len())
             .is_some_and(|piece| piece.copy_to(out).is_ok())
     }
@@ -225,7 +226,7 @@ impl<B: Bitmap> GuestPages for GuestMemoryMmap<B> {
             let at = gpa + i * page_size as u64;
             match self.is_zero(at, page_size) {
                 Some(true) => true,
-                Some(false) => GuestPages::write(self, at, &ZEROS[..page_size]),
+                Some(false) => self.write_at(at, &ZEROS[..page_size]),
                 None => false,
             }
         })

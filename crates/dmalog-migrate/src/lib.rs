@@ -81,7 +81,8 @@ pub use engine::{
     RangePlan, RoundStats, SourceConfig, SourceVm, StopTimes,
 };
 pub use guest::{
-    default_layout, memfd_guest, memfd_guest_untracked, GuestPages, LoggedGuestMemory,
+    check_unshrinkable, default_layout, memfd_guest, memfd_guest_untracked, GuestPages,
+    LoggedGuestMemory,
 };
 pub use vcpu::{VcpuParams, VcpuWorkload};
 /// The vm-memory the engine's guest memory is (the same version, for a VMM's own memory).

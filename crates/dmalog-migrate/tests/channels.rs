@@ -44,7 +44,7 @@ fn a_migration_on_three_channels_verifies_with_vcpus_writing() {
     // Data everywhere (zero pages would make every channel's share nearly free).
     for &(gpa, size) in &LAYOUT {
         let pattern: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect();
-        assert!(memory.write(gpa, &pattern));
+        assert!(memory.write_at(gpa, &pattern));
     }
     let (mut device, _) = FakeDevice::new(vec![9u8; 3000]);
     let Vcpus {
@@ -171,7 +171,7 @@ fn a_two_channel_destination_refuses_other_sessions_and_a_third_connection() {
     assert!(report.verified);
     assert_eq!(report.channels, 2);
     let mut first = [0u8; 4];
-    memory.read(0, &mut first);
+    memory.read_at(0, &mut first);
     assert_eq!(first, [1; 4], "channel 1's page arrived");
 }
 
@@ -203,7 +203,7 @@ fn an_old_copy_on_a_slow_channel_never_overwrites_a_newer_one() {
     let (report, memory, _) = destination.join().unwrap();
     report.unwrap();
     let mut p = [0u8; 4096];
-    memory.read(P, &mut p);
+    memory.read_at(P, &mut p);
     assert!(
         p.iter().all(|&b| b == 0xbb),
         "page P is {:#x}, the old copy",

@@ -31,7 +31,7 @@ fn dirty_the_working_set(memory: &LoggedGuestMemory, throttle_pct: u8, round: u3
     let pages = WSS_PAGES * u64::from(100 - throttle_pct) / 100;
     for page in 0..pages {
         let gpa = WSS_BASE + page * 4096;
-        memory.write(gpa, &[round as u8 + 1; 64]);
+        memory.write_at(gpa, &[round as u8 + 1; 64]);
     }
 }
 

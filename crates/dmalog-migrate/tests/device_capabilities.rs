@@ -53,7 +53,7 @@ fn migrate(device: &mut FakeDevice) -> (Result<MigrationReport, MigrateError>, V
     let report = migrate_source(&config(), vm, &mut out, &mut replies, |round| {
         if !round.final_round {
             rounds = rounds.wrapping_add(1);
-            writer_memory.write(3 * 4096, &[rounds; 64]);
+            writer_memory.write_at(3 * 4096, &[rounds; 64]);
             vcpu_writes.record_write(3 * 4096, 64);
         }
     });

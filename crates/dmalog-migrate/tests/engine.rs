@@ -16,7 +16,7 @@ use dmalog_migrate::{memfd_guest_untracked, migrate_source, GuestPages, MigrateE
 #[test]
 fn a_migration_over_a_socket_pair_verifies() {
     let src_memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
-    src_memory.write(4096, &[7u8; 100]);
+    src_memory.write_at(4096, &[7u8; 100]);
     let (mut device, mut dma) = FakeDevice::new(vec![3u8; 5000]);
     let (mut cpu, _) = cpu_log();
     let (a, b) = UnixStream::pair().unwrap();
@@ -35,7 +35,7 @@ fn a_migration_over_a_socket_pair_verifies() {
     let report = migrate_source(&config(), vm, &mut out, &mut replies, |round| {
         if !round.final_round {
             rounds += 1;
-            writer_memory.write((1 << 32) + 8192, &[rounds as u8; 100]);
+            writer_memory.write_at((1 << 32) + 8192, &[rounds as u8; 100]);
             dma.record_write((1 << 32) + 8192, 100);
         }
     })
@@ -44,7 +44,7 @@ fn a_migration_over_a_socket_pair_verifies() {
     let (dst, memory, dst_device) = destination.join().unwrap();
     assert!(dst.unwrap().verified);
     let mut page = [0u8; 100];
-    memory.read((1 << 32) + 8192, &mut page);
+    memory.read_at((1 << 32) + 8192, &mut page);
     assert_eq!(
         dst_device.loaded.len(),
         5000 * 2,

@@ -41,7 +41,7 @@ fn refused_why(result: &Result<DestinationReport, MigrateError>) -> &'static str
 
 fn read_page(memory: &LoggedGuestMemory, gpa: u64) -> Vec<u8> {
     let mut page = vec![0u8; 4096];
-    assert!(memory.read(gpa, &mut page));
+    assert!(memory.read_at(gpa, &mut page));
     page
 }
 
@@ -641,7 +641,7 @@ fn a_zero_run_over_pages_already_zeroed_costs_no_scan() {
     let behind = Arc::clone(&memory);
     let before = move |frame: usize| {
         if frame == 2 {
-            assert!(behind.write(4096, &[0x11; 4096]));
+            assert!(behind.write_at(4096, &[0x11; 4096]));
         }
     };
     let mut device = LoadingDevice::default();
@@ -691,7 +691,7 @@ fn a_destination_that_never_reads_a_further_channel_fails_the_source_in_time() {
     });
     let memory = memfd_guest_untracked(&common::LAYOUT).unwrap();
     for &(gpa, size) in &common::LAYOUT {
-        assert!(memory.write(gpa, &vec![0x5a; size as usize]));
+        assert!(memory.write_at(gpa, &vec![0x5a; size as usize]));
     }
     let (mut device, _) = common::FakeDevice::new(vec![5u8; 3000]);
     let mut cpu = InProcessTracker::new(SoftDriver::new());

@@ -57,7 +57,7 @@ fn source_against(peer: impl FnOnce(UnixStream) + Send + 'static) -> SourceAfter
         // Not zero, so that round 0 is more than the socket buffers hold (zero pages
         // cost almost nothing on the wire).
         for &(gpa, size) in &LAYOUT {
-            assert!(memory.write(gpa, &vec![0x5a; size as usize]));
+            assert!(memory.write_at(gpa, &vec![0x5a; size as usize]));
         }
         let (mut device, _) = FakeDevice::new(vec![5u8; 3000]);
         let Vcpus {

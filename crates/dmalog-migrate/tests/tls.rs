@@ -84,7 +84,7 @@ fn a_tls_migration_between_authenticated_hosts_verifies() {
     let tcp = TcpStream::connect(&address).unwrap();
     let stream = tls::connect(&client, "localhost", tcp, TIMEOUT).unwrap();
     let memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
-    memory.write(4096, &[7u8; 100]);
+    memory.write_at(4096, &[7u8; 100]);
     let (mut device, _) = FakeDevice::new(vec![3u8; 5000]);
     let (mut cpu, _) = cpu_log();
     let mut replies = FrameReader::new(stream.try_clone().unwrap()).with_timeout(TIMEOUT);

@@ -506,7 +506,7 @@ fn write_pages(
         let written = match run.data {
             Some(data) => {
                 known.forget(run.gpa, run.npages);
-                memory.write(run.gpa, data)
+                memory.write_at(run.gpa, data)
             }
             None => {
                 applied.zero_pages += run.npages;

@@ -99,7 +99,7 @@ pub fn prefill(memory: &LoggedGuestMemory, pct: u64) -> Result<(), ScenarioError
                 let gpa = region.gpa + done + i as u64 * 4096;
                 page[..8].copy_from_slice(&gpa.to_le_bytes());
             }
-            if !memory.write(region.gpa + done, &chunk[..len as usize]) {
+            if !memory.write_at(region.gpa + done, &chunk[..len as usize]) {
                 return Err(ScenarioError::Failed(format!(
                     "prefilling guest memory at {:#x}",
                     region.gpa + done
