@@ -155,7 +155,7 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
     // Before anything starts: the engine's copies are direct.
-    crate::guest::check_unshrinkable(vm.memory)?;
+    crate::guest::check_guest_memory(vm.memory)?;
     let mut vm = vm;
     let mut committed = false;
     let err = match migrate_source_inner(

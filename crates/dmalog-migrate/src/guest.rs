@@ -49,8 +49,12 @@ impl<'a> GuestRegion<'a> {
     }
 
     /// The region as an IOVA range.
+    ///
+    /// # Panics
+    /// On an empty region, which vm-memory's own constructors never make (and
+    /// [`check_guest_memory`] refuses); vm-memory regions never wrap.
     pub fn range(&self) -> IovaRange {
-        IovaRange::new(self.gpa, self.size).expect("vm-memory regions do not wrap")
+        IovaRange::new(self.gpa, self.size).expect("a non-empty vm-memory region")
     }
 }
 
@@ -102,11 +106,18 @@ pub fn memfd_guest_untracked(layout: &[(u64, u64)]) -> std::io::Result<LoggedGue
     memfd_guest(&regions, layout)
 }
 
-/// Refuses guest memory whose copies could raise SIGBUS: a region over a file that can
-/// shrink (not a memfd sealed with `F_SEAL_SHRINK`), which the device server it is shared
-/// with could truncate under the engine's direct copies. Anonymous regions pass.
-pub fn check_unshrinkable<B: Bitmap>(memory: &GuestMemoryMmap<B>) -> Result<(), MigrateError> {
+/// Refuses guest memory the engine cannot migrate as it is: a region whose GPA or size is
+/// not a multiple of the 4 KiB page (or that is empty), or one over a file that can shrink
+/// (not a memfd sealed with `F_SEAL_SHRINK`), which the device server it is shared with
+/// could truncate under the engine's direct copies (SIGBUS). Anonymous regions pass.
+pub fn check_guest_memory<B: Bitmap>(memory: &GuestMemoryMmap<B>) -> Result<(), MigrateError> {
     for region in memory.iter() {
+        let (gpa, size) = (region.start_addr().0, region.len());
+        if size == 0 || gpa % 4096 != 0 || size % 4096 != 0 {
+            return Err(MigrateError::Memory(
+                "a guest memory region is empty or not aligned to 4 KiB pages",
+            ));
+        }
         if let Some(file) = region.file_offset() {
             if CopyPath::for_file(file.file(), file.start(), region.size()) != CopyPath::Direct {
                 return Err(MigrateError::Memory(

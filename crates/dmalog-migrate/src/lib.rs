@@ -81,7 +81,7 @@ pub use engine::{
     RangePlan, RoundStats, SourceConfig, SourceVm, StopTimes,
 };
 pub use guest::{
-    check_unshrinkable, default_layout, memfd_guest, memfd_guest_untracked, GuestPages,
+    check_guest_memory, default_layout, memfd_guest, memfd_guest_untracked, GuestPages,
     LoggedGuestMemory,
 };
 pub use vcpu::{VcpuParams, VcpuWorkload};

@@ -10,8 +10,8 @@ use common::{config, source_guest, spawn_destination, FakeDevice, LAYOUT};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use dmalog_migrate::{
-    check_unshrinkable, memfd_guest_untracked, migrate_source, GuestPages, LoggedGuestMemory,
-    RoundStats, SourceVm,
+    check_guest_memory, memfd_guest_untracked, migrate_source, GuestPages, LoggedGuestMemory,
+    MigrateError, RoundStats, SourceVm,
 };
 
 /// Where the device writes: a descriptor-like object, a buffer, a `VolatileSlice` write, in
@@ -97,7 +97,7 @@ fn memfd_guest_regions_carry_their_sealed_files_and_pages_stay_inside() {
         assert!(region.fd().is_some(), "DMA_MAP needs the fd");
         assert_eq!(region.file_offset(), 0);
     }
-    assert!(check_unshrinkable(&memory).is_ok());
+    assert!(check_guest_memory(&memory).is_ok());
     assert_eq!(memory.total_bytes(), (8 << 20) + (4 << 20));
     let end = 8 << 20;
     assert!(memory.piece(end - 4096, 4096).is_some());
@@ -117,15 +117,41 @@ fn memfd_guest_regions_carry_their_sealed_files_and_pages_stay_inside() {
 }
 
 #[test]
-fn guest_memory_over_a_file_that_can_shrink_is_refused() {
+fn guest_memory_over_a_file_that_can_shrink_or_off_the_page_grid_is_refused() {
     use dmalog_migrate::vm_memory::{FileOffset, GuestMemoryMmap};
     // What a VMM might hand in: a plain (unsealed) memfd the device server could truncate.
     let fd = rustix::fs::memfd_create("unsealed", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
     rustix::fs::ftruncate(&fd, 1 << 20).unwrap();
     let file = FileOffset::new(std::fs::File::from(fd), 0);
-    let memory: GuestMemoryMmap<()> =
+    let memory: LoggedGuestMemory =
         GuestMemoryMmap::from_ranges_with_files([(GuestAddress(0), 1 << 20, Some(file))]).unwrap();
     assert_eq!(memory.num_regions(), 1);
-    let err = check_unshrinkable(&memory).unwrap_err();
+    let err = check_guest_memory(&memory).unwrap_err();
     assert!(err.to_string().contains("F_SEAL_SHRINK"), "{err}");
+    // The destination refuses it before reading a byte or mapping anything.
+    let (mut device, _) = FakeDevice::new(Vec::new());
+    let mut input = FrameReader::new(&[][..]);
+    let mut out = FrameWriter::new(Vec::new(), None);
+    let mut mapped = false;
+    let result = dmalog_migrate::migrate_destination(
+        &memory,
+        &mut device,
+        &mut |_, _| {
+            mapped = true;
+            Ok(())
+        },
+        &mut input,
+        &mut out,
+    );
+    assert!(matches!(result, Err(MigrateError::Memory(_))), "{result:?}");
+    assert!(!mapped);
+
+    // Anonymous memory is fine, but not off the 4 KiB grid.
+    let anonymous: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(1 << 20), 8192)]).unwrap();
+    assert!(check_guest_memory(&anonymous).is_ok());
+    let off_grid: GuestMemoryMmap<()> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0x800), 8192)]).unwrap();
+    let err = check_guest_memory(&off_grid).unwrap_err();
+    assert!(err.to_string().contains("4 KiB"), "{err}");
 }

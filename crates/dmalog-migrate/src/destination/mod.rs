@@ -103,7 +103,7 @@ pub fn migrate_destination_channels<W: Write, D: MigrationDevice>(
     accept: impl FnMut() -> std::io::Result<Incoming>,
 ) -> Result<DestinationReport, MigrateError> {
     // Before anything is read: pages are copied into guest memory directly.
-    crate::guest::check_unshrinkable(memory)?;
+    crate::guest::check_guest_memory(memory)?;
     let mut resumed = false;
     let result = receive(memory, device, map_dma, input, out, accept, &mut resumed)
         .map_err(|err| err.closed_by("source"));
