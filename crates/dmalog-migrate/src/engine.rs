@@ -89,11 +89,12 @@ pub struct SourceConfig {
 
 /// The source VM as the engine sees it.
 pub struct SourceVm<'a> {
-    /// Guest memory.
+    /// Guest memory (vm-memory's, memfd-backed to be shared with a device server).
     pub memory: &'a LoggedGuestMemory,
     /// The device: a dirty source and migration data.
     pub device: &'a mut dyn SourceDevice,
-    /// The VMM's own dirty log (vCPU writes).
+    /// The VMM's own dirty log (vCPU writes): `DirtyRegions::tracker()` over the bitmaps of
+    /// `memory` (`dmalog_vm_memory`), or any other tracker of those writes.
     pub cpu: &'a mut dyn DirtyTracker,
     /// The vCPUs, paused for the final round.
     pub vcpus: Option<&'a VcpuWorkload>,
