@@ -272,13 +272,14 @@ mod vm_memory_region {
     #[allow(unused_imports)]
     use vm_memory::mmap::MmapRegionBuilder as _;
 
-    /// `len` bytes at `offset` of `region`, `None` when out of bounds.
+    /// `len` bytes at `offset` of `region`, `None` when out of bounds or not readable (a
+    /// volatile load from the piece would fault).
     fn piece_of<D, B: Bitmap>(
         region: &GuestRegionMmap<B>,
         offset: usize,
         len: usize,
     ) -> Option<Piece<'_, D>> {
-        if offset.checked_add(len)? > region.size() {
+        if offset.checked_add(len)? > region.size() || region.prot() & libc::PROT_READ == 0 {
             return None;
         }
         Some(Piece {
@@ -295,7 +296,8 @@ mod vm_memory_region {
 
     impl<'a> IoPiece<'a> {
         /// `len` bytes at region offset `offset` of `region`, for [`write_pieces`] and
-        /// volatile reads; `None` when out of bounds. See the module docs on the file.
+        /// volatile reads; `None` when out of bounds or the region is not mapped readable.
+        /// See the module docs on the file.
         pub fn of_region<B: Bitmap>(
             region: &'a GuestRegionMmap<B>,
             offset: usize,
@@ -307,7 +309,7 @@ mod vm_memory_region {
 
     impl<'a> IoPieceMut<'a> {
         /// `len` bytes at region offset `offset` of `region`, for [`read_pieces`]; `None`
-        /// when out of bounds or the region is not mapped writable. The kernel's writes are
+        /// when out of bounds or the region is not mapped readable and writable. The kernel's writes are
         /// not marked in the region's bitmap.
         pub fn of_region<B: Bitmap>(
             region: &'a GuestRegionMmap<B>,
@@ -408,5 +410,12 @@ mod tests {
         let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
         assert!(IoPieceMut::of_region(&region, 0, 1).is_none(), "read-only");
         assert!(IoPiece::of_region(&region, 0, 1).is_some());
+        // vm-memory's builder maps PROT_NONE unless told otherwise: no piece to fault on.
+        let region = vm_memory::mmap::MmapRegionBuilder::<()>::new(4096)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE)
+            .build()
+            .unwrap();
+        let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+        assert!(IoPiece::of_region(&region, 0, 1).is_none(), "not readable");
     }
 }
