@@ -218,4 +218,62 @@ mod tests {
         assert_eq!(vcpus.throttle(), 0);
         drop(vcpus);
     }
+
+    /// The vCPUs' writes are logged by the memory's bitmaps: a REPORT of the tracker over
+    /// them finds dirty pages inside the working set only, and none once `pause` returned
+    /// and what came before was reported (no write, and no mark, after the pause).
+    #[test]
+    fn vcpu_writes_come_out_of_the_bitmaps_report_and_end_at_pause() {
+        use dmalog::DirtyTracker;
+
+        const GUEST_BYTES: u64 = 4 << 20;
+        let regions = dmalog_vm_memory::DirtyRegions::new(4096).unwrap();
+        let memory = Arc::new(crate::memfd_guest(&regions, &[(0, GUEST_BYTES)]).unwrap());
+        let mut cpu = regions.tracker();
+        let guest = dmalog::IovaRange::new(0, GUEST_BYTES).unwrap();
+        cpu.start(&[guest], 4096).unwrap();
+        let (base, span) = (1 << 20, 1 << 20);
+        let vcpus = VcpuWorkload::start(
+            Arc::clone(&memory),
+            VcpuParams {
+                threads: 2,
+                base,
+                span,
+                rate: 0,
+                seed: 9,
+            },
+        )
+        .unwrap();
+        // Waited for, not timed: some writes happen.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vcpus.writes() < 100 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vcpus.pause();
+        let mut bitmap = [0u64; (GUEST_BYTES / 4096 / 64) as usize];
+        cpu.report(guest, 4096, &mut bitmap).unwrap();
+        let dirty: Vec<u64> = (0..GUEST_BYTES / 4096)
+            .filter(|&page| bitmap[(page / 64) as usize] >> (page % 64) & 1 == 1)
+            .collect();
+        assert!(
+            !dirty.is_empty(),
+            "{} writes, no page reported",
+            vcpus.writes()
+        );
+        assert!(
+            dirty
+                .iter()
+                .all(|&page| (base..base + span).contains(&(page * 4096))),
+            "only the working set: {dirty:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        bitmap.fill(0);
+        cpu.report(guest, 4096, &mut bitmap).unwrap();
+        assert_eq!(
+            bitmap, [0u64; 16],
+            "nothing marked after the pause returned"
+        );
+        vcpus.resume();
+        drop(vcpus);
+    }
 }
