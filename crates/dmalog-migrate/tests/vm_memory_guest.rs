@@ -155,3 +155,71 @@ fn guest_memory_over_a_file_that_can_shrink_or_off_the_page_grid_is_refused() {
     let err = check_guest_memory(&off_grid).unwrap_err();
     assert!(err.to_string().contains("4 KiB"), "{err}");
 }
+
+/// Two regions in one sealed memfd, the second at file offset 1 MiB: `map_all` gives the
+/// device each region's own offset, so a DMA at a GPA of the second region lands where the
+/// VMM's vm-memory mapping of that GPA reads it (with offset 0 it would land in the first).
+#[test]
+fn map_all_shares_each_regions_fd_and_file_offset_with_the_device() {
+    use dmalog_device::dma_engine::{op, reg};
+    use dmalog_device::{sealed_memfd, DmaEngine};
+    use dmalog_migrate::vm_memory::FileOffset;
+    use dmalog_vfio_user::{Client, Server, ServerConfig};
+
+    const MIB: usize = 1 << 20;
+    let file = std::sync::Arc::new(std::fs::File::from(
+        sealed_memfd("two-regions", 2 * MIB as u64).unwrap(),
+    ));
+    let regions = dmalog_migrate::DirtyRegions::new(4096).unwrap();
+    let layout = [(0, 0), (1 << 32, MIB as u64)]; // (GPA, file offset)
+    let memory = LoggedGuestMemory::from_regions(
+        layout
+            .iter()
+            .map(|&(gpa, offset)| {
+                let file = FileOffset::from_arc(std::sync::Arc::clone(&file), offset);
+                regions.region(GuestAddress(gpa), MIB, Some(file)).unwrap()
+            })
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(memory.regions()[1].file_offset(), MIB as u64);
+    assert!(check_guest_memory(&memory).is_ok());
+
+    let (vmm_end, device_end) = UnixStream::pair().unwrap();
+    let server = std::thread::spawn(move || {
+        Server::new(ServerConfig::default(), |space| {
+            Box::new(DmaEngine::new(space))
+        })
+        .serve(device_end)
+    });
+    let mut client = Client::with_stream(vmm_end, 1 << 20).unwrap();
+    dmalog_migrate::scenario::source::map_all(&mut client, &memory).unwrap();
+    let target = (1u64 << 32) + 3 * 4096;
+    let fill = [
+        (reg::DST, target),
+        (reg::LEN, 64),
+        (reg::PATTERN, 0x77),
+        (reg::OP, op::FILL),
+    ];
+    for (offset, value) in fill {
+        client.write_u64(0, offset, value).unwrap();
+    }
+    client.write_u64(0, reg::DOORBELL, 1).unwrap();
+    assert_eq!(
+        client.read_u64(0, reg::STATUS).unwrap(),
+        0,
+        "the DMA succeeded"
+    );
+    let first: u64 = memory.read_obj(GuestAddress(target)).unwrap();
+    assert_eq!(
+        first, 0x77,
+        "the device wrote the second region's file offset"
+    );
+    assert_eq!(
+        memory.is_zero(3 * 4096, 64),
+        Some(true),
+        "not the first region's"
+    );
+    drop(client);
+    server.join().unwrap();
+}
