@@ -309,8 +309,8 @@ mod vm_memory_region {
 
     impl<'a> IoPieceMut<'a> {
         /// `len` bytes at region offset `offset` of `region`, for [`read_pieces`]; `None`
-        /// when out of bounds or the region is not mapped readable and writable. The kernel's writes are
-        /// not marked in the region's bitmap.
+        /// when out of bounds or the region is not mapped readable and writable. The
+        /// kernel's writes are not marked in the region's bitmap.
         pub fn of_region<B: Bitmap>(
             region: &'a GuestRegionMmap<B>,
             offset: usize,

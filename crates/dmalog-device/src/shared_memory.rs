@@ -574,6 +574,10 @@ mod tests {
             assert_eq!(map.is_zero(4096, 4096), Some(false), "the last byte counts");
             assert_eq!(map.is_zero(4096 + 4095, 1), Some(false));
             assert_eq!(map.is_zero(8192, 4097), None, "out of bounds");
+            // The same through pieces; 8 KiB takes the guarded path's second 4 KiB chunk.
+            assert_eq!(map.piece(0, 4096).unwrap().is_zero(), Ok(true));
+            assert_eq!(map.piece(0, 8192).unwrap().is_zero(), Ok(false));
+            assert_eq!(map.piece(4096 + 4095, 1).unwrap().is_zero(), Ok(false));
             assert!(map.piece(8192, 4097).is_none());
             let head = [1u8, 2, 3];
             let pieces = [
