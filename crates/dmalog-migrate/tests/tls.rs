@@ -15,7 +15,7 @@ use common::{config, cpu_log, hello, run_destination, FakeDevice, LAYOUT};
 use dmalog_migrate::pki::{Authority, Leaf};
 use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
 use dmalog_migrate::tls::{self, TlsConfig, TlsError};
-use dmalog_migrate::{migrate_source, GuestMemory, SourceVm};
+use dmalog_migrate::{memfd_guest_untracked, migrate_source, GuestPages, SourceVm};
 use rustls::pki_types::ServerName;
 
 /// A hang guard only.
@@ -48,7 +48,7 @@ fn destination(
     listener: TcpListener,
 ) -> std::thread::JoinHandle<(Result<bool, String>, bool)> {
     std::thread::spawn(move || {
-        let pristine = GuestMemory::new(&LAYOUT).unwrap().region_hashes();
+        let pristine = memfd_guest_untracked(&LAYOUT).unwrap().region_hashes();
         let (tcp, _) = listener.accept().unwrap();
         match tls::accept(&server.server_config().unwrap(), tcp, TIMEOUT) {
             // Refused at the handshake: guest memory was not touched.
@@ -83,8 +83,8 @@ fn a_tls_migration_between_authenticated_hosts_verifies() {
     let client = config_of(&pki.ca, &pki.client).client_config().unwrap();
     let tcp = TcpStream::connect(&address).unwrap();
     let stream = tls::connect(&client, "localhost", tcp, TIMEOUT).unwrap();
-    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
-    memory.write(4096, &[7u8; 100]);
+    let memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
+    memory.write_at(4096, &[7u8; 100]);
     let (mut device, _) = FakeDevice::new(vec![3u8; 5000]);
     let (mut cpu, _) = cpu_log();
     let mut replies = FrameReader::new(stream.try_clone().unwrap()).with_timeout(TIMEOUT);
