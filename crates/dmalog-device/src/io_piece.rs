@@ -58,6 +58,14 @@ impl<D> Piece<'_, D> {
         self.len == 0
     }
 
+    /// The piece's first `n_bytes` (all of it when `n_bytes >= len`).
+    pub fn take(self, n_bytes: usize) -> Self {
+        Piece {
+            len: self.len.min(n_bytes),
+            ..self
+        }
+    }
+
     /// The piece without its first `n_bytes` (all of it when `n_bytes >= len`).
     pub fn skip(self, n_bytes: usize) -> Self {
         let n = n_bytes.min(self.len);

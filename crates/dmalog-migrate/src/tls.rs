@@ -12,7 +12,7 @@
 //! Trust is the CA: the destination takes any client certificate the CA signed, so the CA
 //! should sign only the hosts that may migrate to each other.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{BufRead, ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -27,6 +27,7 @@ use rustls::{ConnectionCommon, RootCertStore, SideData, StreamOwned};
 use tracing::{debug, warn};
 
 use crate::stream::IoTimeouts;
+use dmalog_device::IoPieceMut;
 
 pub use rustls::{ClientConfig, ServerConfig};
 
@@ -192,9 +193,20 @@ impl TlsConfig {
     }
 }
 
-/// ring: it builds with a C compiler alone.
+/// ring: it builds with a C compiler alone. TLS 1.3's suites only, AES-128-GCM first: on
+/// a CPU with AES instructions it encrypts the stream about a third faster than
+/// AES-256-GCM (10 rounds, not 14), and it is TLS 1.3's mandatory suite; the others stay
+/// for a peer that insists.
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite;
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            cipher_suite::TLS13_AES_128_GCM_SHA256,
+            cipher_suite::TLS13_AES_256_GCM_SHA384,
+            cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        ..rustls::crypto::ring::default_provider()
+    })
 }
 
 /// A server name from the host part of `HOST:PORT` (`[v6]:PORT` too), the name the
@@ -454,6 +466,16 @@ impl TlsStream {
             .map_err(|_| std::io::Error::other("the TLS session was poisoned by a panic"))
     }
 
+    /// The protocol version and cipher suite the handshake settled on.
+    pub fn negotiated(&self) -> Option<(rustls::ProtocolVersion, rustls::CipherSuite)> {
+        let inner = self.lock().ok()?;
+        let (version, suite) = match &*inner {
+            Inner::Client(s) => (s.conn.protocol_version(), s.conn.negotiated_cipher_suite()),
+            Inner::Server(s) => (s.conn.protocol_version(), s.conn.negotiated_cipher_suite()),
+        };
+        Some((version?, suite?.suite()))
+    }
+
     /// Sends close_notify, best effort: the peer can tell an orderly end from a cut link.
     pub fn close(&self) {
         if let Ok(mut inner) = self.lock() {
@@ -503,6 +525,25 @@ impl crate::stream::Transport for TlsStream {
     /// None: page bytes must go through the session to be encrypted.
     fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
+    }
+    /// From the session's decrypted record straight into `piece`.
+    fn read_into_piece(&self, piece: &IoPieceMut<'_>) -> Option<std::io::Result<usize>> {
+        fn from_record(
+            stream: &mut impl BufRead,
+            piece: &IoPieceMut<'_>,
+        ) -> std::io::Result<usize> {
+            let record = stream.fill_buf()?;
+            let n = record.len().min(piece.len());
+            piece
+                .copy_from(&record[..n])
+                .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+            stream.consume(n);
+            Ok(n)
+        }
+        Some(self.lock().and_then(|mut inner| match &mut *inner {
+            Inner::Client(s) => from_record(s, piece),
+            Inner::Server(s) => from_record(s, piece),
+        }))
     }
     fn shut_down(&self) {
         let _ = self.tcp.shutdown(std::net::Shutdown::Both);

@@ -33,6 +33,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use dmalog_device::IoPieceMut;
+
 mod reader;
 mod writer;
 
@@ -172,6 +174,14 @@ pub trait Transport {
     /// Shuts the connection down both ways, so that a read blocked on it in another
     /// thread returns (a multi-channel destination whose other channel failed).
     fn shut_down(&self);
+    /// Reads the next bytes of the stream straight into `piece` (at most its length; 0 at
+    /// the end of the stream), for a transport whose bytes pass through user space anyway
+    /// (TLS decrypts them into its own buffer): one copy, not two through another buffer.
+    /// `None`: no such path (the frame reader goes through a buffer of its own).
+    fn read_into_piece(&self, piece: &IoPieceMut<'_>) -> Option<std::io::Result<usize>> {
+        let _ = piece;
+        None
+    }
 }
 
 impl Transport for std::net::TcpStream {
@@ -214,6 +224,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn shut_down(&self) {
         (**self).shut_down()
+    }
+    fn read_into_piece(&self, piece: &IoPieceMut<'_>) -> Option<std::io::Result<usize>> {
+        (**self).read_into_piece(piece)
     }
 }
 

@@ -8,6 +8,11 @@ use dmalog_device::IoPiece;
 
 use super::*;
 
+/// Bytes of a Pages frame copied out of guest memory per write on a transport that must
+/// copy them (TLS encrypts them): a chunk, its encryption and the socket's copy of it stay
+/// in the L2 cache, where a whole frame (4 MiB) copied first would not.
+pub const COPY_CHUNK_BYTES: usize = 64 << 10;
+
 /// Writes frames, counting bytes, optionally capped at a bandwidth (a simple pacing model of
 /// a real link).
 pub struct FrameWriter<W> {
@@ -140,7 +145,7 @@ impl<W: Write + Transport> FrameWriter<W> {
     /// then the Pages head and run table; `data` are the page bytes of the non-zero runs,
     /// in order. On a plaintext socket the kernel copies `data` straight from guest memory
     /// (`writev`, several runs a call); otherwise they are copied into `scratch` (reused)
-    /// and written as one buffer.
+    /// [`COPY_CHUNK_BYTES`] at a time, each chunk written as soon as it is full.
     pub fn write_pages(
         &mut self,
         table: &mut [u8],
@@ -161,22 +166,42 @@ impl<W: Write + Transport> FrameWriter<W> {
         if self.inner.vectored_fd().is_some() {
             self.write_vectored_all(table, data, deadline)?;
         } else {
-            scratch.clear();
-            scratch.extend_from_slice(table);
-            for piece in data {
-                let at = scratch.len();
-                scratch.resize(at + piece.len(), 0);
-                piece
-                    .copy_to(&mut scratch[at..])
-                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
-            }
-            let frame = std::mem::take(scratch);
-            let result = self.write_all(&frame, deadline);
-            *scratch = frame;
-            result?;
+            self.write_copied(table, data, scratch, deadline)?;
         }
         self.frame_done(FRAME_HEADER_BYTES + len);
         Ok(())
+    }
+
+    /// The frame `table` then `data` through `scratch`, [`COPY_CHUNK_BYTES`] a write.
+    fn write_copied(
+        &mut self,
+        table: &[u8],
+        data: &[IoPiece<'_>],
+        scratch: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> std::io::Result<()> {
+        // Sized once (not zeroed per chunk); the run table fits in one chunk.
+        scratch.resize(COPY_CHUNK_BYTES.max(table.len()), 0);
+        scratch[..table.len()].copy_from_slice(table);
+        let mut filled = table.len();
+        for piece in data {
+            let mut done = 0;
+            while done < piece.len() {
+                if filled >= COPY_CHUNK_BYTES {
+                    self.write_all(&scratch[..filled], deadline)?;
+                    filled = 0;
+                }
+                let n = (piece.len() - done).min(COPY_CHUNK_BYTES - filled);
+                piece
+                    .skip(done)
+                    .take(n)
+                    .copy_to(&mut scratch[filled..filled + n])
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+                filled += n;
+                done += n;
+            }
+        }
+        self.write_all(&scratch[..filled], deadline)
     }
 
     fn write_vectored_all(
