@@ -176,7 +176,7 @@ fn guest_sink(
             .collect();
         let mut first = 0;
         while first < pieces.len() {
-            match read_pieces(&tcp, &pieces[first..]) {
+            match read_pieces(&tcp, &pieces[first..call_end(&pieces, first)]) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => advance(&mut pieces, &mut first, n),
             }
@@ -185,7 +185,24 @@ fn guest_sink(
     }
 }
 
-/// The runs `(gpa, len_bytes)` of the pages set in `words` (one bitmap per region).
+/// Most bytes one call of the guest copy moves on either side: the migration's largest
+/// frame, so that the baseline's kernel calls are no larger than the migration's.
+const COPY_CALL_BYTES: u64 = 4 << 20;
+
+/// The end of the pieces from `first` that one call of the guest copy moves (at least
+/// one; pieces are at most [`COPY_CALL_BYTES`]).
+fn call_end<D>(pieces: &[dmalog_device::io_piece::Piece<'_, D>], first: usize) -> usize {
+    let mut bytes = 0u64;
+    let mut end = first;
+    while end < pieces.len() && bytes + pieces[end].len() as u64 <= COPY_CALL_BYTES {
+        bytes += pieces[end].len() as u64;
+        end += 1;
+    }
+    end.max(first + 1).min(pieces.len())
+}
+
+/// The runs `(gpa, len_bytes)` of the pages set in `words` (one bitmap per region), none
+/// over [`COPY_CALL_BYTES`].
 fn runs_of(memory: &GuestMemory, words: &[Vec<u64>]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (region, bits) in memory.regions().iter().zip(words) {
@@ -195,7 +212,9 @@ fn runs_of(memory: &GuestMemory, words: &[Vec<u64>]) -> Vec<(u64, u64)> {
             }
             let gpa = region.gpa + page * PAGE;
             match runs.last_mut() {
-                Some(last) if last.0 + last.1 == gpa && page > 0 => last.1 += PAGE,
+                Some(last) if last.0 + last.1 == gpa && page > 0 && last.1 < COPY_CALL_BYTES => {
+                    last.1 += PAGE
+                }
                 _ => runs.push((gpa, PAGE)),
             }
         }
@@ -400,7 +419,7 @@ impl MigrateLoopback {
         let started = Instant::now();
         let mut first = 0;
         while first < pieces.len() {
-            let n = write_pieces(&tcp, &pieces[first..]).expect("copy");
+            let n = write_pieces(&tcp, &pieces[first..call_end(&pieces, first)]).expect("copy");
             assert!(n > 0, "the guest sink closed");
             advance(&mut pieces, &mut first, n);
         }
@@ -693,6 +712,13 @@ mod tests {
             .map(|r| r.1)
             .sum();
         assert_eq!(bytes, 100 * PAGE);
+        // One call of the guest copy moves at most COPY_CALL_BYTES, at least one piece.
+        let page = [0u8; PAGE as usize];
+        let pages = vec![IoPiece::from_bytes(&page); 2000];
+        assert_eq!(call_end(&pages, 0), 1024);
+        assert_eq!(call_end(&pages, 1990), 2000);
+        let big = vec![0u8; 2 * COPY_CALL_BYTES as usize];
+        assert_eq!(call_end(&[IoPiece::from_bytes(&big)], 0), 1);
     }
 
     #[test]
