@@ -1,5 +1,5 @@
 //! One kind of bench migration, repeated, for profiling the stream (`perf record`):
-//! `cargo run --release -p dmalog-bench --example migrate_stream -- tls|plain|scattered [N]
+//! `cargo run --release -p dmalog-bench --example migrate_stream -- tls|plain|scattered|one [N]
 //! [alone]` (`alone`: no baseline copies between the migrations).
 
 fn main() {
@@ -10,6 +10,8 @@ fn main() {
     let w = dmalog_bench::migrate::MigrateLoopback::new();
     let words = if kind == "scattered" {
         w.scattered_pages(20_000)
+    } else if kind == "one" {
+        w.scattered_pages(1)
     } else {
         w.all_pages()
     };

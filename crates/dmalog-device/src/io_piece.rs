@@ -56,6 +56,21 @@ impl<D> Piece<'_, D> {
         self.len == 0
     }
 
+    /// Hints the CPU to bring the piece's first cache line in (x86-64; nothing elsewhere):
+    /// a loop that looks at many pages one after the other (the migration's zero-page
+    /// check) then finds the next pages' first lines arriving instead of waiting on each
+    /// in turn, as the hardware prefetcher does not cross pages. A hint only: it never
+    /// faults, even on a mapping that shrank.
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: a prefetch reads nothing architecturally and never faults, whatever
+            // the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.ptr.cast_const().cast()) };
+        }
+    }
+
     /// The piece's first `n_bytes` (all of it when `n_bytes >= len`).
     pub fn take(self, n_bytes: usize) -> Self {
         Piece {
