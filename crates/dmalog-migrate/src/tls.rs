@@ -414,6 +414,52 @@ impl Write for Socket {
     }
 }
 
+/// Copies the front of `plaintext` into `piece` and consumes it: the bytes copied.
+fn copy_front(plaintext: &mut impl BufRead, piece: &IoPieceMut<'_>) -> std::io::Result<usize> {
+    let record = plaintext.fill_buf()?;
+    let n = record.len().min(piece.len());
+    piece
+        .copy_from(&record[..n])
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+    plaintext.consume(n);
+    Ok(n)
+}
+
+/// [`TlsStream`]'s `read_into_piece` on one side's stream.
+fn records_into<C, D>(
+    stream: &mut StreamOwned<C, Socket>,
+    piece: &IoPieceMut<'_>,
+) -> std::io::Result<usize>
+where
+    C: std::ops::DerefMut<Target = ConnectionCommon<D>>,
+    D: SideData + 'static,
+{
+    let mut done = copy_front(stream, piece)?;
+    while done > 0 && done < piece.len() {
+        let rest = piece.skip(done);
+        // Decrypted already (the reader has nothing: WouldBlock, or Ok(0) once closed).
+        match copy_front(&mut stream.conn.reader(), &rest) {
+            Ok(n) if n > 0 => {
+                done += n;
+                continue;
+            }
+            _ => {}
+        }
+        if stream.sock.start == stream.sock.end {
+            // More would wait on the socket: the caller arms its deadline first.
+            break;
+        }
+        // From the socket buffer only (Socket reads the socket when it is empty, and it is
+        // not): every round consumes buffered bytes or plaintext, so this ends.
+        stream.conn.read_tls(&mut stream.sock)?;
+        stream
+            .conn
+            .process_new_packets()
+            .map_err(|err| std::io::Error::new(ErrorKind::InvalidData, err))?;
+    }
+    Ok(done)
+}
+
 /// One side's TLS session.
 enum Inner {
     Client(StreamOwned<ClientConnection, Socket>),
@@ -526,23 +572,15 @@ impl crate::stream::Transport for TlsStream {
     fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         None
     }
-    /// From the session's decrypted record straight into `piece`.
+    /// From the session's decrypted records straight into `piece`: the first may wait for
+    /// the socket (once, under the caller's deadline), then as many more as need no
+    /// further socket read (decrypted already, or whole in the socket buffer), so that a
+    /// piece of guest memory costs one lock and one deadline per socket read, not per
+    /// 16 KiB record.
     fn read_into_piece(&self, piece: &IoPieceMut<'_>) -> Option<std::io::Result<usize>> {
-        fn from_record(
-            stream: &mut impl BufRead,
-            piece: &IoPieceMut<'_>,
-        ) -> std::io::Result<usize> {
-            let record = stream.fill_buf()?;
-            let n = record.len().min(piece.len());
-            piece
-                .copy_from(&record[..n])
-                .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
-            stream.consume(n);
-            Ok(n)
-        }
         Some(self.lock().and_then(|mut inner| match &mut *inner {
-            Inner::Client(s) => from_record(s, piece),
-            Inner::Server(s) => from_record(s, piece),
+            Inner::Client(s) => records_into(s, piece),
+            Inner::Server(s) => records_into(s, piece),
         }))
     }
     fn shut_down(&self) {
