@@ -348,3 +348,43 @@ fn pages_frames_cross_a_tls_session_intact_on_aes_128_gcm() {
     }
     assert!(got == want, "the pages arrived as they were sent");
 }
+
+/// A connection that stalls its TLS handshake (TCP only, not a byte sent: anyone who can
+/// reach the port can open one) does not keep a real channel out: the destination's
+/// acceptor secures connections side by side, so the channel that connected after the
+/// stalled one is handed out first. (A serial acceptor would spend the stalled
+/// handshake's whole timeout first, and then refuse it.) Dropping the acceptor closes the
+/// port.
+#[test]
+fn a_stalled_handshake_does_not_hold_up_the_channel_behind_it() {
+    use dmalog_migrate::scenario::transport::acceptor;
+    use dmalog_migrate::scenario::ServerSide;
+
+    let pki = pki();
+    let (listener, address) = listen();
+    let server = ServerSide::tls(&config_of(&pki.ca, &pki.server)).unwrap();
+    let mut accept = acceptor(listener, &server, TIMEOUT);
+    let stalled = TcpStream::connect(&address).unwrap();
+    let client = config_of(&pki.ca, &pki.client).client_config().unwrap();
+    let to = address.clone();
+    let channel = std::thread::spawn(move || {
+        let tcp = TcpStream::connect(&to).unwrap();
+        let mut stream = tls::connect(&client, "localhost", tcp, TIMEOUT).unwrap();
+        stream.write_all(b"join").unwrap();
+        stream.flush().unwrap();
+        stream
+    });
+    let mut first = accept().expect("the real channel, not the stalled handshake");
+    let mut said = [0u8; 4];
+    first.reader.read_exact(&mut said).unwrap();
+    assert_eq!(&said, b"join");
+    let _stream = channel.join().unwrap();
+
+    drop(accept);
+    let refused = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        TcpStream::connect(&address).is_err()
+    });
+    assert!(refused, "the port is closed once the acceptor is dropped");
+    drop(stalled);
+}

@@ -25,10 +25,6 @@ mod decode;
 pub use decode::{decode_hello, decode_pages, Hello, PageRun};
 use decode::{decode_table, le_u32, le_u64, refused, table_end};
 
-/// Connections that are not one of the migration's channels (no Join, another session, a
-/// channel already taken) the destination refuses before it gives up waiting.
-const MAX_REFUSED_CONNECTIONS: u32 = 8;
-
 /// What the destination saw.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct DestinationReport {
@@ -139,9 +135,13 @@ fn abort<W: Write>(out: &mut FrameWriter<W>, reason: &str) {
     let _ = out.flush();
 }
 
-fn too_many_refused(count: u32) -> MigrateError {
+/// The channels did not all join before `deadline`; `refused_count` connections came that
+/// were not channels.
+fn past_the_deadline(timeout: Duration, refused_count: u32) -> MigrateError {
     MigrateError::Peer(format!(
-        "refused {count} connections that were not this migration's channels"
+        "the migration's channels did not all join within {} ms (refused {refused_count} \
+         connections that were not this migration's channels)",
+        timeout.as_millis()
     ))
 }
 
@@ -151,7 +151,10 @@ struct Joined {
     handle: Box<dyn Channel>,
 }
 
-/// Accepts the `hello.channels - 1` further channels.
+/// Accepts the `hello.channels - 1` further channels, all within `timeout` of the Hello.
+/// Connections that are not channels (no Join, another session, a failed handshake) are
+/// refused one by one; they cannot end the migration before that deadline, however many
+/// a third party opens, only the channels' absence can.
 fn accept_channels(
     hello: &Hello,
     timeout: Duration,
@@ -160,7 +163,11 @@ fn accept_channels(
     let extra = (hello.channels - 1) as usize;
     let mut joined: Vec<Option<Joined>> = (0..extra).map(|_| None).collect();
     let mut refused_count = 0;
+    let deadline = Instant::now() + timeout;
     while joined.iter().any(Option::is_none) {
+        if Instant::now() >= deadline {
+            return Err(past_the_deadline(timeout, refused_count));
+        }
         let index = joined.iter().position(Option::is_none).unwrap_or(0) + 1;
         let incoming = match accept() {
             Ok(incoming) => incoming,
@@ -180,9 +187,6 @@ fn accept_channels(
             Err(err) => {
                 warn!(%err, "refused a connection that failed before it could join");
                 refused_count += 1;
-                if refused_count > MAX_REFUSED_CONNECTIONS {
-                    return Err(too_many_refused(refused_count));
-                }
                 continue;
             }
         };
@@ -224,9 +228,6 @@ fn accept_channels(
         );
         refusal.get_mut().shut_down();
         refused_count += 1;
-        if refused_count > MAX_REFUSED_CONNECTIONS {
-            return Err(too_many_refused(refused_count));
-        }
     }
     drop(accept);
     info!(

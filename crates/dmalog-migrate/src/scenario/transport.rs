@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{chain_text, ScenarioError, StepContext};
 use crate::stream::{IoTimeouts, Transport};
@@ -28,6 +28,7 @@ pub enum ClientSide {
 }
 
 /// How the destination accepts.
+#[derive(Clone)]
 pub enum ServerSide {
     /// TLS, a client certificate required.
     Tls(Arc<tls::ServerConfig>),
@@ -213,41 +214,130 @@ pub fn connect_link(
         .step(|| format!("securing the link to {destination}"))
 }
 
+/// Further-channel connections whose handshake runs at one time; a connection past this
+/// bound is closed at once, so a flood of them costs neither threads nor memory without
+/// bound.
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
+
 /// The destination's acceptor of a migration's further channels: each connection on
-/// `listener` within `timeout`, secured as the first one. It owns the listener, so the
-/// destination stops listening once it drops the acceptor (every channel joined) and any
-/// later connection is refused.
+/// `listener` secured as the first one, the next one whose handshake succeeded handed out
+/// within `timeout` of the call. Handshakes run each on a thread of its own (at most
+/// [`MAX_PENDING_HANDSHAKES`]), so a connection that stalls its handshake (anyone who can
+/// reach the port can open one) delays no other: the real channels join while it waits
+/// out its own timeout. The listening starts at the first call and stops when the
+/// acceptor is dropped (every channel joined), and any later connection is refused.
 pub fn acceptor(
     listener: TcpListener,
     security: &ServerSide,
     timeout: Duration,
-) -> impl FnMut() -> std::io::Result<Incoming> + '_ {
+) -> impl FnMut() -> std::io::Result<Incoming> {
+    let security = security.clone();
+    let mut listening: Option<ListeningThread> = None;
+    let mut listener = Some(listener);
     move || {
-        listener.set_nonblocking(true)?;
-        let deadline = Instant::now() + timeout;
-        let tcp = loop {
-            match listener.accept() {
-                Ok((tcp, _)) => break tcp,
-                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("no connection within {} ms", timeout.as_millis()),
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(err) => return Err(err),
+        if let Some(listener) = listener.take() {
+            listening = Some(ListeningThread::start(listener, security.clone(), timeout)?);
+        }
+        let Some(listening) = &listening else {
+            return Err(std::io::Error::other("the listener failed"));
+        };
+        let link = match listening.secured.recv_timeout(timeout) {
+            Ok(secured) => secured?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no connection within {} ms", timeout.as_millis()),
+                ))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "the listener stopped",
+                ))
             }
         };
-        tcp.set_nonblocking(false)?;
-        tcp.set_nodelay(true)?;
-        let link = security
-            .secure(tcp, timeout)
-            .map_err(|err| std::io::Error::other(chain_text(&err)))?;
         Ok(Incoming {
             reader: Box::new(link.try_clone()?),
             handle: Box::new(link),
         })
+    }
+}
+
+/// The thread that takes connections for [`acceptor`] and starts their handshakes; it
+/// stops (closing the listener) when this is dropped.
+struct ListeningThread {
+    secured: std::sync::mpsc::Receiver<std::io::Result<Link>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ListeningThread {
+    fn start(
+        listener: TcpListener,
+        security: ServerSide,
+        timeout: Duration,
+    ) -> std::io::Result<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        listener.set_nonblocking(true)?;
+        let (send, secured) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let pending = Arc::new(AtomicUsize::new(0));
+        std::thread::Builder::new()
+            .name("migrate-accept".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Acquire) {
+                    let tcp = match listener.accept() {
+                        Ok((tcp, _)) => tcp,
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                        // A connection that died in the backlog, or no fd left for now:
+                        // one refused connection, and the listening goes on.
+                        Err(err) => {
+                            if send.send(Err(err)).is_err() {
+                                return;
+                            }
+                            std::thread::sleep(Duration::from_millis(2));
+                            continue;
+                        }
+                    };
+                    if pending.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
+                        tracing::warn!("closed a connection: too many handshakes under way");
+                        continue;
+                    }
+                    pending.fetch_add(1, Ordering::AcqRel);
+                    let (send, security, pending) =
+                        (send.clone(), security.clone(), Arc::clone(&pending));
+                    let handshake = move || {
+                        let link = tcp
+                            .set_nonblocking(false)
+                            .and_then(|()| tcp.set_nodelay(true))
+                            .map_err(|err| std::io::Error::other(err.to_string()))
+                            .and_then(|()| {
+                                security
+                                    .secure(tcp, timeout)
+                                    .map_err(|err| std::io::Error::other(chain_text(&err)))
+                            });
+                        pending.fetch_sub(1, Ordering::AcqRel);
+                        // The migration may be done with its channels: then this one goes.
+                        let _ = send.send(link);
+                    };
+                    if std::thread::Builder::new()
+                        .name("migrate-handshake".into())
+                        .spawn(handshake)
+                        .is_err()
+                    {
+                        tracing::warn!("closed a connection: no thread for its handshake");
+                    }
+                }
+            })?;
+        Ok(ListeningThread { secured, stop })
+    }
+}
+
+impl Drop for ListeningThread {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
     }
 }
