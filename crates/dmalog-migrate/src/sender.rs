@@ -6,9 +6,10 @@
 //! runs and [`MAX_PAGES_PER_FRAME`] data pages a frame). On a plaintext socket each frame
 //! is one `writev`: the run table from a buffer, the page bytes straight from guest memory
 //! (the kernel copies them; nothing here reads them). With TLS the page bytes are copied
-//! into one reused buffer per frame (rustls encrypts bytes). Zero pages (checked with
-//! volatile loads, as guest memory is written concurrently) are sent as a flagged run with
-//! no bytes. With several channels the round's pages are split between them, each sent by
+//! into one reused buffer 64 KiB at a time, each chunk encrypted and sent while it is in
+//! cache (rustls encrypts bytes). Zero pages (checked with volatile loads, as guest memory
+//! is written concurrently; the first line of the page 16 ahead prefetched) are sent as a
+//! flagged run with no bytes. With several channels the round's pages are split between them, each sent by
 //! its own thread, and every channel ends the round with a Sync frame (stream.rs).
 
 use std::io::Write;

@@ -363,8 +363,8 @@ fn handshake<D: SideData>(
     Ok(())
 }
 
-/// Plaintext rustls may buffer to send: a whole Pages frame is encrypted and written in a
-/// few calls rather than one per 64 KiB.
+/// Plaintext rustls may buffer to send: a cap well above the frame writer's chunks
+/// ([`crate::stream::COPY_CHUNK_BYTES`]), so that each is taken whole in one call.
 const TLS_BUFFER_BYTES: usize = 4 << 20;
 /// Bytes read from the socket at once: rustls asks for 4 KiB at a time, which would be a
 /// `recv` per 4 KiB of guest memory.

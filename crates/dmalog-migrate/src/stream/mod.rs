@@ -39,7 +39,7 @@ mod reader;
 mod writer;
 
 pub use reader::FrameReader;
-pub use writer::FrameWriter;
+pub use writer::{FrameWriter, COPY_CHUNK_BYTES};
 
 /// "DMLS" as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMLS");
