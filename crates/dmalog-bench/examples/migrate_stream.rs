@@ -16,7 +16,17 @@ fn main() {
         w.all_pages()
     };
     for _ in 0..times {
+        let before = thread_cpu_ns();
         let t = w.migrate(&words, kind == "tls", 1, true);
+        let after = thread_cpu_ns();
+        let busy: Vec<String> = after
+            .iter()
+            .filter_map(|(tid, ns)| {
+                let was = before.iter().find(|(t, _)| t == tid).map_or(0, |b| b.1);
+                (ns - was > 1_000_000).then(|| format!("{tid}: {} ms", (ns - was) / 1_000_000))
+            })
+            .collect();
+        println!("  cpu by thread (migration and the destination's hash): {busy:?}");
         if alone {
             println!("{kind}: {:?} for {} bytes", t.elapsed, t.wire_bytes);
             continue;
@@ -28,4 +38,19 @@ fn main() {
             t.elapsed, t.wire_bytes, guest, plain
         );
     }
+}
+
+/// CPU time (ns) of each thread of this process so far (`/proc/self/task/*/schedstat`).
+fn thread_cpu_ns() -> Vec<(u64, u64)> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            Some((tid, stat.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
 }
