@@ -368,20 +368,46 @@ impl IoTimeouts for UnixStream {
 /// [`IoTimeouts`] method, so that reading and writing need no trait bound).
 type SetTimeout<R> = fn(&R, Option<Duration>) -> std::io::Result<()>;
 
+/// How long an armed time limit is reused for the same frame: arming is a system call
+/// (`setsockopt`) per read or write, and a frame through TLS takes thousands of them. A
+/// call within this long of the arming ends by the deadline plus this much at worst.
+const REARM_AFTER: Duration = Duration::from_millis(1);
+
 /// A per-frame time limit on a transport.
 struct FrameTimeout<R> {
     timeout: Duration,
     set: SetTimeout<R>,
+    /// The deadline the transport was last armed for, and when.
+    armed: std::cell::Cell<Option<(Instant, Instant)>>,
 }
 
 impl<R> FrameTimeout<R> {
-    /// Arms the transport for the time left before `deadline`; a timed-out error if none.
+    fn new(timeout: Duration, set: SetTimeout<R>) -> Self {
+        FrameTimeout {
+            timeout,
+            set,
+            armed: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Arms the transport for the time left before `deadline` (unless it was armed for
+    /// it within [`REARM_AFTER`]); a timed-out error if none is left.
     fn arm(&self, inner: &R, deadline: Instant) -> std::io::Result<()> {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             return Err(timed_out(self.timeout));
         }
-        (self.set)(inner, Some(left))
+        if let Some((armed_for, armed_at)) = self.armed.get() {
+            if armed_for == deadline && now.saturating_duration_since(armed_at) < REARM_AFTER {
+                return Ok(());
+            }
+        }
+        // Forgotten first: should arming fail, the next call tries again.
+        self.armed.set(None);
+        (self.set)(inner, Some(left))?;
+        self.armed.set(Some((deadline, now)));
+        Ok(())
     }
 }
 

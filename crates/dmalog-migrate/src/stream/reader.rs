@@ -280,10 +280,7 @@ impl<R: Read + IoTimeouts> FrameReader<R> {
     /// Every frame must arrive whole within `timeout` of asking for it (a silent or
     /// trickling peer is an error, not a hang).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(FrameTimeout {
-            timeout,
-            set: R::bound_reads,
-        });
+        self.timeout = Some(FrameTimeout::new(timeout, R::bound_reads));
         self
     }
 }

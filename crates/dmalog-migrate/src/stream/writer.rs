@@ -241,10 +241,79 @@ impl<W: Write + IoTimeouts> FrameWriter<W> {
     /// Every frame must be taken by the peer within `timeout` (a stalled reader is an
     /// error, not a hang).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(FrameTimeout {
-            timeout,
-            set: W::bound_writes,
-        });
+        self.timeout = Some(FrameTimeout::new(timeout, W::bound_writes));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::guest::GuestMemory;
+
+    /// A buffer that counts how often its write time limit is set.
+    struct Counting {
+        bytes: Vec<u8>,
+        arms: Cell<u32>,
+    }
+
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.bytes.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl IoTimeouts for Counting {
+        fn bound_reads(&self, _: Option<Duration>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+            assert!(timeout.is_some_and(|t| t <= Duration::from_secs(30)));
+            self.arms.set(self.arms.get() + 1);
+            Ok(())
+        }
+    }
+
+    impl Transport for Counting {
+        fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+            None
+        }
+        fn shut_down(&self) {}
+    }
+
+    /// A Pages frame copied through in chunks (TLS) arms its time limit far less than once
+    /// a chunk, and its bytes are the frame's.
+    #[test]
+    fn a_chunked_frame_is_written_whole_without_arming_per_chunk() {
+        let memory = GuestMemory::new(&[(0, 1024 * 4096)]).unwrap();
+        let pattern: Vec<u8> = (0..1024 * 4096).map(|i| (i % 253) as u8).collect();
+        assert!(memory.write(0, &pattern));
+        let counting = Counting {
+            bytes: Vec::new(),
+            arms: Cell::new(0),
+        };
+        let mut out = FrameWriter::new(counting, None).with_timeout(Duration::from_secs(30));
+        let mut table = vec![0u8; FRAME_HEADER_BYTES];
+        table.extend_from_slice(&pages_payload(&[(0, 1024, 0)], &[]));
+        let pieces = [memory.piece(0, 1024 * 4096).unwrap()];
+        out.write_pages(&mut table, &pieces, &mut Vec::new())
+            .unwrap();
+        let chunks = (table.len() + pattern.len()).div_ceil(COPY_CHUNK_BYTES) as u32;
+        let inner = out.get_mut();
+        assert!(
+            inner.arms.get() < chunks,
+            "{} arms for {chunks} chunks",
+            inner.arms.get()
+        );
+        assert_eq!(inner.bytes.len(), table.len() + pattern.len());
+        assert!(inner.bytes[table.len()..] == pattern[..]);
+        let mut reader = FrameReader::new(&inner.bytes[..]);
+        let (frame, data_bytes) = reader.read_deferred().unwrap();
+        assert_eq!((frame.kind, data_bytes), (Kind::Pages, pattern.len()));
     }
 }
