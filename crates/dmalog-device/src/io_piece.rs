@@ -7,8 +7,7 @@ use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd};
 
 use crate::shared_memory::{
-    kernel_copy, volatile_is_zero, volatile_load, volatile_store, CopyFault, CopyPath,
-    SharedMapping,
+    bulk_copy, kernel_copy, volatile_is_zero, CopyFault, CopyPath, SharedMapping,
 };
 
 /// Which way the kernel copies a [`Piece`]: it reads an [`IoPiece`] (`writev`).
@@ -59,6 +58,29 @@ impl<D> Piece<'_, D> {
         self.len == 0
     }
 
+    /// Hints the CPU to bring the piece's first cache line in (x86-64; nothing elsewhere):
+    /// a loop that looks at many pages one after the other (the migration's zero-page
+    /// check) then finds the next pages' first lines arriving instead of waiting on each
+    /// in turn, as the hardware prefetcher does not cross pages. A hint only: it never
+    /// faults, even on a mapping that shrank.
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            // SAFETY: a prefetch reads nothing architecturally and never faults, whatever
+            // the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(self.ptr.cast_const().cast()) };
+        }
+    }
+
+    /// The piece's first `n_bytes` (all of it when `n_bytes >= len`).
+    pub fn take(self, n_bytes: usize) -> Self {
+        Piece {
+            len: self.len.min(n_bytes),
+            ..self
+        }
+    }
+
     /// The piece without its first `n_bytes` (all of it when `n_bytes >= len`).
     pub fn skip(self, n_bytes: usize) -> Self {
         let n = n_bytes.min(self.len);
@@ -97,8 +119,8 @@ impl<'a> IoPiece<'a> {
         }
     }
 
-    /// Copies the piece into `out` (exactly `len` bytes long): volatile loads from a
-    /// sealed mapping, the kernel's fault-tolerant copy from any other.
+    /// Copies the piece into `out` (exactly `len` bytes long): a bulk copy that takes bytes,
+    /// not words, from a sealed mapping, the kernel's fault-tolerant copy from any other.
     pub fn copy_to(&self, out: &mut [u8]) -> Result<(), CopyFault> {
         if out.len() != self.len {
             return Err(CopyFault { copied_bytes: 0 });
@@ -106,7 +128,7 @@ impl<'a> IoPiece<'a> {
         match self.path {
             // SAFETY: the piece is `len` readable bytes kept mapped by the borrow `'a`, and
             // `out` is a separate Rust buffer of the same length.
-            CopyPath::Direct => unsafe { volatile_load(out.as_mut_ptr(), self.ptr, self.len) },
+            CopyPath::Direct => unsafe { bulk_copy(out.as_mut_ptr(), self.ptr, self.len, false) },
             // SAFETY: as above; the kernel only reads the mapping and writes `out`.
             CopyPath::Guarded => unsafe {
                 return kernel_copy(self.ptr, out.as_mut_ptr(), self.len, false);
@@ -141,8 +163,8 @@ impl<'a> IoPiece<'a> {
 }
 
 impl IoPieceMut<'_> {
-    /// Copies `data` (at most `len` bytes) to the start of the piece: volatile stores into
-    /// a sealed mapping, the kernel's fault-tolerant copy into any other.
+    /// Copies `data` (at most `len` bytes) to the start of the piece: a bulk copy of bytes,
+    /// not words, into a sealed mapping, the kernel's fault-tolerant copy into any other.
     pub fn copy_from(&self, data: &[u8]) -> Result<(), CopyFault> {
         if data.len() > self.len {
             return Err(CopyFault { copied_bytes: 0 });
@@ -150,7 +172,7 @@ impl IoPieceMut<'_> {
         match self.path {
             // SAFETY: `data.len() <= len` writable bytes kept mapped by the borrow `'a`;
             // `data` is a separate Rust buffer.
-            CopyPath::Direct => unsafe { volatile_store(self.ptr, data.as_ptr(), data.len()) },
+            CopyPath::Direct => unsafe { bulk_copy(self.ptr, data.as_ptr(), data.len(), true) },
             // SAFETY: as above; the kernel only reads `data` and writes the mapping.
             CopyPath::Guarded => unsafe {
                 return kernel_copy(self.ptr, data.as_ptr().cast_mut(), data.len(), true);
@@ -417,5 +439,41 @@ mod tests {
             .unwrap();
         let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
         assert!(IoPiece::of_region(&region, 0, 1).is_none(), "not readable");
+    }
+
+    /// Copies out of and into a sealed mapping (the bulk path), short and long, at
+    /// unaligned ends: exactly the bytes asked for move, none beside them.
+    #[test]
+    fn bulk_copies_move_exactly_the_bytes_of_the_piece() {
+        use crate::shared_memory::{sealed_memfd, SharedMapping};
+        let fd = sealed_memfd("t", 4 * 4096).unwrap();
+        let map = SharedMapping::map(&fd, 0, 4 * 4096, true).unwrap();
+        for (offset, len) in [(0, 16384), (3, 1023), (5, 1024), (4093, 5000), (1, 7)] {
+            let pattern: Vec<u8> = (0..len).map(|i| (i * 13 + offset) as u8 | 1).collect();
+            assert!(map.write(0, &[0u8; 4 * 4096]));
+            let piece = map.piece_mut(offset, len).unwrap();
+            piece.copy_from(&pattern).unwrap();
+            let mut all = vec![0xeeu8; 4 * 4096];
+            assert!(map.read(0, &mut all));
+            assert!(
+                all[offset..offset + len] == pattern[..],
+                "{offset}+{len} in"
+            );
+            assert!(
+                all[..offset]
+                    .iter()
+                    .chain(&all[offset + len..])
+                    .all(|&b| b == 0),
+                "{offset}+{len}: nothing beside"
+            );
+            let mut out = vec![0u8; len];
+            map.piece(offset, len).unwrap().copy_to(&mut out).unwrap();
+            assert!(out == pattern, "{offset}+{len} out");
+            // `take` and `skip` cut the piece: its middle alone.
+            let mut middle = vec![0u8; len / 2];
+            let cut = map.piece(offset, len).unwrap().skip(len / 4).take(len / 2);
+            cut.copy_to(&mut middle).unwrap();
+            assert!(middle[..] == pattern[len / 4..len / 4 + len / 2]);
+        }
     }
 }

@@ -284,6 +284,71 @@ fn bad_pem_files_are_named_in_the_error() {
     assert!(matches!(err, TlsError::Config(_)), "{err}");
 }
 
+/// A Pages frame of several runs, larger than the chunks the writer copies through,
+/// crosses a TLS session intact into the destination's guest memory, and the session is
+/// TLS 1.3 on AES-128-GCM (the fastest of TLS 1.3's suites with AES instructions).
+#[test]
+fn pages_frames_cross_a_tls_session_intact_on_aes_128_gcm() {
+    use dmalog_migrate::stream::{FRAME_HEADER_BYTES, PAGES_HEAD_BYTES};
+    let pki = pki();
+    let (listener, address) = listen();
+    let server = config_of(&pki.ca, &pki.server).server_config().unwrap();
+    // Runs of 17, 1 and 40 pages: 232 KiB, several 64 KiB chunks, a run across two.
+    let runs: [(u64, u32); 3] = [(0, 17), (40 * 4096, 1), (100 * 4096, 40)];
+    let source = memfd_guest_untracked(&LAYOUT).unwrap();
+    let mut pattern = vec![0u8; 200 * 4096];
+    for (i, byte) in pattern.iter_mut().enumerate() {
+        *byte = (i * 7 + i / 4096) as u8;
+    }
+    assert!(source.write_at(0, &pattern));
+    let dst = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().unwrap();
+        let stream = tls::accept(&server, tcp, TIMEOUT).unwrap();
+        let negotiated = stream.negotiated();
+        let mut input = FrameReader::new(stream).with_timeout(TIMEOUT);
+        let memory = memfd_guest_untracked(&LAYOUT).unwrap();
+        let (frame, data_bytes) = input.read_deferred().unwrap();
+        assert_eq!(frame.kind, Kind::Pages);
+        let pieces: Vec<_> = runs
+            .iter()
+            .map(|&(gpa, n)| memory.piece_mut(gpa, n as usize * 4096).unwrap())
+            .collect();
+        assert_eq!(data_bytes, pieces.iter().map(|p| p.len()).sum::<usize>());
+        input.read_pages_data(&pieces).unwrap();
+        let mut got = vec![0u8; 200 * 4096];
+        assert!(memory.read_at(0, &mut got));
+        (negotiated, got)
+    });
+    let client = config_of(&pki.ca, &pki.client).client_config().unwrap();
+    let tcp = TcpStream::connect(&address).unwrap();
+    let stream = tls::connect(&client, "localhost", tcp, TIMEOUT).unwrap();
+    let negotiated = stream.negotiated();
+    let mut out = FrameWriter::new(stream, None).with_timeout(TIMEOUT);
+    let mut table = vec![0u8; FRAME_HEADER_BYTES];
+    table.extend_from_slice(&pages_payload(&runs.map(|(gpa, n)| (gpa, n, 0)), &[]));
+    assert_eq!(table.len(), FRAME_HEADER_BYTES + PAGES_HEAD_BYTES + 3 * 16);
+    let pieces: Vec<_> = runs
+        .iter()
+        .map(|&(gpa, n)| source.piece(gpa, n as usize * 4096).unwrap())
+        .collect();
+    out.write_pages(&mut table, &pieces, &mut Vec::new())
+        .unwrap();
+    out.flush().unwrap();
+    let (dst_negotiated, got) = dst.join().unwrap();
+    let expected = Some((
+        rustls::ProtocolVersion::TLSv1_3,
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+    ));
+    assert_eq!(negotiated, expected);
+    assert_eq!(dst_negotiated, expected);
+    let mut want = vec![0u8; 200 * 4096];
+    for &(gpa, n) in &runs {
+        let range = gpa as usize..gpa as usize + n as usize * 4096;
+        want[range.clone()].copy_from_slice(&pattern[range]);
+    }
+    assert!(got == want, "the pages arrived as they were sent");
+}
+
 /// A connection that stalls its TLS handshake (TCP only, not a byte sent: anyone who can
 /// reach the port can open one) does not keep a real channel out: the destination's
 /// acceptor secures connections side by side, so the channel that connected after the

@@ -133,6 +133,12 @@ impl Transport for Link {
     fn shut_down(&self) {
         either!(self, s => s.shut_down())
     }
+    fn read_into_piece(
+        &self,
+        piece: &dmalog_device::IoPieceMut<'_>,
+    ) -> Option<std::io::Result<usize>> {
+        either!(self, s => s.read_into_piece(piece))
+    }
 }
 
 impl IoTimeouts for Link {

@@ -33,11 +33,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use dmalog_device::IoPieceMut;
+
 mod reader;
 mod writer;
 
 pub use reader::FrameReader;
-pub use writer::FrameWriter;
+pub use writer::{FrameWriter, COPY_CHUNK_BYTES};
 
 /// "DMLS" as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DMLS");
@@ -181,6 +183,14 @@ pub trait Transport {
     /// Shuts the connection down both ways, so that a read blocked on it in another
     /// thread returns (a multi-channel destination whose other channel failed).
     fn shut_down(&self);
+    /// Reads the next bytes of the stream straight into `piece` (at most its length; 0 at
+    /// the end of the stream), for a transport whose bytes pass through user space anyway
+    /// (TLS decrypts them into its own buffer): one copy, not two through another buffer.
+    /// `None`: no such path (the frame reader goes through a buffer of its own).
+    fn read_into_piece(&self, piece: &IoPieceMut<'_>) -> Option<std::io::Result<usize>> {
+        let _ = piece;
+        None
+    }
 }
 
 impl Transport for std::net::TcpStream {
@@ -223,6 +233,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn shut_down(&self) {
         (**self).shut_down()
+    }
+    fn read_into_piece(&self, piece: &IoPieceMut<'_>) -> Option<std::io::Result<usize>> {
+        (**self).read_into_piece(piece)
     }
 }
 
@@ -364,20 +377,46 @@ impl IoTimeouts for UnixStream {
 /// [`IoTimeouts`] method, so that reading and writing need no trait bound).
 type SetTimeout<R> = fn(&R, Option<Duration>) -> std::io::Result<()>;
 
+/// How long an armed time limit is reused for the same frame: arming is a system call
+/// (`setsockopt`) per read or write, and a frame through TLS takes thousands of them. A
+/// call within this long of the arming ends by the deadline plus this much at worst.
+const REARM_AFTER: Duration = Duration::from_millis(1);
+
 /// A per-frame time limit on a transport.
 struct FrameTimeout<R> {
     timeout: Duration,
     set: SetTimeout<R>,
+    /// The deadline the transport was last armed for, and when.
+    armed: std::cell::Cell<Option<(Instant, Instant)>>,
 }
 
 impl<R> FrameTimeout<R> {
-    /// Arms the transport for the time left before `deadline`; a timed-out error if none.
+    fn new(timeout: Duration, set: SetTimeout<R>) -> Self {
+        FrameTimeout {
+            timeout,
+            set,
+            armed: std::cell::Cell::new(None),
+        }
+    }
+
+    /// Arms the transport for the time left before `deadline` (unless it was armed for
+    /// it within [`REARM_AFTER`]); a timed-out error if none is left.
     fn arm(&self, inner: &R, deadline: Instant) -> std::io::Result<()> {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
         if left.is_zero() {
             return Err(timed_out(self.timeout));
         }
-        (self.set)(inner, Some(left))
+        if let Some((armed_for, armed_at)) = self.armed.get() {
+            if armed_for == deadline && now.saturating_duration_since(armed_at) < REARM_AFTER {
+                return Ok(());
+            }
+        }
+        // Forgotten first: should arming fail, the next call tries again.
+        self.armed.set(None);
+        (self.set)(inner, Some(left))?;
+        self.armed.set(Some((deadline, now)));
+        Ok(())
     }
 }
 

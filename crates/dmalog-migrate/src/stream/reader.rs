@@ -186,7 +186,8 @@ impl<R: Read + Transport> FrameReader<R> {
 
     /// Reads the page bytes [`FrameReader::read_deferred`] left into `pieces` (exactly
     /// that many bytes in all) within the frame's deadline: on a plaintext socket straight
-    /// from the kernel (`readv`), otherwise (TLS) through one reused buffer.
+    /// from the kernel (`readv`); otherwise (TLS) from the transport's own buffer
+    /// ([`Transport::read_into_piece`]), or through one reused buffer.
     pub fn read_pages_data(&mut self, pieces: &[IoPieceMut<'_>]) -> Result<(), StreamError> {
         let (left, deadline) = self.pending.take().unwrap_or((0, None));
         if pieces.iter().map(|p| p.len()).sum::<usize>() != left {
@@ -195,24 +196,7 @@ impl<R: Read + Transport> FrameReader<R> {
             )));
         }
         if self.inner.vectored_fd().is_none() {
-            let mut bounce = std::mem::take(&mut self.bounce);
-            bounce.resize(READ_CHUNK * 4, 0);
-            let result = (|| {
-                for piece in pieces {
-                    let mut done = 0;
-                    while done < piece.len() {
-                        let n = (piece.len() - done).min(bounce.len());
-                        self.read_exact(&mut bounce[..n], deadline)?;
-                        piece.skip(done).copy_from(&bounce[..n]).map_err(|_| {
-                            StreamError::Io(std::io::Error::from_raw_os_error(libc::EFAULT))
-                        })?;
-                        done += n;
-                    }
-                }
-                Ok(())
-            })();
-            self.bounce = bounce;
-            return result;
+            return self.read_pages_copied(pieces, deadline);
         }
         let mut pieces: Vec<IoPieceMut<'_>> = pieces.to_vec();
         let mut first = 0;
@@ -244,14 +228,133 @@ impl<R: Read + Transport> FrameReader<R> {
     }
 }
 
+impl<R: Read + Transport> FrameReader<R> {
+    /// [`FrameReader::read_pages_data`] on a transport that has no socket to read into
+    /// guest memory from.
+    fn read_pages_copied(
+        &mut self,
+        pieces: &[IoPieceMut<'_>],
+        deadline: Option<Instant>,
+    ) -> Result<(), StreamError> {
+        let fault = || StreamError::Io(std::io::Error::from_raw_os_error(libc::EFAULT));
+        for piece in pieces {
+            let mut done = 0;
+            while done < piece.len() {
+                let rest = piece.skip(done);
+                if let (Some(limit), Some(deadline)) = (&self.timeout, deadline) {
+                    match limit.arm(&self.inner, deadline) {
+                        Err(err) if is_timeout(&err) => {
+                            return Err(StreamError::TimedOut(limit.timeout))
+                        }
+                        other => other?,
+                    }
+                }
+                match self.inner.read_into_piece(&rest) {
+                    Some(Ok(0)) => return Err(StreamError::Io(ErrorKind::UnexpectedEof.into())),
+                    Some(Ok(n)) => done += n,
+                    Some(Err(err)) if err.kind() == ErrorKind::Interrupted => {}
+                    Some(Err(err)) if is_timeout(&err) => {
+                        let timeout = self.timeout.as_ref().map_or(DEFAULT_TIMEOUT, |t| t.timeout);
+                        return Err(StreamError::TimedOut(timeout));
+                    }
+                    Some(Err(err)) => return Err(StreamError::Io(err)),
+                    None => {
+                        let mut bounce = std::mem::take(&mut self.bounce);
+                        bounce.resize(READ_CHUNK * 4, 0);
+                        let n = rest.len().min(bounce.len());
+                        let result = self.read_exact(&mut bounce[..n], deadline);
+                        let copied =
+                            result.and_then(|()| rest.copy_from(&bounce[..n]).map_err(|_| fault()));
+                        self.bounce = bounce;
+                        copied?;
+                        done += n;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl<R: Read + IoTimeouts> FrameReader<R> {
     /// Every frame must arrive whole within `timeout` of asking for it (a silent or
     /// trickling peer is an error, not a hang).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(FrameTimeout {
-            timeout,
-            set: R::bound_reads,
-        });
+        self.timeout = Some(FrameTimeout::new(timeout, R::bound_reads));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::guest::{memfd_guest_untracked, GuestPages};
+    use crate::stream::{pages_payload, FrameWriter};
+
+    /// A transport whose frames (headers, run tables) come through `Read` and whose page
+    /// bytes only through [`Transport::read_into_piece`], a few bytes at a time.
+    struct Decrypted {
+        frames: std::io::Cursor<Vec<u8>>,
+        pages: RefCell<std::io::Cursor<Vec<u8>>>,
+    }
+
+    impl Read for Decrypted {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.frames.read(buf)
+        }
+    }
+
+    impl Transport for Decrypted {
+        fn vectored_fd(&self) -> Option<BorrowedFd<'_>> {
+            None
+        }
+        fn shut_down(&self) {}
+        fn read_into_piece(&self, piece: &IoPieceMut<'_>) -> Option<std::io::Result<usize>> {
+            let mut bytes = [0u8; 1000];
+            let n = self
+                .pages
+                .borrow_mut()
+                .read(&mut bytes[..piece.len().min(1000)]);
+            Some(n.inspect(|&n| piece.copy_from(&bytes[..n]).unwrap()))
+        }
+    }
+
+    #[test]
+    fn page_bytes_come_from_a_transport_that_reads_into_pieces() {
+        let mut out = FrameWriter::new(Vec::new(), None);
+        out.write(
+            Kind::Pages,
+            &[&pages_payload(&[(0, 2, 0), (8192 * 4, 1, 0)], &[])],
+        )
+        .unwrap();
+        let table = out.get_mut().clone();
+        // The header's length claims the page bytes too.
+        let mut frames = table.clone();
+        let len = u32::from_le_bytes(frames[8..12].try_into().unwrap()) + 3 * 4096;
+        frames[8..12].copy_from_slice(&len.to_le_bytes());
+        let pages: Vec<u8> = (0..3 * 4096).map(|i| (i % 251) as u8).collect();
+        let mut input = FrameReader::new(Decrypted {
+            frames: std::io::Cursor::new(frames),
+            pages: RefCell::new(std::io::Cursor::new(pages.clone())),
+        });
+        let (frame, data_bytes) = input.read_deferred().unwrap();
+        assert_eq!((frame.kind, data_bytes), (Kind::Pages, 3 * 4096));
+        let memory = memfd_guest_untracked(&[(0, 64 * 4096)]).unwrap();
+        let pieces = [
+            memory.piece_mut(0, 2 * 4096).unwrap(),
+            memory.piece_mut(8192 * 4, 4096).unwrap(),
+        ];
+        input.read_pages_data(&pieces).unwrap();
+        let mut got = vec![0u8; 4096];
+        for (gpa, at) in [(0, 0), (4096, 4096), (8192 * 4, 8192)] {
+            assert!(memory.read_at(gpa, &mut got));
+            assert!(got == pages[at..at + 4096], "page at {gpa:#x}");
+        }
+        assert!(
+            input.bounce.is_empty(),
+            "no copy through the reader's buffer"
+        );
     }
 }

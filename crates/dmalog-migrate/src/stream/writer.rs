@@ -8,6 +8,11 @@ use dmalog_device::IoPiece;
 
 use super::*;
 
+/// Bytes of a Pages frame copied out of guest memory per write on a transport that must
+/// copy them (TLS encrypts them): a chunk, its encryption and the socket's copy of it stay
+/// in the L2 cache, where a whole frame (4 MiB) copied first would not.
+pub const COPY_CHUNK_BYTES: usize = 64 << 10;
+
 /// Writes frames, counting bytes, optionally capped at a bandwidth (a simple pacing model of
 /// a real link).
 pub struct FrameWriter<W> {
@@ -140,7 +145,7 @@ impl<W: Write + Transport> FrameWriter<W> {
     /// then the Pages head and run table; `data` are the page bytes of the non-zero runs,
     /// in order. On a plaintext socket the kernel copies `data` straight from guest memory
     /// (`writev`, several runs a call); otherwise they are copied into `scratch` (reused)
-    /// and written as one buffer.
+    /// [`COPY_CHUNK_BYTES`] at a time, each chunk written as soon as it is full.
     pub fn write_pages(
         &mut self,
         table: &mut [u8],
@@ -161,22 +166,42 @@ impl<W: Write + Transport> FrameWriter<W> {
         if self.inner.vectored_fd().is_some() {
             self.write_vectored_all(table, data, deadline)?;
         } else {
-            scratch.clear();
-            scratch.extend_from_slice(table);
-            for piece in data {
-                let at = scratch.len();
-                scratch.resize(at + piece.len(), 0);
-                piece
-                    .copy_to(&mut scratch[at..])
-                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
-            }
-            let frame = std::mem::take(scratch);
-            let result = self.write_all(&frame, deadline);
-            *scratch = frame;
-            result?;
+            self.write_copied(table, data, scratch, deadline)?;
         }
         self.frame_done(FRAME_HEADER_BYTES + len);
         Ok(())
+    }
+
+    /// The frame `table` then `data` through `scratch`, [`COPY_CHUNK_BYTES`] a write.
+    fn write_copied(
+        &mut self,
+        table: &[u8],
+        data: &[IoPiece<'_>],
+        scratch: &mut Vec<u8>,
+        deadline: Option<Instant>,
+    ) -> std::io::Result<()> {
+        // Sized once (not zeroed per chunk); the run table fits in one chunk.
+        scratch.resize(COPY_CHUNK_BYTES.max(table.len()), 0);
+        scratch[..table.len()].copy_from_slice(table);
+        let mut filled = table.len();
+        for piece in data {
+            let mut done = 0;
+            while done < piece.len() {
+                if filled >= COPY_CHUNK_BYTES {
+                    self.write_all(&scratch[..filled], deadline)?;
+                    filled = 0;
+                }
+                let n = (piece.len() - done).min(COPY_CHUNK_BYTES - filled);
+                piece
+                    .skip(done)
+                    .take(n)
+                    .copy_to(&mut scratch[filled..filled + n])
+                    .map_err(|_| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+                filled += n;
+                done += n;
+            }
+        }
+        self.write_all(&scratch[..filled], deadline)
     }
 
     fn write_vectored_all(
@@ -216,10 +241,79 @@ impl<W: Write + IoTimeouts> FrameWriter<W> {
     /// Every frame must be taken by the peer within `timeout` (a stalled reader is an
     /// error, not a hang).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = Some(FrameTimeout {
-            timeout,
-            set: W::bound_writes,
-        });
+        self.timeout = Some(FrameTimeout::new(timeout, W::bound_writes));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use super::*;
+    use crate::guest::{memfd_guest_untracked, GuestPages};
+
+    /// A buffer that counts how often its write time limit is set.
+    struct Counting {
+        bytes: Vec<u8>,
+        arms: Cell<u32>,
+    }
+
+    impl Write for Counting {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.bytes.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl IoTimeouts for Counting {
+        fn bound_reads(&self, _: Option<Duration>) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+            assert!(timeout.is_some_and(|t| t <= Duration::from_secs(30)));
+            self.arms.set(self.arms.get() + 1);
+            Ok(())
+        }
+    }
+
+    impl Transport for Counting {
+        fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+            None
+        }
+        fn shut_down(&self) {}
+    }
+
+    /// A Pages frame copied through in chunks (TLS) arms its time limit far less than once
+    /// a chunk, and its bytes are the frame's.
+    #[test]
+    fn a_chunked_frame_is_written_whole_without_arming_per_chunk() {
+        let memory = memfd_guest_untracked(&[(0, 1024 * 4096)]).unwrap();
+        let pattern: Vec<u8> = (0..1024 * 4096).map(|i| (i % 253) as u8).collect();
+        assert!(memory.write_at(0, &pattern));
+        let counting = Counting {
+            bytes: Vec::new(),
+            arms: Cell::new(0),
+        };
+        let mut out = FrameWriter::new(counting, None).with_timeout(Duration::from_secs(30));
+        let mut table = vec![0u8; FRAME_HEADER_BYTES];
+        table.extend_from_slice(&pages_payload(&[(0, 1024, 0)], &[]));
+        let pieces = [memory.piece(0, 1024 * 4096).unwrap()];
+        out.write_pages(&mut table, &pieces, &mut Vec::new())
+            .unwrap();
+        let chunks = (table.len() + pattern.len()).div_ceil(COPY_CHUNK_BYTES) as u32;
+        let inner = out.get_mut();
+        assert!(
+            inner.arms.get() < chunks,
+            "{} arms for {chunks} chunks",
+            inner.arms.get()
+        );
+        assert_eq!(inner.bytes.len(), table.len() + pattern.len());
+        assert!(inner.bytes[table.len()..] == pattern[..]);
+        let mut reader = FrameReader::new(&inner.bytes[..]);
+        let (frame, data_bytes) = reader.read_deferred().unwrap();
+        assert_eq!((frame.kind, data_bytes), (Kind::Pages, pattern.len()));
     }
 }
