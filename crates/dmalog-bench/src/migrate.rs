@@ -27,7 +27,10 @@ use dmalog_migrate::fuzzing::LoadingDevice;
 use dmalog_migrate::sender::PageStream;
 use dmalog_migrate::stream::{Channel, FrameReader, FrameWriter, IoTimeouts, Kind, Transport};
 use dmalog_migrate::tls::{self, ClientConfig, ServerConfig, TlsConfig};
-use dmalog_migrate::{migrate_destination_channels, DestinationReport, GuestMemory, Incoming};
+use dmalog_migrate::{
+    memfd_guest_untracked, migrate_destination_channels, DestinationReport, GuestPages, Incoming,
+    LoggedGuestMemory,
+};
 
 use dmalog_device::io_piece::{advance, read_pieces, write_pieces};
 use dmalog_device::{IoPiece, IoPieceMut};
@@ -52,7 +55,7 @@ pub struct Transfer {
 
 /// A source guest, a destination thread and a plain-copy sink, all on loopback.
 pub struct MigrateLoopback {
-    memory: GuestMemory,
+    memory: LoggedGuestMemory,
     address: String,
     tls_address: String,
     sink_address: String,
@@ -91,7 +94,7 @@ fn acceptor<'l>(
 /// Takes one migration from `input`, replying on `out`, its further channels from
 /// `accept`, into `memory` (a fresh device each time).
 fn take_migration(
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     input: impl Read + IoTimeouts + Transport,
     out: impl Write + IoTimeouts,
     accept: impl FnMut() -> std::io::Result<Incoming>,
@@ -111,7 +114,7 @@ fn take_migration(
 
 /// Takes migrations on `listener` until the process ends, into one guest memory.
 fn destination(listener: TcpListener, layout: Vec<(u64, u64)>, tls: Option<Arc<ServerConfig>>) {
-    let memory = GuestMemory::new(&layout).expect("destination guest memory");
+    let memory = memfd_guest_untracked(&layout).expect("destination guest memory");
     loop {
         let Ok((tcp, _)) = listener.accept() else {
             return;
@@ -165,7 +168,7 @@ fn guest_sink(
     layout: Vec<(u64, u64)>,
     runs: mpsc::Receiver<Vec<(u64, u64)>>,
 ) {
-    let memory = GuestMemory::new(&layout).expect("the guest sink's memory");
+    let memory = memfd_guest_untracked(&layout).expect("the guest sink's memory");
     for runs in runs {
         let Ok((mut tcp, _)) = listener.accept() else {
             return;
@@ -203,7 +206,7 @@ fn call_end<D>(pieces: &[dmalog_device::io_piece::Piece<'_, D>], first: usize) -
 
 /// The runs `(gpa, len_bytes)` of the pages set in `words` (one bitmap per region), none
 /// over [`COPY_CALL_BYTES`].
-fn runs_of(memory: &GuestMemory, words: &[Vec<u64>]) -> Vec<(u64, u64)> {
+fn runs_of(memory: &impl GuestPages, words: &[Vec<u64>]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (region, bits) in memory.regions().iter().zip(words) {
         for page in 0..region.size / PAGE {
@@ -232,7 +235,7 @@ impl MigrateLoopback {
     /// holding data.
     pub fn with_guest_bytes(guest_bytes: u64) -> Self {
         let layout = dmalog_migrate::default_layout(guest_bytes);
-        let memory = GuestMemory::new(&layout).expect("source guest memory");
+        let memory = memfd_guest_untracked(&layout).expect("source guest memory");
         let mut chunk = vec![0u8; 4 << 20];
         let mut rng = 0x9e37_79b9u64;
         for &(gpa, size) in &layout {
@@ -242,7 +245,7 @@ impl MigrateLoopback {
                     word.copy_from_slice(&(next_random(&mut rng) | 1).to_le_bytes());
                 }
                 let n = (size - done).min(chunk.len() as u64) as usize;
-                assert!(memory.write(gpa + done, &chunk[..n]));
+                assert!(memory.write_at(gpa + done, &chunk[..n]));
                 done += n as u64;
             }
         }
@@ -290,7 +293,7 @@ impl MigrateLoopback {
     }
 
     /// The source guest.
-    pub fn memory(&self) -> &GuestMemory {
+    pub fn memory(&self) -> &LoggedGuestMemory {
         &self.memory
     }
 
@@ -642,7 +645,7 @@ pub fn rows(batches: usize, progress: &mut impl FnMut(&str)) -> Vec<Row> {
     let zeros = vec![0u8; PAGE as usize];
     for region in w.memory().regions() {
         for page in (0..region.size / PAGE).filter(|p| p % 20 != 0) {
-            assert!(w.memory().write(region.gpa + page * PAGE, &zeros));
+            assert!(w.memory().write_at(region.gpa + page * PAGE, &zeros));
         }
     }
     let (mut skip_bytes, mut full_bytes) = (0, 0);
@@ -681,7 +684,7 @@ mod tests {
     #[test]
     fn scattered_bitmaps_have_exactly_the_pages_asked_for() {
         // A small guest: the bench's bitmaps, not its timings.
-        let memory = GuestMemory::new(&[(0, 64 * PAGE), (1 << 32, 64 * PAGE)]).unwrap();
+        let memory = memfd_guest_untracked(&[(0, 64 * PAGE), (1 << 32, 64 * PAGE)]).unwrap();
         let w = MigrateLoopback {
             memory,
             address: String::new(),

@@ -320,6 +320,7 @@ mod tests {
             downtime_budget_met: true,
             forced_stop: false,
             stop: StopTimes::default(),
+            link_rtt_ms: 0.1,
         }
     }
 

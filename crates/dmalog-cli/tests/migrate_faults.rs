@@ -18,7 +18,7 @@ use common::migrate::{
     Reaped, HANG_GUARD,
 };
 use common::ServerProcess;
-use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind};
+use dmalog_migrate::stream::{Frame, FrameReader, FrameWriter, Kind};
 
 /// `dmalog migrate source` with a small VM (64 MiB of guest memory).
 fn source(address: &str, socket: &Path, extra: &[&str]) -> Child {
@@ -59,7 +59,9 @@ fn fake_destination(
             return;
         };
         let mut input = FrameReader::new(stream.try_clone().unwrap());
+        let mut pongs = FrameWriter::new(stream.try_clone().unwrap(), None);
         while let Ok(frame) = input.read() {
+            answer_ping(&frame, &mut pongs);
             if frame.kind == Kind::End {
                 after_end(&mut stream);
                 break;
@@ -68,6 +70,14 @@ fn fake_destination(
         let _ = hold.recv_timeout(HANG_GUARD);
     });
     (address, release)
+}
+
+/// A stand-in destination answers the source's Pings (it times its link before round 0).
+fn answer_ping(frame: &Frame, out: &mut FrameWriter<TcpStream>) {
+    if frame.kind == Kind::Ping {
+        let _ = out.write(Kind::Pong, &[&frame.payload]);
+        let _ = out.flush();
+    }
 }
 
 #[test]
@@ -279,13 +289,18 @@ fn a_source_device_server_that_stops_answering_fails_the_migration_within_the_ti
     let address = listener.local_addr().unwrap().to_string();
     let (flowing_tx, flowing) = mpsc::channel();
     std::thread::spawn(move || {
-        let Ok((mut stream, _)) = listener.accept() else {
+        let Ok((stream, _)) = listener.accept() else {
             return;
         };
-        let mut first = vec![0u8; 1 << 20];
-        if stream.read_exact(&mut first).is_ok() {
-            let _ = flowing_tx.send(());
-            let _ = std::io::copy(&mut stream, &mut std::io::sink());
+        let mut input = FrameReader::new(stream.try_clone().unwrap());
+        let mut pongs = FrameWriter::new(stream, None);
+        let mut taken_bytes = 0;
+        while let Ok(frame) = input.read() {
+            answer_ping(&frame, &mut pongs);
+            taken_bytes += frame.payload.len();
+            if taken_bytes >= 1 << 20 {
+                let _ = flowing_tx.send(());
+            }
         }
     });
     let source = source(

@@ -266,15 +266,23 @@ fn with_rate_loss_and_delay_a_migration_converges_and_verifies() {
             // The network did what it says: all of it through the delaying relay, the rate
             // cap reached, packets dropped.
             eprintln!(
-                "{} rounds, downtime {:.1} ms, total {:.0} ms, {} bytes; {} packets dropped, tbf held back {} times",
+                "{} rounds, downtime {:.1} ms, link round trip {:.1} ms, total {:.0} ms, {} bytes; {} packets dropped, tbf held back {} times",
                 report["rounds"].as_array().unwrap().len(),
                 report["downtime_ms"].as_f64().unwrap(),
+                report["link_rtt_ms"].as_f64().unwrap_or(f64::NAN),
                 report["total_ms"].as_f64().unwrap(),
                 report["bytes_sent"],
                 net.dropped_packets(),
                 net.shaped_events()
             );
             assert!(relay.forwarded.load(Ordering::SeqCst) >= FILL_BYTES);
+            // The source timed the link's round trip (its predicted downtime counts two):
+            // at least the relay's delay each way.
+            let link_rtt_ms = report["link_rtt_ms"].as_f64().unwrap();
+            assert!(
+                link_rtt_ms >= 2.0 * DELAY.as_secs_f64() * 1e3,
+                "link round trip {link_rtt_ms} ms, {DELAY:?} each way"
+            );
             assert!(net.shaped_events() > 0, "tbf never held a packet back");
             match &net.loss_unavailable {
                 None => assert!(net.dropped_packets() > 0, "no packet was dropped"),
@@ -452,8 +460,13 @@ fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migratio
     );
 }
 
-/// The link cut on the way back, at the destination's `frame`-th frame (0: the first).
+/// The destination's first frames back: the Pongs of the source's link timing.
+const PONGS: u64 = 2;
+
+/// The link cut on the way back, at the destination's `frame`-th frame after its Pongs
+/// (0: Ready).
 fn cut_on_the_way_back(net: &Network, frame: u64) -> Failover {
+    let frame = PONGS + frame;
     failover(net, &Security::Plaintext, CUT_TIMEOUT_MS, |host, first| {
         Relay::watching_both(
             host,

@@ -6,7 +6,9 @@
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, AsRawFd};
 
-use crate::shared_memory::{bulk_copy, kernel_copy, CopyFault, CopyPath, SharedMapping};
+use crate::shared_memory::{
+    bulk_copy, kernel_copy, volatile_is_zero, CopyFault, CopyPath, SharedMapping,
+};
 
 /// Which way the kernel copies a [`Piece`]: it reads an [`IoPiece`] (`writev`).
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +136,30 @@ impl<'a> IoPiece<'a> {
         }
         Ok(())
     }
+
+    /// Whether every byte of the piece is zero, read as it is now (another writer may
+    /// change it right after): volatile loads from a sealed mapping, the kernel's
+    /// fault-tolerant copy (4 KiB at a time) from any other.
+    pub fn is_zero(&self) -> Result<bool, CopyFault> {
+        match self.path {
+            // SAFETY: the piece is `len` readable bytes kept mapped by the borrow `'a`.
+            CopyPath::Direct => Ok(unsafe { volatile_is_zero(self.ptr, self.len) }),
+            CopyPath::Guarded => {
+                let mut chunk = [0u8; 4096];
+                let mut rest = *self;
+                while !rest.is_empty() {
+                    let n = rest.len().min(chunk.len());
+                    let head = Piece { len: n, ..rest };
+                    head.copy_to(&mut chunk[..n])?;
+                    if chunk[..n].iter().any(|&b| b != 0) {
+                        return Ok(false);
+                    }
+                    rest = rest.skip(n);
+                }
+                Ok(true)
+            }
+        }
+    }
 }
 
 impl IoPieceMut<'_> {
@@ -249,6 +275,77 @@ impl SharedMapping {
     }
 }
 
+/// Pieces over a vm-memory guest region (feature `vm-memory`): a VMM on vm-memory sends its
+/// guest pages with [`write_pieces`] and receives them with [`read_pieces`], and reads them
+/// with volatile loads, as from a [`SharedMapping`].
+///
+/// Copies through these pieces are direct (volatile loads and stores), as vm-memory's own
+/// accesses to the region are: the file behind it (if any) must not shrink, or a page past
+/// its end raises SIGBUS, here as in vm-memory. Guest memory shared with a device server is
+/// a memfd sealed against shrinking ([`crate::sealed_memfd`]). Bytes the kernel writes into
+/// an [`IoPieceMut`] are not marked in the region's dirty bitmap.
+#[cfg(feature = "vm-memory")]
+mod vm_memory_region {
+    use super::*;
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::GuestRegionMmap;
+    // Only the unix mmap backend is built on: with vm-memory's `xen` feature a region's
+    // pointer may be mapped on demand, and this import stops the build.
+    #[allow(unused_imports)]
+    use vm_memory::mmap::MmapRegionBuilder as _;
+
+    /// `len` bytes at `offset` of `region`, `None` when out of bounds or not readable (a
+    /// volatile load from the piece would fault).
+    fn piece_of<D, B: Bitmap>(
+        region: &GuestRegionMmap<B>,
+        offset: usize,
+        len: usize,
+    ) -> Option<Piece<'_, D>> {
+        if offset.checked_add(len)? > region.size() || region.prot() & libc::PROT_READ == 0 {
+            return None;
+        }
+        Some(Piece {
+            // SAFETY: `offset + len <= size` (checked): inside the region's mapping, which
+            // vm-memory keeps mapped for `size` bytes at `as_ptr` while the region lives
+            // (its own mmap, or one `build_raw`'s caller promised), and the borrow of
+            // `region` keeps it alive. vm-memory hands out no Rust reference to it.
+            ptr: unsafe { region.as_ptr().add(offset) },
+            len,
+            path: CopyPath::Direct,
+            _borrow: PhantomData,
+        })
+    }
+
+    impl<'a> IoPiece<'a> {
+        /// `len` bytes at region offset `offset` of `region`, for [`write_pieces`] and
+        /// volatile reads; `None` when out of bounds or the region is not mapped readable.
+        /// See the module docs on the file.
+        pub fn of_region<B: Bitmap>(
+            region: &'a GuestRegionMmap<B>,
+            offset: usize,
+            len: usize,
+        ) -> Option<Self> {
+            piece_of(region, offset, len)
+        }
+    }
+
+    impl<'a> IoPieceMut<'a> {
+        /// `len` bytes at region offset `offset` of `region`, for [`read_pieces`]; `None`
+        /// when out of bounds or the region is not mapped readable and writable. The
+        /// kernel's writes are not marked in the region's bitmap.
+        pub fn of_region<B: Bitmap>(
+            region: &'a GuestRegionMmap<B>,
+            offset: usize,
+            len: usize,
+        ) -> Option<Self> {
+            if region.prot() & libc::PROT_WRITE == 0 {
+                return None;
+            }
+            piece_of(region, offset, len)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,5 +408,72 @@ mod tests {
             cut.copy_to(&mut middle).unwrap();
             assert!(middle[..] == pattern[len / 4..len / 4 + len / 2]);
         }
+    }
+
+    /// Pieces over a vm-memory region see what vm-memory wrote and write what it reads,
+    /// stay inside the region, and a read-only region gives no piece to fill.
+    #[cfg(feature = "vm-memory")]
+    #[test]
+    fn pieces_over_a_vm_memory_region() {
+        use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+        let memory =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(1 << 20), 3 * 4096)]).unwrap();
+        let region = memory.iter().next().unwrap();
+        memory
+            .write_slice(&[7, 8, 9], GuestAddress((1 << 20) + 4095))
+            .unwrap();
+        assert_eq!(
+            IoPiece::of_region(region, 0, 4095).unwrap().is_zero(),
+            Ok(true)
+        );
+        assert_eq!(
+            IoPiece::of_region(region, 0, 4096).unwrap().is_zero(),
+            Ok(false)
+        );
+        let mut out = [0u8; 3];
+        IoPiece::of_region(region, 4095, 3)
+            .unwrap()
+            .copy_to(&mut out)
+            .unwrap();
+        assert_eq!(out, [7, 8, 9]);
+        assert!(
+            IoPiece::of_region(region, 2 * 4096, 4097).is_none(),
+            "past the end"
+        );
+        assert!(
+            IoPiece::of_region(region, usize::MAX, 2).is_none(),
+            "overflow"
+        );
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut b, &[1, 2]).unwrap();
+        let into = [IoPieceMut::of_region(region, 3 * 4096 - 2, 2).unwrap()];
+        assert_eq!(read_pieces(&a, &into).unwrap(), 2);
+        let mut back = [0u8; 2];
+        memory
+            .read_slice(&mut back, GuestAddress((1 << 20) + 3 * 4096 - 2))
+            .unwrap();
+        assert_eq!(back, [1, 2]);
+        let n = write_pieces(&b, &[IoPiece::of_region(region, 4096, 2).unwrap()]).unwrap();
+        assert_eq!(n, 2);
+        let mut got = [0u8; 2];
+        std::io::Read::read_exact(&mut &a, &mut got).unwrap();
+        assert_eq!(got, [8, 9]);
+
+        let region = vm_memory::mmap::MmapRegionBuilder::<()>::new(4096)
+            .with_mmap_prot(libc::PROT_READ)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE)
+            .build()
+            .unwrap();
+        let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+        assert!(IoPieceMut::of_region(&region, 0, 1).is_none(), "read-only");
+        assert!(IoPiece::of_region(&region, 0, 1).is_some());
+        // vm-memory's builder maps PROT_NONE unless told otherwise: no piece to fault on.
+        let region = vm_memory::mmap::MmapRegionBuilder::<()>::new(4096)
+            .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_PRIVATE)
+            .build()
+            .unwrap();
+        let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
+        assert!(IoPiece::of_region(&region, 0, 1).is_none(), "not readable");
     }
 }

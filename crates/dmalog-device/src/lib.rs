@@ -50,7 +50,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! No features. MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
+//! Features: `vm-memory` adds `IoPiece::of_region` and `IoPieceMut::of_region`, pieces
+//! over a vm-memory `GuestRegionMmap` (a VMM's guest memory sent and received without a
+//! copy). MSRV: Rust 1.85, held by clippy's `incompatible_msrv`.
 
 pub mod device;
 pub mod dma_engine;

@@ -82,6 +82,15 @@ fn copy_path_for(fd: impl AsFd, offset: u64, len: usize) -> CopyPath {
     }
 }
 
+impl CopyPath {
+    /// The path copies to a shared mapping of `len` bytes of `fd` at `offset` take: direct
+    /// only when the file can never shrink below the mapping's end (a memfd on tmpfs sealed
+    /// with `F_SEAL_SHRINK`, as [`sealed_memfd`] makes).
+    pub fn for_file(fd: impl AsFd, offset: u64, len: usize) -> CopyPath {
+        copy_path_for(fd, offset, len)
+    }
+}
+
 /// Whether `process_vm_readv` works in this process (a sandbox may forbid it); probed once
 /// on a local byte.
 fn kernel_copy_available() -> std::io::Result<()> {
@@ -293,7 +302,7 @@ impl SharedMapping {
 ///
 /// # Safety
 /// `src` is valid for `len` bytes of reads.
-unsafe fn volatile_is_zero(src: *const u8, len: usize) -> bool {
+pub(crate) unsafe fn volatile_is_zero(src: *const u8, len: usize) -> bool {
     let head = src.align_offset(8).min(len);
     let words = (len - head) / 8;
     // SAFETY (all loops): every index is below `len`; word loads at `src + head + 8k` are
@@ -607,6 +616,10 @@ mod tests {
             assert_eq!(map.is_zero(4096, 4096), Some(false), "the last byte counts");
             assert_eq!(map.is_zero(4096 + 4095, 1), Some(false));
             assert_eq!(map.is_zero(8192, 4097), None, "out of bounds");
+            // The same through pieces; 8 KiB takes the guarded path's second 4 KiB chunk.
+            assert_eq!(map.piece(0, 4096).unwrap().is_zero(), Ok(true));
+            assert_eq!(map.piece(0, 8192).unwrap().is_zero(), Ok(false));
+            assert_eq!(map.piece(4096 + 4095, 1).unwrap().is_zero(), Ok(false));
             assert!(map.piece(8192, 4097).is_none());
             let head = [1u8, 2, 3];
             let pieces = [

@@ -63,12 +63,15 @@ pub struct FixedCosts {
     pub reports_ms: f64,
     /// The last round's device data (at least one request round trip).
     pub device_data_ms: f64,
+    /// One round trip on the migration link (a Ping answered by the destination). The
+    /// stop waits for two: End to Ready, and Go to Resumed.
+    pub link_rtt_ms: f64,
 }
 
 impl FixedCosts {
     /// The fixed part of the downtime, ms.
     pub fn total_ms(&self) -> f64 {
-        3.0 * self.device_state_ms + self.reports_ms + self.device_data_ms
+        3.0 * self.device_state_ms + self.reports_ms + self.device_data_ms + 2.0 * self.link_rtt_ms
     }
 }
 
@@ -289,6 +292,7 @@ mod tests {
             device_state_ms: 0.1,
             reports_ms: 0.2,
             device_data_ms: 0.2,
+            link_rtt_ms: 0.0,
         }
     }
 
@@ -358,6 +362,7 @@ mod tests {
             device_state_ms: 5.0,
             reports_ms: 2.0,
             device_data_ms: 2.0,
+            link_rtt_ms: 0.0,
         };
         // 12 ms of pages fit the budget alone, not with 19 ms of device requests.
         let verdict = policy.decide(1, 12_000_000, 1.0, &slow_device);
@@ -368,6 +373,23 @@ mod tests {
         let verdict = policy.decide(2, 10_000_000, 1.0, &slow_device);
         assert!((verdict.predicted_downtime_ms - 29.0).abs() < 1e-6);
         assert_eq!(verdict.decision, Decision::Stop);
+    }
+
+    #[test]
+    fn the_link_round_trip_counts_twice() {
+        // End to Ready and Go to Resumed: a 10 ms link adds 20 ms to what the stop costs.
+        let far = FixedCosts {
+            device_state_ms: 1.0,
+            reports_ms: 1.0,
+            device_data_ms: 1.0,
+            link_rtt_ms: 10.0,
+        };
+        assert!((far.total_ms() - 25.0).abs() < 1e-9);
+        let mut policy = policy(AutoConverge::On, 30);
+        // 6 ms of pages: 11 ms without the link, within half the budget; 31 ms with it.
+        let verdict = policy.decide(1, 6_000_000, 1.0, &far);
+        assert!((verdict.predicted_downtime_ms - 31.0).abs() < 1e-6);
+        assert_eq!(verdict.decision, Decision::Continue);
     }
 
     #[test]

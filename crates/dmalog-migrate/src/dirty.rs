@@ -9,7 +9,7 @@ use dmalog::{DirtyTracker, IovaRange};
 use tracing::warn;
 
 use crate::engine::{MigrateError, RoundStats, SourceDevice, PAGE};
-use crate::guest::GuestMemory;
+use crate::guest::{GuestPages, LoggedGuestMemory};
 
 /// Per-region bitmaps, reused every round.
 pub(crate) struct Bitmaps {
@@ -17,7 +17,7 @@ pub(crate) struct Bitmaps {
 }
 
 impl Bitmaps {
-    pub(crate) fn new(memory: &GuestMemory) -> Result<Self, MigrateError> {
+    pub(crate) fn new(memory: &LoggedGuestMemory) -> Result<Self, MigrateError> {
         let words = memory
             .regions()
             .iter()
@@ -33,7 +33,7 @@ impl Bitmaps {
         }
     }
 
-    pub(crate) fn fill(&mut self, memory: &GuestMemory) {
+    pub(crate) fn fill(&mut self, memory: &LoggedGuestMemory) {
         for (words, region) in self.words.iter_mut().zip(memory.regions()) {
             words.fill(u64::MAX);
             let pages = region.size / PAGE;
@@ -52,7 +52,7 @@ impl Bitmaps {
 /// restarts (STOP, START). Returns the errors seen.
 fn report_source(
     source: &mut dyn DirtyTracker,
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     ranges: &[IovaRange],
     bitmaps: &mut Bitmaps,
 ) -> u32 {
@@ -91,7 +91,7 @@ pub(crate) struct DirtyPages<'r> {
 impl<'r> DirtyPages<'r> {
     /// Empty bitmaps for every region of `memory`.
     pub(crate) fn new(
-        memory: &GuestMemory,
+        memory: &LoggedGuestMemory,
         ranges: &'r [IovaRange],
         tracking: Tracking,
     ) -> Result<Self, MigrateError> {
@@ -113,7 +113,7 @@ impl<'r> DirtyPages<'r> {
         &mut self,
         device: &mut dyn SourceDevice,
         cpu: &mut dyn DirtyTracker,
-        memory: &GuestMemory,
+        memory: &LoggedGuestMemory,
         stats: &mut RoundStats,
         accumulate: bool,
     ) {

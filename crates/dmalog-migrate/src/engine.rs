@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::converge::{Convergence, Decision, FixedCosts, ThrottleParams};
 use crate::dirty::{DirtyPages, Tracking};
 pub use crate::error::MigrateError;
-use crate::guest::GuestMemory;
+use crate::guest::{GuestPages, LoggedGuestMemory};
 pub use crate::report::{MigrationReport, RoundStats, StopTimes};
 use crate::sender::Sender;
 use crate::source_device::Throttle;
@@ -49,7 +49,11 @@ pub enum RangePlan {
 
 /// The START ranges for `memory` under `plan`, never more than `max_ranges` (merged by
 /// smallest gaps, as the logging core would).
-pub fn plan_ranges(memory: &GuestMemory, plan: RangePlan, max_ranges: usize) -> Vec<IovaRange> {
+pub fn plan_ranges(
+    memory: &LoggedGuestMemory,
+    plan: RangePlan,
+    max_ranges: usize,
+) -> Vec<IovaRange> {
     let exact: Vec<IovaRange> = memory.regions().iter().map(|r| r.range()).collect();
     let planned = match plan {
         RangePlan::Exact => exact,
@@ -85,11 +89,12 @@ pub struct SourceConfig {
 
 /// The source VM as the engine sees it.
 pub struct SourceVm<'a> {
-    /// Guest memory.
-    pub memory: &'a GuestMemory,
+    /// Guest memory (vm-memory's, memfd-backed to be shared with a device server).
+    pub memory: &'a LoggedGuestMemory,
     /// The device: a dirty source and migration data.
     pub device: &'a mut dyn SourceDevice,
-    /// The VMM's own dirty log (vCPU writes).
+    /// The VMM's own dirty log (vCPU writes): `DirtyRegions::tracker()` over the bitmaps of
+    /// `memory` (`dmalog_vm_memory`), or any other tracker of those writes.
     pub cpu: &'a mut dyn DirtyTracker,
     /// The vCPUs, paused for the final round.
     pub vcpus: Option<&'a VcpuWorkload>,
@@ -150,6 +155,8 @@ pub fn migrate_source_channels<S: Read + Write + Transport + Send>(
     replies: &mut FrameReader<impl Read>,
     on_round: impl FnMut(&RoundStats),
 ) -> Result<MigrationReport, MigrateError> {
+    // Before anything starts: the engine's copies are direct.
+    crate::guest::check_guest_memory(vm.memory)?;
     let mut vm = vm;
     let mut committed = false;
     let err = match migrate_source_inner(
@@ -278,6 +285,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         dmalog::ranges::DEFAULT_MAX_RANGES as usize,
     );
     let extra = crate::sender::send_hello(out, channels, connect, memory)?;
+    fixed.link_rtt_ms = link_round_trip(out, replies)?.as_secs_f64() * 1e3;
 
     // Dirty tracking on every source; if one cannot start, all are rolled back and every
     // page counts as dirty every round (correct, but it will not converge).
@@ -506,11 +514,34 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         downtime_budget_met,
         forced_stop: forced,
         stop,
+        link_rtt_ms: fixed.link_rtt_ms,
     })
 }
 
 /// A stopwatch of consecutive phases.
 /// Runs `step`, keeping how long it took in `ms` (the cost the stop will have again).
+/// Times one round trip on the link: a Ping on `out`, its Pong on `replies`. Two, and the
+/// second counts: the first also waits out the destination's setup (its channels, DMA
+/// maps, RESUMING).
+fn link_round_trip<W: Write>(
+    out: &mut FrameWriter<W>,
+    replies: &mut FrameReader<impl Read>,
+) -> Result<Duration, MigrateError> {
+    let mut round_trip = Duration::ZERO;
+    for nonce in 1u64..=2 {
+        let sent = Instant::now();
+        out.write(Kind::Ping, &[&nonce.to_le_bytes()])?;
+        out.flush()?;
+        let pong = replies.read()?;
+        expect_kind(&pong, Kind::Pong)?;
+        if pong.payload != nonce.to_le_bytes() {
+            return Err(MigrateError::Peer("a Pong that answers no Ping".into()));
+        }
+        round_trip = sent.elapsed();
+    }
+    Ok(round_trip)
+}
+
 fn timed<T>(ms: &mut f64, step: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let out = step();

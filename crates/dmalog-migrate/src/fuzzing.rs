@@ -11,7 +11,7 @@ use std::io::{Read, Write};
 use crate::destination::{
     decode_hello, decode_pages, migrate_destination, migrate_destination_channels, Incoming,
 };
-use crate::guest::GuestMemory;
+use crate::guest::LoggedGuestMemory;
 use crate::stream::{
     checked_bytes, hello_payload, pages_payload, FrameReader, FrameWriter, IoTimeouts, Kind,
     Transport, FRAME_HEADER_BYTES, MAGIC, RUN_ZERO, VERSION,
@@ -78,7 +78,8 @@ thread_local! {
     // One guest memory per thread (a memfd and a mapping each): creating it per input
     // would dominate the fuzzing time. Its content carries over between inputs, which
     // changes no decision the destination makes.
-    static MEMORY: GuestMemory = GuestMemory::new(&FUZZ_LAYOUT).expect("fuzz guest memory");
+    static MEMORY: LoggedGuestMemory =
+        crate::guest::memfd_guest_untracked(&FUZZ_LAYOUT).expect("fuzz guest memory");
 }
 
 /// Feeds `stream_bytes` to a destination as the whole migration stream. It must neither

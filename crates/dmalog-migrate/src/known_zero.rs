@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::engine::PAGE;
-use crate::guest::GuestMemory;
+use crate::guest::{GuestPages, LoggedGuestMemory};
 
 /// One bit per page of guest memory (set: zero, and not written since).
 #[derive(Debug)]
@@ -22,7 +22,7 @@ pub(crate) struct KnownZero {
 
 impl KnownZero {
     /// Nothing known yet (the memory may hold anything).
-    pub(crate) fn new(memory: &GuestMemory) -> Self {
+    pub(crate) fn new(memory: &LoggedGuestMemory) -> Self {
         let regions = memory
             .regions()
             .iter()
@@ -62,7 +62,7 @@ impl KnownZero {
 
     /// Zeroes the `npages` pages at `gpa` not known zero, and records them; false when
     /// the run is outside guest memory.
-    pub(crate) fn zero(&self, memory: &GuestMemory, gpa: u64, npages: u64) -> bool {
+    pub(crate) fn zero(&self, memory: &LoggedGuestMemory, gpa: u64, npages: u64) -> bool {
         let Some((bits, first)) = self.locate(gpa, npages) else {
             return false;
         };

@@ -77,6 +77,9 @@ pub struct MigrationReport {
     pub forced_stop: bool,
     /// Where the downtime went.
     pub stop: StopTimes,
+    /// One round trip on the migration link, measured before round 0 (ms); the predicted
+    /// downtime counts two.
+    pub link_rtt_ms: f64,
 }
 
 /// The downtime, phase by phase (ms): they add up to the downtime.

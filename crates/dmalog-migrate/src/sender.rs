@@ -16,7 +16,7 @@ use std::io::Write;
 
 use crate::dirty::Bitmaps;
 use crate::engine::{MigrateError, SourceDevice, PAGE};
-use crate::guest::GuestMemory;
+use crate::guest::{GuestPages, LoggedGuestMemory};
 use crate::stream::{
     hello_payload, FrameWriter, Kind, Transport, FRAME_HEADER_BYTES, MAX_CHANNELS,
     MAX_PAGES_PER_FRAME, MAX_RUNS_PER_FRAME, MAX_ZERO_PAGES_PER_FRAME, RUN_ZERO,
@@ -51,7 +51,7 @@ pub(crate) fn send_hello<W: Write>(
     out: &mut FrameWriter<W>,
     channels: u32,
     connect: &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<W>>,
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
 ) -> Result<Vec<FrameWriter<W>>, MigrateError> {
     if channels == 0 || channels > MAX_CHANNELS {
         return Err(MigrateError::Peer(format!(
@@ -100,7 +100,7 @@ struct Sent {
 /// Packs pages into Pages frames on one channel.
 struct FramePacker<'m, 'b, W: Write> {
     out: &'m mut FrameWriter<W>,
-    memory: &'m GuestMemory,
+    memory: &'m LoggedGuestMemory,
     bufs: &'b mut ChannelBuffers,
     data_pages: u64,
     zero_pages: u64,
@@ -191,7 +191,7 @@ fn pages_of(runs: &[(u64, u64)]) -> impl Iterator<Item = (u64, bool)> + '_ {
 /// Sends `runs` (`(gpa, npages)`, each inside one region) on `out`, then the round's Sync.
 fn send_share<W: Write + Transport>(
     out: &mut FrameWriter<W>,
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     runs: &[(u64, u64)],
     skip_zero: bool,
     bufs: &mut ChannelBuffers,
@@ -238,7 +238,7 @@ pub struct Sender<'a, W: Write> {
     /// Channel 0: the control frames and a share of the pages.
     pub(crate) out: &'a mut FrameWriter<W>,
     extra: Vec<FrameWriter<W>>,
-    memory: &'a GuestMemory,
+    memory: &'a LoggedGuestMemory,
     round: u32,
     skip_zero: bool,
     zero_pages: u64,
@@ -252,7 +252,7 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
     pub(crate) fn new(
         out: &'a mut FrameWriter<W>,
         extra: Vec<FrameWriter<W>>,
-        memory: &'a GuestMemory,
+        memory: &'a LoggedGuestMemory,
     ) -> Self {
         let channels = extra.len() + 1;
         Sender {
@@ -368,7 +368,7 @@ impl<'a, W: Write + Transport + Send> PageStream<'a, W> {
         out: &'a mut FrameWriter<W>,
         channels: u32,
         connect: &mut dyn FnMut(u32) -> std::io::Result<FrameWriter<W>>,
-        memory: &'a GuestMemory,
+        memory: &'a LoggedGuestMemory,
     ) -> Result<Self, MigrateError> {
         let extra = send_hello(out, channels, connect, memory)?;
         Ok(PageStream {
@@ -405,7 +405,7 @@ impl<'a, W: Write + Transport + Send> PageStream<'a, W> {
 
 /// The dirty runs `(gpa, npages)` of `words` (one bitmap per region of `memory`) into
 /// `runs` (cleared first; reused so that a round allocates nothing once warm).
-fn collect_runs(memory: &GuestMemory, words: &[Vec<u64>], runs: &mut Vec<(u64, u64)>) {
+fn collect_runs(memory: &LoggedGuestMemory, words: &[Vec<u64>], runs: &mut Vec<(u64, u64)>) {
     runs.clear();
     for (region, words) in memory.regions().iter().zip(words) {
         let pages = region.size / PAGE;
@@ -469,7 +469,8 @@ mod tests {
 
     #[test]
     fn runs_are_found_across_word_edges_and_split_evenly() {
-        let memory = GuestMemory::new(&[(0, 256 * PAGE), (1 << 32, 64 * PAGE)]).unwrap();
+        let memory =
+            crate::guest::memfd_guest_untracked(&[(0, 256 * PAGE), (1 << 32, 64 * PAGE)]).unwrap();
         let mut words = vec![vec![0u64; 4], vec![0u64; 1]];
         // Pages 3, 60..=130 (across two word edges), 255; page 0 and 63 of region 1.
         words[0][0] = 1 << 3 | !0u64 << 60;

@@ -1,15 +1,17 @@
-//! The "vCPU" workload: threads writing guest memory at a set rate over a working set, with
-//! every write recorded in the VMM's own dirty log (a soft tracker in this process), a
-//! synchronous pause (no write after `pause` returns), and a throttle for auto-converge.
+//! The "vCPU" workload: threads writing guest memory at a set rate over a working set
+//! through vm-memory (`write_slice`), so that every write is marked by the memory's
+//! [`DmalogBitmap`](dmalog_vm_memory::DmalogBitmap) (data before bit) and REPORTed by
+//! [`DirtyRegions::tracker`](dmalog_vm_memory::DirtyRegions::tracker); a synchronous pause
+//! (no write after `pause` returns), and a throttle for auto-converge.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use dmalog::WriteRecorder;
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::guest::GuestMemory;
+use crate::guest::LoggedGuestMemory;
 
 /// What the workload does.
 #[derive(Debug, Clone, Copy)]
@@ -48,12 +50,8 @@ const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 const SLEEP_STEP: Duration = Duration::from_millis(5);
 
 impl VcpuWorkload {
-    /// Starts `params.threads` threads writing `memory` and recording on `recorder` clones.
-    pub fn start(
-        memory: Arc<GuestMemory>,
-        recorder: WriteRecorder,
-        params: VcpuParams,
-    ) -> std::io::Result<Self> {
+    /// Starts `params.threads` threads writing `memory` (each write marked by its bitmap).
+    pub fn start(memory: Arc<LoggedGuestMemory>, params: VcpuParams) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             paused: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -65,8 +63,7 @@ impl VcpuWorkload {
         let per_thread_rate = params.rate / params.threads.max(1) as u64;
         let threads = (0..params.threads.max(1))
             .map(|t| {
-                let (shared, memory, mut recorder) =
-                    (Arc::clone(&shared), Arc::clone(&memory), recorder.clone());
+                let (shared, memory) = (Arc::clone(&shared), Arc::clone(&memory));
                 std::thread::Builder::new()
                     .name(format!("vcpu{t}"))
                     .spawn(move || {
@@ -92,9 +89,9 @@ impl VcpuWorkload {
                             x ^= x << 17;
                             let gpa = params.base + (x % pages) * WRITE_BYTES;
                             page[..8].copy_from_slice(&x.to_le_bytes());
-                            if memory.write(gpa, &page) {
-                                recorder.record_write(gpa, WRITE_BYTES);
-                            }
+                            // vm-memory copies, then the bitmap marks the page (data before
+                            // bit); a GPA outside guest memory writes nothing.
+                            let _ = memory.write_slice(&page, GuestAddress(gpa));
                             shared.active.fetch_sub(1, Ordering::SeqCst);
                             shared.writes.fetch_add(1, Ordering::Relaxed);
                             written += WRITE_BYTES;
@@ -192,14 +189,12 @@ impl Drop for VcpuWorkload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dmalog::SoftDriver;
 
     #[test]
     fn a_throttled_vcpu_still_pauses_and_stops_at_once() {
-        let memory = Arc::new(GuestMemory::new(&[(0, 1 << 20)]).unwrap());
+        let memory = Arc::new(crate::memfd_guest_untracked(&[(0, 1 << 20)]).unwrap());
         let vcpus = VcpuWorkload::start(
             Arc::clone(&memory),
-            SoftDriver::new().recorder(),
             VcpuParams {
                 threads: 2,
                 base: 0,
@@ -221,6 +216,64 @@ mod tests {
         vcpus.resume();
         vcpus.set_throttle(0);
         assert_eq!(vcpus.throttle(), 0);
+        drop(vcpus);
+    }
+
+    /// The vCPUs' writes are logged by the memory's bitmaps: a REPORT of the tracker over
+    /// them finds dirty pages inside the working set only, and none once `pause` returned
+    /// and what came before was reported (no write, and no mark, after the pause).
+    #[test]
+    fn vcpu_writes_come_out_of_the_bitmaps_report_and_end_at_pause() {
+        use dmalog::DirtyTracker;
+
+        const GUEST_BYTES: u64 = 4 << 20;
+        let regions = dmalog_vm_memory::DirtyRegions::new(4096).unwrap();
+        let memory = Arc::new(crate::memfd_guest(&regions, &[(0, GUEST_BYTES)]).unwrap());
+        let mut cpu = regions.tracker();
+        let guest = dmalog::IovaRange::new(0, GUEST_BYTES).unwrap();
+        cpu.start(&[guest], 4096).unwrap();
+        let (base, span) = (1 << 20, 1 << 20);
+        let vcpus = VcpuWorkload::start(
+            Arc::clone(&memory),
+            VcpuParams {
+                threads: 2,
+                base,
+                span,
+                rate: 0,
+                seed: 9,
+            },
+        )
+        .unwrap();
+        // Waited for, not timed: some writes happen.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while vcpus.writes() < 100 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vcpus.pause();
+        let mut bitmap = [0u64; (GUEST_BYTES / 4096 / 64) as usize];
+        cpu.report(guest, 4096, &mut bitmap).unwrap();
+        let dirty: Vec<u64> = (0..GUEST_BYTES / 4096)
+            .filter(|&page| bitmap[(page / 64) as usize] >> (page % 64) & 1 == 1)
+            .collect();
+        assert!(
+            !dirty.is_empty(),
+            "{} writes, no page reported",
+            vcpus.writes()
+        );
+        assert!(
+            dirty
+                .iter()
+                .all(|&page| (base..base + span).contains(&(page * 4096))),
+            "only the working set: {dirty:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        bitmap.fill(0);
+        cpu.report(guest, 4096, &mut bitmap).unwrap();
+        assert_eq!(
+            bitmap, [0u64; 16],
+            "nothing marked after the pause returned"
+        );
+        vcpus.resume();
         drop(vcpus);
     }
 }

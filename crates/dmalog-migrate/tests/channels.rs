@@ -8,16 +8,15 @@ mod common;
 
 use std::io::Read;
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    accept_channel, config, destination_on_loopback, start_vcpus, DestinationThread, FakeDevice,
-    Vcpus, LAYOUT,
+    accept_channel, config, destination_on_loopback, source_guest, start_vcpus, DestinationThread,
+    FakeDevice, Vcpus, LAYOUT,
 };
 use dmalog_migrate::fuzzing::LoadingDevice;
 use dmalog_migrate::stream::{hello_payload, pages_payload, FrameReader, FrameWriter, Kind};
-use dmalog_migrate::{migrate_source_channels, GuestMemory, SourceVm};
+use dmalog_migrate::{migrate_source_channels, GuestPages, SourceVm};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -41,18 +40,18 @@ fn connect(address: &str) -> FrameWriter<TcpStream> {
 fn a_migration_on_three_channels_verifies_with_vcpus_writing() {
     let (device, _) = FakeDevice::new(Vec::new());
     let (address, destination) = destination(device);
-    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let (memory, regions) = source_guest(&LAYOUT);
     // Data everywhere (zero pages would make every channel's share nearly free).
     for &(gpa, size) in &LAYOUT {
         let pattern: Vec<u8> = (0..size).map(|i| (i / 4096 % 251) as u8 + 1).collect();
-        assert!(memory.write(gpa, &pattern));
+        assert!(memory.write_at(gpa, &pattern));
     }
     let (mut device, _) = FakeDevice::new(vec![9u8; 3000]);
     let Vcpus {
         mut cpu,
         workload: vcpus,
         ..
-    } = start_vcpus(&memory, (0, 4 << 20), 20 << 20, 5);
+    } = start_vcpus((&memory, &regions), (0, 4 << 20), 20 << 20, 5);
     let mut out = connect(&address);
     let mut replies = FrameReader::new(out.get_mut().try_clone().unwrap()).with_timeout(TIMEOUT);
     let mut connect_extra = |_| Ok(connect(&address));
@@ -172,7 +171,7 @@ fn a_two_channel_destination_refuses_other_sessions_and_a_third_connection() {
     assert!(report.verified);
     assert_eq!(report.channels, 2);
     let mut first = [0u8; 4];
-    memory.read(0, &mut first);
+    memory.read_at(0, &mut first);
     assert_eq!(first, [1; 4], "channel 1's page arrived");
 }
 
@@ -204,7 +203,7 @@ fn an_old_copy_on_a_slow_channel_never_overwrites_a_newer_one() {
     let (report, memory, _) = destination.join().unwrap();
     report.unwrap();
     let mut p = [0u8; 4096];
-    memory.read(P, &mut p);
+    memory.read_at(P, &mut p);
     assert!(
         p.iter().all(|&b| b == 0xbb),
         "page P is {:#x}, the old copy",

@@ -8,13 +8,12 @@ use std::time::Duration;
 
 mod common;
 
-use common::{spawn_destination, start_vcpus, FakeDevice, Vcpus, LAYOUT};
-use dmalog::{InProcessTracker, SoftDriver};
+use common::{source_guest, spawn_destination, start_vcpus, FakeDevice, Vcpus, LAYOUT};
 use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
-    migrate_source, GuestMemory, MigrateError, MigrationReport, RoundStats, SourceConfig, SourceVm,
-    VcpuWorkload,
+    migrate_source, GuestPages, LoggedGuestMemory, MigrateError, MigrationReport, RoundStats,
+    SourceConfig, SourceVm, VcpuWorkload, VmMemoryTracker,
 };
 
 /// The link: 20 MB/s.
@@ -25,30 +24,30 @@ const WSS_PAGES: u64 = 512;
 
 /// The guest, deterministically: after each round, it writes the share of its working
 /// set that the vCPU throttle leaves it (all of it unthrottled, 5 pages at 99%), as a
-/// vCPU slowed that much would in a round's time, recorded in the vCPU log. A running
+/// vCPU slowed that much would in a round's time, through vm-memory (marked by the
+/// memory's bitmap, the vCPU log). A running
 /// vCPU thread adds a little more (4 MB/s), slowed by the real throttle.
-fn dirty_the_working_set(
-    memory: &GuestMemory,
-    recorder: &mut dmalog::WriteRecorder,
-    throttle_pct: u8,
-    round: u32,
-) {
+fn dirty_the_working_set(memory: &LoggedGuestMemory, throttle_pct: u8, round: u32) {
     let pages = WSS_PAGES * u64::from(100 - throttle_pct) / 100;
     for page in 0..pages {
         let gpa = WSS_BASE + page * 4096;
-        memory.write(gpa, &[round as u8 + 1; 64]);
-        recorder.record_write(gpa, 64);
+        memory.write_at(gpa, &[round as u8 + 1; 64]);
     }
 }
 
 /// The source side: its guest memory (the working set dirtied once), a fake device that
 /// can be throttled, and one vCPU thread writing the working set at 4 MB/s.
-fn source() -> (Arc<GuestMemory>, FakeDevice, Vcpus) {
-    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+fn source() -> (Arc<LoggedGuestMemory>, FakeDevice, Vcpus) {
+    let (memory, regions) = source_guest(&LAYOUT);
     let (mut device, _) = FakeDevice::new(vec![5u8; 100]);
     device.can_throttle = true;
-    let mut vcpus = start_vcpus(&memory, (WSS_BASE, WSS_PAGES * 4096), 4_000_000, 3);
-    dirty_the_working_set(&memory, &mut vcpus.recorder, 0, 0);
+    let vcpus = start_vcpus(
+        (&memory, &regions),
+        (WSS_BASE, WSS_PAGES * 4096),
+        4_000_000,
+        3,
+    );
+    dirty_the_working_set(&memory, 0, 0);
     (memory, device, vcpus)
 }
 
@@ -68,9 +67,9 @@ fn migrate_over(
     link: UnixStream,
     config: &SourceConfig,
     (memory, device, cpu, vcpus): (
-        &GuestMemory,
+        &LoggedGuestMemory,
         &mut FakeDevice,
-        &mut InProcessTracker<SoftDriver>,
+        &mut VmMemoryTracker,
         &VcpuWorkload,
     ),
     on_round: impl FnMut(&RoundStats),
@@ -109,12 +108,7 @@ fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8
     let report = migrate_over(a, &config, vm, |round| {
         if !round.final_round {
             throttle_seen = throttle_seen.max(vcpus.workload.throttle());
-            dirty_the_working_set(
-                &writer_memory,
-                &mut vcpus.recorder,
-                vcpus.workload.throttle(),
-                round.round,
-            );
+            dirty_the_working_set(&writer_memory, vcpus.workload.throttle(), round.round);
         }
     })
     .unwrap();
@@ -211,10 +205,8 @@ fn vcpus_dirtying_faster_than_the_link_converge_only_with_auto_converge() {
 fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
     let (memory, mut device, mut vcpus) = source();
     let (a, b) = UnixStream::pair().unwrap();
-    // A destination that takes everything and never answers.
-    let sink = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut &b, &mut std::io::sink());
-    });
+    // A destination that takes everything and answers nothing but the Pings.
+    let sink = std::thread::spawn(move || common::take_frames_answering_pings(&b, |_| false));
     let cut = a.try_clone().unwrap();
     let config = config(
         50,
@@ -231,7 +223,7 @@ fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
         if round.throttle_pct > 0 {
             let _ = cut.shutdown(std::net::Shutdown::Both);
         } else {
-            dirty_the_working_set(&writer_memory, &mut vcpus.recorder, 0, round.round);
+            dirty_the_working_set(&writer_memory, 0, round.round);
         }
     });
     assert!(result.is_err());

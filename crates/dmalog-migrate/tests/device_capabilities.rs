@@ -12,17 +12,18 @@ mod common;
 use common::{config, cpu_log, FakeDevice, LAYOUT};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
-    migrate_destination, migrate_source, GuestMemory, MigrateError, MigrationReport, SourceVm,
+    memfd_guest_untracked, migrate_destination, migrate_source, GuestPages, MigrateError,
+    MigrationReport, SourceVm,
 };
 
 /// Migrates `device` to a fresh fake device; the vCPUs write one page between rounds.
 /// Returns the source report and what the destination device loaded.
 fn migrate(device: &mut FakeDevice) -> (Result<MigrationReport, MigrateError>, Vec<u8>) {
-    let src_memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let src_memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
     let (mut cpu, mut vcpu_writes) = cpu_log();
     let (a, b) = UnixStream::pair().unwrap();
     let destination = std::thread::spawn(move || {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let memory = memfd_guest_untracked(&LAYOUT).unwrap();
         let (mut device, _) = FakeDevice::new(Vec::new());
         let mut input = FrameReader::new(b.try_clone().unwrap());
         let mut out = FrameWriter::new(b, None);
@@ -52,7 +53,7 @@ fn migrate(device: &mut FakeDevice) -> (Result<MigrationReport, MigrateError>, V
     let report = migrate_source(&config(), vm, &mut out, &mut replies, |round| {
         if !round.final_round {
             rounds = rounds.wrapping_add(1);
-            writer_memory.write(3 * 4096, &[rounds; 64]);
+            writer_memory.write_at(3 * 4096, &[rounds; 64]);
             vcpu_writes.record_write(3 * 4096, 64);
         }
     });

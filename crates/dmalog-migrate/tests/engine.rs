@@ -11,12 +11,12 @@ mod common;
 
 use common::{config, cpu_log, run_destination, spawn_destination, FakeDevice, LAYOUT};
 use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
-use dmalog_migrate::{migrate_source, GuestMemory, MigrateError, SourceVm};
+use dmalog_migrate::{memfd_guest_untracked, migrate_source, GuestPages, MigrateError, SourceVm};
 
 #[test]
 fn a_migration_over_a_socket_pair_verifies() {
-    let src_memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
-    src_memory.write(4096, &[7u8; 100]);
+    let src_memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
+    src_memory.write_at(4096, &[7u8; 100]);
     let (mut device, mut dma) = FakeDevice::new(vec![3u8; 5000]);
     let (mut cpu, _) = cpu_log();
     let (a, b) = UnixStream::pair().unwrap();
@@ -35,7 +35,7 @@ fn a_migration_over_a_socket_pair_verifies() {
     let report = migrate_source(&config(), vm, &mut out, &mut replies, |round| {
         if !round.final_round {
             rounds += 1;
-            writer_memory.write((1 << 32) + 8192, &[rounds as u8; 100]);
+            writer_memory.write_at((1 << 32) + 8192, &[rounds as u8; 100]);
             dma.record_write((1 << 32) + 8192, 100);
         }
     })
@@ -44,7 +44,7 @@ fn a_migration_over_a_socket_pair_verifies() {
     let (dst, memory, dst_device) = destination.join().unwrap();
     assert!(dst.unwrap().verified);
     let mut page = [0u8; 100];
-    memory.read((1 << 32) + 8192, &mut page);
+    memory.read_at((1 << 32) + 8192, &mut page);
     assert_eq!(
         dst_device.loaded.len(),
         5000 * 2,
@@ -127,7 +127,7 @@ fn a_corrupt_or_truncated_stream_fails_loudly() {
 
 #[test]
 fn a_dead_destination_leaves_the_source_running_with_logging_off() {
-    let memory = GuestMemory::new(&LAYOUT).unwrap();
+    let memory = memfd_guest_untracked(&LAYOUT).unwrap();
     let (mut device, _) = FakeDevice::new(vec![1u8; 10]);
     let (mut cpu, _) = cpu_log();
     let (a, b) = UnixStream::pair().unwrap();
@@ -153,7 +153,8 @@ fn a_dead_destination_leaves_the_source_running_with_logging_off() {
 
 #[test]
 fn range_plans() {
-    let memory = GuestMemory::new(&[(0, 1 << 20), (2 << 20, 1 << 20), (1 << 32, 1 << 20)]).unwrap();
+    let memory =
+        memfd_guest_untracked(&[(0, 1 << 20), (2 << 20, 1 << 20), (1 << 32, 1 << 20)]).unwrap();
     let exact = dmalog_migrate::plan_ranges(&memory, dmalog_migrate::RangePlan::Exact, 256);
     assert_eq!(exact.len(), 3);
     let qemu = dmalog_migrate::plan_ranges(&memory, dmalog_migrate::RangePlan::Qemu, 256);

@@ -12,7 +12,7 @@ use dmalog_migrate::stream::{
     pages_payload, FrameReader, FrameWriter, Kind, StreamError, FRAME_HEADER_BYTES, MAGIC,
     MAX_PAYLOAD, RUN_ZERO, VERSION,
 };
-use dmalog_migrate::{GuestMemory, MigrateError};
+use dmalog_migrate::{GuestPages, LoggedGuestMemory, MigrateError};
 
 /// Bytes from a slice, recording the largest buffer the reader offers to fill: the
 /// reader allocates its payload buffer before filling it, so this bounds the allocation.
@@ -54,7 +54,7 @@ struct Outcome {
     result: Result<dmalog_migrate::DestinationReport, MigrateError>,
     /// What the destination sent back.
     replies: Vec<u8>,
-    memory: GuestMemory,
+    memory: LoggedGuestMemory,
 }
 
 /// The destination refused the stream: a `kind` frame was malformed.
@@ -172,7 +172,7 @@ fn unaligned_pages_are_refused_and_memory_is_untouched() {
     let outcome = run(true, &pages(1, 1, &[9u8; 4096]));
     assert_eq!(refusal(&outcome), "guest address not page-aligned");
     let mut first = [0u8; 8];
-    outcome.memory.read(0, &mut first);
+    outcome.memory.read_at(0, &mut first);
     assert_eq!(first, [0u8; 8]);
 }
 
@@ -245,7 +245,7 @@ fn pages_outside_guest_memory_are_refused_without_a_partial_write() {
             "gpa {gpa:#x}: {why}"
         );
         let mut last = [0u8; 4096];
-        outcome.memory.read(region0_end - 4096, &mut last);
+        outcome.memory.read_at(region0_end - 4096, &mut last);
         assert!(last.iter().all(|&b| b == 0), "no partial write");
     }
 }
@@ -347,9 +347,9 @@ fn a_zero_run_zeroes_pages_written_earlier() {
     // The stream ends before End: an error, but the frames before it were applied.
     assert!(outcome.result.is_err());
     let mut page = [1u8; 4096];
-    outcome.memory.read(4096, &mut page);
+    outcome.memory.read_at(4096, &mut page);
     assert!(page.iter().all(|&b| b == 0), "zeroed");
-    outcome.memory.read(8192, &mut page);
+    outcome.memory.read_at(8192, &mut page);
     assert!(page.iter().all(|&b| b == 7), "the next page kept");
 }
 
@@ -383,9 +383,9 @@ fn on_a_socket_bad_runs_are_refused_before_any_page_is_written() {
         let err = result.unwrap_err().to_string();
         assert!(err.contains(why), "{runs:?}: {err}");
         let mut page = [0u8; 4096];
-        memory.read(0, &mut page);
+        memory.read_at(0, &mut page);
         assert!(page.iter().all(|&b| b == 0), "{runs:?}: nothing written");
-        memory.read(region0_end - 4096, &mut page);
+        memory.read_at(region0_end - 4096, &mut page);
         assert!(page.iter().all(|&b| b == 0), "{runs:?}: nothing written");
     }
 }

@@ -21,8 +21,8 @@ use dmalog_migrate::stream::{
     hello_payload, pages_payload, FrameReader, FrameWriter, Kind, StreamError, RUN_ZERO,
 };
 use dmalog_migrate::{
-    migrate_destination, migrate_destination_channels, DestinationReport, GuestMemory, Incoming,
-    MigrateError,
+    memfd_guest_untracked, migrate_destination, migrate_destination_channels, DestinationReport,
+    GuestPages, Incoming, LoggedGuestMemory, MigrateError,
 };
 
 /// Two regions with a hole between them.
@@ -40,9 +40,9 @@ fn refused_why(result: &Result<DestinationReport, MigrateError>) -> &'static str
     }
 }
 
-fn read_page(memory: &GuestMemory, gpa: u64) -> Vec<u8> {
+fn read_page(memory: &LoggedGuestMemory, gpa: u64) -> Vec<u8> {
     let mut page = vec![0u8; 4096];
-    assert!(memory.read(gpa, &mut page));
+    assert!(memory.read_at(gpa, &mut page));
     page
 }
 
@@ -53,8 +53,8 @@ fn read_page(memory: &GuestMemory, gpa: u64) -> Vec<u8> {
 fn one_channel(
     layout: &[(u64, u64)],
     stream: &[u8],
-) -> (Result<DestinationReport, MigrateError>, GuestMemory) {
-    let memory = GuestMemory::new(layout).unwrap();
+) -> (Result<DestinationReport, MigrateError>, LoggedGuestMemory) {
+    let memory = memfd_guest_untracked(layout).unwrap();
     let mut bytes = raw_frame(Kind::Hello as u8, &hello_payload(4096, SESSION, 1, layout));
     bytes.extend_from_slice(stream);
     let mut device = LoadingDevice::default();
@@ -193,7 +193,7 @@ fn the_run_table_must_account_for_every_payload_byte() {
 
 type Outcome = (
     Result<DestinationReport, MigrateError>,
-    GuestMemory,
+    LoggedGuestMemory,
     DeviceState,
 );
 
@@ -437,7 +437,7 @@ fn joins_that_are_not_this_migrations_channels_are_refused() {
 #[test]
 fn the_hello_channel_count_and_a_join_before_the_hello() {
     for channels in [0, 17, u32::MAX] {
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let memory = memfd_guest_untracked(&LAYOUT).unwrap();
         let hello = raw_frame(
             Kind::Hello as u8,
             &hello_payload(4096, SESSION, channels, &LAYOUT),
@@ -643,7 +643,7 @@ impl std::io::Read for Scripted<'_> {
 /// leaves it; a data run in between makes the next zero run zero it again.
 #[test]
 fn a_zero_run_over_pages_already_zeroed_costs_no_scan() {
-    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
     let region_pages = LAYOUT[0].1 / 4096;
     let zero_all = pages(&[(0, region_pages as u32, RUN_ZERO)], &[]);
     let frames = vec![
@@ -662,7 +662,7 @@ fn a_zero_run_over_pages_already_zeroed_costs_no_scan() {
     let behind = Arc::clone(&memory);
     let before = move |frame: usize| {
         if frame == 2 {
-            assert!(behind.write(4096, &[0x11; 4096]));
+            assert!(behind.write_at(4096, &[0x11; 4096]));
         }
     };
     let mut device = LoadingDevice::default();
@@ -710,9 +710,9 @@ fn a_destination_that_never_reads_a_further_channel_fails_the_source_in_time() {
         let mut input = FrameReader::new(main);
         while input.read().is_ok() {}
     });
-    let memory = GuestMemory::new(&common::LAYOUT).unwrap();
+    let memory = memfd_guest_untracked(&common::LAYOUT).unwrap();
     for &(gpa, size) in &common::LAYOUT {
-        assert!(memory.write(gpa, &vec![0x5a; size as usize]));
+        assert!(memory.write_at(gpa, &vec![0x5a; size as usize]));
     }
     let (mut device, _) = common::FakeDevice::new(vec![5u8; 3000]);
     let mut cpu = InProcessTracker::new(SoftDriver::new());
@@ -746,4 +746,35 @@ fn a_destination_that_never_reads_a_further_channel_fails_the_source_in_time() {
     );
     assert_eq!(device.state, DeviceState::Running, "{err}");
     assert!(!device.logging, "device logging stopped");
+}
+
+/// A Ping on the main channel is answered at once with its payload (the source times its
+/// link with it); one over the 8-byte limit is refused before its payload is read, and the
+/// device was never resumed.
+#[test]
+fn pings_are_echoed_and_an_oversized_one_is_refused() {
+    let (address, dst) = destination(HANG_GUARD, accept_channel);
+    let mut main = Peer::main(&address, 1);
+    for payload in [7u64.to_le_bytes().to_vec(), Vec::new()] {
+        main.send(Kind::Ping, &payload);
+        let pong = main.reply();
+        assert_eq!((pong.kind, pong.payload), (Kind::Pong, payload));
+    }
+    main.stream()
+        .write_all(&raw_frame(Kind::Ping as u8, &[0u8; 9]))
+        .unwrap();
+    let (result, _, state) = outcome(dst);
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MigrateError::Stream(StreamError::TooLarge {
+                kind: Kind::Ping,
+                len_bytes: 9,
+                limit_bytes: 8
+            })
+        ),
+        "{err}"
+    );
+    assert_ne!(state, DeviceState::Running);
 }

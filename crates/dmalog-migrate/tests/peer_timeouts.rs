@@ -10,14 +10,15 @@ use dmalog::IovaRange;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{config, hello, run_destination, start_vcpus, FakeDevice, Vcpus, LAYOUT};
+use common::{
+    config, hello, run_destination, source_guest, start_vcpus, FakeDevice, Vcpus, LAYOUT,
+};
 use dmalog::uapi::DeviceState;
 use dmalog::DirtyTracker;
 use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind, StreamError};
-use dmalog_migrate::{migrate_source, GuestMemory, MigrateError, SourceVm};
+use dmalog_migrate::{migrate_source, GuestPages, MigrateError, SourceVm};
 
 /// The time limit given to the side under test.
 const TIMEOUT: Duration = Duration::from_millis(300);
@@ -52,18 +53,18 @@ fn source_against(peer: impl FnOnce(UnixStream) + Send + 'static) -> SourceAfter
     let (ours, theirs) = UnixStream::pair().unwrap();
     std::thread::spawn(move || peer(theirs));
     within_guard("the source", move || {
-        let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+        let (memory, regions) = source_guest(&LAYOUT);
         // Not zero, so that round 0 is more than the socket buffers hold (zero pages
         // cost almost nothing on the wire).
         for &(gpa, size) in &LAYOUT {
-            assert!(memory.write(gpa, &vec![0x5a; size as usize]));
+            assert!(memory.write_at(gpa, &vec![0x5a; size as usize]));
         }
         let (mut device, _) = FakeDevice::new(vec![5u8; 3000]);
         let Vcpus {
             mut cpu,
             workload: vcpus,
             ..
-        } = start_vcpus(&memory, (0, 1 << 20), 4 << 20, 3);
+        } = start_vcpus((&memory, &regions), (0, 1 << 20), 4 << 20, 3);
         let mut replies = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
         let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
         let started = Instant::now();
@@ -111,12 +112,7 @@ fn a_destination_silent_after_the_final_data_gives_the_source_its_vm_back() {
     let (release, hold) = mpsc::channel::<()>();
     let after = source_against(move |theirs| {
         // Take every frame up to End, then say nothing (the socket stays open).
-        let mut input = FrameReader::new(theirs.try_clone().unwrap());
-        while let Ok(frame) = input.read() {
-            if frame.kind == Kind::End {
-                break;
-            }
-        }
+        common::take_frames_answering_pings(&theirs, |frame| frame.kind == Kind::End);
         let _ = hold.recv_timeout(HANG_GUARD);
         drop(theirs);
     });
@@ -146,6 +142,10 @@ fn a_destination_silent_after_the_source_s_go_keeps_the_source_paused() {
                     out.flush().unwrap();
                 }
                 Kind::Go => break,
+                Kind::Ping => {
+                    out.write(Kind::Pong, &[&frame.payload]).unwrap();
+                    out.flush().unwrap();
+                }
                 _ => {}
             }
         }
@@ -174,8 +174,13 @@ fn a_destination_silent_after_the_source_s_go_keeps_the_source_paused() {
 fn a_destination_that_stops_reading_gives_the_source_its_vm_back() {
     let (release, hold) = mpsc::channel::<()>();
     let after = source_against(move |theirs| {
-        // Read the Hello, then nothing: the socket buffer fills and the source's writes block.
-        let _ = FrameReader::new(theirs.try_clone().unwrap()).read();
+        // Read the Hello and answer the Pings, then nothing: the socket buffer fills and
+        // the source's writes block.
+        let mut pings = 0;
+        common::take_frames_answering_pings(&theirs, |frame| {
+            pings += u32::from(frame.kind == Kind::Ping);
+            pings == 2
+        });
         let _ = hold.recv_timeout(HANG_GUARD);
         drop(theirs);
     });
@@ -263,17 +268,15 @@ fn a_destination_that_aborts_and_hangs_up_is_reported_with_its_reason() {
 fn a_silent_device_is_not_asked_again_before_the_vcpus_resume() {
     // The device server stops answering at the stop (STOP_COPY times out): each further
     // request would wait out the timeout again with the guest paused.
-    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
+    let (memory, regions) = source_guest(&LAYOUT);
     let (mut device, _) = FakeDevice::new(vec![1u8; 10]);
     let Vcpus {
         mut cpu,
         workload: vcpus,
         ..
-    } = start_vcpus(&memory, (0, 1 << 20), 1 << 20, 1);
+    } = start_vcpus((&memory, &regions), (0, 1 << 20), 1 << 20, 1);
     let (ours, theirs) = UnixStream::pair().unwrap();
-    std::thread::spawn(move || {
-        let _ = std::io::copy(&mut &theirs, &mut std::io::sink());
-    });
+    std::thread::spawn(move || common::take_frames_answering_pings(&theirs, |_| false));
     let mut replies = FrameReader::new(ours.try_clone().unwrap()).with_timeout(TIMEOUT);
     let mut out = FrameWriter::new(ours, None).with_timeout(TIMEOUT);
     let mut config = config();

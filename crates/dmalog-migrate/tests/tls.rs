@@ -15,7 +15,7 @@ use common::{config, cpu_log, hello, run_destination, FakeDevice, LAYOUT};
 use dmalog_migrate::pki::{Authority, Leaf};
 use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
 use dmalog_migrate::tls::{self, TlsConfig, TlsError};
-use dmalog_migrate::{migrate_source, GuestMemory, SourceVm};
+use dmalog_migrate::{memfd_guest_untracked, migrate_source, GuestPages, SourceVm};
 use rustls::pki_types::ServerName;
 
 /// A hang guard only.
@@ -48,7 +48,7 @@ fn destination(
     listener: TcpListener,
 ) -> std::thread::JoinHandle<(Result<bool, String>, bool)> {
     std::thread::spawn(move || {
-        let pristine = GuestMemory::new(&LAYOUT).unwrap().region_hashes();
+        let pristine = memfd_guest_untracked(&LAYOUT).unwrap().region_hashes();
         let (tcp, _) = listener.accept().unwrap();
         match tls::accept(&server.server_config().unwrap(), tcp, TIMEOUT) {
             // Refused at the handshake: guest memory was not touched.
@@ -83,8 +83,8 @@ fn a_tls_migration_between_authenticated_hosts_verifies() {
     let client = config_of(&pki.ca, &pki.client).client_config().unwrap();
     let tcp = TcpStream::connect(&address).unwrap();
     let stream = tls::connect(&client, "localhost", tcp, TIMEOUT).unwrap();
-    let memory = Arc::new(GuestMemory::new(&LAYOUT).unwrap());
-    memory.write(4096, &[7u8; 100]);
+    let memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
+    memory.write_at(4096, &[7u8; 100]);
     let (mut device, _) = FakeDevice::new(vec![3u8; 5000]);
     let (mut cpu, _) = cpu_log();
     let mut replies = FrameReader::new(stream.try_clone().unwrap()).with_timeout(TIMEOUT);
@@ -295,18 +295,18 @@ fn pages_frames_cross_a_tls_session_intact_on_aes_128_gcm() {
     let server = config_of(&pki.ca, &pki.server).server_config().unwrap();
     // Runs of 17, 1 and 40 pages: 232 KiB, several 64 KiB chunks, a run across two.
     let runs: [(u64, u32); 3] = [(0, 17), (40 * 4096, 1), (100 * 4096, 40)];
-    let source = GuestMemory::new(&LAYOUT).unwrap();
+    let source = memfd_guest_untracked(&LAYOUT).unwrap();
     let mut pattern = vec![0u8; 200 * 4096];
     for (i, byte) in pattern.iter_mut().enumerate() {
         *byte = (i * 7 + i / 4096) as u8;
     }
-    assert!(source.write(0, &pattern));
+    assert!(source.write_at(0, &pattern));
     let dst = std::thread::spawn(move || {
         let (tcp, _) = listener.accept().unwrap();
         let stream = tls::accept(&server, tcp, TIMEOUT).unwrap();
         let negotiated = stream.negotiated();
         let mut input = FrameReader::new(stream).with_timeout(TIMEOUT);
-        let memory = GuestMemory::new(&LAYOUT).unwrap();
+        let memory = memfd_guest_untracked(&LAYOUT).unwrap();
         let (frame, data_bytes) = input.read_deferred().unwrap();
         assert_eq!(frame.kind, Kind::Pages);
         let pieces: Vec<_> = runs
@@ -316,7 +316,7 @@ fn pages_frames_cross_a_tls_session_intact_on_aes_128_gcm() {
         assert_eq!(data_bytes, pieces.iter().map(|p| p.len()).sum::<usize>());
         input.read_pages_data(&pieces).unwrap();
         let mut got = vec![0u8; 200 * 4096];
-        assert!(memory.read(0, &mut got));
+        assert!(memory.read_at(0, &mut got));
         (negotiated, got)
     });
     let client = config_of(&pki.ca, &pki.client).client_config().unwrap();

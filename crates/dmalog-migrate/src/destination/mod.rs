@@ -11,7 +11,7 @@ use dmalog::MigrationDevice;
 use tracing::{info, warn};
 
 use crate::engine::{aborted, expect_kind, MigrateError, PAGE};
-use crate::guest::GuestMemory;
+use crate::guest::{GuestPages, LoggedGuestMemory};
 use crate::known_zero::KnownZero;
 use crate::round_sync::RoundSync;
 use crate::stream::{
@@ -68,9 +68,9 @@ impl std::fmt::Debug for Incoming {
 /// loaded state in STOP, or a partial one in RESUMING: the caller discards it with a
 /// reset) and says so in a warning; one that fails after says that the guest runs here.
 pub fn migrate_destination<W: Write, D: MigrationDevice>(
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     device: &mut D,
-    map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
+    map_dma: &mut dyn FnMut(&mut D, &LoggedGuestMemory) -> Result<(), String>,
     input: &mut FrameReader<impl Read + Transport>,
     out: &mut FrameWriter<W>,
 ) -> Result<DestinationReport, MigrateError> {
@@ -91,13 +91,15 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
 /// Once every channel has joined, `accept` is dropped (a caller whose closure owns the
 /// listener stops listening then, so later connections are refused by the kernel).
 pub fn migrate_destination_channels<W: Write, D: MigrationDevice>(
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     device: &mut D,
-    map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
+    map_dma: &mut dyn FnMut(&mut D, &LoggedGuestMemory) -> Result<(), String>,
     input: &mut FrameReader<impl Read + Transport>,
     out: &mut FrameWriter<W>,
     accept: impl FnMut() -> std::io::Result<Incoming>,
 ) -> Result<DestinationReport, MigrateError> {
+    // Before anything is read: pages are copied into guest memory directly.
+    crate::guest::check_guest_memory(memory)?;
     let mut resumed = false;
     let result = receive(memory, device, map_dma, input, out, accept, &mut resumed)
         .map_err(|err| err.closed_by("source"));
@@ -247,7 +249,7 @@ struct Applied {
 /// Applies one further channel's frames until its End.
 fn run_channel(
     index: usize,
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     known: &KnownZero,
     sync: &RoundSync,
     input: &mut FrameReader<Box<dyn Channel>>,
@@ -286,9 +288,9 @@ fn decode_sync(frame: &Frame) -> Result<u32, MigrateError> {
 }
 
 fn receive<W: Write, D: MigrationDevice>(
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     device: &mut D,
-    map_dma: &mut dyn FnMut(&mut D, &GuestMemory) -> Result<(), String>,
+    map_dma: &mut dyn FnMut(&mut D, &LoggedGuestMemory) -> Result<(), String>,
     input: &mut FrameReader<impl Read + Transport>,
     out: &mut FrameWriter<W>,
     accept: impl FnMut() -> std::io::Result<Incoming>,
@@ -339,7 +341,7 @@ fn receive<W: Write, D: MigrationDevice>(
         let main = receive_main(
             (memory, &known),
             device,
-            input,
+            (input, &mut *out),
             &sync,
             &mut applied,
             &mut report,
@@ -420,11 +422,11 @@ fn receive<W: Write, D: MigrationDevice>(
     Ok(report)
 }
 
-/// The main channel's frames until End.
-fn receive_main<D: MigrationDevice>(
-    (memory, known): (&GuestMemory, &KnownZero),
+/// The main channel's frames until End (a Ping answered at once with its Pong).
+fn receive_main<D: MigrationDevice, W: Write>(
+    (memory, known): (&LoggedGuestMemory, &KnownZero),
     device: &mut D,
-    input: &mut FrameReader<impl Read + Transport>,
+    (input, out): (&mut FrameReader<impl Read + Transport>, &mut FrameWriter<W>),
     sync: &RoundSync,
     applied: &mut Applied,
     report: &mut DestinationReport,
@@ -443,6 +445,11 @@ fn receive_main<D: MigrationDevice>(
                 sync.finish();
                 return Ok(());
             }
+            // The payload is at most 8 bytes (the reader's limit for the kind).
+            Kind::Ping => {
+                out.write(Kind::Pong, &[&frame.payload])?;
+                out.flush()?;
+            }
             Kind::Abort => return Err(aborted(&frame)),
             other => return Err(MigrateError::Peer(format!("unexpected {other:?} frame"))),
         }
@@ -453,7 +460,7 @@ fn receive_main<D: MigrationDevice>(
 /// its page bytes are in the frame, or (`data_bytes` > 0, a plaintext socket) still on the
 /// socket, read straight into guest memory.
 fn write_pages(
-    memory: &GuestMemory,
+    memory: &LoggedGuestMemory,
     known: &KnownZero,
     input: &mut FrameReader<impl Read + Transport>,
     frame: &Frame,
@@ -505,7 +512,7 @@ fn write_pages(
         let written = match run.data {
             Some(data) => {
                 known.forget(run.gpa, run.npages);
-                memory.write(run.gpa, data)
+                memory.write_at(run.gpa, data)
             }
             None => {
                 applied.zero_pages += run.npages;

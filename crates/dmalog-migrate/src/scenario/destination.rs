@@ -13,7 +13,7 @@ use super::source::map_all;
 use super::transport::{acceptor, bound_stream_buffers, ServerSide};
 use super::{ScenarioError, StepContext};
 use crate::stream::{FrameReader, FrameWriter};
-use crate::{default_layout, migrate_destination_channels, GuestMemory};
+use crate::{default_layout, memfd_guest_untracked, migrate_destination_channels};
 
 /// The destination's settings.
 #[derive(Debug, Clone)]
@@ -60,7 +60,7 @@ pub fn run_destination(
     // Asked before the migration: after it, every request counts against the device's
     // time running.
     let dma_engine = device::is_dma_engine(&mut dst);
-    let memory = GuestMemory::new(&default_layout(options.guest_bytes))
+    let memory = memfd_guest_untracked(&default_layout(options.guest_bytes))
         .step(|| "destination guest memory".into())?;
     // Every channel's socket inherits the listener's buffers.
     bound_stream_buffers(&listener, options.stream_buffer_bytes)?;

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dmalog::{DirtyTracker, InProcessTracker, SoftDriver};
+use dmalog::DirtyTracker;
 use dmalog_vfio_user::Client;
+use dmalog_vm_memory::DirtyRegions;
 
 use super::device::{self, DeviceWorkload, MigratedDevice, RegionDigests, RegisterWrite};
 use super::failover::{self, Attempt};
@@ -14,8 +15,8 @@ use super::transport::{connect_link, io_kind, ClientSide};
 use super::{chain_text, ScenarioError, StepContext, MIB};
 use crate::stream::{FrameReader, FrameWriter};
 use crate::{
-    default_layout, migrate_source_channels, GuestMemory, MigrationReport, RoundStats,
-    SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
+    default_layout, memfd_guest, migrate_source_channels, GuestPages, LoggedGuestMemory,
+    MigrationReport, RoundStats, SourceConfig, SourceVm, VcpuParams, VcpuWorkload,
 };
 
 /// The source VM, its workloads and the migration's settings.
@@ -86,7 +87,7 @@ impl Progress for () {}
 
 /// Writes data into the leading `pct` percent of each guest region: every page differs
 /// (its GPA in its first 8 bytes) and none is zero.
-pub fn prefill(memory: &GuestMemory, pct: u64) -> Result<(), ScenarioError> {
+pub fn prefill(memory: &LoggedGuestMemory, pct: u64) -> Result<(), ScenarioError> {
     const CHUNK_BYTES: u64 = 1 << 20;
     let mut chunk = vec![0xa5u8; CHUNK_BYTES as usize];
     for region in memory.regions() {
@@ -98,7 +99,7 @@ pub fn prefill(memory: &GuestMemory, pct: u64) -> Result<(), ScenarioError> {
                 let gpa = region.gpa + done + i as u64 * 4096;
                 page[..8].copy_from_slice(&gpa.to_le_bytes());
             }
-            if !memory.write(region.gpa + done, &chunk[..len as usize]) {
+            if !memory.write_at(region.gpa + done, &chunk[..len as usize]) {
                 return Err(ScenarioError::Failed(format!(
                     "prefilling guest memory at {:#x}",
                     region.gpa + done
@@ -111,10 +112,13 @@ pub fn prefill(memory: &GuestMemory, pct: u64) -> Result<(), ScenarioError> {
 }
 
 /// DMA-maps every region of `memory` into the device behind `client` (by its memfd).
-pub fn map_all(client: &mut Client, memory: &GuestMemory) -> Result<(), String> {
+pub fn map_all(client: &mut Client, memory: &LoggedGuestMemory) -> Result<(), String> {
     for region in memory.regions() {
+        let fd = region
+            .fd()
+            .ok_or_else(|| format!("guest memory at {:#x} has no file to share", region.gpa))?;
         client
-            .dma_map(region.range(), Some(region.fd()), 0, true)
+            .dma_map(region.range(), Some(fd), region.file_offset(), true)
             .map_err(|e| format!("DMA_MAP to the device server: {e}"))?;
     }
     Ok(())
@@ -170,7 +174,10 @@ pub fn run_source(
         ));
     }
     let layout = default_layout(options.guest_bytes);
-    let memory = Arc::new(GuestMemory::new(&layout).step(|| "source guest memory".into())?);
+    // The vCPUs' writes are logged by the memory's bitmaps and REPORTed from this set.
+    let regions = DirtyRegions::new(crate::engine::PAGE)
+        .map_err(|err| ScenarioError::Failed(format!("vCPU dirty log: {err}")))?;
+    let memory = Arc::new(memfd_guest(&regions, &layout).step(|| "source guest memory".into())?);
     prefill(&memory, options.prefill_pct)?;
     map_all(&mut src, &memory).map_err(ScenarioError::Failed)?;
     let sets = working_sets(options, layout[0].1)?;
@@ -191,12 +198,9 @@ pub fn run_source(
             options.device_rate_bytes_per_sec,
         )?;
     }
-    let cpu_driver = SoftDriver::new();
-    let recorder = cpu_driver.recorder();
-    let mut cpu = InProcessTracker::new(cpu_driver);
+    let mut cpu = regions.tracker();
     let vcpus = VcpuWorkload::start(
         Arc::clone(&memory),
-        recorder,
         VcpuParams {
             threads: options.vcpus,
             base: sets.vcpu_base,
@@ -236,7 +240,7 @@ pub fn run_source(
 
 /// The running source VM, as one migration attempt uses it.
 struct LiveVm<'a> {
-    memory: &'a GuestMemory,
+    memory: &'a LoggedGuestMemory,
     src: &'a mut Client,
     cpu: &'a mut dyn DirtyTracker,
     vcpus: &'a VcpuWorkload,

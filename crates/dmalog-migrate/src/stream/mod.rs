@@ -115,6 +115,12 @@ pub enum Kind {
     /// Source to destination, after Ready: resume the guest; from here on it is the
     /// destination's.
     Go = 12,
+    /// Source to destination, on the main channel, any time before End: answer at once
+    /// with a Pong carrying the same payload (at most 8 bytes). The source times the
+    /// round trip, a part of the downtime it predicts.
+    Ping = 13,
+    /// Destination to source: the answer to a Ping, its payload echoed.
+    Pong = 14,
 }
 
 impl Kind {
@@ -132,6 +138,8 @@ impl Kind {
             10 => Kind::Join,
             11 => Kind::Ready,
             12 => Kind::Go,
+            13 => Kind::Ping,
+            14 => Kind::Pong,
             _ => return None,
         })
     }
@@ -147,6 +155,7 @@ impl Kind {
             Kind::Verified => 1,
             Kind::Abort => MAX_REASON_BYTES,
             Kind::Sync => 4,
+            Kind::Ping | Kind::Pong => 8,
             Kind::Join => 12,
         }
     }

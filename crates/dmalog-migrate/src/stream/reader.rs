@@ -290,7 +290,7 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
-    use crate::guest::GuestMemory;
+    use crate::guest::{memfd_guest_untracked, GuestPages};
     use crate::stream::{pages_payload, FrameWriter};
 
     /// A transport whose frames (headers, run tables) come through `Read` and whose page
@@ -341,7 +341,7 @@ mod tests {
         });
         let (frame, data_bytes) = input.read_deferred().unwrap();
         assert_eq!((frame.kind, data_bytes), (Kind::Pages, 3 * 4096));
-        let memory = GuestMemory::new(&[(0, 64 * 4096)]).unwrap();
+        let memory = memfd_guest_untracked(&[(0, 64 * 4096)]).unwrap();
         let pieces = [
             memory.piece_mut(0, 2 * 4096).unwrap(),
             memory.piece_mut(8192 * 4, 4096).unwrap(),
@@ -349,7 +349,7 @@ mod tests {
         input.read_pages_data(&pieces).unwrap();
         let mut got = vec![0u8; 4096];
         for (gpa, at) in [(0, 0), (4096, 4096), (8192 * 4, 8192)] {
-            assert!(memory.read(gpa, &mut got));
+            assert!(memory.read_at(gpa, &mut got));
             assert!(got == pages[at..at + 4096], "page at {gpa:#x}");
         }
         assert!(

@@ -251,7 +251,7 @@ mod tests {
     use std::cell::Cell;
 
     use super::*;
-    use crate::guest::GuestMemory;
+    use crate::guest::{memfd_guest_untracked, GuestPages};
 
     /// A buffer that counts how often its write time limit is set.
     struct Counting {
@@ -290,9 +290,9 @@ mod tests {
     /// a chunk, and its bytes are the frame's.
     #[test]
     fn a_chunked_frame_is_written_whole_without_arming_per_chunk() {
-        let memory = GuestMemory::new(&[(0, 1024 * 4096)]).unwrap();
+        let memory = memfd_guest_untracked(&[(0, 1024 * 4096)]).unwrap();
         let pattern: Vec<u8> = (0..1024 * 4096).map(|i| (i % 253) as u8).collect();
-        assert!(memory.write(0, &pattern));
+        assert!(memory.write_at(0, &pattern));
         let counting = Counting {
             bytes: Vec::new(),
             arms: Cell::new(0),

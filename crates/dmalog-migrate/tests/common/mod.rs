@@ -15,10 +15,11 @@ use dmalog::{
     DirtyTracker, InProcessTracker, IovaRange, MigrationDevice, PendingBytes, SoftDriver,
     TrackerError, TrackerResult, WriteRecorder,
 };
-use dmalog_migrate::stream::{FrameReader, FrameWriter, Transport};
+use dmalog_migrate::stream::{Frame, FrameReader, FrameWriter, Kind, Transport};
 use dmalog_migrate::{
-    migrate_destination, migrate_destination_channels, DestinationReport, GuestMemory, Incoming,
-    MigrateError, Mode, SourceConfig, VcpuParams, VcpuWorkload,
+    memfd_guest, memfd_guest_untracked, migrate_destination, migrate_destination_channels,
+    DestinationReport, DirtyRegions, Incoming, LoggedGuestMemory, MigrateError, Mode, SourceConfig,
+    VcpuParams, VcpuWorkload, VmMemoryTracker,
 };
 
 /// A migratable device in memory: its state, the image it saves, what it loaded.
@@ -177,25 +178,32 @@ pub fn cpu_log() -> (InProcessTracker<SoftDriver>, WriteRecorder) {
     (InProcessTracker::new(driver), recorder)
 }
 
-/// The vCPU side of a source VM: its CPU dirty log, the recorder, and one vCPU thread.
+/// A source guest of `layout` and the set its bitmaps log into (`regions.tracker()` is
+/// its vCPU dirty log).
+pub fn source_guest(layout: &[(u64, u64)]) -> (Arc<LoggedGuestMemory>, Arc<DirtyRegions>) {
+    let regions = DirtyRegions::new(4096).unwrap();
+    let memory = Arc::new(memfd_guest(&regions, layout).unwrap());
+    (memory, regions)
+}
+
+/// The vCPU side of a source VM: its CPU dirty log (the memory's bitmaps) and one vCPU
+/// thread.
 pub struct Vcpus {
-    pub cpu: InProcessTracker<SoftDriver>,
-    pub recorder: WriteRecorder,
+    pub cpu: VmMemoryTracker,
     pub workload: VcpuWorkload,
 }
 
 /// One vCPU thread writing pages of `memory` in `span_bytes` from `base` at
-/// `bytes_per_sec`, its page sequence from `seed`, recorded in a fresh CPU dirty log.
+/// `bytes_per_sec`, its page sequence from `seed`, REPORTed from `regions` (the set
+/// `memory`'s bitmaps log into, [`source_guest`]).
 pub fn start_vcpus(
-    memory: &Arc<GuestMemory>,
+    (memory, regions): (&Arc<LoggedGuestMemory>, &Arc<DirtyRegions>),
     (base, span_bytes): (u64, u64),
     bytes_per_sec: u64,
     seed: u64,
 ) -> Vcpus {
-    let (cpu, recorder) = cpu_log();
     let workload = VcpuWorkload::start(
         Arc::clone(memory),
-        recorder.clone(),
         VcpuParams {
             threads: 1,
             base,
@@ -206,8 +214,7 @@ pub fn start_vcpus(
     )
     .unwrap();
     Vcpus {
-        cpu,
-        recorder,
+        cpu: regions.tracker(),
         workload,
     }
 }
@@ -219,10 +226,10 @@ pub fn run_destination<R: Read + Transport, W: Write>(
     out: &mut FrameWriter<W>,
 ) -> (
     Result<DestinationReport, MigrateError>,
-    GuestMemory,
+    LoggedGuestMemory,
     FakeDevice,
 ) {
-    let memory = GuestMemory::new(&LAYOUT).unwrap();
+    let memory = memfd_guest_untracked(&LAYOUT).unwrap();
     let (mut device, _) = FakeDevice::new(Vec::new());
     let result = migrate_destination(&memory, &mut device, &mut |_, _| Ok(()), input, out);
     (result, memory, device)
@@ -233,7 +240,7 @@ pub fn spawn_destination(
     stream: UnixStream,
 ) -> JoinHandle<(
     Result<DestinationReport, MigrateError>,
-    GuestMemory,
+    LoggedGuestMemory,
     FakeDevice,
 )> {
     std::thread::spawn(move || {
@@ -253,8 +260,11 @@ pub fn accept_channel(listener: &TcpListener) -> std::io::Result<Incoming> {
 }
 
 /// What a destination thread gives back: its result, guest memory and device.
-pub type DestinationThread<D> =
-    JoinHandle<(Result<DestinationReport, MigrateError>, GuestMemory, D)>;
+pub type DestinationThread<D> = JoinHandle<(
+    Result<DestinationReport, MigrateError>,
+    LoggedGuestMemory,
+    D,
+)>;
 
 /// A destination on a fresh loopback listener, on its own thread: a guest of `layout`,
 /// `device` loading what arrives, every frame within `timeout`, every DMA mapping
@@ -273,7 +283,7 @@ where
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let thread = std::thread::spawn(move || {
-        let memory = GuestMemory::new(layout).unwrap();
+        let memory = memfd_guest_untracked(layout).unwrap();
         let (main, _) = listener.accept().unwrap();
         let mut input = FrameReader::new(main.try_clone().unwrap()).with_timeout(timeout);
         let mut out = FrameWriter::new(main, None).with_timeout(timeout);
@@ -288,4 +298,22 @@ where
         (result, memory, device)
     });
     (address, thread)
+}
+
+/// A stand-in destination's reading: takes the frames on `stream`, answering each Ping
+/// with its Pong (the source times its link before round 0), until `stop` says so for a
+/// frame taken or the stream ends.
+#[allow(dead_code)]
+pub fn take_frames_answering_pings(stream: &UnixStream, mut stop: impl FnMut(&Frame) -> bool) {
+    let mut input = FrameReader::new(stream.try_clone().unwrap());
+    let mut out = FrameWriter::new(stream.try_clone().unwrap(), None);
+    while let Ok(frame) = input.read() {
+        if frame.kind == Kind::Ping {
+            let _ = out.write(Kind::Pong, &[&frame.payload]);
+            let _ = out.flush();
+        }
+        if stop(&frame) {
+            return;
+        }
+    }
 }
