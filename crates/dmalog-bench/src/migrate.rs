@@ -609,8 +609,10 @@ pub fn rows(batches: usize, progress: &mut impl FnMut(&str)) -> Vec<Row> {
 
     progress("migration: a round of 20,000 scattered 4 KiB pages");
     let scattered = w.scattered_pages(20_000);
+    // A round is short (tens of ms): a scheduling hiccup on a shared machine moves one
+    // sample by half, so thrice the batches (still well under a second).
     let [ours, guest, cache] = interleaved(
-        batches,
+        3 * batches,
         [
             &mut || w.migrate(&scattered, false, 1, true).elapsed,
             &mut || w.guest_copy(&scattered),
