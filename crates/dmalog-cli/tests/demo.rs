@@ -281,17 +281,24 @@ fn the_chart_is_an_svg_with_the_rounds() {
 /// A destination that reads `read_bytes` (None: everything) and hangs up; returns its
 /// address.
 fn dying_destination(read_bytes: Option<usize>) -> String {
+    use dmalog_migrate::stream::{FrameReader, FrameWriter, Kind};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap().to_string();
     std::thread::spawn(move || {
-        if let Ok((mut stream, _)) = listener.accept() {
-            match read_bytes {
-                Some(n) => {
-                    let mut buf = vec![0u8; n];
-                    let _ = std::io::Read::read_exact(&mut stream, &mut buf);
+        if let Ok((stream, _)) = listener.accept() {
+            // Frames taken (the source's Pings answered: it times its link first) until
+            // `read_bytes` of them, or all of them; then the connection drops.
+            let mut input = FrameReader::new(stream.try_clone().unwrap());
+            let mut pongs = FrameWriter::new(stream, None);
+            let mut taken_bytes = 0;
+            while let Ok(frame) = input.read() {
+                if frame.kind == Kind::Ping {
+                    let _ = pongs.write(Kind::Pong, &[&frame.payload]);
+                    let _ = pongs.flush();
                 }
-                None => {
-                    let _ = std::io::copy(&mut stream, &mut std::io::sink());
+                taken_bytes += frame.payload.len();
+                if read_bytes.is_some_and(|n| taken_bytes >= n) {
+                    break;
                 }
             }
         }

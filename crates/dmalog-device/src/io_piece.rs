@@ -374,42 +374,6 @@ mod tests {
         assert_eq!(first, 3);
     }
 
-    /// Copies out of and into a sealed mapping (the bulk path), short and long, at
-    /// unaligned ends: exactly the bytes asked for move, none beside them.
-    #[test]
-    fn bulk_copies_move_exactly_the_bytes_of_the_piece() {
-        use crate::shared_memory::{sealed_memfd, SharedMapping};
-        let fd = sealed_memfd("t", 4 * 4096).unwrap();
-        let map = SharedMapping::map(&fd, 0, 4 * 4096, true).unwrap();
-        for (offset, len) in [(0, 16384), (3, 1023), (5, 1024), (4093, 5000), (1, 7)] {
-            let pattern: Vec<u8> = (0..len).map(|i| (i * 13 + offset) as u8 | 1).collect();
-            assert!(map.write(0, &[0u8; 4 * 4096]));
-            let piece = map.piece_mut(offset, len).unwrap();
-            piece.copy_from(&pattern).unwrap();
-            let mut all = vec![0xeeu8; 4 * 4096];
-            assert!(map.read(0, &mut all));
-            assert!(
-                all[offset..offset + len] == pattern[..],
-                "{offset}+{len} in"
-            );
-            assert!(
-                all[..offset]
-                    .iter()
-                    .chain(&all[offset + len..])
-                    .all(|&b| b == 0),
-                "{offset}+{len}: nothing beside"
-            );
-            let mut out = vec![0u8; len];
-            map.piece(offset, len).unwrap().copy_to(&mut out).unwrap();
-            assert!(out == pattern, "{offset}+{len} out");
-            // `take` and `skip` cut the piece: its middle alone.
-            let mut middle = vec![0u8; len / 2];
-            let cut = map.piece(offset, len).unwrap().skip(len / 4).take(len / 2);
-            cut.copy_to(&mut middle).unwrap();
-            assert!(middle[..] == pattern[len / 4..len / 4 + len / 2]);
-        }
-    }
-
     /// Pieces over a vm-memory region see what vm-memory wrote and write what it reads,
     /// stay inside the region, and a read-only region gives no piece to fill.
     #[cfg(feature = "vm-memory")]
@@ -475,5 +439,41 @@ mod tests {
             .unwrap();
         let region = vm_memory::GuestRegionMmap::new(region, GuestAddress(0)).unwrap();
         assert!(IoPiece::of_region(&region, 0, 1).is_none(), "not readable");
+    }
+
+    /// Copies out of and into a sealed mapping (the bulk path), short and long, at
+    /// unaligned ends: exactly the bytes asked for move, none beside them.
+    #[test]
+    fn bulk_copies_move_exactly_the_bytes_of_the_piece() {
+        use crate::shared_memory::{sealed_memfd, SharedMapping};
+        let fd = sealed_memfd("t", 4 * 4096).unwrap();
+        let map = SharedMapping::map(&fd, 0, 4 * 4096, true).unwrap();
+        for (offset, len) in [(0, 16384), (3, 1023), (5, 1024), (4093, 5000), (1, 7)] {
+            let pattern: Vec<u8> = (0..len).map(|i| (i * 13 + offset) as u8 | 1).collect();
+            assert!(map.write(0, &[0u8; 4 * 4096]));
+            let piece = map.piece_mut(offset, len).unwrap();
+            piece.copy_from(&pattern).unwrap();
+            let mut all = vec![0xeeu8; 4 * 4096];
+            assert!(map.read(0, &mut all));
+            assert!(
+                all[offset..offset + len] == pattern[..],
+                "{offset}+{len} in"
+            );
+            assert!(
+                all[..offset]
+                    .iter()
+                    .chain(&all[offset + len..])
+                    .all(|&b| b == 0),
+                "{offset}+{len}: nothing beside"
+            );
+            let mut out = vec![0u8; len];
+            map.piece(offset, len).unwrap().copy_to(&mut out).unwrap();
+            assert!(out == pattern, "{offset}+{len} out");
+            // `take` and `skip` cut the piece: its middle alone.
+            let mut middle = vec![0u8; len / 2];
+            let cut = map.piece(offset, len).unwrap().skip(len / 4).take(len / 2);
+            cut.copy_to(&mut middle).unwrap();
+            assert!(middle[..] == pattern[len / 4..len / 4 + len / 2]);
+        }
     }
 }
