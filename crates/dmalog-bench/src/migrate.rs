@@ -206,7 +206,7 @@ fn call_end<D>(pieces: &[dmalog_device::io_piece::Piece<'_, D>], first: usize) -
 
 /// The runs `(gpa, len_bytes)` of the pages set in `words` (one bitmap per region), none
 /// over [`COPY_CALL_BYTES`].
-fn runs_of(memory: &LoggedGuestMemory, words: &[Vec<u64>]) -> Vec<(u64, u64)> {
+fn runs_of(memory: &impl GuestPages, words: &[Vec<u64>]) -> Vec<(u64, u64)> {
     let mut runs: Vec<(u64, u64)> = Vec::new();
     for (region, bits) in memory.regions().iter().zip(words) {
         for page in 0..region.size / PAGE {
@@ -609,8 +609,10 @@ pub fn rows(batches: usize, progress: &mut impl FnMut(&str)) -> Vec<Row> {
 
     progress("migration: a round of 20,000 scattered 4 KiB pages");
     let scattered = w.scattered_pages(20_000);
+    // A round is short (tens of ms): a scheduling hiccup on a shared machine moves one
+    // sample by half, so thrice the batches (still well under a second).
     let [ours, guest, cache] = interleaved(
-        batches,
+        3 * batches,
         [
             &mut || w.migrate(&scattered, false, 1, true).elapsed,
             &mut || w.guest_copy(&scattered),

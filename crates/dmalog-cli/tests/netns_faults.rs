@@ -461,7 +461,7 @@ fn a_source_killed_mid_stream_fails_the_destination_unresumed_and_a_new_migratio
 }
 
 /// The destination's first frames back: the Pongs of the source's link timing.
-const PONGS: u64 = 2;
+const PONGS: u64 = dmalog_migrate::engine::LINK_PINGS;
 
 /// The link cut on the way back, at the destination's `frame`-th frame after its Pongs
 /// (0: Ready).

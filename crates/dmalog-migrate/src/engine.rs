@@ -535,8 +535,6 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     })
 }
 
-/// A stopwatch of consecutive phases.
-/// Runs `step`, keeping how long it took in `ms` (the cost the stop will have again).
 /// Sends `sending`'s pages on a thread of its own and, once the main channel has its last
 /// frame of the round left to write, runs `report` (the next round's REPORTs) here, so that
 /// they overlap the end of the round instead of following it. Returns the pages sent; a
@@ -564,15 +562,22 @@ fn send_overlapping_reports<W: Write + Transport + Send>(
     })
 }
 
-/// Times one round trip on the link: a Ping on `out`, its Pong on `replies`. Two, and the
-/// second counts: the first also waits out the destination's setup (its channels, DMA
-/// maps, RESUMING).
+/// Pings the source sends before round 0 to time the link (each answered by a Pong
+/// before the next): the first waits out the destination's setup, the shortest of the
+/// others counts.
+pub const LINK_PINGS: u64 = 5;
+
+/// Times one round trip on the link: Pings on `out`, each answered by a Pong on
+/// `replies`. The first also waits out the destination's setup (its channels, DMA maps,
+/// RESUMING) and is not counted; of the others (up to [`LINK_PINGS`]) the shortest counts, since a
+/// lost packet costs one of them a retransmission timeout (200 ms or more) that is not the
+/// link's round trip.
 fn link_round_trip<W: Write>(
     out: &mut FrameWriter<W>,
     replies: &mut FrameReader<impl Read>,
 ) -> Result<Duration, MigrateError> {
-    let mut round_trip = Duration::ZERO;
-    for nonce in 1u64..=2 {
+    let mut round_trip = Duration::MAX;
+    for nonce in 0..LINK_PINGS {
         let sent = Instant::now();
         out.write(Kind::Ping, &[&nonce.to_le_bytes()])?;
         out.flush()?;
@@ -581,11 +586,14 @@ fn link_round_trip<W: Write>(
         if pong.payload != nonce.to_le_bytes() {
             return Err(MigrateError::Peer("a Pong that answers no Ping".into()));
         }
-        round_trip = sent.elapsed();
+        if nonce > 0 {
+            round_trip = round_trip.min(sent.elapsed());
+        }
     }
     Ok(round_trip)
 }
 
+/// Runs `step`, keeping how long it took in `ms` (the cost the stop will have again).
 fn timed<T>(ms: &mut f64, step: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let out = step();

@@ -23,7 +23,7 @@ const LINK_BYTES_PER_SEC: u64 = 20_000_000;
 const WSS_BASE: u64 = 1 << 20;
 const WSS_PAGES: u64 = 512;
 
-/// The guest, deterministically: once a round (right after each pre-copy REPORT, see
+/// The guest, deterministically: once a round (just before each pre-copy REPORT, see
 /// [`DirtyingLog`]), it writes the share of its working set that the vCPU throttle leaves
 /// it (all of it unthrottled, 5 pages at 99%), as a vCPU slowed that much would in a
 /// round's time, through vm-memory (marked by the memory's bitmap, the vCPU log). A
@@ -62,9 +62,10 @@ fn config(max_rounds: u32, throttle: ThrottleParams) -> SourceConfig {
     }
 }
 
-/// The vCPU log, with the guest's deterministic share of dirtying done right after each
-/// REPORT the engine takes while the vCPUs run (the engine takes a round's REPORTs while
-/// the round before it still sends, so dirtying "after a round" would land a round late).
+/// The vCPU log, with the guest's deterministic share of dirtying done just before each
+/// REPORT the engine takes while the vCPUs run. The engine takes the next round's REPORTs
+/// while a round's last frame still sends, so dirtying "after a round" (after its last
+/// frame) would land in the REPORT after next, a round late.
 struct DirtyingLog<'a> {
     log: &'a mut VmMemoryTracker,
     memory: &'a LoggedGuestMemory,
@@ -82,14 +83,14 @@ impl DirtyTracker for DirtyingLog<'_> {
         self.log.start(ranges, page_size)
     }
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let result = self.log.report(range, page_size, bitmap);
         let throttle = self.vcpus.throttle();
-        // Once per REPORT (at its first region), and never once the vCPUs are paused.
+        // Once per REPORT (before its first region: what the round dirtied is in the REPORT
+        // that ends it), and never once the vCPUs are paused.
         if range.iova() == 0 && !self.vcpus.is_paused() && (self.dirtying)(throttle) {
             self.reports += 1;
             dirty_the_working_set(self.memory, throttle, self.reports);
         }
-        result
+        self.log.report(range, page_size, bitmap)
     }
     fn stop(&mut self) -> Result<(), TrackerError> {
         self.log.stop()

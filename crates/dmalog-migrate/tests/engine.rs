@@ -221,9 +221,13 @@ impl IoTimeouts for CountedLink {
     }
 }
 
-/// The vCPU log, watched: the link's written bytes at START and at each REPORT, and a page
-/// written (and logged) right after each pre-copy REPORT, while the round before it may
-/// still be sending.
+/// Pages the guest writes in each pre-copy round: more than one frame's worth
+/// (`MAX_PAGES_PER_FRAME` is 1024).
+const ROUND_PAGES: std::ops::Range<u64> = 100..1900;
+
+/// The vCPU log, watched: the link's written bytes at START and at each REPORT, the
+/// round's [`ROUND_PAGES`] written (and logged) just before each pre-copy REPORT, and a
+/// page written right after it, while the round before it may still be sending.
 struct WatchedLog {
     inner: InProcessTracker<SoftDriver>,
     recorder: WriteRecorder,
@@ -244,16 +248,29 @@ impl DirtyTracker for WatchedLog {
         self.inner.start(ranges, page_size)
     }
     fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
-        let result = self.inner.report(range, page_size, bitmap);
-        if range.iova() == 0 {
-            self.at_reports
-                .push(self.written_bytes.load(Ordering::SeqCst));
-            // Not after the final REPORT (the guest is paused then).
-            if self.at_reports.len() <= self.pre_copy_reports {
-                let fill = self.at_reports.len() as u8;
-                self.memory.write_at(12 * 4096, &[fill; 4096]);
-                self.recorder.record_write(12 * 4096, 4096);
+        if range.iova() != 0 {
+            return self.inner.report(range, page_size, bitmap);
+        }
+        // Where the link is when the REPORT is asked for.
+        let at_link = self.written_bytes.load(Ordering::SeqCst);
+        let pre_copy = self.at_reports.len() < self.pre_copy_reports;
+        // What the guest wrote during the round ends it: two frames of pages, so that the
+        // round's last frame is a part of it (a round of one small frame may be on the link
+        // before any REPORT could be taken).
+        if pre_copy {
+            let fill = [0xc0 | self.at_reports.len() as u8; 4096];
+            for page in ROUND_PAGES {
+                self.memory.write_at(page * 4096, &fill);
+                self.recorder.record_write(page * 4096, 4096);
             }
+        }
+        let result = self.inner.report(range, page_size, bitmap);
+        self.at_reports.push(at_link);
+        // Not after the final REPORT (the guest is paused then).
+        if pre_copy {
+            let fill = self.at_reports.len() as u8;
+            self.memory.write_at(12 * 4096, &[fill; 4096]);
+            self.recorder.record_write(12 * 4096, 4096);
         }
         result
     }
@@ -263,9 +280,9 @@ impl DirtyTracker for WatchedLog {
 }
 
 /// The next round's REPORTs are taken while a round still sends (its last frame left, as
-/// QEMU's multifd syncs its bitmap while the channels drain): every pre-copy REPORT sees
-/// fewer bytes on the link than the round before it ends with (on a serial engine it sees
-/// that round's every byte). A page written right after each such REPORT, while that round
+/// QEMU's multifd syncs its bitmap while the channels drain): a pre-copy REPORT sees fewer
+/// bytes on the link than the round before it ends with (on a serial engine it sees that
+/// round's every byte). A page written right after each such REPORT, while that round
 /// was still going out, arrives: no dirty page is lost to the overlap.
 #[test]
 fn the_next_rounds_reports_overlap_the_end_of_a_round_and_lose_no_page() {
@@ -337,16 +354,19 @@ fn the_next_rounds_reports_overlap_the_end_of_a_round_and_lose_no_page() {
         page.iter().all(|&b| b as usize == cpu.pre_copy_reports),
         "the page written after the last pre-copy REPORT arrived"
     );
-    // Pre-copy REPORT k (for round k + 1) against where round k ended on the link.
+    // Pre-copy REPORT k (for round k + 1) against where round k ended on the link. On two
+    // cores the engine's thread may wake after the sender wrote its last frame, so not
+    // every REPORT overlaps; on a serial engine none does.
     let mut round_end = cpu.at_start;
     let pre_copy = &cpu.at_reports[..report.rounds.len() - 1];
-    assert!(pre_copy.len() >= 2, "{} rounds", report.rounds.len());
-    for (k, (&at_report, round)) in pre_copy.iter().zip(&report.rounds).enumerate() {
+    assert!(pre_copy.len() >= 4, "{} rounds", report.rounds.len());
+    let mut overlapped = Vec::new();
+    for (&at_report, round) in pre_copy.iter().zip(&report.rounds) {
         round_end += round.bytes_sent;
-        assert!(
-            at_report < round_end,
-            "REPORT for round {} after round {k} ended: {at_report} >= {round_end}",
-            k + 1
-        );
+        overlapped.push(at_report < round_end);
     }
+    assert!(
+        overlapped.iter().filter(|&&o| o).count() * 2 >= overlapped.len(),
+        "at least half the REPORTs were taken while their round was on the link: {overlapped:?}"
+    );
 }

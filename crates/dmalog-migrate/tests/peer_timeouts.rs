@@ -179,7 +179,7 @@ fn a_destination_that_stops_reading_gives_the_source_its_vm_back() {
         let mut pings = 0;
         common::take_frames_answering_pings(&theirs, |frame| {
             pings += u32::from(frame.kind == Kind::Ping);
-            pings == 2
+            u64::from(pings) == dmalog_migrate::engine::LINK_PINGS
         });
         let _ = hold.recv_timeout(HANG_GUARD);
         drop(theirs);

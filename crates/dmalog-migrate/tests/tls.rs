@@ -388,3 +388,43 @@ fn a_stalled_handshake_does_not_hold_up_the_channel_behind_it() {
     assert!(refused, "the port is closed once the acceptor is dropped");
     drop(stalled);
 }
+
+/// A flood of connections the migration does not take (plaintext: nothing slows them)
+/// costs the destination a bounded number of fds: past MAX_PENDING_HANDSHAKES waiting to
+/// be taken, the acceptor closes each new one at once.
+#[test]
+fn a_flood_of_connections_is_held_to_the_pending_bound() {
+    use dmalog_migrate::scenario::transport::{acceptor, MAX_PENDING_HANDSHAKES};
+    use dmalog_migrate::scenario::ServerSide;
+
+    let (listener, address) = listen();
+    let mut accept = acceptor(listener, &ServerSide::Plaintext, TIMEOUT);
+    let flood = 3 * MAX_PENDING_HANDSHAKES;
+    let mut clients: Vec<TcpStream> = (0..flood)
+        .map(|_| TcpStream::connect(&address).unwrap())
+        .collect();
+    // Takes one (starts the listening), then leaves the rest waiting.
+    let _first = accept().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut closed = vec![false; flood];
+    while closed.iter().filter(|&&c| c).count() < flood - MAX_PENDING_HANDSHAKES - 1
+        && std::time::Instant::now() < deadline
+    {
+        for (client, closed) in clients.iter_mut().zip(closed.iter_mut()) {
+            if *closed {
+                continue;
+            }
+            client
+                .set_read_timeout(Some(Duration::from_millis(1)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            *closed = matches!(client.read(&mut byte), Ok(0))
+                || matches!(client.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset);
+        }
+    }
+    let closed_count = closed.iter().filter(|&&c| c).count();
+    assert!(
+        closed_count >= flood - MAX_PENDING_HANDSHAKES - 1,
+        "{closed_count} of {flood} closed: more than the bound were kept"
+    );
+}

@@ -87,7 +87,8 @@ pub fn migrate_destination<W: Write, D: MigrationDevice>(
 /// be a Join of this migration's session with a channel index not yet taken; any other
 /// connection is refused (an Abort) and closed. An `accept` error of kind `TimedOut` or
 /// `Unsupported` ends the wait (no channel comes); any other is one refused connection
-/// (its TLS handshake failed), so that a third party connecting cannot end the migration.
+/// (its TLS handshake failed), so that a third party connecting cannot end the migration:
+/// only the channels not all joining within the reader's timeout of the Hello does.
 /// Once every channel has joined, `accept` is dropped (a caller whose closure owns the
 /// listener stops listening then, so later connections are refused by the kernel).
 pub fn migrate_destination_channels<W: Write, D: MigrationDevice>(

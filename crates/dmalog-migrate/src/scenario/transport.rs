@@ -278,7 +278,10 @@ impl ListeningThread {
     ) -> std::io::Result<Self> {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         listener.set_nonblocking(true)?;
-        let (send, secured) = std::sync::mpsc::channel();
+        // A rendezvous: a secured connection waits in its thread (and counts as pending)
+        // until the migration takes it, so a flood of them (plaintext: no handshake to
+        // slow it) holds at most MAX_PENDING_HANDSHAKES fds.
+        let (send, secured) = std::sync::mpsc::sync_channel(0);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let pending = Arc::new(AtomicUsize::new(0));
@@ -319,9 +322,9 @@ impl ListeningThread {
                                     .secure(tcp, timeout)
                                     .map_err(|err| std::io::Error::other(chain_text(&err)))
                             });
-                        pending.fetch_sub(1, Ordering::AcqRel);
                         // The migration may be done with its channels: then this one goes.
                         let _ = send.send(link);
+                        pending.fetch_sub(1, Ordering::AcqRel);
                     };
                     if std::thread::Builder::new()
                         .name("migrate-handshake".into())

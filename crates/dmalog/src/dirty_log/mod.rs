@@ -76,10 +76,6 @@ const GROUP_WORDS: u64 = 64;
 const GROUP_WORDS: u64 = 2;
 /// The summary bits of a whole group.
 const GROUP_MASK: u64 = u64::MAX >> (64 - GROUP_WORDS);
-/// Flagged groups a sparse report finds before it clears them (see `clear_walk`).
-const TOUCH_BATCH_GROUPS: usize = 16;
-/// Most words of one group loaded ahead (a group flagging more is dense).
-const TOUCH_WORDS_PER_GROUP: u32 = 4;
 
 /// `count` zeroed atomics from `alloc_zeroed`: the OS hands out zero pages on first touch,
 /// so a log over a large range costs memory only where it is marked or reported.
@@ -552,31 +548,6 @@ impl DirtyLog {
         self.clear_walk(iova, len_bytes, &mut PageSink { page });
     }
 
-    /// Loads (plain, no RMW) the words a sparse group flags, at most
-    /// [`TOUCH_WORDS_PER_GROUP`] of them, and what `sink` will write for them, to bring
-    /// their lines into the cache ahead of the clearing RMWs; returns their OR so that the
-    /// loads are kept. Dense groups are left to the hardware prefetcher. Under loom it does
-    /// nothing (no effect on the protocol, only on timing).
-    #[inline]
-    fn touch_flagged_words(&self, summary_index: u64, sink: &mut impl WordSink) -> u64 {
-        if cfg!(loom) {
-            return 0;
-        }
-        let mut flagged = self.summary[summary_index as usize].load(Ordering::Relaxed) & GROUP_MASK;
-        if flagged.count_ones() > TOUCH_WORDS_PER_GROUP {
-            return 0;
-        }
-        let group_first_word = summary_index * GROUP_WORDS;
-        let mut touched = 0;
-        while flagged != 0 {
-            let word_index = group_first_word + u64::from(flagged.trailing_zeros());
-            flagged &= flagged - 1;
-            touched |= self.words[word_index as usize].load(Ordering::Relaxed);
-            touched |= sink.touch_word(word_index);
-        }
-        touched
-    }
-
     /// Takes a group wholly inside the report (its summary word read non-zero).
     #[inline]
     fn clear_interior_group(
@@ -676,33 +647,13 @@ impl DirtyLog {
             // load per 4096 pages), whole words only.
             let (interior_first, interior_end) = (first_group + 1, last_group);
             let mut at = interior_first;
-            let mut batch = [0u64; TOUCH_BATCH_GROUPS];
-            loop {
-                // Find a batch of flagged groups and load their flagged words first, so that
-                // the cache misses of a sparse log overlap instead of each waiting behind the
-                // locked RMW of the group before it.
-                let mut batch_len = 0;
-                let mut touched = 0u64;
-                while batch_len < TOUCH_BATCH_GROUPS {
-                    let Some(offset) =
-                        first_flagged(&self.summary[at as usize..interior_end as usize])
-                    else {
-                        break;
-                    };
-                    let summary_index = at + offset as u64;
-                    touched |= self.touch_flagged_words(summary_index, sink);
-                    batch[batch_len] = summary_index;
-                    batch_len += 1;
-                    at = summary_index + 1;
-                }
-                std::hint::black_box(touched);
-                if batch_len == 0 {
-                    break;
-                }
-                for &summary_index in &batch[..batch_len] {
-                    let summary = &self.summary[summary_index as usize];
-                    self.clear_interior_group(summary_index, summary, exclusive, sink);
-                }
+            while let Some(offset) =
+                first_flagged(&self.summary[at as usize..interior_end as usize])
+            {
+                let summary_index = at + offset as u64;
+                let summary = &self.summary[summary_index as usize];
+                self.clear_interior_group(summary_index, summary, exclusive, sink);
+                at = summary_index + 1;
             }
             self.clear_edge_group(last_group, first, last, exclusive, sink);
         }

@@ -24,15 +24,6 @@ pub(super) trait WordSink {
 
     /// The dirty pages `value` of log word `word_index`, already cleared from the log.
     fn word(&mut self, log: &DirtyLog, word_index: u64, value: u64);
-
-    /// Loads, without storing, what the report of log word `word_index` will write into,
-    /// so that a sparse walk brings it into the cache ahead of its locked RMWs (a store
-    /// that misses holds up the next locked instruction); returns a value to keep the
-    /// load. Timing only.
-    fn touch_word(&mut self, word_index: u64) -> u64 {
-        let _ = word_index;
-        0
-    }
 }
 
 /// Reports into an [`IovaBitmap`], converting page sizes.
@@ -42,16 +33,6 @@ pub(super) struct BitmapSink<'b, 'a> {
 }
 
 impl WordSink for BitmapSink<'_, '_> {
-    #[inline]
-    fn touch_word(&mut self, word_index: u64) -> u64 {
-        let Conversion::Words { word_shift } = self.emitter.conversion else {
-            return 0;
-        };
-        self.bitmap
-            .aligned_words_mut(word_index as i128 + word_shift, 1)
-            .map_or(0, |out| u64::from(out[0]))
-    }
-
     // Inline as when it shared a module (and a codegen unit) with the walk that calls it.
     #[inline]
     fn interior_group(
