@@ -14,10 +14,12 @@ use crate::dirty::{Bitmaps, DirtyPages, Tracking};
 pub use crate::error::MigrateError;
 use crate::guest::{GuestPages, LoggedGuestMemory};
 pub use crate::report::{MigrationReport, RoundStats, StopTimes};
-use crate::sender::Sender;
+use crate::sender::{Sender, Tail};
 use crate::source_device::Throttle;
 pub use crate::source_device::{SourceDevice, Unthrottled};
-use crate::stream::{Frame, FrameReader, FrameWriter, Kind, StreamError, Transport};
+use crate::stream::{
+    Frame, FrameReader, FrameWriter, Kind, StreamError, Transport, MAX_PAGES_PER_FRAME,
+};
 use crate::vcpu::VcpuWorkload;
 
 /// Guest page size the engine migrates at.
@@ -342,7 +344,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             ..RoundStats::default()
         };
         let mut next_report_at = Instant::now();
-        let sent = send_overlapping_reports(&mut sender, &sending, || {
+        let sent = send_overlapping_reports(&mut sender, &sending, MAX_PAGES_PER_FRAME, || {
             next_report_at = Instant::now();
             dirty.collect(device, cpu, memory, &mut next, false);
         })?;
@@ -397,7 +399,8 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             let bytes_before = sender.out.bytes();
             // This round goes out of `sending`; the next REPORTs fill `dirty` meanwhile.
             std::mem::swap(&mut sending, &mut dirty.merged);
-            stats.pages_sent = send_overlapping_reports(&mut sender, &sending, || {
+            let cue = cue_pages(fixed.reports_ms, policy.bandwidth_bytes_per_sec());
+            stats.pages_sent = send_overlapping_reports(&mut sender, &sending, cue, || {
                 next_report_at = Instant::now();
                 dirty.collect(device, cpu, memory, &mut next, false);
             })?;
@@ -535,22 +538,29 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     })
 }
 
-/// Sends `sending`'s pages on a thread of its own and, once the main channel has its last
-/// frame of the round left to write, runs `report` (the next round's REPORTs) here, so that
-/// they overlap the end of the round instead of following it. Returns the pages sent; a
-/// sender that fails before its cue is not waited on with REPORTs.
+/// Sends `sending`'s pages on a thread of its own and, once the round has `cue_pages` or
+/// fewer left to send, runs `report` (the next round's REPORTs) here, so that they overlap
+/// the end of the round instead of following it. Returns the pages sent; a sender that
+/// fails before its cue is not waited on with REPORTs.
 fn send_overlapping_reports<W: Write + Transport + Send>(
     sender: &mut Sender<'_, W>,
     sending: &Bitmaps,
+    cue_pages: u64,
     report: impl FnOnce(),
 ) -> Result<u64, MigrateError> {
     let (cue, cued) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::scope(|scope| {
         let round = scope.spawn(move || {
-            let tail = move || {
+            let cue = move || {
                 let _ = cue.try_send(());
             };
-            sender.send_dirty_with_tail(sending, &tail)
+            sender.send_dirty_with_tail(
+                sending,
+                Tail {
+                    cue: &cue,
+                    pages_left: cue_pages,
+                },
+            )
         });
         // The cue, or the sender's end without one (it failed): then no REPORTs.
         if cued.recv().is_ok() {
@@ -560,6 +570,24 @@ fn send_overlapping_reports<W: Write + Transport + Send>(
             .join()
             .unwrap_or(Err(MigrateError::Memory("the round's sender panicked")))
     })
+}
+
+/// Fewest pages a round has left when the next round's REPORTs start.
+const MIN_CUE_PAGES: u64 = 32;
+
+/// Pages of a round left to send when the next round's REPORTs start: as many as the link
+/// sends in the time the last REPORTs took (`report_ms`, at `bandwidth_bytes_per_sec`), so
+/// that they end about with the round; a frame's worth before either is known. The pages
+/// dirtied after those REPORTs wait for the round after, and for the last one that is the
+/// downtime: overlapping more than the REPORTs take would only lengthen it.
+fn cue_pages(report_ms: f64, bandwidth_bytes_per_sec: Option<f64>) -> u64 {
+    match bandwidth_bytes_per_sec {
+        Some(bandwidth) if report_ms > 0.0 && bandwidth.is_finite() => {
+            let pages = (report_ms / 1e3 * bandwidth / PAGE as f64).ceil();
+            (pages.min(MAX_PAGES_PER_FRAME as f64) as u64).max(MIN_CUE_PAGES)
+        }
+        _ => MAX_PAGES_PER_FRAME,
+    }
 }
 
 /// Pings the source sends before round 0 to time the link (each answered by a Pong
@@ -660,4 +688,22 @@ pub(crate) fn expect_kind(frame: &Frame, kind: Kind) -> Result<(), MigrateError>
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reports_start_as_many_pages_before_the_end_of_a_round_as_the_link_sends_meanwhile() {
+        // Nothing timed yet: a frame's worth.
+        assert_eq!(cue_pages(0.0, None), MAX_PAGES_PER_FRAME);
+        assert_eq!(cue_pages(0.4, None), MAX_PAGES_PER_FRAME);
+        // 0.4 ms at 1 GB/s: 400,000 bytes, 98 pages.
+        assert_eq!(cue_pages(0.4, Some(1e9)), 98);
+        // Never more than a frame, never fewer than the floor.
+        assert_eq!(cue_pages(100.0, Some(1e9)), MAX_PAGES_PER_FRAME);
+        assert_eq!(cue_pages(0.001, Some(1e6)), MIN_CUE_PAGES);
+        assert_eq!(cue_pages(1.0, Some(f64::INFINITY)), MAX_PAGES_PER_FRAME);
+    }
 }

@@ -188,6 +188,16 @@ fn pages_of(runs: &[(u64, u64)]) -> impl Iterator<Item = (u64, bool)> + '_ {
         .flat_map(|&(gpa, npages)| (0..npages).map(move |page| (gpa + page * PAGE, page > 0)))
 }
 
+/// The engine's cue to take the next round's REPORTs while a round drains.
+#[derive(Clone, Copy)]
+pub(crate) struct Tail<'c> {
+    /// Called once, when the channel has `pages_left` or fewer pages of the round still to
+    /// send (what it had packed before them already written), or at the end.
+    pub cue: &'c (dyn Fn() + Sync),
+    /// Pages of the round left on the channel when `cue` is called.
+    pub pages_left: u64,
+}
+
 /// Sends `runs` (`(gpa, npages)`, each inside one region) on `out`, then the round's Sync.
 fn send_share<W: Write + Transport>(
     out: &mut FrameWriter<W>,
@@ -195,7 +205,7 @@ fn send_share<W: Write + Transport>(
     runs: &[(u64, u64)],
     skip_zero: bool,
     bufs: &mut ChannelBuffers,
-    (round, tail): (u32, Option<&(dyn Fn() + Sync)>),
+    (round, tail): (u32, Option<Tail<'_>>),
 ) -> Result<Sent, MigrateError> {
     let bytes_before = out.bytes();
     let mut sent = Sent::default();
@@ -215,10 +225,11 @@ fn send_share<W: Write + Transport>(
     let mut pages_left: u64 = runs.iter().map(|r| r.1).sum();
     let mut tail = tail;
     for (at, extend) in pages_of(runs) {
-        if pages_left <= MAX_PAGES_PER_FRAME {
-            if let Some(cue) = tail.take() {
-                cue();
-            }
+        if let Some(due) = tail.take_if(|t| pages_left <= t.pages_left) {
+            // What was packed goes out first: the REPORTs then overlap only the pages
+            // left, not a whole frame more (their window is the final round's).
+            packer.flush()?;
+            (due.cue)();
         }
         pages_left -= 1;
         if let Some((next, _)) = ahead.next() {
@@ -234,8 +245,8 @@ fn send_share<W: Write + Transport>(
         packer.push(at, zero, extend)?;
     }
     sent.pages = runs.iter().map(|r| r.1).sum();
-    if let Some(cue) = tail {
-        cue();
+    if let Some(due) = tail {
+        (due.cue)();
     }
     packer.flush()?;
     out.write(Kind::Sync, &[&round.to_le_bytes()])?;
@@ -285,13 +296,14 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
         self.send_words(&bitmaps.words, None)
     }
 
-    /// As [`Sender::send_dirty`], calling `tail` once when the main channel has no more
-    /// than its last frame of the round left to write (at once for a round of one frame):
-    /// the engine's cue to take the next round's REPORTs while the round drains.
+    /// As [`Sender::send_dirty`], calling `tail.cue` once when the round has about
+    /// `tail.pages_left` pages left to send (the main channel its share of them; at once
+    /// for a round that small): the engine's cue to take the next round's REPORTs while
+    /// the round drains.
     pub(crate) fn send_dirty_with_tail(
         &mut self,
         bitmaps: &Bitmaps,
-        tail: &(dyn Fn() + Sync),
+        tail: Tail<'_>,
     ) -> Result<u64, MigrateError> {
         self.send_words(&bitmaps.words, Some(tail))
     }
@@ -301,12 +313,17 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
     pub(crate) fn send_words(
         &mut self,
         words: &[Vec<u64>],
-        tail: Option<&(dyn Fn() + Sync)>,
+        tail: Option<Tail<'_>>,
     ) -> Result<u64, MigrateError> {
         collect_runs(self.memory, words, &mut self.runs);
         let round = self.round;
         self.round += 1;
-        let shares = split_runs(&self.runs, self.extra.len() + 1);
+        let channels = self.extra.len() as u64 + 1;
+        let shares = split_runs(&self.runs, channels as usize);
+        let tail = tail.map(|t| Tail {
+            pages_left: t.pages_left.div_ceil(channels),
+            ..t
+        });
         let (main_bufs, extra_bufs) = self
             .buffers
             .split_first_mut()
