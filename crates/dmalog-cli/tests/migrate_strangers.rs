@@ -125,6 +125,10 @@ fn a_tls_stranger_that_stalls_first_does_not_hold_up_the_real_source() {
     let stalled = TcpStream::connect(&dst.address).unwrap();
     let started = Instant::now();
     let stderr = the_real_source_verifies(dst, &src_server.socket, &tls_args(&certs, "client"));
+    eprintln!(
+        "verified behind a stalled stranger in {:?}",
+        started.elapsed()
+    );
     // A hang guard, not a speed check: well inside the stranger's timeout.
     assert!(
         started.elapsed() < timeout - Duration::from_secs(10),
@@ -232,7 +236,7 @@ fn closed_by_the_destination(mut client: &TcpStream) -> bool {
 fn a_flood_of_silent_connections_is_held_to_the_bound_and_the_real_source_then_verifies() {
     let (src_server, dst_server) = servers();
     // Short: the strangers held time out soon, and the real source comes after them.
-    let dst = destination(&dst_server.socket, 1000, &["--insecure-plaintext".into()]);
+    let dst = destination(&dst_server.socket, 2000, &["--insecure-plaintext".into()]);
     let pid = dst.child.pid();
     let flood = 3 * MAX_PENDING;
     let clients: Vec<TcpStream> = (0..flood)
@@ -252,6 +256,7 @@ fn a_flood_of_silent_connections_is_held_to_the_bound_and_the_real_source_then_v
     // Every stranger gone: the destination as it waits for a source.
     std::thread::sleep(Duration::from_millis(200));
     let idle = fds_and_threads(pid);
+    eprintln!("flood of {flood}: at most {most:?} fds and threads, {idle:?} idle");
     assert!(
         most.0 <= idle.0 + MAX_PENDING + 1,
         "{} fds at most, {} idle: more than {MAX_PENDING} connections held",
