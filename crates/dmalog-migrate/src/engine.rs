@@ -10,7 +10,7 @@ use dmalog::{DirtyTracker, IovaRange, TrackerError};
 use tracing::{info, warn};
 
 use crate::converge::{Convergence, Decision, FixedCosts, ThrottleParams};
-use crate::dirty::{DirtyPages, Tracking};
+use crate::dirty::{Bitmaps, DirtyPages, Tracking};
 pub use crate::error::MigrateError;
 use crate::guest::{GuestPages, LoggedGuestMemory};
 pub use crate::report::{MigrationReport, RoundStats, StopTimes};
@@ -329,11 +329,23 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
                 device.set_device_state(DeviceState::PreCopy)
             })?;
         }
-        // Round 0: everything.
+        // Round 0: everything. The REPORTs of each next round are taken while a round's
+        // last frame drains (as QEMU's multifd syncs its bitmap while the channels send),
+        // into `dirty` while `sending` goes out: a page written before a REPORT is in it
+        // and sent after it, so overlapping loses none.
         let round_start = Instant::now();
         let bytes_before = sender.out.bytes();
-        dirty.merged.fill(memory);
-        let sent = sender.send_dirty(&dirty.merged)?;
+        let mut sending = Bitmaps::new(memory)?;
+        sending.fill(memory);
+        let mut next = RoundStats {
+            round: 1,
+            ..RoundStats::default()
+        };
+        let mut next_report_at = Instant::now();
+        let sent = send_overlapping_reports(&mut sender, &sending, || {
+            next_report_at = Instant::now();
+            dirty.collect(device, cpu, memory, &mut next, false);
+        })?;
         let device_bytes = if device_pre_copy {
             timed(&mut fixed.device_data_ms, || {
                 sender.send_device_data(device)
@@ -355,19 +367,18 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         };
         on_round(&stats);
         rounds.push(stats);
+        let mut round_start = Instant::now();
         // Pre-copy rounds: each one's REPORTs say exactly what is dirty; the policy decides
         // from that whether the rest fits the downtime.
         loop {
             let round = rounds.len() as u32;
-            let round_start = Instant::now();
-            let mut stats = RoundStats {
-                round,
-                ..RoundStats::default()
-            };
-            dirty.collect(device, cpu, memory, &mut stats, false);
+            let mut stats = std::mem::take(&mut next);
+            stats.round = round;
             fixed.reports_ms = stats.report_ms;
-            let window_secs = (round_start - last_report).as_secs_f64();
-            last_report = round_start;
+            let window_secs = next_report_at
+                .saturating_duration_since(last_report)
+                .as_secs_f64();
+            last_report = next_report_at;
             let pending_bytes = (stats.pages_device + stats.pages_cpu + stats.pages_both) * PAGE;
             let verdict = policy.decide(round, pending_bytes, window_secs, &fixed);
             stats.bandwidth_bytes_per_sec = verdict.bandwidth_bytes_per_sec.unwrap_or(0.0);
@@ -384,7 +395,12 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             stats.device_throttled = throttle.device;
             let send_start = Instant::now();
             let bytes_before = sender.out.bytes();
-            stats.pages_sent = sender.send_dirty(&dirty.merged)?;
+            // This round goes out of `sending`; the next REPORTs fill `dirty` meanwhile.
+            std::mem::swap(&mut sending, &mut dirty.merged);
+            stats.pages_sent = send_overlapping_reports(&mut sender, &sending, || {
+                next_report_at = Instant::now();
+                dirty.collect(device, cpu, memory, &mut next, false);
+            })?;
             if device_pre_copy {
                 stats.device_bytes = timed(&mut fixed.device_data_ms, || {
                     sender.send_device_data(device)
@@ -393,6 +409,7 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             stats.bytes_sent = sender.out.bytes() - bytes_before;
             policy.sent(stats.bytes_sent, send_start.elapsed().as_secs_f64());
             stats.round_ms = round_start.elapsed().as_secs_f64() * 1e3;
+            round_start = Instant::now();
             on_round(&stats);
             rounds.push(stats);
         }
@@ -518,8 +535,33 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
     })
 }
 
-/// A stopwatch of consecutive phases.
-/// Runs `step`, keeping how long it took in `ms` (the cost the stop will have again).
+/// Sends `sending`'s pages on a thread of its own and, once the main channel has its last
+/// frame of the round left to write, runs `report` (the next round's REPORTs) here, so that
+/// they overlap the end of the round instead of following it. Returns the pages sent; a
+/// sender that fails before its cue is not waited on with REPORTs.
+fn send_overlapping_reports<W: Write + Transport + Send>(
+    sender: &mut Sender<'_, W>,
+    sending: &Bitmaps,
+    report: impl FnOnce(),
+) -> Result<u64, MigrateError> {
+    let (cue, cued) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::scope(|scope| {
+        let round = scope.spawn(move || {
+            let tail = move || {
+                let _ = cue.try_send(());
+            };
+            sender.send_dirty_with_tail(sending, &tail)
+        });
+        // The cue, or the sender's end without one (it failed): then no REPORTs.
+        if cued.recv().is_ok() {
+            report();
+        }
+        round
+            .join()
+            .unwrap_or(Err(MigrateError::Memory("the round's sender panicked")))
+    })
+}
+
 /// Pings the source sends before round 0 to time the link (each answered by a Pong
 /// before the next): the first waits out the destination's setup, the shortest of the
 /// others counts.
@@ -551,6 +593,7 @@ fn link_round_trip<W: Write>(
     Ok(round_trip)
 }
 
+/// Runs `step`, keeping how long it took in `ms` (the cost the stop will have again).
 fn timed<T>(ms: &mut f64, step: impl FnOnce() -> T) -> T {
     let start = Instant::now();
     let out = step();

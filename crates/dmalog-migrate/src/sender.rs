@@ -195,7 +195,7 @@ fn send_share<W: Write + Transport>(
     runs: &[(u64, u64)],
     skip_zero: bool,
     bufs: &mut ChannelBuffers,
-    round: u32,
+    (round, tail): (u32, Option<&(dyn Fn() + Sync)>),
 ) -> Result<Sent, MigrateError> {
     let bytes_before = out.bytes();
     let mut sent = Sent::default();
@@ -212,7 +212,15 @@ fn send_share<W: Write + Transport>(
     // `ZERO_CHECK_AHEAD` further on already asked for, it does not wait on one cache
     // miss after the other (scattered pages, or any page's first line).
     let mut ahead = pages_of(runs).skip(ZERO_CHECK_AHEAD);
+    let mut pages_left: u64 = runs.iter().map(|r| r.1).sum();
+    let mut tail = tail;
     for (at, extend) in pages_of(runs) {
+        if pages_left <= MAX_PAGES_PER_FRAME {
+            if let Some(cue) = tail.take() {
+                cue();
+            }
+        }
+        pages_left -= 1;
         if let Some((next, _)) = ahead.next() {
             if let Some(piece) = memory.piece(next, 64) {
                 piece.prefetch();
@@ -226,6 +234,9 @@ fn send_share<W: Write + Transport>(
         packer.push(at, zero, extend)?;
     }
     sent.pages = runs.iter().map(|r| r.1).sum();
+    if let Some(cue) = tail {
+        cue();
+    }
     packer.flush()?;
     out.write(Kind::Sync, &[&round.to_le_bytes()])?;
     out.flush()?;
@@ -271,11 +282,27 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
     /// channel ending with the round's Sync. Returns the pages sent (zero pages included).
     /// Bytes on every channel are counted on the main writer.
     pub(crate) fn send_dirty(&mut self, bitmaps: &Bitmaps) -> Result<u64, MigrateError> {
-        self.send_words(&bitmaps.words)
+        self.send_words(&bitmaps.words, None)
     }
 
-    /// As [`Sender::send_dirty`], from one bitmap (`u64` words, bit n = page n) per region.
-    pub(crate) fn send_words(&mut self, words: &[Vec<u64>]) -> Result<u64, MigrateError> {
+    /// As [`Sender::send_dirty`], calling `tail` once when the main channel has no more
+    /// than its last frame of the round left to write (at once for a round of one frame):
+    /// the engine's cue to take the next round's REPORTs while the round drains.
+    pub(crate) fn send_dirty_with_tail(
+        &mut self,
+        bitmaps: &Bitmaps,
+        tail: &(dyn Fn() + Sync),
+    ) -> Result<u64, MigrateError> {
+        self.send_words(&bitmaps.words, Some(tail))
+    }
+
+    /// As [`Sender::send_dirty_with_tail`], from one bitmap (`u64` words, bit n = page n)
+    /// per region, with or without a cue.
+    pub(crate) fn send_words(
+        &mut self,
+        words: &[Vec<u64>],
+        tail: Option<&(dyn Fn() + Sync)>,
+    ) -> Result<u64, MigrateError> {
         collect_runs(self.memory, words, &mut self.runs);
         let round = self.round;
         self.round += 1;
@@ -293,7 +320,9 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
                 .zip(extra_bufs.iter_mut())
                 .zip(shares.iter().skip(1))
                 .map(|((out, bufs), share)| {
-                    scope.spawn(move || send_share(out, memory, share, skip_zero, bufs, round))
+                    scope.spawn(move || {
+                        send_share(out, memory, share, skip_zero, bufs, (round, None))
+                    })
                 })
                 .collect();
             let main = send_share(
@@ -302,7 +331,7 @@ impl<'a, W: Write + Transport + Send> Sender<'a, W> {
                 shares.first().map_or(&[][..], |s| s),
                 skip_zero,
                 main_bufs,
-                round,
+                (round, tail),
             );
             let others: Vec<_> = handles
                 .into_iter()
@@ -384,7 +413,7 @@ impl<'a, W: Write + Transport + Send> PageStream<'a, W> {
     /// Sends one round: the pages whose bits are set in `words` (one bitmap of `u64`
     /// words per region, bit n = page n). Returns the pages sent.
     pub fn send_round(&mut self, words: &[Vec<u64>]) -> Result<u64, MigrateError> {
-        self.sender.send_words(words)
+        self.sender.send_words(words, None)
     }
 
     /// Zero pages sent without their bytes so far.

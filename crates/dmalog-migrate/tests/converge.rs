@@ -9,6 +9,7 @@ use std::time::Duration;
 mod common;
 
 use common::{source_guest, spawn_destination, start_vcpus, FakeDevice, Vcpus, LAYOUT};
+use dmalog::{DirtyTracker, IovaRange, TrackerError, TrackerResult};
 use dmalog_migrate::converge::{AutoConverge, ThrottleParams};
 use dmalog_migrate::stream::{FrameReader, FrameWriter};
 use dmalog_migrate::{
@@ -22,11 +23,11 @@ const LINK_BYTES_PER_SEC: u64 = 20_000_000;
 const WSS_BASE: u64 = 1 << 20;
 const WSS_PAGES: u64 = 512;
 
-/// The guest, deterministically: after each round, it writes the share of its working
-/// set that the vCPU throttle leaves it (all of it unthrottled, 5 pages at 99%), as a
-/// vCPU slowed that much would in a round's time, through vm-memory (marked by the
-/// memory's bitmap, the vCPU log). A running
-/// vCPU thread adds a little more (4 MB/s), slowed by the real throttle.
+/// The guest, deterministically: once a round (just before each pre-copy REPORT, see
+/// [`DirtyingLog`]), it writes the share of its working set that the vCPU throttle leaves
+/// it (all of it unthrottled, 5 pages at 99%), as a vCPU slowed that much would in a
+/// round's time, through vm-memory (marked by the memory's bitmap, the vCPU log). A
+/// running vCPU thread adds a little more (4 MB/s), slowed by the real throttle.
 fn dirty_the_working_set(memory: &LoggedGuestMemory, throttle_pct: u8, round: u32) {
     let pages = WSS_PAGES * u64::from(100 - throttle_pct) / 100;
     for page in 0..pages {
@@ -61,6 +62,41 @@ fn config(max_rounds: u32, throttle: ThrottleParams) -> SourceConfig {
     }
 }
 
+/// The vCPU log, with the guest's deterministic share of dirtying done just before each
+/// REPORT the engine takes while the vCPUs run. The engine takes the next round's REPORTs
+/// while a round's last frame still sends, so dirtying "after a round" (after its last
+/// frame) would land in the REPORT after next, a round late.
+struct DirtyingLog<'a> {
+    log: &'a mut VmMemoryTracker,
+    memory: &'a LoggedGuestMemory,
+    vcpus: &'a VcpuWorkload,
+    reports: u32,
+    /// Whether to dirty after the next REPORT (the test's switch).
+    dirtying: &'a dyn Fn(u8) -> bool,
+}
+
+impl DirtyTracker for DirtyingLog<'_> {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        self.log.probe()
+    }
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.log.start(ranges, page_size)
+    }
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        let throttle = self.vcpus.throttle();
+        // Once per REPORT (before its first region: what the round dirtied is in the REPORT
+        // that ends it), and never once the vCPUs are paused.
+        if range.iova() == 0 && !self.vcpus.is_paused() && (self.dirtying)(throttle) {
+            self.reports += 1;
+            dirty_the_working_set(self.memory, throttle, self.reports);
+        }
+        self.log.report(range, page_size, bitmap)
+    }
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        self.log.stop()
+    }
+}
+
 /// Migrates the source VM (its memory, device, CPU log and vCPUs) over `link`, capped at
 /// [`LINK_BYTES_PER_SEC`], calling `on_round` after each round.
 fn migrate_over(
@@ -69,7 +105,7 @@ fn migrate_over(
     (memory, device, cpu, vcpus): (
         &LoggedGuestMemory,
         &mut FakeDevice,
-        &mut VmMemoryTracker,
+        &mut dyn DirtyTracker,
         &VcpuWorkload,
     ),
     on_round: impl FnMut(&RoundStats),
@@ -103,12 +139,22 @@ fn migrate(mode: AutoConverge, max_rounds: u32) -> (MigrationReport, u8, Vec<(u8
         },
     );
     let mut throttle_seen = 0u8;
-    let writer_memory = Arc::clone(&memory);
-    let vm = (&*memory, &mut device, &mut vcpus.cpu, &vcpus.workload);
+    let mut cpu = DirtyingLog {
+        log: &mut vcpus.cpu,
+        memory: &memory,
+        vcpus: &vcpus.workload,
+        reports: 0,
+        dirtying: &|_| true,
+    };
+    let vm = (
+        &*memory,
+        &mut device,
+        &mut cpu as &mut dyn DirtyTracker,
+        &vcpus.workload,
+    );
     let report = migrate_over(a, &config, vm, |round| {
         if !round.final_round {
             throttle_seen = throttle_seen.max(vcpus.workload.throttle());
-            dirty_the_working_set(&writer_memory, vcpus.workload.throttle(), round.round);
         }
     })
     .unwrap();
@@ -216,14 +262,24 @@ fn a_migration_that_fails_while_throttled_gives_the_guest_its_speed_back() {
             ..ThrottleParams::default()
         },
     );
-    // The link goes down as soon as a round was sent throttled.
-    let writer_memory = Arc::clone(&memory);
-    let vm = (&*memory, &mut device, &mut vcpus.cpu, &vcpus.workload);
+    // The link goes down as soon as a round was sent throttled; until then the guest
+    // dirties its whole working set every round.
+    let mut cpu = DirtyingLog {
+        log: &mut vcpus.cpu,
+        memory: &memory,
+        vcpus: &vcpus.workload,
+        reports: 0,
+        dirtying: &|throttle| throttle == 0,
+    };
+    let vm = (
+        &*memory,
+        &mut device,
+        &mut cpu as &mut dyn DirtyTracker,
+        &vcpus.workload,
+    );
     let result = migrate_over(a, &config, vm, |round| {
         if round.throttle_pct > 0 {
             let _ = cut.shutdown(std::net::Shutdown::Both);
-        } else {
-            dirty_the_working_set(&writer_memory, 0, round.round);
         }
     });
     assert!(result.is_err());

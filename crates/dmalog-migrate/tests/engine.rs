@@ -4,14 +4,23 @@
 
 use std::io::Write;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dmalog::uapi::DeviceState;
 mod common;
 
 use common::{config, cpu_log, run_destination, spawn_destination, FakeDevice, LAYOUT};
-use dmalog_migrate::stream::{pages_payload, FrameReader, FrameWriter, Kind};
-use dmalog_migrate::{memfd_guest_untracked, migrate_source, GuestPages, MigrateError, SourceVm};
+use dmalog::{
+    DirtyTracker, InProcessTracker, IovaRange, SoftDriver, TrackerError, TrackerResult,
+    WriteRecorder,
+};
+use dmalog_migrate::stream::{
+    pages_payload, FrameReader, FrameWriter, IoTimeouts, Kind, Transport,
+};
+use dmalog_migrate::{
+    memfd_guest_untracked, migrate_source, GuestPages, LoggedGuestMemory, MigrateError, SourceVm,
+};
 
 #[test]
 fn a_migration_over_a_socket_pair_verifies() {
@@ -169,5 +178,195 @@ fn range_plans() {
         (one[0].iova(), one[0].end()),
         (0, (1 << 32) + (1 << 20)),
         "clipped to the device's limit"
+    );
+}
+
+/// A UNIX socket that counts the bytes written through it (no `writev` from guest
+/// memory: every byte passes `write`).
+struct CountedLink {
+    stream: UnixStream,
+    written_bytes: Arc<AtomicU64>,
+}
+
+impl std::io::Write for CountedLink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.stream.write(buf)?;
+        self.written_bytes.fetch_add(n as u64, Ordering::SeqCst);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl std::io::Read for CountedLink {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::io::Read::read(&mut self.stream, buf)
+    }
+}
+
+impl Transport for CountedLink {
+    fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+    fn shut_down(&self) {}
+}
+
+impl IoTimeouts for CountedLink {
+    fn bound_reads(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.stream.bound_reads(timeout)
+    }
+    fn bound_writes(&self, timeout: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.stream.bound_writes(timeout)
+    }
+}
+
+/// Pages the guest writes in each pre-copy round: more than one frame's worth
+/// (`MAX_PAGES_PER_FRAME` is 1024).
+const ROUND_PAGES: std::ops::Range<u64> = 100..1900;
+
+/// The vCPU log, watched: the link's written bytes at START and at each REPORT, the
+/// round's [`ROUND_PAGES`] written (and logged) just before each pre-copy REPORT, and a
+/// page written right after it, while the round before it may still be sending.
+struct WatchedLog {
+    inner: InProcessTracker<SoftDriver>,
+    recorder: WriteRecorder,
+    memory: Arc<LoggedGuestMemory>,
+    written_bytes: Arc<AtomicU64>,
+    at_start: u64,
+    at_reports: Vec<u64>,
+    /// The REPORTs taken while the guest runs (the final one is taken paused).
+    pre_copy_reports: usize,
+}
+
+impl DirtyTracker for WatchedLog {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        self.inner.probe()
+    }
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.at_start = self.written_bytes.load(Ordering::SeqCst);
+        self.inner.start(ranges, page_size)
+    }
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        if range.iova() != 0 {
+            return self.inner.report(range, page_size, bitmap);
+        }
+        // Where the link is when the REPORT is asked for.
+        let at_link = self.written_bytes.load(Ordering::SeqCst);
+        let pre_copy = self.at_reports.len() < self.pre_copy_reports;
+        // What the guest wrote during the round ends it: two frames of pages, so that the
+        // round's last frame is a part of it (a round of one small frame may be on the link
+        // before any REPORT could be taken).
+        if pre_copy {
+            let fill = [0xc0 | self.at_reports.len() as u8; 4096];
+            for page in ROUND_PAGES {
+                self.memory.write_at(page * 4096, &fill);
+                self.recorder.record_write(page * 4096, 4096);
+            }
+        }
+        let result = self.inner.report(range, page_size, bitmap);
+        self.at_reports.push(at_link);
+        // Not after the final REPORT (the guest is paused then).
+        if pre_copy {
+            let fill = self.at_reports.len() as u8;
+            self.memory.write_at(12 * 4096, &[fill; 4096]);
+            self.recorder.record_write(12 * 4096, 4096);
+        }
+        result
+    }
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        self.inner.stop()
+    }
+}
+
+/// The next round's REPORTs are taken while a round still sends (its last frame left, as
+/// QEMU's multifd syncs its bitmap while the channels drain): a pre-copy REPORT sees fewer
+/// bytes on the link than the round before it ends with (on a serial engine it sees that
+/// round's every byte). A page written right after each such REPORT, while that round
+/// was still going out, arrives: no dirty page is lost to the overlap.
+#[test]
+fn the_next_rounds_reports_overlap_the_end_of_a_round_and_lose_no_page() {
+    let memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
+    memory.write_at(0, &vec![0x5a; 1 << 20]);
+    let (mut device, mut dma) = FakeDevice::new(vec![3u8; 5000]);
+    let (inner, recorder) = cpu_log();
+    let written_bytes = Arc::new(AtomicU64::new(0));
+    let mut cpu = WatchedLog {
+        inner,
+        recorder,
+        memory: Arc::clone(&memory),
+        written_bytes: Arc::clone(&written_bytes),
+        at_start: 0,
+        at_reports: Vec::new(),
+        // Rounds 1 to 5: `max_rounds` (4) pre-copy rounds, and the one that forces the stop.
+        pre_copy_reports: 5,
+    };
+    let (a, b) = UnixStream::pair().unwrap();
+    let destination = spawn_destination(b);
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(
+        CountedLink {
+            stream: a,
+            written_bytes,
+        },
+        None,
+    );
+    let writer_memory = Arc::clone(&memory);
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: None,
+    };
+    // The device dirties 300 pages a round: several frames of pages each round. A budget
+    // no round fits: pre-copy rounds until the last resort.
+    let config = dmalog_migrate::SourceConfig {
+        max_downtime: std::time::Duration::from_micros(1),
+        max_rounds: 4,
+        throttle: dmalog_migrate::converge::ThrottleParams {
+            mode: dmalog_migrate::converge::AutoConverge::Off,
+            ..Default::default()
+        },
+        ..config()
+    };
+    let mut round_count = 0u8;
+    let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
+        if !round.final_round {
+            round_count += 1;
+            for page in 0..300u64 {
+                writer_memory.write_at((1 << 32) + page * 4096, &[round_count; 64]);
+                dma.record_write((1 << 32) + page * 4096, 64);
+            }
+        }
+    })
+    .unwrap();
+    assert!(report.verified);
+    let (dst, dst_memory, _) = destination.join().unwrap();
+    assert!(dst.unwrap().verified);
+    let mut page = [0u8; 4096];
+    dst_memory.read_at(12 * 4096, &mut page);
+    assert_eq!(
+        cpu.at_reports.len(),
+        cpu.pre_copy_reports + 1,
+        "and the final one"
+    );
+    assert!(
+        page.iter().all(|&b| b as usize == cpu.pre_copy_reports),
+        "the page written after the last pre-copy REPORT arrived"
+    );
+    // Pre-copy REPORT k (for round k + 1) against where round k ended on the link. On two
+    // cores the engine's thread may wake after the sender wrote its last frame, so not
+    // every REPORT overlaps; on a serial engine none does.
+    let mut round_end = cpu.at_start;
+    let pre_copy = &cpu.at_reports[..report.rounds.len() - 1];
+    assert!(pre_copy.len() >= 4, "{} rounds", report.rounds.len());
+    let mut overlapped = Vec::new();
+    for (&at_report, round) in pre_copy.iter().zip(&report.rounds) {
+        round_end += round.bytes_sent;
+        overlapped.push(at_report < round_end);
+    }
+    assert!(
+        overlapped.iter().filter(|&&o| o).count() * 2 >= overlapped.len(),
+        "at least half the REPORTs were taken while their round was on the link: {overlapped:?}"
     );
 }
