@@ -281,6 +281,23 @@ fn finish(main: &mut Peer, other: &mut Peer) {
     main.send(Kind::Verified, &[1]);
 }
 
+/// A page on the second channel, a round, the ending: the destination `dst` applied it on
+/// both channels and runs the device.
+fn migrate_on_two_channels(
+    dst: DestinationThread<LoadingDevice>,
+    main: &mut Peer,
+    second: &mut Peer,
+) {
+    second.page(0, 0x11);
+    main.sync(0);
+    second.sync(0);
+    finish(main, second);
+    let (result, memory, state) = outcome(dst);
+    let report = result.unwrap();
+    assert_eq!((report.channels, state), (2, DeviceState::Running));
+    assert!(read_page(&memory, 0).iter().all(|&b| b == 0x11));
+}
+
 /// Connections that fail before they are channels (a TLS handshake without a valid
 /// certificate, a port scanner) are refused one by one: however many come (more than the
 /// old bound of 8 here), the migration waits for its real channel; it fails only when its
@@ -305,14 +322,7 @@ fn connections_that_fail_their_handshake_do_not_end_the_migration() {
         .map(|_| TcpStream::connect(&address).unwrap())
         .collect();
     let mut second = Peer::join(&address, SESSION, 1);
-    second.page(0, 0x11);
-    main.sync(0);
-    second.sync(0);
-    finish(&mut main, &mut second);
-    let (result, memory, state) = outcome(dst);
-    let report = result.unwrap();
-    assert_eq!((report.channels, state), (2, DeviceState::Running));
-    assert!(read_page(&memory, 0).iter().all(|&b| b == 0x11));
+    migrate_on_two_channels(dst, &mut main, &mut second);
     assert_eq!(failures.load(Ordering::SeqCst), 0, "all 16 were refused");
     drop(strangers);
 
@@ -431,6 +441,40 @@ fn joins_that_are_not_this_migrations_channels_are_refused() {
     let (result, memory, _) = outcome(dst);
     assert_eq!(result.unwrap().channels, 2);
     assert!(read_page(&memory, 0).iter().all(|&b| b == 3));
+}
+
+/// The destination's listening from the start (as `migrate destination` runs it): a
+/// stranger's garbage first, then a further channel whose Join comes before its main
+/// connection's Hello (the source opens channels right after sending the Hello, and the
+/// destination reads first frames side by side): the garbage is dropped, the Join is kept
+/// for the main connection, and the migration completes on both channels.
+#[test]
+fn a_channel_that_joins_before_its_main_connection_is_kept_for_it() {
+    use dmalog_migrate::scenario::transport::Listening;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let dst = std::thread::spawn(move || {
+        let memory = memfd_guest_untracked(&LAYOUT).unwrap();
+        let mut listening = Listening::start(listener, &ServerSide::Plaintext, HANG_GUARD).unwrap();
+        let (reader, link) = listening.main_connection().unwrap();
+        let mut device = LoadingDevice::default();
+        let result = migrate_destination_channels(
+            &memory,
+            &mut device,
+            &mut |_, _| Ok(()),
+            &mut FrameReader::new(reader).with_timeout(HANG_GUARD),
+            &mut FrameWriter::new(link, None).with_timeout(HANG_GUARD),
+            listening.into_acceptor(),
+        );
+        (result, memory, device)
+    });
+    let mut garbage = TcpStream::connect(&address).unwrap();
+    garbage
+        .write_all(b"\x16\x03\x01 not a frame at all")
+        .unwrap();
+    let mut second = Peer::join(&address, SESSION, 1);
+    let mut main = Peer::main(&address, 2);
+    migrate_on_two_channels(dst, &mut main, &mut second);
 }
 
 /// The Hello's channel count at its extremes, and a Join where the Hello belongs.

@@ -369,15 +369,15 @@ fn a_stalled_handshake_does_not_hold_up_the_channel_behind_it() {
     let to = address.clone();
     let channel = std::thread::spawn(move || {
         let tcp = TcpStream::connect(&to).unwrap();
-        let mut stream = tls::connect(&client, "localhost", tcp, TIMEOUT).unwrap();
-        stream.write_all(b"join").unwrap();
-        stream.flush().unwrap();
-        stream
+        let stream = tls::connect(&client, "localhost", tcp, TIMEOUT).unwrap();
+        let mut out = FrameWriter::new(stream, None);
+        out.write(Kind::Join, &[&[7u8; 12]]).unwrap();
+        out.flush().unwrap();
+        out
     });
-    let mut first = accept().expect("the real channel, not the stalled handshake");
-    let mut said = [0u8; 4];
-    first.reader.read_exact(&mut said).unwrap();
-    assert_eq!(&said, b"join");
+    let first = accept().expect("the real channel, not the stalled handshake");
+    let said = FrameReader::new(first.reader).read().unwrap();
+    assert_eq!((said.kind, said.payload), (Kind::Join, vec![7u8; 12]));
     let _stream = channel.join().unwrap();
 
     drop(accept);
@@ -403,7 +403,11 @@ fn a_flood_of_connections_is_held_to_the_pending_bound() {
     let mut clients: Vec<TcpStream> = (0..flood)
         .map(|_| TcpStream::connect(&address).unwrap())
         .collect();
-    // Takes one (starts the listening), then leaves the rest waiting.
+    // Takes one (starts the listening; the acceptor hands out a connection once its first
+    // frame came), then leaves the rest waiting.
+    let mut join = FrameWriter::new(&clients[0], None);
+    join.write(Kind::Join, &[&[7u8; 12]]).unwrap();
+    join.flush().unwrap();
     let _first = accept().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let mut closed = vec![false; flood];

@@ -136,6 +136,7 @@ pub struct Destination {
     pub child: Reaped,
     pub address: String,
     pub before: String,
+    /// stderr after the listening line, line by line.
     rest: mpsc::Receiver<String>,
 }
 
@@ -150,9 +151,15 @@ impl Destination {
         std::thread::spawn(move || {
             let mut text = String::new();
             let mut line = String::new();
+            let mut listening = false;
             while lines.read_line(&mut line).unwrap_or(0) > 0 {
-                if let Some(address) = line.trim().strip_prefix("waiting for a migration on ") {
+                if listening {
+                    let _ = rest_tx.send(std::mem::take(&mut line));
+                } else if let Some(address) =
+                    line.trim().strip_prefix("waiting for a migration on ")
+                {
                     let _ = address_tx.send((address.to_string(), std::mem::take(&mut text)));
+                    listening = true;
                 } else {
                     text.push_str(&line);
                 }
@@ -174,7 +181,26 @@ impl Destination {
     /// Its exit and the stderr after the listening line.
     pub fn wait(self) -> (Output, String) {
         let out = self.child.wait("dmalog migrate destination");
-        (out, self.rest.recv_timeout(HANG_GUARD).unwrap_or_default())
+        (out, self.rest.iter().collect())
+    }
+
+    /// Kills it once its stderr has a line with `needle` (failing the test past the hang
+    /// guard); returns what it wrote to stdout and the stderr after the listening line.
+    pub fn kill_when_logged(mut self, needle: &str) -> (Vec<u8>, String) {
+        let deadline = Instant::now() + HANG_GUARD;
+        let mut text = String::new();
+        while !text.lines().any(|line| line.contains(needle)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rest.recv_timeout(left) {
+                Ok(line) => text.push_str(&line),
+                Err(_) => panic!("the destination never logged {needle:?}: {text}"),
+            }
+        }
+        let mut child = self.child.0.take().unwrap();
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        text.extend(self.rest.iter());
+        (out.stdout, text)
     }
 }
 

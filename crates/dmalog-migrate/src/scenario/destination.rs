@@ -10,7 +10,7 @@ use dmalog_vfio_user::Client;
 use super::device::{self, RegionDigests};
 use super::failover;
 use super::source::map_all;
-use super::transport::{acceptor, bound_stream_buffers, ServerSide};
+use super::transport::{bound_stream_buffers, Listening, ServerSide};
 use super::{ScenarioError, StepContext};
 use crate::stream::{FrameReader, FrameWriter};
 use crate::{default_layout, memfd_guest_untracked, migrate_destination_channels};
@@ -48,8 +48,13 @@ pub struct DestinationOutcome {
 }
 
 /// Receives one migration on `listener` and resumes it on the device at `dst`. Waiting for
-/// a source to connect has no limit; once one has, every frame must come within
-/// `options.timeout`. A failed load leaves no guest state on the device.
+/// a source has no limit; the first connection that opens with a valid Hello is the
+/// migration's, and from there every frame must come within `options.timeout`. Strangers
+/// who connect before it (a failed TLS handshake, garbage, silence) are dropped with a
+/// warning, each within a few of its own timeouts and at most
+/// [`MAX_PENDING_HANDSHAKES`](super::transport::MAX_PENDING_HANDSHAKES)
+/// held at once ([`Listening`]), so none of them ends or holds up the real source's
+/// migration. A failed load leaves no guest state on the device.
 pub fn run_destination(
     options: &DestinationOptions,
     mut dst: Client,
@@ -64,20 +69,17 @@ pub fn run_destination(
         .step(|| "destination guest memory".into())?;
     // Every channel's socket inherits the listener's buffers.
     bound_stream_buffers(&listener, options.stream_buffer_bytes)?;
-    let (stream, _) = listener.accept()?;
-    // Small frames (Resumed) go out at once: with Nagle, a frame written in parts waits for
-    // the source's delayed ACK (40 ms on Linux), inside the downtime.
-    stream.set_nodelay(true)?;
-    let stream = security.secure(stream, timeout)?;
-    let mut input = FrameReader::new(stream.try_clone()?).with_timeout(timeout);
-    let mut out = FrameWriter::new(stream, None).with_timeout(timeout);
+    let mut listening = Listening::start(listener, security, timeout)?;
+    let (reader, link) = listening.main_connection()?;
+    let mut input = FrameReader::new(reader).with_timeout(timeout);
+    let mut out = FrameWriter::new(link, None).with_timeout(timeout);
     let report = migrate_destination_channels(
         &memory,
         &mut dst,
         &mut |client, memory| map_all(client, memory),
         &mut input,
         &mut out,
-        acceptor(listener, security, timeout),
+        listening.into_acceptor(),
     )
     .inspect_err(|_| failover::discard_unresumed_load(&mut dst))
     .map_err(ScenarioError::Destination)?;

@@ -3,13 +3,20 @@
 //! destination's port writes the guest's memory); the connect and accept that make them,
 //! with bounded socket buffers.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use tracing::warn;
 
 use super::{chain_text, ScenarioError, StepContext};
-use crate::stream::{IoTimeouts, Transport};
+use crate::destination::decode_hello;
+use crate::stream::{
+    Frame, FrameReader, FrameWriter, IoTimeouts, Kind, Transport, FRAME_HEADER_BYTES,
+};
 use crate::tls::{self, TlsConfig, TlsError, TlsStream};
 use crate::Incoming;
 
@@ -214,133 +221,368 @@ pub fn connect_link(
         .step(|| format!("securing the link to {destination}"))
 }
 
-/// Further-channel connections whose handshake runs at one time; a connection past this
-/// bound is closed at once, so a flood of them costs neither threads nor memory without
+/// Connections the destination holds at one time before the migration takes them (each in
+/// its TLS handshake, its first frame, or waiting to be taken); a connection past this
+/// bound is closed at once, so a flood of them costs neither threads nor fds without
 /// bound.
 pub const MAX_PENDING_HANDSHAKES: usize = 32;
 
-/// The destination's acceptor of a migration's further channels: each connection on
-/// `listener` secured as the first one, the next one whose handshake succeeded handed out
-/// within `timeout` of the call. Handshakes run each on a thread of its own (at most
-/// [`MAX_PENDING_HANDSHAKES`]), so a connection that stalls its handshake (anyone who can
-/// reach the port can open one) delays no other: the real channels join while it waits
-/// out its own timeout. The listening starts at the first call and stops when the
-/// acceptor is dropped (every channel joined), and any later connection is refused.
+/// The destination's listening for a migration: every connection secured and its first
+/// frame read on a thread of its own (at most [`MAX_PENDING_HANDSHAKES`] at once), each
+/// step within `timeout`, so that a stranger who stalls (anyone who can reach the port can)
+/// delays no other connection. A connection that fails a step (no valid certificate,
+/// garbage, silence, a first frame larger than any Hello) is dropped with a warning naming
+/// the peer. The first that opens with a valid Hello is the main connection; one that
+/// opens with any other frame is offered as a further channel (the migration checks its
+/// Join), and dropped if not taken within `timeout`. A stranger thus holds a connection
+/// for at most three timeouts. Listening stops (the port closes) when this is dropped.
+pub struct Listening {
+    /// Connections that opened with a valid Hello, until the main one is taken.
+    mains: Option<Receiver<Proven>>,
+    channels: Receiver<Proven>,
+    timeout: Duration,
+    stop: Arc<AtomicBool>,
+}
+
+/// A connection secured and its first frame read.
+struct Proven {
+    link: Link,
+    first: Frame,
+}
+
+impl Listening {
+    /// Starts listening on `listener`, securing connections as `security` says.
+    pub fn start(
+        listener: TcpListener,
+        security: &ServerSide,
+        timeout: Duration,
+    ) -> std::io::Result<Self> {
+        // A blocking accept that returns every 50 ms to see whether to stop (Linux bounds
+        // accept by SO_RCVTIMEO): no spinning through hours of waiting for a source.
+        rustix::net::sockopt::set_socket_timeout(
+            &listener,
+            rustix::net::sockopt::Timeout::Recv,
+            Some(Duration::from_millis(50)),
+        )?;
+        // Rendezvous: a connection waits in its own thread (and counts as pending) until
+        // the migration takes it, so a flood of them holds at most MAX_PENDING_HANDSHAKES
+        // fds.
+        let (to_main, mains) = sync_channel(0);
+        let (to_channels, channels) = sync_channel(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let security = security.clone();
+        std::thread::Builder::new()
+            .name("migrate-accept".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Acquire) {
+                    let (tcp, peer) = match listener.accept() {
+                        Ok(accepted) => accepted,
+                        Err(err) if err.kind() == ErrorKind::WouldBlock => continue,
+                        // A connection that died in the backlog, or no fd left for now:
+                        // the listening goes on.
+                        Err(err) => {
+                            warn!(%err, "accepting a migration connection failed");
+                            std::thread::sleep(Duration::from_millis(50));
+                            continue;
+                        }
+                    };
+                    let Some(slot) = PendingSlot::take(&pending) else {
+                        warn!(%peer, "closed a connection: {MAX_PENDING_HANDSHAKES} pending");
+                        continue;
+                    };
+                    let (to_main, to_channels) = (to_main.clone(), to_channels.clone());
+                    let security = security.clone();
+                    let prove = move || {
+                        let _slot = slot;
+                        match secure_and_read_first(tcp, &security, timeout) {
+                            Ok(proven) => hand_over(proven, peer, timeout, to_main, to_channels),
+                            Err(why) => warn!(%peer, why, "dropped a connection: not a migration"),
+                        }
+                    };
+                    if std::thread::Builder::new()
+                        .name("migrate-handshake".into())
+                        .spawn(prove)
+                        .is_err()
+                    {
+                        warn!(%peer, "closed a connection: no thread for its handshake");
+                    }
+                }
+            })?;
+        Ok(Listening {
+            mains: Some(mains),
+            channels,
+            timeout,
+            stop,
+        })
+    }
+
+    /// The main connection: the first to open with a valid Hello, waited for without
+    /// limit. Returns its reader (the Hello read again first) and the link to reply on.
+    /// Later connections that open with a Hello are offered as further channels (which
+    /// the migration refuses).
+    pub fn main_connection(&mut self) -> std::io::Result<(Replayed, Link)> {
+        let mains = self.mains.take().ok_or_else(|| {
+            std::io::Error::new(ErrorKind::Unsupported, "the main connection was taken")
+        })?;
+        let proven = mains
+            .recv()
+            .map_err(|_| std::io::Error::other("the listener stopped"))?;
+        Ok((
+            Replayed::new(proven.link.try_clone()?, &proven.first),
+            proven.link,
+        ))
+    }
+
+    /// The next further channel, within the timeout.
+    pub fn next_channel(&self) -> std::io::Result<Incoming> {
+        let proven = match self.channels.recv_timeout(self.timeout) {
+            Ok(proven) => proven,
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::TimedOut,
+                    format!("no connection within {} ms", self.timeout.as_millis()),
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(std::io::Error::new(
+                    ErrorKind::Unsupported,
+                    "the listener stopped",
+                ))
+            }
+        };
+        Ok(Incoming {
+            reader: Box::new(Replayed::new(proven.link.try_clone()?, &proven.first)),
+            handle: Box::new(proven.link),
+        })
+    }
+
+    /// The acceptor of further channels the migration takes ([`Listening::next_channel`]);
+    /// dropping it stops the listening.
+    pub fn into_acceptor(self) -> impl FnMut() -> std::io::Result<Incoming> {
+        move || self.next_channel()
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// The destination's acceptor of a migration's further channels alone (the main
+/// connection accepted otherwise): a [`Listening`] that starts at the first call, where
+/// every connection, a Hello included, is offered as a channel.
 pub fn acceptor(
     listener: TcpListener,
     security: &ServerSide,
     timeout: Duration,
 ) -> impl FnMut() -> std::io::Result<Incoming> {
     let security = security.clone();
-    let mut listening: Option<ListeningThread> = None;
+    let mut listening: Option<Listening> = None;
     let mut listener = Some(listener);
     move || {
         if let Some(listener) = listener.take() {
-            listening = Some(ListeningThread::start(listener, security.clone(), timeout)?);
+            let mut started = Listening::start(listener, &security, timeout)?;
+            started.mains = None;
+            listening = Some(started);
         }
         let Some(listening) = &listening else {
             return Err(std::io::Error::other("the listener failed"));
         };
-        let link = match listening.secured.recv_timeout(timeout) {
-            Ok(secured) => secured?,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no connection within {} ms", timeout.as_millis()),
-                ))
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::Unsupported,
-                    "the listener stopped",
-                ))
-            }
-        };
-        Ok(Incoming {
-            reader: Box::new(link.try_clone()?),
-            handle: Box::new(link),
-        })
+        listening.next_channel()
     }
 }
 
-/// The thread that takes connections for [`acceptor`] and starts their handshakes; it
-/// stops (closing the listener) when this is dropped.
-struct ListeningThread {
-    secured: std::sync::mpsc::Receiver<std::io::Result<Link>>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-}
+/// One of the [`MAX_PENDING_HANDSHAKES`] connections held at once, given back on drop.
+struct PendingSlot(Arc<AtomicUsize>);
 
-impl ListeningThread {
-    fn start(
-        listener: TcpListener,
-        security: ServerSide,
-        timeout: Duration,
-    ) -> std::io::Result<Self> {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        listener.set_nonblocking(true)?;
-        // A rendezvous: a secured connection waits in its thread (and counts as pending)
-        // until the migration takes it, so a flood of them (plaintext: no handshake to
-        // slow it) holds at most MAX_PENDING_HANDSHAKES fds.
-        let (send, secured) = std::sync::mpsc::sync_channel(0);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopped = Arc::clone(&stop);
-        let pending = Arc::new(AtomicUsize::new(0));
-        std::thread::Builder::new()
-            .name("migrate-accept".into())
-            .spawn(move || {
-                while !stopped.load(Ordering::Acquire) {
-                    let tcp = match listener.accept() {
-                        Ok((tcp, _)) => tcp,
-                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(2));
-                            continue;
-                        }
-                        // A connection that died in the backlog, or no fd left for now:
-                        // one refused connection, and the listening goes on.
-                        Err(err) => {
-                            if send.send(Err(err)).is_err() {
-                                return;
-                            }
-                            std::thread::sleep(Duration::from_millis(2));
-                            continue;
-                        }
-                    };
-                    if pending.load(Ordering::Acquire) >= MAX_PENDING_HANDSHAKES {
-                        tracing::warn!("closed a connection: too many handshakes under way");
-                        continue;
-                    }
-                    pending.fetch_add(1, Ordering::AcqRel);
-                    let (send, security, pending) =
-                        (send.clone(), security.clone(), Arc::clone(&pending));
-                    let handshake = move || {
-                        let link = tcp
-                            .set_nonblocking(false)
-                            .and_then(|()| tcp.set_nodelay(true))
-                            .map_err(|err| std::io::Error::other(err.to_string()))
-                            .and_then(|()| {
-                                security
-                                    .secure(tcp, timeout)
-                                    .map_err(|err| std::io::Error::other(chain_text(&err)))
-                            });
-                        // The migration may be done with its channels: then this one goes.
-                        let _ = send.send(link);
-                        pending.fetch_sub(1, Ordering::AcqRel);
-                    };
-                    if std::thread::Builder::new()
-                        .name("migrate-handshake".into())
-                        .spawn(handshake)
-                        .is_err()
-                    {
-                        tracing::warn!("closed a connection: no thread for its handshake");
-                    }
-                }
-            })?;
-        Ok(ListeningThread { secured, stop })
+impl PendingSlot {
+    fn take(pending: &Arc<AtomicUsize>) -> Option<Self> {
+        pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PENDING_HANDSHAKES).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PendingSlot(Arc::clone(pending)))
     }
 }
 
-impl Drop for ListeningThread {
+impl Drop for PendingSlot {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Secures `tcp` and reads its first frame, each within `timeout`; why not, if not.
+fn secure_and_read_first(
+    tcp: TcpStream,
+    security: &ServerSide,
+    timeout: Duration,
+) -> Result<Proven, String> {
+    // Small frames (Resumed) go out at once: with Nagle, a frame written in parts waits
+    // for the source's delayed ACK (40 ms on Linux), inside the downtime. The listener's
+    // accept timeout is not the connection's.
+    tcp.set_nodelay(true)
+        .and_then(|()| tcp.set_read_timeout(None))
+        .map_err(|err| err.to_string())?;
+    let mut link = security
+        .secure(tcp, timeout)
+        .map_err(|err| chain_text(&err))?;
+    let first = FrameReader::new(FirstFrame {
+        link: &mut link,
+        left_bytes: FRAME_HEADER_BYTES + Kind::Hello.max_payload(),
+    })
+    .with_timeout(timeout)
+    .read()
+    .map_err(|err| format!("its first frame: {err}"))?;
+    Ok(Proven { link, first })
+}
+
+/// Offers `proven` to the migration: a valid Hello as the main connection while one is
+/// awaited, any other first frame as a further channel; dropped if not taken within
+/// `timeout`.
+fn hand_over(
+    proven: Proven,
+    peer: SocketAddr,
+    timeout: Duration,
+    to_main: SyncSender<Proven>,
+    to_channels: SyncSender<Proven>,
+) {
+    let mut to = &to_channels;
+    if proven.first.kind == Kind::Hello {
+        if let Err(err) = decode_hello(&proven.first.payload) {
+            warn!(%peer, %err, "dropped a connection: its Hello is refused");
+            let mut out = FrameWriter::new(proven.link, None).with_timeout(timeout);
+            let _ = out
+                .write(Kind::Abort, &[err.to_string().as_bytes()])
+                .and_then(|()| out.flush());
+            return;
+        }
+        to = &to_main;
+    }
+    let deadline = Instant::now() + timeout;
+    let mut proven = proven;
+    loop {
+        match to.try_send(proven) {
+            Ok(()) => return,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                proven = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(TrySendError::Full(_)) => {
+                let waited_ms = timeout.as_millis();
+                warn!(%peer, waited_ms, "dropped a connection the migration did not take");
+                return;
+            }
+            // The main connection was taken: the migration refuses this Hello as a channel.
+            Err(TrySendError::Disconnected(back)) if std::ptr::eq(to, &to_main) => {
+                proven = back;
+                to = &to_channels;
+            }
+            // The migration is done with its channels.
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+/// A connection's first frame as the acceptor reads it: at most `left_bytes`, so that a
+/// stranger's large frame holds no more than a Hello's worth of memory.
+struct FirstFrame<'a> {
+    link: &'a mut Link,
+    left_bytes: usize,
+}
+
+impl Read for FirstFrame<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left_bytes == 0 {
+            return Err(std::io::Error::new(
+                ErrorKind::InvalidData,
+                "a first frame larger than any Hello",
+            ));
+        }
+        let n = buf.len().min(self.left_bytes);
+        let got = self.link.read(&mut buf[..n])?;
+        self.left_bytes -= got;
+        Ok(got)
+    }
+}
+
+impl IoTimeouts for FirstFrame<'_> {
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.link.bound_reads(timeout)
+    }
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.link.bound_writes(timeout)
+    }
+}
+
+/// A connection's reader, its first frame (which the acceptor read) read again first.
+pub struct Replayed {
+    first: std::io::Cursor<Vec<u8>>,
+    link: Link,
+}
+
+impl Replayed {
+    fn new(link: Link, first: &Frame) -> Self {
+        let mut encoded = FrameWriter::new(Vec::new(), None);
+        // Into memory, a frame read within its kind's limit: cannot fail.
+        let _ = encoded.write(first.kind, &[&first.payload]);
+        Replayed {
+            first: std::io::Cursor::new(std::mem::take(encoded.get_mut())),
+            link,
+        }
+    }
+
+    fn replaying(&self) -> bool {
+        self.first.position() < self.first.get_ref().len() as u64
+    }
+}
+
+impl Read for Replayed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.replaying() {
+            return self.first.read(buf);
+        }
+        self.link.read(buf)
+    }
+}
+
+impl Write for Replayed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.link.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.link.flush()
+    }
+}
+
+impl Transport for Replayed {
+    fn vectored_fd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        // The first frame's bytes are not on the socket any more.
+        (!self.replaying())
+            .then(|| self.link.vectored_fd())
+            .flatten()
+    }
+    fn shut_down(&self) {
+        self.link.shut_down()
+    }
+    fn read_into_piece(
+        &self,
+        piece: &dmalog_device::IoPieceMut<'_>,
+    ) -> Option<std::io::Result<usize>> {
+        (!self.replaying())
+            .then(|| self.link.read_into_piece(piece))
+            .flatten()
+    }
+}
+
+impl IoTimeouts for Replayed {
+    fn bound_reads(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.link.bound_reads(timeout)
+    }
+    fn bound_writes(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.link.bound_writes(timeout)
     }
 }
