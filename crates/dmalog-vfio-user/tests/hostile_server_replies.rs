@@ -179,3 +179,36 @@ fn a_silent_server_times_the_request_out_and_later_requests_fail_at_once() {
     drop(client);
     server.join().unwrap();
 }
+
+#[test]
+fn a_server_that_is_gone_is_reported_gone_by_every_later_request_not_as_silent() {
+    let (client_end, server_end) = UnixStream::pair().unwrap();
+    // Answers VERSION, then exits: its end of the socket closes.
+    let server = std::thread::spawn(move || {
+        let mut transport = Transport::new(server_end, 1 << 20);
+        let version = transport.recv().unwrap();
+        let reply = Header {
+            msg_id: version.header.msg_id,
+            cmd: cmd::VERSION,
+            msg_size: 0,
+            flags: TYPE_REPLY,
+            error_no: 0,
+        };
+        let caps = Version {
+            major: 0,
+            minor: 2,
+            json: None,
+        };
+        transport.send(reply, &caps.encode(), &[]).unwrap();
+    });
+    let mut client = Client::with_stream(client_end, CLIENT_MAX_DATA_XFER).unwrap();
+    server.join().unwrap();
+    let first = client.device_info().expect_err("the server is gone");
+    assert_eq!(first.errno(), libc::EPIPE, "{first}");
+    // The connection is out of step now; what it says must still be that the server is
+    // gone (a migration tells "lost the device server" from "it did not answer").
+    for _ in 0..2 {
+        let later = client.device_info().expect_err("still gone");
+        assert_eq!(later.errno(), libc::EPIPE, "{later}");
+    }
+}

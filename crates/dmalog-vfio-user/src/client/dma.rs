@@ -84,14 +84,7 @@ impl Client {
                 .transport
                 .send(Header::error_reply_to(&header, errno), &[], &[]),
         };
-        sent.map_err(|err| {
-            self.out_of_step = true;
-            if err.kind() == std::io::ErrorKind::WouldBlock {
-                Self::timed_out()
-            } else {
-                err.into()
-            }
-        })
+        sent.map_err(|err| self.send_failed(err))
     }
 
     fn serve_dma(&mut self, command: u16, payload: &[u8]) -> Result<Vec<u8>, i32> {

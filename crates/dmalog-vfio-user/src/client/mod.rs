@@ -110,8 +110,10 @@ pub const DEFAULT_REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from
 pub struct Client {
     transport: Transport,
     /// A wait timed out or a send failed part-way: a late reply would be taken for the
-    /// next request's, so every later request fails (ETIMEDOUT) instead.
-    out_of_step: bool,
+    /// next request's, so every later request fails instead, with this errno (ETIMEDOUT
+    /// after a timeout, the send's own after a failed send: a server that is gone is
+    /// not reported as a silent one).
+    out_of_step: Option<i32>,
     next_id: u16,
     server_version: Version,
     max_data_xfer_size: u32,
@@ -134,7 +136,7 @@ impl Client {
         stream.set_read_timeout(Some(DEFAULT_REPLY_TIMEOUT))?;
         stream.set_write_timeout(Some(DEFAULT_REPLY_TIMEOUT))?;
         let mut client = Client {
-            out_of_step: false,
+            out_of_step: None,
             transport: Transport::new(stream, max_data_xfer_size as usize + 4096),
             next_id: 0,
             server_version: Version {
@@ -186,6 +188,17 @@ impl Client {
         ClientError::Io(std::io::Error::from_raw_os_error(libc::ETIMEDOUT))
     }
 
+    /// A send that failed (part of the message may have gone): the connection is out of
+    /// step from here, and later requests fail as this one did.
+    pub(crate) fn send_failed(&mut self, err: std::io::Error) -> ClientError {
+        if err.kind() == std::io::ErrorKind::WouldBlock {
+            self.out_of_step = Some(libc::ETIMEDOUT);
+            return Self::timed_out();
+        }
+        self.out_of_step = Some(err.raw_os_error().unwrap_or(libc::EPIPE));
+        err.into()
+    }
+
     /// The next message from the server; a timeout leaves the connection out of step.
     fn recv(&mut self) -> Result<Message, ClientError> {
         match self.recv_into(&mut [], &mut [], |_| false)? {
@@ -208,11 +221,11 @@ impl Client {
         match self.transport.recv_into(prefix, direct, accept) {
             Ok(received) => Ok(received),
             Err(RecvError::Stalled) => {
-                self.out_of_step = true;
+                self.out_of_step = Some(libc::ETIMEDOUT);
                 Err(Self::timed_out())
             }
             Err(RecvError::Io(err)) if err.kind() == std::io::ErrorKind::WouldBlock => {
-                self.out_of_step = true;
+                self.out_of_step = Some(libc::ETIMEDOUT);
                 Err(Self::timed_out())
             }
             Err(err) => Err(err.into()),
@@ -251,17 +264,12 @@ impl Client {
         self.next_id = self.next_id.wrapping_add(1);
         let id = self.next_id;
         let header = Header::command(id, command);
-        if self.out_of_step {
-            return Err(Self::timed_out());
+        if let Some(errno) = self.out_of_step {
+            return Err(ClientError::Io(std::io::Error::from_raw_os_error(errno)));
         }
         if let Err(err) = self.transport.send(header, payload, fds) {
             // Part of the message may have gone: nothing after it can be trusted.
-            self.out_of_step = true;
-            return Err(if err.kind() == std::io::ErrorKind::WouldBlock {
-                Self::timed_out()
-            } else {
-                err.into()
-            });
+            return Err(self.send_failed(err));
         }
         Ok(id)
     }
