@@ -344,10 +344,12 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             ..RoundStats::default()
         };
         let mut next_report_at = Instant::now();
-        let sent = send_overlapping_reports(&mut sender, &sending, MAX_PAGES_PER_FRAME, || {
-            next_report_at = Instant::now();
-            dirty.collect(device, cpu, memory, &mut next, false);
-        })?;
+        let (sent, send_time) =
+            send_overlapping_reports(&mut sender, &sending, MAX_PAGES_PER_FRAME, || {
+                next_report_at = Instant::now();
+                dirty.collect(device, cpu, memory, &mut next, false);
+            })?;
+        let device_start = Instant::now();
         let device_bytes = if device_pre_copy {
             timed(&mut fixed.device_data_ms, || {
                 sender.send_device_data(device)
@@ -357,7 +359,11 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
         };
         let bytes_sent = sender.out.bytes() - bytes_before;
         let elapsed = round_start.elapsed().as_secs_f64();
-        policy.sent_full_copy(bytes_sent, elapsed);
+        // The link's time: not a REPORT's that outlasted the round.
+        policy.sent_full_copy(
+            bytes_sent,
+            (send_time + device_start.elapsed()).as_secs_f64(),
+        );
         let stats = RoundStats {
             round: 0,
             pages_sent: sent,
@@ -395,22 +401,28 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             throttle.apply(verdict.throttle_pct, vcpus, device)?;
             stats.throttle_pct = throttle.pct;
             stats.device_throttled = throttle.device;
-            let send_start = Instant::now();
             let bytes_before = sender.out.bytes();
             // This round goes out of `sending`; the next REPORTs fill `dirty` meanwhile.
             std::mem::swap(&mut sending, &mut dirty.merged);
             let cue = cue_pages(fixed.reports_ms, policy.bandwidth_bytes_per_sec());
-            stats.pages_sent = send_overlapping_reports(&mut sender, &sending, cue, || {
-                next_report_at = Instant::now();
-                dirty.collect(device, cpu, memory, &mut next, false);
-            })?;
+            let send_time;
+            (stats.pages_sent, send_time) =
+                send_overlapping_reports(&mut sender, &sending, cue, || {
+                    next_report_at = Instant::now();
+                    dirty.collect(device, cpu, memory, &mut next, false);
+                })?;
+            let device_start = Instant::now();
             if device_pre_copy {
                 stats.device_bytes = timed(&mut fixed.device_data_ms, || {
                     sender.send_device_data(device)
                 })?;
             }
             stats.bytes_sent = sender.out.bytes() - bytes_before;
-            policy.sent(stats.bytes_sent, send_start.elapsed().as_secs_f64());
+            // The link's time: not a REPORT's that outlasted the round.
+            policy.sent(
+                stats.bytes_sent,
+                (send_time + device_start.elapsed()).as_secs_f64(),
+            );
             stats.round_ms = round_start.elapsed().as_secs_f64() * 1e3;
             round_start = Instant::now();
             on_round(&stats);
@@ -540,27 +552,31 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
 
 /// Sends `sending`'s pages on a thread of its own and, once the round has `cue_pages` or
 /// fewer left to send, runs `report` (the next round's REPORTs) here, so that they overlap
-/// the end of the round instead of following it. Returns the pages sent; a sender that
-/// fails before its cue is not waited on with REPORTs.
+/// the end of the round instead of following it. Returns the pages sent and the time the
+/// sending took (the link's, without REPORTs that outlast it); a sender that fails before
+/// its cue is not waited on with REPORTs.
 fn send_overlapping_reports<W: Write + Transport + Send>(
     sender: &mut Sender<'_, W>,
     sending: &Bitmaps,
     cue_pages: u64,
     report: impl FnOnce(),
-) -> Result<u64, MigrateError> {
+) -> Result<(u64, Duration), MigrateError> {
     let (cue, cued) = std::sync::mpsc::sync_channel::<()>(1);
     std::thread::scope(|scope| {
         let round = scope.spawn(move || {
             let cue = move || {
                 let _ = cue.try_send(());
             };
-            sender.send_dirty_with_tail(
-                sending,
-                Tail {
-                    cue: &cue,
-                    pages_left: cue_pages,
-                },
-            )
+            let started = Instant::now();
+            sender
+                .send_dirty_with_tail(
+                    sending,
+                    Tail {
+                        cue: &cue,
+                        pages_left: cue_pages,
+                    },
+                )
+                .map(|pages| (pages, started.elapsed()))
         });
         // The cue, or the sender's end without one (it failed): then no REPORTs.
         if cued.recv().is_ok() {

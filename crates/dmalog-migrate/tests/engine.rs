@@ -370,3 +370,94 @@ fn the_next_rounds_reports_overlap_the_end_of_a_round_and_lose_no_page() {
         "at least half the REPORTs were taken while their round was on the link: {overlapped:?}"
     );
 }
+
+/// How long the REPORT taken during round 1 (the second pre-copy REPORT) takes.
+const SLOW_REPORT: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// The vCPU log: the guest writes pages 100..1900 (7 MiB, more than a bandwidth sample
+/// needs) before the first pre-copy REPORT, and the REPORT that overlaps round 1 is slow.
+struct SlowSecondReport {
+    inner: InProcessTracker<SoftDriver>,
+    recorder: WriteRecorder,
+    memory: Arc<LoggedGuestMemory>,
+    reports: u32,
+}
+
+impl DirtyTracker for SlowSecondReport {
+    fn probe(&mut self) -> Result<bool, TrackerError> {
+        self.inner.probe()
+    }
+    fn start(&mut self, ranges: &[IovaRange], page_size: u64) -> Result<u64, TrackerError> {
+        self.inner.start(ranges, page_size)
+    }
+    fn report(&mut self, range: IovaRange, page_size: u64, bitmap: &mut [u64]) -> TrackerResult {
+        if range.iova() == 0 {
+            self.reports += 1;
+            match self.reports {
+                1 => {
+                    for page in ROUND_PAGES {
+                        self.memory.write_at(page * 4096, &[0x77; 4096]);
+                        self.recorder.record_write(page * 4096, 4096);
+                    }
+                }
+                2 => std::thread::sleep(SLOW_REPORT),
+                _ => {}
+            }
+        }
+        self.inner.report(range, page_size, bitmap)
+    }
+    fn stop(&mut self) -> Result<(), TrackerError> {
+        self.inner.stop()
+    }
+}
+
+/// The bandwidth the policy measures is the link's: a REPORT that overlaps a round and
+/// outlasts it does not count as time the round's bytes took (it would make the link
+/// look several times slower, the predicted downtime as many times longer).
+#[test]
+fn a_slow_overlapped_report_does_not_count_in_the_rounds_bandwidth() {
+    let memory = Arc::new(memfd_guest_untracked(&LAYOUT).unwrap());
+    let (mut device, _dma) = FakeDevice::new(vec![3u8; 5000]);
+    let (inner, recorder) = cpu_log();
+    let mut cpu = SlowSecondReport {
+        inner,
+        recorder,
+        memory: Arc::clone(&memory),
+        reports: 0,
+    };
+    let (a, b) = UnixStream::pair().unwrap();
+    let destination = spawn_destination(b);
+    let mut replies = FrameReader::new(a.try_clone().unwrap());
+    let mut out = FrameWriter::new(a, None);
+    let vm = SourceVm {
+        memory: &memory,
+        device: &mut device,
+        cpu: &mut cpu,
+        vcpus: None,
+    };
+    // No round fits: rounds 1 and 2, then the forced stop.
+    let config = dmalog_migrate::SourceConfig {
+        max_downtime: std::time::Duration::from_micros(1),
+        max_rounds: 2,
+        throttle: dmalog_migrate::converge::ThrottleParams {
+            mode: dmalog_migrate::converge::AutoConverge::Off,
+            ..Default::default()
+        },
+        ..config()
+    };
+    let report = migrate_source(&config, vm, &mut out, &mut replies, |_| {}).unwrap();
+    assert!(report.verified);
+    assert!(destination.join().unwrap().0.unwrap().verified);
+    let round_1 = &report.rounds[1];
+    assert!(round_1.pages_sent >= ROUND_PAGES.end - ROUND_PAGES.start);
+    // Round 2 is decided on round 1's sample alone (round 0's is provisional). With the
+    // REPORT's 1.5 s in it the sample is under 5 MB/s; 7 MiB on a socket pair take far
+    // less than a quarter of that time even on a loaded machine.
+    let slowest_link = round_1.bytes_sent as f64 / SLOW_REPORT.as_secs_f64();
+    let measured = report.rounds[2].bandwidth_bytes_per_sec;
+    assert!(
+        measured > 4.0 * slowest_link,
+        "round 1 measured at {measured:.0} B/s: the REPORT's time counted as the link's \
+         ({slowest_link:.0} B/s with all of it)"
+    );
+}
