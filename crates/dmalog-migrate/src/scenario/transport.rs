@@ -3,11 +3,12 @@
 //! destination's port writes the guest's memory); the connect and accept that make them,
 //! with bounded socket buffers.
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -15,7 +16,7 @@ use tracing::warn;
 use super::{chain_text, ScenarioError, StepContext};
 use crate::destination::decode_hello;
 use crate::stream::{
-    Frame, FrameReader, FrameWriter, IoTimeouts, Kind, Transport, FRAME_HEADER_BYTES,
+    Frame, FrameReader, FrameWriter, IoTimeouts, Kind, Transport, FRAME_HEADER_BYTES, MAX_CHANNELS,
 };
 use crate::tls::{self, TlsConfig, TlsError, TlsStream};
 use crate::Incoming;
@@ -227,10 +228,16 @@ pub fn connect_link(
 /// bound.
 pub const MAX_PENDING_HANDSHAKES: usize = 32;
 
+/// Of the [`MAX_PENDING_HANDSHAKES`], those one host (one IP address) holds at most: a
+/// stranger's flood from one host leaves room for the real source's connections (all
+/// [`MAX_CHANNELS`] of them at once) from another.
+pub const MAX_PENDING_PER_HOST: usize = MAX_PENDING_HANDSHAKES / 2;
+const _: () = assert!(MAX_CHANNELS as usize <= MAX_PENDING_PER_HOST);
+
 /// The destination's listening for a migration: every connection secured and its first
-/// frame read on a thread of its own (at most [`MAX_PENDING_HANDSHAKES`] at once), each
-/// step within `timeout`, so that a stranger who stalls (anyone who can reach the port can)
-/// delays no other connection. A connection that fails a step (no valid certificate,
+/// frame read on a thread of its own (at most [`MAX_PENDING_HANDSHAKES`] at once,
+/// [`MAX_PENDING_PER_HOST`] of them from one host), each step within `timeout`, so that a
+/// stranger who stalls (anyone who can reach the port can) delays no other connection. A connection that fails a step (no valid certificate,
 /// garbage, silence, a first frame larger than any Hello) is dropped with a warning naming
 /// the peer. The first that opens with a valid Hello is the main connection; one that
 /// opens with any other frame is offered as a further channel (the migration checks its
@@ -271,7 +278,7 @@ impl Listening {
         let (to_channels, channels) = sync_channel(0);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        let pending = Arc::new(AtomicUsize::new(0));
+        let pending = Arc::new(Mutex::new(Pending::default()));
         let security = security.clone();
         std::thread::Builder::new()
             .name("migrate-accept".into())
@@ -288,8 +295,12 @@ impl Listening {
                             continue;
                         }
                     };
-                    let Some(slot) = PendingSlot::take(&pending) else {
-                        warn!(%peer, "closed a connection: {MAX_PENDING_HANDSHAKES} pending");
+                    let Some(slot) = PendingSlot::take(&pending, peer.ip()) else {
+                        warn!(
+                            %peer,
+                            "closed a connection: {MAX_PENDING_HANDSHAKES} pending, or \
+                             {MAX_PENDING_PER_HOST} from its host"
+                        );
                         continue;
                     };
                     let (to_main, to_channels) = (to_main.clone(), to_channels.clone());
@@ -395,24 +406,55 @@ pub fn acceptor(
     }
 }
 
-/// One of the [`MAX_PENDING_HANDSHAKES`] connections held at once, given back on drop.
-struct PendingSlot(Arc<AtomicUsize>);
+/// The connections held at once: in all, and from each host.
+#[derive(Default)]
+struct Pending {
+    total: usize,
+    per_host: HashMap<IpAddr, usize>,
+}
+
+/// One of the [`MAX_PENDING_HANDSHAKES`] connections held at once (one of its host's
+/// [`MAX_PENDING_PER_HOST`]), given back on drop.
+struct PendingSlot {
+    pending: Arc<Mutex<Pending>>,
+    host: IpAddr,
+}
 
 impl PendingSlot {
-    fn take(pending: &Arc<AtomicUsize>) -> Option<Self> {
-        pending
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < MAX_PENDING_HANDSHAKES).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| PendingSlot(Arc::clone(pending)))
+    fn take(pending: &Arc<Mutex<Pending>>, host: IpAddr) -> Option<Self> {
+        let mut held = lock(pending);
+        let of_host = held.per_host.get(&host).copied().unwrap_or(0);
+        if held.total >= MAX_PENDING_HANDSHAKES || of_host >= MAX_PENDING_PER_HOST {
+            return None;
+        }
+        held.total += 1;
+        held.per_host.insert(host, of_host + 1);
+        Some(PendingSlot {
+            pending: Arc::clone(pending),
+            host,
+        })
     }
 }
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        let mut held = lock(&self.pending);
+        held.total -= 1;
+        if let Some(of_host) = held.per_host.get_mut(&self.host) {
+            *of_host -= 1;
+            if *of_host == 0 {
+                // Bounded by what is held, not by every host ever seen.
+                held.per_host.remove(&self.host);
+            }
+        }
     }
+}
+
+/// The counts, even after a panic elsewhere while they were held (they are updated whole).
+fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Secures `tcp` and reads its first frame, each within `timeout`; why not, if not.
