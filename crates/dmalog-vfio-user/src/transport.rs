@@ -91,7 +91,9 @@ impl Transport {
         &self.stream
     }
 
-    /// Sends `header` (its `msg_size` set here) and `payload`, with `fds`.
+    /// Sends `header` (its `msg_size` set here) and `payload`, with `fds`. E2BIG (a
+    /// message too large, or more than [`MAX_FDS_PER_MESSAGE`] fds) comes before any byte
+    /// is sent.
     pub fn send(
         &mut self,
         mut header: Header,

@@ -212,3 +212,25 @@ fn a_server_that_is_gone_is_reported_gone_by_every_later_request_not_as_silent()
         assert_eq!(later.errno(), libc::EPIPE, "{later}");
     }
 }
+
+#[test]
+fn a_request_refused_before_any_byte_is_sent_leaves_the_connection_usable() {
+    use std::os::fd::AsFd;
+    let (stream, server) = fake_server(serde_json::json!({}), |command, _| match command {
+        cmd::MIG_DATA_WRITE => Ok(Vec::new()),
+        _ => Err(libc::ENOSYS),
+    });
+    let mut client = Client::with_stream(stream, CLIENT_MAX_DATA_XFER).unwrap();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    let fds = vec![null.as_fd(); dmalog_vfio_user::transport::MAX_FDS_PER_MESSAGE + 1];
+    let refused = client
+        .request(cmd::DMA_MAP, &[], &fds)
+        .expect_err("more fds than a message carries");
+    assert_eq!(refused.errno(), libc::E2BIG, "{refused}");
+    // Nothing of it went: the connection is in step, the next request is answered.
+    client
+        .write_migration_data(&[7u8; 100])
+        .expect("the request after a refused one");
+    drop(client);
+    server.join().unwrap();
+}

@@ -191,6 +191,11 @@ impl Client {
     /// A send that failed (part of the message may have gone): the connection is out of
     /// step from here, and later requests fail as this one did.
     pub(crate) fn send_failed(&mut self, err: std::io::Error) -> ClientError {
+        // The transport refuses a message too large (or with too many fds) before sending
+        // any of it: the connection is still in step.
+        if err.raw_os_error() == Some(libc::E2BIG) {
+            return err.into();
+        }
         if err.kind() == std::io::ErrorKind::WouldBlock {
             self.out_of_step = Some(libc::ETIMEDOUT);
             return Self::timed_out();
