@@ -3,12 +3,11 @@
 //! destination's port writes the guest's memory); the connect and accept that make them,
 //! with bounded socket buffers.
 
-use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::warn;
@@ -20,6 +19,9 @@ use crate::stream::{
 };
 use crate::tls::{self, TlsConfig, TlsError, TlsStream};
 use crate::Incoming;
+
+mod pending;
+use pending::Pending;
 
 /// How the source connects.
 pub enum ClientSide {
@@ -278,7 +280,7 @@ impl Listening {
         let (to_channels, channels) = sync_channel(0);
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
-        let pending = Arc::new(Mutex::new(Pending::default()));
+        let pending = Pending::default();
         let security = security.clone();
         std::thread::Builder::new()
             .name("migrate-accept".into())
@@ -295,7 +297,7 @@ impl Listening {
                             continue;
                         }
                     };
-                    let Some(slot) = PendingSlot::take(&pending, peer.ip()) else {
+                    let Some(slot) = pending.take(peer.ip()) else {
                         warn!(
                             %peer,
                             "closed a connection: {MAX_PENDING_HANDSHAKES} pending, or \
@@ -404,57 +406,6 @@ pub fn acceptor(
         };
         listening.next_channel()
     }
-}
-
-/// The connections held at once: in all, and from each host.
-#[derive(Default)]
-struct Pending {
-    total: usize,
-    per_host: HashMap<IpAddr, usize>,
-}
-
-/// One of the [`MAX_PENDING_HANDSHAKES`] connections held at once (one of its host's
-/// [`MAX_PENDING_PER_HOST`]), given back on drop.
-struct PendingSlot {
-    pending: Arc<Mutex<Pending>>,
-    host: IpAddr,
-}
-
-impl PendingSlot {
-    fn take(pending: &Arc<Mutex<Pending>>, host: IpAddr) -> Option<Self> {
-        let mut held = lock(pending);
-        let of_host = held.per_host.get(&host).copied().unwrap_or(0);
-        if held.total >= MAX_PENDING_HANDSHAKES || of_host >= MAX_PENDING_PER_HOST {
-            return None;
-        }
-        held.total += 1;
-        held.per_host.insert(host, of_host + 1);
-        Some(PendingSlot {
-            pending: Arc::clone(pending),
-            host,
-        })
-    }
-}
-
-impl Drop for PendingSlot {
-    fn drop(&mut self) {
-        let mut held = lock(&self.pending);
-        held.total -= 1;
-        if let Some(of_host) = held.per_host.get_mut(&self.host) {
-            *of_host -= 1;
-            if *of_host == 0 {
-                // Bounded by what is held, not by every host ever seen.
-                held.per_host.remove(&self.host);
-            }
-        }
-    }
-}
-
-/// The counts, even after a panic elsewhere while they were held (they are updated whole).
-fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
-    pending
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Secures `tcp` and reads its first frame, each within `timeout`; why not, if not.
