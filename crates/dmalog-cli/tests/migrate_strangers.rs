@@ -271,3 +271,55 @@ fn a_flood_of_silent_connections_is_held_to_the_bound_and_the_real_source_then_v
     );
     the_real_source_verifies(dst, &src_server.socket, &["--insecure-plaintext".into()]);
 }
+
+/// A plaintext stranger that sends garbage and waits until the destination closes it.
+fn garbage_stranger(address: &str) {
+    let mut stranger = TcpStream::connect(address).unwrap();
+    let _ = stranger.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    stranger
+        .set_read_timeout(Some(migrate::HANG_GUARD))
+        .unwrap();
+    let _ = stranger.read_to_end(&mut Vec::new());
+}
+
+#[test]
+fn a_flood_of_garbage_connections_is_logged_within_the_warning_budget() {
+    const STRANGERS: u64 = 300;
+    let (src_server, dst_server) = servers();
+    let plaintext = [PathBuf::from("--insecure-plaintext")];
+    let dst = destination(&dst_server.socket, 5_000, &plaintext);
+    // Each dropped at once for its garbage: without a budget, one warning each.
+    let started = Instant::now();
+    for _ in 0..STRANGERS {
+        garbage_stranger(&dst.address);
+    }
+    // One more a budget window later: its warning tells how many were left out.
+    std::thread::sleep(Duration::from_millis(1100));
+    garbage_stranger(&dst.address);
+    let stderr = the_real_source_verifies(dst, &src_server.socket, &plaintext);
+    let dropped: Vec<&str> = stderr
+        .lines()
+        .filter(|line| line.contains("dropped a connection"))
+        .collect();
+    let seconds = started.elapsed().as_secs() + 1;
+    assert!(
+        dropped.len() as u64 <= 16 * seconds,
+        "{} warnings in about {seconds} s",
+        dropped.len()
+    );
+    let suppressed: u64 = dropped
+        .iter()
+        .filter_map(|line| line.split("suppressed=").nth(1))
+        .filter_map(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    assert_eq!(
+        dropped.len() as u64 + suppressed,
+        STRANGERS + 1,
+        "every stranger is logged or counted: {dropped:?}"
+    );
+}

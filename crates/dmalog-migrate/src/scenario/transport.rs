@@ -21,7 +21,9 @@ use crate::tls::{self, TlsConfig, TlsError, TlsStream};
 use crate::Incoming;
 
 mod pending;
+mod warn_budget;
 use pending::Pending;
+use warn_budget::WarnBudget;
 
 /// How the source connects.
 pub enum ClientSide {
@@ -241,7 +243,7 @@ const _: () = assert!(MAX_CHANNELS as usize <= MAX_PENDING_PER_HOST);
 /// [`MAX_PENDING_PER_HOST`] of them from one host), each step within `timeout`, so that a
 /// stranger who stalls (anyone who can reach the port can) delays no other connection. A connection that fails a step (no valid certificate,
 /// garbage, silence, a first frame larger than any Hello) is dropped with a warning naming
-/// the peer. The first that opens with a valid Hello is the main connection; one that
+/// the peer (at most 16 such warnings a second, the rest counted and logged with the next). The first that opens with a valid Hello is the main connection; one that
 /// opens with any other frame is offered as a further channel (the migration checks its
 /// Join), and dropped if not taken within `timeout`. A stranger thus holds a connection
 /// for at most three timeouts. Listening stops (the port closes) when this is dropped.
@@ -281,6 +283,7 @@ impl Listening {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = Arc::clone(&stop);
         let pending = Pending::default();
+        let warnings = WarnBudget::default();
         let security = security.clone();
         std::thread::Builder::new()
             .name("migrate-accept".into())
@@ -292,26 +295,41 @@ impl Listening {
                         // A connection that died in the backlog, or no fd left for now:
                         // the listening goes on.
                         Err(err) => {
-                            warn!(%err, "accepting a migration connection failed");
+                            if let Some(suppressed) = warnings.allow() {
+                                warn!(%err, suppressed, "accepting a migration connection failed");
+                            }
                             std::thread::sleep(Duration::from_millis(50));
                             continue;
                         }
                     };
                     let Some(slot) = pending.take(peer.ip()) else {
-                        warn!(
-                            %peer,
-                            "closed a connection: {MAX_PENDING_HANDSHAKES} pending, or \
-                             {MAX_PENDING_PER_HOST} from its host"
-                        );
+                        if let Some(suppressed) = warnings.allow() {
+                            warn!(
+                                %peer,
+                                suppressed,
+                                "closed a connection: {MAX_PENDING_HANDSHAKES} pending, or \
+                                 {MAX_PENDING_PER_HOST} from its host"
+                            );
+                        }
                         continue;
                     };
                     let (to_main, to_channels) = (to_main.clone(), to_channels.clone());
-                    let security = security.clone();
+                    let (security, warnings_here) = (security.clone(), warnings.clone());
                     let prove = move || {
                         let _slot = slot;
                         match secure_and_read_first(tcp, &security, timeout) {
-                            Ok(proven) => hand_over(proven, peer, timeout, to_main, to_channels),
-                            Err(why) => warn!(%peer, why, "dropped a connection: not a migration"),
+                            Ok(proven) => hand_over(
+                                proven,
+                                (peer, &warnings_here),
+                                timeout,
+                                to_main,
+                                to_channels,
+                            ),
+                            Err(why) => {
+                                if let Some(suppressed) = warnings_here.allow() {
+                                    warn!(%peer, why, suppressed, "dropped a connection: not a migration");
+                                }
+                            }
                         }
                     };
                     if std::thread::Builder::new()
@@ -319,7 +337,9 @@ impl Listening {
                         .spawn(prove)
                         .is_err()
                     {
-                        warn!(%peer, "closed a connection: no thread for its handshake");
+                        if let Some(suppressed) = warnings.allow() {
+                            warn!(%peer, suppressed, "closed a connection: no thread for its handshake");
+                        }
                     }
                 }
             })?;
@@ -435,10 +455,10 @@ fn secure_and_read_first(
 
 /// Offers `proven` to the migration: a valid Hello as the main connection while one is
 /// awaited, any other first frame as a further channel; dropped if not taken within
-/// `timeout`.
+/// `timeout`. Warnings about `peer` spend `warnings`.
 fn hand_over(
     proven: Proven,
-    peer: SocketAddr,
+    (peer, warnings): (SocketAddr, &WarnBudget),
     timeout: Duration,
     to_main: SyncSender<Proven>,
     to_channels: SyncSender<Proven>,
@@ -446,7 +466,9 @@ fn hand_over(
     let mut to = &to_channels;
     if proven.first.kind == Kind::Hello {
         if let Err(err) = decode_hello(&proven.first.payload) {
-            warn!(%peer, %err, "dropped a connection: its Hello is refused");
+            if let Some(suppressed) = warnings.allow() {
+                warn!(%peer, %err, suppressed, "dropped a connection: its Hello is refused");
+            }
             let mut out = FrameWriter::new(proven.link, None).with_timeout(timeout);
             let _ = out
                 .write(Kind::Abort, &[err.to_string().as_bytes()])
@@ -465,8 +487,10 @@ fn hand_over(
                 std::thread::sleep(Duration::from_millis(5));
             }
             Err(TrySendError::Full(_)) => {
-                let waited_ms = timeout.as_millis();
-                warn!(%peer, waited_ms, "dropped a connection the migration did not take");
+                if let Some(suppressed) = warnings.allow() {
+                    let waited_ms = timeout.as_millis();
+                    warn!(%peer, waited_ms, suppressed, "dropped a connection the migration did not take");
+                }
                 return;
             }
             // The main connection was taken: the migration refuses this Hello as a channel.
