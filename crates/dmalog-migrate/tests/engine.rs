@@ -279,6 +279,20 @@ impl DirtyTracker for WatchedLog {
     }
 }
 
+/// A budget no round fits, auto-converge off: `max_rounds` pre-copy rounds, then the
+/// forced stop.
+fn no_round_fits(max_rounds: u32) -> dmalog_migrate::SourceConfig {
+    dmalog_migrate::SourceConfig {
+        max_downtime: std::time::Duration::from_micros(1),
+        max_rounds,
+        throttle: dmalog_migrate::converge::ThrottleParams {
+            mode: dmalog_migrate::converge::AutoConverge::Off,
+            ..Default::default()
+        },
+        ..config()
+    }
+}
+
 /// The next round's REPORTs are taken while a round still sends (its last frame left, as
 /// QEMU's multifd syncs its bitmap while the channels drain): a pre-copy REPORT sees fewer
 /// bytes on the link than the round before it ends with (on a serial engine it sees that
@@ -320,15 +334,7 @@ fn the_next_rounds_reports_overlap_the_end_of_a_round_and_lose_no_page() {
     };
     // The device dirties 300 pages a round: several frames of pages each round. A budget
     // no round fits: pre-copy rounds until the last resort.
-    let config = dmalog_migrate::SourceConfig {
-        max_downtime: std::time::Duration::from_micros(1),
-        max_rounds: 4,
-        throttle: dmalog_migrate::converge::ThrottleParams {
-            mode: dmalog_migrate::converge::AutoConverge::Off,
-            ..Default::default()
-        },
-        ..config()
-    };
+    let config = no_round_fits(4);
     let mut round_count = 0u8;
     let report = migrate_source(&config, vm, &mut out, &mut replies, |round| {
         if !round.final_round {
@@ -436,15 +442,7 @@ fn a_slow_overlapped_report_does_not_count_in_the_rounds_bandwidth() {
         vcpus: None,
     };
     // No round fits: rounds 1 and 2, then the forced stop.
-    let config = dmalog_migrate::SourceConfig {
-        max_downtime: std::time::Duration::from_micros(1),
-        max_rounds: 2,
-        throttle: dmalog_migrate::converge::ThrottleParams {
-            mode: dmalog_migrate::converge::AutoConverge::Off,
-            ..Default::default()
-        },
-        ..config()
-    };
+    let config = no_round_fits(2);
     let report = migrate_source(&config, vm, &mut out, &mut replies, |_| {}).unwrap();
     assert!(report.verified);
     assert!(destination.join().unwrap().0.unwrap().verified);

@@ -140,10 +140,9 @@ fn malformed_replies_are_errors_not_panics() {
     server.join().unwrap();
 }
 
-#[test]
-fn a_silent_server_times_the_request_out_and_later_requests_fail_at_once() {
+/// A server that answers VERSION (no capabilities), then does `after` with its end.
+fn version_then(after: impl FnOnce(Transport) + Send + 'static) -> (UnixStream, JoinHandle<()>) {
     let (client_end, server_end) = UnixStream::pair().unwrap();
-    // Answers VERSION, then reads requests and never answers.
     let server = std::thread::spawn(move || {
         let mut transport = Transport::new(server_end, 1 << 20);
         let version = transport.recv().unwrap();
@@ -160,8 +159,15 @@ fn a_silent_server_times_the_request_out_and_later_requests_fail_at_once() {
             json: None,
         };
         transport.send(reply, &caps.encode(), &[]).unwrap();
-        while transport.recv().is_ok() {}
+        after(transport);
     });
+    (client_end, server)
+}
+
+#[test]
+fn a_silent_server_times_the_request_out_and_later_requests_fail_at_once() {
+    // Answers VERSION, then reads requests and never answers.
+    let (client_end, server) = version_then(|mut transport| while transport.recv().is_ok() {});
     let mut client = Client::with_stream(client_end, CLIENT_MAX_DATA_XFER).unwrap();
     client
         .set_reply_timeout(std::time::Duration::from_millis(100))
@@ -182,25 +188,8 @@ fn a_silent_server_times_the_request_out_and_later_requests_fail_at_once() {
 
 #[test]
 fn a_server_that_is_gone_is_reported_gone_by_every_later_request_not_as_silent() {
-    let (client_end, server_end) = UnixStream::pair().unwrap();
     // Answers VERSION, then exits: its end of the socket closes.
-    let server = std::thread::spawn(move || {
-        let mut transport = Transport::new(server_end, 1 << 20);
-        let version = transport.recv().unwrap();
-        let reply = Header {
-            msg_id: version.header.msg_id,
-            cmd: cmd::VERSION,
-            msg_size: 0,
-            flags: TYPE_REPLY,
-            error_no: 0,
-        };
-        let caps = Version {
-            major: 0,
-            minor: 2,
-            json: None,
-        };
-        transport.send(reply, &caps.encode(), &[]).unwrap();
-    });
+    let (client_end, server) = version_then(drop);
     let mut client = Client::with_stream(client_end, CLIENT_MAX_DATA_XFER).unwrap();
     server.join().unwrap();
     let first = client.device_info().expect_err("the server is gone");
