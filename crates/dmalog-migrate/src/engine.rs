@@ -332,9 +332,9 @@ fn migrate_source_inner<S: Read + Write + Transport + Send>(
             })?;
         }
         // Round 0: everything. The REPORTs of each next round are taken while a round's
-        // last frame drains (as QEMU's multifd syncs its bitmap while the channels send),
-        // into `dirty` while `sending` goes out: a page written before a REPORT is in it
-        // and sent after it, so overlapping loses none.
+        // last pages go out (`cue_pages`; as QEMU's multifd syncs its bitmap while the
+        // channels send), into `dirty` while `sending` goes out: a page written before a
+        // REPORT is in it and sent after it, so overlapping loses none.
         let round_start = Instant::now();
         let bytes_before = sender.out.bytes();
         let mut sending = Bitmaps::new(memory)?;
