@@ -645,6 +645,7 @@ fn timed<T>(ms: &mut f64, step: impl FnOnce() -> T) -> T {
     out
 }
 
+/// A stopwatch of consecutive phases.
 struct Lap(Instant);
 
 impl Lap {
